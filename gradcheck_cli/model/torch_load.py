@@ -1,0 +1,299 @@
+"""Load every common PyTorch artifact into a :class:`LoadedModel`.
+
+Unpickling runs code, so everything is read with ``weights_only=True`` unless the user
+passes the trust flag; a file that needs more is refused with the reason and the way out.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import LoadError, UntrustedPickleError, UsageError
+from gradcheck_cli.model.arch import build_arch
+from gradcheck_cli.model.formats import ModelFormat, detect_format
+from gradcheck_cli.model.handle import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Keys under which training scripts commonly nest the state_dict, most specific first.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
+                   "model_ema", "ema", "weights", "params")
+# Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning attributes.
+KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+
+TRUST_HINT = (
+    "re-save it as a state_dict (torch.save(model.state_dict(), f)) and pass --arch, or as "
+    "safetensors, or export a .pt2 with torch.export; if you trust this file, pass --trust-pickle"
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r} is not a device torch knows",
+                         hint="use cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but CUDA is not available here",
+                         hint="run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
+    return resolved
+
+
+def model_from_path(
+    path: Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    strict: bool = True,
+    trust_pickle: bool = False,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a PyTorch model file, whatever its format (detected from its bytes)."""
+    fmt = detect_format(path)
+    target = resolve_device(device)
+    if fmt is ModelFormat.ONNX:
+        raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
+                        hint="probing ONNX graphs is not available yet in this version of gradcheck")
+    if fmt is ModelFormat.EXPORTED_PROGRAM:
+        loaded = exported_program_from_path(path, target)
+    elif fmt is ModelFormat.TORCHSCRIPT:
+        loaded = torchscript_from_path(path, target)
+    elif fmt is ModelFormat.SAFETENSORS:
+        loaded = _with_arch(path, fmt, _safetensors_state_dict(path), {}, (), arch, arch_kwargs,
+                            strict, target)
+    else:
+        loaded = _from_pickle_container(path, fmt, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
+                                        trust_pickle=trust_pickle, device=target)
+    if arch is not None and loaded.arch is None:
+        loaded.notes.append(f"--arch {arch} was ignored: {fmt.description} carries its own architecture")
+    return loaded
+
+
+def exported_program_from_path(path: Path, device: torch.device) -> LoadedModel:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but could not "
+                        f"be loaded: {_first_line(exc)}",
+                        hint="re-export it with torch.export.save from this torch version") from exc
+    example_args: tuple[torch.Tensor, ...] | None = None
+    example_kwargs: dict[str, torch.Tensor] | None = None
+    stored = program.example_inputs
+    if stored is not None:
+        args, kwargs = stored
+        example_args = tuple(a.to(device) for a in args if isinstance(a, torch.Tensor))
+        example_kwargs = {k: v.to(device) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    module = program.module()
+    module.to(device)
+    return LoadedModel(path=path, format=ModelFormat.EXPORTED_PROGRAM, module=module,
+                       exported=program, example_args=example_args, example_kwargs=example_kwargs)
+
+
+def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:
+        raise LoadError(f"{path} looks like {ModelFormat.TORCHSCRIPT.description} but could not be "
+                        f"loaded: {_first_line(exc)}",
+                        hint="the archive may be damaged, or saved by an incompatible torch") from exc
+    return LoadedModel(path=path, format=ModelFormat.TORCHSCRIPT, module=module)
+
+
+def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        from gradcheck_cli.errors import MissingDependencyError
+
+        raise MissingDependencyError("safetensors", purpose="reading safetensors files",
+                                     extra="safetensors") from exc
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:
+        raise LoadError(f"{path} looks like {ModelFormat.SAFETENSORS.description} but could not be "
+                        f"read: {_first_line(exc)}", hint="the file may be truncated or damaged") from exc
+
+
+def _from_pickle_container(
+    path: Path,
+    fmt: ModelFormat,
+    *,
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    strict: bool,
+    trust_pickle: bool,
+    device: torch.device,
+) -> LoadedModel:
+    import torch
+    from torch import nn
+
+    obj = _torch_load(path, fmt, trust_pickle=trust_pickle, device=device)
+    if isinstance(obj, torch.jit.ScriptModule):
+        return LoadedModel(path=path, format=ModelFormat.TORCHSCRIPT, module=obj)
+    if isinstance(obj, nn.Module):
+        obj.to(device)
+        return LoadedModel(path=path, format=fmt, module=obj, trusted_pickle=True)
+    if isinstance(obj, Mapping):
+        found = find_state_dict(obj)
+        if found is None:
+            keys = ", ".join(sorted(str(k) for k in obj)[:8])
+            raise LoadError(f"{path} is {fmt.description} holding a dict without tensors gradcheck "
+                            f"recognises as a state_dict (top-level keys: {keys})",
+                            hint="save the model's state_dict, or nest it under 'state_dict'")
+        key_path, state_dict = found
+        checkpoint = dict(obj) if key_path else None
+        return _with_arch(path, fmt, state_dict, checkpoint, key_path, arch, arch_kwargs, strict, device)
+    raise LoadError(f"{path} is {fmt.description} holding a {type(obj).__name__}, not a model or "
+                    "a state_dict", hint="save the model's state_dict, or a torch.export program")
+
+
+def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: torch.device) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location=device, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not trust_pickle and "Weights only load failed" in text:
+            match = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({match.group(1)})" if match else ""
+            raise UntrustedPickleError(
+                f"{path} is {fmt.description} that holds pickled Python objects{what}; loading it "
+                "would run code from the file, so gradcheck refused",
+                hint=TRUST_HINT) from exc
+        raise LoadError(f"{path} is {fmt.description} that could not be unpickled: {_first_line(exc)}",
+                        hint="the file is probably damaged or truncated") from exc
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise LoadError(f"{path} holds a pickled module whose class cannot be imported here: "
+                        f"{_first_line(exc)}",
+                        hint="make the defining module importable (PYTHONPATH), or save a state_dict "
+                        "and pass --arch") from exc
+    except Exception as exc:
+        raise LoadError(f"{path} looks like {fmt.description} but could not be loaded: "
+                        f"{_first_line(exc)}", hint="the file is probably damaged or truncated") from exc
+
+
+def find_state_dict(obj: Mapping[Any, Any]) -> tuple[tuple[str, ...], dict[str, torch.Tensor]] | None:
+    """Find the state_dict inside a checkpoint: the dict itself, or nested under a usual key."""
+    import torch
+
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) == len(obj):
+        return (), tensors
+    for key in STATE_DICT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            found = find_state_dict(inner)
+            if found is not None:
+                return (key, *found[0]), found[1]
+    return None
+
+
+def _with_arch(
+    path: Path,
+    fmt: ModelFormat,
+    state_dict: dict[str, torch.Tensor],
+    checkpoint: dict[str, Any] | None,
+    key_path: tuple[str, ...],
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    strict: bool,
+    device: torch.device,
+) -> LoadedModel:
+    where = f" (found under {'/'.join(key_path)})" if key_path else ""
+    if arch is None:
+        raise UsageError(f"{path} is {fmt.description} holding a state_dict{where} with "
+                         f"{len(state_dict)} tensors, but no architecture",
+                         hint="pass --arch MODULE:CALLABLE (e.g. --arch model.py:build or "
+                         "--arch torchvision:resnet18) to build the model the weights belong to")
+    module = build_arch(arch, arch_kwargs or {})
+    prefix = best_key_prefix(state_dict, set(module.state_dict()))
+    renamed = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    dropped = len(state_dict) - len(renamed)
+    try:
+        result = module.load_state_dict(renamed, strict=False)
+    except RuntimeError as exc:
+        mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
+                                r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
+        detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
+        raise LoadError(f"{path}: the weights do not fit --arch {arch}: {detail}",
+                        hint="check --arch and --arch-kwargs (e.g. widths, number of classes)") from exc
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected or dropped):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if dropped:
+            parts.append(f"{dropped} without the '{prefix}' prefix")
+        raise LoadError(f"{path}: the state_dict does not match --arch {arch}: " + ", ".join(parts) + " keys",
+                        hint="check --arch and --arch-kwargs, or pass --non-strict to load what matches")
+    loaded = LoadedModel(path=path, format=fmt, module=module.to(device), arch=arch,
+                         state_dict_path=key_path, key_prefix=prefix, checkpoint=checkpoint)
+    if missing or unexpected:
+        loaded.notes.append(f"--non-strict: {len(missing)} missing and {len(unexpected)} unexpected keys "
+                            f"ignored (missing: {_few(missing)}; unexpected: {_few(unexpected)})")
+    if prefix:
+        loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")
+    return loaded
+
+
+def best_key_prefix(state_dict: Mapping[str, Any], expected: set[str]) -> str:
+    """The wrapper prefix (possibly repeated, e.g. 'module.model.') whose removal best matches."""
+
+    def overlap(prefix: str) -> int:
+        return sum(1 for key in state_dict if key.startswith(prefix) and key[len(prefix):] in expected)
+
+    best, best_score = "", overlap("")
+    frontier = [""]
+    for _ in range(3):  # at most three nested wrappers, e.g. Lightning around DDP around compile
+        next_frontier = []
+        for base in frontier:
+            candidates = set(KEY_PREFIXES)
+            firsts = {key[len(base):].split(".", 1)[0] for key in state_dict if key.startswith(base)}
+            if len(firsts) == 1:
+                candidates.add(next(iter(firsts)) + ".")
+            for candidate in sorted(candidates):
+                prefix = base + candidate
+                score = overlap(prefix)
+                if score > best_score:
+                    best, best_score = prefix, score
+                if any(key.startswith(prefix) for key in state_dict):
+                    next_frontier.append(prefix)
+        frontier = next_frontier
+    return best
+
+
+def _few(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (", ..." if len(keys) > limit else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def module_of(loaded: LoadedModel) -> nn.Module:
+    return loaded.module

@@ -1,0 +1,343 @@
+"""The probe batch: read from a file, synthesised from shapes, or inferred from the model.
+
+Synthesised float inputs are N(0, 1) so that the variances the report shows are directly the
+gain of each layer (THEORY.md section 2). Everything is drawn from one seeded generator, so
+the same seed gives the same batch, and micro-batches are slices of one conceptual batch.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.records import InputSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SEQ_LEN = 16
+# Spatial sizes tried, in order, when only a first conv layer tells us the channel count.
+SPATIAL_CANDIDATES = (32, 28, 64, 224)
+
+DTYPES = {
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16",
+    "int8": "int8", "uint8": "uint8", "bool": "bool",
+}
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """What the user said about the probe inputs; None means 'infer it'."""
+
+    input_file: Path | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtype: str | None = None
+    input_range: tuple[float, float] | None = None
+    batch_size: int | None = None
+    batches: int = 1
+    seed: int = 0
+
+
+@dataclass
+class ProbeBatch:
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        first = self.args[0] if self.args else next(iter(self.kwargs.values()))
+        return int(first.shape[0]) if first.dim() else 1
+
+
+@dataclass
+class ProbeInputs:
+    batches: list[ProbeBatch]
+    specs: tuple[InputSpec, ...]
+    batch_size: int
+
+    @property
+    def total(self) -> int:
+        return sum(batch.size for batch in self.batches)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'8,3,224,224' (or '8x3x224x224') to a shape tuple."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise UsageError(f"--input-shape {text!r} is not a list of integers",
+                         hint="e.g. --input-shape 8,3,224,224 (batch first)") from exc
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r} must list positive sizes",
+                         hint="e.g. --input-shape 8,3,224,224 (batch first)")
+    return shape
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    import torch
+
+    key = DTYPES.get(name.lower().removeprefix("torch."))
+    if key is None:
+        raise UsageError(f"--input-dtype {name!r} is not a dtype gradcheck knows",
+                         hint="use one of " + ", ".join(sorted(set(DTYPES.values()))))
+    dtype: torch.dtype = getattr(torch, key)
+    return dtype
+
+
+def probe_inputs(
+    module: nn.Module,
+    options: InputOptions,
+    *,
+    device: torch.device,
+    example_args: tuple[torch.Tensor, ...] | None = None,
+    example_kwargs: dict[str, torch.Tensor] | None = None,
+) -> ProbeInputs:
+    """Build the probe's micro-batches, in the order of precedence file > shapes > inferred."""
+    import torch
+
+    if options.batches < 1:
+        raise UsageError("--batches must be at least 1")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    generator = torch.Generator().manual_seed(options.seed)
+    if options.input_file is not None:
+        return _from_file(options, device)
+    if options.input_shapes:
+        dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
+        shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shapes]
+        return _synthesise(shapes, (), options, generator, device, source="synthesized")
+    if example_args is not None or example_kwargs:
+        args = example_args or ()
+        kwargs = example_kwargs or {}
+        shapes = [(_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options))
+                  for t in args]
+        kw = [(name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
+              for name, t in kwargs.items()]
+        return _synthesise(shapes, tuple(kw), options, generator, device, source="example")
+    return _inferred(module, options, generator, device)
+
+
+def _with_batch(shape: tuple[int, ...], batch_size: int | None) -> tuple[int, ...]:
+    if batch_size is None or not shape:
+        return shape
+    return (batch_size, *shape[1:])
+
+
+def _range_of(t: torch.Tensor, options: InputOptions) -> tuple[float, float] | None:
+    if options.input_range is not None:
+        return options.input_range
+    if t.dtype.is_floating_point or t.numel() == 0:
+        return None
+    return float(t.min()), float(t.max()) + 1
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    import torch
+
+    for param in module.parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    return torch.float32
+
+
+def _draw(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None,
+          generator: torch.Generator) -> torch.Tensor:
+    import torch
+
+    if dtype.is_floating_point or dtype.is_complex:
+        if value_range is None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+        low, high = value_range
+        return (torch.rand(shape, generator=generator, dtype=torch.float32) * (high - low) + low).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    low, high = value_range if value_range is not None else (0, 2)
+    if int(high) <= int(low):
+        raise UsageError(f"--input-range {low},{high} is empty for integer inputs",
+                         hint="the upper bound is exclusive: e.g. --input-range 0,1000")
+    return torch.randint(int(low), int(high), shape, generator=generator, dtype=dtype)
+
+
+Shape = tuple[tuple[int, ...], "torch.dtype", "tuple[float, float] | None"]
+
+
+def _synthesise(
+    positional: list[Shape],
+    keyword: tuple[tuple[str, Shape], ...],
+    options: InputOptions,
+    generator: torch.Generator,
+    device: torch.device,
+    *,
+    source: str,
+) -> ProbeInputs:
+    batches = []
+    for _ in range(options.batches):
+        args = tuple(_draw(s, d, r, generator).to(device) for s, d, r in positional)
+        kwargs = {name: _draw(s, d, r, generator).to(device) for name, (s, d, r) in keyword}
+        batches.append(ProbeBatch(args, kwargs))
+    specs = [_spec(f"input_{i}", s, d, r, source) for i, (s, d, r) in enumerate(positional)]
+    specs += [_spec(name, s, d, r, source) for name, (s, d, r) in keyword]
+    first = positional[0][0] if positional else keyword[0][1][0]
+    return ProbeInputs(batches, tuple(specs), batch_size=first[0] if first else 1)
+
+
+def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None,
+          source: str) -> InputSpec:
+    is_int = not (dtype.is_floating_point or dtype.is_complex)
+    if is_int and value_range is None:
+        value_range = (0, 2)
+    return InputSpec(name=name, shape=shape, dtype=str(dtype).removeprefix("torch."), source=source,
+                     low=value_range[0] if (is_int and value_range) else None,
+                     high=value_range[1] if (is_int and value_range) else None)
+
+
+def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generator,
+              device: torch.device) -> ProbeInputs:
+    import torch
+
+    batch = options.batch_size or DEFAULT_BATCH_SIZE
+    dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
+    first = _first_input_layer(module)
+    if first is None:
+        raise ProbeError("cannot infer the probe input shape: the model has no Conv, Linear, Embedding "
+                         "or recurrent layer to read it from",
+                         hint="pass --input-shape (e.g. --input-shape 8,3,224,224) or --input FILE")
+    name, kind, weight_shape, extra = first
+    candidates: list[tuple[tuple[int, ...], torch.dtype, tuple[float, float] | None]]
+    if kind == "embedding":
+        vocab = weight_shape[0]
+        value_range = options.input_range or (0.0, float(vocab))
+        int_dtype = parse_dtype(options.input_dtype) if options.input_dtype else torch.int64
+        candidates = [((batch, DEFAULT_SEQ_LEN), int_dtype, value_range)]
+    elif kind == "linear":
+        candidates = [((batch, weight_shape[1]), dtype, options.input_range)]
+    elif kind == "rnn":
+        size, batch_first = extra
+        shape = (batch, DEFAULT_SEQ_LEN, size) if batch_first else (DEFAULT_SEQ_LEN, batch, size)
+        candidates = [(shape, dtype, options.input_range)]
+    else:  # conv with `extra` spatial dims
+        channels = weight_shape[1] * int(extra[1])
+        candidates = [((batch, channels) + (side,) * int(extra[0]), dtype, options.input_range)
+                      for side in SPATIAL_CANDIDATES]
+    errors = []
+    for shape, cand_dtype, value_range in candidates:
+        batch_dim = 1 if kind == "rnn" and not extra[1] else 0
+        trial = tuple(1 if i == batch_dim else d for i, d in enumerate(shape))
+        problem = _try_forward(module, _draw(trial, cand_dtype, value_range, torch.Generator()).to(device))
+        if problem is None:
+            return _synthesise([(shape, cand_dtype, value_range)], (), options, generator, device,
+                               source="synthesized")
+        errors.append(f"{tuple(shape)}: {problem}")
+    raise ProbeError(f"cannot infer the probe input shape from the first layer '{name}'; tried "
+                     + "; ".join(errors),
+                     hint="pass --input-shape (e.g. --input-shape 8,3,224,224) or --input FILE")
+
+
+def type_name(module: nn.Module) -> str:
+    """The layer's class name, also for TorchScript modules (which all share one Python class)."""
+    original = getattr(module, "original_name", None)
+    return original if isinstance(original, str) else type(module).__name__
+
+
+def _first_input_layer(module: nn.Module) -> tuple[str, str, tuple[int, ...], tuple[Any, ...]] | None:
+    for name, sub in module.named_modules():
+        kind = type_name(sub)
+        weight = getattr(sub, "weight", None)
+        if kind in {"Embedding", "EmbeddingBag"} and weight is not None:
+            return name, "embedding", tuple(weight.shape), ()
+        if kind == "Linear" and weight is not None:
+            return name, "linear", tuple(weight.shape), ()
+        if kind in {"Conv1d", "Conv2d", "Conv3d"} and weight is not None:
+            groups = int(getattr(sub, "groups", 1))
+            return name, "conv", tuple(weight.shape), (weight.dim() - 2, groups)
+        if kind in {"RNN", "LSTM", "GRU"}:
+            return name, "rnn", (), (int(getattr(sub, "input_size")), bool(getattr(sub, "batch_first", False)))
+    return None
+
+
+def _try_forward(module: nn.Module, x: torch.Tensor) -> str | None:
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(x)
+    except Exception as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    finally:
+        module.train(was_training)
+    return None
+
+
+def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
+    path = options.input_file
+    assert path is not None
+    args, kwargs = _read_input_file(path)
+    tensors = list(args) + list(kwargs.values())
+    if not tensors:
+        raise LoadError(f"--input {path} holds no tensors", hint="save a tensor, a tuple or a dict of tensors")
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
+    if len(sizes) != 1 or -1 in sizes:
+        raise LoadError(f"--input {path}: every input needs the same leading (batch) dimension, got "
+                        f"shapes {[tuple(t.shape) for t in tensors]}", hint="stack the samples along dim 0")
+    total = sizes.pop()
+    batch = min(options.batch_size or total, total)
+    batches = []
+    for start in range(0, total, batch):
+        batches.append(ProbeBatch(tuple(t[start:start + batch].to(device) for t in args),
+                                  {k: v[start:start + batch].to(device) for k, v in kwargs.items()}))
+    specs = [InputSpec(name=f"input_{i}", shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."),
+                       source="file") for i, t in enumerate(args)]
+    specs += [InputSpec(name=k, shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."),
+                        source="file") for k, t in kwargs.items()]
+    return ProbeInputs(batches, tuple(specs), batch_size=batch)
+
+
+def _read_input_file(path: Path) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise LoadError(f"--input {path}: no such file", hint="check the path")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    try:
+        if head.startswith(b"\x93NUMPY"):
+            return (torch.from_numpy(np.load(path, allow_pickle=False)),), {}
+        if head.startswith(b"PK") and _is_npz(path):
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: torch.from_numpy(archive[name]) for name in archive.files}
+            if all(name.startswith("arr_") for name in arrays):
+                return tuple(arrays[f"arr_{i}"] for i in range(len(arrays))), {}
+            return (), arrays
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"--input {path} could not be read: {(str(exc).splitlines() or ['?'])[0][:200]}",
+                        hint="use a .pt file of a tensor, tuple or dict of tensors, or .npy/.npz") from exc
+    if isinstance(obj, torch.Tensor):
+        return (obj,), {}
+    if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
+        return tuple(obj), {}
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return (), dict(obj)
+    raise LoadError(f"--input {path} holds a {type(obj).__name__}, not tensors",
+                    hint="save a tensor, a tuple/list of tensors, or a dict of name -> tensor")
+
+
+def _is_npz(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return all(name.endswith(".npy") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
