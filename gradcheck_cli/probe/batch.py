@@ -178,11 +178,21 @@ def _synthesise(
     *,
     source: str,
 ) -> ProbeInputs:
-    batches = []
-    for _ in range(options.batches):
-        args = tuple(_draw(s, d, r, generator).to(device) for s, d, r in positional)
-        kwargs = {name: _draw(s, d, r, generator).to(device) for name, (s, d, r) in keyword}
-        batches.append(ProbeBatch(args, kwargs))
+    # Draw the whole probe at once and slice it, so that the samples do not depend on how the
+    # probe is split into micro-batches (--batch-size 8 --batches 4 sees the same 32 samples
+    # as --batch-size 32).
+    count = options.batches
+
+    def whole(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None) -> list[torch.Tensor]:
+        if not shape:
+            return [_draw(shape, dtype, value_range, generator).to(device) for _ in range(count)]
+        drawn = _draw((shape[0] * count, *shape[1:]), dtype, value_range, generator)
+        return [part.to(device) for part in drawn.split(shape[0])]
+
+    arg_parts = [whole(s, d, r) for s, d, r in positional]
+    kwarg_parts = {name: whole(s, d, r) for name, (s, d, r) in keyword}
+    batches = [ProbeBatch(tuple(parts[i] for parts in arg_parts),
+                          {name: parts[i] for name, parts in kwarg_parts.items()}) for i in range(count)]
     specs = [_spec(f"input_{i}", s, d, r, source) for i, (s, d, r) in enumerate(positional)]
     specs += [_spec(name, s, d, r, source) for name, (s, d, r) in keyword]
     first = positional[0][0] if positional else keyword[0][1][0]

@@ -1,0 +1,67 @@
+"""Writing files so that a reader never sees half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from gradcheck_cli.errors import GradcheckError
+
+
+def check_writable_output(path: Path, *, force: bool, source: Path | None = None) -> None:
+    """Refuse to overwrite without --force, and never overwrite the input itself."""
+    if source is not None and path.exists() and source.exists() and path.resolve() == source.resolve():
+        raise GradcheckError(f"the output {path} is the input file; gradcheck never modifies its input",
+                             hint="choose another output path")
+    if path.exists() and not force:
+        raise GradcheckError(f"{path} already exists", hint="pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise GradcheckError(f"{path} is a directory", hint="give a file path for the output")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise GradcheckError(f"cannot write {path}: the directory {parent} does not exist",
+                             hint="create it first")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s directory; renamed onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the destination directory so that the final rename is atomic
+    (same filesystem); a crash or an exception leaves at most a hidden temporary, never a partial
+    file under the output name.
+    """
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GradcheckError(f"could not write {path}: {exc.strerror or exc}",
+                             hint="check free disk space and permissions; nothing was written") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
+    """Let ``writer`` produce the file at a temporary path, then move it into place."""
+    with atomic_path(path) as tmp:
+        writer(tmp)

@@ -1,0 +1,210 @@
+"""Write a (rewritten) PyTorch module back to disk, by default in the format it was loaded from.
+
+The counterpart of :mod:`gradcheck_cli.model.torch_load`. Every writer goes through
+:func:`gradcheck_cli.fsutil.atomic_path`, so a failed save never leaves a partial file under the
+output name. A pickled ``nn.Module`` is only written when the input was itself loaded with the
+trust flag: writing one makes a file that runs code when loaded, and we do not create such files
+for users who did not opt in.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import GradcheckError, UsageError
+from gradcheck_cli.fsutil import atomic_path
+from gradcheck_cli.model.formats import ModelFormat
+from gradcheck_cli.model.handle import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def save_model(
+    loaded: LoadedModel,
+    module: nn.Module,
+    out: Path,
+    *,
+    fmt: ModelFormat | None = None,
+    example_args: tuple[torch.Tensor, ...] | None = None,
+    example_kwargs: dict[str, torch.Tensor] | None = None,
+) -> ModelFormat:
+    """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``); return the format written.
+
+    ``loaded`` is the model as it was read: it tells where a state_dict sat inside the original
+    checkpoint and whether pickles were trusted. ``example_args``/``example_kwargs`` are needed for
+    ExportedProgram output (re-export) and for TorchScript output of modules that cannot be
+    scripted (tracing); the loaded model's own example inputs are used when they are not given.
+    ONNX output is written by :func:`gradcheck_cli.model.onnx_load.onnx_model_to_path` after an
+    export, see :func:`export_onnx`.
+    """
+    target = fmt or loaded.format
+    args = example_args if example_args is not None else loaded.example_args
+    kwargs = example_kwargs if example_kwargs is not None else loaded.example_kwargs
+    if target is ModelFormat.EXPORTED_PROGRAM:
+        _save_exported_program(module, out, args, kwargs)
+    elif target is ModelFormat.TORCHSCRIPT:
+        _save_torchscript(module, out, args, kwargs)
+    elif target is ModelFormat.SAFETENSORS:
+        _save_safetensors(module, out)
+    elif target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
+        _save_torch_pickle(loaded, module, out, legacy=target is ModelFormat.TORCH_LEGACY)
+    elif target is ModelFormat.ONNX:
+        export_onnx(module, out, args, kwargs)
+    else:  # pragma: no cover - the enum is closed
+        raise UsageError(f"cannot write {target.description}")
+    return target
+
+
+def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None) -> bool:
+    """True when ``save_model`` would write only tensors (so the module's class must not change)."""
+    target = fmt or loaded.format
+    if target is ModelFormat.SAFETENSORS:
+        return True
+    if target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
+        return not _writes_pickled_module(loaded)
+    return False
+
+
+def _writes_pickled_module(loaded: LoadedModel) -> bool:
+    # The loader sets trusted_pickle only when the file held a whole nn.Module (not a state_dict).
+    return loaded.trusted_pickle and loaded.arch is None
+
+
+def _need_examples(args: tuple[torch.Tensor, ...] | None, what: str) -> tuple[torch.Tensor, ...]:
+    if args is None:
+        raise UsageError(f"writing {what} needs example inputs to trace the model with",
+                         hint="pass --input-shape or --input so gradcheck has inputs to export with")
+    return args
+
+
+def _save_exported_program(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
+                           kwargs: dict[str, torch.Tensor] | None) -> None:
+    import torch
+
+    example = _need_examples(args, ModelFormat.EXPORTED_PROGRAM.description)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module.eval(), example, kwargs or {})
+    except Exception as exc:
+        raise GradcheckError(f"torch.export could not export the rewritten model: {_first_line(exc)}",
+                             hint="choose another output format with --to (e.g. torchscript or "
+                             "state_dict)") from exc
+    with atomic_path(out) as tmp:
+        # torch.export.save picks the archive layout from the suffix; keep a .pt2 name for it.
+        torch.export.save(program, str(tmp))
+
+
+def _save_torchscript(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
+                      kwargs: dict[str, torch.Tensor] | None) -> None:
+    import torch
+
+    scripted: Any
+    if isinstance(module, torch.jit.ScriptModule):
+        scripted = module
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scripted = torch.jit.script(module.eval())
+        except Exception:
+            # Scripting fails on much ordinary Python (FX GraphModules with getattr targets,
+            # data-dependent code); tracing records the path the example inputs take.
+            example = _need_examples(args, ModelFormat.TORCHSCRIPT.description)
+            if kwargs:
+                raise UsageError("the model takes keyword inputs and cannot be scripted; "
+                                 "TorchScript tracing supports positional inputs only",
+                                 hint="choose another output format with --to") from None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scripted = torch.jit.trace(module.eval(), example, check_trace=False)
+            except Exception as exc:
+                raise GradcheckError(f"the rewritten model could neither be scripted nor traced: "
+                                     f"{_first_line(exc)}",
+                                     hint="choose another output format with --to") from exc
+    with atomic_path(out) as tmp:
+        torch.jit.save(scripted, str(tmp))
+
+
+def _state_dict_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    # Detached, contiguous copies: safetensors refuses shared or non-contiguous storage, and the
+    # file must not alias the live module.
+    return {key: value.detach().clone().contiguous() for key, value in module.state_dict().items()}
+
+
+def _save_safetensors(module: nn.Module, out: Path) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        from gradcheck_cli.errors import MissingDependencyError
+
+        raise MissingDependencyError("safetensors", purpose="writing safetensors files",
+                                     extra="safetensors") from exc
+    tensors = _state_dict_of(module)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool) -> None:
+    import torch
+
+    payload: Any
+    if _writes_pickled_module(loaded):
+        payload = module
+    else:
+        state = {loaded.key_prefix + key: value for key, value in _state_dict_of(module).items()}
+        payload = _nest(loaded.checkpoint, loaded.state_dict_path, state)
+    with atomic_path(out) as tmp:
+        torch.save(payload, str(tmp), _use_new_zipfile_serialization=not legacy)
+
+
+def _nest(checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state: dict[str, Any]) -> Any:
+    """Put ``state`` back where the state_dict sat; every other entry of the checkpoint is kept."""
+    if checkpoint is None or not key_path:
+        return state
+    # Shallow copies along the path only: the caller's checkpoint dict must stay as it was loaded.
+    root = dict(checkpoint)
+    node = root
+    for key in key_path[:-1]:
+        inner = node.get(key)
+        node[key] = dict(inner) if isinstance(inner, Mapping) else {}
+        node = node[key]
+    node[key_path[-1]] = state
+    return root
+
+
+def export_onnx(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
+                kwargs: dict[str, torch.Tensor] | None, *, opset: int | None = None) -> None:
+    """Export ``module`` to ONNX (TorchScript-based exporter, no graph optimisation of its own)."""
+    import torch
+
+    from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
+
+    example = _need_examples(args, ModelFormat.ONNX.description)
+    parent = out.parent if str(out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch_dir:
+        scratch = Path(scratch_dir) / "export.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(copy.deepcopy(module).eval(), example, str(scratch),
+                                  kwargs=kwargs or None, opset_version=opset or 17, dynamo=False)
+        except Exception as exc:
+            raise GradcheckError(f"the model could not be exported to ONNX: {_first_line(exc)}",
+                                 hint="choose another output format with --to") from exc
+        # Re-written through our ONNX writer so that large models keep their external data next
+        # to the output, and the scratch directory disappears whatever happens.
+        onnx_model_to_path(onnx_model_from_path(scratch), out)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,147 @@
+"""The scalar the probe differentiates, chosen so micro-batching is exact.
+
+Each micro-batch contributes ``sum of per-sample losses / total samples``; summing the
+micro-batches' gradients then gives exactly the gradient of the mean loss over the whole
+probe. Random targets are drawn once for the whole probe from their own seeded generator and
+sliced per micro-batch, so they do not depend on how the probe is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.probe.options import LossKind
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+
+def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]:
+    """The tensor the loss is taken from, and a label saying which one it was."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        if selector not in (None, "0"):
+            raise UsageError(f"--output {selector!r}: the model returns a single tensor",
+                             hint="drop --output")
+        return output, "output"
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        mapping = {str(k): v for k, v in output.items()}
+        tensors = {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
+        if selector is None:
+            key = "logits" if "logits" in tensors else next(iter(tensors), None)
+        elif selector.isdigit() and selector not in tensors:
+            keys = list(tensors)
+            key = keys[int(selector)] if int(selector) < len(keys) else None
+        else:
+            key = selector if selector in tensors else None
+        if key is None:
+            raise UsageError(f"--output {selector!r} does not name a tensor output of the model",
+                             hint=f"the model returns: {', '.join(tensors) or 'no tensors'}")
+        return tensors[key], f"output[{key!r}]"
+    if isinstance(output, (tuple, list)):
+        if selector is None:
+            for index, item in enumerate(output):
+                if isinstance(item, torch.Tensor):
+                    return item, f"output[{index}]"
+        elif selector.lstrip("-").isdigit() and -len(output) <= int(selector) < len(output):
+            item = output[int(selector)]
+            if isinstance(item, torch.Tensor):
+                return item, f"output[{int(selector)}]"
+        raise UsageError(f"--output {selector!r} does not pick a tensor among the model's "
+                         f"{len(output)} outputs", hint="pass the index of a tensor output")
+    raise ProbeError(f"the model returned a {type(output).__name__}, not a tensor",
+                     hint="wrap the model so that it returns a tensor (or a tuple/dict of tensors)")
+
+
+def resolve_loss(kind: LossKind, output: torch.Tensor) -> LossKind:
+    if kind is not LossKind.AUTO:
+        return kind
+    if output.dim() == 2 and output.shape[1] >= 2 and output.dtype.is_floating_point:
+        return LossKind.CROSS_ENTROPY
+    return LossKind.MSE
+
+
+@dataclass
+class LossFunction:
+    """The probe loss over ``total`` samples, with its targets drawn on first use."""
+
+    kind: LossKind
+    total: int
+    seed: int
+    target_file: Path | None = None
+    _targets: torch.Tensor | None = None
+    _offset: int = 0
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        if not output.dtype.is_floating_point:
+            raise ProbeError(f"the model output has dtype {output.dtype}; a loss needs floating-point "
+                             "outputs", hint="pick a float output with --output")
+        if not output.requires_grad:
+            raise ProbeError("the model output does not depend on any parameter, so there is no "
+                             "gradient to measure", hint="check that the model has trainable parameters")
+        kind = resolve_loss(self.kind, output)
+        self.kind = kind
+        n = int(output.shape[0]) if output.dim() else 1
+        targets = self._take(kind, output, n)
+        if kind is LossKind.CROSS_ENTROPY:
+            if output.dim() < 2:
+                raise UsageError("--loss cross_entropy needs (N, C) logits", hint="use --loss mse")
+            return F.cross_entropy(output.float(), targets, reduction="sum") / self.total
+        if kind is LossKind.MSE:
+            per_sample = output[0].numel() if output.dim() else 1
+            return (output.float() - targets).pow(2).sum() / (self.total * per_sample)
+        return output.float().sum() / self.total
+
+    def _take(self, kind: LossKind, output: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
+        if kind is LossKind.SUM:
+            return torch.zeros(())
+        if self._targets is None:
+            self._targets = self._load_or_draw(kind, output)
+        chunk = self._targets[self._offset:self._offset + n]
+        self._offset += n
+        if chunk.shape[0] != n:
+            raise LoadError(f"--target holds {self._targets.shape[0]} samples, fewer than the probe's "
+                            f"{self.total}", hint="give one target per probe sample")
+        return chunk.to(output.device)
+
+    def _load_or_draw(self, kind: LossKind, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        sample_shape = tuple(output.shape[1:])
+        if self.target_file is not None:
+            targets = _read_target(self.target_file)
+            if kind is LossKind.CROSS_ENTROPY:
+                return targets.long()
+            if tuple(targets.shape[1:]) != sample_shape:
+                raise LoadError(f"--target has per-sample shape {tuple(targets.shape[1:])}, the output "
+                                f"{sample_shape}", hint="targets must match the selected output")
+            return targets.float()
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003)
+        if kind is LossKind.CROSS_ENTROPY:
+            classes = int(output.shape[1])
+            return torch.randint(0, classes, (self.total, *output.shape[2:]), generator=generator)
+        return torch.randn((self.total, *sample_shape), generator=generator)
+
+
+def _read_target(path: Path) -> torch.Tensor:
+    import torch
+
+    from gradcheck_cli.probe.batch import _read_input_file
+
+    args, kwargs = _read_input_file(path)
+    tensors = list(args) + list(kwargs.values())
+    if len(tensors) != 1:
+        raise LoadError(f"--target {path} must hold exactly one tensor, found {len(tensors)}",
+                        hint="save one tensor of labels or targets")
+    target: torch.Tensor = tensors[0]
+    return target

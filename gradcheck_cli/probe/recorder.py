@@ -1,0 +1,185 @@
+"""Per-row accumulators: reduce each output where it lives, fetch once per micro-batch.
+
+Hooks call :meth:`Recorder.record_output` with the output tensor; it is reduced at once to
+eight numbers (and, for ReLU-family rows, a per-unit 'ever non-zero' mask) on the tensor's
+device and then dropped. Nothing crosses to the host until :meth:`Recorder.end_batch`, which
+moves every row's numbers in one transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, saturated_mask, unit_axis
+from gradcheck_cli.records import (
+    DeadUnits,
+    GradStats,
+    LayerStats,
+    OutputStats,
+    RowKind,
+    Saturation,
+)
+from gradcheck_cli.stats import Moments
+
+if TYPE_CHECKING:
+    import torch
+
+# Layout of the per-batch statistics vector.
+_COUNT, _MEAN, _M2, _MIN, _MAX, _NAN, _INF, _SAT = range(8)
+
+
+@dataclass
+class Row:
+    name: str
+    type: str
+    kind: RowKind
+    module: str
+    fn: str | None = None
+    fn_params: dict[str, float] = field(default_factory=dict)
+    channel_first: bool = False
+    param_names: tuple[str, ...] = ()  # fully qualified names of the parameters the row owns
+    shape: tuple[int, ...] = ()
+    moments: Moments = field(default_factory=Moments)
+    nan: int = 0
+    inf: int = 0
+    saturated: int = 0
+    grad_sumsq: float = 0.0
+    has_grad: bool = False
+    alive: torch.Tensor | None = None  # per-unit 'was ever non-zero', OR-merged across batches
+    axis: int = 1
+    pending: list[torch.Tensor] = field(default_factory=list)
+    pending_grad: list[torch.Tensor] = field(default_factory=list)
+    seen_output: bool = False
+
+
+class Recorder:
+    """Owns every row of one probe, in the order rows first produced an output."""
+
+    def __init__(self, *, saturation_cutoff: float) -> None:
+        self.saturation_cutoff = saturation_cutoff
+        self.rows: dict[str, Row] = {}
+
+    def row(self, name: str, **attributes: object) -> Row:
+        existing = self.rows.get(name)
+        if existing is None:
+            existing = Row(name=name, **attributes)  # type: ignore[arg-type]
+            self.rows[name] = existing
+        return existing
+
+    def record_output(self, row: Row, output: torch.Tensor) -> None:
+        import torch
+
+        if not (output.dtype.is_floating_point and output.numel() > 0):
+            return
+        with torch.no_grad():
+            y = output.detach()
+            if y.dtype in (torch.float16, torch.bfloat16):
+                y = y.float()
+            row.shape = tuple(output.shape)
+            row.seen_output = True
+            flat = y.reshape(-1)
+            finite = torch.isfinite(flat)
+            n_nan = torch.isnan(flat).sum()
+            n_finite = finite.sum()
+            n_inf = flat.numel() - n_finite - n_nan
+            var, mean = torch.var_mean(flat, correction=0)
+            low, high = torch.aminmax(flat)
+            if row.fn in SATURATING:
+                saturated = saturated_mask(row.fn, y, self.saturation_cutoff, row.fn_params).sum()
+            else:
+                saturated = torch.zeros((), dtype=torch.int64, device=y.device)
+            row.pending.append(torch.stack([
+                n_finite.to(torch.float64), mean.to(torch.float64), (var * flat.numel()).to(torch.float64),
+                low.to(torch.float64), high.to(torch.float64), n_nan.to(torch.float64),
+                n_inf.to(torch.float64), saturated.to(torch.float64),
+            ]))
+            if row.fn in RELU_FAMILY and y.dim() >= 1:
+                row.axis = unit_axis(tuple(y.shape), row.channel_first)
+                dims = [d for d in range(y.dim()) if d != row.axis]
+                nonzero = (y != 0).any(dim=dims) if dims else (y != 0)
+                row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
+        if output.requires_grad:
+            output.register_hook(self._grad_hook(row))
+
+    def _grad_hook(self, row: Row) -> object:
+        import torch
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                row.pending_grad.append(grad.detach().float().pow(2).sum(dtype=torch.float64))
+
+        return hook
+
+    def end_batch(self) -> None:
+        """Move this micro-batch's numbers to the host in one transfer and merge them."""
+        import torch
+
+        vectors: list[torch.Tensor] = []
+        owners: list[tuple[Row, str]] = []
+        for row in self.rows.values():
+            for vector in row.pending:
+                vectors.append(vector)
+                owners.append((row, "out"))
+            for grad in row.pending_grad:
+                vectors.append(grad.reshape(1))
+                owners.append((row, "grad"))
+            row.pending, row.pending_grad = [], []
+        if not vectors:
+            return
+        values = torch.cat([v.to(vectors[0].device) for v in vectors]).cpu().tolist()
+        offset = 0
+        for row, what in owners:
+            if what == "grad":
+                row.grad_sumsq += values[offset]
+                row.has_grad = True
+                offset += 1
+                continue
+            chunk = values[offset:offset + 8]
+            offset += 8
+            n_finite = int(chunk[_COUNT])
+            row.nan += int(chunk[_NAN])
+            row.inf += int(chunk[_INF])
+            row.saturated += int(chunk[_SAT])
+            if row.nan == 0 and row.inf == 0:
+                row.moments.merge(n_finite, chunk[_MEAN], chunk[_M2], chunk[_MIN], chunk[_MAX])
+            else:
+                row.moments.count += n_finite
+
+    def layer_stats(self, param_grads: dict[str, tuple[float | None, float]],
+                    param_counts: dict[str, int]) -> list[LayerStats]:
+        """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm)."""
+        out: list[LayerStats] = []
+        for row in self.rows.values():
+            clean = row.nan == 0 and row.inf == 0 and row.moments.count > 0
+            total = row.moments.count + row.nan + row.inf
+            output = OutputStats(
+                count=total,
+                mean=row.moments.mean if clean else None,
+                var=row.moments.variance if clean else None,
+                min=row.moments.minimum if clean else None,
+                max=row.moments.maximum if clean else None,
+                nan=row.nan, inf=row.inf,
+            )
+            dead = None
+            if row.fn in RELU_FAMILY and row.alive is not None:
+                alive = row.alive.cpu()
+                dead = DeadUnits(units=int((~alive).sum()), total=int(alive.numel()),
+                                 axis=row.axis if len(row.shape) <= 2 or row.axis == 1 else -1)
+            saturation = None
+            if row.fn in SATURATING and total:
+                saturation = Saturation(fraction=row.saturated / total, cutoff=self.saturation_cutoff)
+            grad = None
+            if row.name in param_grads:
+                grad_norm, weight_norm = param_grads[row.name]
+                ratio = grad_norm / weight_norm if grad_norm is not None and weight_norm > 0 else None
+                grad = GradStats(norm=grad_norm, weight_norm=weight_norm, ratio=ratio)
+            out.append(LayerStats(
+                index=len(out), name=row.name, type=row.type, kind=row.kind, module=row.module,
+                shape=row.shape, output=output,
+                output_grad_norm=math.sqrt(row.grad_sumsq) if row.has_grad else None,
+                fn=row.fn, dead=dead, saturation=saturation, grad=grad,
+                params=param_counts.get(row.name, 0),
+            ))
+        return out

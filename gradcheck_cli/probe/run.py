@@ -1,0 +1,220 @@
+"""Run the probe: micro-batches forward and backward, then finished rows.
+
+Everything the probe changes on the model (train/eval mode, ``requires_grad``, existing
+``.grad`` values, BatchNorm running statistics in train mode, the global RNG) is saved first
+and restored in ``finally``, so probing a model a caller still holds leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli import __version__
+from gradcheck_cli.errors import GradcheckError, ProbeError
+from gradcheck_cli.model.formats import ModelFormat
+from gradcheck_cli.model.torch_load import resolve_device
+from gradcheck_cli.probe.batch import ProbeInputs, probe_inputs, type_name
+from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
+from gradcheck_cli.probe.loss import LossFunction, select_output
+from gradcheck_cli.probe.options import Mode, ProbeOptions
+from gradcheck_cli.probe.recorder import Recorder
+from gradcheck_cli.records import ModelInfo, ProbeInfo, Report, ToolInfo
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gradcheck_cli.model.handle import LoadedModel
+
+Progress = Callable[[int, int], None]
+
+
+def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress | None = None) -> Report:
+    device = resolve_device(options.device)
+    module, instrument_kind, notes = _runnable(loaded, options, device)
+    inputs = probe_inputs(module, options.inputs, device=device,
+                          example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    recorder = Recorder(saturation_cutoff=options.saturation_cutoff)
+    instrument: EagerInstrument | GraphInstrument
+    if instrument_kind == "graph":
+        instrument = GraphInstrument(module, recorder)  # type: ignore[arg-type]
+    else:
+        instrument = EagerInstrument(module, recorder)
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
+                           target_file=options.target_file)
+    loss_total = 0.0
+    output_label = "output"
+    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed):
+        with instrument.attached():
+            for index, batch in enumerate(inputs.batches):
+                instrument.start_batch()
+                output = _forward(instrument, batch.args, batch.kwargs, inputs)
+                selected, output_label = select_output(output, options.output)
+                loss = loss_fn(selected)
+                del output, selected
+                try:
+                    loss.backward()
+                except RuntimeError as exc:
+                    raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
+                                     hint="pass --debug for the traceback") from exc
+                loss_total += float(loss.detach())
+                del loss
+                recorder.end_batch()
+                if progress is not None:
+                    progress(index + 1, len(inputs.batches))
+            param_grads, param_counts = _parameter_gradients(instrument.row_params)
+    layers = recorder.layer_stats(param_grads, param_counts)
+    if not layers:
+        notes.append("no layer produced a row: the model has no parameters or activation calls "
+                     "that the probe could see")
+    probe = ProbeInfo(
+        inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches),
+        seed=options.inputs.seed, loss=str(loss_fn.kind),
+        loss_value=loss_total if math.isfinite(loss_total) else None,
+        mode=str(options.mode) if instrument_kind == "eager" else "as-exported",
+        device=str(device), output=output_label, saturation_cutoff=options.saturation_cutoff,
+        method=instrument.method,
+    )
+    model = ModelInfo(path=str(loaded.path), format=str(loaded.format),
+                      parameters=sum(p.numel() for p in loaded.module.parameters()))
+    return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
+                  layers=tuple(layers), notes=tuple(loaded.notes + notes))
+
+
+def _runnable(loaded: LoadedModel, options: ProbeOptions, device: torch.device) -> tuple[Any, str, list[str]]:
+    """The module to run and how to instrument it."""
+    import torch
+
+    notes: list[str] = []
+    if loaded.format is ModelFormat.EXPORTED_PROGRAM:
+        if options.mode is Mode.TRAIN:
+            notes.append("--mode train ignored: an exported program runs in the mode it was exported in")
+        return loaded.module, "graph", notes
+    if isinstance(loaded.module, torch.jit.ScriptModule):
+        return _torchscript_graph(loaded, options, device, notes), "graph", notes
+    return loaded.module, "eager", notes
+
+
+def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
+                       notes: list[str]) -> Any:
+    """TorchScript has no hooks; convert it to an exported program to see inside it."""
+    import warnings
+
+    from torch._export.converter import TS2EPConverter
+
+    script = loaded.module
+    sample = probe_inputs(script, options.inputs, device=device).batches[0]
+    script.train(options.mode is Mode.TRAIN)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(script, sample.args, sample.kwargs or None).convert()
+    except Exception as exc:
+        raise ProbeError(f"the TorchScript archive could not be converted into a graph the probe can "
+                         f"instrument: {_first_line(exc)}",
+                         hint="export the model with torch.export (.pt2) or save a state_dict and pass --arch") from exc
+    _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
+    notes.append("TorchScript was converted to an exported program to instrument it: activation rows "
+                 "are named by function, since scripted module boundaries are not kept")
+    program_module.gradcheck_module_types = {  # read by the graph plan for the rows' type names
+        path: type_name(sub) for path, sub in script.named_modules() if path}
+    return program_module
+
+
+def _restore_parameters(gm: nn.Module, names: set[str]) -> None:
+    """The converter lifts every tensor as a buffer; parameters must be parameters again to get
+    gradients (and to be reported as the rows' weights)."""
+    from torch import nn
+
+    for name in sorted(names):
+        owner_path, _, leaf = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        tensor = owner._buffers.pop(leaf, None)
+        if tensor is not None:
+            owner.register_parameter(leaf, nn.Parameter(tensor.detach().clone(), requires_grad=True))
+
+
+@contextlib.contextmanager
+def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> Iterator[None]:
+    import torch
+
+    was_training = {m: m.training for m in module.modules()}
+    params = [p for p in module.parameters() if p.dtype.is_floating_point or p.dtype.is_complex]
+    saved_requires = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    saved_buffers = {name: b.detach().clone() for name, b in module.named_buffers()} if mode is Mode.TRAIN else {}
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        if set_mode:
+            module.train(mode is Mode.TRAIN)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        for p, requires, grad in zip(params, saved_requires, saved_grads):
+            p.requires_grad_(requires)
+            p.grad = grad
+        if set_mode:
+            for m, training in was_training.items():
+                m.training = training
+        if saved_buffers:
+            with torch.no_grad():
+                for name, buffer in module.named_buffers():
+                    if name in saved_buffers:
+                        buffer.copy_(saved_buffers[name])
+
+
+def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...], kwargs: dict[str, Any],
+             inputs: ProbeInputs) -> Any:
+    try:
+        return instrument.forward(args, kwargs)
+    except GradcheckError:
+        raise
+    except Exception as exc:
+        where = instrument.failing_layer()
+        shapes = ", ".join(f"{s.name} {tuple(s.shape)} {s.dtype}" for s in inputs.specs)
+        place = f" in {where}" if where else ""
+        raise ProbeError(f"the forward pass failed{place}: {_first_line(exc)}",
+                         hint=f"check the probe inputs ({shapes}); set them with --input-shape, "
+                         "--input-dtype or --input") from exc
+
+
+def _parameter_gradients(row_params: dict[str, list[torch.Tensor]]) -> tuple[dict[str, tuple[float | None, float]],
+                                                                           dict[str, int]]:
+    """(grad norm, weight norm) per row, computed on device and fetched in one transfer."""
+    import torch
+
+    names = list(row_params)
+    if not names:
+        return {}, {}
+    with torch.no_grad():
+        stacked = []
+        for name in names:
+            tensors = row_params[name]
+            weight_sq = sum((p.detach().float().pow(2).sum(dtype=torch.float64) for p in tensors),
+                            torch.zeros((), dtype=torch.float64, device=tensors[0].device))
+            grads = [p.grad for p in tensors if p.grad is not None]
+            grad_sq = sum((g.detach().float().pow(2).sum(dtype=torch.float64) for g in grads),
+                          torch.zeros((), dtype=torch.float64, device=tensors[0].device))
+            has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=tensors[0].device)
+            stacked.append(torch.stack([grad_sq, weight_sq, has_grad]).to(tensors[0].device))
+        values = torch.stack([s.cpu() for s in stacked]).tolist()
+    result: dict[str, tuple[float | None, float]] = {}
+    counts: dict[str, int] = {}
+    for name, (grad_sq, weight_sq, has_grad) in zip(names, values):
+        result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
+        counts[name] = sum(p.numel() for p in row_params[name])
+    return result, counts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,41 @@
+"""Streaming statistics, merged exactly across micro-batches.
+
+Each micro-batch is reduced on the tensor's own device to a handful of numbers; merging uses
+Chan et al.'s parallel update for (count, mean, M2), so the merged mean and variance are those
+of the concatenated batch (up to floating-point rounding), not an average of averages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of the finite values seen so far."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+
+    def merge(self, count: int, mean: float, m2: float, minimum: float, maximum: float) -> None:
+        if count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+        else:
+            total = self.count + count
+            delta = mean - self.mean
+            self.mean += delta * count / total
+            self.m2 += m2 + delta * delta * self.count * count / total
+            self.count = total
+        self.minimum = min(self.minimum, minimum)
+        self.maximum = max(self.maximum, maximum)
+
+    @property
+    def variance(self) -> float:
+        """Population variance (divide by n): the probe batch is the whole population measured."""
+        return self.m2 / self.count if self.count else math.nan
