@@ -161,6 +161,17 @@ class ToolInfo:
     version: str
 
 
+class BaselineStatus(str, Enum):
+    """A finding compared with the same rule and layer in a ``--baseline`` report."""
+
+    NEW = "new"  # not in the baseline
+    WORSENED = "worsened"  # in the baseline, but its value moved further past the threshold
+    UNCHANGED = "unchanged"  # in the baseline, no worse (within the tolerance)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Finding:
     """A rule's verdict on one layer (or on the whole model when ``layer`` is None)."""
@@ -173,6 +184,7 @@ class Finding:
     threshold: float | None
     message: str
     advice: str
+    baseline: BaselineStatus | None = None  # None: no baseline was given
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,14 @@ from gradcheck_cli.cli import inspect_cmd  # noqa: E402 - commands register afte
 
 app.command("inspect")(inspect_cmd.inspect)
 
+from gradcheck_cli.cli import reinit_cmd  # noqa: E402
+
+app.command("reinit")(reinit_cmd.reinit)
+
+from gradcheck_cli.cli import fold_cmd  # noqa: E402
+
+app.command("fold-bn")(fold_cmd.fold_bn)
+
 
 def main() -> None:
     app()

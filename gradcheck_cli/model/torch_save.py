@@ -34,6 +34,7 @@ def save_model(
     fmt: ModelFormat | None = None,
     example_args: tuple[torch.Tensor, ...] | None = None,
     example_kwargs: dict[str, torch.Tensor] | None = None,
+    state_dict_only: bool | None = None,
 ) -> ModelFormat:
     """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``); return the format written.
 
@@ -42,7 +43,9 @@ def save_model(
     ExportedProgram output (re-export) and for TorchScript output of modules that cannot be
     scripted (tracing); the loaded model's own example inputs are used when they are not given.
     ONNX output is written by :func:`gradcheck_cli.model.onnx_load.onnx_model_to_path` after an
-    export, see :func:`export_onnx`.
+    export, see :func:`export_onnx`. For torch.save output, ``state_dict_only`` None writes a
+    pickled module exactly when the input was one (loaded with the trust flag); True writes tensors
+    only; False asks for a pickled module and needs a trusted pickled input.
     """
     target = fmt or loaded.format
     args = example_args if example_args is not None else loaded.example_args
@@ -54,7 +57,8 @@ def save_model(
     elif target is ModelFormat.SAFETENSORS:
         _save_safetensors(module, out)
     elif target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
-        _save_torch_pickle(loaded, module, out, legacy=target is ModelFormat.TORCH_LEGACY)
+        _save_torch_pickle(loaded, module, out, legacy=target is ModelFormat.TORCH_LEGACY,
+                           pickle_module=not writes_state_dict(loaded, target, state_dict_only=state_dict_only))
     elif target is ModelFormat.ONNX:
         export_onnx(module, out, args, kwargs)
     else:  # pragma: no cover - the enum is closed
@@ -62,12 +66,17 @@ def save_model(
     return target
 
 
-def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None) -> bool:
+def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None, *, state_dict_only: bool | None = None) -> bool:
     """True when ``save_model`` would write only tensors (so the module's class must not change)."""
     target = fmt or loaded.format
     if target is ModelFormat.SAFETENSORS:
         return True
     if target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
+        if state_dict_only is not None:
+            if not state_dict_only and not _writes_pickled_module(loaded):
+                raise UsageError("a pickled module is only written for a pickled module loaded with "
+                                 "--trust-pickle", hint="write a state_dict, .pt2 or TorchScript instead")
+            return state_dict_only
         return not _writes_pickled_module(loaded)
     return False
 
@@ -92,7 +101,7 @@ def _save_exported_program(module: nn.Module, out: Path, args: tuple[torch.Tenso
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(module.eval(), example, kwargs or {})
+            program = torch.export.export(_eval(module), example, kwargs or {})
     except Exception as exc:
         raise GradcheckError(f"torch.export could not export the rewritten model: {_first_line(exc)}",
                              hint="choose another output format with --to (e.g. torchscript or "
@@ -113,7 +122,7 @@ def _save_torchscript(module: nn.Module, out: Path, args: tuple[torch.Tensor, ..
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                scripted = torch.jit.script(module.eval())
+                scripted = torch.jit.script(_eval(module))
         except Exception:
             # Scripting fails on much ordinary Python (FX GraphModules with getattr targets,
             # data-dependent code); tracing records the path the example inputs take.
@@ -125,7 +134,7 @@ def _save_torchscript(module: nn.Module, out: Path, args: tuple[torch.Tensor, ..
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    scripted = torch.jit.trace(module.eval(), example, check_trace=False)
+                    scripted = torch.jit.trace(_eval(module), example, check_trace=False)
             except Exception as exc:
                 raise GradcheckError(f"the rewritten model could neither be scripted nor traced: "
                                      f"{_first_line(exc)}",
@@ -153,11 +162,12 @@ def _save_safetensors(module: nn.Module, out: Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool) -> None:
+def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool,
+                       pickle_module: bool) -> None:
     import torch
 
     payload: Any
-    if _writes_pickled_module(loaded):
+    if pickle_module:
         payload = module
     else:
         state = {loaded.key_prefix + key: value for key, value in _state_dict_of(module).items()}
@@ -195,7 +205,7 @@ def export_onnx(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | N
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(copy.deepcopy(module).eval(), example, str(scratch),
+                torch.onnx.export(_eval(copy.deepcopy(module)), example, str(scratch),
                                   kwargs=kwargs or None, opset_version=opset or 17, dynamo=False)
         except Exception as exc:
             raise GradcheckError(f"the model could not be exported to ONNX: {_first_line(exc)}",
@@ -203,6 +213,14 @@ def export_onnx(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | N
         # Re-written through our ONNX writer so that large models keep their external data next
         # to the output, and the scratch directory disappears whatever happens.
         onnx_model_to_path(onnx_model_from_path(scratch), out)
+
+
+def _eval(module: nn.Module) -> nn.Module:
+    try:
+        module.eval()
+    except NotImplementedError:  # ExportedProgram.module(): the mode is fixed at export time
+        pass
+    return module
 
 
 def _first_line(exc: BaseException) -> str:

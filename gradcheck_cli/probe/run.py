@@ -16,7 +16,7 @@ from gradcheck_cli import __version__
 from gradcheck_cli.errors import GradcheckError, ProbeError
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
-from gradcheck_cli.probe.batch import ProbeInputs, probe_inputs, type_name
+from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, select_output
 from gradcheck_cli.probe.options import Mode, ProbeOptions
@@ -34,9 +34,9 @@ Progress = Callable[[int, int], None]
 
 def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress | None = None) -> Report:
     device = resolve_device(options.device)
-    module, instrument_kind, notes = _runnable(loaded, options, device)
-    inputs = probe_inputs(module, options.inputs, device=device,
+    inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff)
     instrument: EagerInstrument | GraphInstrument
     if instrument_kind == "graph":
@@ -84,7 +84,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                   layers=tuple(layers), notes=tuple(loaded.notes + notes))
 
 
-def _runnable(loaded: LoadedModel, options: ProbeOptions, device: torch.device) -> tuple[Any, str, list[str]]:
+def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:
     """The module to run and how to instrument it."""
     import torch
 
@@ -94,11 +94,11 @@ def _runnable(loaded: LoadedModel, options: ProbeOptions, device: torch.device) 
             notes.append("--mode train ignored: an exported program runs in the mode it was exported in")
         return loaded.module, "graph", notes
     if isinstance(loaded.module, torch.jit.ScriptModule):
-        return _torchscript_graph(loaded, options, device, notes), "graph", notes
+        return _torchscript_graph(loaded, options, sample, notes), "graph", notes
     return loaded.module, "eager", notes
 
 
-def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
+def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch,
                        notes: list[str]) -> Any:
     """TorchScript has no hooks; convert it to an exported program to see inside it."""
     import warnings
@@ -106,7 +106,6 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, device: torch
     from torch._export.converter import TS2EPConverter
 
     script = loaded.module
-    sample = probe_inputs(script, options.inputs, device=device).batches[0]
     script.train(options.mode is Mode.TRAIN)
     try:
         with warnings.catch_warnings():

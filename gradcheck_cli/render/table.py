@@ -87,8 +87,8 @@ def layer_table(report: Report) -> Table:
 def diagnosis(report: Report) -> RenderableType:
     """What is wrong, where it starts, what to do: one entry per rule that fired."""
     if not report.findings:
-        return Text("No problems found: no dead or saturated layers, no non-finite values, and the "
-                    "gradient keeps its scale across depth.", style="green")
+        return Text("No findings: the default rules found no non-finite values, dead or saturated "
+                    "layers, or vanishing or exploding gradients.", style="green")
     by_rule: OrderedDict[str, list[Finding]] = OrderedDict()
     for finding in report.findings:
         by_rule.setdefault(finding.code, []).append(finding)

@@ -94,3 +94,8 @@ def select(names: Iterable[str], globs: Sequence[str]) -> set[str]:
                              hint=f"layer names are module paths, e.g. {shown or '(none found)'}")
         chosen |= matched
     return chosen
+
+
+def matches_any(name: str, globs: Sequence[str]) -> bool:
+    """True when no glob is given (everything is selected) or one of them matches ``name``."""
+    return not globs or any(fnmatch.fnmatchcase(name, glob) for glob in globs)

@@ -1,0 +1,113 @@
+"""The CI gate as a library: scan, probe, evaluate rules, compare with a baseline. Never prints.
+
+    from gradcheck_cli import api
+    report = api.check(Path("model.pt"), load_options=api.LoadOptions(arch="model.py:build"))
+    failing = [f for f in report.findings if gates(f, Severity.ERROR)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gradcheck_cli.baseline import DEFAULT_TOLERANCE, BaselineFinding, compare
+from gradcheck_cli.records import BaselineStatus, Finding, Report, Severity
+from gradcheck_cli.rules import RULES, Rule, evaluate
+
+if TYPE_CHECKING:
+    from gradcheck_cli.api import LoadOptions
+    from gradcheck_cli.probe.options import ProbeOptions
+    from gradcheck_cli.probe.run import Progress
+
+
+def check_path(path: Path, *, load_options: LoadOptions, probe: ProbeOptions, rules: Iterable[Rule] = RULES,
+               baseline: tuple[BaselineFinding, ...] | None = None, use_baseline: bool = False,
+               tolerance: float = DEFAULT_TOLERANCE, progress: Progress | None = None) -> Report:
+    """Load ``path`` (NaN weights allowed: they are a finding here, not a load error), scan its
+    tensors, probe it, measure init scales and return the report with its findings.
+
+    With ``use_baseline``, every finding is marked new/worsened/unchanged against ``baseline``
+    (None there means the baseline has no entry for this model: everything is new).
+    """
+    from gradcheck_cli import api
+    from gradcheck_cli.init_scale import with_init_scales
+    from gradcheck_cli.scan import scan_module
+
+    loaded = api.load(path, replace(load_options, allow_nonfinite=True), device=probe.device)
+    scan = scan_module(loaded.module)  # before the probe runs: it reads the checkpoint as shipped
+    report = api.inspect_model(loaded, probe, progress=progress)
+    report = with_init_scales(report, loaded.module)
+    findings = evaluate(report, rules, scan=scan)
+    if use_baseline:
+        findings = compare(findings, baseline, tolerance=tolerance)
+    return replace(report, findings=findings)
+
+
+def gates(finding: Finding, fail_on: Severity) -> bool:
+    """Whether ``finding`` fails the gate: at or above ``fail_on``, and not already accepted in a
+    baseline (new or worsened)."""
+    return finding.severity.rank >= fail_on.rank and finding.baseline in (
+        None, BaselineStatus.NEW, BaselineStatus.WORSENED)
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One model's result: a report, or the error that stopped it (load or probe: exit 2)."""
+
+    path: str
+    report: Report | None = None
+    error: str | None = None
+    hint: str | None = None
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return self.report.findings if self.report is not None else ()
+
+
+@dataclass(frozen=True)
+class GateResult:
+    outcomes: tuple[ModelOutcome, ...]
+    fail_on: Severity
+    baseline: bool = False
+
+    def failing(self, outcome: ModelOutcome) -> tuple[Finding, ...]:
+        return tuple(f for f in outcome.findings if gates(f, self.fail_on))
+
+    @property
+    def failed(self) -> bool:
+        return any(self.failing(o) for o in self.outcomes)
+
+    @property
+    def errored(self) -> bool:
+        return any(o.error is not None for o in self.outcomes)
+
+    def count(self, severity: Severity) -> int:
+        return sum(1 for o in self.outcomes for f in o.findings if f.severity is severity)
+
+    def summary(self) -> str:
+        """The one line printed at the end, e.g. 'gradcheck: 2 models, 1 error, 0 warnings, 0 info:
+        failed (1 finding(s) at or above error)'."""
+        models = len(self.outcomes)
+        counts = ", ".join(_counted(self.count(s), s) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO))
+        gating = sum(len(self.failing(o)) for o in self.outcomes)
+        accepted = ""
+        if self.baseline:
+            known = sum(1 for o in self.outcomes for f in o.findings
+                        if f.baseline is BaselineStatus.UNCHANGED)
+            accepted = f", {known} unchanged from the baseline"
+        broken = sum(1 for o in self.outcomes if o.error is not None)
+        if broken:
+            verdict = f"{broken} model(s) could not be checked"
+        elif gating:
+            verdict = f"failed ({gating} finding(s) at or above {self.fail_on.value})"
+        else:
+            verdict = "passed"
+        noun = "model" if models == 1 else "models"
+        return f"gradcheck: {models} {noun}, {counts}{accepted}: {verdict}"
+
+
+def _counted(count: int, severity: Severity) -> str:
+    plural = "" if count == 1 or severity is Severity.INFO else "s"
+    return f"{count} {severity.value}{plural}"

@@ -1,0 +1,132 @@
+"""``reinit``: re-initialise a saved model's layers and probe it before and after. Never prints.
+
+    from gradcheck_cli.rewrite.reinit import reinit
+    from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+    report = reinit(Path("model.pt"), out=Path("fresh.pt"), options=ReinitOptions(scheme=Scheme.AUTO))
+
+The rewrite is unsafe by nature (it discards trained weights): the input is never modified, an
+existing output is refused without ``force``, and the file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gradcheck_cli.errors import UsageError
+from gradcheck_cli.fsutil import check_writable_output
+from gradcheck_cli.model.formats import ModelFormat, detect_format
+from gradcheck_cli.probe.options import ProbeOptions
+from gradcheck_cli.records import LayerStats
+from gradcheck_cli.rewrite.init_math import Scheme
+from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+from gradcheck_cli.rewrite.reinit_records import ReinitReport
+
+if TYPE_CHECKING:
+    from gradcheck_cli.api import LoadOptions
+    from gradcheck_cli.model.handle import LoadedModel
+
+UNSAFE_NOTE = ("reinit is an unsafe rewrite: it discards the trained values of every re-initialised "
+               "layer; the input file was not modified")
+
+
+def reinit(
+    path: Path,
+    *,
+    out: Path | None,
+    options: ReinitOptions = ReinitOptions(),
+    load: LoadOptions | None = None,
+    probe: ProbeOptions = ProbeOptions(),
+    dry_run: bool = False,
+    force: bool = False,
+    compare: bool = True,
+) -> ReinitReport:
+    """Re-initialise ``path`` into ``out`` (same format); with ``compare``, probe before and after.
+
+    ``dry_run`` computes everything (and the after-probe, on the model in memory) but writes
+    nothing; ``out`` may then be None.
+    """
+    options.validate()
+    fmt = detect_format(path)
+    if not dry_run:
+        if out is None:
+            raise UsageError("reinit needs an output file", hint="pass -o OUT, or --dry-run to only look")
+        check_writable_output(out, force=force, source=path)
+    if fmt is ModelFormat.ONNX:
+        return _reinit_onnx(path, out=out, options=options, dry_run=dry_run)
+    return _reinit_torch(path, fmt, out=out, options=options, load=load, probe=probe, dry_run=dry_run,
+                         compare=compare)
+
+
+def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: ReinitOptions,
+                  load: LoadOptions | None, probe: ProbeOptions, dry_run: bool,
+                  compare: bool) -> ReinitReport:
+    from gradcheck_cli import api
+    from gradcheck_cli.model.torch_load import resolve_device
+    from gradcheck_cli.model.torch_save import save_model
+    from gradcheck_cli.probe.batch import probe_inputs
+    from gradcheck_cli.rewrite.torch_reinit import reinit_module
+
+    load_options = load or api.LoadOptions()
+    loaded = api.load(path, load_options, device=probe.device)
+    inputs = probe_inputs(loaded.module, probe.inputs, device=resolve_device(probe.device),
+                          example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    # The probe's own micro-batches drive tracing and LSUV, so both see exactly what the report shows.
+    before = _probe(loaded, probe) if compare else None
+    result = reinit_module(loaded.module, inputs.batches, options=options)
+    notes = [UNSAFE_NOTE, *loaded.notes, *result.notes]
+    written = False
+    after: tuple[LayerStats, ...] | None = None
+    if not dry_run:
+        assert out is not None
+        first = inputs.batches[0]
+        save_model(loaded, result.module, out,
+                   example_args=loaded.example_args if loaded.example_args is not None else first.args,
+                   example_kwargs=loaded.example_kwargs if loaded.example_args is not None else first.kwargs)
+        written = True
+        if compare:  # probe the file as written: it proves the output loads and runs
+            reloaded = api.load(out, load_options, device=probe.device)
+            after = _probe(reloaded, probe)
+    elif compare:
+        in_memory = copy.copy(loaded)
+        in_memory.module = result.module
+        after = _probe(in_memory, probe)
+    if not result.layers:
+        notes.append("no layer was re-initialised" + (" (check --layers)" if options.layers else ""))
+    return ReinitReport(model=str(path), format=str(fmt), output=None if out is None else str(out),
+                        written=written, scheme=str(options.scheme), seed=options.seed,
+                        layers=tuple(result.layers), changes=tuple(result.changes), before=before,
+                        after=after, notes=tuple(dict.fromkeys(notes)))
+
+
+def _probe(loaded: LoadedModel, probe: ProbeOptions) -> tuple[LayerStats, ...]:
+    from gradcheck_cli.api import inspect_model
+
+    return inspect_model(loaded, probe).layers
+
+
+def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, dry_run: bool) -> ReinitReport:
+    from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
+    from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
+
+    if options.scheme is Scheme.LSUV:
+        raise UsageError("--scheme lsuv is not available for ONNX models in this version: it needs each "
+                         "layer's output on the probe batch",
+                         hint="run it on the PyTorch model and export again, or use --scheme orthogonal")
+    model = onnx_model_from_path(path)
+    result = reinit_onnx_model(model, options=options)
+    written = False
+    if not dry_run:
+        assert out is not None
+        onnx_model_to_path(result.model, out)
+        written = True
+    notes = [UNSAFE_NOTE, *result.notes,
+             "the before/after probe is not shown for ONNX models: this version probes PyTorch models only"]
+    return ReinitReport(model=str(path), format=str(ModelFormat.ONNX),
+                        output=None if out is None else str(out), written=written,
+                        scheme=str(options.scheme), seed=options.seed, layers=tuple(result.layers),
+                        changes=tuple(result.changes), notes=tuple(dict.fromkeys(notes)))
+
+
+__all__ = ["UNSAFE_NOTE", "ReinitOptions", "ReinitReport", "reinit"]

@@ -1,0 +1,290 @@
+"""Run the original and the rewritten model on the probe batch and compare every output.
+
+Tolerance (docs/fold-bn.md explains it at length):
+
+    |folded - original| <= rtol(dtype) · scale,   scale = max |original output|  (per output)
+    rtol(dtype) = min(1000 · eps(dtype), sqrt(eps(dtype)))
+
+For float32 (eps = 2^-23 ≈ 1.19e-7) that is 1.19e-4 of the output's largest magnitude. Folding
+changes the order and number of float operations (one multiply by a pre-rounded W·s instead of
+a conv followed by a scale), so each output element picks up a few ulps of its *intermediate*
+magnitudes per layer; through tens of layers that is typically 1e-7..1e-5 of the output scale
+(the 3.8e-6 users see). A wrong fold (wrong channel axis, missing shift, zero padding seen
+through a shifted BatchNorm) moves outputs by a sizeable fraction of their scale, orders of
+magnitude above the tolerance. Integer and boolean outputs must match exactly.
+
+ONNX models run in onnxruntime with graph optimisations *disabled*: its own Conv+BN fusion
+would otherwise make both sides fold the same way and hide a mistake in ours.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import LoadError, MissingDependencyError, ProbeError, UsageError
+from gradcheck_cli.rewrite.fold_records import OutputCheck, Verification
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    from torch import nn
+
+    from gradcheck_cli.probe.batch import InputOptions, ProbeBatch
+
+BACKEND_TORCH = "torch eager"
+BACKEND_ORT = "onnxruntime (graph optimisations disabled)"
+
+# Multiple of machine epsilon allowed per unit of output scale, capped at sqrt(eps) so that
+# half-precision models (eps ~1e-3) are not compared with a tolerance of 100 %.
+_EPS_MULTIPLE = 1000.0
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
+def relative_tolerance(dtype_name: str) -> float:
+    """rtol for outputs of this dtype (0 for integers and booleans: they must match exactly)."""
+    import numpy as np
+
+    eps = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+           "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7}.get(dtype_name)
+    if eps is None:
+        return 0.0
+    return min(_EPS_MULTIPLE * eps, math.sqrt(eps))
+
+
+def compare_outputs(
+    names: Sequence[str],
+    original: Sequence[np.ndarray[Any, Any]],
+    rewritten: Sequence[np.ndarray[Any, Any]],
+    *,
+    dtypes: Sequence[str],
+) -> tuple[OutputCheck, ...]:
+    """Per output: max absolute/relative error against the tolerance for its dtype and scale."""
+    import numpy as np
+
+    if len(original) != len(rewritten):
+        raise ProbeError(f"the rewritten model returns {len(rewritten)} outputs, the original "
+                         f"{len(original)}", hint="this is a bug in gradcheck; please report it")
+    checks = []
+    for name, dtype, ref, new in zip(names, dtypes, original, rewritten):
+        if ref.shape != new.shape:
+            checks.append(OutputCheck(name, dtype, math.inf, math.inf, 0.0, 0.0, passed=False))
+            continue
+        ref64 = ref.astype(np.float64)
+        new64 = new.astype(np.float64)
+        both_nan = np.isnan(ref64) & np.isnan(new64)
+        same_inf = np.isinf(ref64) & (ref64 == new64)
+        diff = np.where(both_nan | same_inf, 0.0, np.abs(new64 - ref64))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite = ref64[np.isfinite(ref64)]
+        scale = float(np.abs(finite).max()) if finite.size else 0.0
+        scale_for_tol = scale if scale > 0 else 1.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        tolerance = relative_tolerance(dtype) * scale_for_tol
+        checks.append(OutputCheck(name, dtype, max_abs, max_abs / scale_for_tol, scale, tolerance,
+                                  passed=max_abs <= tolerance))
+    return tuple(checks)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> tuple[list[str], list[Any], list[str]]:
+    """(names, arrays, dtypes) of every tensor the model returns, concatenated over the batches."""
+    import numpy as np
+    import torch
+
+    from gradcheck_cli.rewrite.torch_fold import set_eval
+
+    per_batch: list[list[tuple[str, torch.Tensor]]] = []
+    was_training = module.training
+    set_eval(module)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                per_batch.append(_flatten_outputs(module(*batch.args, **batch.kwargs)))
+    except Exception as exc:
+        raise ProbeError(f"the model failed on the probe batch: {_first_line(exc)}",
+                         hint="pass --input-shape or --input with inputs the model accepts") from exc
+    finally:
+        set_eval(module, was_training)
+    names = [name for name, _ in per_batch[0]]
+    arrays = []
+    dtypes = []
+    for index in range(len(names)):
+        parts = [outputs[index][1] for outputs in per_batch]
+        dtypes.append(str(parts[0].dtype).removeprefix("torch."))
+        joined = torch.cat([p.reshape(1, -1) if p.dim() == 0 else p for p in parts]) if len(parts) > 1 else parts[0]
+        if joined.dtype == torch.bfloat16:
+            joined = joined.float()
+        arrays.append(np.asarray(joined.detach().cpu().numpy()))
+    return names, arrays, dtypes
+
+
+def _flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, Mapping):
+        return [item for key, inner in value.items() for item in _flatten_outputs(inner, f"{prefix}.{key}")]
+    if isinstance(value, (list, tuple)):
+        fields = getattr(value, "_fields", None)
+        labels = list(fields) if fields else [str(i) for i in range(len(value))]
+        return [item for label, inner in zip(labels, value) for item in _flatten_outputs(inner, f"{prefix}.{label}")]
+    return []
+
+
+def verify_torch(original: nn.Module, rewritten: nn.Module, batches: Sequence[ProbeBatch], *,
+                 backend: str = BACKEND_TORCH,
+                 reference: tuple[list[str], list[Any], list[str]] | None = None) -> Verification:
+    names, ref, dtypes = reference or torch_outputs(original, batches)
+    _, new, _ = torch_outputs(rewritten, batches)
+    samples = sum(batch.size for batch in batches)
+    return Verification(backend, samples, compare_outputs(names, ref, new, dtypes=dtypes))
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+
+
+def onnx_session(model: onnx.ModelProto) -> Any:
+    """An onnxruntime CPU session with every graph optimisation disabled."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", purpose="running ONNX models") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise LoadError(f"onnxruntime cannot run the model: {_first_line(exc)}",
+                        hint="check the model with onnx.checker; unsupported ops or opsets cannot be "
+                        "verified") from exc
+
+
+def onnx_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, Any]]) -> tuple[list[str], list[Any], list[str]]:
+    import numpy as np
+
+    session = onnx_session(model)
+    names = [output.name for output in session.get_outputs()]
+    per_batch = []
+    for feed in feeds:
+        try:
+            per_batch.append(session.run(names, feed))
+        except Exception as exc:
+            raise ProbeError(f"onnxruntime failed on the probe batch: {_first_line(exc)}",
+                             hint="pass --input-shape or --input with inputs the model accepts") from exc
+    arrays = [np.concatenate([outputs[i] for outputs in per_batch]) if len(per_batch) > 1 and
+              np.ndim(per_batch[0][i]) else np.asarray(per_batch[0][i]) for i in range(len(names))]
+    dtypes = [str(a.dtype) for a in arrays]
+    return names, arrays, dtypes
+
+
+def verify_onnx(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[dict[str, Any]]) -> Verification:
+    import numpy as np
+
+    names, ref, dtypes = onnx_outputs(original, feeds)
+    new_names, new, _ = onnx_outputs(rewritten, feeds)
+    if new_names != names:
+        raise ProbeError(f"the rewritten graph's outputs {new_names} differ from the original's {names}",
+                         hint="this is a bug in gradcheck; please report it")
+    samples = sum(int(np.shape(next(iter(feed.values())))[0]) if feed else 1 for feed in feeds) if feeds else 0
+    return Verification(BACKEND_ORT, samples, compare_outputs(names, ref, new, dtypes=dtypes))
+
+
+def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict[str, Any]]:
+    """Inputs for an ONNX graph: --input file, --input-shape, or the graph's declared shapes."""
+    import numpy as np
+
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    batch_size = options.batch_size
+    if options.input_file is not None:
+        from gradcheck_cli.probe.batch import _read_input_file  # the probe's own reader, one format
+
+        args, kwargs = _read_input_file(options.input_file)
+        arrays = [t.detach().cpu().numpy() for t in args]
+        feed = dict(zip([i.name for i in inputs], arrays)) if args else {k: v.numpy() for k, v in kwargs.items()}
+        missing = [i.name for i in inputs if i.name not in feed]
+        if missing:
+            raise UsageError(f"--input does not provide the graph inputs {missing}",
+                             hint="save a tuple in graph-input order, or a dict keyed by input name")
+        total = int(next(iter(feed.values())).shape[0])
+        step = min(batch_size or total, total)
+        return [{k: v[start:start + step] for k, v in feed.items()} for start in range(0, total, step)]
+    generator = np.random.default_rng(options.seed)
+    shapes: list[tuple[int, ...]] = []
+    if options.input_shapes:
+        if len(options.input_shapes) != len(inputs):
+            raise UsageError(f"the graph has {len(inputs)} inputs but {len(options.input_shapes)} "
+                             "--input-shape were given", hint="give one --input-shape per graph input")
+        shapes = [tuple(s) for s in options.input_shapes]
+    else:
+        for value in inputs:
+            dims = value.type.tensor_type.shape.dim
+            shape = []
+            for position, dim in enumerate(dims):
+                if dim.HasField("dim_value") and dim.dim_value > 0:
+                    size = int(dim.dim_value)
+                    shape.append(batch_size if position == 0 and batch_size else size)
+                elif position == 0:
+                    shape.append(batch_size or 8)
+                else:
+                    raise UsageError(f"graph input '{value.name}' has a symbolic dimension "
+                                     f"'{dim.dim_param or '?'}' at position {position}",
+                                     hint="pass --input-shape for each graph input (e.g. 8,3,224,224)")
+            shapes.append(tuple(shape))
+    feeds = []
+    for _ in range(options.batches):
+        feed = {}
+        for value, shape in zip(inputs, shapes):
+            dtype_name = _ONNX_DTYPES.get(value.type.tensor_type.elem_type, "float32")
+            if options.input_dtype is not None:
+                dtype_name = options.input_dtype
+            feed[value.name] = _draw(generator, shape, dtype_name, options.input_range)
+        feeds.append(feed)
+    return feeds
+
+
+def _draw(generator: Any, shape: tuple[int, ...], dtype_name: str, value_range: tuple[float, float] | None) -> Any:
+    import numpy as np
+
+    if dtype_name in ("float32", "float64", "float16"):
+        if value_range is None:
+            return generator.standard_normal(shape).astype(dtype_name)
+        low, high = value_range
+        return generator.uniform(low, high, shape).astype(dtype_name)
+    if dtype_name == "bool":
+        return generator.integers(0, 2, shape).astype(np.bool_)
+    low, high = value_range if value_range is not None else (0, 2)
+    return generator.integers(int(low), int(high), shape).astype(dtype_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Latency
+
+
+def median_ms(run: Callable[[], Any], *, runs: int, warmup: int = 2) -> float:
+    """Median wall time of ``run`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(samples)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

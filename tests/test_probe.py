@@ -1,0 +1,321 @@
+"""Known answers for the probe: each number checked against an independent computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcheck_cli import api
+from gradcheck_cli.probe.batch import InputOptions
+from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
+from gradcheck_cli.records import LayerStats, Report, RowKind
+from tests.conftest import validate_report
+
+
+def probe(module: nn.Module, shape: tuple[int, ...], **kwargs: Any) -> Report:
+    inputs = InputOptions(input_shapes=(shape,), batch_size=kwargs.pop("batch_size", None),
+                          batches=kwargs.pop("batches", 1), seed=kwargs.pop("seed", 0))
+    report = api.inspect_module(module, ProbeOptions(inputs=inputs, **kwargs))
+    validate_report(report.to_dict())
+    return report
+
+
+def rows(report: Report, kind: RowKind | None = None) -> list[LayerStats]:
+    return [r for r in report.layers if kind is None or r.kind is kind]
+
+
+# ---- dead ReLU units -----------------------------------------------------------------------
+
+
+class KilledMLP(nn.Module):
+    """Units killed by construction: bias -1e3 keeps them negative for any N(0,1) input."""
+
+    def __init__(self, style: str, killed: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.act = nn.ReLU()
+        self.style = style
+        with torch.no_grad():
+            self.fc1.bias[:killed] = -1e3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc1(x)
+        if self.style == "module":
+            h = self.act(z)
+        elif self.style == "torch":
+            h = torch.relu(z)
+        elif self.style == "functional":
+            h = F.relu(z)
+        elif self.style == "method":
+            h = z.relu()
+        else:
+            h = F.relu(z.clone(), inplace=True)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("style", ["module", "torch", "functional", "method", "inplace"])
+def test_dead_units_counted_exactly_however_relu_is_written(style: str) -> None:
+    report = probe(KilledMLP(style), (64, 8))
+    (act,) = rows(report, RowKind.ACTIVATION)
+    assert act.fn == "relu"
+    assert act.dead is not None and (act.dead.units, act.dead.total) == (5, 16)
+
+
+def test_functional_and_module_relu_give_identical_rows() -> None:
+    a = probe(KilledMLP("module"), (32, 8)).to_dict()["layers"]
+    b = probe(KilledMLP("torch"), (32, 8)).to_dict()["layers"]
+    for row_a, row_b in zip(a, b):
+        for key in ("output", "output_grad_norm", "dead", "saturation", "grad", "fn", "kind"):
+            assert row_a[key] == row_b[key], key
+    assert [r["name"] for r in a] == ["fc1", "act", "fc2"]
+    assert [r["name"] for r in b] == ["fc1", "relu()", "fc2"]
+
+
+def test_conv_units_are_channels() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    with torch.no_grad():
+        model[0].bias[:3] = -1e3
+    act = rows(probe(model, (16, 3, 6, 6)), RowKind.ACTIVATION)[0]
+    assert act.dead is not None and (act.dead.units, act.dead.total, act.dead.axis) == (3, 8, 1)
+
+
+def test_sequence_units_are_last_dim() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 2))
+    with torch.no_grad():
+        model[0].bias[:4] = -1e3
+    act = rows(probe(model, (4, 7, 6), loss=LossKind.MSE), RowKind.ACTIVATION)[0]
+    assert act.dead is not None and (act.dead.units, act.dead.total, act.dead.axis) == (4, 10, -1)
+
+
+# ---- saturation ------------------------------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self, fn: str, scale: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.fill_(scale)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(torch, self.fn)(self.lin(x))
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 10.0])
+def test_saturation_fraction_matches_the_derivative_formula(tmp_path: Path, fn: str, scale: float) -> None:
+    z = torch.linspace(-4, 4, 4001).reshape(-1, 1)
+    inputs = tmp_path / "z.pt"
+    torch.save(z, inputs)
+    cutoff = 0.05
+    report = api.inspect_module(Scaled(fn, scale), ProbeOptions(
+        inputs=InputOptions(input_file=inputs), saturation_cutoff=cutoff, loss=LossKind.MSE))
+    act = rows(report, RowKind.ACTIVATION)[0]
+    pre = scale * z.double()
+    # Independent: derivative from the pre-activation, relative to the function's maximum.
+    derivative = torch.sigmoid(pre) * (1 - torch.sigmoid(pre)) / 0.25 if fn == "sigmoid" else 1 - torch.tanh(pre) ** 2
+    expected = float((derivative < cutoff).double().mean())
+    assert act.saturation is not None
+    assert act.saturation.fraction == pytest.approx(expected, abs=2 / 4001)
+
+
+# ---- variance through depth (THEORY.md section 2) -------------------------------------------
+
+
+def deep_mlp(init: str, act: str, depth: int = 10, width: int = 512) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        if init == "old":
+            bound = 1 / math.sqrt(width)
+            nn.init.uniform_(lin.weight, -bound, bound)
+        else:
+            nn.init.xavier_uniform_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        layers += [lin] + ([nn.Tanh()] if act == "tanh" else [])
+    return nn.Sequential(*layers)
+
+
+def linear_variances(report: Report) -> list[float]:
+    return [r.output.var for r in rows(report, RowKind.PARAM) if r.output.var is not None]
+
+
+def test_old_init_shrinks_variance_by_a_third_per_linear_layer() -> None:
+    variances = linear_variances(probe(deep_mlp("old", "none"), (256, 512), loss=LossKind.MSE))
+    ratios = [b / a for a, b in zip(variances, variances[1:])]
+    # n_in * Var(w) = n * (1/sqrt(n))^2 / 3 = 1/3 exactly in expectation.
+    assert all(0.28 < r < 0.39 for r in ratios), ratios
+    assert variances[0] == pytest.approx(1 / 3, rel=0.15)
+
+
+def test_glorot_holds_linear_variance_near_one() -> None:
+    variances = linear_variances(probe(deep_mlp("glorot", "none"), (256, 512), loss=LossKind.MSE))
+    assert all(0.8 < v < 1.25 for v in variances), variances
+
+
+def test_tanh_old_init_collapses_and_glorot_does_not() -> None:
+    old = linear_variances(probe(deep_mlp("old", "tanh"), (256, 512), loss=LossKind.MSE))
+    glorot = linear_variances(probe(deep_mlp("glorot", "tanh"), (256, 512), loss=LossKind.MSE))
+    assert old[-1] < 1e-4  # about (1/3)^10: geometric decay
+    assert 0.28 < old[-1] / old[-2] < 0.39
+    # Glorot: tanh's curvature still costs variance, but the per-layer factor tends to 1, not 1/3.
+    assert glorot[-1] / glorot[-2] > 0.8
+    assert glorot[-1] > 1000 * old[-1]
+
+
+# ---- gradient norms against an independent autograd computation -----------------------------
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(6, 12)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+def test_gradient_norms_match_independent_autograd(tmp_path: Path) -> None:
+    model = Net()
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(10))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(y, tmp_path / "y.pt")
+    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input_file=tmp_path / "x.pt", batch_size=5),
+                                                    target_file=tmp_path / "y.pt"))
+    # Independent computation: one batch, mean cross-entropy, retain_grad on every row output.
+    reference = Net().eval()
+    z1 = reference.fc1(x)
+    z2 = reference.bn(z1)
+    z3 = torch.tanh(z2)
+    out = reference.fc2(z3)
+    for t in (z1, z2, z3, out):
+        t.retain_grad()
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    by_name = {r.name: r for r in report.layers}
+    expected_out = {"fc1": z1, "bn": z2, "tanh()": z3, "fc2": out}
+    for name, tensor in expected_out.items():
+        assert tensor.grad is not None
+        assert by_name[name].output_grad_norm == pytest.approx(float(tensor.grad.norm()), rel=1e-5), name
+        assert by_name[name].output.mean == pytest.approx(float(tensor.detach().mean()), rel=1e-4, abs=1e-6)
+        assert by_name[name].output.var == pytest.approx(float(tensor.detach().var(unbiased=False)), rel=1e-4)
+    for name in ("fc1", "bn", "fc2"):
+        module = getattr(reference, name)
+        grad = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in module.parameters()))
+        weight = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in module.parameters()))
+        stats = by_name[name].grad
+        assert stats is not None and stats.norm == pytest.approx(grad, rel=1e-5)
+        assert stats.weight_norm == pytest.approx(weight, rel=1e-6)
+    assert report.probe.loss_value == pytest.approx(float(loss), rel=1e-5)
+
+
+# ---- micro-batching, determinism, state restoration -----------------------------------------
+
+
+def test_micro_batches_merge_exactly() -> None:
+    one = probe(KilledMLP("torch"), (32, 8)).to_dict()["layers"]
+    four = probe(KilledMLP("torch"), (8, 8), batches=4).to_dict()["layers"]
+    assert [r["name"] for r in one] == [r["name"] for r in four]
+    for a, b in zip(one, four):
+        for key in ("mean", "var", "min", "max"):
+            assert b["output"][key] == pytest.approx(a["output"][key], rel=1e-5, abs=1e-7), (a["name"], key)
+        assert a["output"]["count"] == b["output"]["count"]
+        assert a["dead"] == b["dead"]
+        assert b["output_grad_norm"] == pytest.approx(a["output_grad_norm"], rel=1e-5)
+        if a["grad"]:
+            assert b["grad"]["norm"] == pytest.approx(a["grad"]["norm"], rel=1e-5)
+
+
+def test_same_seed_same_report_other_seed_other_report() -> None:
+    first = probe(Net(), (16, 6), seed=5).to_dict()
+    again = probe(Net(), (16, 6), seed=5).to_dict()
+    other = probe(Net(), (16, 6), seed=6).to_dict()
+    assert first == again
+    assert first["layers"] != other["layers"]
+
+
+def test_model_state_is_restored() -> None:
+    model = Net()
+    model.train()
+    model.fc1.weight.requires_grad_(False)
+    model.fc2.weight.grad = torch.ones_like(model.fc2.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = probe(model, (16, 6), mode=Mode.TRAIN)
+    assert report.probe.mode == "train"
+    assert model.training and model.bn.training
+    assert not model.fc1.weight.requires_grad
+    assert model.fc1.weight.grad is None
+    assert torch.equal(model.fc2.weight.grad, torch.ones_like(model.fc2.weight))
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key  # BatchNorm running stats untouched in train mode too
+
+
+class MultiOutput(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.body(x)
+        if self.kind == "tuple":
+            return (torch.argmax(logits, 1), logits)
+        return {"hidden": x, "logits": logits}
+
+
+@pytest.mark.parametrize("kind, label", [("tuple", "output[1]"), ("dict", "output['logits']")])
+def test_models_returning_tuples_and_dicts(kind: str, label: str) -> None:
+    report = probe(MultiOutput(kind), (4, 4), output="1" if kind == "tuple" else None)
+    assert report.probe.output == label
+    assert report.probe.loss == "cross_entropy"
+
+
+def test_graph_and_eager_paths_agree(tmp_path: Path) -> None:
+    model = Net().eval()
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(16, 6),)), str(path))
+    graph = api.inspect(path).to_dict()["layers"]
+    eager = probe(Net(), (16, 6)).to_dict()["layers"]
+    assert [r["name"] for r in graph] == [r["name"] for r in eager]
+    for a, b in zip(graph, eager):
+        assert a["output"]["var"] == pytest.approx(b["output"]["var"], rel=1e-5)
+        assert a["output_grad_norm"] == pytest.approx(b["output_grad_norm"], rel=1e-5)
+        assert (a["grad"] is None) == (b["grad"] is None)
+        if a["grad"] is not None:
+            assert a["grad"]["norm"] == pytest.approx(b["grad"]["norm"], rel=1e-5)
+
+
+def test_forward_failure_names_the_layer() -> None:
+    from gradcheck_cli.errors import ProbeError
+
+    with pytest.raises(ProbeError) as info:
+        probe(Net(), (4, 7))
+    assert "'fc1' (Linear)" in info.value.message
+    assert "input_0 (4, 7)" in (info.value.hint or "")
+
+
+def test_input_shape_inferred_from_first_layer() -> None:
+    report = api.inspect_module(Net(), ProbeOptions())
+    assert report.probe.inputs[0].shape == (8, 6)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
+    assert api.inspect_module(conv, ProbeOptions()).probe.inputs[0].shape == (8, 3, 28, 28)
+    emb = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 2))
+    spec = api.inspect_module(emb, ProbeOptions(loss=LossKind.MSE)).probe.inputs[0]
+    assert (spec.dtype, spec.low, spec.high) == ("int64", 0.0, 50.0)
