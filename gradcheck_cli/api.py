@@ -36,32 +36,36 @@ class LoadOptions:
     allow_nonfinite: bool = False
 
 
-def load(path: Path, options: LoadOptions = LoadOptions(), *, device: str = "cpu") -> LoadedModel:
+def load(path: Path, options: LoadOptions | None = None, *, device: str = "cpu") -> LoadedModel:
     """Load any supported PyTorch model file (format detected from its content)."""
     from gradcheck_cli.model.torch_load import model_from_path
+
+    options = options or LoadOptions()
 
     return model_from_path(path, arch=options.arch, arch_kwargs=options.arch_kwargs, strict=options.strict,
                            trust_pickle=options.trust_pickle, device=device)
 
 
-def inspect(path: Path, *, load_options: LoadOptions = LoadOptions(),
-            probe: ProbeOptions = ProbeOptions(), progress: Progress | None = None) -> Report:
+def inspect(path: Path, *, load_options: LoadOptions | None = None, probe: ProbeOptions | None = None,
+            progress: Progress | None = None) -> Report:
     """Load ``path`` and probe it: one row per layer and activation call, in execution order."""
+    load_options = load_options or LoadOptions()
+    probe = probe or ProbeOptions()
     loaded = load(path, load_options, device=probe.device)
     if not load_options.allow_nonfinite:
         check_finite_weights(loaded)
     return inspect_model(loaded, probe, progress=progress)
 
 
-def inspect_model(loaded: LoadedModel, probe: ProbeOptions = ProbeOptions(), *,
+def inspect_model(loaded: LoadedModel, probe: ProbeOptions | None = None, *,
                   progress: Progress | None = None) -> Report:
     """Probe an already loaded model."""
     from gradcheck_cli.probe.run import run_probe
 
-    return run_probe(loaded, probe, progress=progress)
+    return run_probe(loaded, probe or ProbeOptions(), progress=progress)
 
 
-def inspect_module(module: nn.Module, probe: ProbeOptions = ProbeOptions(), *, name: str = "<module>",
+def inspect_module(module: nn.Module, probe: ProbeOptions | None = None, *, name: str = "<module>",
                    progress: Progress | None = None) -> Report:
     """Probe an in-memory ``nn.Module``; its mode, gradients and buffers are restored afterwards."""
     from gradcheck_cli.model.formats import ModelFormat
@@ -69,7 +73,7 @@ def inspect_module(module: nn.Module, probe: ProbeOptions = ProbeOptions(), *, n
     from gradcheck_cli.probe.run import run_probe
 
     loaded = LoadedModel(path=Path(name), format=ModelFormat.TORCH_ZIP, module=module)
-    return run_probe(loaded, probe, progress=progress)
+    return run_probe(loaded, probe or ProbeOptions(), progress=progress)
 
 
 def check_finite_weights(loaded: LoadedModel) -> None:

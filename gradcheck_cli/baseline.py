@@ -51,34 +51,48 @@ class Baseline:
 
 
 def load_baseline(path: Path) -> Baseline:
-    """Read a report written by ``gradcheck check --format json`` (one report, or a list of them)."""
+    """Read a report written by ``gradcheck check --format json`` (one report or a list)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LoadError(f"baseline {path} does not exist",
-                        hint="write one with: gradcheck check MODEL --format json=" + str(path)) from None
+        raise LoadError(
+            f"baseline {path} does not exist",
+            hint="write one with: gradcheck check MODEL --format json=" + str(path),
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoadError(f"baseline {path} is not a JSON report: {exc}") from None
     reports = data if isinstance(data, list) else [data]
     models: dict[str, tuple[BaselineFinding, ...]] = {}
     for index, report in enumerate(reports):
+        if isinstance(report, dict) and "error" in report:
+            continue  # a model that could not be checked then has no accepted findings
         try:
             model_path = str(report["model"]["path"])
             models[model_path] = tuple(_finding(f) for f in report["findings"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise LoadError(f"baseline {path}: report {index} is not a gradcheck report ({exc})",
-                            hint="write one with: gradcheck check MODEL --format json=FILE") from None
+            raise LoadError(
+                f"baseline {path}: report {index} is not a gradcheck report ({exc})",
+                hint="write one with: gradcheck check MODEL --format json=FILE",
+            ) from None
     return Baseline(models=models)
 
 
 def _finding(data: Any) -> BaselineFinding:
     value = data["value"]
-    return BaselineFinding(code=str(data["code"]), layer=data["layer"], severity=Severity(data["severity"]),
-                           value=float(value) if value is not None else None)
+    return BaselineFinding(
+        code=str(data["code"]),
+        layer=data["layer"],
+        severity=Severity(data["severity"]),
+        value=float(value) if value is not None else None,
+    )
 
 
-def compare(findings: tuple[Finding, ...], baseline: tuple[BaselineFinding, ...] | None, *,
-            tolerance: float = DEFAULT_TOLERANCE) -> tuple[Finding, ...]:
+def compare(
+    findings: tuple[Finding, ...],
+    baseline: tuple[BaselineFinding, ...] | None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> tuple[Finding, ...]:
     """``findings`` with ``baseline`` set on each (everything is new when there is no baseline)."""
     pool: dict[tuple[str, str | None], list[BaselineFinding]] = defaultdict(list)
     for old in baseline or ():
@@ -90,7 +104,11 @@ def compare(findings: tuple[Finding, ...], baseline: tuple[BaselineFinding, ...]
             status = BaselineStatus.NEW
         else:
             old = candidates.pop(0)
-            status = BaselineStatus.WORSENED if _worse(finding, old, tolerance) else BaselineStatus.UNCHANGED
+            status = (
+                BaselineStatus.WORSENED
+                if _worse(finding, old, tolerance)
+                else BaselineStatus.UNCHANGED
+            )
         out.append(replace(finding, baseline=status))
     return tuple(out)
 

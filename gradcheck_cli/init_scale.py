@@ -34,7 +34,7 @@ _LEAKY = ("leaky_relu", "prelu", "rrelu")
 def following_activation(rows: tuple[LayerStats, ...], index: int) -> LayerStats | None:
     """The activation row that consumes row ``index``'s output, or None when another layer
     comes first (no activation: the layer is linear up to the next one)."""
-    for row in rows[index + 1:]:
+    for row in rows[index + 1 :]:
         if row.kind is RowKind.ACTIVATION:
             return row
         if row.kind is not RowKind.NORM:
@@ -44,31 +44,37 @@ def following_activation(rows: tuple[LayerStats, ...], index: int) -> LayerStats
 
 def with_init_scales(report: Report, module: nn.Module) -> Report:
     """``report`` with ``init`` filled on every Linear/Conv/ConvTranspose row whose module can be
-    found in ``module`` (rows of graph-instrumented models may not map to modules; they stay None)."""
+    found in ``module`` (rows of graph-instrumented models may not map to modules: None)."""
     rows = list(report.layers)
+    # A lookup table rather than get_submodule, which ScriptModules refuse: their submodules are
+    # then simply not Linear/Conv instances and are skipped.
+    modules = dict(module.named_modules())
     seen: set[str] = set()
     for index, row in enumerate(report.layers):
         if row.kind is not RowKind.PARAM or row.module in seen:
             continue
         seen.add(row.module)  # a module called twice has one weight: measure it at its first call
         activation = following_activation(report.layers, index)
-        scale = _init_scale(module, row, activation)
+        scale = _init_scale(modules, row, activation)
         if scale is not None:
             rows[index] = replace(row, init=scale)
     return replace(report, layers=tuple(rows))
 
 
-def _init_scale(model: nn.Module, row: LayerStats, activation: LayerStats | None) -> InitScale | None:
+def _init_scale(
+    modules: dict[str, nn.Module], row: LayerStats, activation: LayerStats | None
+) -> InitScale | None:
     import torch
     from torch import nn
     from torch.nn.modules.conv import _ConvNd
 
-    try:
-        layer = model.get_submodule(row.module) if row.module else model
-    except AttributeError:
-        return None
+    layer = modules.get(row.module)
     weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or not weight.dtype.is_floating_point:
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() < 2
+        or not weight.dtype.is_floating_point
+    ):
         return None
     if isinstance(layer, nn.Linear):
         layout, groups = WeightLayout.OUT_IN, 1
@@ -80,26 +86,27 @@ def _init_scale(model: nn.Module, row: LayerStats, activation: LayerStats | None
     fan = fans(tuple(weight.shape), layout=layout, groups=groups)
     fn = activation.fn if activation is not None else None
     scheme, _why = auto_scheme(fn)  # He / LeCun (SELU) / Glorot, as reinit's 'auto' picks
-    slope = _slope(model, activation) if fn in _LEAKY else None
+    slope = _slope(modules, activation) if fn in _LEAKY else None
     gain = scheme_gain(scheme, fn, slope=slope)
     expected = gain * gain / fan.pick(default_mode(scheme))
     with torch.no_grad():
         finite = weight.detach()[torch.isfinite(weight.detach())].double()
         measured = float(finite.var(unbiased=False)) if finite.numel() else float("nan")
-    return InitScale(scheme=str(scheme), activation=fn, fan_in=fan.fan_in, fan_out=fan.fan_out,
-                     expected_var=expected, measured_var=measured)
+    return InitScale(
+        scheme=str(scheme),
+        activation=fn,
+        fan_in=fan.fan_in,
+        fan_out=fan.fan_out,
+        expected_var=expected,
+        measured_var=measured,
+    )
 
 
-def _slope(model: nn.Module, activation: LayerStats | None) -> float:
+def _slope(modules: dict[str, nn.Module], activation: LayerStats | None) -> float:
     """Negative slope of the leaky activation: the module's own when it is a module."""
     from torch import nn
 
-    if activation is None:
-        return _FUNCTIONAL_LEAKY_SLOPE
-    try:
-        act = model.get_submodule(activation.module) if activation.module else model
-    except AttributeError:
-        return _FUNCTIONAL_LEAKY_SLOPE
+    act = modules.get(activation.module) if activation is not None else None
     if isinstance(act, nn.LeakyReLU):
         return float(act.negative_slope)
     if isinstance(act, nn.PReLU):

@@ -83,7 +83,7 @@ class GradStats:
     """Gradient of the loss with respect to the row's own parameters (L2 norms)."""
 
     norm: float | None
-    weight_norm: float
+    weight_norm: float  # NaN (null in JSON) when the weights themselves hold NaN/Inf
     ratio: float | None  # norm / weight_norm; None when the weights are all zero
 
 

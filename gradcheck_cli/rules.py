@@ -60,10 +60,19 @@ class Rule:
     mandatory: bool = False
 
 
-def _finding(rule: Rule, layer: str | None, value: float | None, message: str,
-             advice: str | None = None) -> Finding:
-    return Finding(code=rule.code, rule=rule.name, severity=rule.severity, layer=layer, value=value,
-                   threshold=rule.threshold, message=message, advice=advice or rule.advice)
+def _finding(
+    rule: Rule, layer: str | None, value: float | None, message: str, advice: str | None = None
+) -> Finding:
+    return Finding(
+        code=rule.code,
+        rule=rule.name,
+        severity=rule.severity,
+        layer=layer,
+        value=value,
+        threshold=rule.threshold,
+        message=message,
+        advice=advice or rule.advice,
+    )
 
 
 def _bound(rule: Rule) -> float:
@@ -77,6 +86,7 @@ def _nonfinite_float(value: float | None) -> bool:
 
 # --- GC0xx: the checkpoint's numbers ----------------------------------------------------------
 
+
 def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     """Name the producer, not the layers that pass a NaN on: a corrupt tensor first; otherwise the
     first row (execution order) whose output is non-finite; otherwise, since backward runs in
@@ -84,11 +94,15 @@ def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     report = evidence.report
     tensors = evidence.scan.nonfinite if evidence.scan is not None else ()
     for tensor in tensors:
-        yield _finding(rule, tensor.name, float(tensor.nan + tensor.inf),
-                       f"checkpoint tensor '{tensor.name}' holds {tensor.nan} NaN and {tensor.inf} Inf "
-                       f"of {tensor.count} values",
-                       advice="restore a checkpoint from before training diverged; lower the learning "
-                       "rate and clip gradients by norm when training resumes")
+        yield _finding(
+            rule,
+            tensor.name,
+            float(tensor.nan + tensor.inf),
+            f"checkpoint tensor '{tensor.name}' holds {tensor.nan} NaN and {tensor.inf} Inf "
+            f"of {tensor.count} values",
+            advice="restore a checkpoint from before training diverged; lower the learning "
+            "rate and clip gradients by norm when training resumes",
+        )
     if tensors:
         return  # every non-finite activation downstream is a consequence of these tensors
     bad = [row for row in report.layers if row.output.nan or row.output.inf]
@@ -96,59 +110,100 @@ def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         first = bad[0]
         downstream = len(bad) - 1
         tail = f"; {downstream} later row(s) pass it on" if downstream else ""
-        yield _finding(rule, first.name, float(first.output.nan + first.output.inf),
-                       f"first produces NaN/Inf: {first.output.nan} NaN and {first.output.inf} Inf of "
-                       f"{first.output.count} outputs{tail}")
+        yield _finding(
+            rule,
+            first.name,
+            float(first.output.nan + first.output.inf),
+            f"first produces NaN/Inf: {first.output.nan} NaN and {first.output.inf} Inf of "
+            f"{first.output.count} outputs{tail}",
+        )
         return
-    bad_grad = [row for row in report.layers if _nonfinite_float(row.output_grad_norm)
-                or (row.grad is not None and _nonfinite_float(row.grad.norm))]
+    rows = report.layers
+    bad_grad = [
+        index
+        for index, row in enumerate(rows)
+        if _nonfinite_float(row.output_grad_norm)
+        or (row.grad is not None and _nonfinite_float(row.grad.norm))
+    ]
     if bad_grad:
-        producer = bad_grad[-1]
-        yield _finding(rule, producer.name, None,
-                       "the backward pass first produces a NaN/Inf gradient here (forward values are "
-                       f"finite); {len(bad_grad) - 1} earlier row(s) receive it")
+        # Backward runs in reverse execution order, so the last bad row is where the NaN enters.
+        # If its own output gradient is already bad, that gradient came out of the backward of
+        # the row executed after it: that row (or the loss, when there is none) produced it.
+        last = bad_grad[-1]
+        received = _nonfinite_float(rows[last].output_grad_norm)
+        producer = rows[last + 1] if received and last + 1 < len(rows) else rows[last]
+        where = "" if producer is rows[last] else f" and passes it to {rows[last].name}"
+        yield _finding(
+            rule,
+            producer.name,
+            None,
+            "the backward pass first produces a NaN/Inf gradient here (forward values are "
+            f"finite){where}; {len(bad_grad)} row(s) get a non-finite gradient",
+        )
         return
     if report.probe.loss_value is None and report.layers:
-        yield _finding(rule, None, None, "the probe loss is NaN/Inf although every layer output is finite",
-                       advice="check the model's final output and the loss (e.g. use log_softmax "
-                       "rather than log(softmax), or pass --loss sum)")
+        yield _finding(
+            rule,
+            None,
+            None,
+            "the probe loss is NaN/Inf although every layer output is finite",
+            advice="check the model's final output and the loss (e.g. use log_softmax "
+            "rather than log(softmax), or pass --loss sum)",
+        )
 
 
 def _bn_bad_variance(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     for bn in evidence.scan.batchnorms if evidence.scan is not None else ():
         if bn.nonpositive_var:
-            yield _finding(rule, bn.module, float(bn.nonpositive_var),
-                           f"{bn.nonpositive_var} of {bn.channels} channels of running_var are zero, "
-                           f"negative or NaN (smallest finite: {bn.min_var}); eval-mode BatchNorm divides "
-                           "by sqrt(running_var + eps)")
+            yield _finding(
+                rule,
+                bn.module,
+                float(bn.nonpositive_var),
+                f"{bn.nonpositive_var} of {bn.channels} channels of running_var are zero, "
+                f"negative or NaN (smallest finite: {bn.min_var}); eval-mode BatchNorm divides "
+                "by sqrt(running_var + eps)",
+            )
 
 
 def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     for bn in evidence.scan.batchnorms if evidence.scan is not None else ():
         if bn.never_updated:
-            yield _finding(rule, bn.module, 0.0,
-                           "num_batches_tracked is 0 and the running statistics are still the defaults "
-                           "(mean 0, var 1): eval mode will not normalise with the data's statistics")
+            yield _finding(
+                rule,
+                bn.module,
+                0.0,
+                "num_batches_tracked is 0 and the running statistics are still the defaults "
+                "(mean 0, var 1): eval mode will not normalise with the data's statistics",
+            )
 
 
 # --- GC1xx: activations -----------------------------------------------------------------------
+
 
 def _dead(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     for row in evidence.report.layers:
         if row.dead is not None and row.dead.total and row.dead.fraction > bound:
-            yield _finding(rule, row.name, row.dead.fraction,
-                           f"{row.dead.units} of {row.dead.total} {row.fn} units are dead "
-                           f"({row.dead.fraction:.0%}): zero for every probe sample")
+            yield _finding(
+                rule,
+                row.name,
+                row.dead.fraction,
+                f"{row.dead.units} of {row.dead.total} {row.fn} units are dead "
+                f"({row.dead.fraction:.0%}): zero for every probe sample",
+            )
 
 
 def _saturated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     for row in evidence.report.layers:
         if row.saturation is not None and row.saturation.fraction > bound:
-            yield _finding(rule, row.name, row.saturation.fraction,
-                           f"{row.saturation.fraction:.0%} of {row.fn} outputs are saturated "
-                           f"(derivative below {row.saturation.cutoff:g} of its maximum)")
+            yield _finding(
+                rule,
+                row.name,
+                row.saturation.fraction,
+                f"{row.saturation.fraction:.0%} of {row.fn} outputs are saturated "
+                f"(derivative below {row.saturation.cutoff:g} of its maximum)",
+            )
 
 
 def _variance_rows(report: Report) -> list[LayerStats]:
@@ -172,25 +227,40 @@ def _variance_collapse(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     found = _variance_ratio(evidence.report)
     if found is not None and found[2] < _bound(rule):
         first, last, ratio = found
-        yield _finding(rule, last.name, ratio,
-                       f"output variance of the last layer is {ratio:.2e} times that of the first "
-                       f"({first.name}): the signal shrinks with depth")
+        yield _finding(
+            rule,
+            last.name,
+            ratio,
+            f"output variance of the last layer is {ratio:.2e} times that of the first "
+            f"({first.name}): the signal shrinks with depth",
+        )
 
 
 def _variance_explosion(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     found = _variance_ratio(evidence.report)
     if found is not None and found[2] > _bound(rule):
         first, last, ratio = found
-        yield _finding(rule, last.name, ratio,
-                       f"output variance of the last layer is {ratio:.2e} times that of the first "
-                       f"({first.name}): the signal grows with depth")
+        yield _finding(
+            rule,
+            last.name,
+            ratio,
+            f"output variance of the last layer is {ratio:.2e} times that of the first "
+            f"({first.name}): the signal grows with depth",
+        )
 
 
 # --- GC2xx: gradients -------------------------------------------------------------------------
 
+
 def _param_rows(report: Report) -> list[LayerStats]:
-    return [r for r in report.layers if r.kind is RowKind.PARAM and r.grad is not None
-            and r.grad.norm is not None and r.grad.ratio is not None]
+    return [
+        r
+        for r in report.layers
+        if r.kind is RowKind.PARAM
+        and r.grad is not None
+        and r.grad.norm is not None
+        and r.grad.ratio is not None
+    ]
 
 
 def _gradient_ratio(report: Report) -> tuple[LayerStats, LayerStats, float] | None:
@@ -206,15 +276,20 @@ def _gradient_ratio(report: Report) -> tuple[LayerStats, LayerStats, float] | No
 
 
 def _global_norm(rows: Iterable[LayerStats]) -> float:
-    norms = [r.grad.norm for r in rows if r.grad is not None and r.grad.norm is not None
-             and math.isfinite(r.grad.norm)]
+    norms = [
+        r.grad.norm
+        for r in rows
+        if r.grad is not None and r.grad.norm is not None and math.isfinite(r.grad.norm)
+    ]
     return math.sqrt(sum(n * n for n in norms))
 
 
 def _clip_advice(max_norm: float) -> str:
-    return (f"clip gradients by global norm, e.g. torch.nn.utils.clip_grad_norm_(model.parameters(), "
-            f"max_norm={max_norm:.3g}) (Pascanu et al. 2013); use a smaller init scale, normalisation "
-            "layers or residual connections")
+    return (
+        f"clip gradients by global norm, e.g. torch.nn.utils.clip_grad_norm_(model.parameters(), "
+        f"max_norm={max_norm:.3g}) (Pascanu et al. 2013); use a smaller init scale, normalisation "
+        "layers or residual connections"
+    )
 
 
 def _vanishing(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -223,9 +298,13 @@ def _vanishing(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         return
     first, last, ratio = found
     if ratio < _bound(rule):
-        yield _finding(rule, first.name, ratio,
-                       f"relative gradient |dL/dW|/|W| of the first layer is {ratio:.2e} times that of "
-                       f"the last ({last.name}): the gradient vanishes with depth")
+        yield _finding(
+            rule,
+            first.name,
+            ratio,
+            f"relative gradient |dL/dW|/|W| of the first layer is {ratio:.2e} times that of "
+            f"the last ({last.name}): the gradient vanishes with depth",
+        )
 
 
 def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -237,10 +316,14 @@ def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         total = _global_norm(_param_rows(evidence.report))
         # A tenth of the measured global norm: the first layer's share then comes back to the
         # scale of the others while the direction of the step is kept.
-        yield _finding(rule, first.name, ratio,
-                       f"relative gradient of the first layer is {ratio:.2e} times that of the last "
-                       f"({last.name}): the gradient grows with depth",
-                       advice=_clip_advice(total / 10))
+        yield _finding(
+            rule,
+            first.name,
+            ratio,
+            f"relative gradient of the first layer is {ratio:.2e} times that of the last "
+            f"({last.name}): the gradient grows with depth",
+            advice=_clip_advice(total / 10),
+        )
 
 
 def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -248,15 +331,21 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     for row in _param_rows(evidence.report):
         assert row.grad is not None and row.grad.norm is not None
         if row.grad.norm < bound:
-            yield _finding(rule, row.name, row.grad.norm,
-                           f"|dL/dW| = {row.grad.norm:.2e}: a step of this size is below float32 "
-                           "resolution for weights of order 1, so the layer does not learn")
+            yield _finding(
+                rule,
+                row.name,
+                row.grad.norm,
+                f"|dL/dW| = {row.grad.norm:.2e}: a step of this size is below float32 "
+                "resolution for weights of order 1, so the layer does not learn",
+            )
 
 
 def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     rows = _param_rows(evidence.report)
-    large = [r for r in rows if r.grad is not None and r.grad.norm is not None and r.grad.norm > bound]
+    large = [
+        r for r in rows if r.grad is not None and r.grad.norm is not None and r.grad.norm > bound
+    ]
     if not large:
         return
     # Suggest clipping at the scale the healthy layers already have: sqrt(L) times their median
@@ -265,10 +354,14 @@ def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     max_norm = statistics.median(healthy) * math.sqrt(len(rows)) if healthy else bound
     for row in large:
         assert row.grad is not None and row.grad.norm is not None
-        yield _finding(rule, row.name, row.grad.norm,
-                       f"|dL/dW| = {row.grad.norm:.2e} on the probe batch: one step at a usual learning "
-                       "rate moves this layer's weights by more than their own scale",
-                       advice=_clip_advice(max_norm))
+        yield _finding(
+            rule,
+            row.name,
+            row.grad.norm,
+            f"|dL/dW| = {row.grad.norm:.2e} on the probe batch: one step at a usual learning "
+            "rate moves this layer's weights by more than their own scale",
+            advice=_clip_advice(max_norm),
+        )
 
 
 # --- GC3xx: initialisation --------------------------------------------------------------------
@@ -289,77 +382,168 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         ratio = init.ratio
         if 1.0 / k <= ratio <= k:
             continue
-        after = f"followed by {init.activation}" if init.activation else "with no activation after it"
+        after = (
+            f"followed by {init.activation}" if init.activation else "with no activation after it"
+        )
         fan = f"fan_in={init.fan_in}, fan_out={init.fan_out}"
-        yield _finding(rule, row.name, ratio,
-                       f"weight variance {init.measured_var:.3g} is {ratio:.3g} times what {init.scheme} "
-                       f"init prescribes ({init.expected_var:.3g}; {after}, {fan})",
-                       advice=f"re-initialise with {init.scheme}: {_SCHEME_ADVICE.get(init.scheme, '')} "
-                       f"or gradcheck reinit --scheme {init.scheme}")
+        yield _finding(
+            rule,
+            row.name,
+            ratio,
+            f"weight variance {init.measured_var:.3g} is {ratio:.3g} times what {init.scheme} "
+            f"init prescribes ({init.expected_var:.3g}; {after}, {fan})",
+            advice=f"re-initialise with {init.scheme}: {_SCHEME_ADVICE.get(init.scheme, '')} "
+            f"or gradcheck reinit --scheme {init.scheme}",
+        )
 
 
 _UNIT = (0.0, 1.0)
 _POSITIVE = (0.0, math.inf)
 
 RULES: tuple[Rule, ...] = (
-    Rule("GC001", "non-finite", Severity.ERROR, None,
-         "NaN or Inf in a weight, buffer, activation or gradient; the first producer is named",
-         "find the first producer: check its weights and inputs, lower the learning rate, clip gradients, "
-         "or use a numerically safe formulation (e.g. log_softmax instead of log(softmax))",
-         _non_finite, mandatory=True),
-    Rule("GC002", "batchnorm-bad-variance", Severity.ERROR, None,
-         "a BatchNorm running_var that is zero, negative or NaN",
-         "restore the statistics from a healthy checkpoint, or recompute them: run the model in train "
-         "mode with torch.no_grad() over a few hundred training batches (momentum=None averages them)",
-         _bn_bad_variance),
-    Rule("GC003", "batchnorm-never-updated", Severity.WARNING, None,
-         "a BatchNorm whose running statistics were never updated (num_batches_tracked == 0, defaults)",
-         "the model was never trained in train mode, or the statistics were not saved: recompute them "
-         "in train mode under torch.no_grad() over training batches, then save the state_dict again",
-         _bn_never_updated),
-    Rule("GC101", "dead-relu", Severity.ERROR, 0.5,
-         "share of a ReLU-family layer's units that are zero for every probe sample",
-         "re-initialise with He init (gradcheck reinit --scheme he), lower the learning rate, or use "
-         "Leaky ReLU (slope ~0.01), PReLU or ELU so negative units still get a gradient",
-         _dead, threshold_range=_UNIT),
-    Rule("GC102", "saturated-activation", Severity.ERROR, 0.5,
-         "share of a sigmoid/tanh-family layer's outputs whose derivative has all but vanished",
-         "use Glorot init for tanh/sigmoid layers (gradcheck reinit --scheme glorot), add normalisation "
-         "before the activation, or switch to a non-saturating activation (ReLU family, GELU)",
-         _saturated, threshold_range=_UNIT),
-    Rule("GC103", "activation-variance-collapse", Severity.WARNING, 1e-2,
-         "output variance of the last linear layer over that of the first below the threshold",
-         "initialise each layer for the activation after it (He for ReLU, Glorot for tanh/sigmoid: "
-         "gradcheck reinit --scheme auto), or add batch/layer normalisation",
-         _variance_collapse, worse=Worse.BELOW, threshold_range=(0.0, 1.0)),
-    Rule("GC104", "activation-variance-explosion", Severity.WARNING, 1e2,
-         "output variance of the last linear layer over that of the first above the threshold",
-         "use a smaller init scale (He/Glorot for the activation that follows: gradcheck reinit "
-         "--scheme auto), or add batch/layer normalisation",
-         _variance_explosion, threshold_range=(1.0, math.inf)),
-    Rule("GC201", "vanishing-gradient", Severity.ERROR, 1e-3,
-         "first-to-last ratio of the relative gradient |dL/dW|/|W| below the threshold",
-         "use non-saturating activations and He/Glorot init, add batch/layer normalisation or residual "
-         "connections to shorten the gradient path",
-         _vanishing, worse=Worse.BELOW, threshold_range=(0.0, 1.0)),
-    Rule("GC202", "exploding-gradient", Severity.ERROR, 1e3,
-         "first-to-last ratio of the relative gradient |dL/dW|/|W| above the threshold",
-         "clip gradients by norm, use a smaller init scale, add normalisation layers or residual connections",
-         _exploding, threshold_range=(1.0, math.inf)),
-    Rule("GC203", "small-layer-gradient", Severity.WARNING, 1e-7,
-         "a layer's gradient norm |dL/dW| below an absolute bound",
-         "look upstream of this layer for dead or saturated activations; use non-saturating activations, "
-         "He/Glorot init, normalisation or residual connections",
-         _small_gradient, worse=Worse.BELOW, threshold_range=_POSITIVE),
-    Rule("GC204", "large-layer-gradient", Severity.WARNING, 1e3,
-         "a layer's gradient norm |dL/dW| above an absolute bound",
-         "clip gradients by norm, lower the init scale or the learning rate, add normalisation",
-         _large_gradient, threshold_range=_POSITIVE),
-    Rule("GC301", "init-scale", Severity.WARNING, 3.0,
-         "weight variance over what He/Glorot/LeCun prescribes for the activation that follows, "
-         "outside [1/k, k]",
-         "re-initialise the layer for the activation that follows it (gradcheck reinit --scheme auto)",
-         _init_scale, worse=Worse.AWAY, threshold_range=(1.0, math.inf)),
+    Rule(
+        "GC001",
+        "non-finite",
+        Severity.ERROR,
+        None,
+        "NaN or Inf in a weight, buffer, activation or gradient; the first producer is named",
+        "find the first producer: check its weights and inputs, lower the learning rate, clip "
+        "gradients, "
+        "or use a numerically safe formulation (e.g. log_softmax instead of log(softmax))",
+        _non_finite,
+        mandatory=True,
+    ),
+    Rule(
+        "GC002",
+        "batchnorm-bad-variance",
+        Severity.ERROR,
+        None,
+        "a BatchNorm running_var that is zero, negative or NaN",
+        "restore the statistics from a healthy checkpoint, or recompute them: run the model in "
+        "train "
+        "mode with torch.no_grad() over a few hundred training batches (momentum=None averages "
+        "them)",
+        _bn_bad_variance,
+    ),
+    Rule(
+        "GC003",
+        "batchnorm-never-updated",
+        Severity.WARNING,
+        None,
+        "a BatchNorm whose running statistics were never updated (num_batches_tracked == 0, "
+        "defaults)",
+        "the model was never trained in train mode, or the statistics were not saved: recompute "
+        "them "
+        "in train mode under torch.no_grad() over training batches, then save the state_dict again",
+        _bn_never_updated,
+    ),
+    Rule(
+        "GC101",
+        "dead-relu",
+        Severity.ERROR,
+        0.5,
+        "share of a ReLU-family layer's units that are zero for every probe sample",
+        "re-initialise with He init (gradcheck reinit --scheme he), lower the learning rate, or "
+        "use "
+        "Leaky ReLU (slope ~0.01), PReLU or ELU so negative units still get a gradient",
+        _dead,
+        threshold_range=_UNIT,
+    ),
+    Rule(
+        "GC102",
+        "saturated-activation",
+        Severity.ERROR,
+        0.5,
+        "share of a sigmoid/tanh-family layer's outputs whose derivative has all but vanished",
+        "use Glorot init for tanh/sigmoid layers (gradcheck reinit --scheme glorot), add "
+        "normalisation "
+        "before the activation, or switch to a non-saturating activation (ReLU family, GELU)",
+        _saturated,
+        threshold_range=_UNIT,
+    ),
+    Rule(
+        "GC103",
+        "activation-variance-collapse",
+        Severity.WARNING,
+        1e-2,
+        "output variance of the last linear layer over that of the first below the threshold",
+        "initialise each layer for the activation after it (He for ReLU, Glorot for tanh/sigmoid: "
+        "gradcheck reinit --scheme auto), or add batch/layer normalisation",
+        _variance_collapse,
+        worse=Worse.BELOW,
+        threshold_range=(0.0, 1.0),
+    ),
+    Rule(
+        "GC104",
+        "activation-variance-explosion",
+        Severity.WARNING,
+        1e2,
+        "output variance of the last linear layer over that of the first above the threshold",
+        "use a smaller init scale (He/Glorot for the activation that follows: gradcheck reinit "
+        "--scheme auto), or add batch/layer normalisation",
+        _variance_explosion,
+        threshold_range=(1.0, math.inf),
+    ),
+    Rule(
+        "GC201",
+        "vanishing-gradient",
+        Severity.ERROR,
+        1e-3,
+        "first-to-last ratio of the relative gradient |dL/dW|/|W| below the threshold",
+        "use non-saturating activations and He/Glorot init, add batch/layer normalisation or "
+        "residual "
+        "connections to shorten the gradient path",
+        _vanishing,
+        worse=Worse.BELOW,
+        threshold_range=(0.0, 1.0),
+    ),
+    Rule(
+        "GC202",
+        "exploding-gradient",
+        Severity.ERROR,
+        1e3,
+        "first-to-last ratio of the relative gradient |dL/dW|/|W| above the threshold",
+        "clip gradients by norm, use a smaller init scale, add normalisation layers or residual "
+        "connections",
+        _exploding,
+        threshold_range=(1.0, math.inf),
+    ),
+    Rule(
+        "GC203",
+        "small-layer-gradient",
+        Severity.WARNING,
+        1e-7,
+        "a layer's gradient norm |dL/dW| below an absolute bound",
+        "look upstream of this layer for dead or saturated activations; use non-saturating "
+        "activations, "
+        "He/Glorot init, normalisation or residual connections",
+        _small_gradient,
+        worse=Worse.BELOW,
+        threshold_range=_POSITIVE,
+    ),
+    Rule(
+        "GC204",
+        "large-layer-gradient",
+        Severity.WARNING,
+        1e3,
+        "a layer's gradient norm |dL/dW| above an absolute bound",
+        "clip gradients by norm, lower the init scale or the learning rate, add normalisation",
+        _large_gradient,
+        threshold_range=_POSITIVE,
+    ),
+    Rule(
+        "GC301",
+        "init-scale",
+        Severity.WARNING,
+        3.0,
+        "weight variance over what He/Glorot/LeCun prescribes for the activation that follows, "
+        "outside [1/k, k]",
+        "re-initialise the layer for the activation that follows it (gradcheck reinit --scheme "
+        "auto)",
+        _init_scale,
+        worse=Worse.AWAY,
+        threshold_range=(1.0, math.inf),
+    ),
 )
 
 RULES_BY_CODE = {rule.code: rule for rule in RULES}
@@ -372,7 +556,11 @@ def resolve(selector: str) -> tuple[Rule, ...]:
     if text in RULES_BY_NAME:
         return (RULES_BY_NAME[text],)
     upper = text.upper()
-    matched = tuple(rule for rule in RULES if rule.code.startswith(upper)) if upper.startswith("GC") else ()
+    matched = (
+        tuple(rule for rule in RULES if rule.code.startswith(upper))
+        if upper.startswith("GC")
+        else ()
+    )
     if not matched:
         known = ", ".join(f"{r.code} {r.name}" for r in RULES)
         raise ConfigError(f"unknown rule {selector!r}", hint=f"known rules: {known}")
@@ -388,26 +576,39 @@ class RuleOverride:
     ignore_layers: tuple[str, ...] = ()
 
 
-def configure(*, select: Sequence[str] | None = None, ignore: Sequence[str] = (),
-              overrides: dict[str, RuleOverride] | None = None, where: str = "rules") -> tuple[Rule, ...]:
+def configure(
+    *,
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+    overrides: dict[str, RuleOverride] | None = None,
+    where: str = "rules",
+) -> tuple[Rule, ...]:
     """The active rules: ``select`` (default all) minus ``ignore``, with overrides applied.
 
     ``overrides`` is keyed by code or name. Mandatory rules (non-finite) stay on and stay errors:
     a NaN makes every other number meaningless, so no configuration may hide it.
     """
-    chosen = {r.code for s in select for r in resolve(s)} if select is not None else {r.code for r in RULES}
+    chosen = (
+        {r.code for s in select for r in resolve(s)}
+        if select is not None
+        else {r.code for r in RULES}
+    )
     for selector in ignore:
         for rule in resolve(selector):
             if rule.mandatory:
-                raise ConfigError(f"{where}: {rule.code} {rule.name} cannot be ignored",
-                                  hint="non-finite values are always an error")
+                raise ConfigError(
+                    f"{where}: {rule.code} {rule.name} cannot be ignored",
+                    hint="non-finite values are always an error",
+                )
             chosen.discard(rule.code)
     configured: dict[str, Rule] = {}
     for key, override in (overrides or {}).items():
         matched = resolve(key)
         if len(matched) != 1:
-            raise ConfigError(f"{where}.{key}: settings need one rule, not a prefix",
-                              hint="use a full code (GC101) or name (dead-relu)")
+            raise ConfigError(
+                f"{where}.{key}: settings need one rule, not a prefix",
+                hint="use a full code (GC101) or name (dead-relu)",
+            )
         rule = configured.get(matched[0].code, matched[0])
         configured[rule.code] = _apply(rule, override, f"{where}.{key}")
     return tuple(configured.get(r.code, r) for r in RULES if r.code in chosen or r.mandatory)
@@ -419,8 +620,10 @@ def _apply(rule: Rule, override: RuleOverride, where: str) -> Rule:
             raise ConfigError(f"{where}.threshold: {rule.code} {rule.name} takes no threshold")
         low, high = rule.threshold_range
         if not (low < override.threshold < high) or math.isnan(override.threshold):
-            raise ConfigError(f"{where}.threshold: {override.threshold} is outside ({low:g}, {high:g})",
-                              hint=f"the default is {rule.threshold:g}" if rule.threshold is not None else None)
+            raise ConfigError(
+                f"{where}.threshold: {override.threshold} is outside ({low:g}, {high:g})",
+                hint=f"the default is {rule.threshold:g}" if rule.threshold is not None else None,
+            )
         rule = replace(rule, threshold=override.threshold)
     if override.severity is not None:
         if rule.mandatory and override.severity is not Severity.ERROR:
@@ -433,11 +636,13 @@ def _apply(rule: Rule, override: RuleOverride, where: str) -> Rule:
 
 def _ignored(rule: Rule, finding: Finding) -> bool:
     return finding.layer is not None and any(
-        fnmatch.fnmatchcase(finding.layer, pattern) for pattern in rule.ignore_layers)
+        fnmatch.fnmatchcase(finding.layer, pattern) for pattern in rule.ignore_layers
+    )
 
 
-def evaluate(report: Report, rules: Iterable[Rule] = RULES, *,
-             scan: CheckpointScan | None = None) -> tuple[Finding, ...]:
+def evaluate(
+    report: Report, rules: Iterable[Rule] = RULES, *, scan: CheckpointScan | None = None
+) -> tuple[Finding, ...]:
     """Every finding of every rule, in rule order then execution order."""
     evidence = Evidence(report=report, scan=scan)
     findings: list[Finding] = []
@@ -446,6 +651,7 @@ def evaluate(report: Report, rules: Iterable[Rule] = RULES, *,
     return tuple(findings)
 
 
-def with_findings(report: Report, rules: Iterable[Rule] = RULES, *,
-                  scan: CheckpointScan | None = None) -> Report:
+def with_findings(
+    report: Report, rules: Iterable[Rule] = RULES, *, scan: CheckpointScan | None = None
+) -> Report:
     return replace(report, findings=evaluate(report, rules, scan=scan))

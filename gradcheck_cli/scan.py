@@ -62,25 +62,41 @@ def scan_module(module: nn.Module) -> CheckpointScan:
         for owner_path, owner in module.named_modules():
             tensors = list(owner._parameters.items()) + list(owner._buffers.items())
             for leaf, tensor in tensors:
-                if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+                if tensor is None or not (
+                    tensor.dtype.is_floating_point or tensor.dtype.is_complex
+                ):
                     continue
                 finite = torch.isfinite(tensor)
                 if bool(finite.all()):
                     continue
                 nan = int(torch.isnan(tensor).sum())
-                nonfinite.append(NonFiniteTensor(
-                    name=f"{owner_path}.{leaf}" if owner_path else leaf, module=owner_path, nan=nan,
-                    inf=int((~finite).sum()) - nan, count=tensor.numel()))
-            if isinstance(owner, _BatchNorm) and owner.running_var is not None \
-                    and owner.running_mean is not None:
+                nonfinite.append(
+                    NonFiniteTensor(
+                        name=f"{owner_path}.{leaf}" if owner_path else leaf,
+                        module=owner_path,
+                        nan=nan,
+                        inf=int((~finite).sum()) - nan,
+                        count=tensor.numel(),
+                    )
+                )
+            if (
+                isinstance(owner, _BatchNorm)
+                and owner.running_var is not None
+                and owner.running_mean is not None
+            ):
                 var = owner.running_var.detach().double()
                 mean = owner.running_mean.detach().double()
                 finite_var = var[torch.isfinite(var)]
                 tracked = owner.num_batches_tracked
-                batchnorms.append(BatchNormBuffers(
-                    module=owner_path, type=type(owner).__name__, channels=var.numel(),
-                    nonpositive_var=int((~(var > 0)).sum()),
-                    min_var=float(finite_var.min()) if finite_var.numel() else None,
-                    num_batches_tracked=int(tracked) if tracked is not None else None,
-                    default_stats=bool((mean == 0).all() and (var == 1).all())))
+                batchnorms.append(
+                    BatchNormBuffers(
+                        module=owner_path,
+                        type=type(owner).__name__,
+                        channels=var.numel(),
+                        nonpositive_var=int((~(var > 0)).sum()),
+                        min_var=float(finite_var.min()) if finite_var.numel() else None,
+                        num_batches_tracked=int(tracked) if tracked is not None else None,
+                        default_stats=bool((mean == 0).all() and (var == 1).all()),
+                    )
+                )
     return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def test_dead_units_counted_exactly_however_relu_is_written(style: str) -> None:
 def test_functional_and_module_relu_give_identical_rows() -> None:
     a = probe(KilledMLP("module"), (32, 8)).to_dict()["layers"]
     b = probe(KilledMLP("torch"), (32, 8)).to_dict()["layers"]
-    for row_a, row_b in zip(a, b):
+    for row_a, row_b in zip(a, b, strict=True):
         for key in ("output", "output_grad_norm", "dead", "saturation", "grad", "fn", "kind"):
             assert row_a[key] == row_b[key], key
     assert [r["name"] for r in a] == ["fc1", "act", "fc2"]
@@ -154,7 +155,7 @@ def linear_variances(report: Report) -> list[float]:
 
 def test_old_init_shrinks_variance_by_a_third_per_linear_layer() -> None:
     variances = linear_variances(probe(deep_mlp("old", "none"), (256, 512), loss=LossKind.MSE))
-    ratios = [b / a for a, b in zip(variances, variances[1:])]
+    ratios = [b / a for a, b in itertools.pairwise(variances)]
     # n_in * Var(w) = n * (1/sqrt(n))^2 / 3 = 1/3 exactly in expectation.
     assert all(0.28 < r < 0.39 for r in ratios), ratios
     assert variances[0] == pytest.approx(1 / 3, rel=0.15)
@@ -232,7 +233,7 @@ def test_micro_batches_merge_exactly() -> None:
     one = probe(KilledMLP("torch"), (32, 8)).to_dict()["layers"]
     four = probe(KilledMLP("torch"), (8, 8), batches=4).to_dict()["layers"]
     assert [r["name"] for r in one] == [r["name"] for r in four]
-    for a, b in zip(one, four):
+    for a, b in zip(one, four, strict=True):
         for key in ("mean", "var", "min", "max"):
             assert b["output"][key] == pytest.approx(a["output"][key], rel=1e-5, abs=1e-7), (a["name"], key)
         assert a["output"]["count"] == b["output"]["count"]
@@ -294,7 +295,7 @@ def test_graph_and_eager_paths_agree(tmp_path: Path) -> None:
     graph = api.inspect(path).to_dict()["layers"]
     eager = probe(Net(), (16, 6)).to_dict()["layers"]
     assert [r["name"] for r in graph] == [r["name"] for r in eager]
-    for a, b in zip(graph, eager):
+    for a, b in zip(graph, eager, strict=True):
         assert a["output"]["var"] == pytest.approx(b["output"]["var"], rel=1e-5)
         assert a["output_grad_norm"] == pytest.approx(b["output_grad_norm"], rel=1e-5)
         assert (a["grad"] is None) == (b["grad"] is None)

@@ -5,7 +5,7 @@ Nothing here imports torch, onnx or rich's heavier parts: ``gradcheck --help`` m
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Show the version and exit.")] = None,
 ) -> None:
     """Gradient-health diagnostics for saved PyTorch and ONNX models."""
@@ -40,6 +40,10 @@ def _root(
 from gradcheck_cli.cli import inspect_cmd  # noqa: E402 - commands register after the app exists
 
 app.command("inspect")(inspect_cmd.inspect)
+
+from gradcheck_cli.cli import check_cmd  # noqa: E402
+
+app.command("check")(check_cmd.check)
 
 from gradcheck_cli.cli import reinit_cmd  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,19 +25,40 @@ class FoldReportFormat(str, Enum):
 
 def fold_bn(
     model: opt.ModelArg,
-    out: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Where to write the folded model.", show_default=False)] = None,
-    to: Annotated[Optional[OutputFormat], typer.Option(
-        "--to", "--format", help="Format of the written model [default: the input's format]. "
-        "state_dict/safetensors keep the architecture (folded BatchNorms become identities); "
-        "pickle only for inputs loaded with --trust-pickle.", show_default=False,
-        rich_help_panel="Fold")] = None,
-    affine_standalone: Annotated[bool, typer.Option(
-        "--affine-standalone", help="Rewrite a BatchNorm that has no foldable neighbour as a plain "
-        "per-channel multiply-add.", rich_help_panel="Fold")] = False,
-    benchmark: Annotated[int, typer.Option(
-        "--benchmark", min=0, help="Also time inference before and after: median of N runs "
-        "(0: off).", rich_help_panel="Fold")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the folded model.", show_default=False),
+    ] = None,
+    to: Annotated[
+        OutputFormat | None,
+        typer.Option(
+            "--to",
+            "--format",
+            help="Format of the written model [default: the input's format]. "
+            "state_dict/safetensors keep the architecture (folded BatchNorms become identities); "
+            "pickle only for inputs loaded with --trust-pickle.",
+            show_default=False,
+            rich_help_panel="Fold",
+        ),
+    ] = None,
+    affine_standalone: Annotated[
+        bool,
+        typer.Option(
+            "--affine-standalone",
+            help="Rewrite a BatchNorm that has no foldable neighbour as a plain "
+            "per-channel multiply-add.",
+            rich_help_panel="Fold",
+        ),
+    ] = False,
+    benchmark: Annotated[
+        int,
+        typer.Option(
+            "--benchmark",
+            min=0,
+            help="Also time inference before and after: median of N runs (0: off).",
+            rich_help_panel="Fold",
+        ),
+    ] = 0,
     dry_run: opt.DryRun = False,
     force: opt.Force = False,
     arch: opt.Arch = None,
@@ -52,8 +73,9 @@ def fold_bn(
     batch_size: opt.BatchSize = None,
     batches: opt.Batches = 1,
     seed: opt.Seed = 0,
-    report_format: Annotated[FoldReportFormat, typer.Option(
-        "--report", help="How to print the report on stdout.")] = FoldReportFormat.TABLE,
+    report_format: Annotated[
+        FoldReportFormat, typer.Option("--report", help="How to print the report on stdout.")
+    ] = FoldReportFormat.TABLE,
     debug: opt.Debug = False,
 ) -> None:
     """Fold every exactly foldable BatchNorm (PyTorch or ONNX) and verify the result.
@@ -69,15 +91,30 @@ def fold_bn(
     from gradcheck_cli.rewrite.fold import fold_batchnorm
 
     with user_errors(debug):
-        inputs = InputOptions(input_file=input_file,
-                              input_shapes=tuple(parse_shape(s) for s in input_shape or ()),
-                              input_dtype=input_dtype, input_range=parse_range(input_range),
-                              batch_size=batch_size, batches=batches, seed=seed)
-        report = fold_batchnorm(model, out=out, to=to, dry_run=dry_run, force=force,
-                                affine_standalone=affine_standalone, arch=arch,
-                                arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
-                                trust_pickle=trust_pickle, device=device, inputs=inputs,
-                                benchmark_runs=benchmark)
+        inputs = InputOptions(
+            input_file=input_file,
+            input_shapes=tuple(parse_shape(s) for s in input_shape or ()),
+            input_dtype=input_dtype,
+            input_range=parse_range(input_range),
+            batch_size=batch_size,
+            batches=batches,
+            seed=seed,
+        )
+        report = fold_batchnorm(
+            model,
+            out=out,
+            to=to,
+            dry_run=dry_run,
+            force=force,
+            affine_standalone=affine_standalone,
+            arch=arch,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs),
+            strict=not non_strict,
+            trust_pickle=trust_pickle,
+            device=device,
+            inputs=inputs,
+            benchmark_runs=benchmark,
+        )
         if report_format is FoldReportFormat.JSON:
             write_text(fold_json(report), None)
         else:

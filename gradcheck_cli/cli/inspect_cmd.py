@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -54,14 +54,14 @@ def inspect(
     loss: Annotated[LossKind, typer.Option(
         "--loss", help="Scalar to differentiate: auto = cross_entropy for (N, C) logits against seeded "
         "random labels, else mse against a seeded N(0,1) target.", rich_help_panel="Probe")] = LossKind.AUTO,
-    target: Annotated[Optional[Path], typer.Option(
+    target: Annotated[Path | None, typer.Option(
         "--target", help="Real targets (labels or tensors) for the loss, one per probe sample.",
         rich_help_panel="Probe")] = None,
     mode: Annotated[Mode, typer.Option(
         "--mode", help="eval (default: exact micro-batching, no dropout noise, BatchNorm running stats as "
         "deployed) or train (batch statistics and dropout, as training sees them).",
         rich_help_panel="Probe")] = Mode.EVAL,
-    model_output: Annotated[Optional[str], typer.Option(
+    model_output: Annotated[str | None, typer.Option(
         "--model-output", help="Which output the loss uses when the model returns several: an index or "
         "a key (default: 'logits' if present, else the first tensor).", rich_help_panel="Probe")] = None,
     saturation_cutoff: Annotated[float, typer.Option(
@@ -72,7 +72,7 @@ def inspect(
         rich_help_panel="Loading")] = False,
     report_format: Annotated[ReportFormat, typer.Option(
         "--format", "-f", help="What to print on stdout.")] = ReportFormat.TABLE,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also write the JSON report to this file.")] = None,
     debug: opt.Debug = False,
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,11 +11,11 @@ import typer
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, TorchScript, torch.save checkpoint, "
                                           "safetensors or ONNX (detected from the content).",
                                           show_default=False)]
-Arch = Annotated[Optional[str], typer.Option(
+Arch = Annotated[str | None, typer.Option(
     "--arch", help="Architecture for a state_dict/safetensors file: pkg.module:callable, "
     "path/file.py:callable (runs that file), torchvision:<name>, timm:<name>.",
     rich_help_panel="Loading")]
-ArchKwargs = Annotated[Optional[str], typer.Option(
+ArchKwargs = Annotated[str | None, typer.Option(
     "--arch-kwargs", help="JSON object of keyword arguments for --arch.", rich_help_panel="Loading")]
 NonStrict = Annotated[bool, typer.Option(
     "--non-strict", help="Load a state_dict even if keys are missing or unexpected.",
@@ -24,18 +24,18 @@ TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow full unpickling (a pickled nn.Module). Unpickling runs code from "
     "the file: only for files you trust.", rich_help_panel="Loading")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel="Probe")]
-InputFile = Annotated[Optional[Path], typer.Option(
+InputFile = Annotated[Path | None, typer.Option(
     "--input", help="Probe inputs: .pt (tensor, tuple or dict of tensors), .npy or .npz.",
     rich_help_panel="Probe")]
-InputShape = Annotated[Optional[list[str]], typer.Option(
+InputShape = Annotated[list[str] | None, typer.Option(
     "--input-shape", help="Shape of a synthesised input, batch first, e.g. 8,3,224,224. Repeat for "
     "several inputs.", rich_help_panel="Probe")]
-InputDtype = Annotated[Optional[str], typer.Option(
+InputDtype = Annotated[str | None, typer.Option(
     "--input-dtype", help="dtype of synthesised inputs (float32, int64, ...).", rich_help_panel="Probe")]
-InputRange = Annotated[Optional[str], typer.Option(
+InputRange = Annotated[str | None, typer.Option(
     "--input-range", help="LOW,HIGH of synthesised inputs (integers: HIGH exclusive, e.g. token ids "
     "0,30522).", rich_help_panel="Probe")]
-BatchSize = Annotated[Optional[int], typer.Option(
+BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", min=1, help="Samples per micro-batch (default 8, or the inputs' own).",
     rich_help_panel="Probe")]
 Batches = Annotated[int, typer.Option(
@@ -44,7 +44,7 @@ Batches = Annotated[int, typer.Option(
 Seed = Annotated[int, typer.Option("--seed", help="Seed for inputs, targets and dropout.",
                                    rich_help_panel="Probe")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-Output = Annotated[Optional[Path], typer.Option(
+Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Write the output to this file instead of stdout.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Report what would change; write nothing.")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,20 +21,20 @@ class ReportFormat(str, Enum):
 
 def reinit(
     model: opt.ModelArg,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Where to write the re-initialised model (same format as the input).",
         show_default=False)] = None,
     scheme: Annotated[Scheme, typer.Option(
         "--scheme", help="auto: per layer from the activation that follows it (He after the ReLU "
         "family, LeCun after SELU, Glorot after tanh/sigmoid/none); lsuv: orthogonal, then each "
         "layer's output variance set to 1 on the probe batch.", rich_help_panel="Reinit")] = Scheme.AUTO,
-    distribution: Annotated[Optional[Distribution], typer.Option(
+    distribution: Annotated[Distribution | None, typer.Option(
         "--distribution", help="Draw from a normal or a uniform distribution of the same variance "
         "[default: normal].", rich_help_panel="Reinit", show_default=False)] = None,
-    mode: Annotated[Optional[FanMode], typer.Option(
+    mode: Annotated[FanMode | None, typer.Option(
         "--mode", help="Fan the variance is divided by [default: fan_avg for glorot, else fan_in].",
         rich_help_panel="Reinit", show_default=False)] = None,
-    layers: Annotated[Optional[list[str]], typer.Option(
+    layers: Annotated[list[str] | None, typer.Option(
         "--layers", help="Only layers whose name (module path, or ONNX node name) matches this glob; "
         "repeatable.", rich_help_panel="Reinit")] = None,
     recurrent: Annotated[RecurrentInit, typer.Option(

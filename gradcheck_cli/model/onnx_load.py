@@ -31,25 +31,33 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise LoadError(f"{path} could not be parsed as an ONNX model: {_first_line(exc)}",
-                        hint="the file may be truncated, or not an ONNX model") from exc
+        raise LoadError(
+            f"{path} could not be parsed as an ONNX model: {_first_line(exc)}",
+            hint="the file may be truncated, or not an ONNX model",
+        ) from exc
     base = (path.parent if str(path.parent) else Path(".")).resolve()
     locations = external_data_locations(model)
     for location in locations:
         resolved = (base / location).resolve()
         if not resolved.is_relative_to(base):
-            raise LoadError(f"{path} refers to external data at '{location}', outside the model's "
-                            "directory; gradcheck does not read files outside it",
-                            hint="move the data file next to the model and fix its location")
+            raise LoadError(
+                f"{path} refers to external data at '{location}', outside the model's "
+                "directory; gradcheck does not read files outside it",
+                hint="move the data file next to the model and fix its location",
+            )
         if load_external_data and not resolved.is_file():
-            raise LoadError(f"{path} refers to external data '{location}', which does not exist",
-                            hint="copy the data file next to the model")
+            raise LoadError(
+                f"{path} refers to external data '{location}', which does not exist",
+                hint="copy the data file next to the model",
+            )
     if locations and load_external_data:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except Exception as exc:
-            raise LoadError(f"{path}: its external data could not be read: {_first_line(exc)}",
-                            hint="the data file may be truncated or belong to another model") from exc
+            raise LoadError(
+                f"{path}: its external data could not be read: {_first_line(exc)}",
+                hint="the data file may be truncated or belong to another model",
+            ) from exc
     return model
 
 
@@ -87,8 +95,10 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from walk(model.graph)
 
 
-def onnx_model_to_path(model: onnx.ModelProto, out: Path, *, external_data: bool | None = None) -> None:
-    """Write ``model`` to ``out`` atomically; side data, if any, goes to ``<out name>.data`` beside it.
+def onnx_model_to_path(
+    model: onnx.ModelProto, out: Path, *, external_data: bool | None = None
+) -> None:
+    """Write ``model`` to ``out`` atomically; side data, if any, goes to ``<out name>.data``.
 
     ``external_data`` None means: use a side file only when the model is too large for one
     protobuf message. The caller's ``model`` is not modified (the external-data conversion
@@ -111,11 +121,19 @@ def onnx_model_to_path(model: onnx.ModelProto, out: Path, *, external_data: bool
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch_dir:
         scratch = Path(scratch_dir)
         try:
-            onnx.save_model(staged, str(scratch / out.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            onnx.save_model(
+                staged,
+                str(scratch / out.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         except Exception as exc:
-            raise GradcheckError(f"could not write {out}: {_first_line(exc)}",
-                                 hint="check free disk space and permissions; nothing was written") from exc
+            raise GradcheckError(
+                f"could not write {out}: {_first_line(exc)}",
+                hint="check free disk space and permissions; nothing was written",
+            ) from exc
         if (scratch / data_name).exists():
             os.replace(scratch / data_name, parent / data_name)
         os.replace(scratch / out.name, out)

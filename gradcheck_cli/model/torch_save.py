@@ -9,6 +9,7 @@ for users who did not opt in.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import warnings
@@ -36,7 +37,7 @@ def save_model(
     example_kwargs: dict[str, torch.Tensor] | None = None,
     state_dict_only: bool | None = None,
 ) -> ModelFormat:
-    """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``); return the format written.
+    """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``); return that format.
 
     ``loaded`` is the model as it was read: it tells where a state_dict sat inside the original
     checkpoint and whether pickles were trusted. ``example_args``/``example_kwargs`` are needed for
@@ -57,8 +58,13 @@ def save_model(
     elif target is ModelFormat.SAFETENSORS:
         _save_safetensors(module, out)
     elif target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
-        _save_torch_pickle(loaded, module, out, legacy=target is ModelFormat.TORCH_LEGACY,
-                           pickle_module=not writes_state_dict(loaded, target, state_dict_only=state_dict_only))
+        _save_torch_pickle(
+            loaded,
+            module,
+            out,
+            legacy=target is ModelFormat.TORCH_LEGACY,
+            pickle_module=not writes_state_dict(loaded, target, state_dict_only=state_dict_only),
+        )
     elif target is ModelFormat.ONNX:
         export_onnx(module, out, args, kwargs)
     else:  # pragma: no cover - the enum is closed
@@ -66,7 +72,9 @@ def save_model(
     return target
 
 
-def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None, *, state_dict_only: bool | None = None) -> bool:
+def writes_state_dict(
+    loaded: LoadedModel, fmt: ModelFormat | None, *, state_dict_only: bool | None = None
+) -> bool:
     """True when ``save_model`` would write only tensors (so the module's class must not change)."""
     target = fmt or loaded.format
     if target is ModelFormat.SAFETENSORS:
@@ -74,8 +82,11 @@ def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None, *, state_dic
     if target in (ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
         if state_dict_only is not None:
             if not state_dict_only and not _writes_pickled_module(loaded):
-                raise UsageError("a pickled module is only written for a pickled module loaded with "
-                                 "--trust-pickle", hint="write a state_dict, .pt2 or TorchScript instead")
+                raise UsageError(
+                    "a pickled module is only written for a pickled module loaded with "
+                    "--trust-pickle",
+                    hint="write a state_dict, .pt2 or TorchScript instead",
+                )
             return state_dict_only
         return not _writes_pickled_module(loaded)
     return False
@@ -88,13 +99,19 @@ def _writes_pickled_module(loaded: LoadedModel) -> bool:
 
 def _need_examples(args: tuple[torch.Tensor, ...] | None, what: str) -> tuple[torch.Tensor, ...]:
     if args is None:
-        raise UsageError(f"writing {what} needs example inputs to trace the model with",
-                         hint="pass --input-shape or --input so gradcheck has inputs to export with")
+        raise UsageError(
+            f"writing {what} needs example inputs to trace the model with",
+            hint="pass --input-shape or --input so gradcheck has inputs to export with",
+        )
     return args
 
 
-def _save_exported_program(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
-                           kwargs: dict[str, torch.Tensor] | None) -> None:
+def _save_exported_program(
+    module: nn.Module,
+    out: Path,
+    args: tuple[torch.Tensor, ...] | None,
+    kwargs: dict[str, torch.Tensor] | None,
+) -> None:
     import torch
 
     example = _need_examples(args, ModelFormat.EXPORTED_PROGRAM.description)
@@ -103,16 +120,21 @@ def _save_exported_program(module: nn.Module, out: Path, args: tuple[torch.Tenso
             warnings.simplefilter("ignore")
             program = torch.export.export(_eval(module), example, kwargs or {})
     except Exception as exc:
-        raise GradcheckError(f"torch.export could not export the rewritten model: {_first_line(exc)}",
-                             hint="choose another output format with --to (e.g. torchscript or "
-                             "state_dict)") from exc
+        raise GradcheckError(
+            f"torch.export could not export the rewritten model: {_first_line(exc)}",
+            hint="choose another output format with --to (e.g. torchscript or state_dict)",
+        ) from exc
     with atomic_path(out) as tmp:
         # torch.export.save picks the archive layout from the suffix; keep a .pt2 name for it.
         torch.export.save(program, str(tmp))
 
 
-def _save_torchscript(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
-                      kwargs: dict[str, torch.Tensor] | None) -> None:
+def _save_torchscript(
+    module: nn.Module,
+    out: Path,
+    args: tuple[torch.Tensor, ...] | None,
+    kwargs: dict[str, torch.Tensor] | None,
+) -> None:
     import torch
 
     scripted: Any
@@ -128,17 +150,22 @@ def _save_torchscript(module: nn.Module, out: Path, args: tuple[torch.Tensor, ..
             # data-dependent code); tracing records the path the example inputs take.
             example = _need_examples(args, ModelFormat.TORCHSCRIPT.description)
             if kwargs:
-                raise UsageError("the model takes keyword inputs and cannot be scripted; "
-                                 "TorchScript tracing supports positional inputs only",
-                                 hint="choose another output format with --to") from None
+                raise UsageError(
+                    "the model takes keyword inputs and cannot be scripted; "
+                    "TorchScript tracing supports positional inputs only",
+                    hint="choose another output format with --to",
+                ) from None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    scripted = torch.jit.trace(_eval(module), example, check_trace=False)
+                    scripted = torch.jit.trace(  # type: ignore[no-untyped-call]
+                        _eval(module), example, check_trace=False
+                    )
             except Exception as exc:
-                raise GradcheckError(f"the rewritten model could neither be scripted nor traced: "
-                                     f"{_first_line(exc)}",
-                                     hint="choose another output format with --to") from exc
+                raise GradcheckError(
+                    f"the rewritten model could neither be scripted nor traced: {_first_line(exc)}",
+                    hint="choose another output format with --to",
+                ) from exc
     with atomic_path(out) as tmp:
         torch.jit.save(scripted, str(tmp))
 
@@ -155,15 +182,17 @@ def _save_safetensors(module: nn.Module, out: Path) -> None:
     except ImportError as exc:
         from gradcheck_cli.errors import MissingDependencyError
 
-        raise MissingDependencyError("safetensors", purpose="writing safetensors files",
-                                     extra="safetensors") from exc
+        raise MissingDependencyError(
+            "safetensors", purpose="writing safetensors files", extra="safetensors"
+        ) from exc
     tensors = _state_dict_of(module)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
 
 
-def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool,
-                       pickle_module: bool) -> None:
+def _save_torch_pickle(
+    loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool, pickle_module: bool
+) -> None:
     import torch
 
     payload: Any
@@ -176,7 +205,9 @@ def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, leg
         torch.save(payload, str(tmp), _use_new_zipfile_serialization=not legacy)
 
 
-def _nest(checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state: dict[str, Any]) -> Any:
+def _nest(
+    checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state: dict[str, Any]
+) -> Any:
     """Put ``state`` back where the state_dict sat; every other entry of the checkpoint is kept."""
     if checkpoint is None or not key_path:
         return state
@@ -191,8 +222,14 @@ def _nest(checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state
     return root
 
 
-def export_onnx(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | None,
-                kwargs: dict[str, torch.Tensor] | None, *, opset: int | None = None) -> None:
+def export_onnx(
+    module: nn.Module,
+    out: Path,
+    args: tuple[torch.Tensor, ...] | None,
+    kwargs: dict[str, torch.Tensor] | None,
+    *,
+    opset: int | None = None,
+) -> None:
     """Export ``module`` to ONNX (TorchScript-based exporter, no graph optimisation of its own)."""
     import torch
 
@@ -205,21 +242,28 @@ def export_onnx(module: nn.Module, out: Path, args: tuple[torch.Tensor, ...] | N
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(_eval(copy.deepcopy(module)), example, str(scratch),
-                                  kwargs=kwargs or None, opset_version=opset or 17, dynamo=False)
+                torch.onnx.export(
+                    _eval(copy.deepcopy(module)),
+                    example,
+                    str(scratch),
+                    kwargs=kwargs or None,
+                    opset_version=opset or 17,
+                    dynamo=False,
+                )
         except Exception as exc:
-            raise GradcheckError(f"the model could not be exported to ONNX: {_first_line(exc)}",
-                                 hint="choose another output format with --to") from exc
+            raise GradcheckError(
+                f"the model could not be exported to ONNX: {_first_line(exc)}",
+                hint="choose another output format with --to",
+            ) from exc
         # Re-written through our ONNX writer so that large models keep their external data next
         # to the output, and the scratch directory disappears whatever happens.
         onnx_model_to_path(onnx_model_from_path(scratch), out)
 
 
 def _eval(module: nn.Module) -> nn.Module:
-    try:
+    # ExportedProgram.module() refuses eval(): its mode was fixed at export time.
+    with contextlib.suppress(NotImplementedError):
         module.eval()
-    except NotImplementedError:  # ExportedProgram.module(): the mode is fixed at export time
-        pass
     return module
 
 

@@ -183,7 +183,8 @@ def _synthesise(
     # as --batch-size 32).
     count = options.batches
 
-    def whole(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None) -> list[torch.Tensor]:
+    def whole(shape: tuple[int, ...], dtype: torch.dtype,
+              value_range: tuple[float, float] | None) -> list[torch.Tensor]:
         if not shape:
             return [_draw(shape, dtype, value_range, generator).to(device) for _ in range(count)]
         drawn = _draw((shape[0] * count, *shape[1:]), dtype, value_range, generator)
@@ -222,6 +223,8 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
                          hint="pass --input-shape (e.g. --input-shape 8,3,224,224) or --input FILE")
     name, kind, weight_shape, extra = first
     candidates: list[tuple[tuple[int, ...], torch.dtype, tuple[float, float] | None]]
+    shape: tuple[int, ...]
+    value_range: tuple[float, float] | None
     if kind == "embedding":
         vocab = weight_shape[0]
         value_range = options.input_range or (0.0, float(vocab))
@@ -269,7 +272,7 @@ def _first_input_layer(module: nn.Module) -> tuple[str, str, tuple[int, ...], tu
             groups = int(getattr(sub, "groups", 1))
             return name, "conv", tuple(weight.shape), (weight.dim() - 2, groups)
         if kind in {"RNN", "LSTM", "GRU"}:
-            return name, "rnn", (), (int(getattr(sub, "input_size")), bool(getattr(sub, "batch_first", False)))
+            return name, "rnn", (), (int(sub.input_size), bool(getattr(sub, "batch_first", False)))
     return None
 
 

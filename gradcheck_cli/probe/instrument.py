@@ -18,7 +18,7 @@ forward pass gets ``#k`` (``layer1.0.relu#1``), a character module paths cannot 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ class EagerInstrument:
         self.stack: list[tuple[str, nn.Module]] = []
         self.calls = _CallCounter()
         self.channel_first = False
-        self.row_params: dict[str, list[torch.Tensor]] = {}
+        self.row_params: dict[str, Sequence[torch.Tensor]] = {}
         self.recording = False
 
     def failing_layer(self) -> str | None:
@@ -193,7 +193,7 @@ def _activation_mode_class() -> type:
     return ActivationMode
 
 
-def _ActivationMode(instrument: EagerInstrument) -> Any:  # noqa: N802 - behaves like a class
+def _ActivationMode(instrument: EagerInstrument) -> Any:
     return _activation_mode_class()(instrument)
 
 
@@ -241,7 +241,7 @@ def plan_graph(gm: fx.GraphModule) -> dict[fx.Node, _PlannedRow]:
     known_types: dict[str, str] = getattr(gm, "gradcheck_module_types", {})
     owners: dict[fx.Node, tuple[str, str]] = {}
     consumed: dict[str, list[str]] = {}
-    order = [n for n in gm.graph.nodes if n.op == "call_function"]
+    order: list[fx.Node] = [n for n in gm.graph.nodes if n.op == "call_function"]
     for node in order:
         used = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) in parameters]
         located = _innermost_module(node)
@@ -299,15 +299,16 @@ class GraphInstrument:
         self.plan = plan_graph(gm)
         self.current: fx.Node | None = None
         parameters = dict(gm.named_parameters())
-        self.row_params: dict[str, list[torch.Tensor]] = {
+        self.row_params: dict[str, Sequence[torch.Tensor]] = {
             row.name: [parameters[p] for p in row.params] for row in self.plan.values() if row.params}
 
     def failing_layer(self) -> str | None:
-        if self.current is None:
+        node = self.current
+        if node is None:
             return None
-        row = self.plan.get(self.current)
+        row = self.plan.get(node)
         where = f" in '{row.module or '<root>'}'" if row else ""
-        return f"node '{self.current.name}' ({self.current.target}){where}"
+        return f"node '{node.name}' ({node.target}){where}"
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:

@@ -78,7 +78,6 @@ class LossFunction:
     _offset: int = 0
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        import torch
         import torch.nn.functional as F
 
         if not output.dtype.is_floating_point:
@@ -134,7 +133,6 @@ class LossFunction:
 
 
 def _read_target(path: Path) -> torch.Tensor:
-    import torch
 
     from gradcheck_cli.probe.batch import _read_input_file
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli import __version__
@@ -38,34 +38,30 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff)
-    instrument: EagerInstrument | GraphInstrument
-    if instrument_kind == "graph":
-        instrument = GraphInstrument(module, recorder)  # type: ignore[arg-type]
-    else:
-        instrument = EagerInstrument(module, recorder)
+    instrument: EagerInstrument | GraphInstrument = (
+        GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
                            target_file=options.target_file)
     loss_total = 0.0
     output_label = "output"
-    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed):
-        with instrument.attached():
-            for index, batch in enumerate(inputs.batches):
-                instrument.start_batch()
-                output = _forward(instrument, batch.args, batch.kwargs, inputs)
-                selected, output_label = select_output(output, options.output)
-                loss = loss_fn(selected)
-                del output, selected
-                try:
-                    loss.backward()
-                except RuntimeError as exc:
-                    raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
-                                     hint="pass --debug for the traceback") from exc
-                loss_total += float(loss.detach())
-                del loss
-                recorder.end_batch()
-                if progress is not None:
-                    progress(index + 1, len(inputs.batches))
-            param_grads, param_counts = _parameter_gradients(instrument.row_params)
+    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), instrument.attached():
+        for index, batch in enumerate(inputs.batches):
+            instrument.start_batch()
+            output = _forward(instrument, batch.args, batch.kwargs, inputs)
+            selected, output_label = select_output(output, options.output)
+            loss = loss_fn(selected)
+            del output, selected
+            try:
+                loss.backward()
+            except RuntimeError as exc:
+                raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
+                                 hint="pass --debug for the traceback") from exc
+            loss_total += float(loss.detach())
+            del loss
+            recorder.end_batch()
+            if progress is not None:
+                progress(index + 1, len(inputs.batches))
+        param_grads, param_counts = _parameter_gradients(instrument.row_params)
     layers = recorder.layer_stats(param_grads, param_counts)
     if not layers:
         notes.append("no layer produced a row: the model has no parameters or activation calls "
@@ -99,13 +95,15 @@ def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) ->
 
 
 def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch,
-                       notes: list[str]) -> Any:
+                       notes: list[str]) -> nn.Module:
     """TorchScript has no hooks; convert it to an exported program to see inside it."""
     import warnings
 
+    import torch
     from torch._export.converter import TS2EPConverter
 
     script = loaded.module
+    assert isinstance(script, torch.jit.ScriptModule)
     script.train(options.mode is Mode.TRAIN)
     try:
         with warnings.catch_warnings():
@@ -118,8 +116,9 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
     _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
     notes.append("TorchScript was converted to an exported program to instrument it: activation rows "
                  "are named by function, since scripted module boundaries are not kept")
-    program_module.gradcheck_module_types = {  # read by the graph plan for the rows' type names
-        path: type_name(sub) for path, sub in script.named_modules() if path}
+    # Read by the graph plan for the rows' type names (the converted graph knows only ops).
+    object.__setattr__(program_module, "gradcheck_module_types",
+                       {path: type_name(sub) for path, sub in script.named_modules() if path})
     return program_module
 
 
@@ -158,7 +157,7 @@ def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> It
             torch.manual_seed(seed)
             yield
     finally:
-        for p, requires, grad in zip(params, saved_requires, saved_grads):
+        for p, requires, grad in zip(params, saved_requires, saved_grads, strict=True):
             p.requires_grad_(requires)
             p.grad = grad
         if set_mode:
@@ -186,7 +185,7 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
                          "--input-dtype or --input") from exc
 
 
-def _parameter_gradients(row_params: dict[str, list[torch.Tensor]]) -> tuple[dict[str, tuple[float | None, float]],
+def _parameter_gradients(row_params: Mapping[str, Sequence[torch.Tensor]]) -> tuple[dict[str, tuple[float | None, float]],
                                                                            dict[str, int]]:
     """(grad norm, weight norm) per row, computed on device and fetched in one transfer."""
     import torch
@@ -208,7 +207,7 @@ def _parameter_gradients(row_params: dict[str, list[torch.Tensor]]) -> tuple[dic
         values = torch.stack([s.cpu() for s in stacked]).tolist()
     result: dict[str, tuple[float | None, float]] = {}
     counts: dict[str, int] = {}
-    for name, (grad_sq, weight_sq, has_grad) in zip(names, values):
+    for name, (grad_sq, weight_sq, has_grad) in zip(names, values, strict=True):
         result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
         counts[name] = sum(p.numel() for p in row_params[name])
     return result, counts

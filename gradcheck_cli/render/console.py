@@ -9,7 +9,6 @@ from typing import IO
 
 from rich.console import Console
 
-
 # Width used when stdout is not a terminal (a pipe, a CI log): wide enough for the whole table.
 PIPE_WIDTH = 160
 

@@ -17,8 +17,11 @@ def fold_json(report: FoldReport) -> str:
     data: dict[str, Any] = to_jsonable(report)
     ordered: dict[str, Any] = {"schema_version": data.pop("schema_version"), "command": "fold-bn"}
     ordered.update(data)
-    ordered["summary"] = {"folded": report.folded, "skipped": report.skipped,
-                          "verified": report.verification.passed}
+    ordered["summary"] = {
+        "folded": report.folded,
+        "skipped": report.skipped,
+        "verified": report.verification.passed,
+    }
     return dumps(ordered)
 
 
@@ -27,8 +30,14 @@ def _sci(value: float) -> str:
 
 
 def render_fold(report: FoldReport, console: Console) -> None:
-    console.print(Text.assemble(("fold-bn ", "bold"), report.model, f"  ({report.input_format} -> "
-                                f"{report.output_format}, BatchNorms found by {report.method})"))
+    console.print(
+        Text.assemble(
+            ("fold-bn ", "bold"),
+            report.model,
+            f"  ({report.input_format} -> "
+            f"{report.output_format}, BatchNorms found by {report.method})",
+        )
+    )
     entries = Table(title="BatchNorms", title_justify="left", show_lines=False)
     entries.add_column("BatchNorm", overflow="fold")
     entries.add_column("result")
@@ -37,8 +46,13 @@ def render_fold(report: FoldReport, console: Console) -> None:
     entries.add_column("why / note", overflow="fold")
     for entry in report.entries:
         result = Text("folded", style="green") if entry.folded else Text("skipped", style="yellow")
-        entries.add_row(entry.batchnorm, result, str(entry.pattern or ""), entry.layer or "",
-                        (entry.reason if not entry.folded else entry.note) or "")
+        entries.add_row(
+            entry.batchnorm,
+            result,
+            str(entry.pattern or ""),
+            entry.layer or "",
+            (entry.reason if not entry.folded else entry.note) or "",
+        )
     if report.entries:
         console.print(entries)
     else:
@@ -50,22 +64,37 @@ def render_fold(report: FoldReport, console: Console) -> None:
     counts.add_column("after", justify="right")
     counts.add_row("parameters", f"{report.before.parameters:,}", f"{report.after.parameters:,}")
     counts.add_row("BatchNorms", str(report.before.batchnorms), str(report.after.batchnorms))
-    counts.add_row("nodes" if report.method != "module structure" else "modules",
-                   str(report.before.nodes), str(report.after.nodes))
+    counts.add_row(
+        "nodes" if report.method != "module structure" else "modules",
+        str(report.before.nodes),
+        str(report.after.nodes),
+    )
     for latency in report.latency:
-        counts.add_row(f"latency, {latency.backend} (median of {latency.runs})",
-                       f"{latency.before_ms:.3f} ms", f"{latency.after_ms:.3f} ms ({latency.speedup:.2f}x)")
+        counts.add_row(
+            f"latency, {latency.backend} (median of {latency.runs})",
+            f"{latency.before_ms:.3f} ms",
+            f"{latency.after_ms:.3f} ms ({latency.speedup:.2f}x)",
+        )
     console.print(counts)
 
     verification = report.verification
-    checks = Table(title=f"Verification: {verification.backend}, {verification.samples} samples",
-                   title_justify="left")
+    checks = Table(
+        title=f"Verification: {verification.backend}, {verification.samples} samples",
+        title_justify="left",
+    )
     for column in ("output", "dtype", "max abs error", "max rel error", "tolerance (abs)", ""):
         checks.add_column(column, justify="left" if column in ("output", "dtype", "") else "right")
     for check in verification.outputs:
-        checks.add_row(check.name, check.dtype, _sci(check.max_abs_error), _sci(check.max_rel_error),
-                       _sci(check.tolerance), Text("ok", style="green") if check.passed else
-                       Text("ABOVE TOLERANCE", style="bold red"))
+        checks.add_row(
+            check.name,
+            check.dtype,
+            _sci(check.max_abs_error),
+            _sci(check.max_rel_error),
+            _sci(check.tolerance),
+            Text("ok", style="green")
+            if check.passed
+            else Text("ABOVE TOLERANCE", style="bold red"),
+        )
     console.print(checks)
     for note in report.notes:
         console.print(f"note: {note}")

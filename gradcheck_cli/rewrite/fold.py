@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from gradcheck_cli.probe.batch import ProbeBatch
 
 
-
 class OutputFormat(str, Enum):
     """What ``--to`` can ask for. None (the default) means: the input's own format."""
 
@@ -52,9 +51,14 @@ class OutputFormat(str, Enum):
 
     @property
     def model_format(self) -> ModelFormat:
-        return {OutputFormat.PT2: ModelFormat.EXPORTED_PROGRAM, OutputFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
-                OutputFormat.STATE_DICT: ModelFormat.TORCH_ZIP, OutputFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
-                OutputFormat.PICKLE: ModelFormat.TORCH_ZIP, OutputFormat.ONNX: ModelFormat.ONNX}[self]
+        return {
+            OutputFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
+            OutputFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
+            OutputFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
+            OutputFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
+            OutputFormat.PICKLE: ModelFormat.TORCH_ZIP,
+            OutputFormat.ONNX: ModelFormat.ONNX,
+        }[self]
 
 
 def fold_batchnorm(
@@ -87,21 +91,45 @@ def fold_batchnorm(
     fmt = detect_format(path)
     if fmt is ModelFormat.ONNX:
         if to is not None and to is not OutputFormat.ONNX:
-            raise UsageError(f"an ONNX model can only be written as ONNX, not {to.model_format.description}",
-                             hint="leave out --to, or pass --to onnx")
-        return _fold_onnx(path, out=None if dry_run else out, affine_standalone=affine_standalone,
-                          options=options, benchmark_runs=benchmark_runs)
-    return _fold_torch(path, fmt, out=None if dry_run else out, to=to, affine_standalone=affine_standalone,
-                       arch=arch, arch_kwargs=arch_kwargs, strict=strict, trust_pickle=trust_pickle,
-                       device=device, options=options, benchmark_runs=benchmark_runs)
+            raise UsageError(
+                f"an ONNX model can only be written as ONNX, not {to.model_format.description}",
+                hint="leave out --to, or pass --to onnx",
+            )
+        return _fold_onnx(
+            path,
+            out=None if dry_run else out,
+            affine_standalone=affine_standalone,
+            options=options,
+            benchmark_runs=benchmark_runs,
+        )
+    return _fold_torch(
+        path,
+        fmt,
+        out=None if dry_run else out,
+        to=to,
+        affine_standalone=affine_standalone,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        strict=strict,
+        trust_pickle=trust_pickle,
+        device=device,
+        options=options,
+        benchmark_runs=benchmark_runs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # ONNX
 
 
-def _fold_onnx(path: Path, *, out: Path | None, affine_standalone: bool, options: InputOptions,
-               benchmark_runs: int) -> FoldReport:
+def _fold_onnx(
+    path: Path,
+    *,
+    out: Path | None,
+    affine_standalone: bool,
+    options: InputOptions,
+    benchmark_runs: int,
+) -> FoldReport:
     from gradcheck_cli.model.onnx_load import (
         check_onnx_model,
         external_data_locations,
@@ -112,13 +140,17 @@ def _fold_onnx(path: Path, *, out: Path | None, affine_standalone: bool, options
     from gradcheck_cli.rewrite.verify import onnx_probe_feeds, verify_onnx
 
     model = onnx_model_from_path(path)
-    had_external_data = bool(external_data_locations(onnx_model_from_path(path, load_external_data=False)))
+    had_external_data = bool(
+        external_data_locations(onnx_model_from_path(path, load_external_data=False))
+    )
     feeds = onnx_probe_feeds(model, options)
     result = onnx_fold.fold_onnx_model(model, affine_standalone=affine_standalone)
     problem = check_onnx_model(result.model)
     if problem is not None:
-        raise GradcheckError(f"the folded graph fails onnx.checker: {problem}",
-                             hint="this is a bug in gradcheck; please report it with the model")
+        raise GradcheckError(
+            f"the folded graph fails onnx.checker: {problem}",
+            hint="this is a bug in gradcheck; please report it with the model",
+        )
     verification = verify_onnx(model, result.model, feeds)
     written = None
     if out is not None and verification.passed:
@@ -127,16 +159,34 @@ def _fold_onnx(path: Path, *, out: Path | None, affine_standalone: bool, options
     latency: tuple[Latency, ...] = ()
     if benchmark_runs > 0:
         latency = (_onnx_latency(model, result.model, feeds[0], benchmark_runs),)
-    before = Counts(onnx_fold.count_parameters(model), onnx_fold.count_batchnorms(model),
-                    onnx_fold.count_nodes(model))
-    after = Counts(onnx_fold.count_parameters(result.model), result.batchnorms_after,
-                   onnx_fold.count_nodes(result.model))
-    return FoldReport(model=str(path), input_format=str(ModelFormat.ONNX), output_format=str(ModelFormat.ONNX),
-                      method=onnx_fold.METHOD_ONNX, entries=tuple(result.entries), before=before, after=after,
-                      verification=verification, written=written, latency=latency, notes=tuple(result.notes))
+    before = Counts(
+        onnx_fold.count_parameters(model),
+        onnx_fold.count_batchnorms(model),
+        onnx_fold.count_nodes(model),
+    )
+    after = Counts(
+        onnx_fold.count_parameters(result.model),
+        result.batchnorms_after,
+        onnx_fold.count_nodes(result.model),
+    )
+    return FoldReport(
+        model=str(path),
+        input_format=str(ModelFormat.ONNX),
+        output_format=str(ModelFormat.ONNX),
+        method=onnx_fold.METHOD_ONNX,
+        entries=tuple(result.entries),
+        before=before,
+        after=after,
+        verification=verification,
+        written=written,
+        latency=latency,
+        notes=tuple(result.notes),
+    )
 
 
-def _onnx_latency(original: onnx.ModelProto, folded: onnx.ModelProto, feed: dict[str, Any], runs: int) -> Latency:
+def _onnx_latency(
+    original: onnx.ModelProto, folded: onnx.ModelProto, feed: dict[str, Any], runs: int
+) -> Latency:
     from gradcheck_cli.rewrite.verify import median_ms
 
     # Latency is measured with onnxruntime's default optimisations, as deployed; only the
@@ -153,65 +203,119 @@ def _default_ort_session(model: onnx.ModelProto) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # PyTorch
 
 
-def _fold_torch(path: Path, fmt: ModelFormat, *, out: Path | None, to: OutputFormat | None,
-                affine_standalone: bool, arch: str | None, arch_kwargs: dict[str, Any] | None, strict: bool,
-                trust_pickle: bool, device: str, options: InputOptions, benchmark_runs: int) -> FoldReport:
+def _fold_torch(
+    path: Path,
+    fmt: ModelFormat,
+    *,
+    out: Path | None,
+    to: OutputFormat | None,
+    affine_standalone: bool,
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    strict: bool,
+    trust_pickle: bool,
+    device: str,
+    options: InputOptions,
+    benchmark_runs: int,
+) -> FoldReport:
     from gradcheck_cli.model.torch_load import model_from_path
     from gradcheck_cli.model.torch_save import writes_state_dict
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_fold import fold_torch_module
     from gradcheck_cli.rewrite.verify import torch_outputs, verify_torch
 
-    loaded = model_from_path(path, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
-                             trust_pickle=trust_pickle, device=device)
+    loaded = model_from_path(
+        path,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        strict=strict,
+        trust_pickle=trust_pickle,
+        device=device,
+    )
     target = loaded.format if to is None else to.model_format
     state_dict_only: bool | None = None
     if to is OutputFormat.STATE_DICT:
         state_dict_only = True
     elif to is OutputFormat.PICKLE:
         if not loaded.trusted_pickle or loaded.arch is not None:
-            raise UsageError("--to pickle writes a file that runs code when loaded; gradcheck writes one "
-                             "only for a pickled module loaded with --trust-pickle",
-                             hint="use --to pt2, torchscript, state_dict or safetensors")
+            raise UsageError(
+                "--to pickle writes a file that runs code when loaded; gradcheck writes one "
+                "only for a pickled module loaded with --trust-pickle",
+                hint="use --to pt2, torchscript, state_dict or safetensors",
+            )
         state_dict_only = False
     keep_structure = writes_state_dict(loaded, target, state_dict_only=state_dict_only)
     if keep_structure and loaded.arch is None and out is not None:
-        raise UsageError("state_dict/safetensors output needs --arch: the written file is loaded back "
-                         "into the architecture and verified before it is kept",
-                         hint="pass --arch, or choose --to pt2 or --to torchscript")
+        raise UsageError(
+            "state_dict/safetensors output needs --arch: the written file is loaded back "
+            "into the architecture and verified before it is kept",
+            hint="pass --arch, or choose --to pt2 or --to torchscript",
+        )
     import torch
 
-    probe = probe_inputs(loaded.module, options, device=torch.device(device),
-                         example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    probe = probe_inputs(
+        loaded.module,
+        options,
+        device=torch.device(device),
+        example_args=loaded.example_args,
+        example_kwargs=loaded.example_kwargs,
+    )
     first = probe.batches[0]
-    result = fold_torch_module(loaded.module, example_args=first.args, example_kwargs=first.kwargs,
-                               keep_structure=keep_structure, affine_standalone=affine_standalone)
+    result = fold_torch_module(
+        loaded.module,
+        example_args=first.args,
+        example_kwargs=first.kwargs,
+        keep_structure=keep_structure,
+        affine_standalone=affine_standalone,
+    )
     reference = torch_outputs(loaded.module, probe.batches)
     notes = list(loaded.notes) + result.notes
     written: str | None = None
     if target is ModelFormat.ONNX:
         verification, written = _write_onnx_verified(result.module, out, probe.batches, reference)
     elif out is None:
-        verification = verify_torch(loaded.module, result.module, probe.batches, reference=reference)
+        verification = verify_torch(
+            loaded.module, result.module, probe.batches, reference=reference
+        )
     else:
-        verification, written = _write_torch_verified(loaded, result.module, out, target, probe.batches,
-                                                      reference, arch_kwargs=arch_kwargs, device=device,
-                                                      state_dict_only=state_dict_only)
+        verification, written = _write_torch_verified(
+            loaded,
+            result.module,
+            out,
+            target,
+            probe.batches,
+            reference,
+            arch_kwargs=arch_kwargs,
+            device=device,
+            state_dict_only=state_dict_only,
+        )
     latency: tuple[Latency, ...] = ()
     if benchmark_runs > 0:
         latency = (_torch_latency(loaded.module, result.module, first, benchmark_runs),)
     before = Counts(_parameters(loaded.module), result.batchnorms_before, result.nodes_before)
     after = Counts(_parameters(result.module), result.batchnorms_after, result.nodes_after)
-    return FoldReport(model=str(path), input_format=str(loaded.format), output_format=str(target),
-                      method=result.method, entries=tuple(result.entries), before=before, after=after,
-                      verification=verification, written=written, latency=latency, notes=tuple(notes))
+    return FoldReport(
+        model=str(path),
+        input_format=str(loaded.format),
+        output_format=str(target),
+        method=result.method,
+        entries=tuple(result.entries),
+        before=before,
+        after=after,
+        verification=verification,
+        written=written,
+        latency=latency,
+        notes=tuple(notes),
+    )
 
 
 def _parameters(module: nn.Module) -> int:
@@ -226,10 +330,18 @@ def _staging(out: Path) -> Iterator[Path]:
         yield Path(scratch)
 
 
-def _write_torch_verified(loaded: LoadedModel, module: nn.Module, out: Path, target: ModelFormat,
-                          batches: list[ProbeBatch], reference: tuple[list[str], list[Any], list[str]], *,
-                          arch_kwargs: dict[str, Any] | None, device: str,
-                          state_dict_only: bool | None) -> tuple[Verification, str | None]:
+def _write_torch_verified(
+    loaded: LoadedModel,
+    module: nn.Module,
+    out: Path,
+    target: ModelFormat,
+    batches: list[ProbeBatch],
+    reference: tuple[list[str], list[Any], list[str]],
+    *,
+    arch_kwargs: dict[str, Any] | None,
+    device: str,
+    state_dict_only: bool | None,
+) -> tuple[Verification, str | None]:
     from gradcheck_cli.model.torch_load import model_from_path
     from gradcheck_cli.model.torch_save import save_model
     from gradcheck_cli.rewrite.verify import BACKEND_TORCH, verify_torch
@@ -237,39 +349,71 @@ def _write_torch_verified(loaded: LoadedModel, module: nn.Module, out: Path, tar
     first = batches[0]
     with _staging(out) as scratch:
         staged = scratch / out.name
-        save_model(loaded, module, staged, fmt=target, example_args=first.args, example_kwargs=first.kwargs,
-                   state_dict_only=state_dict_only)
+        save_model(
+            loaded,
+            module,
+            staged,
+            fmt=target,
+            example_args=first.args,
+            example_kwargs=first.kwargs,
+            state_dict_only=state_dict_only,
+        )
         # Load the file back exactly as a user would, and verify *that*.
-        reloaded = model_from_path(staged, arch=loaded.arch, arch_kwargs=arch_kwargs,
-                                   trust_pickle=loaded.trusted_pickle, device=device)
-        verification = verify_torch(loaded.module, reloaded.module, batches, reference=reference,
-                                    backend=f"{BACKEND_TORCH} (the written file, loaded back)")
+        reloaded = model_from_path(
+            staged,
+            arch=loaded.arch,
+            arch_kwargs=arch_kwargs,
+            trust_pickle=loaded.trusted_pickle,
+            device=device,
+        )
+        verification = verify_torch(
+            loaded.module,
+            reloaded.module,
+            batches,
+            reference=reference,
+            backend=f"{BACKEND_TORCH} (the written file, loaded back)",
+        )
         if not verification.passed:
             return verification, None
         os.replace(staged, out)
     return verification, str(out)
 
 
-def _write_onnx_verified(module: nn.Module, out: Path | None, batches: list[ProbeBatch],
-                         reference: tuple[list[str], list[Any], list[str]]) -> tuple[Verification, str | None]:
+def _write_onnx_verified(
+    module: nn.Module,
+    out: Path | None,
+    batches: list[ProbeBatch],
+    reference: tuple[list[str], list[Any], list[str]],
+) -> tuple[Verification, str | None]:
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
     from gradcheck_cli.model.torch_save import export_onnx
     from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, onnx_outputs
 
     first = batches[0]
-    with tempfile.TemporaryDirectory(prefix=".gradcheck-fold.", dir=None if out is None else
-                                     (out.parent if str(out.parent) else Path("."))) as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix=".gradcheck-fold.",
+        dir=None if out is None else (out.parent if str(out.parent) else Path(".")),
+    ) as scratch:
         staged = Path(scratch) / "folded.onnx"
         export_onnx(module, staged, first.args, first.kwargs)
         exported = onnx_model_from_path(staged)
-        input_names = [i.name for i in exported.graph.input
-                       if i.name not in {t.name for t in exported.graph.initializer}]
-        feeds = [dict(zip(input_names, [a.detach().cpu().numpy() for a in batch.args])) for batch in batches]
+        input_names = [
+            i.name
+            for i in exported.graph.input
+            if i.name not in {t.name for t in exported.graph.initializer}
+        ]
+        feeds = [
+            dict(zip(input_names, [a.detach().cpu().numpy() for a in batch.args], strict=False))
+            for batch in batches
+        ]
         _, new, _ = onnx_outputs(exported, feeds)
         names, ref, dtypes = reference
         checks = compare_outputs(names, ref, new, dtypes=dtypes)
-        verification = Verification(f"{BACKEND_ORT}, against the original in torch",
-                                    sum(batch.size for batch in batches), checks)
+        verification = Verification(
+            f"{BACKEND_ORT}, against the original in torch",
+            sum(batch.size for batch in batches),
+            checks,
+        )
         if out is None or not verification.passed:
             return verification, None
         onnx_model_to_path(exported, out)
@@ -279,9 +423,8 @@ def _write_onnx_verified(module: nn.Module, out: Path | None, batches: list[Prob
 def _torch_latency(original: nn.Module, folded: nn.Module, batch: ProbeBatch, runs: int) -> Latency:
     import torch
 
-    from gradcheck_cli.rewrite.verify import median_ms
-
     from gradcheck_cli.rewrite.torch_fold import set_eval
+    from gradcheck_cli.rewrite.verify import median_ms
 
     def timed(module: nn.Module) -> float:
         was_training = module.training

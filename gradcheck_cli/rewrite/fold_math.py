@@ -56,7 +56,7 @@ def bn_affine(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> ChannelAffine:
-    """The eval-mode BatchNorm as a per-channel affine map; None weight/bias mean gamma=1, beta=0."""
+    """The eval-mode BatchNorm as a per-channel affine map (None weight/bias: gamma=1, beta=0)."""
     import torch
 
     mean = running_mean.detach().to(torch.float64)
@@ -81,7 +81,11 @@ def fold_after(
     w = weight.detach().to(torch.float64)
     out_channels = _out_channels(w, kind=kind, groups=groups)
     _check_channels(affine, out_channels, "output")
-    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = (
+        torch.zeros(out_channels, dtype=torch.float64)
+        if bias is None
+        else bias.detach().to(torch.float64)
+    )
     if kind is LayerKind.CONV_TRANSPOSE:
         # (C_in, C_out/g, k...) -> (g, C_in/g, C_out/g, k...): output channel = group·(C_out/g) + j.
         in_channels, per_group = w.shape[0], w.shape[1]
@@ -113,7 +117,11 @@ def fold_before(
         raise ValueError("a BatchNorm before a ConvTranspose cannot be folded exactly")
     w = weight.detach().to(torch.float64)
     out_channels = w.shape[0]
-    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = (
+        torch.zeros(out_channels, dtype=torch.float64)
+        if bias is None
+        else bias.detach().to(torch.float64)
+    )
     if kind is LayerKind.LINEAR:
         _check_channels(affine, w.shape[1], "input")
         new_w = w * affine.scale.reshape(1, -1)
@@ -124,8 +132,12 @@ def fold_before(
     _check_channels(affine, per_group_in * groups, "input")
     per_group_out = out_channels // groups
     spatial = [1] * (w.dim() - 2)
-    scale = affine.scale.reshape(groups, 1, per_group_in).expand(groups, per_group_out, per_group_in)
-    shift = affine.shift.reshape(groups, 1, per_group_in).expand(groups, per_group_out, per_group_in)
+    scale = affine.scale.reshape(groups, 1, per_group_in).expand(
+        groups, per_group_out, per_group_in
+    )
+    shift = affine.shift.reshape(groups, 1, per_group_in).expand(
+        groups, per_group_out, per_group_in
+    )
     scale = scale.reshape(out_channels, per_group_in, *spatial)
     shift = shift.reshape(out_channels, per_group_in, *spatial)
     new_w = w * scale
@@ -133,8 +145,9 @@ def fold_before(
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
 
-def affine_for_rank(affine: ChannelAffine, *, rank: int, dtype: torch.dtype,
-                    channel_axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_for_rank(
+    affine: ChannelAffine, *, rank: int, dtype: torch.dtype, channel_axis: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) shaped to broadcast over a rank-``rank`` tensor along ``channel_axis``."""
     shape = [1] * rank
     shape[channel_axis] = -1
@@ -168,5 +181,7 @@ def _out_channels(w: torch.Tensor, *, kind: LayerKind, groups: int) -> int:
 
 def _check_channels(affine: ChannelAffine, expected: int, side: str) -> None:
     if affine.scale.numel() != expected:
-        raise ValueError(f"BatchNorm has {affine.scale.numel()} channels but the layer has {expected} "
-                         f"{side} channels")
+        raise ValueError(
+            f"BatchNorm has {affine.scale.numel()} channels but the layer has {expected} "
+            f"{side} channels"
+        )

@@ -1,4 +1,4 @@
-"""The records BatchNorm folding produces (plain numbers and strings; see :func:`records.to_jsonable`)."""
+"""The records BatchNorm folding produces: plain numbers and strings (see records.to_jsonable)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ class FoldReport:
     model: str
     input_format: str
     output_format: str
-    method: str  # how the BatchNorms were found: torch.fx, torch.export, module structure, onnx graph
+    method: (
+        str  # how the BatchNorms were found: torch.fx, torch.export, module structure, onnx graph
+    )
     entries: tuple[FoldEntry, ...]
     before: Counts
     after: Counts

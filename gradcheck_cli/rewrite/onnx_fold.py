@@ -48,7 +48,7 @@ class OnnxFoldResult:
 
 
 def fold_onnx_model(model: onnx.ModelProto, *, affine_standalone: bool = False) -> OnnxFoldResult:
-    """Fold every exactly foldable BatchNormalization of ``model`` (a copy; ``model`` is unchanged)."""
+    """Fold every exactly foldable BatchNormalization of a copy of ``model`` (left unchanged)."""
     import onnx
 
     work = onnx.ModelProto()
@@ -112,7 +112,6 @@ class _Bn:
 
 class _GraphFolder:
     def __init__(self, model: onnx.ModelProto) -> None:
-        import onnx
 
         self.model = model
         self.graph = model.graph
@@ -120,8 +119,11 @@ class _GraphFolder:
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.removed: set[int] = set()  # id() of removed nodes
         self.initializers = {t.name: t for t in self.graph.initializer}
-        self.constants = {node.output[0]: node for node in self.nodes
-                          if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output}
+        self.constants = {
+            node.output[0]: node
+            for node in self.nodes
+            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output
+        }
         self.graph_outputs = {o.name for o in self.graph.output}
         self.orphan_candidates: set[str] = set()
         self.dropped_names: set[str] = set()
@@ -147,8 +149,10 @@ class _GraphFolder:
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model)
         except Exception as exc:
-            self.notes.append(f"ONNX shape inference failed ({_first_line(exc)}); rank-dependent "
-                              "folds (MatMul, BatchNorm1d) are skipped")
+            self.notes.append(
+                f"ONNX shape inference failed ({_first_line(exc)}); rank-dependent "
+                "folds (MatMul, BatchNorm1d) are skipped"
+            )
             inferred = self.model
         for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
             tensor_type = value.type.tensor_type
@@ -276,8 +280,10 @@ class _GraphFolder:
             entries.append(FoldEntry(label, folded=False, reason=reason))
         nested = self._nested_batchnorms()
         if nested:
-            self.notes.append(f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies were "
-                              "left alone (only the main graph is folded)")
+            self.notes.append(
+                f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies were "
+                "left alone (only the main graph is folded)"
+            )
         return entries
 
     def _nested_batchnorms(self) -> int:
@@ -303,8 +309,11 @@ class _GraphFolder:
             return "training_mode=1: it normalises with batch statistics"
         if int(_attr(node, "spatial", 1)) == 0:
             return "spatial=0: statistics per element, not per channel"
-        used_extra = [o for o in node.output[1:] if o and (self._consumers(o) or o in self.graph_outputs
-                                                           or self._read_by_subgraph(o))]
+        used_extra = [
+            o
+            for o in node.output[1:]
+            if o and (self._consumers(o) or o in self.graph_outputs or self._read_by_subgraph(o))
+        ]
         if used_extra:
             return "its running-statistics outputs are used"
         params = []
@@ -314,14 +323,23 @@ class _GraphFolder:
                 return f"its parameter '{name}' is not a constant of the graph"
             params.append(torch.from_numpy(value))
         scale, bias, mean, var = params
-        affine = bn_affine(running_mean=mean, running_var=var, eps=float(_attr(node, "epsilon", 1e-5)),
-                           weight=scale, bias=bias)
+        affine = bn_affine(
+            running_mean=mean,
+            running_var=var,
+            eps=float(_attr(node, "epsilon", 1e-5)),
+            weight=scale,
+            bias=bias,
+        )
         return _Bn(node, label, affine, int(mean.numel()))
 
     def _single_consumer(self, name: str, consumer: onnx.NodeProto) -> bool:
         consumers = self._consumers(name)
-        return (len(consumers) == 1 and consumers[0] is consumer and name not in self.graph_outputs
-                and not self._read_by_subgraph(name))
+        return (
+            len(consumers) == 1
+            and consumers[0] is consumer
+            and name not in self.graph_outputs
+            and not self._read_by_subgraph(name)
+        )
 
     def _weight(self, node: onnx.NodeProto, index: int) -> np.ndarray[Any, Any] | str:
         if len(node.input) <= index or not node.input[index]:
@@ -341,10 +359,21 @@ class _GraphFolder:
             return "its input is a graph input or initializer, not a layer output"
         label = producer.name or producer.op_type
         if producer.domain not in _DEFAULT_DOMAINS or producer.op_type not in (
-                "Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
-            return f"its input comes from {producer.op_type} '{label}', not a Conv/ConvTranspose/Gemm/MatMul"
+            "Conv",
+            "ConvTranspose",
+            "Gemm",
+            "MatMul",
+            "Add",
+        ):
+            return (
+                f"its input comes from {producer.op_type} '{label}', not a "
+                "Conv/ConvTranspose/Gemm/MatMul"
+            )
         if not self._single_consumer(x, bn.node):
-            return f"the output of {producer.op_type} '{label}' also feeds other nodes or is a graph output"
+            return (
+                f"the output of {producer.op_type} '{label}' also feeds other nodes or is a "
+                "graph output"
+            )
         try:
             if producer.op_type in ("Conv", "ConvTranspose"):
                 return self._after_conv(bn, producer)
@@ -374,11 +403,20 @@ class _GraphFolder:
         if isinstance(weight, str):
             return weight
         bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        if len(conv.input) > 2 and conv.input[2] and (bias is None or self._is_graph_input(conv.input[2])):
+        if (
+            len(conv.input) > 2
+            and conv.input[2]
+            and (bias is None or self._is_graph_input(conv.input[2]))
+        ):
             return f"the bias of '{conv.name or conv.op_type}' is not a constant"
         kind = LayerKind.CONV if conv.op_type == "Conv" else LayerKind.CONV_TRANSPOSE
-        new_w, new_b = fold_after(torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
-                                  bn.affine, kind=kind, groups=int(_attr(conv, "group", 1)))
+        new_w, new_b = fold_after(
+            torch.from_numpy(weight),
+            None if bias is None else torch.from_numpy(bias),
+            bn.affine,
+            kind=kind,
+            groups=int(_attr(conv, "group", 1)),
+        )
         old_w = conv.input[1]
         old_b = conv.input[2] if len(conv.input) > 2 else ""
         conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
@@ -390,8 +428,13 @@ class _GraphFolder:
         self._retire(old_w, old_b)
         self._take_output(conv, bn)
         pattern = Pattern.CONV_BN if kind is LayerKind.CONV else Pattern.CONV_TRANSPOSE_BN
-        return FoldEntry(bn.name, folded=True, pattern=pattern, layer=conv.name or conv.output[0],
-                         note=None if old_b else "the layer got a bias")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=pattern,
+            layer=conv.name or conv.output[0],
+            note=None if old_b else "the layer got a bias",
+        )
 
     def _gemm_bias(self, gemm: onnx.NodeProto, out_features: int) -> tuple[Any, str] | str:
         """beta·C as a per-output-feature vector (None: no C); str: why C cannot be folded into."""
@@ -416,8 +459,9 @@ class _GraphFolder:
         trans_b = bool(_attr(gemm, "transB", 0))
         return (weight if trans_b else weight.T), trans_b
 
-    def _set_gemm(self, gemm: onnx.NodeProto, linear_weight: Any, trans_b: bool, bias: Any,
-                  old_c: str) -> None:
+    def _set_gemm(
+        self, gemm: onnx.NodeProto, linear_weight: Any, trans_b: bool, bias: Any, old_c: str
+    ) -> None:
         import numpy as np
 
         old_b = gemm.input[1]
@@ -444,13 +488,22 @@ class _GraphFolder:
             return c
         c_vector, old_c = c
         # Y = alpha·A·W^T + c  ->  scale·Y + shift = alpha·A·(scale·W)^T + (scale·c + shift)
-        new_w, new_b = fold_after(torch.from_numpy(linear_weight), None if c_vector is None else
-                                  torch.from_numpy(c_vector), bn.affine, kind=LayerKind.LINEAR)
+        new_w, new_b = fold_after(
+            torch.from_numpy(linear_weight),
+            None if c_vector is None else torch.from_numpy(c_vector),
+            bn.affine,
+            kind=LayerKind.LINEAR,
+        )
         dtype = linear_weight.dtype
         self._set_gemm(gemm, new_w.numpy(), trans_b, new_b.numpy().astype(dtype), old_c)
         self._take_output(gemm, bn)
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.LINEAR_BN, layer=gemm.name or gemm.output[0],
-                         note=None if old_c else "the Gemm got a C input")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=Pattern.LINEAR_BN,
+            layer=gemm.name or gemm.output[0],
+            note=None if old_c else "the Gemm got a C input",
+        )
 
     def _matmul_weight(self, matmul: onnx.NodeProto, data_index: int) -> Any | str:
         weight_index = 1 - data_index
@@ -458,14 +511,20 @@ class _GraphFolder:
         if isinstance(weight, str):
             return weight
         if weight_index != 1 or weight.ndim != 2:
-            return f"MatMul '{matmul.name}' does not multiply by a constant rank-2 weight on the right"
+            return (
+                f"MatMul '{matmul.name}' does not multiply by a constant rank-2 weight on the right"
+            )
         rank = self.ranks.get(matmul.input[data_index])
         if rank != 2:
-            return (f"MatMul '{matmul.name}' input has rank {rank if rank else 'unknown'}; the BatchNorm "
-                    "channel is its feature axis only for rank 2")
+            return (
+                f"MatMul '{matmul.name}' input has rank {rank or 'unknown'}; the BatchNorm "
+                "channel is its feature axis only for rank 2"
+            )
         return weight
 
-    def _after_matmul(self, bn: _Bn, matmul: onnx.NodeProto, add: onnx.NodeProto | None) -> FoldEntry | str:
+    def _after_matmul(
+        self, bn: _Bn, matmul: onnx.NodeProto, add: onnx.NodeProto | None
+    ) -> FoldEntry | str:
         import torch
 
         weight = self._matmul_weight(matmul, 0)
@@ -478,8 +537,12 @@ class _GraphFolder:
             bias_value = self._const(old_bias)
             assert bias_value is not None
             bias_value = bias_value.reshape(-1)
-        new_w, new_b = fold_after(torch.from_numpy(weight.T), None if bias_value is None else
-                                  torch.from_numpy(bias_value), bn.affine, kind=LayerKind.LINEAR)
+        new_w, new_b = fold_after(
+            torch.from_numpy(weight.T),
+            None if bias_value is None else torch.from_numpy(bias_value),
+            bn.affine,
+            kind=LayerKind.LINEAR,
+        )
         old_w = matmul.input[1]
         matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy().T.copy())
         self._retire(old_w)
@@ -493,11 +556,16 @@ class _GraphFolder:
             self._append_bias_add(matmul, new_b.numpy(), output=bn.node.output[0])
             self._remove_bn(bn)
             note = "an Add of the folded bias follows the MatMul"
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.MATMUL_BN, layer=matmul.name or matmul.output[0],
-                         note=note)
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=Pattern.MATMUL_BN,
+            layer=matmul.name or matmul.output[0],
+            note=note,
+        )
 
     def _append_bias_add(self, producer: onnx.NodeProto, bias: Any, *, output: str) -> None:
-        """producer -> Add(bias) -> ``output``, inserted right after the producer (topological order)."""
+        """producer -> Add(bias) -> ``output``, right after the producer (topological order)."""
         import onnx
 
         old_output = producer.output[0]
@@ -507,8 +575,12 @@ class _GraphFolder:
         else:
             hidden = old_output
         bias_name = self._add_initializer(f"{producer.name or 'matmul'}_bnfold_bias", bias)
-        add = onnx.helper.make_node("Add", [hidden, bias_name], [output],
-                                    name=self._fresh(f"{producer.name or 'matmul'}_bnfold_add"))
+        add = onnx.helper.make_node(
+            "Add",
+            [hidden, bias_name],
+            [output],
+            name=self._fresh(f"{producer.name or 'matmul'}_bnfold_add"),
+        )
         self.nodes.insert(self.nodes.index(producer) + 1, add)
 
     def _after_add(self, bn: _Bn, add: onnx.NodeProto) -> FoldEntry | str:
@@ -531,10 +603,15 @@ class _GraphFolder:
         y = bn.node.output[0]
         consumers = self._consumers(y)
         if len(consumers) != 1 or y in self.graph_outputs or self._read_by_subgraph(y):
-            return f"its output feeds {len(consumers)} nodes{' and is a graph output' if y in self.graph_outputs else ''}"
+            also = " and is a graph output" if y in self.graph_outputs else ""
+            return f"its output feeds {len(consumers)} nodes{also}"
         consumer = consumers[0]
         label = consumer.name or consumer.op_type
-        if consumer.domain not in _DEFAULT_DOMAINS or consumer.op_type not in ("Conv", "Gemm", "MatMul"):
+        if consumer.domain not in _DEFAULT_DOMAINS or consumer.op_type not in (
+            "Conv",
+            "Gemm",
+            "MatMul",
+        ):
             return f"its output goes to {consumer.op_type} '{label}', not a Conv/Gemm/MatMul"
         if consumer.input[0] != y:
             return f"it feeds {consumer.op_type} '{label}' as a weight, not as the data input"
@@ -560,14 +637,21 @@ class _GraphFolder:
         auto_pad = _attr(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if any(int(p) != 0 for p in pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            return (f"Conv '{label}' pads its input with zeros; folding the BatchNorm in would turn "
-                    "those zeros into the shifted values")
+            return (
+                f"Conv '{label}' pads its input with zeros; folding the BatchNorm in would turn "
+                "those zeros into the shifted values"
+            )
         weight = self._weight(conv, 1)
         if isinstance(weight, str):
             return weight
         bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        new_w, new_b = fold_before(torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
-                                   bn.affine, kind=LayerKind.CONV, groups=int(_attr(conv, "group", 1)))
+        new_w, new_b = fold_before(
+            torch.from_numpy(weight),
+            None if bias is None else torch.from_numpy(bias),
+            bn.affine,
+            kind=LayerKind.CONV,
+            groups=int(_attr(conv, "group", 1)),
+        )
         old_w, old_b = conv.input[1], conv.input[2] if len(conv.input) > 2 else ""
         conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
         bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b.numpy())
@@ -577,15 +661,22 @@ class _GraphFolder:
             conv.input.append(bias_name)
         self._retire(old_w, old_b)
         self._bypass(bn, conv)
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.BN_CONV, layer=conv.name or conv.output[0],
-                         note=None if old_b else "the layer got a bias")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=Pattern.BN_CONV,
+            layer=conv.name or conv.output[0],
+            note=None if old_b else "the layer got a bias",
+        )
 
     def _before_gemm(self, bn: _Bn, gemm: onnx.NodeProto) -> FoldEntry | str:
         import torch
 
         if int(_attr(gemm, "transA", 0)):
-            return (f"Gemm '{gemm.name}' has transA=1: the BatchNorm channel is its batch axis, "
-                    "not the contraction axis")
+            return (
+                f"Gemm '{gemm.name}' has transA=1: the BatchNorm channel is its batch axis, "
+                "not the contraction axis"
+            )
         found = self._gemm_weight(gemm)
         if isinstance(found, str):
             return found
@@ -595,15 +686,18 @@ class _GraphFolder:
             return c
         c_vector, old_c = c
         alpha = float(_attr(gemm, "alpha", 1.0))
-        new_w, shift_through = fold_before(torch.from_numpy(linear_weight), None, bn.affine,
-                                           kind=LayerKind.LINEAR)
+        new_w, shift_through = fold_before(
+            torch.from_numpy(linear_weight), None, bn.affine, kind=LayerKind.LINEAR
+        )
         # Y = alpha·(s·A + t)·W^T + c = alpha·A·(W·s)^T + (alpha·W·t + c)
         bias = alpha * shift_through.to(torch.float64).numpy()
         if c_vector is not None:
             bias = bias + c_vector
         self._set_gemm(gemm, new_w.numpy(), trans_b, bias.astype(linear_weight.dtype), old_c)
         self._bypass(bn, gemm)
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=gemm.name or gemm.output[0])
+        return FoldEntry(
+            bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=gemm.name or gemm.output[0]
+        )
 
     def _before_matmul(self, bn: _Bn, matmul: onnx.NodeProto) -> FoldEntry | str:
         import torch
@@ -611,14 +705,21 @@ class _GraphFolder:
         weight = self._matmul_weight(matmul, 0)
         if isinstance(weight, str):
             return weight
-        new_w, new_b = fold_before(torch.from_numpy(weight.T), None, bn.affine, kind=LayerKind.LINEAR)
+        new_w, new_b = fold_before(
+            torch.from_numpy(weight.T), None, bn.affine, kind=LayerKind.LINEAR
+        )
         old_w = matmul.input[1]
         matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy().T.copy())
         self._retire(old_w)
         self._bypass(bn, matmul)
         self._append_bias_add(matmul, new_b.numpy(), output=matmul.output[0])
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=matmul.name or matmul.output[0],
-                         note="an Add of the folded bias follows the MatMul")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=Pattern.BN_LINEAR,
+            layer=matmul.name or matmul.output[0],
+            note="an Add of the folded bias follows the MatMul",
+        )
 
     def _to_affine(self, bn: _Bn, reason: str) -> FoldEntry | None:
         import onnx
@@ -628,21 +729,31 @@ class _GraphFolder:
             return None
         scale_value = self._const(bn.node.input[1])
         assert scale_value is not None
-        scale, shift = affine_for_rank(bn.affine, rank=rank - 1, dtype=_torch_dtype(scale_value.dtype),
-                                       channel_axis=0)
+        scale, shift = affine_for_rank(
+            bn.affine, rank=rank - 1, dtype=_torch_dtype(scale_value.dtype), channel_axis=0
+        )
         base = bn.node.name or bn.node.output[0]
         scale_name = self._add_initializer(f"{base}_affine_scale", scale.numpy())
         shift_name = self._add_initializer(f"{base}_affine_shift", shift.numpy())
         product = self._fresh(f"{base}_scaled")
-        mul = onnx.helper.make_node("Mul", [bn.node.input[0], scale_name], [product],
-                                    name=self._fresh(f"{base}_affine_mul"))
-        add = onnx.helper.make_node("Add", [product, shift_name], [bn.node.output[0]],
-                                    name=self._fresh(f"{base}_affine_add"))
+        mul = onnx.helper.make_node(
+            "Mul", [bn.node.input[0], scale_name], [product], name=self._fresh(f"{base}_affine_mul")
+        )
+        add = onnx.helper.make_node(
+            "Add",
+            [product, shift_name],
+            [bn.node.output[0]],
+            name=self._fresh(f"{base}_affine_add"),
+        )
         position = self.nodes.index(bn.node)
-        self.nodes[position + 1:position + 1] = [mul, add]
+        self.nodes[position + 1 : position + 1] = [mul, add]
         self._remove_bn(bn)
-        return FoldEntry(bn.name, folded=True, pattern=Pattern.AFFINE,
-                         note=f"kept as a per-channel Mul + Add ({reason})")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=Pattern.AFFINE,
+            note=f"kept as a per-channel Mul + Add ({reason})",
+        )
 
     # -- finishing -----------------------------------------------------------------------------
 
@@ -655,16 +766,31 @@ class _GraphFolder:
             used.update(names)
         used.update(self.graph_outputs)
         # Constant nodes we orphaned go too, then the initializers we orphaned.
-        live = [n for n in live if not (n.op_type == "Constant" and n.output and n.output[0] in
-                                        self.orphan_candidates and not used[n.output[0]])]
+        live = [
+            n
+            for n in live
+            if not (
+                n.op_type == "Constant"
+                and n.output
+                and n.output[0] in self.orphan_candidates
+                and not used[n.output[0]]
+            )
+        ]
         del self.graph.node[:]
         self.graph.node.extend(live)
-        keep = [t for t in self.graph.initializer
-                if t.name not in self.orphan_candidates or used[t.name] or self._is_graph_input(t.name)]
+        keep = [
+            t
+            for t in self.graph.initializer
+            if t.name not in self.orphan_candidates or used[t.name] or self._is_graph_input(t.name)
+        ]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
         produced = {o for n in live for o in n.output} | {i.name for i in self.graph.input}
-        stale = [v for v in self.graph.value_info if v.name in self.dropped_names and v.name not in produced]
+        stale = [
+            v
+            for v in self.graph.value_info
+            if v.name in self.dropped_names and v.name not in produced
+        ]
         for value in stale:
             self.graph.value_info.remove(value)
 

@@ -132,7 +132,7 @@ def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[s
     if len(other) == 1 and other[0] in initializers:
         shape = next(tuple(t.dims) for t in graph.initializer if t.name == other[0])
         if len(shape) == 1:
-            return other[0]
+            return str(other[0])
     return None
 
 
@@ -167,7 +167,7 @@ def _recurrent_activation(node: onnx.NodeProto) -> str:
         return "sigmoid"
     names = _attributes(node).get("activations", [b"Tanh"])
     first = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
-    return "relu" if first.lower() == "relu" else "tanh"
+    return "relu" if first.lower() == "relu" else "tanh"  # ONNX's default is Tanh
 
 
 def _onnx_slope(node: onnx.NodeProto, graph: onnx.GraphProto) -> float | None:

@@ -35,9 +35,9 @@ def reinit(
     path: Path,
     *,
     out: Path | None,
-    options: ReinitOptions = ReinitOptions(),
+    options: ReinitOptions | None = None,
     load: LoadOptions | None = None,
-    probe: ProbeOptions = ProbeOptions(),
+    probe: ProbeOptions | None = None,
     dry_run: bool = False,
     force: bool = False,
     compare: bool = True,
@@ -45,8 +45,10 @@ def reinit(
     """Re-initialise ``path`` into ``out`` (same format); with ``compare``, probe before and after.
 
     ``dry_run`` computes everything (and the after-probe, on the model in memory) but writes
-    nothing; ``out`` may then be None.
+    nothing; ``out`` may then be None. None options mean the defaults (``auto``, the probe's own).
     """
+    options = options or ReinitOptions()
+    probe = probe or ProbeOptions()
     options.validate()
     fmt = detect_format(path)
     if not dry_run:

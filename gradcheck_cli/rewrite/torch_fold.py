@@ -22,14 +22,16 @@ The input module is never modified: everything happens on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import operator
 import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gradcheck_cli.rewrite.fold_math import (
     ChannelAffine,
@@ -78,7 +80,6 @@ def fold_torch_module(
     ``keep_structure`` keeps the module's class and state_dict keys (for state_dict/safetensors
     output); otherwise the folded BatchNorms are removed from the graph.
     """
-    import torch
 
     notes: list[str] = []
     source = set_eval(copy.deepcopy(module))
@@ -86,8 +87,16 @@ def fold_torch_module(
     if graph_module is None:
         before_bn, before_nodes = count_batchnorms(source), count_nodes(source)
         entries = _fold_by_structure(source, example_args, example_kwargs or {}, notes)
-        return TorchFoldResult(source, entries, METHOD_STRUCTURE, notes, before_bn, count_batchnorms(source),
-                               before_nodes, count_nodes(source))
+        return TorchFoldResult(
+            source,
+            entries,
+            METHOD_STRUCTURE,
+            notes,
+            before_bn,
+            count_batchnorms(source),
+            before_nodes,
+            count_nodes(source),
+        )
     before_bn, before_nodes = count_batchnorms(graph_module), count_nodes(graph_module)
     if not example_kwargs:
         _propagate_shapes(graph_module, example_args, notes)
@@ -100,10 +109,14 @@ def fold_torch_module(
         target = source
     else:
         applier = _GraphApplier(graph_module)
-    entries = _fold_graph(graph_module, applier, affine_standalone=affine_standalone and not keep_structure)
+    entries = _fold_graph(
+        graph_module, applier, affine_standalone=affine_standalone and not keep_structure
+    )
     if affine_standalone and keep_structure:
-        notes.append("--affine-standalone does not apply to state_dict/safetensors output: the "
-                     "architecture keeps its BatchNorm modules")
+        notes.append(
+            "--affine-standalone does not apply to state_dict/safetensors output: the "
+            "architecture keeps its BatchNorm modules"
+        )
     if not keep_structure:
         applier.finish()
     set_eval(target)
@@ -113,15 +126,16 @@ def fold_torch_module(
         after_bn = before_bn - sum(1 for e in entries if e.folded and e.note is None)
     else:
         after_nodes, after_bn = count_nodes(graph_module), count_batchnorms(graph_module)
-    return TorchFoldResult(target, entries, method, notes, before_bn, after_bn, before_nodes, after_nodes)
+    return TorchFoldResult(
+        target, entries, method, notes, before_bn, after_bn, before_nodes, after_nodes
+    )
 
 
 def set_eval(module: nn.Module, mode: bool = False) -> nn.Module:
-    """``module.train(mode)``, except for modules whose mode is fixed (``ExportedProgram.module()``)."""
-    try:
+    """``module.train(mode)``, except where the mode is fixed (``ExportedProgram.module()``)."""
+    # torch.export modules refuse eval()/train(): their mode was baked in at export time.
+    with contextlib.suppress(NotImplementedError):
         module.train(mode)
-    except NotImplementedError:  # torch.export modules refuse eval()/train(): their mode is baked in
-        pass
     return module
 
 
@@ -129,8 +143,12 @@ def set_eval(module: nn.Module, mode: bool = False) -> nn.Module:
 # Tracing
 
 
-def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None,
-           notes: list[str]) -> tuple[fx.GraphModule | None, str]:
+def _trace(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    kwargs: dict[str, torch.Tensor] | None,
+    notes: list[str],
+) -> tuple[fx.GraphModule | None, str]:
     import torch
     from torch import fx
 
@@ -153,8 +171,10 @@ def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, 
         assert isinstance(exported, fx.GraphModule)
         return exported, METHOD_EXPORT
     except Exception as exc:
-        notes.append(f"torch.export could not trace the model either ({_first_line(exc)}); "
-                     "folded on module structure")
+        notes.append(
+            f"torch.export could not trace the model either ({_first_line(exc)}); "
+            "folded on module structure"
+        )
     return None, METHOD_STRUCTURE
 
 
@@ -164,8 +184,10 @@ def _is_aten_graph(graph_module: fx.GraphModule) -> bool:
     return any(isinstance(node.target, torch._ops.OpOverload) for node in graph_module.graph.nodes)
 
 
-def _propagate_shapes(graph_module: fx.GraphModule, args: tuple[torch.Tensor, ...], notes: list[str]) -> None:
-    """Record every node's output shape (node.meta['tensor_meta']): ranks decide BatchNorm1d cases."""
+def _propagate_shapes(
+    graph_module: fx.GraphModule, args: tuple[torch.Tensor, ...], notes: list[str]
+) -> None:
+    """Record each node's output shape (node.meta['tensor_meta']): ranks decide BN1d folds."""
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -174,8 +196,10 @@ def _propagate_shapes(graph_module: fx.GraphModule, args: tuple[torch.Tensor, ..
             warnings.simplefilter("ignore")
             ShapeProp(graph_module).propagate(*args)
     except Exception as exc:
-        notes.append(f"shape propagation failed ({_first_line(exc)}); BatchNorm1d folds that need the "
-                     "tensor rank are skipped")
+        notes.append(
+            f"shape propagation failed ({_first_line(exc)}); BatchNorm1d folds that need the "
+            "tensor rank are skipped"
+        )
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -189,6 +213,46 @@ def _rank(node: fx.Node) -> int | None:
 
 # --------------------------------------------------------------------------------------------
 # What the graph holds: linear layers and BatchNorms, whatever their spelling
+
+
+class _NormTensors(Protocol):
+    """Where a BatchNorm's tensors live (attribute paths from the root module)."""
+
+    name: str
+    mean_path: str | None
+    var_path: str | None
+    weight_path: str | None
+    bias_path: str | None
+    eps: float
+
+
+class _LayerTensors(Protocol):
+    name: str
+    kind: LayerKind
+    groups: int
+    weight_path: str | None
+    bias_path: str | None
+
+
+@dataclass
+class _StructureNorm:
+    """A BatchNorm found without a graph (module-structure fallback)."""
+
+    name: str
+    mean_path: str | None
+    var_path: str | None
+    weight_path: str | None
+    bias_path: str | None
+    eps: float
+
+
+@dataclass
+class _StructureLayer:
+    name: str
+    kind: LayerKind
+    groups: int
+    weight_path: str | None
+    bias_path: str | None
 
 
 @dataclass
@@ -219,18 +283,28 @@ class _Norm:
 
 
 _CONV_TYPES: dict[str, tuple[LayerKind, int]] = {
-    "Conv1d": (LayerKind.CONV, 1), "Conv2d": (LayerKind.CONV, 2), "Conv3d": (LayerKind.CONV, 3),
-    "ConvTranspose1d": (LayerKind.CONV_TRANSPOSE, 1), "ConvTranspose2d": (LayerKind.CONV_TRANSPOSE, 2),
-    "ConvTranspose3d": (LayerKind.CONV_TRANSPOSE, 3), "Linear": (LayerKind.LINEAR, 0),
+    "Conv1d": (LayerKind.CONV, 1),
+    "Conv2d": (LayerKind.CONV, 2),
+    "Conv3d": (LayerKind.CONV, 3),
+    "ConvTranspose1d": (LayerKind.CONV_TRANSPOSE, 1),
+    "ConvTranspose2d": (LayerKind.CONV_TRANSPOSE, 2),
+    "ConvTranspose3d": (LayerKind.CONV_TRANSPOSE, 3),
+    "Linear": (LayerKind.LINEAR, 0),
 }
 
 
 def _layer_module_classes() -> dict[type[nn.Module], LayerKind]:
     from torch import nn
 
-    return {nn.Conv1d: LayerKind.CONV, nn.Conv2d: LayerKind.CONV, nn.Conv3d: LayerKind.CONV,
-            nn.ConvTranspose1d: LayerKind.CONV_TRANSPOSE, nn.ConvTranspose2d: LayerKind.CONV_TRANSPOSE,
-            nn.ConvTranspose3d: LayerKind.CONV_TRANSPOSE, nn.Linear: LayerKind.LINEAR}
+    return {
+        nn.Conv1d: LayerKind.CONV,
+        nn.Conv2d: LayerKind.CONV,
+        nn.Conv3d: LayerKind.CONV,
+        nn.ConvTranspose1d: LayerKind.CONV_TRANSPOSE,
+        nn.ConvTranspose2d: LayerKind.CONV_TRANSPOSE,
+        nn.ConvTranspose3d: LayerKind.CONV_TRANSPOSE,
+        nn.Linear: LayerKind.LINEAR,
+    }
 
 
 def _bn_module_classes() -> tuple[type[nn.Module], ...]:
@@ -245,34 +319,54 @@ def _layer_of(graph_module: fx.GraphModule, node: fx.Node) -> _Layer | str | Non
     import torch.nn.functional as F
 
     if node.op == "call_module":
-        sub = graph_module.get_submodule(str(node.target))
-        for cls, kind in _layer_module_classes().items():
+        sub = _submodule(graph_module, str(node.target))
+        for cls, module_kind in _layer_module_classes().items():
             if isinstance(sub, cls):
                 if type(sub).forward is not cls.forward:
-                    return f"{type(sub).__name__} overrides forward(); its weights may not act linearly"
+                    return (
+                        f"{type(sub).__name__} overrides forward(); its weights may not act "
+                        "linearly"
+                    )
                 bias = getattr(sub, "bias", None)
                 padding = getattr(sub, "padding", 0)
-                zero_padded = _has_zero_padding(padding) and getattr(sub, "padding_mode", "zeros") == "zeros"
-                return _Layer(node, str(node.target), kind, int(getattr(sub, "groups", 1)),
-                              f"{node.target}.weight", f"{node.target}.bias" if bias is not None else None,
-                              zero_padded, module_target=str(node.target))
+                zero_padded = (
+                    _has_zero_padding(padding) and getattr(sub, "padding_mode", "zeros") == "zeros"
+                )
+                return _Layer(
+                    node,
+                    str(node.target),
+                    module_kind,
+                    int(getattr(sub, "groups", 1)),
+                    f"{node.target}.weight",
+                    f"{node.target}.bias" if bias is not None else None,
+                    zero_padded,
+                    module_target=str(node.target),
+                )
         return None
     if node.op != "call_function":
         return None
     aten = torch.ops.aten
     functional: dict[Any, LayerKind] = {
-        F.conv1d: LayerKind.CONV, F.conv2d: LayerKind.CONV, F.conv3d: LayerKind.CONV,
-        F.conv_transpose1d: LayerKind.CONV_TRANSPOSE, F.conv_transpose2d: LayerKind.CONV_TRANSPOSE,
-        F.conv_transpose3d: LayerKind.CONV_TRANSPOSE, F.linear: LayerKind.LINEAR,
-        aten.conv1d.default: LayerKind.CONV, aten.conv2d.default: LayerKind.CONV,
-        aten.conv3d.default: LayerKind.CONV, aten.conv_transpose1d.default: LayerKind.CONV_TRANSPOSE,
+        F.conv1d: LayerKind.CONV,
+        F.conv2d: LayerKind.CONV,
+        F.conv3d: LayerKind.CONV,
+        F.conv_transpose1d: LayerKind.CONV_TRANSPOSE,
+        F.conv_transpose2d: LayerKind.CONV_TRANSPOSE,
+        F.conv_transpose3d: LayerKind.CONV_TRANSPOSE,
+        F.linear: LayerKind.LINEAR,
+        aten.conv1d.default: LayerKind.CONV,
+        aten.conv2d.default: LayerKind.CONV,
+        aten.conv3d.default: LayerKind.CONV,
+        aten.conv_transpose1d.default: LayerKind.CONV_TRANSPOSE,
         aten.conv_transpose2d.input: LayerKind.CONV_TRANSPOSE,
-        aten.conv_transpose3d.input: LayerKind.CONV_TRANSPOSE, aten.linear.default: LayerKind.LINEAR,
+        aten.conv_transpose3d.input: LayerKind.CONV_TRANSPOSE,
+        aten.linear.default: LayerKind.LINEAR,
         aten.convolution.default: LayerKind.CONV,
     }
-    kind = functional.get(node.target)
-    if kind is None:
+    found_kind = functional.get(node.target)
+    if found_kind is None:
         return None
+    kind: LayerKind = found_kind
     arguments = _arguments(graph_module, node)
     if arguments is None:
         return "its arguments could not be read from the graph"
@@ -287,8 +381,15 @@ def _layer_of(graph_module: fx.GraphModule, node: fx.Node) -> _Layer | str | Non
     bias_path = _attr_path(bias)
     if bias is not None and bias_path is None:
         return "its bias is computed at run time, not a constant of the model"
-    return _Layer(node, node.name, kind, int(arguments.get("groups", 1) or 1), weight_path, bias_path,
-                  _has_zero_padding(padding))
+    return _Layer(
+        node,
+        node.name,
+        kind,
+        int(arguments.get("groups", 1) or 1),
+        weight_path,
+        bias_path,
+        _has_zero_padding(padding),
+    )
 
 
 def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
@@ -296,24 +397,39 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
     import torch.nn.functional as F
 
     if node.op == "call_module":
-        sub = graph_module.get_submodule(str(node.target))
+        sub = _submodule(graph_module, str(node.target))
         if not isinstance(sub, _bn_module_classes()):
             return None
         if not _plain_bn(sub):
             return f"{type(sub).__name__} overrides forward(); it may not be a plain BatchNorm"
         bn: Any = sub
         if bn.running_mean is None or bn.running_var is None:
-            return "no running statistics (track_running_stats=False): it normalises with batch statistics"
+            return (
+                "no running statistics (track_running_stats=False): it normalises with batch "
+                "statistics"
+            )
         target = str(node.target)
-        return _Norm(node, [node], target, node.args[0] if isinstance(node.args[0], _fx_node()) else node,
-                     f"{target}.running_mean", f"{target}.running_var",
-                     f"{target}.weight" if bn.weight is not None else None,
-                     f"{target}.bias" if bn.bias is not None else None, float(bn.eps), False, target)
+        return _Norm(
+            node,
+            [node],
+            target,
+            node.args[0] if isinstance(node.args[0], _fx_node()) else node,
+            f"{target}.running_mean",
+            f"{target}.running_var",
+            f"{target}.weight" if bn.weight is not None else None,
+            f"{target}.bias" if bn.bias is not None else None,
+            float(bn.eps),
+            False,
+            target,
+        )
     if node.op != "call_function":
         return None
     aten = torch.ops.aten
-    if node.target not in (F.batch_norm, aten.batch_norm.default,
-                           aten._native_batch_norm_legit_no_training.default):
+    if node.target not in (
+        F.batch_norm,
+        aten.batch_norm.default,
+        aten._native_batch_norm_legit_no_training.default,
+    ):
         return None
     arguments = _arguments(graph_module, node)
     if arguments is None:
@@ -335,13 +451,27 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
     paths = [_attr_path(arguments.get(key)) for key in ("running_mean", "running_var")]
     weight, bias = arguments.get("weight"), arguments.get("bias")
     weight_path, bias_path = _attr_path(weight), _attr_path(bias)
-    if None in paths or (weight is not None and weight_path is None) or (bias is not None and bias_path is None):
+    if (
+        None in paths
+        or (weight is not None and weight_path is None)
+        or (bias is not None and bias_path is None)
+    ):
         return "its statistics or affine parameters are computed at run time"
     source = arguments.get("input")
     if not isinstance(source, _fx_node()):
         return "its input is not a graph value"
-    return _Norm(value_node, calls, _display_name(node, paths[0]), source, paths[0], paths[1],
-                 weight_path, bias_path, float(arguments.get("eps", 1e-5)), training)
+    return _Norm(
+        value_node,
+        calls,
+        _display_name(node, paths[0]),
+        source,
+        paths[0],
+        paths[1],
+        weight_path,
+        bias_path,
+        float(arguments.get("eps", 1e-5)),
+        training,
+    )
 
 
 def _plain_bn(module: nn.Module) -> bool:
@@ -392,7 +522,9 @@ def _has_zero_padding(padding: Any) -> bool:
 # The pass
 
 
-def _fold_graph(graph_module: fx.GraphModule, applier: _Applier, *, affine_standalone: bool) -> list[FoldEntry]:
+def _fold_graph(
+    graph_module: fx.GraphModule, applier: _Applier, *, affine_standalone: bool
+) -> list[FoldEntry]:
     entries: dict[str, FoldEntry] = {}
     norms: list[_Norm] = []
     for node in list(graph_module.graph.nodes):
@@ -439,30 +571,42 @@ def _norm_precondition(norm: _Norm, module_calls: Counter[str]) -> str | None:
     if norm.training:
         return "it runs in training mode in the graph (batch statistics); folding is for eval mode"
     if norm.module_target is not None and module_calls[norm.module_target] > 1:
-        return f"the BatchNorm module is called {module_calls[norm.module_target]} times in the graph"
+        return (
+            f"the BatchNorm module is called {module_calls[norm.module_target]} times in the graph"
+        )
     return None
 
 
 def _tensor_alias_counts(graph_module: fx.GraphModule) -> Counter[int]:
     """How many names each parameter/buffer storage has (tied weights appear more than once)."""
     counts: Counter[int] = Counter()
-    for _, tensor in graph_module.named_parameters(remove_duplicate=False):
-        counts[id(tensor)] += 1
-    for _, tensor in graph_module.named_buffers(remove_duplicate=False):
-        counts[id(tensor)] += 1
+    for _, parameter in graph_module.named_parameters(remove_duplicate=False):
+        counts[id(parameter)] += 1
+    for _, buffer in graph_module.named_buffers(remove_duplicate=False):
+        counts[id(buffer)] += 1
     return counts
 
 
-def _layer_precondition(graph_module: fx.GraphModule, layer: _Layer, module_calls: Counter[str],
-                        tensor_names: Counter[int]) -> str | None:
+def _layer_precondition(
+    graph_module: fx.GraphModule,
+    layer: _Layer,
+    module_calls: Counter[str],
+    tensor_names: Counter[int],
+) -> str | None:
     if layer.module_target is not None and module_calls[layer.module_target] > 1:
-        return f"'{layer.name}' is called {module_calls[layer.module_target]} times (shared weights)"
+        return (
+            f"'{layer.name}' is called {module_calls[layer.module_target]} times (shared weights)"
+        )
     assert layer.weight_path is not None
     weight = _get_tensor(graph_module, layer.weight_path)
     if tensor_names[id(weight)] > 1:
         return f"the weight of '{layer.name}' is tied to another parameter"
     if layer.module_target is None:
-        readers = [n for n in graph_module.graph.nodes if n.op == "get_attr" and n.target == layer.weight_path]
+        readers = [
+            n
+            for n in graph_module.graph.nodes
+            if n.op == "get_attr" and n.target == layer.weight_path
+        ]
         if sum(len(n.users) for n in readers) > 1:
             return f"the weight of '{layer.name}' is also read by other nodes"
     if not weight.dtype.is_floating_point:
@@ -470,8 +614,13 @@ def _layer_precondition(graph_module: fx.GraphModule, layer: _Layer, module_call
     return None
 
 
-def _try_after(graph_module: fx.GraphModule, applier: _Applier, norm: _Norm, module_calls: Counter[str],
-               tensor_names: Counter[int]) -> FoldEntry | str:
+def _try_after(
+    graph_module: fx.GraphModule,
+    applier: _Applier,
+    norm: _Norm,
+    module_calls: Counter[str],
+    tensor_names: Counter[int],
+) -> FoldEntry | str:
     producer = norm.input
     layer = _layer_of(graph_module, producer)
     if layer is None:
@@ -487,20 +636,35 @@ def _try_after(graph_module: fx.GraphModule, applier: _Applier, norm: _Norm, mod
     if layer.kind is LayerKind.LINEAR:
         rank = _rank(norm.node)
         if rank is None:
-            return "BatchNorm after a Linear: the tensor rank is unknown, so the channel axis cannot be checked"
+            return (
+                "BatchNorm after a Linear: the tensor rank is unknown, so the channel axis "
+                "cannot be checked"
+            )
         if rank != 2:
-            return (f"BatchNorm1d on a rank-{rank} Linear output normalises dim 1, while the Linear's "
-                    "features are on the last dim: not a per-feature affine of the Linear")
-    pattern = {LayerKind.CONV: Pattern.CONV_BN, LayerKind.CONV_TRANSPOSE: Pattern.CONV_TRANSPOSE_BN,
-               LayerKind.LINEAR: Pattern.LINEAR_BN}[layer.kind]
+            return (
+                f"BatchNorm1d on a rank-{rank} Linear output normalises dim 1, while the Linear's "
+                "features are on the last dim: not a per-feature affine of the Linear"
+            )
+    pattern = {
+        LayerKind.CONV: Pattern.CONV_BN,
+        LayerKind.CONV_TRANSPOSE: Pattern.CONV_TRANSPOSE_BN,
+        LayerKind.LINEAR: Pattern.LINEAR_BN,
+    }[layer.kind]
     outcome = _apply_safely(applier.fold_after, norm, layer)
     if outcome.startswith("!"):
         return outcome[1:]
-    return FoldEntry(norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None)
+    return FoldEntry(
+        norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None
+    )
 
 
-def _try_before(graph_module: fx.GraphModule, applier: _Applier, norm: _Norm, module_calls: Counter[str],
-                tensor_names: Counter[int]) -> FoldEntry | str:
+def _try_before(
+    graph_module: fx.GraphModule,
+    applier: _Applier,
+    norm: _Norm,
+    module_calls: Counter[str],
+    tensor_names: Counter[int],
+) -> FoldEntry | str:
     users = list(norm.node.users)
     if len(users) != 1:
         return f"its output feeds {len(users)} nodes, so it cannot be folded into the next layer"
@@ -513,16 +677,22 @@ def _try_before(graph_module: fx.GraphModule, applier: _Applier, norm: _Norm, mo
     if consumer.args[0] is not norm.node and consumer.kwargs.get("input") is not norm.node:
         return f"it feeds '{layer.name}' as a weight, not as the input"
     if layer.kind is LayerKind.CONV_TRANSPOSE:
-        return (f"a BatchNorm before the ConvTranspose '{layer.name}' cannot be folded exactly: the "
-                "shift reaches each output through a position-dependent number of kernel taps")
+        return (
+            f"a BatchNorm before the ConvTranspose '{layer.name}' cannot be folded exactly: the "
+            "shift reaches each output through a position-dependent number of kernel taps"
+        )
     if layer.kind is LayerKind.CONV and layer.input_padded_with_zeros:
-        return (f"'{layer.name}' pads its input with zeros; folding the BatchNorm in would turn those "
-                "zeros into the shifted values (THEORY.md section 7)")
+        return (
+            f"'{layer.name}' pads its input with zeros; folding the BatchNorm in would turn those "
+            "zeros into the shifted values (THEORY.md section 7)"
+        )
     if layer.kind is LayerKind.LINEAR:
         rank = _rank(norm.node)
         if rank != 2:
-            return ("BatchNorm before a Linear: exact only on (N, F) inputs, where the BatchNorm "
-                    f"channel is the Linear's input feature (rank here: {rank if rank else 'unknown'})")
+            return (
+                "BatchNorm before a Linear: exact only on (N, F) inputs, where the BatchNorm "
+                f"channel is the Linear's input feature (rank here: {rank if rank else 'unknown'})"
+            )
     reason = _layer_precondition(graph_module, layer, module_calls, tensor_names)
     if reason is not None:
         return reason
@@ -530,7 +700,9 @@ def _try_before(graph_module: fx.GraphModule, applier: _Applier, norm: _Norm, mo
     if outcome.startswith("!"):
         return outcome[1:]
     pattern = Pattern.BN_LINEAR if layer.kind is LayerKind.LINEAR else Pattern.BN_CONV
-    return FoldEntry(norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None)
+    return FoldEntry(
+        norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None
+    )
 
 
 def _apply_safely(fold: Callable[[_Norm, _Layer], str], norm: _Norm, layer: _Layer) -> str:
@@ -545,14 +717,22 @@ def _apply_safely(fold: Callable[[_Norm, _Layer], str], norm: _Norm, layer: _Lay
 # Applying folds: to the graph, or to a module that keeps its class
 
 
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, also for TorchScript modules (which do not implement it)."""
+    module = root
+    for part in path.split(".") if path else ():
+        module = getattr(module, part)
+    return module
+
+
 def _get_tensor(root: nn.Module, path: str) -> torch.Tensor:
     owner_path, _, name = path.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
+    owner = _submodule(root, owner_path) if owner_path else root
     value = getattr(owner, name)
     return value  # type: ignore[no-any-return]
 
 
-def _affine_of(root: nn.Module, norm: _Norm) -> ChannelAffine:
+def _affine_of(root: nn.Module, norm: _NormTensors) -> ChannelAffine:
     assert norm.mean_path is not None and norm.var_path is not None
     return bn_affine(
         running_mean=_get_tensor(root, norm.mean_path),
@@ -592,8 +772,9 @@ class _GraphApplier(_Applier):
         root = self.graph_module
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
-        new_weight, new_bias = fold_after(weight, bias, _affine_of(root, norm), kind=layer.kind,
-                                          groups=layer.groups)
+        new_weight, new_bias = fold_after(
+            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
+        )
         note = self._write_layer(layer, new_weight, new_bias)
         self._remove_norm(norm, replacement=layer.node)
         return note
@@ -603,8 +784,9 @@ class _GraphApplier(_Applier):
         root = self.graph_module
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
-        new_weight, new_bias = fold_before(weight, bias, _affine_of(root, norm), kind=layer.kind,
-                                           groups=layer.groups)
+        new_weight, new_bias = fold_before(
+            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
+        )
         note = self._write_layer(layer, new_weight, new_bias)
         self._remove_norm(norm, replacement=norm.input)
         return note
@@ -633,8 +815,13 @@ class _GraphApplier(_Applier):
             product = graph.call_function(torch.mul, (norm.input, scale_node))
             result = graph.call_function(torch.add, (product, shift_node))
         self._remove_norm(norm, replacement=result)
-        return FoldEntry(norm.name, folded=True, pattern=Pattern.AFFINE, layer=None,
-                         note=f"kept as a per-channel multiply-add ({reason})")
+        return FoldEntry(
+            norm.name,
+            folded=True,
+            pattern=Pattern.AFFINE,
+            layer=None,
+            note=f"kept as a per-channel multiply-add ({reason})",
+        )
 
     def _write_layer(self, layer: _Layer, weight: torch.Tensor, bias: torch.Tensor) -> str:
         from torch import nn
@@ -648,12 +835,12 @@ class _GraphApplier(_Applier):
         old_weight = _get_tensor(root, layer.weight_path)
         parameter = nn.Parameter(bias.to(old_weight.device), requires_grad=old_weight.requires_grad)
         if layer.module_target is not None:
-            sub = root.get_submodule(layer.module_target)
+            sub = _submodule(root, layer.module_target)
             sub.bias = parameter  # nn.Conv*/Linear read self.bias in forward
             layer.bias_path = f"{layer.module_target}.bias"
             return "the layer got a bias"
         owner_path, _, weight_name = layer.weight_path.rpartition(".")
-        owner = root.get_submodule(owner_path) if owner_path else root
+        owner = _submodule(root, owner_path) if owner_path else root
         name = f"{weight_name}_folded_bias"
         while hasattr(owner, name):
             name += "_"
@@ -678,7 +865,9 @@ class _GraphApplier(_Applier):
     def _remove_norm(self, norm: _Norm, *, replacement: fx.Node) -> None:
         norm.node.replace_all_uses_with(replacement)
         graph = self.graph_module.graph
-        readers = [arg for call in norm.calls for arg in call.all_input_nodes if arg.op == "get_attr"]
+        readers = [
+            arg for call in norm.calls for arg in call.all_input_nodes if arg.op == "get_attr"
+        ]
         for call in norm.calls:
             graph.erase_node(call)
         for reader in readers:
@@ -695,7 +884,7 @@ class _GraphApplier(_Applier):
         for path in sorted(self.dropped_paths - still_read):
             owner_path, _, name = path.rpartition(".")
             try:
-                owner = root.get_submodule(owner_path) if owner_path else root
+                owner = _submodule(root, owner_path) if owner_path else root
             except AttributeError:
                 continue
             if name in owner._parameters or name in owner._buffers:
@@ -711,33 +900,43 @@ class _StructureApplier(_Applier):
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def fold_after(self, norm: _Norm, layer: _Layer) -> str:
+    def fold_after(self, norm: _NormTensors, layer: _LayerTensors) -> str:
         assert layer.weight_path is not None
         root = self.module
         affine = _affine_of(root, norm)
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
-        new_weight, new_bias = fold_after(weight, bias, affine, kind=layer.kind, groups=layer.groups)
+        new_weight, new_bias = fold_after(
+            weight, bias, affine, kind=layer.kind, groups=layer.groups
+        )
         if bias is None and norm.bias_path is None:
-            return "!the layer has no bias and the BatchNorm no beta, so the shift has nowhere to go " \
-                   "in the unchanged architecture"
+            return (
+                "!the layer has no bias and the BatchNorm no beta, so the shift has nowhere to go "
+                "in the unchanged architecture"
+            )
         _copy_into(weight, new_weight)
         if bias is not None:
             _copy_into(bias, new_bias)
             _set_identity(root, norm, shift=None)
             return ""
         _set_identity(root, norm, shift=new_bias)
-        return "the layer has no bias: the shift stays in the BatchNorm (mean 0, var 1-eps, gamma 1)"
+        return (
+            "the layer has no bias: the shift stays in the BatchNorm (mean 0, var 1-eps, gamma 1)"
+        )
 
-    def fold_before(self, norm: _Norm, layer: _Layer) -> str:
+    def fold_before(self, norm: _NormTensors, layer: _LayerTensors) -> str:
         assert layer.weight_path is not None
         root = self.module
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
         if bias is None:
-            return "!the next layer has no bias to absorb the shift, and the architecture must not change"
-        new_weight, new_bias = fold_before(weight, bias, _affine_of(root, norm), kind=layer.kind,
-                                           groups=layer.groups)
+            return (
+                "!the next layer has no bias to absorb the shift, and the architecture must "
+                "not change"
+            )
+        new_weight, new_bias = fold_before(
+            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
+        )
         _copy_into(weight, new_weight)
         _copy_into(bias, new_bias)
         _set_identity(root, norm, shift=None)
@@ -751,7 +950,7 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
         target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def _set_identity(root: nn.Module, norm: _Norm, *, shift: torch.Tensor | None) -> None:
+def _set_identity(root: nn.Module, norm: _NormTensors, *, shift: torch.Tensor | None) -> None:
     """Turn the BatchNorm into z -> z (or z -> z + shift) exactly, keeping its tensors' shapes."""
     import torch
 
@@ -776,23 +975,27 @@ def _replace_tensor(root: nn.Module, path: str, value: torch.Tensor) -> None:
     from torch import nn
 
     owner_path, _, name = path.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
+    owner = _submodule(root, owner_path) if owner_path else root
     old = getattr(owner, name)
-    value = value.to(device=old.device)
+    moved = value.to(device=old.device)
     if name in owner._parameters:
-        owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        owner._parameters[name] = nn.Parameter(moved, requires_grad=old.requires_grad)
     elif name in owner._buffers:
-        owner._buffers[name] = value
+        owner._buffers[name] = moved
     else:
-        setattr(owner, name, value)
+        setattr(owner, name, moved)
 
 
 # --------------------------------------------------------------------------------------------
 # Module-structure fallback
 
 
-def _fold_by_structure(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
-                       notes: list[str]) -> list[FoldEntry]:
+def _fold_by_structure(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    kwargs: dict[str, torch.Tensor],
+    notes: list[str],
+) -> list[FoldEntry]:
     """Pair BatchNorms with their producers without a graph, then fold in place (on the copy).
 
     For an nn.Module the pairing is observed: a forward pass records which module call produced
@@ -808,36 +1011,56 @@ def _fold_by_structure(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs
     paired = {bn for _, bn, _ in pairs}
     for name, sub in module.named_modules():
         if _type_name(sub) in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") and name not in paired:
-            entries.append(FoldEntry(name, folded=False,
-                                     reason="no Conv/ConvTranspose/Linear found directly before it "
-                                     "with no other reader of its output"))
+            entries.append(
+                FoldEntry(
+                    name,
+                    folded=False,
+                    reason="no Conv/ConvTranspose/Linear found directly before it "
+                    "with no other reader of its output",
+                )
+            )
     applier = _StructureApplier(module)
     for layer_name, bn_name, reason in pairs:
         if reason is not None:
             entries.append(FoldEntry(bn_name, folded=False, reason=reason))
             continue
-        layer_module = module.get_submodule(layer_name)
-        bn_module: Any = module.get_submodule(bn_name)
+        layer_module = _submodule(module, layer_name)
+        bn_module: Any = _submodule(module, bn_name)
         kind, _ = _CONV_TYPES[_type_name(layer_module)]
         if getattr(bn_module, "running_mean", None) is None:
             entries.append(FoldEntry(bn_name, folded=False, reason="no running statistics"))
             continue
-        norm = _Norm(node=None, calls=[], name=bn_name, input=None,  # type: ignore[arg-type]
-                     mean_path=f"{bn_name}.running_mean", var_path=f"{bn_name}.running_var",
-                     weight_path=f"{bn_name}.weight" if getattr(bn_module, "weight", None) is not None else None,
-                     bias_path=f"{bn_name}.bias" if getattr(bn_module, "bias", None) is not None else None,
-                     eps=float(bn_module.eps), training=False)
-        layer = _Layer(node=None, name=layer_name, kind=kind,  # type: ignore[arg-type]
-                       groups=int(getattr(layer_module, "groups", 1)), weight_path=f"{layer_name}.weight",
-                       bias_path=f"{layer_name}.bias" if getattr(layer_module, "bias", None) is not None else None,
-                       input_padded_with_zeros=True)
+        norm = _StructureNorm(
+            name=bn_name,
+            mean_path=f"{bn_name}.running_mean",
+            var_path=f"{bn_name}.running_var",
+            weight_path=f"{bn_name}.weight"
+            if getattr(bn_module, "weight", None) is not None
+            else None,
+            bias_path=f"{bn_name}.bias" if getattr(bn_module, "bias", None) is not None else None,
+            eps=float(bn_module.eps),
+        )
+        layer = _StructureLayer(
+            name=layer_name,
+            kind=kind,
+            groups=int(getattr(layer_module, "groups", 1)),
+            weight_path=f"{layer_name}.weight",
+            bias_path=f"{layer_name}.bias"
+            if getattr(layer_module, "bias", None) is not None
+            else None,
+        )
         outcome = applier.fold_after(norm, layer)
         if outcome.startswith("!"):
             entries.append(FoldEntry(bn_name, folded=False, reason=outcome[1:]))
             continue
-        pattern = {LayerKind.CONV: Pattern.CONV_BN, LayerKind.CONV_TRANSPOSE: Pattern.CONV_TRANSPOSE_BN,
-                   LayerKind.LINEAR: Pattern.LINEAR_BN}[kind]
-        entries.append(FoldEntry(bn_name, folded=True, pattern=pattern, layer=layer_name, note=outcome or None))
+        pattern = {
+            LayerKind.CONV: Pattern.CONV_BN,
+            LayerKind.CONV_TRANSPOSE: Pattern.CONV_TRANSPOSE_BN,
+            LayerKind.LINEAR: Pattern.LINEAR_BN,
+        }[kind]
+        entries.append(
+            FoldEntry(bn_name, folded=True, pattern=pattern, layer=layer_name, note=outcome or None)
+        )
     return entries
 
 
@@ -856,7 +1079,7 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
         names = dict(children)
         candidates: list[tuple[str, str]] = []
         if _type_name(parent) == "Sequential":
-            candidates += [(a, b) for (a, _), (b, _) in zip(children, children[1:])]
+            candidates += [(a, b) for (a, _), (b, _) in itertools.pairwise(children)]
         for child_name in names:
             match = re.fullmatch(r"(conv|fc|linear|deconv)(_?\d*)", child_name)
             if match:
@@ -866,7 +1089,11 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
             if layer_name not in names or bn_name not in names or prefix + bn_name in taken:
                 continue
             layer_type, bn_type = _type_name(names[layer_name]), _type_name(names[bn_name])
-            if layer_type in _CONV_TYPES and bn_type in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):
+            if layer_type in _CONV_TYPES and bn_type in (
+                "BatchNorm1d",
+                "BatchNorm2d",
+                "BatchNorm3d",
+            ):
                 if layer_type == "Linear" and bn_type != "BatchNorm1d":
                     continue
                 taken.add(prefix + bn_name)
@@ -874,9 +1101,13 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
     return pairs
 
 
-def _pairs_by_dataflow(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
-                       notes: list[str]) -> list[tuple[str, str, str | None]]:
-    """Observe one forward pass: which layer call produced each BatchNorm's input, and its readers."""
+def _pairs_by_dataflow(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    kwargs: dict[str, torch.Tensor],
+    notes: list[str],
+) -> list[tuple[str, str, str | None]]:
+    """Observe one forward pass: which layer produced each BatchNorm's input, who else read it."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -889,11 +1120,14 @@ def _pairs_by_dataflow(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs
     in_module_call: list[str] = []
 
     class CountReaders(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
             result = func(*args, **(kwargs or {}))
             # Only operations that produce tensors count as readers; .shape, .dim() do not.
-            if isinstance(result, torch.Tensor) or (isinstance(result, tuple) and any(
-                    isinstance(r, torch.Tensor) for r in result)):
+            if isinstance(result, torch.Tensor) or (
+                isinstance(result, tuple) and any(isinstance(r, torch.Tensor) for r in result)
+            ):
                 for value in _flatten(args, kwargs or {}):
                     if isinstance(value, torch.Tensor):
                         readers[id(value)] += 1
@@ -903,6 +1137,7 @@ def _pairs_by_dataflow(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs
         def hook(_module: nn.Module, _inputs: Any) -> None:
             in_module_call.append(name)
             call_counts[name] += 1
+
         return hook
 
     def post_hook(name: str, is_layer: bool) -> Callable[..., None]:
@@ -914,12 +1149,15 @@ def _pairs_by_dataflow(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs
             elif not is_layer and inputs and isinstance(inputs[0], torch.Tensor):
                 bn_inputs.append((name, id(inputs[0]), inputs[0].dim()))
                 keep_alive.append(inputs[0])
+
         return hook
 
     handles = []
     try:
         for name, sub in module.named_modules():
-            is_layer = any(isinstance(sub, cls) and type(sub).forward is cls.forward for cls in layer_classes)
+            is_layer = any(
+                isinstance(sub, cls) and type(sub).forward is cls.forward for cls in layer_classes
+            )
             is_bn = isinstance(sub, _bn_module_classes()) and _plain_bn(sub)
             if is_layer or is_bn:
                 handles.append(sub.register_forward_pre_hook(pre_hook(name)))
@@ -937,14 +1175,18 @@ def _pairs_by_dataflow(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs
         layer_name = produced_by.get(tensor_id)
         if layer_name is None:
             continue
-        layer_type = _type_name(module.get_submodule(layer_name))
+        layer_type = _type_name(_submodule(module, layer_name))
         reason: str | None = None
         if readers[tensor_id] > 1:
-            reason = f"the output of '{layer_name}' also feeds {readers[tensor_id] - 1} other operation(s)"
+            others = readers[tensor_id] - 1
+            reason = f"the output of '{layer_name}' also feeds {others} other operation(s)"
         elif call_counts[layer_name] > 1 or call_counts[bn_name] > 1:
             reason = "the layer or the BatchNorm is called more than once per forward pass"
         elif layer_type == "Linear" and rank != 2:
-            reason = f"BatchNorm1d on a rank-{rank} Linear output: not a per-feature affine of the Linear"
+            reason = (
+                f"BatchNorm1d on a rank-{rank} Linear output: not a per-feature affine of "
+                "the Linear"
+            )
         pairs.append((layer_name, bn_name, reason))
     return pairs
 
@@ -973,21 +1215,29 @@ def count_batchnorms(module: nn.Module) -> int:
 
     if isinstance(module, fx.GraphModule):
         aten = torch.ops.aten
-        functional = (F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+        functional = (
+            F.batch_norm,
+            aten.batch_norm.default,
+            aten._native_batch_norm_legit_no_training.default,
+        )
         count = 0
         for node in module.graph.nodes:
-            if node.op == "call_function" and node.target in functional:
-                count += 1
-            elif node.op == "call_module" and isinstance(module.get_submodule(str(node.target)),
-                                                          _bn_module_classes()):
+            if (node.op == "call_function" and node.target in functional) or (
+                node.op == "call_module"
+                and isinstance(_submodule(module, str(node.target)), _bn_module_classes())
+            ):
                 count += 1
         return count
-    return sum(1 for _, sub in module.named_modules()
-               if _type_name(sub) in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") and not _is_identity_bn(sub))
+    return sum(
+        1
+        for _, sub in module.named_modules()
+        if _type_name(sub) in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+        and not _is_identity_bn(sub)
+    )
 
 
 def _is_identity_bn(module: nn.Module) -> bool:
-    """A BatchNorm that structure folding turned into z -> z (it is still there, but does nothing)."""
+    """A BatchNorm that structure folding turned into z -> z (still there, but doing nothing)."""
     import torch
 
     mean = getattr(module, "running_mean", None)
@@ -999,8 +1249,12 @@ def _is_identity_bn(module: nn.Module) -> bool:
     eps = float(getattr(module, "eps", 1e-5))
     with torch.no_grad():
         one = bool(((var + eps) == 1).all())
-        return (bool((mean == 0).all()) and one and (weight is None or bool((weight == 1).all()))
-                and (bias is None or bool((bias == 0).all())))
+        return (
+            bool((mean == 0).all())
+            and one
+            and (weight is None or bool((weight == 1).all()))
+            and (bias is None or bool((bias == 0).all()))
+        )
 
 
 def count_nodes(module: nn.Module) -> int:
@@ -1008,7 +1262,11 @@ def count_nodes(module: nn.Module) -> int:
     from torch import fx
 
     if isinstance(module, fx.GraphModule):
-        return sum(1 for node in module.graph.nodes if node.op in ("call_module", "call_function", "call_method"))
+        return sum(
+            1
+            for node in module.graph.nodes
+            if node.op in ("call_module", "call_function", "call_method")
+        )
     return sum(1 for _ in module.modules())
 
 

@@ -5,8 +5,8 @@ batch: a ``TorchFunctionMode`` sees every torch call, including functional activ
 (``torch.relu(self.fc(x))``) and the aten ops of a ``torch.export`` program, and follows the
 layer's output through shape, norm, pooling and arithmetic ops until it meets an activation
 (that one follows the layer) or another layer (then none does). TorchScript runs in C++ where no
-mode can see it; there the next activation module in definition order is used instead, and the
-report says so.
+mode can see it; there the same walk is done on the module's inlined graph, and only where that
+fails is the next activation module in definition order used (the report says so).
 
 The pass works on a deep copy: the caller's module is never changed. Each new tensor is written
 into the copy's existing ``Parameter`` in place, so shapes, dtypes, devices and tying (one
@@ -154,10 +154,10 @@ def find_layers(module: nn.Module, trace: ExecutionTrace | None) -> tuple[list[T
             layer = _recurrent_layer(path, kind, sub, direct)
         elif (kind == "Linear" or isinstance(sub, nn.Linear)) and "weight" in direct:
             layer = TorchLayer(path, kind, LayerRole.DENSE, f"{prefix}weight", _bias(prefix, direct))
-        elif (match := _CONV_TYPE.match(kind)) and "weight" in direct:
+        elif _CONV_TYPE.match(kind) and "weight" in direct:
             layer = TorchLayer(path, kind, LayerRole.CONV, f"{prefix}weight", _bias(prefix, direct),
                                groups=int(getattr(sub, "groups", 1)))
-        elif (match := _CONV_TRANSPOSE_TYPE.match(kind)) and "weight" in direct:
+        elif _CONV_TRANSPOSE_TYPE.match(kind) and "weight" in direct:
             layer = TorchLayer(path, kind, LayerRole.CONV_TRANSPOSE, f"{prefix}weight",
                                _bias(prefix, direct), groups=int(getattr(sub, "groups", 1)))
         elif "Norm" in kind and kind != "RMSNorm" and (direct or _has_running_stats(sub)):
@@ -424,6 +424,97 @@ def trace_execution(module: nn.Module, batches: list[ProbeBatch]) -> ExecutionTr
     return recorder.trace
 
 
+_SCRIPT_LAYER_OPS = frozenset({"aten::linear", "aten::conv1d", "aten::conv2d", "aten::conv3d",
+                               "aten::conv_transpose1d", "aten::conv_transpose2d",
+                               "aten::conv_transpose3d", "aten::_convolution", "aten::convolution"})
+
+
+def following_in_torchscript(module: nn.Module) -> dict[str, Following]:
+    """TorchScript: follow each layer's output through the inlined graph to the next activation.
+
+    Keyed by weight name. Values are named by walking ``prim::GetAttr`` chains from ``self``;
+    a weight that is not an attribute path (computed in forward) is skipped. Returns {} when the
+    graph cannot be read, and the caller falls back to module order.
+    """
+    try:
+        graph: Any = getattr(module, "inlined_graph")  # noqa: B009 - TorchScript-only attribute
+    except Exception:
+        return {}
+    inputs = list(graph.inputs())
+    if not inputs:
+        return {}
+    paths: dict[Any, str] = {inputs[0]: ""}
+    result: dict[str, Following] = {}
+
+    def walk(block: Any) -> None:
+        for node in block.nodes():
+            kind = node.kind()
+            if kind == "prim::GetAttr" and node.input() in paths:
+                base = paths[node.input()]
+                paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
+            elif kind in _SCRIPT_LAYER_OPS:
+                weight = paths.get(list(node.inputs())[1])
+                if weight is not None and weight not in result:
+                    fn, slope = _script_following(node.output())
+                    result[weight] = Following(fn, slope, ActivationSource.GRAPH)
+            for inner in node.blocks():
+                walk(inner)
+
+    walk(graph)
+    return result
+
+
+def _script_following(start: Any) -> tuple[str | None, float | None]:
+    queue = [start]
+    seen: set[str] = set()
+    while queue:
+        value = queue.pop(0)
+        if value.debugName() in seen:
+            continue
+        seen.add(value.debugName())
+        for use in value.uses():
+            user = use.user
+            kind = user.kind()
+            fn = _script_activation(kind)
+            if fn is not None:
+                return fn, _script_slope(fn, user)
+            if kind in _SCRIPT_LAYER_OPS:
+                continue
+            if kind == "prim::Return":  # a block's result flows out of the If/Loop that owns it
+                owner = user.owningBlock().owningNode()
+                if owner is not None:
+                    queue.extend(owner.outputs())
+                continue
+            queue.extend(user.outputs())
+    return None, None
+
+
+def _script_activation(kind: str) -> str | None:
+    import torch
+
+    if not kind.startswith("aten::"):
+        return None
+    name = kind.removeprefix("aten::")
+    if name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    packet = getattr(torch.ops.aten, name, None)
+    overload = getattr(packet, "default", None) if packet is not None else None
+    return activation_of_call(overload, (), {}) if overload is not None else None
+
+
+def _script_slope(fn: str, node: Any) -> float | None:
+    if fn not in ("leaky_relu", "rrelu"):
+        return None
+    try:
+        values = [i.toIValue() for i in list(node.inputs())[1:3]]
+    except Exception:
+        return None
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    if fn == "leaky_relu":
+        return numbers[0] if numbers else 0.01
+    return sum(numbers) / len(numbers) if len(numbers) == 2 else (1 / 8 + 1 / 3) / 2
+
+
 def following_by_module_order(module: nn.Module, layers: list[TorchLayer]) -> dict[str, Following]:
     """TorchScript fallback: the next activation module in definition order, before the next layer."""
     leaves = [(name, sub) for name, sub in module.named_modules() if not list(sub.children())]
@@ -483,7 +574,12 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     if trace is not None and not trace.ran:
         trace = None
     layers, declined = find_layers(module, trace)
-    by_order = following_by_module_order(module, layers) if trace is None else {}
+    by_order: dict[str, Following] = {}
+    if trace is None:
+        by_order = following_by_module_order(module, layers)
+        in_graph = following_in_torchscript(module) if scripted else {}
+        by_order.update({layer.name: in_graph[layer.weight] for layer in layers
+                         if layer.weight is not None and layer.weight in in_graph})
     selectable = [layer for layer in layers if layer.role is not LayerRole.NORM or options.reset_norm]
     chosen = select([layer.name for layer in selectable], options.layers)
     declined = [change for change in declined if matches_any(change.target, options.layers)]
@@ -524,10 +620,10 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
                              "to reset them, or recompute them on data before using the model in eval mode")
     if options.scheme is Scheme.LSUV:
         records = _lsuv(new, batches, records, layers, options)
-    if by_order:
-        notes.append("TorchScript: the activation after each layer was read from module order, so "
-                     "functional activations (torch.relu(...) in forward) are not seen; save the "
-                     "model as a state_dict with --arch or as a .pt2 program for exact data flow")
+    if any(f.source is ActivationSource.MODULE_ORDER for f in by_order.values()):
+        notes.append("TorchScript: for some layers the following activation could not be read from "
+                     "the graph and was taken from module definition order instead; save the model as "
+                     "a state_dict with --arch or as a .pt2 program for exact data flow")
     verify_untouched(module, new, {t.parameter for r in records for t in r.tensors}, aliases)
     return TorchReinitResult(module=new, layers=records, changes=changes, notes=_unique(notes))
 

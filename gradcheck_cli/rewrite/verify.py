@@ -42,16 +42,32 @@ BACKEND_ORT = "onnxruntime (graph optimisations disabled)"
 # half-precision models (eps ~1e-3) are not compared with a tolerance of 100 %.
 _EPS_MULTIPLE = 1000.0
 
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+_ONNX_DTYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
+}
 
 
 def relative_tolerance(dtype_name: str) -> float:
     """rtol for outputs of this dtype (0 for integers and booleans: they must match exactly)."""
     import numpy as np
 
-    eps = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
-           "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7}.get(dtype_name)
+    eps = {
+        "float64": float(np.finfo(np.float64).eps),
+        "float32": float(np.finfo(np.float32).eps),
+        "float16": float(np.finfo(np.float16).eps),
+        "bfloat16": 2.0**-7,
+    }.get(dtype_name)
     if eps is None:
         return 0.0
     return min(_EPS_MULTIPLE * eps, math.sqrt(eps))
@@ -68,10 +84,12 @@ def compare_outputs(
     import numpy as np
 
     if len(original) != len(rewritten):
-        raise ProbeError(f"the rewritten model returns {len(rewritten)} outputs, the original "
-                         f"{len(original)}", hint="this is a bug in gradcheck; please report it")
+        raise ProbeError(
+            f"the rewritten model returns {len(rewritten)} outputs, the original {len(original)}",
+            hint="this is a bug in gradcheck; please report it",
+        )
     checks = []
-    for name, dtype, ref, new in zip(names, dtypes, original, rewritten):
+    for name, dtype, ref, new in zip(names, dtypes, original, rewritten, strict=True):
         if ref.shape != new.shape:
             checks.append(OutputCheck(name, dtype, math.inf, math.inf, 0.0, 0.0, passed=False))
             continue
@@ -86,8 +104,17 @@ def compare_outputs(
         scale_for_tol = scale if scale > 0 else 1.0
         max_abs = float(diff.max()) if diff.size else 0.0
         tolerance = relative_tolerance(dtype) * scale_for_tol
-        checks.append(OutputCheck(name, dtype, max_abs, max_abs / scale_for_tol, scale, tolerance,
-                                  passed=max_abs <= tolerance))
+        checks.append(
+            OutputCheck(
+                name,
+                dtype,
+                max_abs,
+                max_abs / scale_for_tol,
+                scale,
+                tolerance,
+                passed=max_abs <= tolerance,
+            )
+        )
     return tuple(checks)
 
 
@@ -95,7 +122,9 @@ def compare_outputs(
 # PyTorch
 
 
-def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> tuple[list[str], list[Any], list[str]]:
+def torch_outputs(
+    module: nn.Module, batches: Sequence[ProbeBatch]
+) -> tuple[list[str], list[Any], list[str]]:
     """(names, arrays, dtypes) of every tensor the model returns, concatenated over the batches."""
     import numpy as np
     import torch
@@ -110,8 +139,10 @@ def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> tuple[lis
             for batch in batches:
                 per_batch.append(_flatten_outputs(module(*batch.args, **batch.kwargs)))
     except Exception as exc:
-        raise ProbeError(f"the model failed on the probe batch: {_first_line(exc)}",
-                         hint="pass --input-shape or --input with inputs the model accepts") from exc
+        raise ProbeError(
+            f"the model failed on the probe batch: {_first_line(exc)}",
+            hint="pass --input-shape or --input with inputs the model accepts",
+        ) from exc
     finally:
         set_eval(module, was_training)
     names = [name for name, _ in per_batch[0]]
@@ -120,7 +151,11 @@ def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> tuple[lis
     for index in range(len(names)):
         parts = [outputs[index][1] for outputs in per_batch]
         dtypes.append(str(parts[0].dtype).removeprefix("torch."))
-        joined = torch.cat([p.reshape(1, -1) if p.dim() == 0 else p for p in parts]) if len(parts) > 1 else parts[0]
+        joined = (
+            torch.cat([p.reshape(1, -1) if p.dim() == 0 else p for p in parts])
+            if len(parts) > 1
+            else parts[0]
+        )
         if joined.dtype == torch.bfloat16:
             joined = joined.float()
         arrays.append(np.asarray(joined.detach().cpu().numpy()))
@@ -133,17 +168,30 @@ def _flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]
     if isinstance(value, torch.Tensor):
         return [(prefix, value)]
     if isinstance(value, Mapping):
-        return [item for key, inner in value.items() for item in _flatten_outputs(inner, f"{prefix}.{key}")]
+        return [
+            item
+            for key, inner in value.items()
+            for item in _flatten_outputs(inner, f"{prefix}.{key}")
+        ]
     if isinstance(value, (list, tuple)):
         fields = getattr(value, "_fields", None)
         labels = list(fields) if fields else [str(i) for i in range(len(value))]
-        return [item for label, inner in zip(labels, value) for item in _flatten_outputs(inner, f"{prefix}.{label}")]
+        return [
+            item
+            for label, inner in zip(labels, value, strict=True)
+            for item in _flatten_outputs(inner, f"{prefix}.{label}")
+        ]
     return []
 
 
-def verify_torch(original: nn.Module, rewritten: nn.Module, batches: Sequence[ProbeBatch], *,
-                 backend: str = BACKEND_TORCH,
-                 reference: tuple[list[str], list[Any], list[str]] | None = None) -> Verification:
+def verify_torch(
+    original: nn.Module,
+    rewritten: nn.Module,
+    batches: Sequence[ProbeBatch],
+    *,
+    backend: str = BACKEND_TORCH,
+    reference: tuple[list[str], list[Any], list[str]] | None = None,
+) -> Verification:
     names, ref, dtypes = reference or torch_outputs(original, batches)
     _, new, _ = torch_outputs(rewritten, batches)
     samples = sum(batch.size for batch in batches)
@@ -164,14 +212,19 @@ def onnx_session(model: onnx.ModelProto) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
-        raise LoadError(f"onnxruntime cannot run the model: {_first_line(exc)}",
-                        hint="check the model with onnx.checker; unsupported ops or opsets cannot be "
-                        "verified") from exc
+        raise LoadError(
+            f"onnxruntime cannot run the model: {_first_line(exc)}",
+            hint="check the model with onnx.checker; unsupported ops or opsets cannot be verified",
+        ) from exc
 
 
-def onnx_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, Any]]) -> tuple[list[str], list[Any], list[str]]:
+def onnx_outputs(
+    model: onnx.ModelProto, feeds: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[Any], list[str]]:
     import numpy as np
 
     session = onnx_session(model)
@@ -181,23 +234,37 @@ def onnx_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, Any]]) -> tup
         try:
             per_batch.append(session.run(names, feed))
         except Exception as exc:
-            raise ProbeError(f"onnxruntime failed on the probe batch: {_first_line(exc)}",
-                             hint="pass --input-shape or --input with inputs the model accepts") from exc
-    arrays = [np.concatenate([outputs[i] for outputs in per_batch]) if len(per_batch) > 1 and
-              np.ndim(per_batch[0][i]) else np.asarray(per_batch[0][i]) for i in range(len(names))]
+            raise ProbeError(
+                f"onnxruntime failed on the probe batch: {_first_line(exc)}",
+                hint="pass --input-shape or --input with inputs the model accepts",
+            ) from exc
+    arrays = [
+        np.concatenate([outputs[i] for outputs in per_batch])
+        if len(per_batch) > 1 and np.ndim(per_batch[0][i])
+        else np.asarray(per_batch[0][i])
+        for i in range(len(names))
+    ]
     dtypes = [str(a.dtype) for a in arrays]
     return names, arrays, dtypes
 
 
-def verify_onnx(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[dict[str, Any]]) -> Verification:
+def verify_onnx(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[dict[str, Any]]
+) -> Verification:
     import numpy as np
 
     names, ref, dtypes = onnx_outputs(original, feeds)
     new_names, new, _ = onnx_outputs(rewritten, feeds)
     if new_names != names:
-        raise ProbeError(f"the rewritten graph's outputs {new_names} differ from the original's {names}",
-                         hint="this is a bug in gradcheck; please report it")
-    samples = sum(int(np.shape(next(iter(feed.values())))[0]) if feed else 1 for feed in feeds) if feeds else 0
+        raise ProbeError(
+            f"the rewritten graph's outputs {new_names} differ from the original's {names}",
+            hint="this is a bug in gradcheck; please report it",
+        )
+    samples = (
+        sum(int(np.shape(next(iter(feed.values())))[0]) if feed else 1 for feed in feeds)
+        if feeds
+        else 0
+    )
     return Verification(BACKEND_ORT, samples, compare_outputs(names, ref, new, dtypes=dtypes))
 
 
@@ -213,25 +280,36 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
 
         args, kwargs = _read_input_file(options.input_file)
         arrays = [t.detach().cpu().numpy() for t in args]
-        feed = dict(zip([i.name for i in inputs], arrays)) if args else {k: v.numpy() for k, v in kwargs.items()}
+        feed = (
+            dict(zip([i.name for i in inputs], arrays, strict=False))
+            if args
+            else {k: v.numpy() for k, v in kwargs.items()}
+        )
         missing = [i.name for i in inputs if i.name not in feed]
         if missing:
-            raise UsageError(f"--input does not provide the graph inputs {missing}",
-                             hint="save a tuple in graph-input order, or a dict keyed by input name")
+            raise UsageError(
+                f"--input does not provide the graph inputs {missing}",
+                hint="save a tuple in graph-input order, or a dict keyed by input name",
+            )
         total = int(next(iter(feed.values())).shape[0])
         step = min(batch_size or total, total)
-        return [{k: v[start:start + step] for k, v in feed.items()} for start in range(0, total, step)]
+        return [
+            {k: v[start : start + step] for k, v in feed.items()} for start in range(0, total, step)
+        ]
     generator = np.random.default_rng(options.seed)
     shapes: list[tuple[int, ...]] = []
     if options.input_shapes:
         if len(options.input_shapes) != len(inputs):
-            raise UsageError(f"the graph has {len(inputs)} inputs but {len(options.input_shapes)} "
-                             "--input-shape were given", hint="give one --input-shape per graph input")
+            raise UsageError(
+                f"the graph has {len(inputs)} inputs but {len(options.input_shapes)} "
+                "--input-shape were given",
+                hint="give one --input-shape per graph input",
+            )
         shapes = [tuple(s) for s in options.input_shapes]
     else:
         for value in inputs:
             dims = value.type.tensor_type.shape.dim
-            shape = []
+            shape: list[int] = []
             for position, dim in enumerate(dims):
                 if dim.HasField("dim_value") and dim.dim_value > 0:
                     size = int(dim.dim_value)
@@ -239,23 +317,27 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
                 elif position == 0:
                     shape.append(batch_size or 8)
                 else:
-                    raise UsageError(f"graph input '{value.name}' has a symbolic dimension "
-                                     f"'{dim.dim_param or '?'}' at position {position}",
-                                     hint="pass --input-shape for each graph input (e.g. 8,3,224,224)")
+                    raise UsageError(
+                        f"graph input '{value.name}' has a symbolic dimension "
+                        f"'{dim.dim_param or '?'}' at position {position}",
+                        hint="pass --input-shape for each graph input (e.g. 8,3,224,224)",
+                    )
             shapes.append(tuple(shape))
     feeds = []
     for _ in range(options.batches):
         feed = {}
-        for value, shape in zip(inputs, shapes):
+        for value, input_shape in zip(inputs, shapes, strict=True):
             dtype_name = _ONNX_DTYPES.get(value.type.tensor_type.elem_type, "float32")
             if options.input_dtype is not None:
                 dtype_name = options.input_dtype
-            feed[value.name] = _draw(generator, shape, dtype_name, options.input_range)
+            feed[value.name] = _draw(generator, input_shape, dtype_name, options.input_range)
         feeds.append(feed)
     return feeds
 
 
-def _draw(generator: Any, shape: tuple[int, ...], dtype_name: str, value_range: tuple[float, float] | None) -> Any:
+def _draw(
+    generator: Any, shape: tuple[int, ...], dtype_name: str, value_range: tuple[float, float] | None
+) -> Any:
     import numpy as np
 
     if dtype_name in ("float32", "float64", "float16"):
