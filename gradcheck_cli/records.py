@@ -105,6 +105,19 @@ class LayerStats:
     grad: GradStats | None = None
     params: int = 0  # number of parameters the row owns directly
     init: InitScale | None = None
+    histograms: Histograms | None = None  # with --histograms; bins are Report.histogram_edges
+
+
+@dataclass(frozen=True)
+class Histograms:
+    """Counts per fixed bin of the row's output and of dLoss/dOutput over the whole probe.
+
+    There is one more count than there are edges: count i covers (edges[i-1], edges[i]], the first
+    and last are the overflow bins. NaN is never binned (OutputStats.nan counts it).
+    """
+
+    output: tuple[int, ...] | None
+    output_grad: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,7 @@ class Report:
     layers: tuple[LayerStats, ...]
     findings: tuple[Finding, ...] = ()
     notes: tuple[str, ...] = ()
+    histogram_edges: tuple[float, ...] | None = None
     schema_version: str = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

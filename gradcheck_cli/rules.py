@@ -582,36 +582,45 @@ def configure(
     ignore: Sequence[str] = (),
     overrides: dict[str, RuleOverride] | None = None,
     where: str = "rules",
+    rules_where: str = "rules",
 ) -> tuple[Rule, ...]:
     """The active rules: ``select`` (default all) minus ``ignore``, with overrides applied.
 
     ``overrides`` is keyed by code or name. Mandatory rules (non-finite) stay on and stay errors:
-    a NaN makes every other number meaningless, so no configuration may hide it.
+    a NaN makes every other number meaningless, so no configuration may hide it. ``where`` and
+    ``rules_where`` say where the selection and the overrides came from, for error messages.
     """
     chosen = (
-        {r.code for s in select for r in resolve(s)}
+        {r.code for s in select for r in _located(s, f"{where} select")}
         if select is not None
         else {r.code for r in RULES}
     )
     for selector in ignore:
-        for rule in resolve(selector):
+        for rule in _located(selector, f"{where} ignore"):
             if rule.mandatory:
                 raise ConfigError(
-                    f"{where}: {rule.code} {rule.name} cannot be ignored",
+                    f"{where} ignore: {rule.code} {rule.name} cannot be ignored",
                     hint="non-finite values are always an error",
                 )
             chosen.discard(rule.code)
     configured: dict[str, Rule] = {}
     for key, override in (overrides or {}).items():
-        matched = resolve(key)
+        matched = _located(key, f"{rules_where}.{key}")
         if len(matched) != 1:
             raise ConfigError(
-                f"{where}.{key}: settings need one rule, not a prefix",
+                f"{rules_where}.{key}: settings need one rule, not a prefix",
                 hint="use a full code (GC101) or name (dead-relu)",
             )
         rule = configured.get(matched[0].code, matched[0])
-        configured[rule.code] = _apply(rule, override, f"{where}.{key}")
+        configured[rule.code] = _apply(rule, override, f"{rules_where}.{key}")
     return tuple(configured.get(r.code, r) for r in RULES if r.code in chosen or r.mandatory)
+
+
+def _located(selector: str, where: str) -> tuple[Rule, ...]:
+    try:
+        return resolve(selector)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def _apply(rule: Rule, override: RuleOverride, where: str) -> Rule:

@@ -39,3 +39,18 @@ class Moments:
     def variance(self) -> float:
         """Population variance (divide by n): the probe batch is the whole population measured."""
         return self.m2 / self.count if self.count else math.nan
+
+
+# Fixed, data-independent histogram edges, so that histograms of different micro-batches (and of
+# different layers) share their bins and merge exactly by adding counts. Symmetric-log: four
+# bins per decade for 1e-8 <= |x| <= 1e4, one bin for |x| < 1e-8, and an overflow bin at each end.
+HISTOGRAM_BINS_PER_DECADE = 4
+HISTOGRAM_MIN_DECADE = -8
+HISTOGRAM_MAX_DECADE = 4
+
+
+def histogram_edges() -> list[float]:
+    """Bin edges, ascending; bin i holds values in (edges[i-1], edges[i]] (bin 0: up to edges[0])."""
+    steps = range(HISTOGRAM_MIN_DECADE * HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_MAX_DECADE * HISTOGRAM_BINS_PER_DECADE + 1)
+    positive = [10.0 ** (k / HISTOGRAM_BINS_PER_DECADE) for k in steps]
+    return [-x for x in reversed(positive)] + positive

@@ -320,3 +320,26 @@ def test_input_shape_inferred_from_first_layer() -> None:
     emb = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 2))
     spec = api.inspect_module(emb, ProbeOptions(loss=LossKind.MSE)).probe.inputs[0]
     assert (spec.dtype, spec.low, spec.high) == ("int64", 0.0, 50.0)
+
+
+def test_histograms_merge_exactly_and_count_every_value() -> None:
+    from gradcheck_cli.stats import histogram_edges
+
+    one = probe(KilledMLP("torch"), (32, 8), histograms=True)
+    four = probe(KilledMLP("torch"), (8, 8), batches=4, histograms=True)
+    assert one.histogram_edges == tuple(histogram_edges())
+    for a, b in zip(one.layers, four.layers, strict=True):
+        assert a.histograms is not None and b.histograms is not None
+        assert a.histograms == b.histograms  # integer counts: exactly equal
+        assert a.histograms.output is not None and sum(a.histograms.output) == a.output.count
+        assert a.histograms.output_grad is not None and sum(a.histograms.output_grad) == a.output.count
+    # Independent check against numpy on the first row (fc1's output).
+    import numpy as np
+
+    model = KilledMLP("torch").eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    values = model.fc1(x).detach().numpy().ravel()
+    edges = np.array(histogram_edges(), dtype=np.float32)
+    expected = np.bincount(np.searchsorted(edges, values.astype(np.float32), side="left"), minlength=len(edges) + 1)
+    assert one.layers[0].histograms is not None
+    assert list(one.layers[0].histograms.output or ()) == expected.tolist()

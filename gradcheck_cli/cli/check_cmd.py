@@ -332,7 +332,8 @@ def _run(settings: Settings, paths: list[Path], *, debug: bool) -> GateResult:
         select=settings.select,
         ignore=settings.ignore,
         overrides=settings.rules,
-        where="--select/--ignore/--threshold/--severity",
+        where="--select/--ignore",
+        rules_where="--threshold/--severity",
     )
     p = settings.probe
     probe = build_probe_options(

@@ -10,7 +10,7 @@ import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.common import EXIT_OK, fail, parse_range, user_errors, write_text
-from gradcheck_cli.probe.options import DEFAULT_SATURATION_CUTOFF, LossKind, Mode
+from gradcheck_cli.probe.options import DEFAULT_SATURATION_CUTOFF, LossKind, Mode, ProbeOptions
 
 
 class ReportFormat(str, Enum):
@@ -22,9 +22,9 @@ def build_probe_options(
     *, device: str, input_file: Path | None, input_shape: list[str] | None, input_dtype: str | None,
     input_range: str | None, batch_size: int | None, batches: int, seed: int, loss: LossKind,
     target: Path | None, mode: Mode, model_output: str | None, saturation_cutoff: float,
-) -> object:
+    histograms: bool = False,
+) -> ProbeOptions:
     from gradcheck_cli.probe.batch import InputOptions, parse_shape
-    from gradcheck_cli.probe.options import ProbeOptions
 
     if not 0 < saturation_cutoff < 1:
         raise fail(f"--saturation-cutoff {saturation_cutoff} must be between 0 and 1",
@@ -34,7 +34,7 @@ def build_probe_options(
         input_dtype=input_dtype, input_range=parse_range(input_range), batch_size=batch_size,
         batches=batches, seed=seed)
     return ProbeOptions(inputs=inputs, loss=loss, target_file=target, mode=mode, device=device,
-                        output=model_output, saturation_cutoff=saturation_cutoff)
+                        output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms)
 
 
 def inspect(
@@ -67,6 +67,9 @@ def inspect(
     saturation_cutoff: Annotated[float, typer.Option(
         "--saturation-cutoff", help="Saturated = local derivative below this fraction of its maximum.",
         rich_help_panel="Probe")] = DEFAULT_SATURATION_CUTOFF,
+    histograms: Annotated[bool, typer.Option(
+        "--histograms", help="Add fixed-bin histograms of every row's output and output gradient to the JSON.",
+        rich_help_panel="Probe")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Probe a model whose weights hold NaN/Inf instead of refusing it.",
         rich_help_panel="Loading")] = False,
@@ -89,11 +92,12 @@ def inspect(
         probe = build_probe_options(
             device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
             input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
-            target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff)
+            target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
+            histograms=histograms)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
                                trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
         with progress_on_stderr(f"probing {model.name}") as progress:
-            report = api.inspect(model, load_options=load, probe=probe, progress=progress)  # type: ignore[arg-type]
+            report = api.inspect(model, load_options=load, probe=probe, progress=progress)
         report = with_findings(report)
         if output is not None:
             write_text(render_json(report), output)

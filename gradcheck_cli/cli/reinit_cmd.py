@@ -90,11 +90,11 @@ def reinit(
                               batch_size=batch_size, batches=batches, seed=seed)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                                strict=not non_strict, trust_pickle=trust_pickle)
-        if not dry_run:
-            sys.stderr.write("warning: reinit is an unsafe rewrite: it discards the trained weights of "
-                             "every re-initialised layer\n")
         report = run_reinit(model, out=out, options=options, load=load,
                             probe=ProbeOptions(inputs=inputs, device=device), dry_run=dry_run, force=force)
+        if report.written:
+            sys.stderr.write(f"warning: unsafe rewrite: {out} holds re-initialised weights; the trained "
+                             f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n")
         if report_format is ReportFormat.JSON:
             write_text(reinit_json(report), None)
         else:

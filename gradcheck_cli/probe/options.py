@@ -50,3 +50,6 @@ class ProbeOptions:
     # HF-style outputs. None: 'logits' if present, else the first tensor.
     output: str | None = None
     saturation_cutoff: float = DEFAULT_SATURATION_CUTOFF
+    # Collect fixed-bin histograms of every row's output and output gradient (one more pass over
+    # each tensor; off by default, on for the HTML report).
+    histograms: bool = False

@@ -16,6 +16,7 @@ from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, saturated_m
 from gradcheck_cli.records import (
     DeadUnits,
     GradStats,
+    Histograms,
     LayerStats,
     OutputStats,
     RowKind,
@@ -49,6 +50,8 @@ class Row:
     has_grad: bool = False
     alive: torch.Tensor | None = None  # per-unit 'was ever non-zero', OR-merged across batches
     axis: int = 1
+    hist_output: torch.Tensor | None = None  # counts per histogram bin, summed over micro-batches
+    hist_grad: torch.Tensor | None = None
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_grad: list[torch.Tensor] = field(default_factory=list)
     seen_output: bool = False
@@ -57,9 +60,26 @@ class Row:
 class Recorder:
     """Owns every row of one probe, in the order rows first produced an output."""
 
-    def __init__(self, *, saturation_cutoff: float) -> None:
+    def __init__(self, *, saturation_cutoff: float, histograms: bool = False) -> None:
         self.saturation_cutoff = saturation_cutoff
         self.rows: dict[str, Row] = {}
+        self.histograms = histograms
+        self._edges: dict[torch.device, torch.Tensor] = {}
+
+    def _histogram(self, flat: torch.Tensor, n_nan: torch.Tensor | None) -> torch.Tensor:
+        """Counts per fixed bin (see stats.histogram_edges); NaN is counted apart, never binned."""
+        import torch
+
+        edges = self._edges.get(flat.device)
+        if edges is None:
+            from gradcheck_cli.stats import histogram_edges
+
+            edges = torch.tensor(histogram_edges(), dtype=torch.float32, device=flat.device)
+            self._edges[flat.device] = edges
+        counts = torch.bincount(torch.bucketize(flat.float(), edges), minlength=edges.numel() + 1)
+        if n_nan is not None:
+            counts[-1] -= n_nan  # bucketize puts NaN in the top overflow bin
+        return counts
 
     def row(self, name: str, **attributes: object) -> Row:
         existing = self.rows.get(name)
@@ -95,6 +115,9 @@ class Recorder:
                 low.to(torch.float64), high.to(torch.float64), n_nan.to(torch.float64),
                 n_inf.to(torch.float64), saturated.to(torch.float64),
             ]))
+            if self.histograms:
+                counts = self._histogram(flat, n_nan)
+                row.hist_output = counts if row.hist_output is None else row.hist_output + counts
             if row.fn in RELU_FAMILY and y.dim() >= 1:
                 row.axis = unit_axis(tuple(y.shape), row.channel_first)
                 dims = [d for d in range(y.dim()) if d != row.axis]
@@ -108,7 +131,11 @@ class Recorder:
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                row.pending_grad.append(grad.detach().float().pow(2).sum(dtype=torch.float64))
+                flat = grad.detach().reshape(-1)
+                row.pending_grad.append(flat.float().pow(2).sum(dtype=torch.float64))
+                if self.histograms:
+                    counts = self._histogram(flat, torch.isnan(flat).sum())
+                    row.hist_grad = counts if row.hist_grad is None else row.hist_grad + counts
 
         return hook
 
@@ -175,11 +202,16 @@ class Recorder:
                 grad_norm, weight_norm = param_grads[row.name]
                 ratio = grad_norm / weight_norm if grad_norm is not None and weight_norm > 0 else None
                 grad = GradStats(norm=grad_norm, weight_norm=weight_norm, ratio=ratio)
+            histogram = None
+            if self.histograms and (row.hist_output is not None or row.hist_grad is not None):
+                histogram = Histograms(
+                    output=tuple(int(c) for c in row.hist_output.tolist()) if row.hist_output is not None else None,
+                    output_grad=tuple(int(c) for c in row.hist_grad.tolist()) if row.hist_grad is not None else None)
             out.append(LayerStats(
                 index=len(out), name=row.name, type=row.type, kind=row.kind, module=row.module,
                 shape=row.shape, output=output,
                 output_grad_norm=math.sqrt(row.grad_sumsq) if row.has_grad else None,
                 fn=row.fn, dead=dead, saturation=saturation, grad=grad,
-                params=param_counts.get(row.name, 0),
+                params=param_counts.get(row.name, 0), histograms=histogram,
             ))
         return out

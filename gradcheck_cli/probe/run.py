@@ -22,6 +22,7 @@ from gradcheck_cli.probe.loss import LossFunction, select_output
 from gradcheck_cli.probe.options import Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder
 from gradcheck_cli.records import ModelInfo, ProbeInfo, Report, ToolInfo
+from gradcheck_cli.stats import histogram_edges
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +38,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
-    recorder = Recorder(saturation_cutoff=options.saturation_cutoff)
+    recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
         GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
@@ -77,7 +78,8 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     model = ModelInfo(path=str(loaded.path), format=str(loaded.format),
                       parameters=sum(p.numel() for p in loaded.module.parameters()))
     return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
-                  layers=tuple(layers), notes=tuple(loaded.notes + notes))
+                  layers=tuple(layers), notes=tuple(loaded.notes + notes),
+                  histogram_edges=tuple(histogram_edges()) if options.histograms else None)
 
 
 def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:

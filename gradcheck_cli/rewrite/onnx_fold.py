@@ -230,6 +230,13 @@ class _GraphFolder:
             value = _attr(constant, "value", None)
             if value is not None:
                 return numpy_helper.to_array(value).copy()
+        # The TorchScript exporter deduplicates equal initializers (e.g. every untouched
+        # running_var of ones) and re-exposes them through Identity nodes: see through those.
+        producer = self._producer(name)
+        if producer is not None and producer.op_type == "Identity" and producer.domain in _DEFAULT_DOMAINS:
+            if self._is_graph_input(producer.input[0]):
+                return None
+            return self._const(producer.input[0])
         return None
 
     def _is_graph_input(self, name: str) -> bool:
@@ -759,23 +766,25 @@ class _GraphFolder:
 
     def finish(self) -> None:
         live = self._live_nodes()
-        used: Counter[str] = Counter()
-        for node in live:
-            used.update(node.input)
-        for names in self._subgraph_readers():
-            used.update(names)
-        used.update(self.graph_outputs)
-        # Constant nodes we orphaned go too, then the initializers we orphaned.
-        live = [
-            n
-            for n in live
-            if not (
-                n.op_type == "Constant"
+        # Constant/Identity nodes that only fed what we folded go, then (transitively) what they
+        # read, then the initializers we orphaned. Nothing else is touched.
+        while True:
+            used = self._used_names(live)
+            dead = [
+                n
+                for n in live
+                if n.op_type in ("Constant", "Identity")
+                and n.domain in _DEFAULT_DOMAINS
                 and n.output
                 and n.output[0] in self.orphan_candidates
                 and not used[n.output[0]]
-            )
-        ]
+            ]
+            if not dead:
+                break
+            for node in dead:
+                self.orphan_candidates.update(node.input)
+                self.dropped_names.update(node.output)
+            live = [n for n in live if all(n is not d for d in dead)]
         del self.graph.node[:]
         self.graph.node.extend(live)
         keep = [
@@ -793,6 +802,15 @@ class _GraphFolder:
         ]
         for value in stale:
             self.graph.value_info.remove(value)
+
+    def _used_names(self, live: list[onnx.NodeProto]) -> Counter[str]:
+        used: Counter[str] = Counter()
+        for node in live:
+            used.update(node.input)
+        for names in self._subgraph_readers():
+            used.update(names)
+        used.update(self.graph_outputs)
+        return used
 
 
 def _torch_dtype(numpy_dtype: Any) -> Any:

@@ -598,6 +598,7 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     records: list[LayerInit] = []
     changes: list[Change] = list(declined)
     notes: list[str] = []
+    stale_norms: list[str] = []
     for layer in layers:
         if layer.name not in chosen:
             continue
@@ -613,14 +614,15 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
         changes.append(Change(layer.name, f"reinit:{record.scheme}", detail + (
             f" (shared with {', '.join(shared)})" if shared else "")))
         if trace is not None and layer.weight and not options.reset_norm:
-            stale = sorted(trace.norms_after.get(layer.weight, set()) & _norms_with_stats(layers))
-            for norm in stale:
-                notes.append(f"{norm.removesuffix('.weight')} normalises the output of {layer.name}, and its "
-                             "running statistics were measured with the old weights; pass --reset-norm "
-                             "to reset them, or recompute them on data before using the model in eval mode")
+            stale_norms.extend(sorted(trace.norms_after.get(layer.weight, set()) & _norms_with_stats(layers)))
+    if stale_norms:
+        names = ", ".join(dict.fromkeys(norm.removesuffix(".weight") for norm in stale_norms))
+        notes.append(f"the running statistics of {names} were measured on the outputs of the old weights; "
+                     "pass --reset-norm to reset them to (0, 1), or recompute them on data before using "
+                     "the model in eval mode")
     if options.scheme is Scheme.LSUV:
         records = _lsuv(new, batches, records, layers, options)
-    if any(f.source is ActivationSource.MODULE_ORDER for f in by_order.values()):
+    if any(record.activation_source is ActivationSource.MODULE_ORDER for record in records):
         notes.append("TorchScript: for some layers the following activation could not be read from "
                      "the graph and was taken from module definition order instead; save the model as "
                      "a state_dict with --arch or as a .pt2 program for exact data flow")
