@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.run import Progress
+    from gradcheck_cli.rules import Rule
 
-__all__ = ["InputOptions", "LoadOptions", "LossKind", "Mode", "ProbeOptions", "inspect",
+__all__ = ["InputOptions", "LoadOptions", "LossKind", "Mode", "ProbeOptions", "check", "inspect", "inspect_onnx",
            "inspect_model", "inspect_module", "load"]
 
 
@@ -51,10 +52,27 @@ def inspect(path: Path, *, load_options: LoadOptions | None = None, probe: Probe
     """Load ``path`` and probe it: one row per layer and activation call, in execution order."""
     load_options = load_options or LoadOptions()
     probe = probe or ProbeOptions()
+    if _is_onnx(path):
+        return inspect_onnx(path, probe=probe, allow_nonfinite=load_options.allow_nonfinite, progress=progress)
     loaded = load(path, load_options, device=probe.device)
     if not load_options.allow_nonfinite:
         check_finite_weights(loaded)
     return inspect_model(loaded, probe, progress=progress)
+
+
+def _is_onnx(path: Path) -> bool:
+    from gradcheck_cli.model.formats import ModelFormat, detect_format
+
+    return detect_format(path) is ModelFormat.ONNX
+
+
+def inspect_onnx(path: Path, *, probe: ProbeOptions | None = None, allow_nonfinite: bool = False,
+                 progress: Progress | None = None) -> Report:
+    """Probe an ONNX model: activation statistics from onnxruntime on the real graph, gradients
+    from gradcheck's torch lowering of it (checked against onnxruntime; see ``probe.lowering``)."""
+    from gradcheck_cli.onnx.run import run_onnx_probe
+
+    return run_onnx_probe(path, probe or ProbeOptions(), progress=progress, allow_nonfinite=allow_nonfinite)
 
 
 def inspect_model(loaded: LoadedModel, probe: ProbeOptions | None = None, *,
@@ -88,3 +106,14 @@ def check_finite_weights(loaded: LoadedModel) -> None:
             raise LoadError(f"{loaded.path}: '{name}' holds {bad} NaN/Inf value(s) of {tensor.numel()}",
                             hint="restore a checkpoint from before training diverged, or pass "
                             "--allow-nonfinite to probe it anyway")
+
+
+def check(path: Path, *, load_options: LoadOptions | None = None, probe: ProbeOptions | None = None,
+          rules: tuple[Rule, ...] | None = None, progress: Progress | None = None) -> Report:
+    """What ``gradcheck check`` computes for one model: the checkpoint scanned (NaN/Inf tensors
+    are findings, not errors), the probe report with ``init`` measured, and the rules' findings."""
+    from gradcheck_cli.check import check_path
+    from gradcheck_cli.rules import RULES
+
+    return check_path(path, load_options=load_options or LoadOptions(), probe=probe or ProbeOptions(),
+                      rules=RULES if rules is None else rules, progress=progress)

@@ -38,16 +38,13 @@ class Baseline:
     models: dict[str, tuple[BaselineFinding, ...]]
 
     def for_model(self, path: str) -> tuple[BaselineFinding, ...] | None:
-        """The baseline of ``path``: same path, else same file name, else the only model there."""
+        """The baseline of ``path``: the same path, else the one entry with the same file name
+        (a checkout in another directory). None: the model is not in the baseline (all new)."""
         if path in self.models:
             return self.models[path]
         name = Path(path).name
         by_name = [found for key, found in self.models.items() if Path(key).name == name]
-        if len(by_name) == 1:
-            return by_name[0]
-        if len(self.models) == 1:
-            return next(iter(self.models.values()))
-        return None
+        return by_name[0] if len(by_name) == 1 else None
 
 
 def load_baseline(path: Path) -> Baseline:

@@ -43,9 +43,13 @@ def check_path(
     (None there means the baseline has no entry for this model: everything is new).
     """
     from gradcheck_cli import api
+    from gradcheck_cli.model.formats import ModelFormat, detect_format
 
-    loaded = api.load(path, replace(load_options, allow_nonfinite=True), device=probe.device)
-    report = _checked(loaded, probe, rules, progress)
+    if detect_format(path) is ModelFormat.ONNX:
+        report = _checked_onnx(path, probe, rules, progress)
+    else:
+        loaded = api.load(path, replace(load_options, allow_nonfinite=True), device=probe.device)
+        report = _checked(loaded, probe, rules, progress)
     if use_baseline:
         report = replace(report, findings=compare(report.findings, baseline, tolerance=tolerance))
     return report
@@ -67,9 +71,18 @@ def check_module(
     return _checked(loaded, probe, rules, progress)
 
 
-def _checked(
-    loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None
-) -> Report:
+def _checked_onnx(path: Path, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None) -> Report:
+    """ONNX: the initializers are scanned, the graph probed; init-scale is not measured (the
+    weight layouts of Gemm/MatMul/Conv nodes are not mapped to layers yet)."""
+    from gradcheck_cli import api
+    from gradcheck_cli.scan import scan_onnx
+
+    scan = scan_onnx(path)
+    report = api.inspect_onnx(path, probe=probe, allow_nonfinite=True, progress=progress)
+    return replace(report, findings=evaluate(report, rules, scan=scan))
+
+
+def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None) -> Report:
     from gradcheck_cli import api
     from gradcheck_cli.init_scale import with_init_scales
     from gradcheck_cli.scan import scan_module
@@ -129,18 +142,11 @@ class GateResult:
         """The one line printed at the end, e.g. 'gradcheck: 2 models, 1 error, 0 warnings, 0 info:
         failed (1 finding(s) at or above error)'."""
         models = len(self.outcomes)
-        counts = ", ".join(
-            _counted(self.count(s), s) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)
-        )
+        counts = ", ".join(_counted(self.count(s), s) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO))
         gating = sum(len(self.failing(o)) for o in self.outcomes)
         accepted = ""
         if self.baseline:
-            known = sum(
-                1
-                for o in self.outcomes
-                for f in o.findings
-                if f.baseline is BaselineStatus.UNCHANGED
-            )
+            known = sum(1 for o in self.outcomes for f in o.findings if f.baseline is BaselineStatus.UNCHANGED)
             accepted = f", {known} unchanged from the baseline"
         broken = sum(1 for o in self.outcomes if o.error is not None)
         if broken:

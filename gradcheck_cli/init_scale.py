@@ -91,7 +91,9 @@ def _init_scale(
     expected = gain * gain / fan.pick(default_mode(scheme))
     with torch.no_grad():
         finite = weight.detach()[torch.isfinite(weight.detach())].double()
-        measured = float(finite.var(unbiased=False)) if finite.numel() else float("nan")
+        if not finite.numel():
+            return None  # all NaN/Inf: GC001 reports the tensor; a variance would say nothing
+        measured = float(finite.var(unbiased=False))
     return InitScale(
         scheme=str(scheme),
         activation=fn,

@@ -147,6 +147,18 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class LoweringCheck:
+    """How an ONNX graph's gradients were obtained: its torch lowering, checked against
+    onnxruntime on every micro-batch. ``ok`` False means every gradient field is null."""
+
+    ok: bool
+    max_abs_error: float | None  # largest |lowered - onnxruntime| over the outputs (None: not run)
+    tolerance: float | None  # the error allowed: atol + rtol * max|output|
+    unsupported_ops: tuple[str, ...]  # operators the lowering has no function for
+    reason: str | None  # why gradients are null (None when ok)
+
+
+@dataclass(frozen=True)
 class ProbeInfo:
     inputs: tuple[InputSpec, ...]
     batch_size: int
@@ -158,7 +170,8 @@ class ProbeInfo:
     device: str
     output: str  # which model output the loss was taken from
     saturation_cutoff: float
-    method: str  # how the model was instrumented: 'hooks' or 'graph'
+    method: str  # how the model was instrumented: 'hooks', 'graph' or 'onnxruntime'
+    lowering: LoweringCheck | None = None  # ONNX models only: the gradient lowering's check
 
 
 @dataclass(frozen=True)

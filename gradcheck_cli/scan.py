@@ -8,6 +8,7 @@ tensor's own state_dict key. torch is imported inside the function; the records 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,9 +63,7 @@ def scan_module(module: nn.Module) -> CheckpointScan:
         for owner_path, owner in module.named_modules():
             tensors = list(owner._parameters.items()) + list(owner._buffers.items())
             for leaf, tensor in tensors:
-                if tensor is None or not (
-                    tensor.dtype.is_floating_point or tensor.dtype.is_complex
-                ):
+                if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
                     continue
                 finite = torch.isfinite(tensor)
                 if bool(finite.all()):
@@ -79,11 +78,7 @@ def scan_module(module: nn.Module) -> CheckpointScan:
                         count=tensor.numel(),
                     )
                 )
-            if (
-                isinstance(owner, _BatchNorm)
-                and owner.running_var is not None
-                and owner.running_mean is not None
-            ):
+            if isinstance(owner, _BatchNorm) and owner.running_var is not None and owner.running_mean is not None:
                 var = owner.running_var.detach().double()
                 mean = owner.running_mean.detach().double()
                 finite_var = var[torch.isfinite(var)]
@@ -99,4 +94,44 @@ def scan_module(module: nn.Module) -> CheckpointScan:
                         default_stats=bool((mean == 0).all() and (var == 1).all()),
                     )
                 )
+    return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms))
+
+
+def scan_onnx(path: Path) -> CheckpointScan:
+    """The same scan over an ONNX file's initializers; BatchNormalization's running variance is
+    its fifth input. ONNX keeps no ``num_batches_tracked``, so 'never updated' cannot be told."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    nonfinite: list[NonFiniteTensor] = []
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        finite = np.isfinite(array)
+        if bool(finite.all()):
+            continue
+        nan = int(np.isnan(array).sum())
+        nonfinite.append(
+            NonFiniteTensor(name=name, module=name, nan=nan, inf=int((~finite).sum()) - nan, count=int(array.size))
+        )
+    batchnorms: list[BatchNormBuffers] = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[4] not in arrays:
+            continue
+        var = arrays[node.input[4]].astype(np.float64).ravel()
+        finite_var = var[np.isfinite(var)]
+        batchnorms.append(
+            BatchNormBuffers(
+                module=node.name or node.input[4],
+                type="BatchNormalization",
+                channels=int(var.size),
+                nonpositive_var=int((~(var > 0)).sum()),
+                min_var=float(finite_var.min()) if finite_var.size else None,
+                num_batches_tracked=None,
+                default_stats=False,
+            )
+        )
     return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms))

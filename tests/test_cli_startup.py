@@ -15,7 +15,7 @@ try:
     main()
 except SystemExit as exc:
     code = exc.code
-heavy = sorted(m for m in ("torch", "onnx", "onnxruntime", "numpy") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "onnx", "onnxruntime", "numpy", "matplotlib") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy))
 print("CODE=" + str(code))
 """
@@ -27,6 +27,7 @@ print("CODE=" + str(code))
     (["--version"], 0),
     (["inspect"], 2),  # missing argument
     (["inspect", "m.pt", "--batches", "0"], 2),  # out-of-range option
+    (["inspect", "m.pt", "--plot", "flow.pdf"], 2),  # refused before anything loads
     (["no-such-command"], 2),
 ])
 def test_help_and_usage_errors_import_no_heavy_framework(args: list[str], code: int) -> None:

@@ -29,6 +29,7 @@ def build(width=6):
 def build_model(width: int = 6) -> nn.Module:
     namespace: dict[str, Any] = {}
     exec(ARCH, namespace)
+    torch.manual_seed(0)  # the same conv weights every time: the tests compare against a rebuild
     model: nn.Module = namespace["build"](width)
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
@@ -136,7 +137,7 @@ def test_pt2_roundtrip_in_its_own_format(cli: Any, models: dict[str, Path], tmp_
     assert digest(models["pt2"]) == before
     program = torch.export.load(str(out))
     assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)
-    x = torch.randn(3, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8)  # the program was exported with a static batch of 2
     torch.testing.assert_close(program.module()(x), build_model()(x), rtol=1e-4, atol=1e-4)
 
 
@@ -161,8 +162,7 @@ def test_state_dict_output_still_loads_into_the_architecture(cli: Any, models: d
 @pytest.mark.parametrize("target", ["torchscript", "onnx", "safetensors"])
 def test_other_output_formats(cli: Any, models: dict[str, Path], tmp_path: Path, target: str) -> None:
     out = tmp_path / f"folded.{target}"
-    extra = ["--arch", f"{models['arch']}:build"] if target == "safetensors" else []
-    code, stdout, _ = cli("fold-bn", models["state_dict"], *extra, "--arch", f"{models['arch']}:build", "-o", out,
+    code, stdout, _ = cli("fold-bn", models["state_dict"], "--arch", f"{models['arch']}:build", "-o", out,
                           "--to", target, "--report", "json")
     assert code == 0, stdout
     report = json.loads(stdout)
@@ -226,3 +226,38 @@ def test_numbers_in_report_are_independent_of_the_tool(models: dict[str, Path]) 
     ref = ort.InferenceSession(str(models["onnx"]), options).run(None, {"x": x})[0]
     new = ort.InferenceSession(str(out), options).run(None, {"x": x})[0]
     assert report.verification.outputs[0].max_abs_error == pytest.approx(float(np.abs(ref - new).max()), rel=1e-6)
+
+
+def test_table_rendering_shows_reasons_and_failures() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from gradcheck_cli.render.fold import fold_json, render_fold
+    from gradcheck_cli.rewrite.fold_records import (
+        Counts,
+        FoldEntry,
+        FoldReport,
+        OutputCheck,
+        Pattern,
+        Verification,
+    )
+
+    report = FoldReport(
+        model="m.onnx", input_format="onnx", output_format="onnx", method="onnx graph",
+        entries=(FoldEntry("bn1", True, Pattern.CONV_BN, "conv1", note="the layer got a bias"),
+                 FoldEntry("bn2", False, reason="the output of Conv 'c2' also feeds other nodes")),
+        before=Counts(100, 2, 10), after=Counts(96, 1, 9),
+        verification=Verification("onnxruntime (graph optimisations disabled)", 8, (
+            OutputCheck("y", "float32", 0.5, 0.25, 2.0, 2.4e-4, passed=False),)),
+        written=None)
+    buffer = StringIO()
+    render_fold(report, Console(file=buffer, width=200, color_system=None))
+    text = buffer.getvalue()
+    for expected in ("bn1", "conv-bn", "conv1", "the layer got a bias", "also feeds other nodes",
+                     "ABOVE TOLERANCE", "1 folded, 1 skipped; verification failed: nothing written"):
+        assert expected in text, expected
+    data = json.loads(fold_json(report))
+    assert data["summary"] == {"folded": 1, "skipped": 1, "verified": False}
+    assert data["entries"][1]["reason"].startswith("the output of Conv")
+    assert data["written"] is None

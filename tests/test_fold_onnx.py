@@ -6,6 +6,7 @@ onnxruntime with its own graph optimisations disabled.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,10 @@ def test_torch_and_onnx_fold_the_same_weights_identically() -> None:
 
 
 def export_with_bn(model: torch.nn.Module, x: torch.Tensor, path: Path) -> onnx.ModelProto:
-    torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                      do_constant_folding=False, input_names=["x"], output_names=["y"])
+    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated, and says so
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"])
     return onnx.load(str(path))
 
 
@@ -335,3 +338,26 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path) ->
     (sub / "evil.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(LoadError, match="outside the model's directory"):
         onnx_model_from_path(sub / "evil.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_torchvision_exported_with_bn_preserved(tmp_path: Path, name: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    exported = export_with_bn(model, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx")
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert count_batchnorms(exported) == batchnorms
+    # Every BatchNorm in these networks follows a Conv whose output has no other reader.
+    result = check_folded(exported, np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32))
+    assert all(e.folded for e in result.entries) and len(result.entries) == batchnorms

@@ -54,7 +54,8 @@ def batchnorm_nodes(module: nn.Module) -> int:
     if isinstance(module, fx.GraphModule):
         count = 0
         for node in module.graph.nodes:
-            if node.op == "call_module" and isinstance(module.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            target = module.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(target, nn.modules.batchnorm._BatchNorm):
                 count += 1
             if node.op == "call_function" and "batch_norm" in str(node.target):
                 count += 1
@@ -364,3 +365,26 @@ def test_torchvision_mobilenet_v3_small() -> None:
                                   "mobilenet_v3_large"])
 def test_torchvision_architectures(name: str) -> None:
     check_torchvision(name, 64)
+
+
+def test_tied_weights_and_shared_layers_are_not_folded() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 1)
+            self.b = nn.Conv2d(3, 3, 1)
+            self.b.weight = self.a.weight  # tied: folding into one would change the other
+            self.bn = nn.BatchNorm2d(3)
+            self.shared = nn.Conv2d(3, 3, 1)
+            self.bn2 = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.a(x)) + self.b(x) + self.bn2(self.shared(x)) + self.shared(x * 2)
+
+    model = randomise_bn(Tied())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_torch_module(model, example_args=(x,))
+    entries = {e.batchnorm: e for e in result.entries}
+    assert not entries["bn"].folded and "tied" in (entries["bn"].reason or "")
+    assert not entries["bn2"].folded and "called 2 times" in (entries["bn2"].reason or "")
+    assert_same_function(model, result.module, x)

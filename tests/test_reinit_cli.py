@@ -139,9 +139,67 @@ def test_onnx_model(cli: Any, tmp_path: Path) -> None:
     schemes = {layer["name"]: layer["scheme"] for layer in data["layers"]}
     assert schemes["relu_fc"] == "he" and schemes["tanh_fc"] == "glorot" and schemes["selu_fc"] == "lecun"
     assert onnx.load(str(out)).graph.node  # a readable model
+    assert data["before"] and data["after"], data["notes"]  # the written file was probed
+    var_before = {row["name"]: row["output"]["var"] for row in data["before"]}
+    var_after = {row["name"]: row["output"]["var"] for row in data["after"]}
+    assert var_before.keys() == var_after.keys() and var_before != var_after
 
 
 def test_table_report_lists_scheme_std_and_reason(cli: Any, mlp_state_dict: Path, arch_file: Path) -> None:
     code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "--dry-run")
     assert code == 0, stderr
     assert "followed by relu" in stdout and "he" in stdout and "no activation follows" in stdout
+
+
+def test_reinit_help_imports_neither_torch_nor_onnx() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from gradcheck_cli.cli.app import app\n"
+            "result = CliRunner().invoke(app, ['reinit', '--help'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "assert '--scheme' in result.output and '--recurrent' in result.output\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_safetensors_in_safetensors_out_with_untouched_tensors_bit_identical(cli: Any, tmp_path: Path) -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
+    sample = SAMPLES / "cnn_batchnorm.safetensors"
+    if not sample.exists():
+        pytest.skip("samples/cnn_batchnorm.safetensors is missing (run samples/make_samples.py)")
+    out = tmp_path / "cnn.safetensors"
+    code, stdout, stderr = cli("reinit", sample, "--arch", f"{SAMPLES / 'models.py'}:small_cnn", "-o", out,
+                               "--layers", "conv2", "--report", "json")
+    assert code == 0, stderr
+    old, new = safetensors.load_file(str(sample)), safetensors.load_file(str(out))
+    assert old.keys() == new.keys()
+    changed = {key for key in old if not torch.equal(old[key].view(-1).view(torch.uint8),
+                                                     new[key].view(-1).view(torch.uint8))}
+    assert changed == {"conv2.weight"} | ({"conv2.bias"} if old.get("conv2.bias") is not None
+                                          and old["conv2.bias"].any() else set())
+    data = json.loads(stdout)
+    assert any("running statistics of bn2" in note for note in data["notes"])
+
+
+def test_exported_program_in_exported_program_out(cli: Any, tmp_path: Path) -> None:
+    sample = SAMPLES / "tanh_old_init.pt2"
+    if not sample.exists():
+        pytest.skip("samples/tanh_old_init.pt2 is missing (run samples/make_samples.py)")
+    out = tmp_path / "tanh.pt2"
+    code, stdout, stderr = cli("reinit", sample, "-o", out, "--report", "json")
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert {layer["scheme"] for layer in data["layers"][:-1]} == {"glorot"}
+    assert {layer["activation"] for layer in data["layers"][:-1]} == {"tanh"}
+    before = [row["output"]["var"] for row in data["before"] if row["fn"] == "tanh"]
+    after = [row["output"]["var"] for row in data["after"] if row["fn"] == "tanh"]
+    assert before[-1] < 1e-2 * before[0]  # the old init collapses the variance with depth
+    assert min(after) > 0.25 * after[0]  # re-initialised: it holds
+    import torch as torch_module
+
+    program = torch_module.export.load(str(out))
+    assert program.module()(torch_module.randn(8, 32)).shape[0] == 8  # exported with a static batch of 8

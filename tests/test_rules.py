@@ -14,6 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from gradcheck_cli.errors import ConfigError
+from gradcheck_cli.probe.options import LossKind
+from gradcheck_cli.records import Report, Severity
+from gradcheck_cli.rules import RULES, RuleOverride, configure, resolve
 from tests._check_models import (
     IN_FEATURES,
     WIDTH,
@@ -24,12 +30,6 @@ from tests._check_models import (
     sigmoid_mlp,
     with_dead_layer,
 )
-from torch import nn
-
-from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.probe.options import LossKind
-from gradcheck_cli.records import Report, Severity
-from gradcheck_cli.rules import RULES, RuleOverride, configure, resolve
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "rules.md"
 

@@ -195,13 +195,17 @@ def check(
             rich_help_panel="Probe",
         ),
     ] = None,
+    plot: opt.PlotFile = None,
+    html: opt.HtmlFile = None,
     debug: opt.Debug = False,
 ) -> None:
     """Gate CI on gradient health: probe each model, apply the rules, and exit 1 on findings at or
     above --fail-on. Settings come from \\[tool.gradcheck] in pyproject.toml; flags override."""
+    from gradcheck_cli.cli.visual import check_visual_outputs
     from gradcheck_cli.config import load_settings
 
     with user_errors(debug):
+        check_visual_outputs(plot=plot, html=html)
         cli = Settings(
             fail_on=fail_on,
             select=_split(select) if select is not None else None,
@@ -234,8 +238,9 @@ def check(
         settings = file_settings.merged(cli)
         outputs = _check_outputs(settings.outputs or (OutputTarget(OutputFormat.TABLE),))
         paths = expand_models(models)
-        result = _run(settings, paths, debug=debug)
+        result = _run(settings, paths, debug=debug, histograms=html is not None)
         _write(result, outputs)
+        _write_pictures(result, plot=plot, html=html, baseline=settings.baseline)
         sys.stderr.write(result.summary() + "\n")
     if result.errored:
         raise typer.Exit(EXIT_USAGE)
@@ -319,7 +324,7 @@ def expand_models(patterns: list[str]) -> list[Path]:
     return list(unique.values())
 
 
-def _run(settings: Settings, paths: list[Path], *, debug: bool) -> GateResult:
+def _run(settings: Settings, paths: list[Path], *, debug: bool, histograms: bool = False) -> GateResult:
     from gradcheck_cli import api
     from gradcheck_cli.baseline import DEFAULT_TOLERANCE, load_baseline
     from gradcheck_cli.check import GateResult, ModelOutcome, check_path
@@ -352,6 +357,7 @@ def _run(settings: Settings, paths: list[Path], *, debug: bool) -> GateResult:
         saturation_cutoff=p.saturation_cutoff
         if p.saturation_cutoff is not None
         else DEFAULT_SATURATION_CUTOFF,
+        histograms=histograms,
     )
     assert isinstance(probe, ProbeOptions)
     load = api.LoadOptions(
@@ -393,6 +399,24 @@ def _run(settings: Settings, paths: list[Path], *, debug: bool) -> GateResult:
         rules=rules,
         baseline=accepted is not None,
     )
+
+
+def _write_pictures(result: GateResult, *, plot: Path | None, html: Path | None, baseline: Path | None) -> None:
+    """--plot/--html for each model that was probed; with --baseline, its rows drawn underneath."""
+    from gradcheck_cli.baseline_layers import baseline_layers
+    from gradcheck_cli.cli.visual import per_model_paths, write_visual_outputs
+
+    if plot is None and html is None:
+        return
+    models = [outcome.path for outcome in result.outcomes]
+    for outcome, plot_path, html_path in zip(
+        result.outcomes, per_model_paths(plot, models), per_model_paths(html, models), strict=True
+    ):
+        if outcome.report is None:
+            continue  # a model that could not be probed has nothing to draw (its error is reported)
+        before = baseline_layers(baseline, outcome.path) if baseline is not None else None
+        write_visual_outputs(outcome.report, plot=plot_path, html=html_path, before=before,
+                             before_label="baseline", after_label="this run")
 
 
 def _write(result: GateResult, outputs: tuple[OutputTarget, ...]) -> None:

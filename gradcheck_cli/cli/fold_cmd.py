@@ -34,7 +34,7 @@ def fold_bn(
         typer.Option(
             "--to",
             "--format",
-            help="Format of the written model [default: the input's format]. "
+            help="Format of the written model (default: the input's format). "
             "state_dict/safetensors keep the architecture (folded BatchNorms become identities); "
             "pickle only for inputs loaded with --trust-pickle.",
             show_default=False,

@@ -77,11 +77,14 @@ def inspect(
         "--format", "-f", help="What to print on stdout.")] = ReportFormat.TABLE,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also write the JSON report to this file.")] = None,
+    plot: opt.PlotFile = None,
+    html: opt.HtmlFile = None,
     debug: opt.Debug = False,
 ) -> None:
     """Probe a model forward and backward and report every layer: activation statistics, dead ReLU
     units, saturated sigmoid/tanh outputs and gradient norms."""
     from gradcheck_cli import api
+    from gradcheck_cli.cli.visual import check_visual_outputs, write_visual_outputs
     from gradcheck_cli.model.arch import parse_arch_kwargs
     from gradcheck_cli.render.console import make_console, progress_on_stderr
     from gradcheck_cli.render.json_report import render_json
@@ -89,11 +92,12 @@ def inspect(
     from gradcheck_cli.rules import with_findings
 
     with user_errors(debug):
+        check_visual_outputs(plot=plot, html=html)
         probe = build_probe_options(
             device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
             input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
             target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
-            histograms=histograms)
+            histograms=histograms or html is not None)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
                                trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
         with progress_on_stderr(f"probing {model.name}") as progress:
@@ -101,6 +105,7 @@ def inspect(
         report = with_findings(report)
         if output is not None:
             write_text(render_json(report), output)
+        write_visual_outputs(report, plot=plot, html=html)
         if report_format is ReportFormat.JSON:
             write_text(render_json(report), None)
         else:

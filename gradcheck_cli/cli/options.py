@@ -48,3 +48,10 @@ Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Write the output to this file instead of stdout.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Report what would change; write nothing.")]
+PlotFile = Annotated[Path | None, typer.Option(
+    "--plot", help="Also draw the gradient-flow figure (variance, |dL/dy|, dead/saturated over depth) to "
+    "FILE.png or FILE.svg. Needs matplotlib: pip install 'gradcheck-cli[plot]'.", rich_help_panel="Output",
+    show_default=False)]
+HtmlFile = Annotated[Path | None, typer.Option(
+    "--html", help="Also write a self-contained HTML report (summary, findings, sortable table, depth chart, "
+    "per-layer histograms) to FILE; turns --histograms on.", rich_help_panel="Output", show_default=False)]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.common import EXIT_OK, parse_range, user_errors, write_text
 from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
+
+if TYPE_CHECKING:
+    from gradcheck_cli.rewrite.reinit_records import ReinitReport
 
 
 class ReportFormat(str, Enum):
@@ -30,12 +33,12 @@ def reinit(
         "layer's output variance set to 1 on the probe batch.", rich_help_panel="Reinit")] = Scheme.AUTO,
     distribution: Annotated[Distribution | None, typer.Option(
         "--distribution", help="Draw from a normal or a uniform distribution of the same variance "
-        "[default: normal].", rich_help_panel="Reinit", show_default=False)] = None,
+        "(default: normal).", rich_help_panel="Reinit", show_default=False)] = None,
     mode: Annotated[FanMode | None, typer.Option(
-        "--mode", help="Fan the variance is divided by [default: fan_avg for glorot, else fan_in].",
+        "--mode", help="Fan the variance is divided by (default: fan_avg for glorot, else fan_in).",
         rich_help_panel="Reinit", show_default=False)] = None,
     layers: Annotated[list[str] | None, typer.Option(
-        "--layers", help="Only layers whose name (module path, or ONNX node name) matches this glob; "
+        "--layers", metavar="GLOB", help="Only layers whose name (module path, or ONNX node name) matches this glob; "
         "repeatable.", rich_help_panel="Reinit")] = None,
     recurrent: Annotated[RecurrentInit, typer.Option(
         "--recurrent", help="Recurrent weights of RNN/LSTM/GRU: orthogonal, or identity (IRNN).",
@@ -61,6 +64,7 @@ def reinit(
     batches: opt.Batches = 1,
     report_format: Annotated[ReportFormat, typer.Option(
         "--report", "--format", "-f", help="What to print on stdout.")] = ReportFormat.TABLE,
+    plot: opt.PlotFile = None,
     debug: opt.Debug = False,
 ) -> None:
     """Re-initialise a model's layers and show the probe before and after.
@@ -80,6 +84,9 @@ def reinit(
 
     with user_errors(debug):
         from gradcheck_cli import api
+        from gradcheck_cli.cli.visual import check_visual_outputs
+
+        check_visual_outputs(plot=plot, html=None)
 
         options = ReinitOptions(scheme=scheme, distribution=distribution, mode=mode,
                                 layers=tuple(layers or ()), seed=seed, recurrent=recurrent,
@@ -95,8 +102,23 @@ def reinit(
         if report.written:
             sys.stderr.write(f"warning: unsafe rewrite: {out} holds re-initialised weights; the trained "
                              f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n")
+        if plot is not None:
+            _write_plot(report, plot)
         if report_format is ReportFormat.JSON:
             write_text(reinit_json(report), None)
         else:
             render_reinit(report, make_console())
     raise typer.Exit(EXIT_OK)
+
+
+def _write_plot(report: ReinitReport, plot: Path) -> None:
+    """The probe before and after the rewrite, overlaid; a model probed neither time (ONNX) has none."""
+    import sys
+
+    from gradcheck_cli.render.plot import write_comparison
+
+    if report.before is None or report.after is None:
+        sys.stderr.write(f"warning: --plot {plot} not written: this model was not probed before and after "
+                         "(see the notes)\n")
+        return
+    write_comparison(report.before, report.after, plot)

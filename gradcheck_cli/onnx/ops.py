@@ -597,7 +597,7 @@ def gather(call: OpCall) -> Values:
     axis = _axis(int(call.attr("axis", 0)), x.dim())
     flat = _wrap_indices(indices, x.shape[axis]).reshape(-1)
     picked = x.index_select(axis, flat)
-    return _one(picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
+    return _one(picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])))
 
 
 @op("GatherElements")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -105,8 +107,85 @@ def diagnosis(report: Report) -> RenderableType:
     return Group(*parts)
 
 
+# Eight heights of a sparkline cell, lowest to highest.
+SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+_SPARK_LABEL_WIDTH = 8
+_SEVERITY_MARK = {Severity.ERROR: "E", Severity.WARNING: "W", Severity.INFO: "i"}
+
+
+class DepthSparklines:
+    """Activation variance and |dL/dy| over depth, one character per row (or per group of rows when
+    the terminal is narrower than the model is deep), on a log scale, with a line marking the rows
+    that have findings (E/W/i) so the trend can be read without colour (NO_COLOR, CI logs).
+
+    A rich renderable: it lays itself out in the width the console offers, so it never wraps.
+    """
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = self.report.layers
+        value_width = 9  # fmt() is at most 9 characters wide ("-1.23e-04")
+        cells = options.max_width - (_SPARK_LABEL_WIDTH + 2 * value_width + 3)
+        if not rows or cells < 8:
+            return  # too narrow for a readable line: the table above says it all
+        per_cell = math.ceil(len(rows) / cells)
+        groups = [rows[start:start + per_cell] for start in range(0, len(rows), per_cell)]
+        heading = f"depth: rows 0–{len(rows) - 1} left to right, log scale"
+        if per_cell > 1:
+            heading += f", {per_cell} rows/char"
+        yield Text(heading, style="bold", no_wrap=True, overflow="ellipsis")
+        yield _spark_line("var", [[row.output.var for row in group] for group in groups],
+                          [_nonfinite(group) for group in groups], style="blue", value_width=value_width)
+        yield _spark_line("|dL/dy|", [[row.output_grad_norm for row in group] for group in groups],
+                          [_nonfinite(group) for group in groups], style="green", value_width=value_width)
+        health = _row_health(self.report)
+        if health:
+            line = Text(f"{'findings':<{_SPARK_LABEL_WIDTH}} {'':>{value_width}} ")
+            for group in groups:
+                worst = max((health[row.name] for row in group if row.name in health), key=lambda s: s.rank,
+                            default=None)
+                line.append(_SEVERITY_MARK[worst] if worst else " ", style=_STYLE[worst] if worst else "")
+            yield line
+
+
+def _nonfinite(group: Sequence[LayerStats]) -> bool:
+    return any(row.output.nan or row.output.inf for row in group)
+
+
+def _spark_line(label: str, groups: Sequence[Sequence[float | None]], nonfinite: Sequence[bool], *, style: str,
+                value_width: int) -> Text:
+    """One sparkline: '!' where an output held NaN/Inf, '·' where there is nothing to draw on a log
+    scale (a zero or missing value), else a block whose height is the value's place between the
+    smallest and largest positive value shown at either end."""
+    logs: list[float | None] = []
+    for values in groups:
+        positive = [math.log10(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
+        # Several rows per character: the mean of their logs, i.e. where a log axis would put their
+        # geometric mean. A display choice over the report's numbers, not a new statistic.
+        logs.append(sum(positive) / len(positive) if positive else None)
+    present = [value for value in logs if value is not None]
+    low, high = (min(present), max(present)) if present else (0.0, 0.0)
+    line = Text(f"{label:<{_SPARK_LABEL_WIDTH}} ")
+    line.append(f"{fmt(10 ** low) if present else '':>{value_width}} ", style="dim")
+    for log_value, broken in zip(logs, nonfinite, strict=True):
+        if broken:
+            line.append("!", style="bold red")
+        elif log_value is None:
+            line.append("·", style="dim")
+        else:
+            # All values equal: a flat line at mid height, not one that reads as "vanished".
+            level = len(SPARK_LEVELS) // 2 - 1 if high == low else \
+                round((log_value - low) / (high - low) * (len(SPARK_LEVELS) - 1))
+            line.append(SPARK_LEVELS[level], style=style)
+    line.append(f" {fmt(10 ** high) if present else ''}", style="dim")
+    return line
+
+
 def render_inspect(report: Report, console: Console) -> None:
     console.print(layer_table(report))
+    console.print(DepthSparklines(report))
     console.print(diagnosis(report))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="dim"))

@@ -11,6 +11,7 @@ existing output is refused without ``force``, and the file is written atomically
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +57,7 @@ def reinit(
             raise UsageError("reinit needs an output file", hint="pass -o OUT, or --dry-run to only look")
         check_writable_output(out, force=force, source=path)
     if fmt is ModelFormat.ONNX:
-        return _reinit_onnx(path, out=out, options=options, dry_run=dry_run)
+        return _reinit_onnx(path, out=out, options=options, probe=probe, dry_run=dry_run, compare=compare)
     return _reinit_torch(path, fmt, out=out, options=options, load=load, probe=probe, dry_run=dry_run,
                          compare=compare)
 
@@ -108,7 +109,8 @@ def _probe(loaded: LoadedModel, probe: ProbeOptions) -> tuple[LayerStats, ...]:
     return inspect_model(loaded, probe).layers
 
 
-def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, dry_run: bool) -> ReinitReport:
+def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe: ProbeOptions, dry_run: bool,
+                 compare: bool) -> ReinitReport:
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
     from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
 
@@ -118,17 +120,39 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, dry_ru
                          hint="run it on the PyTorch model and export again, or use --scheme orthogonal")
     model = onnx_model_from_path(path)
     result = reinit_onnx_model(model, options=options)
+    notes = [UNSAFE_NOTE, *result.notes]
+    before = after = None
+    if compare:
+        before = _probe_onnx(path, probe, notes)
     written = False
     if not dry_run:
         assert out is not None
         onnx_model_to_path(result.model, out)
         written = True
-    notes = [UNSAFE_NOTE, *result.notes,
-             "the before/after probe is not shown for ONNX models: this version probes PyTorch models only"]
+        if before is not None:  # probe the file as written: it proves the output loads and runs
+            after = _probe_onnx(out, probe, notes)
+    elif before is not None:
+        with tempfile.TemporaryDirectory(prefix="gradcheck-reinit-") as scratch:
+            staged = Path(scratch) / "reinit.onnx"
+            onnx_model_to_path(result.model, staged)
+            after = _probe_onnx(staged, probe, notes)
     return ReinitReport(model=str(path), format=str(ModelFormat.ONNX),
                         output=None if out is None else str(out), written=written,
                         scheme=str(options.scheme), seed=options.seed, layers=tuple(result.layers),
-                        changes=tuple(result.changes), notes=tuple(dict.fromkeys(notes)))
+                        changes=tuple(result.changes), before=before, after=after,
+                        notes=tuple(dict.fromkeys(notes)))
+
+
+def _probe_onnx(path: Path, probe: ProbeOptions, notes: list[str]) -> tuple[LayerStats, ...] | None:
+    """The ONNX probe's rows; a probe failure costs the comparison, not the rewrite (it is noted)."""
+    from gradcheck_cli.api import inspect_onnx
+    from gradcheck_cli.errors import GradcheckError
+
+    try:
+        return inspect_onnx(path, probe=probe, allow_nonfinite=True).layers
+    except GradcheckError as exc:
+        notes.append(f"the before/after probe was skipped: {exc.message}")
+        return None
 
 
 __all__ = ["UNSAFE_NOTE", "ReinitOptions", "ReinitReport", "reinit"]

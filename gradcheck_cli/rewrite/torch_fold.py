@@ -98,8 +98,9 @@ def fold_torch_module(
             count_nodes(source),
         )
     before_bn, before_nodes = count_batchnorms(graph_module), count_nodes(graph_module)
-    if not example_kwargs:
-        _propagate_shapes(graph_module, example_args, notes)
+    if not example_kwargs and (affine_standalone or _rank_matters(graph_module)):
+        # One sample is enough for ranks; a whole forward pass of a big batch is not free.
+        _propagate_shapes(graph_module, tuple(_first_sample(a) for a in example_args), notes)
     target: nn.Module = graph_module
     applier: _Applier
     if keep_structure:
@@ -200,6 +201,31 @@ def _propagate_shapes(
             f"shape propagation failed ({_first_line(exc)}); BatchNorm1d folds that need the "
             "tensor rank are skipped"
         )
+
+
+def _rank_matters(graph_module: fx.GraphModule) -> bool:
+    """Ranks only decide folds between a BatchNorm and a Linear ((N, F) against (N, C, L))."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def is_linear(node: Any) -> bool:
+        if not isinstance(node, _fx_node()):
+            return False
+        if node.op == "call_module":
+            return isinstance(_submodule(graph_module, str(node.target)), nn.Linear)
+        return node.op == "call_function" and node.target in (F.linear, torch.ops.aten.linear.default)
+
+    for node in graph_module.graph.nodes:
+        if _norm_of(graph_module, node) is None:
+            continue
+        if (node.args and is_linear(node.args[0])) or any(is_linear(user) for user in node.users):
+            return True
+    return False
+
+
+def _first_sample(value: torch.Tensor) -> torch.Tensor:
+    return value[:1] if value.dim() > 0 and value.shape[0] > 1 else value
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -601,6 +627,8 @@ def _layer_precondition(
     weight = _get_tensor(graph_module, layer.weight_path)
     if tensor_names[id(weight)] > 1:
         return f"the weight of '{layer.name}' is tied to another parameter"
+    if layer.bias_path is not None and tensor_names[id(_get_tensor(graph_module, layer.bias_path))] > 1:
+        return f"the bias of '{layer.name}' is tied to another parameter"
     if layer.module_target is None:
         readers = [
             n

@@ -700,6 +700,8 @@ def _apply(layer: TorchLayer, following: Following, params: dict[str, torch.Tens
         values = sample(shape, plan.spec, layer_rng(options.seed, layer.weight))
         tensors.append(_write(layer.weight, values, plan.spec, params, aliases, done))
         reason = plan.reason
+        if following.source is ActivationSource.NOT_EXECUTED:
+            reason += " (the layer did not run on the probe batch, so no activation could be seen)"
     else:
         reason = f"shares its weight with {already}, which was initialised first (one tensor, still shared)"
     if layer.bias is not None:

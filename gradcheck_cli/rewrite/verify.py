@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 BACKEND_TORCH = "torch eager"
 BACKEND_ORT = "onnxruntime (graph optimisations disabled)"
 
+# Batch size for a graph input whose first dimension is symbolic (same default as the probe).
+_DEFAULT_ONNX_BATCH = 8
+
 # Multiple of machine epsilon allowed per unit of output scale, capped at sqrt(eps) so that
 # half-precision models (eps ~1e-3) are not compared with a tolerance of 100 %.
 _EPS_MULTIPLE = 1000.0
@@ -312,10 +315,10 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
             shape: list[int] = []
             for position, dim in enumerate(dims):
                 if dim.HasField("dim_value") and dim.dim_value > 0:
-                    size = int(dim.dim_value)
-                    shape.append(batch_size if position == 0 and batch_size else size)
+                    # A static size is what the graph accepts; --batch-size cannot change it.
+                    shape.append(int(dim.dim_value))
                 elif position == 0:
-                    shape.append(batch_size or 8)
+                    shape.append(batch_size or _DEFAULT_ONNX_BATCH)
                 else:
                     raise UsageError(
                         f"graph input '{value.name}' has a symbolic dimension "

@@ -1,0 +1,143 @@
+"""Per-node activation statistics from onnxruntime, on the real graph, in bounded memory.
+
+onnxruntime only returns graph outputs, so the values we want statistics of are added as extra
+graph outputs. Adding all of them at once makes onnxruntime keep every one of them alive until
+the run ends (it cannot reuse their buffers), so peak memory grows with the number of nodes.
+Instead the values are split into groups whose estimated size (from shape inference with the
+probe's concrete input shapes) stays under a byte budget, and the graph runs once per group:
+peak memory is then bounded by the budget plus one inference, whatever the depth of the model,
+at the price of one extra forward pass per extra group. Each returned array is reduced to
+statistics (in torch, by the probe's :class:`~gradcheck_cli.probe.recorder.Recorder`) and
+dropped before the next group runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import ProbeError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+# Extra outputs held at once, per micro-batch: the bound on the statistics pass's extra memory.
+DEFAULT_GROUP_BUDGET_BYTES = 256 * 1024**2
+_ITEM_SIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+Record = Callable[[str, "np.ndarray[Any, Any]"], None]
+
+
+@dataclass(frozen=True)
+class OrtPass:
+    outputs: list[dict[str, np.ndarray[Any, Any]]]  # the graph outputs, per micro-batch
+    groups: int
+
+
+def value_sizes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes of every value whose shape inference resolves with the given input shapes."""
+    import onnx
+
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for value in concrete.graph.input:
+        shape = input_shapes.get(value.name)
+        if shape is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shape:
+            dims.add().dim_value = size
+    del concrete.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(concrete, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    sizes: dict[str, int] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(d >= 0 for d in dims):
+            sizes[value.name] = math.prod(dims) * _ITEM_SIZE.get(tensor.elem_type, 4)
+    return sizes
+
+
+def output_groups(names: Sequence[str], sizes: dict[str, int], budget: int | None) -> list[list[str]]:
+    """Consecutive groups of ``names`` whose estimated bytes stay within ``budget`` (a value
+    larger than the budget gets a group of its own; None: one group)."""
+    if budget is None or not names:
+        return [list(names)] if names else []
+    known = [sizes[n] for n in names if n in sizes]
+    fallback = max(known) if known else budget // 8  # unknown sizes: assume the largest seen
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = sizes.get(name, fallback)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def session_for(model: onnx.ModelProto, extra: Sequence[str]) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    existing = {o.name for o in model.graph.output}
+    added = [name for name in extra if name not in existing]
+    for name in added:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))  # type left to onnxruntime
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime logs to stderr itself; keep warnings out of it
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ProbeError(f"onnxruntime could not load the graph: {text}",
+                         hint="check the model with `python -m onnx.checker` or re-export it") from exc
+
+
+def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequence[dict[str, Any]],
+                    record: Record, *, sizes: dict[str, int], budget: int | None,
+                    end_batch: Callable[[], None], progress: Callable[[], None] | None = None) -> OrtPass:
+    """Run every micro-batch once per group, handing each value to ``record`` as it arrives.
+
+    ``end_batch`` is called after each (group, micro-batch) run so the caller can fold the
+    statistics and let the arrays go. Returns the graph outputs of every micro-batch (from the
+    first group's runs).
+    """
+    graph_outputs = [o.name for o in model.graph.output]
+    groups = output_groups([v for v in values if v not in graph_outputs], sizes, budget) or [[]]
+    per_batch: list[dict[str, Any]] = []
+    for number, group in enumerate(groups):
+        session = session_for(model, group)
+        wanted = (graph_outputs + group) if number == 0 else group
+        for feed in feeds:
+            try:
+                arrays = session.run(wanted, feed)
+            except Exception as exc:
+                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
+                                 hint="check the probe inputs with --input-shape/--input-dtype") from exc
+            fetched = dict(zip(wanted, arrays))
+            del arrays
+            if number == 0:
+                per_batch.append({name: fetched[name] for name in graph_outputs})
+            for name in values:
+                if name in fetched:
+                    record(name, fetched[name])
+            del fetched
+            end_batch()
+            if progress is not None:
+                progress()
+        del session
+    return OrtPass(outputs=per_batch, groups=len(groups))

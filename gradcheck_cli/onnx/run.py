@@ -1,0 +1,452 @@
+"""The ONNX probe: onnxruntime statistics plus gradients from the torch lowering, one Report.
+
+1. Inputs are read from the graph (names, element types, shapes); symbolic dimensions are
+   filled from ``--batch-size`` (the first one) and a default sequence length, or given with
+   ``--input-shape``. Token-id inputs feeding an embedding Gather get the table's index range.
+2. onnxruntime runs the real graph; every row's value is reduced to statistics by the same
+   :class:`Recorder` the PyTorch probe uses (so numbers are computed identically).
+3. The graph is lowered to torch (:mod:`.lower`), run forward and backward on the same batch
+   with the PyTorch probe's loss; per-row output-gradient norms come from tensor hooks and
+   per-initializer gradient norms are attributed to the row that owns the initializer.
+4. The lowered forward output is compared with onnxruntime's on every micro-batch. If they
+   differ beyond tolerance, or an op is not supported, every gradient field is null and the
+   report names the op; the forward statistics are still given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli import __version__
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
+from gradcheck_cli.probe.options import Mode, ProbeOptions
+from gradcheck_cli.probe.recorder import Recorder, Row
+from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
+from gradcheck_cli.stats import histogram_edges
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    import torch
+
+    from gradcheck_cli.probe.batch import ProbeInputs
+
+Progress = Callable[[int, int], None]
+
+# The lowering must reproduce onnxruntime's outputs to within ATOL + RTOL * max|output|: float32
+# kernels differ in summation order, which leaves relative differences around 1e-6 per layer;
+# 1e-3 of the output's scale leaves room for deep models while catching any semantic error
+# (a wrong axis, a missing bias, a transposed weight gives errors of the order of the output).
+LOWERING_ATOL = 1e-4
+LOWERING_RTOL = 1e-3
+# Stands in for symbolic non-batch dimensions (sequence lengths) unless --input-shape says.
+DEFAULT_SYMBOLIC_DIM = 16
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    dims: tuple[int | None, ...]  # None: symbolic
+    elem_type: int
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The inputs the caller must feed (initializers listed as inputs, IR < 4, excluded)."""
+    initializers = {init.name for init in model.graph.initializer}
+    out = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
+        out.append(GraphInput(value.name, dims, tensor.elem_type))
+    return out
+
+
+def _index_range(model: onnx.ModelProto, name: str) -> tuple[float, float] | None:
+    """[0, rows) when ``name`` indexes an embedding table (Gather on an initializer)."""
+    consumers = [n for n in model.graph.node if name in n.input]
+    initializers = {init.name: init for init in model.graph.initializer}
+    for _ in range(3):  # through a Cast or Reshape or two
+        for node in consumers:
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+                table = initializers.get(node.input[0])
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if table is not None and table.dims:
+                    return 0.0, float(table.dims[axis])
+        passed = [n for n in consumers if n.op_type in ("Cast", "Reshape", "Unsqueeze", "Flatten")]
+        if not passed:
+            break
+        name = passed[0].output[0]
+        consumers = [n for n in model.graph.node if name in n.input]
+    return None
+
+
+def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions, device: torch.device) -> tuple[ProbeInputs, list[str]]:
+    """The probe's micro-batches for the graph's inputs, drawn exactly as the PyTorch probe
+    draws them (same generator, same order), and notes on what was filled in."""
+    import torch
+
+    from gradcheck_cli.onnx.ops import OpError, torch_dtype
+    from gradcheck_cli.probe.batch import (
+        DEFAULT_BATCH_SIZE,
+        ProbeBatch,
+        ProbeInputs,
+        _from_file,
+        _synthesise,
+        parse_dtype,
+    )
+
+    inputs_options = options.inputs
+    if inputs_options.batches < 1:
+        raise UsageError("--batches must be at least 1")
+    if inputs_options.batch_size is not None and inputs_options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    wanted = graph_inputs(model)
+    if not wanted:
+        raise ProbeError("the ONNX graph has no inputs to feed", hint="nothing to probe: the graph is constant")
+    notes: list[str] = []
+    if inputs_options.input_file is not None:
+        loaded = _from_file(inputs_options, device)
+        batches = []
+        for batch in loaded.batches:
+            named = {w.name: t for w, t in zip(wanted, batch.args)}
+            named.update(batch.kwargs)
+            missing = [w.name for w in wanted if w.name not in named]
+            if missing:
+                raise UsageError(f"--input does not provide the graph input(s) {', '.join(missing)}",
+                                 hint="save a tuple in graph-input order or a dict keyed by input name")
+            batches.append(ProbeBatch((), named))
+        specs = tuple(replace(s, name=w.name) if s.name.startswith("input_") else s
+                      for s, w in zip(loaded.specs, wanted))
+        return ProbeInputs(batches, specs, loaded.batch_size), notes
+    if len(inputs_options.input_shapes) > len(wanted):
+        raise UsageError(f"--input-shape given {len(inputs_options.input_shapes)} times, but the graph has "
+                         f"{len(wanted)} input(s): {', '.join(w.name for w in wanted)}",
+                         hint="give one --input-shape per graph input, in order")
+    batch_size = inputs_options.batch_size or DEFAULT_BATCH_SIZE
+    positional = []
+    for number, graph_input in enumerate(wanted):
+        try:
+            dtype = torch_dtype(graph_input.elem_type)
+        except OpError as exc:
+            raise ProbeError(f"graph input '{graph_input.name}': {exc}",
+                             hint="gradcheck feeds float, integer and bool inputs") from exc
+        if inputs_options.input_dtype and dtype.is_floating_point:
+            dtype = parse_dtype(inputs_options.input_dtype)
+        if number < len(inputs_options.input_shapes):
+            shape = inputs_options.input_shapes[number]
+            if inputs_options.batch_size is not None:
+                shape = (inputs_options.batch_size, *shape[1:])
+            _check_fixed_dims(graph_input, shape)
+        else:
+            shape = _filled_shape(graph_input, batch_size, notes)
+        value_range = inputs_options.input_range
+        if value_range is None and not dtype.is_floating_point and dtype != torch.bool:
+            value_range = _index_range(model, graph_input.name)
+            if value_range is None and "mask" in graph_input.name.lower():
+                value_range = (1.0, 2.0)  # an attention mask that masks nothing
+                notes.append(f"input '{graph_input.name}' is all ones (an attention mask that masks nothing)")
+        positional.append((shape, dtype, value_range))
+    generator = torch.Generator().manual_seed(inputs_options.seed)
+    drawn = _synthesise(positional, (), inputs_options, generator, device,
+                        source="file" if inputs_options.input_file else "synthesized")
+    batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args)}) for batch in drawn.batches]
+    specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted))
+    return ProbeInputs(batches, specs, drawn.batch_size), notes
+
+
+def _check_fixed_dims(graph_input: GraphInput, shape: tuple[int, ...]) -> None:
+    declared = "(" + ", ".join("?" if d is None else str(d) for d in graph_input.dims) + ")"
+    fits = len(shape) == len(graph_input.dims) and all(
+        d is None or d == s for d, s in zip(graph_input.dims, shape))
+    if graph_input.dims and not fits:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))} does not fit graph input "
+                         f"'{graph_input.name}', declared as {declared} ('?' is free)",
+                         hint="re-export with dynamic axes to probe other sizes, or match the declared shape")
+
+
+def _filled_shape(graph_input: GraphInput, batch_size: int, notes: list[str]) -> tuple[int, ...]:
+    dims = list(graph_input.dims)
+    filled = []
+    for axis, size in enumerate(dims):
+        if size is None:
+            dims[axis] = batch_size if axis == 0 else DEFAULT_SYMBOLIC_DIM
+            if axis > 0:
+                filled.append(axis)
+    if dims and graph_input.dims[0] is not None and batch_size != dims[0]:
+        notes.append(f"input '{graph_input.name}' has a fixed batch dimension of {dims[0]}; --batch-size "
+                     "does not apply to it")
+    if filled:
+        notes.append(f"input '{graph_input.name}': symbolic dimension(s) {filled} set to "
+                     f"{DEFAULT_SYMBOLIC_DIM} (set them with --input-shape)")
+    return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+def _feeds(inputs: ProbeInputs) -> list[dict[str, Any]]:
+    return [{name: t.detach().cpu().numpy() for name, t in batch.kwargs.items()} for batch in inputs.batches]
+
+
+def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
+    import numpy as np
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_type not in (1, 10, 11, 16):
+            continue
+        values = numpy_helper.to_array(init)
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise LoadError(f"{path}: initializer '{init.name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
+                            f"{values.size}", hint="restore a model from before training diverged, or pass "
+                            "--allow-nonfinite to probe it anyway")
+
+
+def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | None = None,
+                   allow_nonfinite: bool = False, group_budget: int | None = None) -> Report:
+    """Probe the ONNX model at ``path``: forward statistics from onnxruntime, gradients from the
+    torch lowering, checked against each other on every micro-batch."""
+    from gradcheck_cli.model.onnx_load import onnx_model_from_path, opset_of
+    from gradcheck_cli.model.torch_load import resolve_device
+    from gradcheck_cli.onnx.ort_stats import DEFAULT_GROUP_BUDGET_BYTES, statistics_pass, value_sizes
+
+    model = onnx_model_from_path(path)
+    opset = opset_of(model)
+    if opset == 0:
+        raise LoadError(f"{path} imports no default-domain opset", hint="re-export it with a standard opset")
+    if not allow_nonfinite:
+        check_finite_initializers(model, path)
+    device = resolve_device(options.device)
+    inputs, notes = onnx_probe_inputs(model, options, device)
+    if options.mode is Mode.TRAIN:
+        notes.append("--mode train ignored: an ONNX graph runs as exported")
+    if opset < 11:
+        notes.append(f"opset {opset} is older than 11, the oldest gradcheck tests against")
+    plan = plan_rows(model.graph)
+    if plan.recognised:
+        found = ", ".join(f"{fn} x{count}" for fn, count in sorted(plan.recognised.items()))
+        notes.append(f"decomposed activations recognised: {found}")
+    recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
+    rows = {p.name: _recorder_row(recorder, p) for p in plan.rows}
+    by_value: dict[str, list[Row]] = {}
+    for p in plan.rows:
+        by_value.setdefault(p.output, []).append(rows[p.name])
+
+    feeds = _feeds(inputs)
+    shapes = {name: tuple(array.shape) for name, array in feeds[0].items()}
+    budget = DEFAULT_GROUP_BUDGET_BYTES if group_budget is None else (group_budget or None)
+    total_steps = [0, 0]
+
+    def step() -> None:
+        total_steps[0] += 1
+        if progress is not None:
+            progress(total_steps[0], max(total_steps[0], total_steps[1]))
+
+    def record(name: str, array: np.ndarray[Any, Any]) -> None:
+        import torch
+
+        tensor = torch.from_numpy(array)
+        for row in by_value.get(name, []):
+            recorder.record_output(row, tensor)
+
+    values = list(dict.fromkeys(p.output for p in plan.rows))
+    sizes = value_sizes(model, shapes)
+    total_steps[1] = len(inputs.batches) * 2
+    ort_pass = statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,
+                               end_batch=recorder.end_batch, progress=step)
+    if ort_pass.groups > 1:
+        notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
+    reference = [{k: _torch(v) for k, v in outputs.items()} for outputs in ort_pass.outputs]
+    loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs)
+
+    lowering, grads = _lowered_gradients(model, opset, plan, inputs, reference, options, device, recorder,
+                                         by_value, step, sizes, budget)
+    if not lowering.ok:
+        notes.append(f"gradients not reported: {lowering.reason}")
+    param_grads, param_counts = grads
+    layers = recorder.layer_stats(param_grads, param_counts)
+    if not layers:
+        notes.append("no node produced a row: the graph has no parameters, normalisations or activations")
+    probe = ProbeInfo(
+        inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
+        loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
+        saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
+    sizes_of = {init.name: _numel(init) for init in model.graph.initializer}
+    parameters = sum(sizes_of[plan.leaves.get(key, key)] for key in plan.trainable)
+    return Report(tool=ToolInfo(name="gradcheck", version=__version__),
+                  model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
+                  probe=probe, layers=tuple(layers), notes=tuple(notes),
+                  histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+
+
+def _numel(init: onnx.TensorProto) -> int:
+    return math.prod(init.dims)
+
+
+def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:
+    return recorder.row(plan.name, type=plan.type, kind=plan.kind, module=plan.module, fn=plan.fn,
+                        fn_params=plan.fn_params, channel_first=plan.channel_first,
+                        param_names=tuple(plan.params))
+
+
+def _torch(array: np.ndarray[Any, Any]) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOptions,
+                    inputs: ProbeInputs) -> tuple[float | None, str, str]:
+    """The probe loss on onnxruntime's outputs (the real graph), with the PyTorch probe's rules."""
+    from gradcheck_cli.probe.loss import LossFunction, select_output
+
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
+                           target_file=options.target_file)
+    total = 0.0
+    label = "output"
+    for outputs in reference:
+        selected, label = select_output(outputs, options.output)
+        if not selected.dtype.is_floating_point:
+            return None, label, str(options.loss)
+        total += float(loss_fn(selected.detach().clone().requires_grad_(True)).detach())
+    return (total if math.isfinite(total) else None), label, str(loss_fn.kind)
+
+
+def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inputs: ProbeInputs,
+                       reference: list[dict[str, torch.Tensor]], options: ProbeOptions, device: torch.device,
+                       recorder: Recorder, by_value: dict[str, list[Row]], step: Callable[[], None],
+                       sizes: dict[str, int], budget: int | None) -> tuple[LoweringCheck, tuple[dict[str, tuple[float | None, float]], dict[str, int]]]:
+    """Forward and backward through the lowering; null gradients (with the reason) when the
+    lowering cannot run the graph or disagrees with onnxruntime."""
+    import torch
+
+    from gradcheck_cli.onnx.lower import LoweredGraph, LoweringError, unsupported_ops
+    from gradcheck_cli.probe.loss import LossFunction, select_output
+    from gradcheck_cli.probe.run import _parameter_gradients
+
+    missing = unsupported_ops(model, opset)
+    lowered = LoweredGraph(model, opset=opset, trainable=plan.trainable, device=device, leaves=plan.leaves,
+                           uses=plan.uses)
+    row_params = {p.name: [lowered.parameters[n] for n in p.params] for p in plan.rows if p.params}
+    tolerance: float | None = None
+
+    def failed(reason: str, error: float | None = None) -> tuple[LoweringCheck, Any]:
+        for row in recorder.rows.values():
+            row.grad_sumsq, row.has_grad, row.pending_grad = 0.0, False, []
+        for tensors in row_params.values():
+            for t in tensors:
+                t.grad = None
+        grads, counts = _parameter_gradients(row_params)
+        return (LoweringCheck(ok=False, max_abs_error=error, tolerance=tolerance, unsupported_ops=tuple(missing),
+                              reason=reason), ({k: (None, w) for k, (_, w) in grads.items()}, counts))
+
+    if missing:
+        return failed(f"the lowering does not support {', '.join(missing)}")
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
+                           target_file=options.target_file)
+    max_error, worst_tolerance = 0.0, math.inf
+    worst_output = ""
+
+    def watch(name: str, value: torch.Tensor) -> None:
+        if value.requires_grad and name in by_value:
+            for row in by_value[name]:
+                # The recorder's own hook, so norms (and histograms) match the PyTorch probe's.
+                value.register_hook(recorder._grad_hook(row))  # type: ignore[arg-type]
+
+    try:
+        with torch.enable_grad():
+            for batch, expected in zip(inputs.batches, reference):
+                try:
+                    outputs = lowered.run(batch.kwargs, watch=watch)
+                except LoweringError as exc:
+                    return failed(f"the lowering failed at {exc}")
+                for name, want in expected.items():
+                    got = outputs[name].detach().cpu()
+                    error, allowed = _difference(got, want)
+                    if error > allowed or error > max_error:
+                        worst_output = name
+                    max_error = max(max_error, error)
+                    worst_tolerance = min(worst_tolerance, allowed)
+                    if error > allowed:
+                        tolerance = allowed
+                        culprit = _first_divergent_row(model, plan, lowered, batch.kwargs, sizes, budget)
+                        return failed(f"the lowered forward differs from onnxruntime at output '{name}' by "
+                                      f"{error:.3g} (tolerance {allowed:.3g}){culprit}", error)
+                selected, _ = select_output(outputs, options.output)
+                loss = loss_fn(selected)
+                del outputs, selected
+                loss.backward()
+                del loss
+                recorder.end_batch()
+                step()
+    except (RuntimeError, ProbeError) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return failed(f"the backward pass through the lowering failed: {text}")
+    tolerance = worst_tolerance if math.isfinite(worst_tolerance) else None
+    grads, counts = _parameter_gradients(row_params)
+    for tensors in row_params.values():
+        for t in tensors:
+            t.grad = None
+    del worst_output
+    return LoweringCheck(ok=True, max_abs_error=max_error, tolerance=tolerance, unsupported_ops=(),
+                         reason=None), (grads, counts)
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max |got - want|, allowed) with NaN/Inf required at the same places with the same value."""
+    import torch
+
+    if got.shape != want.shape:
+        return math.inf, 0.0
+    if not want.dtype.is_floating_point:
+        return (0.0 if torch.equal(got.to(want.dtype), want) else math.inf), 0.0
+    got64, want64 = got.double(), want.double()
+    finite = torch.isfinite(want64)
+    same_nonfinite = bool(((got64 == want64) | (got64.isnan() & want64.isnan()))[~finite].all())
+    if not same_nonfinite or not bool(torch.isfinite(got64[finite]).all()):
+        return math.inf, 0.0
+    if not bool(finite.any()):
+        return 0.0, LOWERING_ATOL
+    error = float((got64[finite] - want64[finite]).abs().max())
+    scale = float(want64[finite].abs().max())
+    return error, LOWERING_ATOL + LOWERING_RTOL * scale
+
+
+def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, feeds: dict[str, torch.Tensor],
+                         sizes: dict[str, int], budget: int | None) -> str:
+    """Name the first row (in node order) whose lowered value differs from onnxruntime's on this
+    micro-batch, so the report says which op to look at. Runs only when the outputs disagree;
+    values are compared group by group, so memory stays bounded as in the statistics pass."""
+    import torch
+
+    from gradcheck_cli.onnx.ort_stats import output_groups, session_for
+
+    feed_arrays = {name: t.detach().cpu().numpy() for name, t in feeds.items()}
+    values = list(dict.fromkeys(p.output for p in plan.rows))
+    for group in output_groups(values, sizes, budget):
+        wanted = set(group)
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, value: torch.Tensor) -> None:
+            if name in wanted:
+                kept[name] = value.detach().cpu()
+
+        try:
+            with torch.no_grad():
+                lowered.run(feeds, watch=keep)
+            arrays = dict(zip(group, session_for(model, group).run(group, feed_arrays)))
+        except Exception:
+            return ""
+        for p in plan.rows:
+            if p.output not in wanted or p.output not in kept:
+                continue
+            error, allowed = _difference(kept[p.output], _torch(arrays[p.output]))
+            if error > allowed:
+                return f"; the first row that differs is '{p.name}' ({p.type})"
+    return ""
