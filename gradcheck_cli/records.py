@@ -106,6 +106,39 @@ class LayerStats:
     params: int = 0  # number of parameters the row owns directly
     init: InitScale | None = None
     histograms: Histograms | None = None  # with --histograms; bins are Report.histogram_edges
+    through_time: ThroughTime | None = None  # recurrent layers (nn.RNN/LSTM/GRU) only
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """One gate of a recurrent layer over every step and sample of the probe."""
+
+    saturation: float  # share of gate values with derivative below the saturation cutoff
+    mean: float
+
+
+@dataclass(frozen=True)
+class DirectionTrace:
+    """Gradient through time for one layer and direction of a recurrent module."""
+
+    layer: int
+    direction: str  # 'forward' or 'reverse'
+    steps: int
+    grad_norms: tuple[float, ...]  # |dL/dh_t| for t = 0 .. steps-1, in time order, over the whole probe
+    decay_rate: float | None  # per step back from the last processed step: < 1 decays, > 1 explodes
+    horizon: int  # steps back from the last over which |dL/dh_t| >= horizon_fraction * its last value
+    spectral_radius: dict[str, float]  # of each gate's square block of W_hh
+    gates: dict[str, GateStats]
+
+
+@dataclass(frozen=True)
+class ThroughTime:
+    ok: bool  # the unrolled equations reproduced the fused layer on every micro-batch
+    reason: str | None  # why data is missing (None when ok)
+    max_abs_error: float | None  # largest |unrolled - fused| over the probe
+    tolerance: float | None
+    horizon_fraction: float
+    directions: tuple[DirectionTrace, ...]
 
 
 @dataclass(frozen=True)

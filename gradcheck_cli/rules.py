@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.records import Finding, LayerStats, Report, RowKind, Severity
+from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
 from gradcheck_cli.scan import CheckpointScan
 
 
@@ -397,6 +397,52 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         )
 
 
+# --- GC4xx: recurrent layers (THEORY.md section 6) -----------------------------------------------
+
+
+def _recurrent(report: Report) -> Iterable[tuple[LayerStats, DirectionTrace]]:
+    for row in report.layers:
+        if row.through_time is not None and row.through_time.ok:
+            for trace in row.through_time.directions:
+                yield row, trace
+
+
+def _where(row: LayerStats, trace: DirectionTrace) -> str:
+    return f"{row.name} (layer {trace.layer}, {trace.direction})"
+
+
+def _short_horizon(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    bound = _bound(rule)
+    for row, trace in _recurrent(evidence.report):
+        fraction = row.through_time.horizon_fraction if row.through_time else 0.01
+        # A sequence shorter than the bound cannot show a longer horizon; judge only longer ones.
+        last = trace.grad_norms[-1 if trace.direction == "forward" else 0] if trace.grad_norms else 0.0
+        if trace.steps > bound and last > 0 and trace.horizon < bound:
+            yield _finding(rule, _where(row, trace), float(trace.horizon),
+                           f"|dL/dh_t| falls below {fraction:g} of its last-step value within {trace.horizon} of "
+                           f"{trace.steps} steps (per-step rate {trace.decay_rate or 0:.3g})")
+
+
+def _exploding_in_time(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    bound = _bound(rule)
+    for row, trace in _recurrent(evidence.report):
+        if trace.decay_rate is not None and trace.decay_rate > bound:
+            radius = max(trace.spectral_radius.values(), default=0.0)
+            yield _finding(rule, _where(row, trace), trace.decay_rate,
+                           f"|dL/dh_t| grows by x{trace.decay_rate:.3g} per step back in time "
+                           f"(largest recurrent spectral radius {radius:.3g})")
+
+
+def _saturated_gates(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    bound = _bound(rule)
+    for row, trace in _recurrent(evidence.report):
+        for gate, stats in trace.gates.items():
+            if stats.saturation > bound:
+                yield _finding(rule, f"{_where(row, trace)} {gate} gate", stats.saturation,
+                               f"{stats.saturation:.0%} of the {gate} gate's values are saturated "
+                               f"(mean {stats.mean:.3g})")
+
+
 _UNIT = (0.0, 1.0)
 _POSITIVE = (0.0, math.inf)
 
@@ -543,6 +589,41 @@ RULES: tuple[Rule, ...] = (
         _init_scale,
         worse=Worse.AWAY,
         threshold_range=(1.0, math.inf),
+    ),
+    Rule(
+        "GC401",
+        "short-gradient-horizon",
+        Severity.WARNING,
+        10.0,
+        "steps back over which |dL/dh_t| stays above 1% of its last-step value, below the threshold",
+        "use LSTM/GRU (forget-gate bias 1: gradcheck reinit --forget-bias), orthogonal or identity "
+        "recurrent init (gradcheck reinit --recurrent orthogonal|identity), or truncated BPTT sized "
+        "to the horizon",
+        _short_horizon,
+        worse=Worse.BELOW,
+        threshold_range=(1.0, math.inf),
+    ),
+    Rule(
+        "GC402",
+        "exploding-through-time",
+        Severity.ERROR,
+        1.05,
+        "per-step growth of |dL/dh_t| going back in time above the threshold",
+        "clip gradients by norm, re-initialise the recurrent weights orthogonally (spectral radius 1), "
+        "or use truncated BPTT",
+        _exploding_in_time,
+        threshold_range=(1.0, math.inf),
+    ),
+    Rule(
+        "GC403",
+        "saturated-gates",
+        Severity.WARNING,
+        0.5,
+        "share of a recurrent gate's values whose derivative has all but vanished",
+        "re-initialise the layer (gradcheck reinit --scheme glorot --recurrent orthogonal), normalise "
+        "its inputs, or lower the learning rate",
+        _saturated_gates,
+        threshold_range=_UNIT,
     ),
 )
 

@@ -95,6 +95,7 @@ def test_page_sections_follow_the_report() -> None:
     # The depth chart: a line per group and metric, the NaN row marked, the finding rows shaded.
     assert page.count('class="finding-span"') == 3
     assert page.count('class="nonfinite"') == 2  # row 4, in both log panels
+    assert page.count('<svg class="heatmap"') == 2  # outputs and gradients over depth
     assert 'id="through-time"' not in page  # no recurrent row recorded it
 
 
@@ -115,18 +116,43 @@ def test_histogram_bars_follow_the_counts() -> None:
     assert "no finite values" in histogram_svg([0, 0, 0], colour="#000", label="x")
 
 
+def test_heatmap_columns_are_the_rows_histograms() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests._reports import BINS
+
+    report = mixed_report(histograms=True)
+    page = render_html(report)
+    (first, _) = re.findall(r'href="data:image/png;base64,([^"]+)"', page)
+    image = Image.open(io.BytesIO(base64.b64decode(first))).convert("RGB")
+    assert image.size == (len(report.layers), BINS)
+    counts = report.layers[0].histograms.output  # type: ignore[union-attr]
+    fullest = counts.index(max(counts))
+    # Bin b is image row BINS-1-b (largest values on top); the fullest bin gets the full colour,
+    # an empty one stays white.
+    assert image.getpixel((0, BINS - 1 - fullest)) == (0x1F, 0x77, 0xB4)
+    assert image.getpixel((0, BINS - 1)) == (255, 255, 255)
+    assert counts[fullest + 1] < max(counts) and image.getpixel((0, BINS - 2 - fullest))[0] > 0x1F
+
+
 def test_worst_case_500_rows_stay_under_the_documented_size() -> None:
-    # Every histogram bin filled with a different count, a finding on every row, long names: the
-    # bound holds for any data, not only for the probed model below.
+    # Every histogram bin holding a random count (incompressible), a finding on every row, long
+    # names: the bound holds for any data, not only for the probed model below.
+    import random
+
     from gradcheck_cli.records import Histograms
     from tests._reports import BINS, finding, report, row
 
+    noise = random.Random(0)
     rows = []
     for index in range(500):
         base = row(index, f"encoder.layers.{index // 4}.block.{index}.projection_with_a_long_name",
                    dead=0.5, saturated=0.5)
-        counts = tuple(1 + (index * 7 + b * 13) % 1000 for b in range(BINS))
-        rows.append(replace(base, histograms=Histograms(output=counts, output_grad=counts[::-1])))
+        output, gradient = (tuple(noise.randint(1, 10**6) for _ in range(BINS)) for _ in range(2))
+        rows.append(replace(base, histograms=Histograms(output=output, output_grad=gradient)))
     findings = tuple(finding("GC101", r.name) for r in rows)
     page = render_html(report(tuple(rows), findings, histograms=True))
     size = len(page.encode("utf-8"))

@@ -50,7 +50,7 @@ def single_node_model(case: Case) -> onnx.ModelProto:
     names = [f"in{i}" if value is not None else "" for i, value in enumerate(case.inputs)]
     node = helper.make_node(case.op, names, [f"out{i}" for i in range(case.outputs)], **case.attrs)
     graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                    for n, v in zip(names, case.inputs) if v is not None]
+                    for n, v in zip(names, case.inputs, strict=False) if v is not None]
     graph_outputs = [onnx.ValueInfoProto(name=f"out{i}") for i in range(case.outputs)]
     graph = helper.make_graph([node], "case", graph_inputs, graph_outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
@@ -206,7 +206,7 @@ def test_forward_matches_onnxruntime(case: Case) -> None:
     expected = run_ort(model, feeds, case.reference)
     got = run_lowered(model, feeds, case.opset)
     assert len(got) == len(expected)
-    for want, have in zip(expected, got):
+    for want, have in zip(expected, got, strict=False):
         assert tuple(have.shape) == want.shape, (have.shape, want.shape)
         np.testing.assert_allclose(have.detach().numpy().astype(want.dtype), want, rtol=1e-4, atol=case.atol)
 
@@ -227,7 +227,7 @@ def test_backward_matches_finite_differences(case: Case) -> None:
 
     def fn(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = list(base)
-        for i, t in zip(wrt, tensors):
+        for i, t in zip(wrt, tensors, strict=False):
             inputs[i] = t
         outputs = entry.impl(OpCall(case.op, inputs, attrs, case.opset, case.outputs))
         return tuple(o for o in outputs if o is not None and o.dtype.is_floating_point)

@@ -76,7 +76,7 @@ def assert_rows_match(onnx_rows: list[LayerStats], torch_rows: list[LayerStats],
     assert [r.kind for r in onnx_rows] == [r.kind for r in torch_rows], (
         [r.type for r in onnx_rows], [r.type for r in torch_rows])
     assert [r.fn for r in onnx_rows] == [r.fn for r in torch_rows]
-    for a, b in zip(onnx_rows, torch_rows):
+    for a, b in zip(onnx_rows, torch_rows, strict=True):
         where = f"{a.name} vs {b.name}"
         assert a.shape == b.shape, where
         assert a.output.count == b.output.count, where
@@ -117,7 +117,7 @@ class ActivationMLP(nn.Module):
             self.fc2.weight.mul_(20)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer, act in zip((self.fc1, self.fc2, self.fc3, self.fc4, self.fc5, self.fc6), self.acts):
+        for layer, act in zip((self.fc1, self.fc2, self.fc3, self.fc4, self.fc5, self.fc6), self.acts, strict=False):
             x = act(layer(x))
         return self.head(self.leaky(x))
 
@@ -209,7 +209,7 @@ def test_folded_batchnorm_export_matches_on_activation_rows(exports: Callable[..
     pick = [r for r in onnx_report.layers if r.kind is RowKind.ACTIVATION]
     ref = [r for r in torch_report.layers if r.kind is RowKind.ACTIVATION]
     assert_rows_match(pick, ref, grads=False)
-    for a, b in zip(pick, ref):
+    for a, b in zip(pick, ref, strict=False):
         assert close(a.output_grad_norm, b.output_grad_norm, abs_=1e-9)
 
 
@@ -483,7 +483,7 @@ def test_grouped_statistics_equal_single_pass_statistics(exports: Callable[..., 
     assert any("groups of outputs" in note for note in many.notes)
     # onnxruntime fuses differently when fewer values are outputs (Conv+BN), so the same
     # statistics agree to float32 rounding, not bit for bit.
-    for a, b in zip(one.layers, many.layers):
+    for a, b in zip(one.layers, many.layers, strict=True):
         assert a.output.count == b.output.count
         for key in ("mean", "var", "min", "max"):
             assert close(getattr(a.output, key), getattr(b.output, key), rel=1e-5), (a.name, key)

@@ -6,9 +6,11 @@ passes the trust flag; a file that needs more is refused with the reason and the
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +65,7 @@ def model_from_path(
         raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
                         hint="probing ONNX graphs is not available yet in this version of gradcheck")
     if fmt is ModelFormat.EXPORTED_PROGRAM:
-        loaded = exported_program_from_path(path, target)
+        loaded = exported_program_from_path(path, target, trust_pickle=trust_pickle)
     elif fmt is ModelFormat.TORCHSCRIPT:
         loaded = torchscript_from_path(path, target)
     elif fmt is ModelFormat.SAFETENSORS:
@@ -77,14 +79,21 @@ def model_from_path(
     return loaded
 
 
-def exported_program_from_path(path: Path, device: torch.device) -> LoadedModel:
+def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle: bool = False) -> LoadedModel:
     import torch
 
+    if not trust_pickle:
+        _refuse_pickled_pt2_payloads(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _forced_weights_only(not trust_pickle):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:
+        if not trust_pickle and "Weights only load failed" in str(exc):
+            raise UntrustedPickleError(
+                f"{path} is {ModelFormat.EXPORTED_PROGRAM.description} whose archive holds pickled Python "
+                "objects (in its sample inputs or constants); loading them would run code from the file, "
+                "so gradcheck refused", hint=TRUST_HINT) from exc
         raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but could not "
                         f"be loaded: {_first_line(exc)}",
                         hint="re-export it with torch.export.save from this torch version") from exc
@@ -99,6 +108,69 @@ def exported_program_from_path(path: Path, device: torch.device) -> LoadedModel:
     module.to(device)
     return LoadedModel(path=path, format=ModelFormat.EXPORTED_PROGRAM, module=module,
                        exported=program, example_args=example_args, example_kwargs=example_kwargs)
+
+
+# torch.export.load unpickles parts of a .pt2 archive with weights_only=False: tensors marked
+# use_pickle, opaque objects (plain pickle.loads), torchbind objects, and -- after a failed
+# weights-only attempt -- the sample inputs and legacy weight files. A crafted .pt2 can therefore
+# run code. Two guards: the payload configs are read first (JSON, nothing executed) and any
+# pickled entry is refused; and the load itself runs with TORCH_FORCE_WEIGHTS_ONLY_LOAD set, which
+# makes every torch.load inside it weights-only whatever its call site asks for.
+_PT2_SAFE_PREFIXES = ("weight_", "tensor_")
+
+
+def _refuse_pickled_pt2_payloads(path: Path) -> None:
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not name.endswith(("_weights_config.json", "_constants_config.json")):
+                    continue
+                if archive.getinfo(name).file_size > 64 * 1024 * 1024:
+                    raise LoadError(f"{path}: its payload table {name} is implausibly large",
+                                    hint="the archive is damaged or crafted; re-export it with torch.export.save")
+                config = json.loads(archive.read(name))
+                entries = config.get("config", {}) if isinstance(config, dict) else None
+                if not isinstance(entries, dict):
+                    raise LoadError(f"{path}: its payload table {name} is not a JSON object",
+                                    hint="the archive is damaged; re-export it with torch.export.save")
+                for fqn, meta in entries.items():
+                    pickled = not isinstance(meta, dict) or bool(meta.get("use_pickle"))
+                    where = meta.get("path_name", "") if isinstance(meta, dict) else ""
+                    if pickled or not str(where).startswith(_PT2_SAFE_PREFIXES):
+                        raise UntrustedPickleError(
+                            f"{path} is {ModelFormat.EXPORTED_PROGRAM.description} whose entry '{fqn}' is a "
+                            "pickled Python object; loading it would run code from the file, so gradcheck "
+                            "refused", hint=TRUST_HINT)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
+                        f"could not be read: {_first_line(exc)}",
+                        hint="the file is probably truncated or damaged; export it again") from exc
+
+
+@contextlib.contextmanager
+def _forced_weights_only(enabled: bool) -> Iterator[None]:
+    """Make every torch.load in the block weights-only (torch reads this variable on each call).
+
+    Process-wide while it lasts: gradcheck loads one model at a time on one thread.
+    """
+    if not enabled:
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:

@@ -129,7 +129,7 @@ class LoweredGraph:
         aliases = {name: name for name in values}
         aliases.update(leaves or {})
         for key, source in aliases.items():
-            tensor = values[source] if key == source else values[source].clone()
+            tensor = values[source] if key == source else values[source].detach().clone()
             if key in trainable and tensor.dtype.is_floating_point:
                 self.parameters[key] = tensor.requires_grad_(True)
             else:
@@ -182,7 +182,7 @@ class LoweredGraph:
         except (OpError, RuntimeError, ValueError, IndexError, TypeError) as exc:
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise LoweringError(node.op_type, label, text) from exc
-        for name, value in zip(node.output, outputs):
+        for name, value in zip(node.output, outputs, strict=False):
             if name and value is not None:
                 env[name] = value
                 if watch is not None:
@@ -197,7 +197,7 @@ class LoweredGraph:
         env = dict(outer)
         for init in graph.initializer:
             env[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy()).to(self.device)
-        for value_info, tensor in zip(graph.input, bound):
+        for value_info, tensor in zip(graph.input, bound, strict=False):
             if tensor is not None:
                 env[value_info.name] = tensor
         # Attributes are decoded on every call: protobuf wrappers have no stable identity to

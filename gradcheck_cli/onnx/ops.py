@@ -115,11 +115,13 @@ def torch_dtype(elem_type: int) -> torch.dtype:
 
 
 def ints(value: torch.Tensor | Sequence[int] | None) -> list[int]:
+    import torch
+
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    return [int(v) for v in value]
 
 
 def _scalar(value: torch.Tensor | None, default: float | None = None) -> float | None:
@@ -216,8 +218,10 @@ def _register_unary() -> None:
     }
     for name, fn in table.items():
         _unary(name, fn)
-    for name, fn in {"Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round, "Sign": torch.sign,
-                     "IsNaN": torch.isnan, "Not": torch.logical_not}.items():
+    piecewise: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round, "Sign": torch.sign,
+        "IsNaN": torch.isnan, "Not": torch.logical_not}
+    for name, fn in piecewise.items():
         _unary(name, fn, differentiable=False)
 
 
@@ -568,7 +572,7 @@ def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int] 
 
     axes = list(range(len(starts))) if axes is None else [_axis(int(a), x.dim()) for a in axes]
     steps = steps or [1] * len(starts)
-    for start, end, axis, step in zip(starts, ends, axes, steps):
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
         dim = x.shape[axis]
         start = start + dim if start < 0 else start
         end = end + dim if end < 0 else end
@@ -832,7 +836,7 @@ def _same_pads(in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence
     """SAME_UPPER/SAME_LOWER padding: output = ceil(input / stride); the odd pixel goes at the
     end (UPPER) or the beginning (LOWER)."""
     begins, ends = [], []
-    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=False):
         out = -(-size // s)
         total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
         small, large = total // 2, total - total // 2
@@ -903,10 +907,14 @@ def conv_transpose(call: OpCall) -> Values:
     auto_pad = call.attr("auto_pad", "NOTSET")
     output_shape = call.attr("output_shape")
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        wanted = list(output_shape)[-n:] if output_shape is not None else [s * st for s, st in zip(in_sizes, strides)]
+        if output_shape is not None:
+            wanted = list(output_shape)[-n:]
+        else:  # SAME_*: the output is input * stride
+            wanted = [size * stride for size, stride in zip(in_sizes, strides, strict=True)]
         begins, ends = [], []
         for i in range(n):
-            total = strides[i] * (in_sizes[i] - 1) + output_padding[i] + ((kernel[i] - 1) * dilations[i] + 1) - wanted[i]
+            full = strides[i] * (in_sizes[i] - 1) + output_padding[i] + ((kernel[i] - 1) * dilations[i] + 1)
+            total = full - wanted[i]
             if auto_pad == "SAME_UPPER":
                 begins.append(total // 2)
                 ends.append(total - total // 2)
@@ -949,7 +957,7 @@ def max_pool(call: OpCall) -> Values:
     n = len(kernel)
     ceil_mode = bool(call.attr("ceil_mode", 0))
     padding: list[int] = [0] * n
-    if pads[:n] == pads[n:] and all(p <= k // 2 for p, k in zip(pads[:n], kernel)):
+    if pads[:n] == pads[n:] and all(p <= k // 2 for p, k in zip(pads[:n], kernel, strict=False)):
         padding = pads[:n]
     elif any(pads):
         x = F.pad(x, _torch_pad_order(pads), value=-math.inf)  # padding never wins a max
@@ -1156,7 +1164,7 @@ def _lstm_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tens
     f, g, hf = fns
     i_, o_, f_, c_ = _clipped(xw + h @ r.T + rb, clip).chunk(4, dim=-1)  # gate order i, o, f, c
     if peep is not None:
-        p_i, p_o, p_f = peep.chunk(3)
+        p_i, _p_o, p_f = peep.chunk(3)
         i_, f_ = i_ + p_i * c, f_ + p_f * c
     i, ff, ct = f(i_), f(f_), g(c_)
     c_new = ff * c + i * ct
@@ -1241,7 +1249,7 @@ def loop(call: OpCall) -> Values:
         scan_values = outputs[1 + len(carried):]
         if not scans:
             scans = [[] for _ in scan_values]
-        for store, value in zip(scans, scan_values):
+        for store, value in zip(scans, scan_values, strict=False):
             store.append(value)
         i += 1
     stacked = [torch.stack(values) for values in scans]

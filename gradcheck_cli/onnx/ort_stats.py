@@ -128,7 +128,7 @@ def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequen
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
                                  hint="check the probe inputs with --input-shape/--input-dtype") from exc
-            fetched = dict(zip(wanted, arrays))
+            fetched = dict(zip(wanted, arrays, strict=False))
             del arrays
             if number == 0:
                 per_batch.append({name: fetched[name] for name in graph_outputs})

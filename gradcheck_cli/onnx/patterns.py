@@ -54,7 +54,8 @@ class GraphIndex:
         return index
 
     def node(self, position: int) -> onnx.NodeProto:
-        return self.graph.node[position]
+        node: onnx.NodeProto = self.graph.node[position]
+        return node
 
     def producer_of(self, name: str) -> onnx.NodeProto | None:
         position = self.producer.get(name)
@@ -97,6 +98,7 @@ class Activation:
     fn: str
     anchor: int  # node producing the activation's output; the row is named after it
     output: str
+    source: str  # the activation's input (x)
     absorbed: tuple[int, ...] = ()  # helper nodes that belong to the pattern
     params: dict[str, float] = field(default_factory=dict)
     pattern: bool = False  # recognised from several nodes (shown with a PATTERN_TYPES type)
@@ -138,9 +140,9 @@ def _other_operand(node: onnx.NodeProto, name: str) -> str | None:
     if len(node.input) != 2:
         return None
     if node.input[0] == name:
-        return node.input[1]
+        return str(node.input[1])
     if node.input[1] == name:
-        return node.input[0]
+        return str(node.input[0])
     return None
 
 
@@ -230,7 +232,7 @@ def _gelu_tail(index: GraphIndex, core_position: int, x: str, helpers: list[int]
         absorbed.append(mul_position)
         value = mul.output[0]
         if seen_x and seen_half:
-            return Activation("gelu", mul_position, value, tuple(absorbed[:-1]), pattern=True)
+            return Activation("gelu", mul_position, value, x, tuple(absorbed[:-1]), pattern=True)
     return None
 
 
@@ -247,29 +249,30 @@ def recognise_activations(index: GraphIndex) -> list[Activation]:
         elif node.op_type == "Mul":
             silu = _gated(index, position, "Sigmoid")
             if silu is not None:
-                found[position] = Activation("silu", position, node.output[0], (silu[0],), pattern=True)
+                found[position] = Activation("silu", position, node.output[0], silu[1], (silu[0],), pattern=True)
                 absorbed.add(silu[0])
                 continue
             hard = _gated(index, position, "HardSigmoid")
             if hard is not None:
                 gate = index.node(hard[0])
                 if _close(_attr(gate, "alpha", 0.2), 1 / 6) and _close(_attr(gate, "beta", 0.5), 0.5):
-                    found[position] = Activation("hardswish", position, node.output[0], (hard[0],), pattern=True)
+                    found[position] = Activation("hardswish", position, node.output[0], hard[1], (hard[0],),
+                                                 pattern=True)
                     absorbed.add(hard[0])
         elif node.op_type == "Clip":
             low, high, known = _clip_bounds(index, node)
             if not known:
                 continue
             if _close(low, 0.0) and _close(high, 6.0):
-                found[position] = Activation("relu6", position, node.output[0], pattern=True)
+                found[position] = Activation("relu6", position, node.output[0], node.input[0], pattern=True)
             elif _close(low, 0.0) and high is None:
-                found[position] = Activation("relu", position, node.output[0], pattern=True)
+                found[position] = Activation("relu", position, node.output[0], node.input[0], pattern=True)
             elif low is not None and high is not None:
-                found[position] = Activation("hardtanh", position, node.output[0],
+                found[position] = Activation("hardtanh", position, node.output[0], node.input[0],
                                              params={"min_val": low, "max_val": high}, pattern=True)
     for position, node in enumerate(index.graph.node):
         fn = DIRECT_ACTIVATIONS.get(node.op_type)
         if fn is not None and position not in absorbed and position not in found and node.output:
             params = {"beta": 1.0} if fn == "softplus" else {}
-            found[position] = Activation(fn, position, node.output[0], params=params)
+            found[position] = Activation(fn, position, node.output[0], node.input[0], params=params)
     return [found[p] for p in sorted(found)]

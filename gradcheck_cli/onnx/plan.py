@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gradcheck_cli.onnx.lower import node_label
-from gradcheck_cli.onnx.patterns import PATTERN_TYPES, Activation, GraphIndex, recognise_activations
+from gradcheck_cli.onnx.patterns import PATTERN_TYPES, GraphIndex, recognise_activations
 from gradcheck_cli.records import RowKind
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def _is_trainable(index: GraphIndex, init: onnx.TensorProto, owner: tuple[int, i
     slots = PARAM_SLOTS.get(node.op_type)
     if slots is not None:
         return owner[1] in slots
-    return math.prod(init.dims) > 1  # scalars feeding arithmetic are constants, not weights
+    return bool(math.prod(init.dims) > 1)  # scalars feeding arithmetic are constants, not weights
 
 
 def _scope(node: onnx.NodeProto) -> str:
@@ -123,7 +123,7 @@ def _other_input(node: onnx.NodeProto, name: str) -> str | None:
     inputs = list(node.input)
     if len(inputs) != 2 or name not in inputs:
         return None
-    return inputs[1] if inputs[0] == name else inputs[0]
+    return str(inputs[1] if inputs[0] == name else inputs[0])
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -135,41 +135,53 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
-    index = GraphIndex.of(graph)
-    owned: dict[int, list[str]] = {}
-    trainable: set[str] = set()
-    leaves: dict[str, str] = {}
-    uses: dict[tuple[int, int], str] = {}
-    for init in graph.initializer:
-        # Exporters merge initializers with equal values (every fresh BatchNorm's ones and
-        # zeros, every zero bias). The source model had one parameter per layer, so each owning
-        # layer gets its own leaf (a copy under an alias), and uses that are not parameters
-        # (running statistics) read a constant copy: gradients are then per layer, as in PyTorch.
+@dataclass
+class _Parameters:
+    owned: dict[int, list[str]] = field(default_factory=dict)  # node -> leaf keys it owns
+    trainable: set[str] = field(default_factory=set)
+    leaves: dict[str, str] = field(default_factory=dict)
+    uses: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+def _assign_parameters(index: GraphIndex) -> _Parameters:
+    """Which node owns which initializer, one leaf per owning node.
+
+    Exporters merge initializers with equal values (every fresh BatchNorm's ones and zeros,
+    every zero bias). The source model had one parameter per layer, so each owning node gets its
+    own leaf (a copy under an alias), and uses that are not parameters (running statistics) read
+    a constant copy: gradients are then per layer, as in PyTorch, not summed over the merged ones.
+    """
+    found = _Parameters()
+    for init in index.graph.initializer:
         per_owner: dict[int, str] = {}
         consumers = _uses(index, init.name)
-        trainable_uses = [u for u in consumers if _is_trainable(index, init, (u[2], u[3]))]
-        for consumer, slot, owner, _ in consumers:
-            if (consumer, slot, owner, _) not in trainable_uses:
+        trainable_uses = {u for u in consumers if _is_trainable(index, init, (u[2], u[3]))}
+        for use in consumers:
+            consumer, slot, owner, _ = use
+            if use not in trainable_uses:
                 if trainable_uses:
-                    key = f"{init.name}@const"
-                    leaves[key] = init.name
-                    uses[(consumer, slot)] = key
+                    found.leaves[f"{init.name}@const"] = init.name
+                    found.uses[(consumer, slot)] = f"{init.name}@const"
                 continue
-            key = per_owner.get(owner) or (init.name if not per_owner else f"{init.name}@{len(per_owner) + 1}")
-            if owner not in per_owner:
+            key = per_owner.get(owner)
+            if key is None:
+                key = init.name if not per_owner else f"{init.name}@{len(per_owner) + 1}"
                 per_owner[owner] = key
-                owned.setdefault(owner, []).append(key)
-                trainable.add(key)
-                leaves[key] = init.name
-            uses[(consumer, slot)] = key
+                found.owned.setdefault(owner, []).append(key)
+                found.trainable.add(key)
+                found.leaves[key] = init.name
+            found.uses[(consumer, slot)] = key
+    return found
 
-    activations = {a.anchor: a for a in recognise_activations(index)}
-    absorbed = {p for a in activations.values() for p in a.absorbed}
+
+def _fuse_linear_bias(index: GraphIndex, params: _Parameters) -> tuple[set[int], dict[int, str]]:
+    """MatMul(x, W) + b, b a 1-D initializer, is one Linear-like row (nn.Linear on 3-D inputs):
+    the bias moves to the MatMul's row, whose value becomes the Add's output. Returns the Add
+    nodes absorbed and the new output of each fused MatMul."""
+    absorbed: set[int] = set()
     outputs: dict[int, str] = {}
-    # MatMul + bias Add -> one Linear-like row: the Add's bias moves to the MatMul's row.
-    for position, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or position not in owned:
+    for position, node in enumerate(index.graph.node):
+        if node.op_type != "MatMul" or position not in params.owned:
             continue
         add_position = index.only_consumer(node.output[0])
         if add_position is None or index.node(add_position).op_type != "Add":
@@ -177,43 +189,52 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
         add = index.node(add_position)
         bias = _other_input(add, node.output[0])
         init = index.initializers.get(bias or "")
-        if init is None or init.data_type not in _FLOAT_TYPES or len(init.dims) != 1:
+        if bias is None or init is None or init.data_type not in _FLOAT_TYPES or len(init.dims) != 1:
             continue
-        key = uses.get((add_position, list(add.input).index(bias or "")))
-        if key is not None and key in owned.get(add_position, []):
-            owned[position].append(key)
-            owned[add_position].remove(key)
-            if not owned[add_position]:
-                del owned[add_position]
+        key = params.uses.get((add_position, list(add.input).index(bias)))
+        owned_by_add = params.owned.get(add_position, [])
+        if key is not None and key in owned_by_add:
+            params.owned[position].append(key)
+            owned_by_add.remove(key)
+            if not owned_by_add:
+                del params.owned[add_position]
         absorbed.add(add_position)
         outputs[position] = add.output[0]
+    return absorbed, outputs
 
+
+def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
+    index = GraphIndex.of(graph)
+    params = _assign_parameters(index)
+    activations = {a.anchor: a for a in recognise_activations(index)}
+    absorbed, outputs = _fuse_linear_bias(index, params)
+    absorbed |= {p for a in activations.values() for p in a.absorbed}
     rows: list[RowPlan] = []
     taken: set[str] = set()
     recognised: dict[str, int] = {}
     for position, node in enumerate(graph.node):
         if position in absorbed or not node.output:
             continue
-        params = owned.get(position, [])
-        activation: Activation | None = activations.get(position)
-        base = dict(name=_unique(node_label(node), taken), node=position, module=_scope(node), params=params)
+        owned = params.owned.get(position, [])
+        activation = activations.get(position)
+        if activation is not None:
+            kind, output = RowKind.ACTIVATION, activation.output
+        elif node.op_type in PARAM_OPS and owned:
+            kind, output = RowKind.PARAM, outputs.get(position, node.output[0])
+        elif node.op_type in NORM_OPS:
+            kind, output = RowKind.NORM, node.output[0]
+        elif owned:
+            kind, output = RowKind.OTHER, node.output[0]
+        else:
+            continue
+        row = RowPlan(name=_unique(node_label(node), taken), type=node.op_type, kind=kind, node=position,
+                      output=output, module=_scope(node), params=owned)
         if activation is not None:
             if activation.pattern:
                 recognised[activation.fn] = recognised.get(activation.fn, 0) + 1
-            source = node.input[0] if activation.fn not in ("silu", "hardswish", "gelu") else ""
-            if activation.pattern and activation.fn in ("silu", "hardswish"):
-                source = next((n for n in node.input if index.producer_of(n) is None
-                               or index.producer[n] not in activation.absorbed), node.input[0])
-            rows.append(RowPlan(
-                type=PATTERN_TYPES.get(activation.fn, node.op_type) if activation.pattern else node.op_type,
-                kind=RowKind.ACTIVATION, output=activation.output, fn=activation.fn,
-                fn_params=dict(activation.params),
-                channel_first=_channel_first(index, source) if source else False, **base))  # type: ignore[arg-type]
-        elif node.op_type in PARAM_OPS and params:
-            rows.append(RowPlan(type=node.op_type, kind=RowKind.PARAM,
-                                output=outputs.get(position, node.output[0]), **base))  # type: ignore[arg-type]
-        elif node.op_type in NORM_OPS:
-            rows.append(RowPlan(type=node.op_type, kind=RowKind.NORM, output=node.output[0], **base))  # type: ignore[arg-type]
-        elif params:
-            rows.append(RowPlan(type=node.op_type, kind=RowKind.OTHER, output=node.output[0], **base))  # type: ignore[arg-type]
-    return GraphPlan(rows=rows, trainable=trainable, recognised=recognised, leaves=leaves, uses=uses)
+                row.type = PATTERN_TYPES.get(activation.fn, node.op_type)
+            row.fn, row.fn_params = activation.fn, dict(activation.params)
+            row.channel_first = _channel_first(index, activation.source)
+        rows.append(row)
+    return GraphPlan(rows=rows, trainable=params.trainable, recognised=recognised, leaves=params.leaves,
+                     uses=params.uses)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from gradcheck_cli.probe.batch import ProbeInputs
 
 Progress = Callable[[int, int], None]
+# (grad norm or None, weight norm) per row, and parameter counts per row: what Recorder.layer_stats takes.
+ParamGrads = tuple[dict[str, tuple[float | None, float]], dict[str, int]]
 
 # The lowering must reproduce onnxruntime's outputs to within ATOL + RTOL * max|output|: float32
 # kernels differ in summation order, which leaves relative differences around 1e-6 per layer;
@@ -87,7 +89,8 @@ def _index_range(model: onnx.ModelProto, name: str) -> tuple[float, float] | Non
     return None
 
 
-def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions, device: torch.device) -> tuple[ProbeInputs, list[str]]:
+def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
+                      device: torch.device) -> tuple[ProbeInputs, list[str]]:
     """The probe's micro-batches for the graph's inputs, drawn exactly as the PyTorch probe
     draws them (same generator, same order), and notes on what was filled in."""
     import torch
@@ -115,7 +118,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions, device: tor
         loaded = _from_file(inputs_options, device)
         batches = []
         for batch in loaded.batches:
-            named = {w.name: t for w, t in zip(wanted, batch.args)}
+            named = {w.name: t for w, t in zip(wanted, batch.args, strict=False)}
             named.update(batch.kwargs)
             missing = [w.name for w in wanted if w.name not in named]
             if missing:
@@ -123,7 +126,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions, device: tor
                                  hint="save a tuple in graph-input order or a dict keyed by input name")
             batches.append(ProbeBatch((), named))
         specs = tuple(replace(s, name=w.name) if s.name.startswith("input_") else s
-                      for s, w in zip(loaded.specs, wanted))
+                      for s, w in zip(loaded.specs, wanted, strict=False))
         return ProbeInputs(batches, specs, loaded.batch_size), notes
     if len(inputs_options.input_shapes) > len(wanted):
         raise UsageError(f"--input-shape given {len(inputs_options.input_shapes)} times, but the graph has "
@@ -156,15 +159,15 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions, device: tor
     generator = torch.Generator().manual_seed(inputs_options.seed)
     drawn = _synthesise(positional, (), inputs_options, generator, device,
                         source="file" if inputs_options.input_file else "synthesized")
-    batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args)}) for batch in drawn.batches]
-    specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted))
+    batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args, strict=False)}) for batch in drawn.batches]
+    specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted, strict=False))
     return ProbeInputs(batches, specs, drawn.batch_size), notes
 
 
 def _check_fixed_dims(graph_input: GraphInput, shape: tuple[int, ...]) -> None:
     declared = "(" + ", ".join("?" if d is None else str(d) for d in graph_input.dims) + ")"
     fits = len(shape) == len(graph_input.dims) and all(
-        d is None or d == s for d, s in zip(graph_input.dims, shape))
+        d is None or d == s for d, s in zip(graph_input.dims, shape, strict=False))
     if graph_input.dims and not fits:
         raise UsageError(f"--input-shape {','.join(map(str, shape))} does not fit graph input "
                          f"'{graph_input.name}', declared as {declared} ('?' is free)",
@@ -321,7 +324,7 @@ def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOpti
 def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inputs: ProbeInputs,
                        reference: list[dict[str, torch.Tensor]], options: ProbeOptions, device: torch.device,
                        recorder: Recorder, by_value: dict[str, list[Row]], step: Callable[[], None],
-                       sizes: dict[str, int], budget: int | None) -> tuple[LoweringCheck, tuple[dict[str, tuple[float | None, float]], dict[str, int]]]:
+                       sizes: dict[str, int], budget: int | None) -> tuple[LoweringCheck, ParamGrads]:
     """Forward and backward through the lowering; null gradients (with the reason) when the
     lowering cannot run the graph or disagrees with onnxruntime."""
     import torch
@@ -336,7 +339,8 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     row_params = {p.name: [lowered.parameters[n] for n in p.params] for p in plan.rows if p.params}
     tolerance: float | None = None
 
-    def failed(reason: str, error: float | None = None) -> tuple[LoweringCheck, Any]:
+    def failed(reason: str, error: float | None = None) -> tuple[LoweringCheck, ParamGrads]:
+        # Nothing half-measured survives: gradient norms of rows that did run are dropped too.
         for row in recorder.rows.values():
             row.grad_sumsq, row.has_grad, row.pending_grad = 0.0, False, []
         for tensors in row_params.values():
@@ -350,8 +354,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
         return failed(f"the lowering does not support {', '.join(missing)}")
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
                            target_file=options.target_file)
-    max_error, worst_tolerance = 0.0, math.inf
-    worst_output = ""
+    worst = (0.0, math.inf)  # (error, allowed) of the output closest to its tolerance
 
     def watch(name: str, value: torch.Tensor) -> None:
         if value.requires_grad and name in by_value:
@@ -361,23 +364,20 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
 
     try:
         with torch.enable_grad():
-            for batch, expected in zip(inputs.batches, reference):
+            for batch, expected in zip(inputs.batches, reference, strict=True):
                 try:
                     outputs = lowered.run(batch.kwargs, watch=watch)
                 except LoweringError as exc:
                     return failed(f"the lowering failed at {exc}")
                 for name, want in expected.items():
-                    got = outputs[name].detach().cpu()
-                    error, allowed = _difference(got, want)
-                    if error > allowed or error > max_error:
-                        worst_output = name
-                    max_error = max(max_error, error)
-                    worst_tolerance = min(worst_tolerance, allowed)
+                    error, allowed = _difference(outputs[name].detach().cpu(), want)
                     if error > allowed:
                         tolerance = allowed
                         culprit = _first_divergent_row(model, plan, lowered, batch.kwargs, sizes, budget)
                         return failed(f"the lowered forward differs from onnxruntime at output '{name}' by "
                                       f"{error:.3g} (tolerance {allowed:.3g}){culprit}", error)
+                    if error * worst[1] >= worst[0] * allowed:  # error/allowed, without dividing by 0
+                        worst = (error, allowed)
                 selected, _ = select_output(outputs, options.output)
                 loss = loss_fn(selected)
                 del outputs, selected
@@ -388,14 +388,12 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     except (RuntimeError, ProbeError) as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return failed(f"the backward pass through the lowering failed: {text}")
-    tolerance = worst_tolerance if math.isfinite(worst_tolerance) else None
     grads, counts = _parameter_gradients(row_params)
     for tensors in row_params.values():
         for t in tensors:
             t.grad = None
-    del worst_output
-    return LoweringCheck(ok=True, max_abs_error=max_error, tolerance=tolerance, unsupported_ops=(),
-                         reason=None), (grads, counts)
+    return LoweringCheck(ok=True, max_abs_error=worst[0], tolerance=worst[1] if math.isfinite(worst[1]) else None,
+                         unsupported_ops=(), reason=None), (grads, counts)
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -433,14 +431,15 @@ def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, 
         wanted = set(group)
         kept: dict[str, torch.Tensor] = {}
 
-        def keep(name: str, value: torch.Tensor) -> None:
+        def keep(name: str, value: torch.Tensor, wanted: set[str] = wanted,
+                 kept: dict[str, torch.Tensor] = kept) -> None:
             if name in wanted:
                 kept[name] = value.detach().cpu()
 
         try:
             with torch.no_grad():
                 lowered.run(feeds, watch=keep)
-            arrays = dict(zip(group, session_for(model, group).run(group, feed_arrays)))
+            arrays = dict(zip(group, session_for(model, group).run(group, feed_arrays), strict=False))
         except Exception:
             return ""
         for p in plan.rows:

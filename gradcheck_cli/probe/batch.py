@@ -114,7 +114,8 @@ def probe_inputs(
         dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
         shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shapes]
         return _synthesise(shapes, (), options, generator, device, source="synthesized")
-    if example_args is not None or example_kwargs:
+    # An example with no tensor in it (a crafted or odd .pt2) says nothing about the inputs.
+    if example_args or example_kwargs:
         args = example_args or ()
         kwargs = example_kwargs or {}
         shapes = [(_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options))

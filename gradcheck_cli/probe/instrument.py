@@ -32,6 +32,7 @@ from gradcheck_cli.probe.activations import (
 from gradcheck_cli.probe.batch import type_name
 from gradcheck_cli.probe.layers import OP_TYPES, is_channel_first, is_norm, row_kind
 from gradcheck_cli.probe.recorder import Recorder, Row
+from gradcheck_cli.probe.recurrent import RECURRENT_TYPES, RecurrentUnroller
 from gradcheck_cli.records import RowKind
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class EagerInstrument:
         self.channel_first = False
         self.row_params: dict[str, Sequence[torch.Tensor]] = {}
         self.recording = False
+        self.unrollers: dict[str, RecurrentUnroller] = {}  # module path -> its unroller
 
     def failing_layer(self) -> str | None:
         if not self.stack:
@@ -97,6 +99,12 @@ class EagerInstrument:
                 if isinstance(module, torch.jit.ScriptModule):
                     continue  # scripted submodules run as one opaque call; they take no hooks
                 handles.append(module.register_forward_pre_hook(self._push(path, module)))
+                kind_name = type_name(module)
+                if kind_name in RECURRENT_TYPES and isinstance(module, torch.nn.RNNBase):
+                    # Before the statistics hook, so that it sees (and hooks) the unrolled output.
+                    unroller = self.unrollers.setdefault(
+                        path, RecurrentUnroller(module, kind_name, self.recorder.saturation_cutoff))
+                    handles.append(module.register_forward_hook(unroller))
                 handles.append(module.register_forward_hook(self._pop(path, module)))
             with _ActivationMode(self):
                 yield

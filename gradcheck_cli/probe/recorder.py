@@ -21,6 +21,7 @@ from gradcheck_cli.records import (
     OutputStats,
     RowKind,
     Saturation,
+    ThroughTime,
 )
 from gradcheck_cli.stats import Moments
 
@@ -222,7 +223,8 @@ class Recorder:
                 row.moments.count += n_finite
 
     def layer_stats(self, param_grads: dict[str, tuple[float | None, float]],
-                    param_counts: dict[str, int]) -> list[LayerStats]:
+                    param_counts: dict[str, int],
+                    through_time: dict[str, ThroughTime] | None = None) -> list[LayerStats]:
         """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm)."""
         out: list[LayerStats] = []
         for row in self.rows.values():
@@ -260,5 +262,6 @@ class Recorder:
                 output_grad_norm=math.sqrt(row.grad_sumsq) if row.has_grad else None,
                 fn=row.fn, dead=dead, saturation=saturation, grad=grad,
                 params=param_counts.get(row.name, 0), histograms=histogram,
+                through_time=(through_time or {}).get(row.name),
             ))
         return out

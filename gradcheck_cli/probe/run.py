@@ -21,7 +21,8 @@ from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, select_output
 from gradcheck_cli.probe.options import Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder
-from gradcheck_cli.records import ModelInfo, ProbeInfo, Report, ToolInfo
+from gradcheck_cli.probe.recurrent import HORIZON_FRACTION, RecurrentUnroller, fit_decay, spectral_radii
+from gradcheck_cli.records import DirectionTrace, GateStats, ModelInfo, ProbeInfo, Report, ThroughTime, ToolInfo
 from gradcheck_cli.stats import histogram_edges
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
         param_grads, param_counts = _parameter_gradients(instrument.row_params)
-    layers = recorder.layer_stats(param_grads, param_counts)
+    traces = through_time_records(instrument.unrollers) if isinstance(instrument, EagerInstrument) else {}
+
+    layers = recorder.layer_stats(param_grads, param_counts, traces)
     if not layers:
         notes.append("no layer produced a row: the model has no parameters or activation calls "
                      "that the probe could see")
@@ -187,8 +190,9 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
                          "--input-dtype or --input") from exc
 
 
-def _parameter_gradients(row_params: Mapping[str, Sequence[torch.Tensor]]) -> tuple[dict[str, tuple[float | None, float]],
-                                                                           dict[str, int]]:
+def _parameter_gradients(
+    row_params: Mapping[str, Sequence[torch.Tensor]],
+) -> tuple[dict[str, tuple[float | None, float]], dict[str, int]]:
     """(grad norm, weight norm) per row, computed on device and fetched in one transfer."""
     import torch
 
@@ -213,6 +217,39 @@ def _parameter_gradients(row_params: Mapping[str, Sequence[torch.Tensor]]) -> tu
         result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
         counts[name] = sum(p.numel() for p in row_params[name])
     return result, counts
+
+
+def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str, ThroughTime]:
+    """Finished through-time records, keyed by the row name of each recurrent module."""
+    import torch
+
+    out: dict[str, ThroughTime] = {}
+    for path, unroller in unrollers.items():
+        trace = unroller.trace
+        if not trace.directions and trace.declined is None:
+            continue  # the module never ran
+        directions = []
+        for record in trace.directions:
+            sums = torch.stack(record.grad_sumsq).cpu().tolist() if record.grad_sumsq else []
+            norms = tuple(math.sqrt(v) for v in sums) + (0.0,) * (record.steps - len(sums))
+            # Steps back from the last processed step: the end of time going forward, t = 0 in reverse.
+            backwards = list(reversed(norms)) if record.direction == "forward" else list(norms)
+            rate, horizon = fit_decay(backwards)
+            gates = {name: GateStats(saturation=record.gate_saturated[name] / record.gate_count[name],
+                                     mean=record.gate_sum[name] / record.gate_count[name])
+                     for name in record.gate_count if record.gate_count[name]}
+            directions.append(DirectionTrace(
+                layer=record.layer, direction=record.direction, steps=record.steps, grad_norms=norms,
+                decay_rate=rate, horizon=horizon,
+                spectral_radius=spectral_radii(unroller.module, trace.kind, record.layer,
+                                               record.direction == "reverse"),
+                gates=gates))
+        ok = trace.declined is None
+        out[path or "<root>"] = ThroughTime(
+            ok=ok, reason=trace.declined, max_abs_error=trace.max_abs_error if trace.directions else None,
+            tolerance=trace.tolerance or None, horizon_fraction=HORIZON_FRACTION,
+            directions=tuple(directions) if ok else ())
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

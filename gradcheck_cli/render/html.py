@@ -9,20 +9,25 @@ SVG written by this module from the report's numbers. Sections, top to bottom:
 - depth chart: activation variance and |dL/dy| (log scales), dead and saturated fractions, the
   findings shaded on their layers; with ``compare_with`` an earlier run is overlaid, dashed;
 - the per-layer table, sortable by any column (click a header), filterable, paginated;
+- histograms over depth: heatmaps with one column per row (Glorot & Bengio's distributions at once);
 - per-layer histograms of the output and of dL/dOutput (``--histograms``), collapsed in groups of
   consecutive rows, so that a 500-layer model stays a page of a few headings;
 - gradient through time, for rows that carry ``through_time`` norms (recurrent layers).
 
-Size: with histograms, a probed 500-row report is about 0.7 MB and a worst case (every bin filled,
-a finding on every row) about 1.2 MB, under ``SIZE_BOUND_500_ROWS`` (tests/test_html.py checks
-both): the page never embeds one element per histogram bin, each histogram being one short path.
+Size: with histograms, a probed 500-row report is about 0.73 MB and a worst case (random counts in
+every bin, a finding on every row) about 1.5 MB, under ``SIZE_BOUND_500_ROWS`` (tests/test_html.py
+checks both): the page never embeds one element per histogram bin; each histogram is one short
+path, and the over-depth heatmaps are palette PNGs.
 Nothing here computes a statistic: positions on the charts are the report's values, scaled.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import math
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -454,9 +459,98 @@ def _histogram_section(report: Report) -> str:
                    "symmetric-log axis: four bins per decade from 1e-8 to 1e4 on each side, the centre bin for "
                    "|x| ≤ 1e-8 (exact zeros land there), overflow bins at both ends. Bar height ∝ √count, so that "
                    "a spike of zeros does not flatten the rest. Output in blue, dL/dOutput in green.</p>")
-    return (f"<section id=\"histograms\"><h2>Histograms ({len(rows)} rows)</h2>{explanation}"
+    overview = ("<h3>Over depth</h3><p class=\"muted\">Each column is one row's histogram (rows in execution "
+                "order, left to right; values from -1e4 at the bottom to 1e4 at the top), shaded by √(count / the "
+                "column's largest count): the distributions of Glorot &amp; Bengio's figures, for every layer at "
+                "once. Grey columns have no histogram.</p>"
+                + depth_heatmap_svg(report.layers, edges, output=True)
+                + depth_heatmap_svg(report.layers, edges, output=False)
+                + "<h3>Per layer</h3>")
+    return (f"<section id=\"histograms\"><h2>Histograms ({len(rows)} rows)</h2>{explanation}{overview}"
             f"<svg width=\"0\" height=\"0\" style=\"position:absolute\" aria-hidden=\"true\"><defs>{axis}</defs></svg>"
             f"{''.join(groups)}</section>")
+
+
+_HEATMAP_HEIGHT = 160
+_HEATMAP_LEVELS = 32  # shades from white to the full colour; enough for a √count scale
+_HEATMAP_COLOURS = {True: (0x1F, 0x77, 0xB4), False: (0x2C, 0xA0, 0x2C)}  # output blue, gradient green
+_NO_HISTOGRAM = (0xDD, 0xDD, 0xDD)
+
+
+def depth_heatmap_svg(rows: Sequence[LayerStats], edges: Sequence[float], *, output: bool) -> str:
+    """All rows' output (or dL/dOutput) histograms as one image: a column per row, a pixel per bin.
+
+    A palette PNG written here (no imaging library), one byte per pixel in _HEATMAP_LEVELS shades:
+    500 rows x 99 bins cost at most ~65 KB in base64 whatever the counts, where the same picture as
+    SVG rectangles would cost megabytes. It is scaled up without smoothing.
+    """
+    bins = len(edges) + 1
+    no_histogram = _HEATMAP_LEVELS  # palette index of the grey of a column without a histogram
+    columns: list[list[int]] = []
+    for row in rows:
+        counts = None
+        if row.histograms is not None:
+            counts = row.histograms.output if output else row.histograms.output_grad
+        if counts is None or len(counts) != bins or max(counts, default=0) <= 0:
+            columns.append([no_histogram] * bins)
+            continue
+        top = max(counts)
+        columns.append([round(math.sqrt(c / top) * (_HEATMAP_LEVELS - 1)) for c in counts])
+    if not columns:
+        return ""
+    # Image rows top to bottom: the largest values (last bin) first.
+    scanlines = bytearray()
+    for bin_index in reversed(range(bins)):
+        scanlines.append(0)  # PNG filter type 0 (none) for this scanline
+        scanlines.extend(column[bin_index] for column in columns)
+    colour = _HEATMAP_COLOURS[output]
+    palette = [_tint(colour, level / (_HEATMAP_LEVELS - 1)) for level in range(_HEATMAP_LEVELS)] + [_NO_HISTOGRAM]
+    image = base64.b64encode(png_indexed(len(columns), bins, bytes(scanlines), palette)).decode("ascii")
+    plot_width = _CHART_WIDTH - _PLOT_LEFT - _PLOT_RIGHT
+    top_y = 16
+    step = plot_width / len(columns)
+
+    def y_at_edge(index: int) -> float:
+        # The boundary above bin ``index`` (bins are drawn upside down: bin 0 at the bottom).
+        return top_y + (bins - 1 - index) / bins * _HEATMAP_HEIGHT
+
+    ticks = []
+    for value, label in ((1e4, "1e4"), (1.0, "1"), (1e-4, "1e-4"), (-1e-4, "-1e-4"), (-1.0, "-1"), (-1e4, "-1e4")):
+        if value in edges:
+            y = y_at_edge(list(edges).index(value))
+            ticks.append(f"<text x=\"{_PLOT_LEFT - 4}\" y=\"{y + 4:.1f}\" text-anchor=\"end\" class=\"tick\">{label}"
+                         f"</text>")
+    centre = top_y + (bins - bins // 2 - 0.5) / bins * _HEATMAP_HEIGHT
+    ticks.append(f"<text x=\"{_PLOT_LEFT - 4}\" y=\"{centre + 4:.1f}\" text-anchor=\"end\" class=\"tick\">0</text>")
+    bottom = top_y + _HEATMAP_HEIGHT
+    row_ticks = _row_ticks(len(columns), lambda i: _PLOT_LEFT + step * (i + 0.5), bottom)
+    title = "output" if output else "dL/dOutput"
+    return (f"<svg class=\"heatmap\" viewBox=\"0 0 {_CHART_WIDTH} {bottom + 18:.0f}\" role=\"img\">"
+            f"<title>{title} histograms over depth</title>"
+            f"<text x=\"{_PLOT_LEFT}\" y=\"{top_y - 4}\" class=\"panel-title\">{title}</text>"
+            f"<image x=\"{_PLOT_LEFT}\" y=\"{top_y}\" width=\"{plot_width}\" height=\"{_HEATMAP_HEIGHT}\" "
+            f"preserveAspectRatio=\"none\" href=\"data:image/png;base64,{image}\"/>"
+            f"<rect class=\"frame\" x=\"{_PLOT_LEFT}\" y=\"{top_y}\" width=\"{plot_width}\" "
+            f"height=\"{_HEATMAP_HEIGHT}\"/>{''.join(ticks)}{row_ticks}</svg>")
+
+
+def _tint(colour: tuple[int, int, int], shade: float) -> tuple[int, int, int]:
+    """White blended towards ``colour`` by ``shade`` (0: white, 1: the colour)."""
+    red, green, blue = (round(255 + (channel - 255) * shade) for channel in colour)
+    return red, green, blue
+
+
+def png_indexed(width: int, height: int, scanlines: bytes, palette: Sequence[tuple[int, int, int]]) -> bytes:
+    """A minimal 8-bit palette PNG; ``scanlines`` holds each row's filter byte, then one palette
+    index per pixel."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8 bits, palette, no interlace
+    colours = b"".join(bytes(entry) for entry in palette)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", colours)
+            + chunk(b"IDAT", zlib.compress(scanlines, 9)) + chunk(b"IEND", b""))
 
 
 def _histogram_axis(edges: Sequence[float]) -> str:
@@ -683,6 +777,7 @@ figure.card{margin:0;padding:.3rem;border:1px solid var(--line);border-radius:4p
 figure.card.wide{width:440px}figure.card.sev-error{border-color:var(--err)}figure.card.sev-warning{border-color:var(--warn)}
 figure.card figcaption{font-size:.85em;word-break:break-all}
 svg.hist{width:200px;height:57px;display:block}.hist-axis line{stroke:var(--muted)}.hist-axis text{font-size:8px}
+svg.heatmap{width:100%;height:auto;max-width:1200px}svg.heatmap image{image-rendering:pixelated}
 svg.through-time{width:420px;height:120px}.fact{margin-right:.6em}
 """
 
