@@ -164,7 +164,12 @@ def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Set
     """Settings from ``config`` (must exist), else the nearest pyproject.toml, else defaults."""
     if config is not None:
         if not config.is_file():
-            raise ConfigError(f"config file {config} does not exist")
+            what = "is not a file" if config.exists() else "does not exist"
+            raise ConfigError(f"config file {config} {what}")
+        if config.stat().st_size == 0:
+            # Valid TOML, but a file named explicitly is never meant to be empty (a failed write?).
+            raise ConfigError(f"config file {config} is empty",
+                              hint="add a [tool.gradcheck] table, or drop --config to use the defaults")
         data = _read_toml(config)
         table = _gradcheck_table(data, config)
         if table is None:
@@ -184,6 +189,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes before parsing and lets this through
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 

@@ -107,6 +107,19 @@ class LayerStats:
     init: InitScale | None = None
     histograms: Histograms | None = None  # with --histograms; bins are Report.histogram_edges
     through_time: ThroughTime | None = None  # recurrent layers (nn.RNN/LSTM/GRU) only
+    input: OutputStats | None = None  # norm layers: statistics of what they normalise
+    attention: AttentionStats | None = None  # attention rows (softmax or scaled_dot_product_attention)
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Attention probabilities over the whole probe. A row (one query) counts as saturated in
+    ``LayerStats.saturation`` when its largest probability p has p(1 - p) below the saturation cutoff
+    times 1/4: the softmax then passes almost no gradient (near one-hot attention)."""
+
+    heads: int
+    entropy: tuple[float, ...]  # mean entropy of each head's rows, in nats
+    max_entropy: float  # log(number of keys): the entropy of uniform attention
 
 
 @dataclass(frozen=True)

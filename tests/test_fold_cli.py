@@ -200,6 +200,7 @@ def test_benchmark_reports_latency(cli: Any, models: dict[str, Path]) -> None:
     assert code == 0
     latency, = json.loads(stdout)["latency"]
     assert latency["runs"] == 3 and latency["before_ms"] > 0 and latency["after_ms"] > 0
+    assert latency["speedup"] == pytest.approx(latency["before_ms"] / latency["after_ms"])
 
 
 def test_fold_help_imports_no_framework() -> None:

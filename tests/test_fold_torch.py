@@ -388,3 +388,16 @@ def test_tied_weights_and_shared_layers_are_not_folded() -> None:
     assert not entries["bn"].folded and "tied" in (entries["bn"].reason or "")
     assert not entries["bn2"].folded and "called 2 times" in (entries["bn2"].reason or "")
     assert_same_function(model, result.module, x)
+
+
+def test_structure_folding_twice_reports_already_folded_and_changes_nothing() -> None:
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, bias=False),
+                                       nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    once = fold_torch_module(model, example_args=(x,), keep_structure=True)
+    assert all(e.folded for e in once.entries)
+    twice = fold_torch_module(once.module, example_args=(x,), keep_structure=True)
+    assert [e.folded for e in twice.entries] == [False, False]
+    assert all("already folded" in (e.reason or "") for e in twice.entries)
+    first, second = once.module.state_dict(), twice.module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

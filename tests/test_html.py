@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gradcheck_cli.records import LayerStats, Report
+from gradcheck_cli.records import Report
 from gradcheck_cli.render.html import HISTOGRAM_GROUP_ROWS, SIZE_BOUND_500_ROWS, TABLE_PAGE_ROWS, render_html
 from tests._browser import chromium_page, is_blank, require_browser
 from tests._reports import mixed_report
@@ -159,38 +159,57 @@ def test_worst_case_500_rows_stay_under_the_documented_size() -> None:
     assert size < SIZE_BOUND_500_ROWS, f"{size:,} bytes for 500 rows"
 
 
-@dataclass(frozen=True)
-class _Direction:
-    direction: str
-    norms: tuple[float, ...]
-    horizon: int
+def test_gradient_through_time_is_drawn_for_recurrent_rows() -> None:
+    from gradcheck_cli.records import DirectionTrace, GateStats, ThroughTime
 
+    def trace(direction: str, norms: tuple[float, ...]) -> DirectionTrace:
+        return DirectionTrace(layer=0, direction=direction, steps=len(norms), grad_norms=norms, decay_rate=0.3,
+                              horizon=2, spectral_radius={"hh": 0.9}, gates={"input": GateStats(0.25, 0.5)})
 
-@pytest.mark.parametrize("through_time, labels", [
-    ((1.0, 0.3, 0.09, 0.027, 0.0081), [""]),  # a bare sequence of norms
-    ({"norms": [1.0, 0.3, 0.09, 0.027, 0.0081], "decay_rate": 0.3}, [""]),  # a record
-    ([_Direction("forward", (1.0, 0.3, 0.09, 0.027, 0.0081), 3),  # one record per direction
-      _Direction("backward", (0.0081, 0.027, 0.09, 0.3, 1.0), 3)], ["forward", "backward"]),
-])
-def test_gradient_through_time_is_drawn_when_a_row_has_it(through_time: object, labels: list[str]) -> None:
-    @dataclass(frozen=True)
-    class RecurrentRow(LayerStats):
-        # What the sequence-model probe may add (issue 7): ||dL/dh_t|| per time step.
-        through_time: object = None
-
+    rising = (0.0081, 0.027, 0.09, 0.3, 1.0)  # |dL/dh_t| grows towards the last step: it decays going back
+    measured = ThroughTime(ok=True, reason=None, max_abs_error=1e-7, tolerance=1e-5, horizon_fraction=0.1,
+                           directions=(trace("forward", rising), trace("reverse", rising[::-1])))
+    failed = ThroughTime(ok=False, reason="unrolled <cell> did not match", max_abs_error=None, tolerance=None,
+                         horizon_fraction=0.1, directions=())
     report = mixed_report()
-    base = report.layers[0]
-    rnn = RecurrentRow(**{f: getattr(base, f) for f in base.__dataclass_fields__}, through_time=through_time)
-    page = render_html(replace(report, layers=(rnn, *report.layers[1:])))
+    rows = (replace(report.layers[0], type="RNN", through_time=measured),
+            replace(report.layers[2], type="LSTM", through_time=failed), *report.layers[3:])
+    page = render_html(replace(report, layers=rows))
     assert 'id="through-time"' in page
     curves = re.findall(r'<svg class="through-time".*?<polyline points="([^"]+)"', page)
-    assert len(curves) == len(labels)
+    assert len(curves) == 2  # one per direction
     ys = [float(p.split(",")[1]) for p in curves[0].split()]
-    assert len(ys) == 5 and ys == sorted(ys)  # decaying norms: lower on the page step by step
-    for label in filter(None, labels):
-        assert f"· {label}" in page
-    if isinstance(through_time, dict):
-        assert "decay rate 0.3" in page
+    assert len(ys) == 5 and ys == sorted(ys, reverse=True)  # larger norms are higher on the page
+    assert "layer 0 forward" in page and "layer 0 reverse" in page
+    assert "decay per step 0.3" in page and "horizon 2 step(s)" in page and "input: 25% saturated" in page
+    assert "not measured: unrolled &lt;cell&gt; did not match" in page
+
+
+def test_probed_recurrent_model_gets_one_curve_per_layer_and_direction() -> None:
+    import torch
+    from torch import nn
+
+    from gradcheck_cli import api
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    probe = api.ProbeOptions(inputs=api.InputOptions(input_shapes=((4, 12, 4),)), histograms=True)
+    report = api.inspect_module(Tagger(), probe, name="tagger")
+    page = render_html(report)
+    for layer in (0, 1):
+        for direction in ("forward", "reverse"):
+            assert f"layer {layer} {direction}" in page
+    assert page.count('<svg class="through-time"') == 4
+    _assert_self_contained(page)
 
 
 def test_histograms_of_micro_batches_draw_the_same_picture() -> None:

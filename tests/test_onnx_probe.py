@@ -284,7 +284,8 @@ class Logits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, first: torch.Tensor, second: torch.Tensor | None = None) -> torch.Tensor:
+        args = (first,) if second is None else (first, second)  # named arguments: torch.export wants them
         out: torch.Tensor = self.model(*args, return_dict=False)[0]
         return out
 

@@ -127,6 +127,7 @@ def test_bidirectional_multilayer_attribution() -> None:
             getattr(lstm, "weight_hh" + suffix).copy_(scale * q)
         lstm.bias_ih_l1_reverse[16:32] = 20.0  # only this direction's forget gate is pinned open
     report = probe(ManyToOne(lstm), (8, 12, 8))
+    assert [r.name for r in report.layers] == ["rnn", "head"]  # the unroll's gates are no rows
     tt = trace_of(report)
     assert tt.ok and tt.max_abs_error is not None and tt.tolerance is not None
     assert tt.max_abs_error <= tt.tolerance

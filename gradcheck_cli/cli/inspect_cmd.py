@@ -22,7 +22,7 @@ def build_probe_options(
     *, device: str, input_file: Path | None, input_shape: list[str] | None, input_dtype: str | None,
     input_range: str | None, batch_size: int | None, batches: int, seed: int, loss: LossKind,
     target: Path | None, mode: Mode, model_output: str | None, saturation_cutoff: float,
-    histograms: bool = False,
+    histograms: bool = False, seq_len: int | None = None,
 ) -> ProbeOptions:
     from gradcheck_cli.probe.batch import InputOptions, parse_shape
 
@@ -32,7 +32,7 @@ def build_probe_options(
     inputs = InputOptions(
         input_file=input_file, input_shapes=tuple(parse_shape(s) for s in input_shape or ()),
         input_dtype=input_dtype, input_range=parse_range(input_range), batch_size=batch_size,
-        batches=batches, seed=seed)
+        batches=batches, seed=seed, seq_len=seq_len)
     return ProbeOptions(inputs=inputs, loss=loss, target_file=target, mode=mode, device=device,
                         output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms)
 
@@ -67,6 +67,9 @@ def inspect(
     saturation_cutoff: Annotated[float, typer.Option(
         "--saturation-cutoff", help="Saturated = local derivative below this fraction of its maximum.",
         rich_help_panel="Probe")] = DEFAULT_SATURATION_CUTOFF,
+    seq_len: Annotated[int | None, typer.Option(
+        "--seq-len", min=1, help="Sequence length of synthesised token inputs (transformers models; default 16).",
+        rich_help_panel="Probe")] = None,
     histograms: Annotated[bool, typer.Option(
         "--histograms", help="Add fixed-bin histograms of every row's output and output gradient to the JSON.",
         rich_help_panel="Probe")] = False,
@@ -97,7 +100,7 @@ def inspect(
             device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
             input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
             target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
-            histograms=histograms or html is not None)
+            histograms=histograms or html is not None, seq_len=seq_len)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
                                trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
         with progress_on_stderr(f"probing {model.name}") as progress:

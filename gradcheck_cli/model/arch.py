@@ -1,7 +1,8 @@
 """Build an architecture from an ``--arch`` spec.
 
-Specs: ``package.module:callable``, ``path/to/file.py:callable``, ``torchvision:<name>`` and
-``timm:<name>``. A ``.py`` spec *executes that file*, exactly like ``python file.py`` would
+Specs: ``package.module:callable``, ``path/to/file.py:callable``, ``torchvision:<name>``,
+``timm:<name>`` and ``transformers:<ModelClass>`` (built from a config with random weights, never
+downloaded). A ``.py`` spec *executes that file*, exactly like ``python file.py`` would
 import it: only point it at code you trust.
 """
 
@@ -62,6 +63,8 @@ def resolve_factory(spec: str) -> Any:
         return _torchvision_factory(name)
     if prefix == "timm":
         return _timm_factory(name)
+    if prefix == "transformers":
+        return _transformers_factory(name)
     if prefix.endswith(".py"):
         module = _import_file(Path(prefix))
     else:
@@ -131,5 +134,43 @@ def _timm_factory(name: str) -> Any:
     def build(**kwargs: Any) -> Any:
         kwargs.setdefault("pretrained", False)
         return timm.create_model(name, **kwargs)
+
+    return build
+
+
+def _transformers_factory(name: str) -> Any:
+    """``transformers:BertForMaskedLM``: the class built from a config, never from the hub.
+
+    The config comes from the ``config`` keyword (a config.json or a directory holding one), which
+    the loader fills in from the model's directory or the weights' neighbour when it is not given;
+    any other keyword overrides a config field (e.g. ``{"num_hidden_layers": 2}``).
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", purpose=f"--arch transformers:{name}") from exc
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise LoadError(f"transformers has no model class '{name}'",
+                        hint="use a model class name such as BertModel, GPT2LMHeadModel or ViTForImageClassification")
+
+    def build(**kwargs: Any) -> Any:
+        config_path = kwargs.pop("config", None)
+        if config_path is None:
+            raise LoadError(f"--arch transformers:{name} needs a config",
+                            hint="put config.json next to the weights, pass the model directory, or "
+                            "--arch-kwargs '{\"config\": \"path/to/config.json\"}'")
+        path = Path(config_path)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise LoadError(f"--arch transformers:{name}: no config file at {path}", hint="check the path")
+        try:
+            config = cls.config_class.from_json_file(str(path))
+        except Exception as exc:
+            raise LoadError(f"{path} is not a valid {cls.config_class.__name__} file: {exc}",
+                            hint="check the JSON") from exc
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        return cls(config)
 
     return build

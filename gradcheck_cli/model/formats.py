@@ -20,6 +20,7 @@ class ModelFormat(str, Enum):
     TORCH_LEGACY = "torch_legacy"  # torch.save(_use_new_zipfile_serialization=False) or plain pickle
     SAFETENSORS = "safetensors"
     ONNX = "onnx"
+    TRANSFORMERS_DIRECTORY = "transformers_directory"  # config.json + weights (safetensors, sharded too)
 
     def __str__(self) -> str:
         return self.value
@@ -36,6 +37,7 @@ _DESCRIPTIONS = {
     ModelFormat.TORCH_LEGACY: "a legacy (non-zip) torch.save checkpoint or pickle",
     ModelFormat.SAFETENSORS: "a safetensors file",
     ModelFormat.ONNX: "an ONNX model",
+    ModelFormat.TRANSFORMERS_DIRECTORY: "a transformers model directory",
 }
 
 SUPPORTED_HINT = (
@@ -50,7 +52,10 @@ def detect_format(path: Path) -> ModelFormat:
     if not path.exists():
         raise LoadError(f"{path}: no such file", hint="check the path")
     if path.is_dir():
-        raise LoadError(f"{path} is a directory, not a model file", hint="pass the model file inside it")
+        if (path / "config.json").is_file():
+            return ModelFormat.TRANSFORMERS_DIRECTORY
+        raise LoadError(f"{path} is a directory, not a model file",
+                        hint="pass the model file inside it (or a transformers directory with config.json)")
     try:
         with path.open("rb") as handle:
             head = handle.read(16)

@@ -64,16 +64,20 @@ def model_from_path(
     if fmt is ModelFormat.ONNX:
         raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
                         hint="probing ONNX graphs is not available yet in this version of gradcheck")
-    if fmt is ModelFormat.EXPORTED_PROGRAM:
+    if fmt is ModelFormat.TRANSFORMERS_DIRECTORY:
+        arch = arch or _architecture_from_config(path / "config.json")
+        loaded = _with_arch(path, fmt, _directory_state_dict(path), None, (), arch,
+                            _with_config(arch, arch_kwargs, path), strict, target)
+    elif fmt is ModelFormat.EXPORTED_PROGRAM:
         loaded = exported_program_from_path(path, target, trust_pickle=trust_pickle)
     elif fmt is ModelFormat.TORCHSCRIPT:
         loaded = torchscript_from_path(path, target)
     elif fmt is ModelFormat.SAFETENSORS:
-        loaded = _with_arch(path, fmt, _safetensors_state_dict(path), {}, (), arch, arch_kwargs,
-                            strict, target)
+        loaded = _with_arch(path, fmt, _safetensors_state_dict(path), {}, (), arch,
+                            _with_config(arch, arch_kwargs, path.parent), strict, target)
     else:
-        loaded = _from_pickle_container(path, fmt, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
-                                        trust_pickle=trust_pickle, device=target)
+        loaded = _from_pickle_container(path, fmt, arch=arch, arch_kwargs=_with_config(arch, arch_kwargs, path.parent),
+                                        strict=strict, trust_pickle=trust_pickle, device=target)
     if arch is not None and loaded.arch is None:
         loaded.notes.append(f"--arch {arch} was ignored: {fmt.description} carries its own architecture")
     return loaded
@@ -185,6 +189,66 @@ def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:
                         f"loaded: {_first_line(exc)}",
                         hint="the archive may be damaged, or saved by an incompatible torch") from exc
     return LoadedModel(path=path, format=ModelFormat.TORCHSCRIPT, module=module)
+
+
+def _with_config(arch: str | None, arch_kwargs: dict[str, Any] | None, directory: Path) -> dict[str, Any] | None:
+    """For ``transformers:`` specs without a config, use the config.json beside the weights."""
+    if arch is None or not arch.startswith("transformers:"):
+        return arch_kwargs
+    kwargs = dict(arch_kwargs or {})
+    if "config" not in kwargs and (directory / "config.json").is_file():
+        kwargs["config"] = str(directory / "config.json")
+    return kwargs
+
+
+def _architecture_from_config(config: Path) -> str:
+    import json
+
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{config} could not be read as JSON: {exc}", hint="check the file") from exc
+    names = data.get("architectures") if isinstance(data, dict) else None
+    if not names or not isinstance(names, list) or not isinstance(names[0], str):
+        raise UsageError(f"{config} names no architecture ('architectures' is missing)",
+                         hint="pass --arch transformers:<ModelClass>, e.g. --arch transformers:BertModel")
+    return f"transformers:{names[0]}"
+
+
+def _directory_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of a transformers directory: model.safetensors, its shards, or pytorch_model.bin."""
+    import json
+
+    import torch
+
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return _safetensors_state_dict(single)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LoadError(f"{index} is not a valid shard index: {exc}", hint="check the file") from exc
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (directory / shard).resolve()
+            if directory.resolve() not in shard_path.parents:
+                raise LoadError(f"{index} points outside the model directory ({shard})",
+                                hint="shards must lie in the model's own directory")
+            state.update(_safetensors_state_dict(shard_path))
+        return state
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        try:
+            obj = torch.load(str(legacy), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LoadError(f"{legacy} could not be loaded with weights_only=True: {_first_line(exc)}",
+                            hint="convert it to safetensors") from exc
+        if isinstance(obj, dict):
+            return obj
+    raise LoadError(f"{directory} has a config.json but no weights (model.safetensors, sharded safetensors "
+                    "with model.safetensors.index.json, or pytorch_model.bin)", hint="add the weights file")
 
 
 def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -310,7 +374,7 @@ def _with_arch(
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
         raise LoadError(f"{path}: the weights do not fit --arch {arch}: {detail}",
                         hint="check --arch and --arch-kwargs (e.g. widths, number of classes)") from exc
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    missing, unexpected = _untied(module, list(result.missing_keys), renamed), list(result.unexpected_keys)
     if strict and (missing or unexpected or dropped):
         parts = []
         if missing:
@@ -329,6 +393,16 @@ def _with_arch(
     if prefix:
         loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")
     return loaded
+
+
+def _untied(module: nn.Module, missing: list[str], loaded: Mapping[str, Any]) -> list[str]:
+    """Drop missing keys whose tensor is tied to one that was loaded (e.g. an LM head sharing the
+    embedding matrix, which save_pretrained and safetensors store once)."""
+    if not missing:
+        return missing
+    tensors = module.state_dict(keep_vars=True)
+    loaded_ids = {id(tensors[key]) for key in loaded if key in tensors}
+    return [key for key in missing if id(tensors.get(key)) not in loaded_ids]
 
 
 def best_key_prefix(state_dict: Mapping[str, Any], expected: set[str]) -> str:

@@ -98,6 +98,13 @@ def session_for(model: onnx.ModelProto, extra: Sequence[str]) -> Any:
         del model.graph.output[len(model.graph.output) - len(added):]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # onnxruntime logs to stderr itself; keep warnings out of it
+    # Basic optimisations only (constant folding, exact fusions): the extended ones convert
+    # layouts (NCHWc) and must convert back at every exposed output, which made sessions with
+    # many outputs slower to create and to run (resnet18: 0.40 s + 0.53 s vs 0.16 s + 0.34 s).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # No arena: it would keep the peak of every group's outputs reserved until the session is
+    # gone; plain allocations of these sizes go back to the system when freed.
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -57,6 +57,8 @@ class RowPlan:
     fn_params: dict[str, float] = field(default_factory=dict)
     channel_first: bool = False
     params: list[str] = field(default_factory=list)  # leaf keys of the parameters the row owns
+    input: str | None = None  # norm rows: the value they normalise (its statistics are reported too)
+    attention: bool = False  # a softmax over attention scores: its output is the probabilities
 
 
 @dataclass
@@ -116,6 +118,29 @@ def _channel_first(index: GraphIndex, value: str, depth: int = 0) -> bool:
         return True
     if node.op_type in ("Add", "Mul", "Sub", "Relu", "Identity", "Clip", "Sigmoid", "LeakyRelu"):
         return any(_channel_first(index, name, depth + 1) for name in node.input if name)
+    return False
+
+
+def _is_attention_softmax(index: GraphIndex, position: int) -> bool:
+    """Softmax(scores) @ V: a softmax whose output is, possibly through Dropout/Cast or the
+    exporters' NaN guard (Where(IsNaN(p), 0, p)), a MatMul's left operand. Classifier softmaxes
+    feed no MatMul, so attention is found by its data flow in both exporters' graphs."""
+    node = index.node(position)
+    if node.op_type != "Softmax":
+        return False
+    derived = {node.output[0]}
+    frontier = [node.output[0]]
+    for _ in range(4):
+        following = []
+        for value in frontier:
+            for reader_position in index.consumers.get(value, []):
+                reader = index.node(reader_position)
+                if reader.op_type == "MatMul" and reader.input[0] in derived:
+                    return True
+                if reader.op_type in ("Where", "Dropout", "Cast", "Identity") and reader.output[0] not in derived:
+                    derived.add(reader.output[0])
+                    following.append(reader.output[0])
+        frontier = following
     return False
 
 
@@ -223,6 +248,8 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
             kind, output = RowKind.PARAM, outputs.get(position, node.output[0])
         elif node.op_type in NORM_OPS:
             kind, output = RowKind.NORM, node.output[0]
+        elif _is_attention_softmax(index, position):
+            kind, output = RowKind.ACTIVATION, node.output[0]
         elif owned:
             kind, output = RowKind.OTHER, node.output[0]
         else:
@@ -235,6 +262,10 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
                 row.type = PATTERN_TYPES.get(activation.fn, node.op_type)
             row.fn, row.fn_params = activation.fn, dict(activation.params)
             row.channel_first = _channel_first(index, activation.source)
+        elif kind is RowKind.NORM:
+            row.input = node.input[0]
+        elif kind is RowKind.ACTIVATION:  # attention, as the PyTorch probe reports it
+            row.fn, row.attention = "attention", True
         rows.append(row)
     return GraphPlan(rows=rows, trainable=params.trainable, recognised=recognised, leaves=params.leaves,
                      uses=params.uses)

@@ -239,6 +239,11 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     by_value: dict[str, list[Row]] = {}
     for p in plan.rows:
         by_value.setdefault(p.output, []).append(rows[p.name])
+    attention = {p.name for p in plan.rows if p.attention}
+    norm_inputs: dict[str, list[Row]] = {}
+    for p in plan.rows:
+        if p.input is not None:
+            norm_inputs.setdefault(p.input, []).append(rows[p.name])
 
     feeds = _feeds(inputs)
     shapes = {name: tuple(array.shape) for name, array in feeds[0].items()}
@@ -256,8 +261,12 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         tensor = torch.from_numpy(array)
         for row in by_value.get(name, []):
             recorder.record_output(row, tensor)
+            if row.name in attention and tensor.dim() >= 3:
+                recorder.record_attention(row, tensor)
+        for row in norm_inputs.get(name, []):
+            recorder.record_input(row, tensor)
 
-    values = list(dict.fromkeys(p.output for p in plan.rows))
+    values = list(dict.fromkeys([p.output for p in plan.rows] + [p.input for p in plan.rows if p.input]))
     sizes = value_sizes(model, shapes)
     total_steps[1] = len(inputs.batches) * 2
     ort_pass = statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,

@@ -23,12 +23,16 @@ ACTIVATIONS = RELU_FAMILY | SATURATING
 NON_NEGATIVE = frozenset({"relu", "relu6"})
 
 # nn.Module classes that are activations, by class name (also TorchScript's original_name).
-MODULE_ACTIVATIONS = {
+MODULE_ACTIVATIONS: dict[str, str] = {
     "ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "RReLU": "rrelu", "PReLU": "prelu",
     "ELU": "elu", "SELU": "selu", "CELU": "celu", "GELU": "gelu", "SiLU": "silu", "Mish": "mish",
     "Hardswish": "hardswish", "Sigmoid": "sigmoid", "Tanh": "tanh", "Hardtanh": "hardtanh",
     "Hardsigmoid": "hardsigmoid", "Softsign": "softsign", "Softplus": "softplus",
     "LogSigmoid": "logsigmoid",
+    # transformers' activation modules (some compute GELU from tanh/erf by hand inside).
+    "GELUActivation": "gelu", "NewGELUActivation": "gelu", "FastGELUActivation": "gelu",
+    "QuickGELUActivation": "gelu", "GELUTanh": "gelu", "PytorchGELUTanh": "gelu", "AccurateGELUActivation": "gelu",
+    "SiLUActivation": "silu", "MishActivation": "mish", "ReLUSquaredActivation": "relu",
 }
 
 # Function (or aten op) names, without a trailing '_' for in-place variants.

@@ -7,6 +7,7 @@ the same seed gives the same batch, and micro-batches are slices of one conceptu
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class InputOptions:
     batch_size: int | None = None
     batches: int = 1
     seed: int = 0
+    seq_len: int | None = None  # sequence length of synthesised token inputs (default 16)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class ProbeInputs:
     batches: list[ProbeBatch]
     specs: tuple[InputSpec, ...]
     batch_size: int
+    # The batches carry `labels` for a model that computes its own loss (a transformers LM head).
+    model_loss: bool = False
 
     @property
     def total(self) -> int:
@@ -123,7 +127,62 @@ def probe_inputs(
         kw = [(name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
               for name, t in kwargs.items()]
         return _synthesise(shapes, tuple(kw), options, generator, device, source="example")
+    from_model = _transformers_inputs(module, options, generator, device)
+    if from_model is not None:
+        return from_model
     return _inferred(module, options, generator, device)
+
+
+# transformers heads that compute a language-modelling loss from `labels` themselves.
+_LM_HEADS = ("LMHeadModel", "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration")
+
+
+def _transformers_inputs(module: nn.Module, options: InputOptions, generator: torch.Generator,
+                         device: torch.device) -> ProbeInputs | None:
+    """Inputs a transformers model declares for itself: token ids within its vocabulary with an
+    attention mask (and seeded random labels for an LM head), or pixel values at its image size."""
+    import inspect
+
+    import torch
+
+    config = getattr(module, "config", None)
+    main = getattr(module, "main_input_name", None)
+    if config is None or main not in ("input_ids", "pixel_values"):
+        return None
+    batch = options.batch_size or DEFAULT_BATCH_SIZE
+    try:
+        accepted = set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    keyword: list[tuple[str, Shape]] = []
+    model_loss = False
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        if vocab < 1:
+            return None
+        seq = options.seq_len or DEFAULT_SEQ_LEN
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(limit, int) and seq > limit:
+            raise UsageError(f"--seq-len {seq} exceeds the model's maximum of {limit} positions",
+                             hint=f"use --seq-len {limit} or less")
+        tokens: Shape = ((batch, seq), torch.int64, (0.0, float(vocab)))
+        keyword.append(("input_ids", tokens))
+        if "attention_mask" in accepted:
+            keyword.append(("attention_mask", ((batch, seq), torch.int64, (1.0, 2.0))))
+        if type(module).__name__.endswith(_LM_HEADS) and "labels" in accepted:
+            keyword.append(("labels", tokens))  # the model shifts them itself for causal LMs
+            model_loss = True
+        elif getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in accepted:
+            keyword.append(("decoder_input_ids", tokens))
+    else:
+        size = getattr(config, "image_size", None)
+        channels = int(getattr(config, "num_channels", 3) or 3)
+        if not isinstance(size, int):
+            return None
+        keyword.append(("pixel_values", ((batch, channels, size, size), _float_dtype(module), options.input_range)))
+    inputs = _synthesise([], tuple(keyword), options, generator, device, source="synthesized")
+    inputs.model_loss = model_loss
+    return inputs
 
 
 def _with_batch(shape: tuple[int, ...], batch_size: int | None) -> tuple[int, ...]:
@@ -316,28 +375,60 @@ def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
     return ProbeInputs(batches, tuple(specs), batch_size=batch)
 
 
-def _read_input_file(path: Path) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+def _read_input_file(path: Path, flag: str = "--input") -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """Read probe inputs (or, with ``flag='--target'``, targets) without unpickling any object.
+
+    .npy/.npz headers are checked against the file's size before numpy allocates the array, so a
+    crafted header declaring terabytes is refused instead of exhausting memory.
+    """
+    import pickle
+
     import numpy as np
     import torch
 
+    if not path.exists():
+        raise LoadError(f"{flag} {path}: no such file", hint="check the path")
     if not path.is_file():
-        raise LoadError(f"--input {path}: no such file", hint="check the path")
-    with path.open("rb") as handle:
-        head = handle.read(8)
+        raise LoadError(f"{flag} {path} is not a regular file", hint="pass a .pt, .npy or .npz file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise LoadError(f"{flag} {path}: cannot be read ({exc.strerror or exc})",
+                        hint="check its permissions") from exc
+    if not head:
+        raise LoadError(f"{flag} {path} is empty", hint="the file was probably not written completely")
     try:
         if head.startswith(b"\x93NUMPY"):
+            _check_npy_header(path, flag)
             return (torch.from_numpy(np.load(path, allow_pickle=False)),), {}
         if head.startswith(b"PK") and _is_npz(path):
+            _check_npz_members(path, flag)
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: torch.from_numpy(archive[name]) for name in archive.files}
             if all(name.startswith("arr_") for name in arrays):
                 return tuple(arrays[f"arr_{i}"] for i in range(len(arrays))), {}
             return (), arrays
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except LoadError:
         raise
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            from gradcheck_cli.errors import UntrustedPickleError
+
+            raise UntrustedPickleError(
+                f"{flag} {path} holds pickled Python objects, not only tensors; unpickling them would run "
+                "code from the file, so gradcheck refused (--trust-pickle does not apply to probe files)",
+                hint="save plain tensors (torch.save(tensor, f)), or use .npy/.npz") from exc
+        raise LoadError(f"{flag} {path} could not be read: {_first_line(exc)}",
+                        hint="the file is probably truncated or damaged") from exc
+    except MemoryError as exc:
+        raise LoadError(f"{flag} {path} declares more data than fits in memory",
+                        hint="the file is damaged or crafted; save the inputs again") from exc
     except Exception as exc:
-        raise LoadError(f"--input {path} could not be read: {(str(exc).splitlines() or ['?'])[0][:200]}",
+        raise LoadError(f"{flag} {path} could not be read: {_first_line(exc)}",
                         hint="use a .pt file of a tensor, tuple or dict of tensors, or .npy/.npz") from exc
     if isinstance(obj, torch.Tensor):
         return (obj,), {}
@@ -345,13 +436,63 @@ def _read_input_file(path: Path) -> tuple[tuple[torch.Tensor, ...], dict[str, to
         return tuple(obj), {}
     if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return (), dict(obj)
-    raise LoadError(f"--input {path} holds a {type(obj).__name__}, not tensors",
+    raise LoadError(f"{flag} {path} holds a {type(obj).__name__}, not tensors",
                     hint="save a tensor, a tuple/list of tensors, or a dict of name -> tensor")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _npy_declared_bytes(handle: Any) -> int:
+    import math
+
+    import numpy as np
+
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ValueError("the array holds Python objects (pickled), which gradcheck does not load")
+    return math.prod(int(d) for d in shape) * int(dtype.itemsize)
+
+
+def _check_npy_header(path: Path, flag: str) -> None:
+    with path.open("rb") as handle:
+        try:
+            declared = _npy_declared_bytes(handle)
+        except ValueError as exc:
+            raise LoadError(f"{flag} {path}: invalid .npy header: {_first_line(exc)}",
+                            hint="the file is damaged; save the inputs again") from exc
+        available = path.stat().st_size - handle.tell()
+    if declared > available:
+        raise LoadError(f"{flag} {path}: the .npy header declares {declared} bytes of data but the file "
+                        f"holds {available}", hint="the file is truncated or crafted; save the inputs again")
+
+
+def _check_npz_members(path: Path, flag: str) -> None:
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                try:
+                    declared = _npy_declared_bytes(member)
+                except ValueError as exc:
+                    raise LoadError(f"{flag} {path}: member {info.filename} has an invalid .npy header: "
+                                    f"{_first_line(exc)}", hint="the file is damaged; save the inputs again") from exc
+            if declared > info.file_size:
+                raise LoadError(f"{flag} {path}: member {info.filename} declares {declared} bytes of data but "
+                                f"holds {info.file_size}",
+                                hint="the file is truncated or crafted; save the inputs again")
 
 
 def _is_npz(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
-            return all(name.endswith(".npy") for name in archive.namelist())
-    except zipfile.BadZipFile:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return False
+    return bool(names) and all(name.endswith(".npy") for name in names)

@@ -82,6 +82,7 @@ class EagerInstrument:
         self.row_params: dict[str, Sequence[torch.Tensor]] = {}
         self.recording = False
         self.unrollers: dict[str, RecurrentUnroller] = {}  # module path -> its unroller
+        self.blocks: dict[str, bool] = {}  # module path -> is a repeated block (residual stream row)
 
     def failing_layer(self) -> str | None:
         if not self.stack:
@@ -95,9 +96,12 @@ class EagerInstrument:
 
         handles: list[Any] = []
         try:
-            for path, module in self.model.named_modules():
+            modules = dict(self.model.named_modules())
+            for path, module in modules.items():
                 if isinstance(module, torch.jit.ScriptModule):
                     continue  # scripted submodules run as one opaque call; they take no hooks
+                parent = modules.get(path.rpartition(".")[0]) if path else None
+                self.blocks[path] = is_block(module, parent)
                 handles.append(module.register_forward_pre_hook(self._push(path, module)))
                 kind_name = type_name(module)
                 if kind_name in RECURRENT_TYPES and isinstance(module, torch.nn.RNNBase):
@@ -126,13 +130,15 @@ class EagerInstrument:
     def _pop(self, path: str, module: nn.Module) -> Any:
         kind_name = type_name(module)
         direct = [p for p in module._parameters.values() if p is not None]
-        fn = MODULE_ACTIVATIONS.get(kind_name)
-        wanted = bool(direct) or fn is not None or is_norm(kind_name)
+        import torch
 
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        fn = MODULE_ACTIVATIONS.get(kind_name)
+        norm = is_norm(kind_name)
+
+        def hook(_module: nn.Module, args: Any, output: Any) -> None:
             if self.stack and self.stack[-1][1] is module:
                 self.stack.pop()
-            if not wanted:
+            if not (direct or fn is not None or norm or self.blocks.get(path)):
                 if is_channel_first(kind_name):
                     self.channel_first = True
                 return
@@ -152,6 +158,8 @@ class EagerInstrument:
             self.recording = True
             try:
                 self.recorder.record_output(row, tensor)
+                if norm and args and isinstance(args[0], torch.Tensor):
+                    self.recorder.record_input(row, args[0])
             finally:
                 self.recording = False
 
@@ -163,10 +171,15 @@ class EagerInstrument:
             return
         fn = activation_of_call(func, args, kwargs)
         if fn is None:
+            probs = attention_probabilities(func, args, kwargs or {}, result, self.stack)
+            if probs is not None:
+                self._record_attention(func, probs, result)
             return
         path, module = self.stack[-1] if self.stack else ("", self.model)
         if type_name(module) in MODULE_ACTIVATIONS:
             return  # the activation module's own hook records this call
+        if type_name(module) in RECURRENT_TYPES:
+            return  # the gate functions of our own unroll: reported as gate statistics instead
         tensor = first_tensor(result)
         if tensor is None:
             return
@@ -180,8 +193,74 @@ class EagerInstrument:
         finally:
             self.recording = False
 
+    def _record_attention(self, func: Any, probs: torch.Tensor, result: Any) -> None:
+        path = self.stack[-1][0] if self.stack else ""
+        tensor = first_tensor(result)
+        if tensor is None:
+            return
+        name = self.calls.name(function_row_name(path, "attention"))
+        row = self.recorder.row(name, type=function_name(func) or "attention", kind=RowKind.ACTIVATION,
+                                module=path, fn="attention")
+        self.recording = True
+        try:
+            self.recorder.record_output(row, tensor)
+            self.recorder.record_attention(row, probs)
+        finally:
+            self.recording = False
+
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.model(*args, **kwargs)
+
+
+def is_block(module: nn.Module, parent: nn.Module | None) -> bool:
+    """A repeated block of a deep network (BertLayer, GPT2Block, ViTLayer, a ResNet stage's
+    Bottleneck, ...): its output is the residual stream, whose variance growth with depth matters."""
+    from torch import nn
+
+    if parent is None or not isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        return False
+    if next(iter(module._parameters.values()), None) is not None:
+        return False  # already a row of its own
+    return type_name(module).endswith(("Layer", "Block", "Bottleneck", "BasicBlock"))
+
+
+def attention_probabilities(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any,
+                            stack: Sequence[tuple[str, Any]]) -> torch.Tensor | None:
+    """Attention probabilities of a call, or None: a softmax over the keys inside an attention
+    module, or the probabilities a fused scaled_dot_product_attention computed and did not return."""
+    import math
+
+    import torch
+
+    name = function_name(func)
+    if name == "softmax":
+        inside_attention = any("att" in path.rsplit(".", 1)[-1].lower() or "att" in type_name(m).lower()
+                               for path, m in stack[-3:])
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if (inside_attention and isinstance(result, torch.Tensor) and result.dim() == 4
+                and dim in (-1, 3)):
+            return result
+        return None
+    if name != "scaled_dot_product_attention" or len(args) < 2:
+        return None
+    query, key = args[0], args[1]
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() < 3:
+        return None
+    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
+    scale = kwargs.get("scale")
+    with torch.no_grad():
+        q, k = query.detach(), key.detach()
+        if k.shape[-3] != q.shape[-3] and q.dim() == 4:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        if causal:
+            keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if isinstance(mask, torch.Tensor):
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores.float(), dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)  # a fully masked row attends to nothing
 
 
 def _activation_mode_class() -> type:

@@ -58,6 +58,18 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
                      hint="wrap the model so that it returns a tensor (or a tuple/dict of tensors)")
 
 
+def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
+    """The loss a transformers head computed (a mean over this micro-batch's tokens), weighted so
+    that equal micro-batches sum to the mean over the whole probe."""
+    import torch
+
+    loss = output.get("loss") if hasattr(output, "get") else getattr(output, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ProbeError("the model was given labels but returned no scalar 'loss'",
+                         hint="use --loss cross_entropy or mse to compute the loss from its output")
+    return loss * (batch_size / total)
+
+
 def resolve_loss(kind: LossKind, output: torch.Tensor) -> LossKind:
     if kind is not LossKind.AUTO:
         return kind
@@ -90,6 +102,20 @@ class LossFunction:
         self.kind = kind
         n = int(output.shape[0]) if output.dim() else 1
         targets = self._take(kind, output, n)
+        if self.target_file is None:
+            return self._loss(kind, output, targets)
+        try:
+            return self._loss(kind, output, targets)
+        except (RuntimeError, ValueError, IndexError) as exc:  # the user's targets do not fit
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LoadError(f"--target {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
+                            f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",
+                            hint="cross_entropy needs integer class labels of shape (N,); mse needs targets "
+                            "shaped like the output; or pick another --loss") from exc
+
+    def _loss(self, kind: LossKind, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         if kind is LossKind.CROSS_ENTROPY:
             if output.dim() < 2:
                 raise UsageError("--loss cross_entropy needs (N, C) logits", hint="use --loss mse")
@@ -136,7 +162,7 @@ def _read_target(path: Path) -> torch.Tensor:
 
     from gradcheck_cli.probe.batch import _read_input_file
 
-    args, kwargs = _read_input_file(path)
+    args, kwargs = _read_input_file(path, "--target")
     tensors = list(args) + list(kwargs.values())
     if len(tensors) != 1:
         raise LoadError(f"--target {path} must hold exactly one tensor, found {len(tensors)}",

@@ -18,10 +18,11 @@ DEFAULT_SATURATION_CUTOFF = 0.05
 class LossKind(str, Enum):
     """The scalar the probe differentiates (documented in the README)."""
 
-    AUTO = "auto"  # cross_entropy for (N, C) float logits, mse otherwise
+    AUTO = "auto"  # model for transformers LM heads, cross_entropy for (N, C) float logits, mse otherwise
     CROSS_ENTROPY = "cross_entropy"  # against seeded random labels in [0, C)
     MSE = "mse"  # against a seeded N(0, 1) target of the output's shape
     SUM = "sum"  # the plain sum of the output: gradient 1 everywhere
+    MODEL = "model"  # the model's own loss (a transformers LM head against seeded random labels)
 
     def __str__(self) -> str:
         return self.value

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from gradcheck_cli.probe.activations import NON_NEGATIVE, RELU_FAMILY, SATURATING, saturated_mask, unit_axis
 from gradcheck_cli.records import (
+    AttentionStats,
     DeadUnits,
     GradStats,
     Histograms,
@@ -56,6 +57,11 @@ class Row:
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_grad: list[torch.Tensor] = field(default_factory=list)
     seen_output: bool = False
+    input_row: Row | None = None  # norm layers: the same statistics of their input
+    attention_entropy: torch.Tensor | None = None  # per head, summed over rows
+    attention_saturated: torch.Tensor | None = None
+    attention_rows: int = 0
+    attention_keys: int = 0
 
 
 def cpu_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +135,31 @@ class Recorder:
             self.rows[name] = existing
         return existing
 
-    def record_output(self, row: Row, output: torch.Tensor) -> None:
+    def record_input(self, row: Row, value: torch.Tensor) -> None:
+        """Statistics of a norm layer's input (no gradient hook: that is the layer below's output)."""
+        if row.input_row is None:
+            row.input_row = Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
+        self.record_output(row.input_row, value, gradient=False)
+
+    def record_attention(self, row: Row, probs: torch.Tensor) -> None:
+        """Attention probabilities (N, heads, queries, keys): per-head entropy and saturated rows."""
+        import torch
+
+        with torch.no_grad():
+            p = probs.detach().float()
+            heads = p.shape[1] if p.dim() == 4 else 1
+            p = p.reshape(p.shape[0], heads, -1, p.shape[-1])
+            entropy = -(torch.special.xlogy(p, p)).sum(dim=-1)  # (N, heads, queries)
+            top = p.amax(dim=-1)
+            saturated = (top * (1 - top) < self.saturation_cutoff * 0.25).sum()
+            per_head = entropy.sum(dim=(0, 2))
+            row.attention_entropy = per_head if row.attention_entropy is None else row.attention_entropy + per_head
+            row.attention_saturated = (saturated if row.attention_saturated is None
+                                       else row.attention_saturated + saturated)
+            row.attention_rows += int(entropy.numel())
+            row.attention_keys = int(p.shape[-1])
+
+    def record_output(self, row: Row, output: torch.Tensor, *, gradient: bool = True) -> None:
         """Reduce ``output`` to the row's statistics now; register the hook for its gradient."""
         import torch
 
@@ -168,7 +198,7 @@ class Recorder:
                 row.axis = unit_axis(tuple(y.shape), row.channel_first)
                 nonzero = units_alive(y, row.axis, non_negative=row.fn in NON_NEGATIVE)
                 row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
-        if output.requires_grad:
+        if gradient and output.requires_grad:
             output.register_hook(self._grad_hook(row))
 
     def _grad_hook(self, row: Row) -> object:
@@ -193,7 +223,9 @@ class Recorder:
 
         vectors: list[torch.Tensor] = []
         owners: list[tuple[Row, str]] = []
-        for row in self.rows.values():
+        rows = list(self.rows.values())
+        rows += [row.input_row for row in rows if row.input_row is not None]
+        for row in rows:
             for vector in row.pending:
                 vectors.append(vector)
                 owners.append((row, "out"))
@@ -228,16 +260,8 @@ class Recorder:
         """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm)."""
         out: list[LayerStats] = []
         for row in self.rows.values():
-            clean = row.nan == 0 and row.inf == 0 and row.moments.count > 0
-            total = row.moments.count + row.nan + row.inf
-            output = OutputStats(
-                count=total,
-                mean=row.moments.mean if clean else None,
-                var=row.moments.variance if clean else None,
-                min=row.moments.minimum if clean else None,
-                max=row.moments.maximum if clean else None,
-                nan=row.nan, inf=row.inf,
-            )
+            output = _output_stats(row)
+            total = output.count
             dead = None
             if row.fn in RELU_FAMILY and row.alive is not None:
                 alive = row.alive.cpu()
@@ -246,6 +270,9 @@ class Recorder:
             saturation = None
             if row.fn in SATURATING and total:
                 saturation = Saturation(fraction=row.saturated / total, cutoff=self.saturation_cutoff)
+            elif row.attention_rows and row.attention_saturated is not None:
+                saturation = Saturation(fraction=float(row.attention_saturated) / row.attention_rows,
+                                        cutoff=self.saturation_cutoff)
             grad = None
             if row.name in param_grads:
                 grad_norm, weight_norm = param_grads[row.name]
@@ -263,5 +290,28 @@ class Recorder:
                 fn=row.fn, dead=dead, saturation=saturation, grad=grad,
                 params=param_counts.get(row.name, 0), histograms=histogram,
                 through_time=(through_time or {}).get(row.name),
+                input=_output_stats(row.input_row) if row.input_row is not None else None,
+                attention=_attention_stats(row),
             ))
         return out
+
+
+def _output_stats(row: Row) -> OutputStats:
+    clean = row.nan == 0 and row.inf == 0 and row.moments.count > 0
+    return OutputStats(
+        count=row.moments.count + row.nan + row.inf,
+        mean=row.moments.mean if clean else None,
+        var=row.moments.variance if clean else None,
+        min=row.moments.minimum if clean else None,
+        max=row.moments.maximum if clean else None,
+        nan=row.nan, inf=row.inf,
+    )
+
+
+def _attention_stats(row: Row) -> AttentionStats | None:
+    if not row.attention_rows or row.attention_entropy is None:
+        return None
+    heads = int(row.attention_entropy.numel())
+    per_head_rows = row.attention_rows / heads
+    entropy = tuple(float(v) / per_head_rows for v in row.attention_entropy.cpu().tolist())
+    return AttentionStats(heads=heads, entropy=entropy, max_entropy=math.log(max(row.attention_keys, 1)))

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli import __version__
-from gradcheck_cli.errors import GradcheckError, ProbeError
+from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
 from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
-from gradcheck_cli.probe.loss import LossFunction, select_output
-from gradcheck_cli.probe.options import Mode, ProbeOptions
+from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
+from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder
 from gradcheck_cli.probe.recurrent import HORIZON_FRACTION, RecurrentUnroller, fit_decay, spectral_radii
 from gradcheck_cli.records import DirectionTrace, GateStats, ModelInfo, ProbeInfo, Report, ThroughTime, ToolInfo
@@ -50,9 +50,17 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
         for index, batch in enumerate(inputs.batches):
             instrument.start_batch()
             output = _forward(instrument, batch.args, batch.kwargs, inputs)
-            selected, output_label = select_output(output, options.output)
-            loss = loss_fn(selected)
-            del output, selected
+            if inputs.model_loss and options.loss in (LossKind.AUTO, LossKind.MODEL):
+                loss, output_label = model_loss(output, batch.size, inputs.total), "output['loss']"
+                loss_fn.kind = LossKind.MODEL
+            else:
+                if options.loss is LossKind.MODEL:
+                    raise UsageError("--loss model needs a model that computes its own loss from labels "
+                                     "(a transformers LM head)", hint="use --loss auto, cross_entropy or mse")
+                selected, output_label = select_output(output, options.output)
+                loss = loss_fn(selected)
+                del selected
+            del output
             try:
                 loss.backward()
             except RuntimeError as exc:

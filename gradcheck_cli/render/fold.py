@@ -17,6 +17,10 @@ def fold_json(report: FoldReport) -> str:
     data: dict[str, Any] = to_jsonable(report)
     ordered: dict[str, Any] = {"schema_version": data.pop("schema_version"), "command": "fold-bn"}
     ordered.update(data)
+    data_latency = ordered.get("latency") or []
+    for row, latency in zip(data_latency, report.latency, strict=True):
+        row["speedup"] = to_jsonable(latency.speedup)
+    ordered["verification"]["passed"] = report.verification.passed
     ordered["summary"] = {
         "folded": report.folded,
         "skipped": report.skipped,

@@ -12,7 +12,8 @@ SVG written by this module from the report's numbers. Sections, top to bottom:
 - histograms over depth: heatmaps with one column per row (Glorot & Bengio's distributions at once);
 - per-layer histograms of the output and of dL/dOutput (``--histograms``), collapsed in groups of
   consecutive rows, so that a 500-layer model stays a page of a few headings;
-- gradient through time, for rows that carry ``through_time`` norms (recurrent layers).
+- gradient through time, for recurrent rows (``LayerStats.through_time``): one curve per layer and
+  direction.
 
 Size: with histograms, a probed 500-row report is about 0.73 MB and a worst case (random counts in
 every bin, a finding on every row) about 1.5 MB, under ``SIZE_BOUND_500_ROWS`` (tests/test_html.py
@@ -31,7 +32,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from gradcheck_cli.records import Finding, LayerStats, Report, RowKind, Severity
+from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
 from gradcheck_cli.render.table import fmt  # numbers read the same in the terminal and the page
 
 # Documented bound (docs/reports.md), checked by tests/test_html.py on a probed 500-row model.
@@ -627,85 +628,41 @@ def _histogram_card(row: LayerStats, bins: int, findings: Sequence[Finding]) -> 
 # ---------------------------------------------------------------- gradient through time
 
 
-@dataclass(frozen=True)
-class ThroughTimeCurve:
-    """One curve of ||dL/dh_t|| over time steps t, with what the probe said about it."""
-
-    label: str  # '' for a layer's only curve; else e.g. 'layer 0 forward'
-    norms: tuple[float | None, ...]
-    facts: tuple[tuple[str, str], ...] = ()  # e.g. ('horizon', '12 steps'), shown under the curve
-
-
-# Scalars of a through-time record that are worth printing next to its curve, when present.
-_THROUGH_TIME_FACTS = ("decay_rate", "rate", "horizon", "spectral_radius")
-_CURVE_LABEL_KEYS = ("label", "name", "layer", "direction")
-
-
-def through_time_curves(row: LayerStats) -> list[ThroughTimeCurve]:
-    """The per-step gradient norms of a recurrent row, if the probe recorded them.
-
-    ``row.through_time`` is not in the report schema yet (the sequence-model work adds it), so this
-    reads the shapes it may reasonably take and draws nothing otherwise: a sequence of norms; a
-    record (dataclass or dict) whose ``norms`` holds one; or a sequence of such records, or a
-    record holding them under ``curves``/``directions``/``layers`` (one per layer and direction).
-    """
-    data = getattr(row, "through_time", None)
-    return [] if data is None else _curves(data, label="")
-
-
-def _field(data: object, name: str) -> object:
-    return data.get(name) if isinstance(data, dict) else getattr(data, name, None)
-
-
-def _number_list(values: object) -> tuple[float | None, ...] | None:
-    if not isinstance(values, (list, tuple)) or not values:
-        return None
-    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
-        return None
-    return tuple(None if v is None else float(v) for v in values)
-
-
-def _curves(data: object, *, label: str) -> list[ThroughTimeCurve]:
-    norms = _number_list(data)
-    if norms is not None:
-        return [ThroughTimeCurve(label=label, norms=norms)]
-    if isinstance(data, (list, tuple)):
-        found: list[ThroughTimeCurve] = []
-        for position, item in enumerate(data):
-            found += _curves(item, label=_curve_label(item) or f"{label} {position}".strip())
-        return found
-    own = _number_list(_field(data, "norms"))
-    if own is not None:
-        facts = tuple((name, fmt(float(value))) for name in _THROUGH_TIME_FACTS
-                      if isinstance(value := _field(data, name), (int, float)) and not isinstance(value, bool))
-        return [ThroughTimeCurve(label=_curve_label(data) or label, norms=own, facts=facts)]
-    for container in ("curves", "directions", "layers"):
-        nested = _field(data, container)
-        if isinstance(nested, (list, tuple)):
-            return _curves(nested, label=label)
-    return []
-
-
-def _curve_label(data: object) -> str:
-    parts = [str(value) for key in _CURVE_LABEL_KEYS if (value := _field(data, key)) not in (None, "")]
-    return " ".join(parts)
-
-
 def _through_time_section(report: Report) -> str:
+    """One card per recurrent layer and direction: ||dL/dh_t|| over t, with the decay rate, the
+    horizon, the recurrent weights' spectral radii and the gate statistics the probe recorded."""
     cards = []
     for row in report.layers:
-        for curve in through_time_curves(row):
-            label = f" · {_e(curve.label)}" if curve.label else ""
-            facts = "".join(f"<span class=\"fact\">{_e(name.replace('_', ' '))} {_e(value)}</span> "
-                            for name, value in curve.facts)
-            cards.append(f"<figure class=\"card wide\"><figcaption>#{row.index} {_e(row.name)}{label} "
-                         f"<span class=\"muted\">{_e(row.type)}</span></figcaption>{through_time_svg(curve.norms)}"
-                         f"<div class=\"muted\">{facts}</div></figure>")
+        through_time = row.through_time
+        if through_time is None:
+            continue
+        heading = (f"#{row.index} {_e(row.name)} <span class=\"muted\">{_e(row.type)}</span>")
+        if not through_time.ok:
+            cards.append(f"<figure class=\"card wide\"><figcaption>{heading}</figcaption><p class=\"muted\">"
+                         f"not measured: {_e(through_time.reason or 'no reason given')}</p></figure>")
+            continue
+        for trace in through_time.directions:
+            cards.append(f"<figure class=\"card wide\"><figcaption>{heading} · layer {trace.layer} "
+                         f"{_e(trace.direction)}</figcaption>{through_time_svg(trace.grad_norms)}"
+                         f"<div class=\"muted\">{_trace_facts(trace, through_time.horizon_fraction)}</div></figure>")
     if not cards:
-        return ""  # no recurrent layer recorded it: the section would only be noise
+        return ""  # no recurrent layer: the section would only be noise
     return (f"<section id=\"through-time\"><h2>Gradient through time</h2><p class=\"muted\">‖dL/dh<sub>t</sub>‖ "
-            f"per time step t (log scale): how far back the gradient reaches (THEORY.md section 6).</p>"
-            f"<div class=\"cards\">{''.join(cards)}</div></section>")
+            f"per time step t (log scale), summed over the probe: how far back from the last step the gradient "
+            f"reaches (THEORY.md section 6).</p><div class=\"cards\">{''.join(cards)}</div></section>")
+
+
+def _trace_facts(trace: DirectionTrace, horizon_fraction: float) -> str:
+    facts = [f"{trace.steps} steps",
+             f"decay per step {fmt(trace.decay_rate)}",
+             f"horizon {trace.horizon} step(s) (≥ {horizon_fraction:g} × the last step's norm)"]
+    if trace.spectral_radius:
+        facts.append("spectral radius of W_hh " + ", ".join(f"{_e(gate)} {fmt(value)}"
+                                                            for gate, value in trace.spectral_radius.items()))
+    if trace.gates:
+        facts.append("gates " + ", ".join(f"{_e(gate)}: {stats.saturation:.0%} saturated, mean {fmt(stats.mean)}"
+                                          for gate, stats in trace.gates.items()))
+    return " · ".join(f"<span class=\"fact\">{fact}</span>" for fact in facts)
 
 
 def through_time_svg(norms: Sequence[float | None]) -> str:
@@ -719,12 +676,19 @@ def through_time_svg(norms: Sequence[float | None]) -> str:
     steps = len(norms)
     plot = width - left - 6
     points = []
+    zeros = []  # steps the gradient does not reach at all: ticks on the floor (no place on a log axis)
     for t, value in enumerate(norms):
+        x = left + plot * (t / max(steps - 1, 1))
+        if value == 0:
+            zeros.append(f"M{x:.1f} {height - 18}v-6")
         if value is None or not value > 0 or not math.isfinite(value):
             continue
-        x = left + plot * (t / max(steps - 1, 1))
         y = 6 + (height - 24) * (1 - (math.log10(value) - low) / (high - low))
         points.append(f"{x:.1f},{y:.1f}")
+    # Dots too when there are few points: a lone point (one step reached) is otherwise invisible.
+    dots = "".join(f"<circle cx=\"{p.split(',')[0]}\" cy=\"{p.split(',')[1]}\" r=\"1.8\" fill=\"#2ca02c\"/>"
+                   for p in points) if len(points) <= 60 else ""
+    zero_marks = (f"<path d=\"{''.join(zeros)}\" stroke=\"#2ca02c\" stroke-width=\"1.5\"/>") if zeros else ""
     labels = (f"<text x=\"{left - 4}\" y=\"12\" text-anchor=\"end\" class=\"tick\">1e{high}</text>"
               f"<text x=\"{left - 4}\" y=\"{height - 16}\" text-anchor=\"end\" class=\"tick\">1e{low}</text>"
               f"<text x=\"{left}\" y=\"{height - 3}\" class=\"tick\">t = 0</text>"
@@ -732,7 +696,7 @@ def through_time_svg(norms: Sequence[float | None]) -> str:
     return (f"<svg class=\"through-time\" viewBox=\"0 0 {width:.0f} {height:.0f}\" role=\"img\" "
             f"aria-label=\"gradient norm per time step\"><rect class=\"frame\" x=\"{left}\" y=\"6\" "
             f"width=\"{plot}\" height=\"{height - 24}\"/>{labels}<polyline points=\"{' '.join(points)}\" "
-            f"fill=\"none\" stroke=\"#2ca02c\" stroke-width=\"1.5\"/></svg>")
+            f"fill=\"none\" stroke=\"#2ca02c\" stroke-width=\"1.5\"/>{dots}{zero_marks}</svg>")
 
 
 # ---------------------------------------------------------------- inline CSS and JS

@@ -931,9 +931,16 @@ class _StructureApplier(_Applier):
     def fold_after(self, norm: _NormTensors, layer: _LayerTensors) -> str:
         assert layer.weight_path is not None
         root = self.module
-        affine = _affine_of(root, norm)
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
+        # A BatchNorm this applier already neutralised (an earlier fold-bn run) is left alone:
+        # folding it again would be a no-op reported as a change.
+        state = _neutral_state(root, norm)
+        if state == "identity":
+            return "!already folded: the BatchNorm is an exact identity"
+        if state == "shift" and bias is None:
+            return "!already folded: only its shift is left, and the layer has no bias to take it"
+        affine = _affine_of(root, norm)
         new_weight, new_bias = fold_after(
             weight, bias, affine, kind=layer.kind, groups=layer.groups
         )
@@ -969,6 +976,23 @@ class _StructureApplier(_Applier):
         _copy_into(bias, new_bias)
         _set_identity(root, norm, shift=None)
         return ""
+
+
+def _neutral_state(root: nn.Module, norm: _NormTensors) -> str | None:
+    """'identity' (BN(z) == z), 'shift' (BN(z) == z + beta) or None, as _set_identity leaves them."""
+    import torch
+
+    if norm.mean_path is None or norm.var_path is None:
+        return None
+    mean, var = _get_tensor(root, norm.mean_path), _get_tensor(root, norm.var_path)
+    with torch.no_grad():
+        if not bool((mean == 0).all()) or not bool((var + norm.eps == 1).all()):
+            return None
+        if norm.weight_path and not bool((_get_tensor(root, norm.weight_path) == 1).all()):
+            return None
+        if norm.bias_path and not bool((_get_tensor(root, norm.bias_path) == 0).all()):
+            return "shift"
+    return "identity"
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
