@@ -72,8 +72,9 @@ def child(path: Path, mode: str, batch: int, size: int, repeats: int, budget: in
             recorder = Recorder(saturation_cutoff=0.05)
             rows = {p.output: recorder.row(p.name, type=p.type, kind=p.kind, module="", fn=p.fn) for p in plan.rows}
 
-            def record(name: str, array: Any, rows: dict[str, Any] = rows, recorder: Recorder = recorder) -> None:
-                recorder.record_output(rows[name], torch.from_numpy(array))
+            def record(name: str, tensor: torch.Tensor, rows: dict[str, Any] = rows,
+                       recorder: Recorder = recorder) -> None:
+                recorder.record_output(rows[name], tensor)
 
             start = time.perf_counter()
             result = statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,

@@ -22,8 +22,19 @@ if TYPE_CHECKING:
     from gradcheck_cli.probe.run import Progress
     from gradcheck_cli.rules import Rule
 
-__all__ = ["InputOptions", "LoadOptions", "LossKind", "Mode", "ProbeOptions", "check", "inspect", "inspect_onnx",
-           "inspect_model", "inspect_module", "load"]
+__all__ = [
+    "InputOptions",
+    "LoadOptions",
+    "LossKind",
+    "Mode",
+    "ProbeOptions",
+    "check",
+    "inspect",
+    "inspect_model",
+    "inspect_module",
+    "inspect_onnx",
+    "load",
+]
 
 
 @dataclass(frozen=True)

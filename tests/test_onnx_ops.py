@@ -309,3 +309,15 @@ def test_opset_versions_select_the_spec_semantics() -> None:
     assert old is not None and new is not None
     assert math.isclose(float(old[0].sum()), 1.0, rel_tol=1e-5)
     assert torch.allclose(new.sum(dim=1), torch.ones(2, 4))
+
+
+def test_importing_the_onnx_probe_imports_no_framework() -> None:
+    """torch, onnx and onnxruntime are imported inside functions, so `gradcheck --help` stays fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gradcheck_cli.onnx.run, gradcheck_cli.onnx.ops, gradcheck_cli.onnx.ort_stats, "
+            "gradcheck_cli.onnx.plan, gradcheck_cli.onnx.lower, gradcheck_cli.api; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

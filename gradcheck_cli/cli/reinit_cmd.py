@@ -63,7 +63,7 @@ def reinit(
     batch_size: opt.BatchSize = None,
     batches: opt.Batches = 1,
     report_format: Annotated[ReportFormat, typer.Option(
-        "--report", "--format", "-f", help="What to print on stdout.")] = ReportFormat.TABLE,
+        "--report", help="What to print on stdout (table or json).")] = ReportFormat.TABLE,
     plot: opt.PlotFile = None,
     debug: opt.Debug = False,
 ) -> None:

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 from gradcheck_cli.errors import ProbeError
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
+    import torch
 
 # Extra outputs held at once, per micro-batch: the bound on the statistics pass's extra memory.
 DEFAULT_GROUP_BUDGET_BYTES = 256 * 1024**2
 _ITEM_SIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
-Record = Callable[[str, "np.ndarray[Any, Any]"], None]
+Record = Callable[[str, "torch.Tensor"], None]
 
 
 @dataclass(frozen=True)
 class OrtPass:
-    outputs: list[dict[str, np.ndarray[Any, Any]]]  # the graph outputs, per micro-batch
+    outputs: list[dict[str, torch.Tensor]]  # the graph outputs, per micro-batch
     groups: int
 
 
@@ -113,36 +113,56 @@ def session_for(model: onnx.ModelProto, extra: Sequence[str]) -> Any:
                          hint="check the model with `python -m onnx.checker` or re-export it") from exc
 
 
+def _as_torch(value: Any) -> torch.Tensor:
+    """An onnxruntime output as a torch tensor over the same memory (DLPack), so an exposed
+    value is never held twice; a copy for element types DLPack cannot carry."""
+    import torch
+    import torch.utils.dlpack
+
+    try:
+        tensor: torch.Tensor = torch.utils.dlpack.from_dlpack(value)
+    except Exception:
+        tensor = torch.from_numpy(value.numpy())
+    return tensor
+
+
 def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequence[dict[str, Any]],
                     record: Record, *, sizes: dict[str, int], budget: int | None,
                     end_batch: Callable[[], None], progress: Callable[[], None] | None = None) -> OrtPass:
     """Run every micro-batch once per group, handing each value to ``record`` as it arrives.
 
     ``end_batch`` is called after each (group, micro-batch) run so the caller can fold the
-    statistics and let the arrays go. Returns the graph outputs of every micro-batch (from the
-    first group's runs).
+    statistics; each output's memory is released as soon as it has been recorded. Returns the
+    graph outputs of every micro-batch (copies, from the first group's runs).
     """
+    import onnxruntime as ort
+
     graph_outputs = [o.name for o in model.graph.output]
+    wanted_values = set(values)
     groups = output_groups([v for v in values if v not in graph_outputs], sizes, budget) or [[]]
-    per_batch: list[dict[str, Any]] = []
+    per_batch: list[dict[str, torch.Tensor]] = []
     for number, group in enumerate(groups):
         session = session_for(model, group)
         wanted = (graph_outputs + group) if number == 0 else group
         for feed in feeds:
             try:
-                arrays = session.run(wanted, feed)
+                ort_feed = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feed.items()}
+                outputs: list[Any] = list(session.run_with_ort_values(wanted, ort_feed))
             except Exception as exc:
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
                                  hint="check the probe inputs with --input-shape/--input-dtype") from exc
-            fetched = dict(zip(wanted, arrays, strict=False))
-            del arrays
+            kept: dict[str, torch.Tensor] = {}
+            for position, name in enumerate(wanted):
+                tensor = _as_torch(outputs[position])
+                if number == 0 and name in graph_outputs:
+                    kept[name] = tensor.clone()
+                if name in wanted_values:
+                    record(name, tensor)
+                outputs[position] = None  # release this output before reducing the next one
+                del tensor
             if number == 0:
-                per_batch.append({name: fetched[name] for name in graph_outputs})
-            for name in values:
-                if name in fetched:
-                    record(name, fetched[name])
-            del fetched
+                per_batch.append(kept)
             end_batch()
             if progress is not None:
                 progress()

@@ -30,7 +30,6 @@ from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, T
 from gradcheck_cli.stats import histogram_edges
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
     import torch
 
@@ -255,10 +254,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         if progress is not None:
             progress(total_steps[0], max(total_steps[0], total_steps[1]))
 
-    def record(name: str, array: np.ndarray[Any, Any]) -> None:
-        import torch
-
-        tensor = torch.from_numpy(array)
+    def record(name: str, tensor: torch.Tensor) -> None:
         for row in by_value.get(name, []):
             recorder.record_output(row, tensor)
             if row.name in attention and tensor.dim() >= 3:
@@ -273,7 +269,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
                                end_batch=recorder.end_batch, progress=step)
     if ort_pass.groups > 1:
         notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
-    reference = [{k: _torch(v) for k, v in outputs.items()} for outputs in ort_pass.outputs]
+    reference = ort_pass.outputs
     loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs)
 
     lowering, grads = _lowered_gradients(model, opset, plan, inputs, reference, options, device, recorder,
@@ -304,13 +300,6 @@ def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:
     return recorder.row(plan.name, type=plan.type, kind=plan.kind, module=plan.module, fn=plan.fn,
                         fn_params=plan.fn_params, channel_first=plan.channel_first,
                         param_names=tuple(plan.params))
-
-
-def _torch(array: np.ndarray[Any, Any]) -> torch.Tensor:
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOptions,
@@ -430,6 +419,7 @@ def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, 
     """Name the first row (in node order) whose lowered value differs from onnxruntime's on this
     micro-batch, so the report says which op to look at. Runs only when the outputs disagree;
     values are compared group by group, so memory stays bounded as in the statistics pass."""
+    import numpy as np
     import torch
 
     from gradcheck_cli.onnx.ort_stats import output_groups, session_for
@@ -454,7 +444,7 @@ def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, 
         for p in plan.rows:
             if p.output not in wanted or p.output not in kept:
                 continue
-            error, allowed = _difference(kept[p.output], _torch(arrays[p.output]))
+            error, allowed = _difference(kept[p.output], torch.from_numpy(np.ascontiguousarray(arrays[p.output])))
             if error > allowed:
                 return f"; the first row that differs is '{p.name}' ({p.type})"
     return ""

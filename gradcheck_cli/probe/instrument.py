@@ -213,15 +213,17 @@ class EagerInstrument:
 
 
 def is_block(module: nn.Module, parent: nn.Module | None) -> bool:
-    """A repeated block of a deep network (BertLayer, GPT2Block, ViTLayer, a ResNet stage's
-    Bottleneck, ...): its output is the residual stream, whose variance growth with depth matters."""
+    """A repeated transformer block (BertLayer, GPT2Block, ViTLayer, T5Block, ...), stacked in an
+    nn.ModuleList as transformers does: its output is the residual stream, whose variance growth
+    with depth matters. (Blocks in an nn.Sequential, like torchvision's ResNet stages, are left
+    out: their inner layers already give the picture, and ONNX exports have no such rows.)"""
     from torch import nn
 
-    if parent is None or not isinstance(parent, (nn.ModuleList, nn.Sequential)):
+    if parent is None or not isinstance(parent, nn.ModuleList):
         return False
     if next(iter(module._parameters.values()), None) is not None:
         return False  # already a row of its own
-    return type_name(module).endswith(("Layer", "Block", "Bottleneck", "BasicBlock"))
+    return type_name(module).endswith(("Layer", "Block"))
 
 
 def attention_probabilities(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any,

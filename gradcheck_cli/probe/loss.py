@@ -90,7 +90,6 @@ class LossFunction:
     _offset: int = 0
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
 
         if not output.dtype.is_floating_point:
             raise ProbeError(f"the model output has dtype {output.dtype}; a loss needs floating-point "
