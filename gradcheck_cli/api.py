@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.run import Progress
+    from gradcheck_cli.rewrite.fold_records import FoldReport
+    from gradcheck_cli.rewrite.reinit_records import ReinitReport
     from gradcheck_cli.rules import Rule
 
 __all__ = [
@@ -29,11 +31,13 @@ __all__ = [
     "Mode",
     "ProbeOptions",
     "check",
+    "fold_batchnorm",
     "inspect",
     "inspect_model",
     "inspect_module",
     "inspect_onnx",
     "load",
+    "reinit",
 ]
 
 
@@ -128,3 +132,19 @@ def check(path: Path, *, load_options: LoadOptions | None = None, probe: ProbeOp
 
     return check_path(path, load_options=load_options or LoadOptions(), probe=probe or ProbeOptions(),
                       rules=RULES if rules is None else rules, progress=progress)
+
+
+def fold_batchnorm(path: Path, **options: Any) -> FoldReport:
+    """Fold every exactly foldable BatchNorm, verify, write (a safe rewrite). See
+    :func:`gradcheck_cli.rewrite.fold.fold_batchnorm` for the options."""
+    from gradcheck_cli.rewrite.fold import fold_batchnorm as run_fold
+
+    return run_fold(path, **options)
+
+
+def reinit(path: Path, **options: Any) -> ReinitReport:
+    """Re-initialise layers and probe before and after (an unsafe rewrite). See
+    :func:`gradcheck_cli.rewrite.reinit.reinit` for the options."""
+    from gradcheck_cli.rewrite.reinit import reinit as run_reinit
+
+    return run_reinit(path, **options)
