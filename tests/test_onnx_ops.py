@@ -183,6 +183,22 @@ CASES = [
     Case("ReduceSumSquare", [x234], {"axes": [0]}), Case("ReduceLogSumExp", [x234], {"axes": [2]}),
     Case("ArgMax", [x234], {"axis": 1, "keepdims": 0}, grad=False),
     Case("TopK", [x234, i64(2)], {"axis": -1}, opset=11, outputs=2, grad_inputs=(0,)),
+    # resampling and rearrangement
+    Case("Resize", [img, None, np.array([1, 1, 2, 2], np.float32)],
+         {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+         opset=13, grad_inputs=(0,), id="Resize-nearest"),
+    Case("Resize", [img, None, np.array([1, 1, 1.5, 2], np.float32)],
+         {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, opset=13, grad_inputs=(0,),
+         id="Resize-linear-half-pixel"),
+    Case("Resize", [img, None, None, i64(2, 4, 9, 11)], {"mode": "linear", "coordinate_transformation_mode":
+         "align_corners"}, opset=13, grad_inputs=(0,), id="Resize-linear-align-corners-sizes"),
+    Case("Resize", [img, None, np.array([1, 1, 2, 2], np.float32)],
+         {"mode": "cubic", "coordinate_transformation_mode": "half_pixel"}, opset=13, grad_inputs=(0,),
+         id="Resize-cubic", atol=1e-4),
+    Case("DepthToSpace", [randn(2, 8, 3, 2)], {"blocksize": 2}, id="DepthToSpace-DCR"),
+    Case("DepthToSpace", [randn(2, 8, 3, 2)], {"blocksize": 2, "mode": "CRD"}, id="DepthToSpace-CRD"),
+    Case("SpaceToDepth", [randn(2, 2, 4, 6)], {"blocksize": 2}),
+    Case("LRN", [img], {"size": 3, "alpha": 1e-2, "beta": 0.6, "bias": 1.5}),
     # recurrent layers (ONNX gate orders: LSTM iofc, GRU zrh)
     Case("LSTM", [seq, randn(2, 16, 3), randn(2, 16, 4), randn(2, 32), None, randn(2, 2, 4), randn(2, 2, 4)],
          {"hidden_size": 4, "direction": "bidirectional"}, opset=14, outputs=3),

@@ -85,6 +85,10 @@ def assert_rows_match(onnx_rows: list[LayerStats], torch_rows: list[LayerStats],
         assert (a.dead is None) == (b.dead is None), where
         if a.dead is not None and b.dead is not None:
             assert (a.dead.units, a.dead.total) == (b.dead.units, b.dead.total), where
+        if b.input is not None:  # norm rows: what they normalise
+            assert a.input is not None, where
+            for key in ("mean", "var", "min", "max"):
+                assert close(getattr(a.input, key), getattr(b.input, key)), (where, "input", key)
         assert (a.saturation is None) == (b.saturation is None), where
         if a.saturation is not None and b.saturation is not None:
             assert abs(a.saturation.fraction - b.saturation.fraction) <= 1 / a.output.count, where
@@ -241,6 +245,30 @@ def test_torchvision_resnet18_dynamo_export(exports: Callable[..., Path]) -> Non
     pick = [r for r in onnx_report.layers if r.kind is RowKind.ACTIVATION]
     ref = [r for r in torch_report.layers if r.kind is RowKind.ACTIVATION]
     assert_rows_match(pick, ref, grads=False)
+
+
+TORCHVISION_ZOO = ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x0_5", "googlenet",
+                   "regnet_y_400mf", "densenet121", "squeezenet1_0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_ZOO)
+def test_torchvision_classifiers_match_on_activation_rows(exports: Callable[..., Path], name: str) -> None:
+    """HardSwish/SiLU/GELU blocks, channel shuffles, squeeze-excitation, layer scale, concat
+    branches: every activation row and its output gradient agree with the PyTorch probe."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **extra).eval()
+    path = exports(name, model, (torch.randn(1, 3, 64, 64),), dynamo=False, opset=17)
+    options = ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 64, 64),)))
+    onnx_report, torch_report = probe_both(model, path, options)
+    assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok, onnx_report.probe.lowering
+    pick = [r for r in onnx_report.layers if r.kind is RowKind.ACTIVATION]
+    ref = [r for r in torch_report.layers if r.kind is RowKind.ACTIVATION]
+    assert_rows_match(pick, ref, grads=False)
+    for a, b in zip(pick, ref, strict=True):
+        assert close(a.output_grad_norm, b.output_grad_norm, abs_=1e-9), a.name
 
 
 class Recurrent(nn.Module):

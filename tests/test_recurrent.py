@@ -186,3 +186,32 @@ def test_exploding_recurrence_is_a_finding() -> None:
     trace = forward_trace(report)
     assert trace.decay_rate is not None and trace.decay_rate > 1.05
     assert "exploding-through-time" in {f.rule for f in evaluate(report)}
+
+
+class CellLoop(nn.Module):
+    def __init__(self, radius: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell = nn.RNNCell(8, 32)
+        self.head = nn.Linear(32, 3)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(32, 32))
+            self.cell.weight_hh.copy_(radius * q)
+            self.cell.weight_ih.mul_(0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[1], 32)
+        for step in x:
+            h = self.cell(step, h)
+        return self.head(h)
+
+
+def test_cell_loops_get_gradient_through_time() -> None:
+    report = probe(CellLoop(0.5), (STEPS, 8, 8))
+    first = report.layers[0]
+    assert first.name == "cell" and first.through_time is not None
+    (trace,) = first.through_time.directions
+    assert trace.steps == STEPS
+    assert trace.grad_norms == tuple(r.output_grad_norm for r in report.layers if r.type == "RNNCell")
+    assert trace.spectral_radius["hidden"] == pytest.approx(0.5, rel=1e-6)
+    assert trace.decay_rate is not None and 0.3 < trace.decay_rate < 0.55

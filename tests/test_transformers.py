@@ -154,3 +154,20 @@ def test_arch_spec_with_config_next_to_the_weights(tmp_path: Path, cli: Any) -> 
     assert json.loads(out)["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     code, _, err = cli("inspect", tmp_path / "weights.safetensors", "--arch", "transformers:NoSuchModel")
     assert code == 2 and "no model class" in err
+
+
+@pytest.mark.parametrize("head", ["T5ForConditionalGeneration", "T5Model"])
+def test_t5_encoder_decoder(head: str) -> None:
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    report = probe(getattr(transformers, head)(config))
+    names = [s.name for s in report.probe.inputs]
+    if head == "T5Model":
+        assert names == ["input_ids", "attention_mask", "decoder_input_ids"] and report.probe.loss == "mse"
+    else:
+        assert names == ["input_ids", "attention_mask", "labels"] and report.probe.loss == "model"
+    # Encoder self-attention, decoder self-attention and cross-attention, in each of two layers.
+    assert sum(1 for r in report.layers if r.fn == "attention") == 6
+    assert [r.name for r in report.layers if r.type == "T5Block"] == [
+        "encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]

@@ -1255,3 +1255,79 @@ def loop(call: OpCall) -> Values:
     stacked = [torch.stack(values) for values in scans]
     return [*carried, *stacked]
 
+
+
+# ---- resampling and rearrangement -----------------------------------------------------------
+
+
+@op("Resize", since=11)
+def resize(call: OpCall) -> Values:
+    """The modes exporters emit (nn.Upsample / F.interpolate), mapped to F.interpolate:
+    nearest with asymmetric coordinates and floor rounding, (bi/tri)linear and cubic with
+    half_pixel / pytorch_half_pixel / align_corners coordinates. Other combinations are refused."""
+    import torch.nn.functional as F
+
+    x = call.required(0)
+    scales, sizes = call.input(2), call.input(3)
+    spatial = x.dim() - 2
+    if spatial not in (1, 2, 3):
+        raise OpError(f"Resize of a {x.dim()}-D tensor is not supported")
+    mode = call.attr("mode", "nearest")
+    transform = call.attr("coordinate_transformation_mode", "half_pixel")
+    keyword: dict[str, Any] = {}
+    if sizes is not None and sizes.numel():
+        target = ints(sizes)
+        if target[:2] != list(x.shape[:2]):
+            raise OpError("Resize of the batch or channel dimension is not supported")
+        keyword["size"] = target[2:]
+    elif scales is not None and scales.numel():
+        factors = [float(v) for v in scales.reshape(-1).tolist()]
+        if factors[:2] != [1.0, 1.0]:
+            raise OpError("Resize of the batch or channel dimension is not supported")
+        # ONNX maps coordinates with the given scale, not output/input: so does torch with
+        # recompute_scale_factor=False.
+        keyword.update(scale_factor=factors[2:], recompute_scale_factor=False)
+    else:
+        raise OpError("Resize needs scales or sizes")
+    if mode == "nearest":
+        if transform != "asymmetric" or call.attr("nearest_mode", "round_prefer_floor") != "floor":
+            raise OpError(f"Resize nearest with {transform}/{call.attr('nearest_mode', 'round_prefer_floor')} "
+                          "is not supported (asymmetric/floor is)")
+        return _one(F.interpolate(x, mode="nearest", **keyword))
+    torch_mode = {"linear": ["linear", "bilinear", "trilinear"][spatial - 1], "cubic": "bicubic"}.get(mode)
+    if torch_mode is None or (mode == "cubic" and (spatial != 2 or float(call.attr("cubic_coeff_a", -0.75)) != -0.75)):
+        raise OpError(f"Resize mode {mode!r} is not supported here")
+    if transform == "align_corners":
+        return _one(F.interpolate(x, mode=torch_mode, align_corners=True, **keyword))
+    if transform in ("half_pixel", "pytorch_half_pixel"):
+        return _one(F.interpolate(x, mode=torch_mode, align_corners=False, **keyword))
+    raise OpError(f"Resize coordinate_transformation_mode {transform!r} is not supported")
+
+
+@op("DepthToSpace")
+def depth_to_space(call: OpCall) -> Values:
+    x = call.required(0)
+    block = int(call.attr("blocksize"))
+    n, c, h, w = x.shape
+    if call.attr("mode", "DCR") == "DCR":
+        y = x.reshape(n, block, block, c // block**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    else:  # CRD: what nn.PixelShuffle computes
+        y = x.reshape(n, c // block**2, block, block, h, w).permute(0, 1, 4, 2, 5, 3)
+    return _one(y.reshape(n, c // block**2, h * block, w * block))
+
+
+@op("SpaceToDepth")
+def space_to_depth(call: OpCall) -> Values:
+    x = call.required(0)
+    block = int(call.attr("blocksize"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+    return _one(y.reshape(n, c * block**2, h // block, w // block))
+
+
+@op("LRN")
+def lrn(call: OpCall) -> Values:
+    import torch.nn.functional as F
+
+    return _one(F.local_response_norm(call.required(0), int(call.attr("size")), alpha=float(call.attr("alpha", 1e-4)),
+                                      beta=float(call.attr("beta", 0.75)), k=float(call.attr("bias", 1.0))))

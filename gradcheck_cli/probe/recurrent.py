@@ -262,10 +262,14 @@ def _repack(out_seq: torch.Tensor, like: Any) -> Any:
 
 def spectral_radii(module: nn.Module, kind: str, layer: int, reverse: bool) -> dict[str, float]:
     """Spectral radius of each square recurrent block of W_hh (one per gate)."""
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    return spectral_radii_of(getattr(module, "weight_hh" + suffix), kind)
+
+
+def spectral_radii_of(weight_hh: torch.Tensor, kind: str) -> dict[str, float]:
     import torch
 
-    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
-    weight = getattr(module, "weight_hh" + suffix).detach().double().cpu()
+    weight = weight_hh.detach().double().cpu()
     names = GATE_NAMES[kind]
     blocks = weight.chunk(len(names), dim=0)
     return {name: float(torch.linalg.eigvals(block).abs().max()) for name, block in zip(names, blocks, strict=True)}

@@ -21,8 +21,23 @@ from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
 from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder
-from gradcheck_cli.probe.recurrent import HORIZON_FRACTION, RecurrentUnroller, fit_decay, spectral_radii
-from gradcheck_cli.records import DirectionTrace, GateStats, ModelInfo, ProbeInfo, Report, ThroughTime, ToolInfo
+from gradcheck_cli.probe.recurrent import (
+    HORIZON_FRACTION,
+    RecurrentUnroller,
+    fit_decay,
+    spectral_radii,
+    spectral_radii_of,
+)
+from gradcheck_cli.records import (
+    DirectionTrace,
+    GateStats,
+    LayerStats,
+    ModelInfo,
+    ProbeInfo,
+    Report,
+    ThroughTime,
+    ToolInfo,
+)
 from gradcheck_cli.stats import histogram_edges
 
 if TYPE_CHECKING:
@@ -75,6 +90,8 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     traces = through_time_records(instrument.unrollers) if isinstance(instrument, EagerInstrument) else {}
 
     layers = recorder.layer_stats(param_grads, param_counts, traces)
+    if instrument_kind == "eager":
+        layers = cell_loop_traces(layers, module)
     if not layers:
         notes.append("no layer produced a row: the model has no parameters or activation calls "
                      "that the probe could see")
@@ -258,6 +275,38 @@ def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str
             tolerance=trace.tolerance or None, horizon_fraction=HORIZON_FRACTION,
             directions=tuple(directions) if ok else ())
     return out
+
+
+_CELL_KINDS = {"RNNCell": "RNN", "LSTMCell": "LSTM", "GRUCell": "GRU"}
+
+
+def cell_loop_traces(layers: list[LayerStats], model: nn.Module) -> list[LayerStats]:
+    """A cell called once per step (an RNNCell/LSTMCell/GRUCell loop) is a row per call, and each
+    call's |dL/dy| is already dL/dh_t (through the output and through time): gather them into the
+    first call's ``through_time``, as the fused layers get."""
+    import dataclasses
+
+    calls: dict[str, list[LayerStats]] = {}
+    for row in layers:
+        if row.type in _CELL_KINDS:
+            calls.setdefault(row.name.split("#", 1)[0], []).append(row)
+    replaced: dict[str, ThroughTime] = {}
+    for rows in calls.values():
+        if len(rows) < 2:
+            continue
+        norms = tuple(r.output_grad_norm or 0.0 for r in rows)
+        rate, horizon = fit_decay(list(reversed(norms)))
+        try:
+            cell = model.get_submodule(rows[0].module)
+            radius = spectral_radii_of(cell.weight_hh, _CELL_KINDS[rows[0].type])  # type: ignore[arg-type]
+        except AttributeError:
+            radius = {}
+        replaced[rows[0].name] = ThroughTime(
+            ok=True, reason=None, max_abs_error=None, tolerance=None, horizon_fraction=HORIZON_FRACTION,
+            directions=(DirectionTrace(layer=0, direction="forward", steps=len(rows), grad_norms=norms,
+                                       decay_rate=rate, horizon=horizon, spectral_radius=radius, gates={}),))
+    return [dataclasses.replace(row, through_time=replaced[row.name]) if row.name in replaced else row
+            for row in layers]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -183,9 +183,39 @@ def _spark_line(label: str, groups: Sequence[Sequence[float | None]], nonfinite:
     return line
 
 
+class ThroughTimeView:
+    """For each recurrent layer and direction: |dL/dh_t| over time as a log-scale sparkline, with the
+    fitted per-step rate and the horizon (the numbers are the report's; this only draws them)."""
+
+    def __init__(self, report: Report) -> None:
+        self.rows = [row for row in report.layers if row.through_time is not None]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self.rows:
+            return
+        yield Text("gradient through time: |dL/dh_t| for t = 0 .. T-1, log scale", style="bold", no_wrap=True)
+        for row in self.rows:
+            tt = row.through_time
+            assert tt is not None
+            if not tt.ok:
+                yield Text(f"  {row.name}: not unrolled ({tt.reason})", style="dim")
+                continue
+            for trace in tt.directions:
+                rate = "—" if trace.decay_rate is None else f"{trace.decay_rate:.3g}"
+                yield Text(f"  {row.name} layer {trace.layer} {trace.direction}: rate {rate}/step back, "
+                           f"horizon {trace.horizon}/{trace.steps} steps", no_wrap=True, overflow="ellipsis")
+                cells = max(options.max_width - (_SPARK_LABEL_WIDTH + 2 * 9 + 3), 8)
+                norms = list(trace.grad_norms)
+                per_cell = max(1, math.ceil(len(norms) / cells))
+                groups = [norms[start:start + per_cell] for start in range(0, len(norms), per_cell)]
+                yield _spark_line("|dL/dh|", [list(g) for g in groups], [False] * len(groups), style="magenta",
+                                  value_width=9)
+
+
 def render_inspect(report: Report, console: Console) -> None:
     console.print(layer_table(report))
     console.print(DepthSparklines(report))
+    console.print(ThroughTimeView(report))
     console.print(diagnosis(report))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="dim"))
