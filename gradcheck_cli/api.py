@@ -68,7 +68,13 @@ def inspect(path: Path, *, load_options: LoadOptions | None = None, probe: Probe
     load_options = load_options or LoadOptions()
     probe = probe or ProbeOptions()
     if _is_onnx(path):
-        return inspect_onnx(path, probe=probe, allow_nonfinite=load_options.allow_nonfinite, progress=progress)
+        report = inspect_onnx(path, probe=probe, allow_nonfinite=load_options.allow_nonfinite, progress=progress)
+        if load_options.arch is not None:
+            from dataclasses import replace
+
+            ignored = f"--arch {load_options.arch} was ignored: an ONNX model carries its own graph"
+            report = replace(report, notes=(*report.notes, ignored))
+        return report
     loaded = load(path, load_options, device=probe.device)
     if not load_options.allow_nonfinite:
         check_finite_weights(loaded)

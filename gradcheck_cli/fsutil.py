@@ -36,7 +36,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     parent = path.parent if str(path.parent) else Path(".")
     # Keep the destination's suffix last: some writers (torch.export.save) check it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -48,11 +51,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise GradcheckError(f"could not write {path}: {exc.strerror or exc}",
-                             hint="check free disk space and permissions; nothing was written") from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(parent)
+
+
+def write_error(path: Path, exc: OSError) -> GradcheckError:
+    """The one-line error for a failed write (disk full, permission denied, ...)."""
+    return GradcheckError(f"could not write {path}: {exc.strerror or exc}",
+                          hint="check free disk space and permissions; nothing was written")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (best effort: not every filesystem lets a directory be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _current_umask() -> int:

@@ -101,10 +101,13 @@ def scan_onnx(path: Path) -> CheckpointScan:
     """The same scan over an ONNX file's initializers; BatchNormalization's running variance is
     its fifth input. ONNX keeps no ``num_batches_tracked``, so 'never updated' cannot be told."""
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    from gradcheck_cli.model.onnx_load import onnx_model_from_path
+
+    # The checked loader: external data outside the model's directory, sizes that do not match
+    # their data, cyclic graphs are refused here too (this runs before the probe's own load).
+    model = onnx_model_from_path(path)
     arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     nonfinite: list[NonFiniteTensor] = []
     for name, array in arrays.items():

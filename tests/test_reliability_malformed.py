@@ -150,28 +150,32 @@ def _examples(default: int) -> int:
     return value
 
 
-@st.composite
-def mutated(draw: st.DrawFn, seeds: dict[str, bytes]) -> tuple[str, bytes]:
-    """A seed and a mutation of it: overwrite, insert, delete or cut at a drawn position, or
-    one of the fixed mutations (bit flips, random bytes, wrong magic)."""
-    name = draw(st.sampled_from(sorted(seeds)))
-    data = seeds[name]
-    op = draw(st.sampled_from(("overwrite", "insert", "delete", "cut", "flip", "magic", "header")))
-    # 'header' aims at the first 64 bytes, where the format's structure (magic, lengths) lives.
+Mutation = tuple[str, str, float, bytes]  # (seed name, operation, position in [0, 1), chunk)
+OPERATIONS = ("overwrite", "insert", "delete", "cut", "flip", "magic", "header")
+
+
+def mutations(seeds: dict[str, bytes]) -> st.SearchStrategy[Mutation]:
+    """A seed and how to mutate it (kept small, so that a failing case prints in a few lines)."""
+    return st.tuples(st.sampled_from(sorted(seeds)), st.sampled_from(OPERATIONS),
+                     st.floats(0, 1, exclude_max=True), st.binary(min_size=1, max_size=16))
+
+
+def apply(case: Mutation, data: bytes) -> bytes:
+    """Overwrite, insert, delete or cut at a position; or bit flips / a wrong magic (seeded by the
+    chunk). 'header' overwrites within the first 64 bytes, where magic and lengths live."""
+    _, op, where, chunk = case
     limit = min(len(data) - 1, 63) if op == "header" else len(data) - 1
-    position = draw(st.integers(0, limit))
-    chunk = draw(st.binary(min_size=1, max_size=16))
+    position = int(where * (limit + 1))
     if op in ("overwrite", "header"):
-        return name, data[:position] + chunk + data[position + len(chunk):]
+        return data[:position] + chunk + data[position + len(chunk):]
     if op == "insert":
-        return name, data[:position] + chunk + data[position:]
+        return data[:position] + chunk + data[position:]
     if op == "delete":
-        return name, data[:position] + data[position + len(chunk):]
+        return data[:position] + data[position + len(chunk):]
     if op == "cut":
-        return name, data[:position]
-    if op == "flip":
-        return name, MUTATIONS["flip"](data, draw(st.integers(0, 2**32)))
-    return name, MUTATIONS["wrong_magic"](data, draw(st.integers(0, 3)))
+        return data[:position]
+    n = int.from_bytes(chunk, "little")
+    return MUTATIONS["flip" if op == "flip" else "wrong_magic"](data, n)
 
 
 def _load_only(seed: Seed, path: Path) -> None:
@@ -197,12 +201,11 @@ def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *
 
     @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(case=mutated(seed_bytes))
-    def run(case: tuple[str, bytes]) -> None:
-        name, data = case
-        seed = SEEDS_BY_NAME[name]
+    @given(case=mutations(seed_bytes))
+    def run(case: Mutation) -> None:
+        seed = SEEDS_BY_NAME[case[0]]
         path = tmp_path / f"fuzz{seed.suffix}"
-        path.write_bytes(data)
+        path.write_bytes(apply(case, seed_bytes[case[0]]))
         try:
             with time_bound():
                 _load_only(seed, path)
@@ -215,12 +218,11 @@ def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *
 def _fuzz_cli(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *, fixed: bool = True) -> None:
     @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(case=mutated(seed_bytes))
-    def run(case: tuple[str, bytes]) -> None:
-        name, data = case
-        seed = SEEDS_BY_NAME[name]
+    @given(case=mutations(seed_bytes))
+    def run(case: Mutation) -> None:
+        seed = SEEDS_BY_NAME[case[0]]
         path = tmp_path / f"fuzz{seed.suffix}"
-        path.write_bytes(data)
+        path.write_bytes(apply(case, seed_bytes[case[0]]))
         with time_bound():
             result = cli(*_argv(seed, path))
         _assert_clean(seed, result, strict=False)

@@ -39,6 +39,13 @@ def user_errors(debug: bool) -> Iterator[None]:
         raise fail(exc.message, exc.hint) from None
     except KeyboardInterrupt:
         raise fail("interrupted", "nothing was written") from None
+    except OSError as exc:
+        # A file system error no loader or writer turned into a GradcheckError (a disk that
+        # filled up, a permission denied): still one line, never a traceback without --debug.
+        if debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise fail(f"{exc.strerror or exc}{where}", "check free disk space, permissions and paths") from None
     except MemoryError:
         if debug:
             traceback.print_exc()

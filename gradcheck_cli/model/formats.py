@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import struct
 import zipfile
 from enum import Enum
@@ -49,13 +50,12 @@ SUPPORTED_HINT = (
 
 def detect_format(path: Path) -> ModelFormat:
     """Classify ``path`` by content. Raises :class:`LoadError` when it is none of ours."""
-    if not path.exists():
-        raise LoadError(f"{path}: no such file", hint="check the path")
     if path.is_dir():
         if (path / "config.json").is_file():
             return ModelFormat.TRANSFORMERS_DIRECTORY
         raise LoadError(f"{path} is a directory, not a model file",
                         hint="pass the model file inside it (or a transformers directory with config.json)")
+    check_regular_file(path, what="model file")
     try:
         with path.open("rb") as handle:
             head = handle.read(16)
@@ -72,6 +72,24 @@ def detect_format(path: Path) -> ModelFormat:
     if head[:1] == b"\x08":  # protobuf field 1 (ir_version, varint): how every ModelProto starts
         return ModelFormat.ONNX
     raise LoadError(f"{path}: unrecognised file format (starts with {head[:8]!r})", hint=SUPPORTED_HINT)
+
+
+def check_regular_file(path: Path, *, what: str) -> None:
+    """Refuse anything but a regular file before opening it: a FIFO would block the read forever,
+    /dev/zero never ends, a symlink loop cannot be followed."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        dangling = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise LoadError(f"{path}: no such file{dangling}", hint="check the path") from None
+    except OSError as exc:  # ELOOP (symlink loop), ENAMETOOLONG, EACCES on a directory on the way
+        raise LoadError(f"{path}: cannot be opened ({exc.strerror or exc})",
+                        hint="check the path and its symbolic links") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise LoadError(f"{path} is a directory, not a {what}", hint=f"pass the {what} inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise LoadError(f"{path} is not a regular file (a device, pipe or socket)",
+                        hint=f"pass a {what} saved on disk")
 
 
 def _classify_zip(path: Path) -> ModelFormat:

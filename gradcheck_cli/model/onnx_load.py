@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, LoadError
-from gradcheck_cli.fsutil import atomic_path
+from gradcheck_cli.fsutil import atomic_path, write_error
 
 if TYPE_CHECKING:
     import onnx
@@ -46,10 +46,12 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
                 hint="move the data file next to the model and fix its location",
             )
         if load_external_data and not resolved.is_file():
+            what = "is not a regular file" if resolved.exists() else "does not exist"
             raise LoadError(
-                f"{path} refers to external data '{location}', which does not exist",
+                f"{path} refers to external data '{location}', which {what}",
                 hint="copy the data file next to the model",
             )
+    check_declared_sizes(model, path, base)
     if locations and load_external_data:
         try:
             onnx.load_external_data_for_model(model, str(base))
@@ -59,6 +61,135 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
                 hint="the data file may be truncated or belong to another model",
             ) from exc
     return model
+
+
+# A graph input may declare at most this many elements (per input, batch included) before gradcheck
+# refuses to synthesise it: 2**31 float32 values are 8 GiB, far beyond any probe batch.
+MAX_INPUT_ELEMENTS = 2**31
+# Subgraph nesting (If/Loop/Scan bodies) deeper than this is refused: real models nest a few levels.
+MAX_SUBGRAPH_DEPTH = 32
+
+
+def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None:
+    """Refuse, before anything is allocated, a model whose declarations cannot be honest: a tensor
+    whose data does not have its declared size, external data past the end of its file, an input
+    declaring an enormous (or negative) shape, subgraphs nested absurdly deep, a cyclic graph."""
+    import math
+
+    import onnx
+
+    for tensor in _all_tensors(model):
+        if any(d < 0 for d in tensor.dims):
+            raise LoadError(f"{path}: tensor '{tensor.name}' declares a negative dimension {list(tensor.dims)}",
+                            hint="the model is damaged or crafted; export it again")
+        numel = math.prod(tensor.dims)
+        itemsize = _ITEMSIZE.get(tensor.data_type)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            try:
+                offset = int(entries.get("offset", "0") or 0)
+                length = int(entries["length"]) if entries.get("length") else None
+            except ValueError as exc:
+                raise LoadError(f"{path}: tensor '{tensor.name}' has an invalid external-data offset or length",
+                                hint="the model is damaged or crafted; export it again") from exc
+            declared = numel * itemsize if itemsize is not None else None
+            if length is not None and declared is not None and length != declared:
+                raise LoadError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
+                                f"({declared} bytes) but its external data is {length} bytes",
+                                hint="the model and its data file do not match; export it again")
+            needed = length if length is not None else declared
+            data_file = base / entries.get("location", "")
+            if needed is not None and data_file.is_file() and offset + needed > data_file.stat().st_size:
+                raise LoadError(f"{path}: tensor '{tensor.name}' reads {needed} bytes at offset {offset} of "
+                                f"'{entries.get('location')}', past its end ({data_file.stat().st_size} bytes)",
+                                hint="the data file is truncated or belongs to another model")
+            continue
+        stored = _stored_elements(tensor, itemsize)
+        if stored is not None and stored != numel:
+            raise LoadError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} ({numel} values) "
+                            f"but holds {stored}", hint="the model is damaged or crafted; export it again")
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        static = [d.dim_value for d in dims if d.HasField("dim_value")]
+        if any(d < 0 for d in static):
+            raise LoadError(f"{path}: input '{value.name}' declares a negative dimension",
+                            hint="the model is damaged or crafted; export it again")
+        if math.prod(static) > MAX_INPUT_ELEMENTS:
+            raise LoadError(f"{path}: input '{value.name}' declares shape {static} ({math.prod(static)} values), "
+                            f"more than gradcheck will allocate for a probe ({MAX_INPUT_ELEMENTS})",
+                            hint="export the model with a dynamic batch dimension and pass --input-shape")
+    depth = _subgraph_depth(model.graph)
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise LoadError(f"{path}: subgraphs nest {depth} levels deep (at most {MAX_SUBGRAPH_DEPTH} are read)",
+                        hint="the model is damaged or crafted")
+    cycle = _cycle_node(model.graph)
+    if cycle is not None:
+        raise LoadError(f"{path}: the graph has a cycle through node '{cycle}'; an ONNX graph must be acyclic",
+                        hint="the model is damaged or crafted; export it again")
+
+
+# Bytes per element of the fixed-size ONNX data types (strings and 4-bit types are not checked).
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2}
+
+
+def _stored_elements(tensor: onnx.TensorProto, itemsize: int | None) -> int | None:
+    """How many values the tensor actually carries (None: a type or layout not checked here)."""
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data) // itemsize if itemsize else None
+    # Typed fields; complex values take two floats, float16/bfloat16/bool/int8.. sit in int32_data.
+    for field, per_value in (("float_data", 1), ("double_data", 1), ("int64_data", 1), ("uint64_data", 1),
+                             ("int32_data", 1)):
+        values = len(getattr(tensor, field))
+        if values:
+            if tensor.data_type in (14, 15) and field in ("float_data", "double_data"):
+                per_value = 2
+            return values // per_value
+    if tensor.string_data:
+        return len(tensor.string_data)
+    return 0 if itemsize is not None else None
+
+
+def _subgraph_depth(graph: onnx.GraphProto) -> int:
+    import onnx
+
+    deepest = 0
+    stack: list[tuple[onnx.GraphProto, int]] = [(graph, 0)]
+    while stack:  # iterative: a crafted nesting must not hit Python's recursion limit
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SUBGRAPH_DEPTH:
+            break
+        for node in current.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    stack.append((attribute.g, depth + 1))
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend((sub, depth + 1) for sub in attribute.graphs)
+    return deepest
+
+
+def _cycle_node(graph: onnx.GraphProto) -> str | None:
+    """A node on a cycle of the top-level graph (Kahn's algorithm), or None when it is acyclic."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    pending = [sum(1 for name in node.input if name in producer) for node in graph.node]
+    consumers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name in producer:
+                consumers.setdefault(producer[name], []).append(i)
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for j in consumers.get(i, []):
+            pending[j] -= 1
+            if pending[j] == 0:
+                ready.append(j)
+    if done == len(graph.node):
+        return None
+    stuck = next(i for i, count in enumerate(pending) if count > 0)
+    return graph.node[stuck].name or graph.node[stuck].op_type
 
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
@@ -118,6 +249,15 @@ def onnx_model_to_path(
     # destination directory (same filesystem), then move the data file and the model into place.
     staged = onnx.ModelProto()
     staged.CopyFrom(model)
+    try:
+        _write_external(staged, out, parent, data_name)
+    except OSError as exc:
+        raise write_error(out, exc) from exc
+
+
+def _write_external(staged: onnx.ModelProto, out: Path, parent: Path, data_name: str) -> None:
+    import onnx
+
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch_dir:
         scratch = Path(scratch_dir)
         try:

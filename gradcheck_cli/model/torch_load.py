@@ -89,7 +89,7 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
     if not trust_pickle:
         _refuse_pickled_pt2_payloads(path)
     try:
-        with warnings.catch_warnings(), _forced_weights_only(not trust_pickle):
+        with warnings.catch_warnings(), _forced_weights_only(not trust_pickle), _quiet_torch_export():
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:
@@ -175,6 +175,24 @@ def _forced_weights_only(enabled: bool) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """torch.export.load logs a warning *with a traceback* on stderr before it falls back to an older
+    archive layout; the error we raise says what failed, in one line, so silence its loggers."""
+    import logging
+
+    names = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, saved, strict=True):
+            logger.disabled = disabled
 
 
 def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:
@@ -285,6 +303,10 @@ def _from_pickle_container(
     if isinstance(obj, nn.Module):
         obj.to(device)
         return LoadedModel(path=path, format=fmt, module=obj, trusted_pickle=True)
+    if isinstance(obj, Mapping) and not obj:
+        raise LoadError(f"{path} is {fmt.description} holding an empty dict: no weights at all",
+                        hint="save the model's state_dict after building the model (a model without "
+                        "parameters has no gradients to check)")
     if isinstance(obj, Mapping):
         found = find_state_dict(obj)
         if found is None:

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,7 +237,13 @@ def export_onnx(
 
     example = _need_examples(args, ModelFormat.ONNX.description)
     parent = out.parent if str(out.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch_dir:
+    try:
+        scratch_dir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
+    except OSError as exc:
+        from gradcheck_cli.fsutil import write_error
+
+        raise write_error(out, exc) from exc
+    with _removed_after(scratch_dir):
         scratch = Path(scratch_dir) / "export.onnx"
         try:
             with warnings.catch_warnings():
@@ -258,6 +264,16 @@ def export_onnx(
         # Re-written through our ONNX writer so that large models keep their external data next
         # to the output, and the scratch directory disappears whatever happens.
         onnx_model_to_path(onnx_model_from_path(scratch), out)
+
+
+@contextlib.contextmanager
+def _removed_after(directory: str) -> Iterator[None]:
+    import shutil
+
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _eval(module: nn.Module) -> nn.Module:

@@ -85,7 +85,7 @@ def unsupported_ops(model: onnx.ModelProto, opset: int) -> list[str]:
     return list(missing)
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def outer_names(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names a node's subgraphs read (they count as uses of the node)."""
     import onnx
 
@@ -137,7 +137,7 @@ class LoweredGraph:
         keep = {o.name for o in model.graph.output}
         last_use: dict[str, int] = {}
         for position, node in enumerate(model.graph.node):
-            for name in [*node.input, *_subgraph_inputs(node)]:
+            for name in [*node.input, *outer_names(node)]:
                 if name:
                     last_use[name] = position
         self.steps = [_Step(node, decode_attributes(node)) for node in model.graph.node]

@@ -175,18 +175,25 @@ def _assign_parameters(index: GraphIndex) -> _Parameters:
     every zero bias). The source model had one parameter per layer, so each owning node gets its
     own leaf (a copy under an alias), and uses that are not parameters (running statistics) read
     a constant copy: gradients are then per layer, as in PyTorch, not summed over the merged ones.
+    A weight used by layers of different kinds (GPT-2's embedding table, tied to its output
+    projection) is a tied parameter instead: one leaf, whose gradient sums both uses, owned by
+    the first layer, which is what the PyTorch probe reports for a shared nn.Parameter.
     """
     found = _Parameters()
     for init in index.graph.initializer:
         per_owner: dict[int, str] = {}
         consumers = _uses(index, init.name)
         trainable_uses = {u for u in consumers if _is_trainable(index, init, (u[2], u[3]))}
+        tied = len({index.node(u[2]).op_type for u in trainable_uses}) > 1
         for use in consumers:
             consumer, slot, owner, _ = use
             if use not in trainable_uses:
                 if trainable_uses:
                     found.leaves[f"{init.name}@const"] = init.name
                     found.uses[(consumer, slot)] = f"{init.name}@const"
+                continue
+            if tied and per_owner:
+                found.uses[(consumer, slot)] = init.name
                 continue
             key = per_owner.get(owner)
             if key is None:

@@ -215,7 +215,12 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     torch lowering, checked against each other on every micro-batch."""
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, opset_of
     from gradcheck_cli.model.torch_load import resolve_device
-    from gradcheck_cli.onnx.ort_stats import DEFAULT_GROUP_BUDGET_BYTES, statistics_pass, value_sizes
+    from gradcheck_cli.onnx.ort_stats import (
+        DEFAULT_GROUP_BUDGET_BYTES,
+        output_groups,
+        statistics_pass,
+        value_sizes,
+    )
 
     model = onnx_model_from_path(path)
     opset = opset_of(model)
@@ -264,7 +269,9 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
 
     values = list(dict.fromkeys([p.output for p in plan.rows] + [p.input for p in plan.rows if p.input]))
     sizes = value_sizes(model, shapes)
-    total_steps[1] = len(inputs.batches) * 2
+    graph_outputs = {o.name for o in model.graph.output}
+    group_count = max(1, len(output_groups([v for v in values if v not in graph_outputs], sizes, budget)))
+    total_steps[1] = len(inputs.batches) * (group_count + 1)  # each group's runs, then the lowering
     ort_pass = statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,
                                end_batch=recorder.end_batch, progress=step)
     if ort_pass.groups > 1:

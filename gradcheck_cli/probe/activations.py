@@ -19,8 +19,6 @@ RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu",
 SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "softplus",
                         "logsigmoid"})
 ACTIVATIONS = RELU_FAMILY | SATURATING
-# Outputs never below zero: a unit is alive exactly when its maximum is positive.
-NON_NEGATIVE = frozenset({"relu", "relu6"})
 
 # nn.Module classes that are activations, by class name (also TorchScript's original_name).
 MODULE_ACTIVATIONS: dict[str, str] = {

@@ -363,6 +363,9 @@ def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
         raise LoadError(f"--input {path}: every input needs the same leading (batch) dimension, got "
                         f"shapes {[tuple(t.shape) for t in tensors]}", hint="stack the samples along dim 0")
     total = sizes.pop()
+    if total == 0:
+        raise LoadError(f"--input {path} holds zero samples (shapes {[tuple(t.shape) for t in tensors]})",
+                        hint="save at least one sample along dim 0")
     batch = min(options.batch_size or total, total)
     batches = []
     for start in range(0, total, batch):
@@ -386,10 +389,12 @@ def _read_input_file(path: Path, flag: str = "--input") -> tuple[tuple[torch.Ten
     import numpy as np
     import torch
 
-    if not path.exists():
-        raise LoadError(f"{flag} {path}: no such file", hint="check the path")
-    if not path.is_file():
-        raise LoadError(f"{flag} {path} is not a regular file", hint="pass a .pt, .npy or .npz file")
+    from gradcheck_cli.model.formats import check_regular_file
+
+    try:
+        check_regular_file(path, what="probe file")
+    except LoadError as exc:
+        raise LoadError(f"{flag} {exc.message}", hint=exc.hint) from None
     try:
         with path.open("rb") as handle:
             head = handle.read(8)

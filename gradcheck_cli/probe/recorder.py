@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gradcheck_cli.probe.activations import NON_NEGATIVE, RELU_FAMILY, SATURATING, saturated_mask, unit_axis
+from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, saturated_mask, unit_axis
 from gradcheck_cli.records import (
     AttentionStats,
     DeadUnits,
@@ -86,8 +86,9 @@ def cpu_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _CANCELLATION_GUARD = 0.05
 
 
-def units_alive(y: torch.Tensor, axis: int, *, non_negative: bool) -> torch.Tensor:
-    """Per unit along ``axis``: was any element non-zero?
+def unit_extremes(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit along ``axis``: (minimum, maximum). A unit is alive when either is non-zero, and
+    the tensor's own min/max follow from them, so ReLU-family rows need no separate min/max pass.
 
     Reduces the contiguous trailing block first, then the leading one: a reduction over
     scattered dimensions (e.g. (0, 2, 3) of NCHW at once) is an order of magnitude slower on CPU.
@@ -97,11 +98,7 @@ def units_alive(y: torch.Tensor, axis: int, *, non_negative: bool) -> torch.Tens
     for size in y.shape[:axis]:
         leading *= size
     blocks = y.reshape(leading, units, -1)
-    high = blocks.amax(dim=2).amax(dim=0)
-    if non_negative:
-        return high > 0
-    low = blocks.amin(dim=2).amin(dim=0)
-    return (high != 0) | (low != 0)
+    return blocks.amin(dim=2).amin(dim=0), blocks.amax(dim=2).amax(dim=0)
 
 
 class Recorder:
@@ -173,7 +170,13 @@ class Recorder:
             row.seen_output = True
             on_cpu = y.device.type == "cpu"
             var, mean = cpu_moments(y) if on_cpu else torch.var_mean(y, correction=0)
-            low, high = torch.aminmax(y)
+            per_unit: tuple[torch.Tensor, torch.Tensor] | None = None
+            if row.fn in RELU_FAMILY and y.dim() >= 1:
+                row.axis = unit_axis(tuple(y.shape), row.channel_first)
+                per_unit = unit_extremes(y, row.axis)
+                low, high = per_unit[0].min(), per_unit[1].max()
+            else:
+                low, high = torch.aminmax(y)
             if on_cpu and bool(torch.isfinite(low) & torch.isfinite(high)):
                 # Finite extremes mean every element is finite (NaN propagates through min/max), and
                 # on the CPU reading them costs no device synchronisation: skip the NaN/Inf passes.
@@ -194,9 +197,8 @@ class Recorder:
             if self.histograms:
                 counts = self._histogram(y.reshape(-1), n_nan)
                 row.hist_output = counts if row.hist_output is None else row.hist_output + counts
-            if row.fn in RELU_FAMILY and y.dim() >= 1:
-                row.axis = unit_axis(tuple(y.shape), row.channel_first)
-                nonzero = units_alive(y, row.axis, non_negative=row.fn in NON_NEGATIVE)
+            if per_unit is not None:
+                nonzero = (per_unit[0] != 0) | (per_unit[1] != 0)
                 row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
         if gradient and output.requires_grad:
             output.register_hook(self._grad_hook(row))

@@ -228,10 +228,10 @@ def _parameter_gradients(
         stacked = []
         for name in names:
             tensors = row_params[name]
-            weight_sq = sum((p.detach().float().pow(2).sum(dtype=torch.float64) for p in tensors),
+            weight_sq = sum((_norm_squared(p) for p in tensors),
                             torch.zeros((), dtype=torch.float64, device=tensors[0].device))
             grads = [p.grad for p in tensors if p.grad is not None]
-            grad_sq = sum((g.detach().float().pow(2).sum(dtype=torch.float64) for g in grads),
+            grad_sq = sum((_norm_squared(g) for g in grads),
                           torch.zeros((), dtype=torch.float64, device=tensors[0].device))
             has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=tensors[0].device)
             stacked.append(torch.stack([grad_sq, weight_sq, has_grad]).to(tensors[0].device))
@@ -242,6 +242,16 @@ def _parameter_gradients(
         result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
         counts[name] = sum(p.numel() for p in row_params[name])
     return result, counts
+
+
+def _norm_squared(tensor: torch.Tensor) -> torch.Tensor:
+    """|t|^2 in float64 from one fused pass (no squared copy of a weight matrix, no float64 copy)."""
+    import torch
+
+    t = tensor.detach()
+    accumulate = torch.float64 if t.dtype == torch.float64 else torch.float32
+    norm: torch.Tensor = torch.linalg.vector_norm(t, dtype=accumulate).to(torch.float64)
+    return norm * norm
 
 
 def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str, ThroughTime]:

@@ -1,0 +1,201 @@
+"""The probe's memory, estimated before it runs, and a refusal (with a micro-batch size that fits)
+when it exceeds the memory available or the user's ``--memory-budget``.
+
+The estimate is deliberately simple and errs high:
+
+* parameters and buffers, plus one gradient per trainable parameter;
+* one micro-batch of inputs;
+* activations: every leaf module's output measured on a *one-sample* forward (under no_grad,
+  so it is cheap), times the micro-batch size, times two (the activation kept for backward and
+  its gradient during backward).
+
+torch is imported inside the functions; the records are plain.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import ProbeError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_memory_budget(text: str) -> int:
+    """'4GiB', '512MB', '2g', '1.5GiB' or plain bytes, to bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"--memory-budget {text!r} is not a size", hint="e.g. --memory-budget 4GiB or 512MB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UsageError(f"--memory-budget {text!r} must be positive", hint="e.g. --memory-budget 4GiB")
+    return value
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes the probe needs for one micro-batch of ``batch_size`` samples."""
+
+    parameters: int  # parameters and buffers
+    gradients: int  # one gradient per trainable parameter
+    inputs_per_sample: int
+    activations_per_sample: int  # activation + its gradient, per sample (0 when not measured)
+    batch_size: int
+    measured: bool  # whether activations come from a forward pass (False: not measurable)
+
+    @property
+    def fixed(self) -> int:
+        return self.parameters + self.gradients
+
+    @property
+    def per_sample(self) -> int:
+        return self.inputs_per_sample + self.activations_per_sample
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.per_sample * self.batch_size
+
+
+def _nbytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
+                          kwargs: dict[str, torch.Tensor] | None = None, *, measure: bool = True) -> MemoryEstimate:
+    """Estimate the probe of ``module`` on one micro-batch ``args``/``kwargs`` (batch first).
+
+    With ``measure``, a one-sample forward (no_grad, eval mode restored afterwards) sizes the
+    activations; a model that cannot be hooked or run on one sample is estimated without them.
+    """
+    import torch
+
+    kwargs = kwargs or {}
+    tensors = list(args) + list(kwargs.values())
+    batch_size = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
+    params = list(module.parameters())
+    parameters = sum(_nbytes(p) for p in params) + sum(_nbytes(b) for b in module.buffers())
+    gradients = sum(_nbytes(p) for p in params if p.requires_grad)
+    inputs_per_sample = math.ceil(sum(_nbytes(t) for t in tensors) / max(batch_size, 1))
+    activations = 0
+    measured = False
+    if measure and batch_size >= 1:
+        try:
+            activations = _activation_bytes_one_sample(module, args, kwargs)
+            measured = True
+        except Exception:  # the estimate is advisory: an unhookable model is estimated without it
+            activations = 0
+    return MemoryEstimate(parameters=parameters, gradients=gradients, inputs_per_sample=inputs_per_sample,
+                          activations_per_sample=2 * activations, batch_size=batch_size, measured=measured)
+
+
+def _activation_bytes_one_sample(module: nn.Module, args: tuple[torch.Tensor, ...],
+                                 kwargs: dict[str, torch.Tensor]) -> int:
+    import torch
+
+    total = 0
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        total += _nbytes(output)
+
+    handles = [sub.register_forward_hook(hook) for sub in module.modules()
+               if not any(True for _ in sub.children()) and not isinstance(sub, torch.jit.ScriptModule)]
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            output = module(*(a[:1] for a in args), **{k: v[:1] for k, v in kwargs.items()})
+        total += _nbytes(output)
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    return total
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes the probe may use on ``device``: free GPU memory, or the smaller of the host's available
+    memory and this process's cgroup limit. None when it cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+        except Exception:
+            return None
+        return int(free)
+    candidates = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
+    return min(candidates) if candidates else None
+
+
+def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """cgroup v2 memory.max - memory.current, or v1 limit - usage; None when unlimited or unknown."""
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit_text = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 2**60:
+            return None
+        return max(int(limit_text) - usage, 0)
+    return None
+
+
+def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None,
+                        total_samples: int | None = None) -> None:
+    """Raise :class:`ProbeError` when the estimate exceeds ``budget`` (the user's) or ``available``
+    (the machine's), with the micro-batch size that would fit. None for either means no limit."""
+    limits = [(v, what) for v, what in ((budget, "--memory-budget"), (available, "available memory")) if v is not None]
+    if not limits:
+        return
+    limit, what = min(limits)
+    if estimate.total <= limit:
+        return
+    need = f"the probe needs about {_human(estimate.total)} for a micro-batch of {estimate.batch_size}"
+    if estimate.fixed >= limit:
+        raise ProbeError(f"{need}; the weights and their gradients alone take {_human(estimate.fixed)}, more "
+                         f"than the {_human(limit)} of {what}",
+                         hint="run on a machine with more memory, or raise --memory-budget")
+    fits = max((limit - estimate.fixed) // max(estimate.per_sample, 1), 1)
+    samples = total_samples or estimate.batch_size
+    raise ProbeError(f"{need}, more than the {_human(limit)} of {what}",
+                     hint=f"micro-batch it: --batch-size {fits} --batches {math.ceil(samples / fits)} "
+                     "(statistics are merged exactly)")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
