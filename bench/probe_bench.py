@@ -143,12 +143,32 @@ def _rss_bytes() -> int:
 
 
 def memory_child(name: str, which: str) -> None:
-    """Run in a subprocess: print the peak-RSS growth of one bare step or one probe."""
+    """Run in a subprocess: print the peak-RSS growth of one bare step or one probe.
+
+    The process's lifetime peak (ru_maxrss) may come from building the model, so a thread samples
+    the resident set every millisecond during the step instead.
+    """
+    import threading
+
     bare, probe, _ = step_functions(name)
     before = _rss_bytes()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     (bare if which == "bare" else probe)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - before, "peak": peak}))
+    done.set()
+    sampler.join()
+    peak = max(peak, _rss_bytes())
+    print(json.dumps({"growth": peak - before, "peak": peak,
+                      "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def peak_memory(name: str, repeats: int) -> dict[str, Any]:

@@ -213,6 +213,8 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
                    allow_nonfinite: bool = False, group_budget: int | None = None) -> Report:
     """Probe the ONNX model at ``path``: forward statistics from onnxruntime, gradients from the
     torch lowering, checked against each other on every micro-batch."""
+    import torch
+
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, opset_of
     from gradcheck_cli.model.torch_load import resolve_device
     from gradcheck_cli.onnx.ort_stats import (
@@ -228,8 +230,13 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         raise LoadError(f"{path} imports no default-domain opset", hint="re-export it with a standard opset")
     if not allow_nonfinite:
         check_finite_initializers(model, path)
-    device = resolve_device(options.device)
+    requested = resolve_device(options.device)
+    # onnxruntime runs on its CPU provider, and the lowering's shape arithmetic creates CPU
+    # tensors: the whole ONNX probe stays on the CPU rather than mixing devices.
+    device = torch.device("cpu")
     inputs, notes = onnx_probe_inputs(model, options, device)
+    if requested.type != "cpu":
+        notes.append(f"--device {options.device} ignored: the ONNX probe runs on the CPU")
     if options.mode is Mode.TRAIN:
         notes.append("--mode train ignored: an ONNX graph runs as exported")
     if opset < 11:
