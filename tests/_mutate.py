@@ -38,7 +38,7 @@ def _legacy_state_dict(_: Path) -> bytes:
     import io
 
     import torch
-    from models import relu_mlp  # samples/ is on sys.path (tests/conftest.py)
+    from models import relu_mlp  # type: ignore[import-not-found]  # samples/ is on sys.path (conftest)
 
     torch.manual_seed(0)
     buffer = io.BytesIO()
@@ -48,7 +48,7 @@ def _legacy_state_dict(_: Path) -> bytes:
 
 def _safetensors_mlp(_: Path) -> bytes:
     import torch
-    from models import relu_mlp
+    from models import relu_mlp  # type: ignore[import-not-found]
     from safetensors.torch import save
 
     torch.manual_seed(0)

@@ -30,9 +30,9 @@ VARIANTS = {"empty": 1, "truncate": 6, "random": 4, "wrong_magic": 4, "flip": 4}
 MAY_STAY_VALID = {("*", "flip"), ("config_toml", "truncate")}
 # hypothesis fuzz: examples per default run, and per nightly (-m slow) run. Override with
 # GRADCHECK_FUZZ_EXAMPLES (e.g. for a one-off long session).
-FUZZ_LOADER_EXAMPLES = 300
-FUZZ_CLI_EXAMPLES = 40
-FUZZ_NIGHTLY_FACTOR = 20
+FUZZ_LOADER_EXAMPLES = 500
+FUZZ_CLI_EXAMPLES = 100
+FUZZ_NIGHTLY_FACTOR = 10
 SPECIAL_FILES = ("directory", "symlink_loop", "dangling_symlink", "fifo", "socket", "dev_zero", "dev_null",
                  "unreadable_simulated", "unreadable_chmod")
 
@@ -71,7 +71,7 @@ def test_seed_is_valid(cli: Any, seed_bytes: dict[str, bytes], seed_name: str, t
     seed = SEEDS_BY_NAME[seed_name]
     path = tmp_path / f"seed{seed.suffix}"
     path.write_bytes(seed_bytes[seed_name])
-    code, stdout, stderr = cli(*_argv(seed, path))
+    code, _, stderr = cli(*_argv(seed, path))
     assert code in (0, 1), stderr
 
 
@@ -199,10 +199,13 @@ def _load_only(seed: Seed, path: Path) -> None:
 def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *, fixed: bool = True) -> None:
     from gradcheck_cli.errors import GradcheckError
 
+    ran: list[str] = []
+
     @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=mutations(seed_bytes))
     def run(case: Mutation) -> None:
+        ran.append(case[1])
         seed = SEEDS_BY_NAME[case[0]]
         path = tmp_path / f"fuzz{seed.suffix}"
         path.write_bytes(apply(case, seed_bytes[case[0]]))
@@ -213,13 +216,19 @@ def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *
             assert "\n" not in exc.message and "\n" not in (exc.hint or ""), exc.message
 
     run()
+    # RELIABILITY.md states max_examples as the cases run: hypothesis could stop early (e.g. out of
+    # distinct inputs), and then the stated figure would be false, so check it.
+    assert len(ran) >= examples, f"only {len(ran)} of {examples} fuzz cases ran"
 
 
 def _fuzz_cli(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *, fixed: bool = True) -> None:
+    ran: list[str] = []
+
     @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=mutations(seed_bytes))
     def run(case: Mutation) -> None:
+        ran.append(case[1])
         seed = SEEDS_BY_NAME[case[0]]
         path = tmp_path / f"fuzz{seed.suffix}"
         path.write_bytes(apply(case, seed_bytes[case[0]]))
@@ -228,6 +237,26 @@ def _fuzz_cli(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, examples: 
         _assert_clean(seed, result, strict=False)
 
     run()
+    # RELIABILITY.md states max_examples as the cases run: hypothesis could stop early (e.g. out of
+    # distinct inputs), and then the stated figure would be false, so check it.
+    assert len(ran) >= examples, f"only {len(ran)} of {examples} fuzz cases ran"
+
+
+# Cases the nightly fuzz found (fixed since): each must stay a clean exit 2.
+FUZZ_REGRESSIONS: list[Mutation] = [
+    ("onnx", "header", 0.9375, b"\x80"),  # a node name that is not UTF-8: protobuf returned bytes
+    ("torchscript", "overwrite", 0.96875, b"\x80"),  # a zip member name that is not UTF-8
+]
+
+
+@pytest.mark.parametrize("case", FUZZ_REGRESSIONS, ids=[f"{c[0]}-{c[1]}" for c in FUZZ_REGRESSIONS])
+def test_fuzz_regressions(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, case: Mutation) -> None:
+    seed = SEEDS_BY_NAME[case[0]]
+    path = tmp_path / f"regression{seed.suffix}"
+    path.write_bytes(apply(case, seed_bytes[case[0]]))
+    with time_bound():
+        result = cli(*_argv(seed, path))
+    _assert_clean(seed, result, strict=True)
 
 
 def test_fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path) -> None:

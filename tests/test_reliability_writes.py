@@ -67,7 +67,7 @@ def test_input_never_modified(cli: Any, tmp_path: Path, command: str, sample: st
     src = _input_copy(tmp_path, sample)
     before, mtime = _digest(src), src.stat().st_mtime_ns
     out = tmp_path / f"out{suffix}"
-    code, stdout, stderr = cli(command, str(src), "-o", str(out), *extra)
+    code, _, stderr = cli(command, str(src), "-o", str(out), *extra)
     assert code == 0, stderr
     assert out.is_file()
     # Refused: the output is the input (also through a symlink), even with --force.
@@ -135,7 +135,7 @@ def test_failed_write_leaves_nothing(cli: Any, tmp_path: Path, monkeypatch: pyte
     import tempfile
 
     monkeypatch.setattr({"os": os, "tempfile": tempfile}[module], name, _raise(err))
-    code, stdout, stderr = cli(command, str(src), "-o", str(out), *extra)
+    code, _, stderr = cli(command, str(src), "-o", str(out), *extra)
     monkeypatch.undo()
     assert code == 2, stderr
     one_line_error(stderr)

@@ -96,9 +96,9 @@ def _classify_zip(path: Path) -> ModelFormat:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:  # ValueError: undecodable names
         raise LoadError(
-            f"{path}: looks like a zip-based torch file but the archive is damaged ({exc})",
+            f"{path}: looks like a zip-based torch file but the archive is damaged ({_one_line(exc)})",
             hint="the file is probably truncated; save or download it again",
         ) from exc
     stripped = {name.split("/", 1)[1] if "/" in name else name for name in names}
@@ -114,6 +114,10 @@ def _classify_zip(path: Path) -> ModelFormat:
     if "data.pkl" in stripped:
         return ModelFormat.TORCH_ZIP
     raise LoadError(f"{path}: a zip archive, but not one written by torch", hint=SUPPORTED_HINT)
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:

@@ -51,6 +51,10 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
                 f"{path} refers to external data '{location}', which {what}",
                 hint="copy the data file next to the model",
             )
+    bad = _first_non_utf8_string(model)
+    if bad is not None:
+        raise LoadError(f"{path}: the field '{bad}' is not valid UTF-8 text (ONNX names are strings)",
+                        hint="the file is damaged; export it again")
     check_declared_sizes(model, path, base)
     if locations and load_external_data:
         try:
@@ -63,11 +67,33 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
     return model
 
 
+def _first_non_utf8_string(model: onnx.ModelProto) -> str | None:
+    """The name of a string field holding invalid UTF-8, or None. onnx.proto is proto2, where
+    protobuf hands such fields back as bytes instead of failing, and every name lookup downstream
+    would then break on them."""
+    from google.protobuf.descriptor import FieldDescriptor
+    from google.protobuf.message import Message
+
+    stack: list[Any] = [model]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            # A repeated field's value is a container; a singular one the message or string itself.
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend([value] if isinstance(value, Message) else value)
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                values = [value] if isinstance(value, (str, bytes)) else value
+                if any(isinstance(v, bytes) for v in values):
+                    return str(field.full_name)
+    return None
+
+
 # A graph input may declare at most this many elements (per input, batch included) before gradcheck
 # refuses to synthesise it: 2**31 float32 values are 8 GiB, far beyond any probe batch.
 MAX_INPUT_ELEMENTS = 2**31
 # Subgraph nesting (If/Loop/Scan bodies) deeper than this is refused: real models nest a few levels.
-MAX_SUBGRAPH_DEPTH = 32
+# (protobuf itself refuses messages nested over 100 deep, about 33 subgraph levels, at parse time.)
+MAX_SUBGRAPH_DEPTH = 16
 
 
 def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None:
@@ -188,8 +214,8 @@ def _cycle_node(graph: onnx.GraphProto) -> str | None:
                 ready.append(j)
     if done == len(graph.node):
         return None
-    stuck = next(i for i, count in enumerate(pending) if count > 0)
-    return graph.node[stuck].name or graph.node[stuck].op_type
+    stuck = graph.node[next(i for i, count in enumerate(pending) if count > 0)]
+    return str(stuck.name or stuck.op_type)
 
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:

@@ -169,22 +169,20 @@ class _Parameters:
 
 
 def _assign_parameters(index: GraphIndex) -> _Parameters:
-    """Which node owns which initializer, one leaf per owning node.
+    """Which node owns which initializer.
 
-    Exporters merge initializers with equal values (every fresh BatchNorm's ones and zeros,
-    every zero bias). The source model had one parameter per layer, so each owning node gets its
-    own leaf (a copy under an alias), and uses that are not parameters (running statistics) read
-    a constant copy: gradients are then per layer, as in PyTorch, not summed over the merged ones.
-    A weight used by layers of different kinds (GPT-2's embedding table, tied to its output
-    projection) is a tied parameter instead: one leaf, whose gradient sums both uses, owned by
-    the first layer, which is what the PyTorch probe reports for a shared nn.Parameter.
+    One initializer read by several layers is one parameter shared by them (an unrolled RNN's
+    recurrent weight, an embedding tied to the output projection): one leaf, whose gradient sums
+    every use, owned by the first layer, as the PyTorch probe reports a shared nn.Parameter.
+    The legacy exporter also merges parameters that merely hold equal values (every fresh
+    BatchNorm's ones and zeros), giving each merged one an Identity node named after it: each such
+    alias is a parameter of its own (a copy under its name), so gradients stay per layer. Uses
+    that are not parameters (BatchNorm running statistics) read a constant copy.
     """
     found = _Parameters()
     for init in index.graph.initializer:
-        per_owner: dict[int, str] = {}
         consumers = _uses(index, init.name)
         trainable_uses = {u for u in consumers if _is_trainable(index, init, (u[2], u[3]))}
-        tied = len({index.node(u[2]).op_type for u in trainable_uses}) > 1
         for use in consumers:
             consumer, slot, owner, _ = use
             if use not in trainable_uses:
@@ -192,13 +190,9 @@ def _assign_parameters(index: GraphIndex) -> _Parameters:
                     found.leaves[f"{init.name}@const"] = init.name
                     found.uses[(consumer, slot)] = f"{init.name}@const"
                 continue
-            if tied and per_owner:
-                found.uses[(consumer, slot)] = init.name
-                continue
-            key = per_owner.get(owner)
-            if key is None:
-                key = init.name if not per_owner else f"{init.name}@{len(per_owner) + 1}"
-                per_owner[owner] = key
+            node = index.node(consumer)
+            key = node.output[0] if node.op_type == "Identity" else init.name
+            if key not in found.leaves:
                 found.owned.setdefault(owner, []).append(key)
                 found.trainable.add(key)
                 found.leaves[key] = init.name

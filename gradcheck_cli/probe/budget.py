@@ -85,8 +85,6 @@ def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
     With ``measure``, a one-sample forward (no_grad, eval mode restored afterwards) sizes the
     activations; a model that cannot be hooked or run on one sample is estimated without them.
     """
-    import torch
-
     kwargs = kwargs or {}
     tensors = list(args) + list(kwargs.values())
     batch_size = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
