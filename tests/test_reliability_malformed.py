@@ -246,6 +246,7 @@ def _fuzz_cli(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, examples: 
 FUZZ_REGRESSIONS: list[Mutation] = [
     ("onnx", "header", 0.9375, b"\x80"),  # a node name that is not UTF-8: protobuf returned bytes
     ("torchscript", "overwrite", 0.96875, b"\x80"),  # a zip member name that is not UTF-8
+    ("torchscript", "overwrite", 0.9954150000699277, b"\x00\x00@"),  # zipfile: "zip file version 6.4"
 ]
 
 

@@ -96,7 +96,9 @@ def _classify_zip(path: Path) -> ModelFormat:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:  # ValueError: undecodable names
+    # zipfile fails in many ways on a damaged archive: BadZipFile, EOFError, ValueError (undecodable
+    # names), NotImplementedError (an unknown zip version), RuntimeError (encryption) ...
+    except Exception as exc:
         raise LoadError(
             f"{path}: looks like a zip-based torch file but the archive is damaged ({_one_line(exc)})",
             hint="the file is probably truncated; save or download it again",

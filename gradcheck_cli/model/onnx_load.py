@@ -71,8 +71,8 @@ def _first_non_utf8_string(model: onnx.ModelProto) -> str | None:
     """The name of a string field holding invalid UTF-8, or None. onnx.proto is proto2, where
     protobuf hands such fields back as bytes instead of failing, and every name lookup downstream
     would then break on them."""
-    from google.protobuf.descriptor import FieldDescriptor
-    from google.protobuf.message import Message
+    from google.protobuf.descriptor import FieldDescriptor  # type: ignore[import-untyped]
+    from google.protobuf.message import Message  # type: ignore[import-untyped]
 
     stack: list[Any] = [model]
     while stack:

@@ -148,7 +148,7 @@ def _refuse_pickled_pt2_payloads(path: Path) -> None:
                             f"{path} is {ModelFormat.EXPORTED_PROGRAM.description} whose entry '{fqn}' is a "
                             "pickled Python object; loading it would run code from the file, so gradcheck "
                             "refused", hint=TRUST_HINT)
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError, EOFError, NotImplementedError) as exc:
         raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
                         f"could not be read: {_first_line(exc)}",
                         hint="the file is probably truncated or damaged; export it again") from exc
