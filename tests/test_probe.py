@@ -343,3 +343,63 @@ def test_histograms_merge_exactly_and_count_every_value() -> None:
     expected = np.bincount(np.searchsorted(edges, values.astype(np.float32), side="left"), minlength=len(edges) + 1)
     assert one.layers[0].histograms is not None
     assert list(one.layers[0].histograms.output or ()) == expected.tolist()
+
+
+def test_memory_budget_refuses_with_a_split_that_fits() -> None:
+    from gradcheck_cli.errors import ProbeError
+    from gradcheck_cli.probe.budget import estimate_probe_memory
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+    x = torch.randn(512, 64)
+    estimate = estimate_probe_memory(model, (x,))
+    # Independent: weights + grads, and per sample the input row and 2x every module output (kept for
+    # backward, and its gradient), the model's output counted once more as such: the estimate errs high.
+    params = sum(p.numel() for p in model.parameters()) * 4
+    assert estimate.fixed == 2 * params
+    assert estimate.per_sample == 64 * 4 + 2 * (256 + 256 + 4 + 4) * 4
+    budget = estimate.fixed + 100 * estimate.per_sample
+    with pytest.raises(ProbeError) as info:
+        probe(model, (512, 64), memory_budget=budget)
+    assert "--batch-size 100 --batches 6" in (info.value.hint or "")
+    # The suggested split fits and runs.
+    report = probe(model, (100, 64), batches=6, memory_budget=budget)
+    assert report.probe.batches == 6
+
+
+def test_memory_budget_says_when_even_one_sample_does_not_fit() -> None:
+    from gradcheck_cli.errors import ProbeError
+
+    model = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 4))
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    with pytest.raises(ProbeError) as info:
+        probe(model, (8, 64), memory_budget=2 * weights + 1000)
+    assert "even a micro-batch of 1" in info.value.message
+
+
+class IgnoresInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, 3))
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bias.expand(x.shape[0], 3))
+
+
+def test_a_model_that_ignores_its_input_is_reported() -> None:
+    report = probe(IgnoresInput(), (4, 5))
+    assert any("does not depend on the model's inputs" in note for note in report.notes)
+    assert not any("does not depend" in note for note in probe(Net(), (4, 6)).notes)
+
+
+def test_in_place_ops_on_the_input_still_work() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.relu_())
+
+    report = probe(InPlace(), (8, 4))
+    assert [r.name for r in report.layers] == ["relu()", "fc"]

@@ -22,9 +22,10 @@ def build_probe_options(
     *, device: str, input_file: Path | None, input_shape: list[str] | None, input_dtype: str | None,
     input_range: str | None, batch_size: int | None, batches: int, seed: int, loss: LossKind,
     target: Path | None, mode: Mode, model_output: str | None, saturation_cutoff: float,
-    histograms: bool = False, seq_len: int | None = None,
+    histograms: bool = False, seq_len: int | None = None, memory_budget: str | None = None,
 ) -> ProbeOptions:
     from gradcheck_cli.probe.batch import InputOptions, parse_shape
+    from gradcheck_cli.probe.budget import parse_memory_budget
 
     if not 0 < saturation_cutoff < 1:
         raise fail(f"--saturation-cutoff {saturation_cutoff} must be between 0 and 1",
@@ -34,7 +35,8 @@ def build_probe_options(
         input_dtype=input_dtype, input_range=parse_range(input_range), batch_size=batch_size,
         batches=batches, seed=seed, seq_len=seq_len)
     return ProbeOptions(inputs=inputs, loss=loss, target_file=target, mode=mode, device=device,
-                        output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms)
+                        output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms,
+                        memory_budget=parse_memory_budget(memory_budget) if memory_budget else None)
 
 
 def inspect(
@@ -67,6 +69,9 @@ def inspect(
     saturation_cutoff: Annotated[float, typer.Option(
         "--saturation-cutoff", help="Saturated = local derivative below this fraction of its maximum.",
         rich_help_panel="Probe")] = DEFAULT_SATURATION_CUTOFF,
+    memory_budget: Annotated[str | None, typer.Option(
+        "--memory-budget", help="Refuse a probe estimated to need more memory than this (e.g. 4GiB), and say "
+        "which --batch-size/--batches split fits.", rich_help_panel="Probe")] = None,
     seq_len: Annotated[int | None, typer.Option(
         "--seq-len", min=1, help="Sequence length of synthesised token inputs (transformers models; default 16).",
         rich_help_panel="Probe")] = None,
@@ -100,7 +105,7 @@ def inspect(
             device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
             input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
             target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
-            histograms=histograms or html is not None, seq_len=seq_len)
+            histograms=histograms or html is not None, seq_len=seq_len, memory_budget=memory_budget)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
                                trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
         with progress_on_stderr(f"probing {model.name}") as progress:

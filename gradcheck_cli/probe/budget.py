@@ -183,7 +183,11 @@ def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, 
         raise ProbeError(f"{need}; the weights and their gradients alone take {_human(estimate.fixed)}, more "
                          f"than the {_human(limit)} of {what}",
                          hint="run on a machine with more memory, or raise --memory-budget")
-    fits = max((limit - estimate.fixed) // max(estimate.per_sample, 1), 1)
+    fits = (limit - estimate.fixed) // max(estimate.per_sample, 1)
+    if fits < 1:
+        raise ProbeError(f"{need}; even a micro-batch of 1 needs about "
+                         f"{_human(estimate.fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
+                         hint="run on a machine with more memory, or raise --memory-budget")
     samples = total_samples or estimate.batch_size
     raise ProbeError(f"{need}, more than the {_human(limit)} of {what}",
                      hint=f"micro-batch it: --batch-size {fits} --batches {math.ceil(samples / fits)} "

@@ -54,3 +54,7 @@ class ProbeOptions:
     # Collect fixed-bin histograms of every row's output and output gradient (one more pass over
     # each tensor; off by default, on for the HTML report).
     histograms: bool = False
+    # Refuse a probe estimated (weights, gradients, inputs, activations sized on one sample) to need
+    # more bytes than this, with a --batch-size/--batches split that fits. Without it, the cheap
+    # part of the estimate (weights, gradients, inputs) is still checked against available memory.
+    memory_budget: int | None = None

@@ -53,6 +53,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     device = resolve_device(options.device)
     inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    _check_memory(loaded.module, inputs, options)
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
@@ -64,6 +65,9 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), instrument.attached():
         for index, batch in enumerate(inputs.batches):
             instrument.start_batch()
+            # On the first micro-batch only, watch the float inputs: a model whose loss ignores
+            # them trains on nothing, and the report should say so rather than look healthy.
+            batch, watched = _watch_inputs(batch) if index == 0 else (batch, [])
             output = _forward(instrument, batch.args, batch.kwargs, inputs)
             if inputs.model_loss and options.loss in (LossKind.AUTO, LossKind.MODEL):
                 loss, output_label = model_loss(output, batch.size, inputs.total), "output['loss']"
@@ -83,6 +87,9 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                                  hint="pass --debug for the traceback") from exc
             loss_total += float(loss.detach())
             del loss
+            if watched and not _any_input_gradient(watched):
+                notes.append("the loss does not depend on the model's inputs: every gradient with respect to "
+                             "them is zero (a model that ignores its input, or an output cut off from it)")
             recorder.end_batch()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
@@ -108,6 +115,37 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
                   layers=tuple(layers), notes=tuple(loaded.notes + notes),
                   histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+
+
+def _watch_inputs(batch: ProbeBatch) -> tuple[ProbeBatch, list[torch.Tensor]]:
+    """The batch with each float input replaced by a differentiable copy (a non-leaf, so that a
+    model may still modify its input in place), and the leaves whose .grad will tell."""
+    leaves: list[torch.Tensor] = []
+
+    def watch(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.dtype.is_floating_point or tensor.requires_grad:
+            return tensor
+        leaf = tensor.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf.clone()
+
+    watched = ProbeBatch(tuple(watch(t) for t in batch.args), {k: watch(v) for k, v in batch.kwargs.items()})
+    return watched, leaves
+
+
+def _any_input_gradient(tensors: list[torch.Tensor]) -> bool:
+    return any(t.grad is not None and bool(t.grad.ne(0).any()) for t in tensors)
+
+
+def _check_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -> None:
+    """Refuse before running a probe that will not fit (THEORY of the estimate: probe/budget.py)."""
+    from gradcheck_cli.probe.budget import available_memory, check_memory_budget, estimate_probe_memory
+
+    first = inputs.batches[0]
+    # The one-sample forward that sizes activations costs a little; pay it when a budget is set.
+    estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=options.memory_budget is not None)
+    check_memory_budget(estimate, budget=options.memory_budget, available=available_memory(options.device),
+                        total_samples=inputs.total)
 
 
 def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:
