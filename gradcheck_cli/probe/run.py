@@ -54,6 +54,10 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     _check_memory(loaded.module, inputs, options)
+    if not any(p.dtype.is_floating_point for p in loaded.module.parameters()):
+        raise ProbeError("the model has no floating-point parameters, so its output does not depend on any "
+                         "parameter: there is no gradient to measure",
+                         hint="probe a model with trainable layers (a bare activation has nothing to train)")
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
