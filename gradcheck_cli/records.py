@@ -108,6 +108,8 @@ class LayerStats:
     histograms: Histograms | None = None  # with --histograms; bins are Report.histogram_edges
     through_time: ThroughTime | None = None  # recurrent layers (nn.RNN/LSTM/GRU) only
     input: OutputStats | None = None  # norm layers: statistics of what they normalise
+    # Why a value that applies to this row is null: field name -> reason. Empty when all were computed.
+    reasons: dict[str, str] = field(default_factory=dict)
     attention: AttentionStats | None = None  # attention rows (softmax or scaled_dot_product_attention)
 
 

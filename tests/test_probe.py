@@ -403,3 +403,39 @@ def test_in_place_ops_on_the_input_still_work() -> None:
 
     report = probe(InPlace(), (8, 4))
     assert [r.name for r in report.layers] == ["relu()", "fc"]
+
+
+class PartlyUnused(nn.Module):
+    """An auxiliary branch the loss never sees, and a layer with an integer output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+        self.bucket = Bucketize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        self.bucket(x)
+        return self.used(x)
+
+
+class Bucketize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.edges = nn.Parameter(torch.tensor([-1.0, 0.0, 1.0]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(x, self.edges)
+
+
+def test_uncomputed_values_say_why_and_the_summary_counts_them() -> None:
+    report = probe(PartlyUnused(), (8, 4))
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["used"].reasons == {}
+    unused = by_name["unused"]
+    assert unused.output_grad_norm is None and "the loss does not depend on it" in unused.reasons["output_grad_norm"]
+    assert unused.grad is not None and unused.grad.norm is None and "grad" in unused.reasons
+    bucket = by_name["bucket"]
+    assert bucket.output.mean is None and bucket.reasons["output"] == "the output is int64, not floating point"
+    assert f"2 of {len(report.layers)} rows have values that could not be computed" in " ".join(report.notes)

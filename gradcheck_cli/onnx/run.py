@@ -25,7 +25,7 @@ from gradcheck_cli import __version__
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
 from gradcheck_cli.probe.options import Mode, ProbeOptions
-from gradcheck_cli.probe.recorder import Recorder, Row
+from gradcheck_cli.probe.recorder import Recorder, Row, uncomputed_note
 from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
 from gradcheck_cli.stats import histogram_edges
 
@@ -291,7 +291,11 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     if not lowering.ok:
         notes.append(f"gradients not reported: {lowering.reason}")
     param_grads, param_counts = grads
-    layers = recorder.layer_stats(param_grads, param_counts)
+    layers = recorder.layer_stats(param_grads, param_counts,
+                                  gradient_reason=None if lowering.ok else f"gradients not reported: {lowering.reason}")
+    summary = uncomputed_note(layers)
+    if summary:
+        notes.append(summary)
     if not layers:
         notes.append("no node produced a row: the graph has no parameters, normalisations or activations")
     probe = ProbeInfo(

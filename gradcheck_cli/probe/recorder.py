@@ -57,6 +57,8 @@ class Row:
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_grad: list[torch.Tensor] = field(default_factory=list)
     seen_output: bool = False
+    skip_reason: str | None = None  # why the output could not be measured
+    wants_grad: bool = False  # the output required a gradient (so a missing one means the loss ignores it)
     input_row: Row | None = None  # norm layers: the same statistics of their input
     attention_entropy: torch.Tensor | None = None  # per head, summed over rows
     attention_saturated: torch.Tensor | None = None
@@ -160,7 +162,11 @@ class Recorder:
         """Reduce ``output`` to the row's statistics now; register the hook for its gradient."""
         import torch
 
-        if not (output.dtype.is_floating_point and output.numel() > 0):
+        if not output.dtype.is_floating_point:
+            row.skip_reason = f"the output is {str(output.dtype).removeprefix('torch.')}, not floating point"
+            return
+        if output.numel() == 0:
+            row.skip_reason = "the output is empty"
             return
         with torch.no_grad():
             y = output.detach()
@@ -201,6 +207,7 @@ class Recorder:
                 nonzero = (per_unit[0] != 0) | (per_unit[1] != 0)
                 row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
         if gradient and output.requires_grad:
+            row.wants_grad = True
             output.register_hook(self._grad_hook(row))
 
     def _grad_hook(self, row: Row) -> object:
@@ -258,8 +265,13 @@ class Recorder:
 
     def layer_stats(self, param_grads: dict[str, tuple[float | None, float]],
                     param_counts: dict[str, int],
-                    through_time: dict[str, ThroughTime] | None = None) -> list[LayerStats]:
-        """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm)."""
+                    through_time: dict[str, ThroughTime] | None = None,
+                    gradient_reason: str | None = None) -> list[LayerStats]:
+        """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm).
+
+        ``gradient_reason`` explains every missing gradient at once (e.g. an ONNX lowering that
+        could not be trusted); otherwise each row gets the reason that applies to it.
+        """
         out: list[LayerStats] = []
         for row in self.rows.values():
             output = _output_stats(row)
@@ -285,6 +297,15 @@ class Recorder:
                 histogram = Histograms(
                     output=tuple(int(c) for c in row.hist_output.tolist()) if row.hist_output is not None else None,
                     output_grad=tuple(int(c) for c in row.hist_grad.tolist()) if row.hist_grad is not None else None)
+            reasons: dict[str, str] = {}
+            if not row.seen_output:
+                reasons["output"] = row.skip_reason or "the row produced no tensor output"
+            if not row.has_grad:
+                reasons["output_grad_norm"] = gradient_reason or (
+                    "no gradient reached this output: the loss does not depend on it" if row.wants_grad
+                    else "the output does not require a gradient: nothing trainable feeds it")
+            if grad is not None and grad.norm is None:
+                reasons["grad"] = gradient_reason or "the row's parameters received no gradient"
             out.append(LayerStats(
                 index=len(out), name=row.name, type=row.type, kind=row.kind, module=row.module,
                 shape=row.shape, output=output,
@@ -293,7 +314,7 @@ class Recorder:
                 params=param_counts.get(row.name, 0), histograms=histogram,
                 through_time=(through_time or {}).get(row.name),
                 input=_output_stats(row.input_row) if row.input_row is not None else None,
-                attention=_attention_stats(row),
+                attention=_attention_stats(row), reasons=reasons,
             ))
         return out
 
@@ -317,3 +338,12 @@ def _attention_stats(row: Row) -> AttentionStats | None:
     per_head_rows = row.attention_rows / heads
     entropy = tuple(float(v) / per_head_rows for v in row.attention_entropy.cpu().tolist())
     return AttentionStats(heads=heads, entropy=entropy, max_entropy=math.log(max(row.attention_keys, 1)))
+
+
+def uncomputed_note(layers: list[LayerStats]) -> str | None:
+    """The summary line the report owes when some values could not be computed."""
+    count = sum(1 for row in layers if row.reasons)
+    if not count:
+        return None
+    return (f"{count} of {len(layers)} rows have values that could not be computed (null); "
+            "each row's `reasons` says why")

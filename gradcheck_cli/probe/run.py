@@ -20,7 +20,7 @@ from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, typ
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
 from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
-from gradcheck_cli.probe.recorder import Recorder
+from gradcheck_cli.probe.recorder import Recorder, uncomputed_note
 from gradcheck_cli.probe.recurrent import (
     HORIZON_FRACTION,
     RecurrentUnroller,
@@ -103,6 +103,9 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     layers = recorder.layer_stats(param_grads, param_counts, traces)
     if instrument_kind == "eager":
         layers = cell_loop_traces(layers, module)
+    summary = uncomputed_note(layers)
+    if summary:
+        notes.append(summary)
     if not layers:
         notes.append("no layer produced a row: the model has no parameters or activation calls "
                      "that the probe could see")
