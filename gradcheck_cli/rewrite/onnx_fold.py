@@ -34,6 +34,7 @@ from gradcheck_cli.rewrite.fold_records import FoldEntry, Pattern
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    import torch
 
 METHOD_ONNX = "onnx graph"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -253,6 +254,20 @@ class _GraphFolder:
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
+    def _replace_conv_parameters(self, conv: onnx.NodeProto, new_w: torch.Tensor, new_b: torch.Tensor) -> bool:
+        """Point a Conv/ConvTranspose at fresh weight and bias initializers (adding the bias input when it
+        had none) and retire the old ones; initializers shared with other nodes are never mutated.
+        Returns whether the layer already had a bias."""
+        old_w, old_b = conv.input[1], conv.input[2] if len(conv.input) > 2 else ""
+        conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
+        bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b.numpy())
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        self._retire(old_w, old_b)
+        return bool(old_b)
+
     def _retire(self, *names: str) -> None:
         """Names whose initializer/Constant may now be unused; removed at the end if they are."""
         self.orphan_candidates.update(n for n in names if n)
@@ -424,15 +439,7 @@ class _GraphFolder:
             kind=kind,
             groups=int(_attr(conv, "group", 1)),
         )
-        old_w = conv.input[1]
-        old_b = conv.input[2] if len(conv.input) > 2 else ""
-        conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
-        bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b.numpy())
-        if len(conv.input) > 2:
-            conv.input[2] = bias_name
-        else:
-            conv.input.append(bias_name)
-        self._retire(old_w, old_b)
+        had_bias = self._replace_conv_parameters(conv, new_w, new_b)
         self._take_output(conv, bn)
         pattern = Pattern.CONV_BN if kind is LayerKind.CONV else Pattern.CONV_TRANSPOSE_BN
         return FoldEntry(
@@ -440,7 +447,7 @@ class _GraphFolder:
             folded=True,
             pattern=pattern,
             layer=conv.name or conv.output[0],
-            note=None if old_b else "the layer got a bias",
+            note=None if had_bias else "the layer got a bias",
         )
 
     def _gemm_bias(self, gemm: onnx.NodeProto, out_features: int) -> tuple[Any, str] | str:
@@ -659,21 +666,14 @@ class _GraphFolder:
             kind=LayerKind.CONV,
             groups=int(_attr(conv, "group", 1)),
         )
-        old_w, old_b = conv.input[1], conv.input[2] if len(conv.input) > 2 else ""
-        conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
-        bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b.numpy())
-        if len(conv.input) > 2:
-            conv.input[2] = bias_name
-        else:
-            conv.input.append(bias_name)
-        self._retire(old_w, old_b)
+        had_bias = self._replace_conv_parameters(conv, new_w, new_b)
         self._bypass(bn, conv)
         return FoldEntry(
             bn.name,
             folded=True,
             pattern=Pattern.BN_CONV,
             layer=conv.name or conv.output[0],
-            note=None if old_b else "the layer got a bias",
+            note=None if had_bias else "the layer got a bias",
         )
 
     def _before_gemm(self, bn: _Bn, gemm: onnx.NodeProto) -> FoldEntry | str:
