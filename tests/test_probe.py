@@ -345,8 +345,7 @@ def test_histograms_merge_exactly_and_count_every_value() -> None:
     assert list(one.layers[0].histograms.output or ()) == expected.tolist()
 
 
-def test_memory_budget_refuses_with_a_split_that_fits() -> None:
-    from gradcheck_cli.errors import ProbeError
+def test_memory_budget_splits_into_micro_batches_that_fit() -> None:
     from gradcheck_cli.probe.budget import estimate_probe_memory
 
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
@@ -358,12 +357,18 @@ def test_memory_budget_refuses_with_a_split_that_fits() -> None:
     assert estimate.fixed == 2 * params
     assert estimate.per_sample == 64 * 4 + 2 * (256 + 256 + 4 + 4) * 4
     budget = estimate.fixed + 100 * estimate.per_sample
-    with pytest.raises(ProbeError) as info:
-        probe(model, (512, 64), memory_budget=budget)
-    assert "--batch-size 100 --batches 6" in (info.value.hint or "")
-    # The suggested split fits and runs.
-    report = probe(model, (100, 64), batches=6, memory_budget=budget)
-    assert report.probe.batches == 6
+    split = probe(model, (512, 64), memory_budget=budget)
+    assert (split.probe.batches, split.probe.batch_size) == (6, 100)  # 5 x 100 + 12
+    assert any("split into 6 micro-batches of at most 100 samples" in note for note in split.notes)
+    # The same samples in one batch (no budget) give the same statistics: the split merges exactly.
+    whole = probe(model, (512, 64))
+    assert whole.probe.batches == 1
+    for a, b in zip(whole.layers, split.layers, strict=True):
+        assert a.output.count == b.output.count == 512 * (b.shape[-1])
+        assert b.output.mean == pytest.approx(a.output.mean, rel=1e-5, abs=1e-7)
+        assert b.output.var == pytest.approx(a.output.var, rel=1e-5)
+        assert b.output_grad_norm == pytest.approx(a.output_grad_norm, rel=1e-5)
+        assert a.dead == b.dead
 
 
 def test_memory_budget_says_when_even_one_sample_does_not_fit() -> None:
@@ -439,3 +444,41 @@ def test_uncomputed_values_say_why_and_the_summary_counts_them() -> None:
     bucket = by_name["bucket"]
     assert bucket.output.mean is None and bucket.reasons["output"] == "the output is int64, not floating point"
     assert f"2 of {len(report.layers)} rows have values that could not be computed" in " ".join(report.notes)
+
+
+# ---- one reduction per tensor ------------------------------------------------------------------
+
+
+class SharedTensors(nn.Module):
+    """fc's output is bn's input; ``scale_in_place`` doubles it in place in between. The block
+    returns its norm's output, so a block row (when the model is a ModuleList stack) shares it."""
+
+    def __init__(self, scale_in_place: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+        self.scale_in_place = scale_in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        if self.scale_in_place:
+            z.mul_(2)
+        return self.out(self.bn(z))
+
+
+@pytest.mark.parametrize("scale_in_place", [False, True])
+def test_a_tensor_reaching_two_rows_gives_each_its_own_values(scale_in_place: bool) -> None:
+    """The probe reduces a tensor once when it reaches several rows; a tensor modified in place
+    in between must be reduced again. Checked against values recomputed independently."""
+    torch.manual_seed(0)
+    model = SharedTensors(scale_in_place)
+    report = probe(model, (32, 6))
+    by_name = {r.name: r for r in report.layers}
+    fc_row, bn_input = by_name["fc"].output, by_name["bn"].input
+    assert bn_input is not None
+    factor = 2.0 if scale_in_place else 1.0
+    # fc's own row is measured before the in-place scaling; bn sees the scaled tensor.
+    assert bn_input.mean == pytest.approx(factor * fc_row.mean, rel=1e-5, abs=1e-7)
+    assert bn_input.var == pytest.approx(factor ** 2 * fc_row.var, rel=1e-5)
+    assert bn_input.max == pytest.approx(factor * fc_row.max, rel=1e-6)

@@ -70,8 +70,8 @@ def inspect(
         "--saturation-cutoff", help="Saturated = local derivative below this fraction of its maximum.",
         rich_help_panel="Probe")] = DEFAULT_SATURATION_CUTOFF,
     memory_budget: Annotated[str | None, typer.Option(
-        "--memory-budget", help="Refuse a probe estimated to need more memory than this (e.g. 4GiB), and say "
-        "which --batch-size/--batches split fits.", rich_help_panel="Probe")] = None,
+        "--memory-budget", help="Keep the probe within this much memory (e.g. 4GiB): a batch estimated to "
+        "need more runs in micro-batches that fit (statistics merge exactly).", rich_help_panel="Probe")] = None,
     seq_len: Annotated[int | None, typer.Option(
         "--seq-len", min=1, help="Sequence length of synthesised token inputs (transformers models; default 16).",
         rich_help_panel="Probe")] = None,

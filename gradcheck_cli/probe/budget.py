@@ -1,5 +1,6 @@
-"""The probe's memory, estimated before it runs, and a refusal (with a micro-batch size that fits)
-when it exceeds the memory available or the user's ``--memory-budget``.
+"""The probe's memory, estimated before it runs: a probe that exceeds the memory available or the
+user's ``--memory-budget`` is split into micro-batches that fit (statistics merge exactly), and
+refused, saying so, when even one sample does not fit.
 
 The estimate is deliberately simple and errs high:
 
@@ -168,16 +169,17 @@ def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
-def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None,
-                        total_samples: int | None = None) -> None:
-    """Raise :class:`ProbeError` when the estimate exceeds ``budget`` (the user's) or ``available``
-    (the machine's), with the micro-batch size that would fit. None for either means no limit."""
+def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None,
+                          available: int | None = None) -> int | None:
+    """None when the estimate fits ``budget`` (the user's) and ``available`` (the machine's);
+    else the largest micro-batch size that does. Raises :class:`ProbeError` when not even one
+    sample fits. None for either limit means no limit."""
     limits = [(v, what) for v, what in ((budget, "--memory-budget"), (available, "available memory")) if v is not None]
     if not limits:
-        return
+        return None
     limit, what = min(limits)
     if estimate.total <= limit:
-        return
+        return None
     need = f"the probe needs about {_human(estimate.total)} for a micro-batch of {estimate.batch_size}"
     if estimate.fixed >= limit:
         raise ProbeError(f"{need}; the weights and their gradients alone take {_human(estimate.fixed)}, more "
@@ -188,8 +190,26 @@ def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, 
         raise ProbeError(f"{need}; even a micro-batch of 1 needs about "
                          f"{_human(estimate.fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
                          hint="run on a machine with more memory, or raise --memory-budget")
+    return int(fits)
+
+
+def over_limit(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None) -> str:
+    """Which limit the estimate exceeds, in words, for the note that says why the probe split."""
+    limits = [(v, what) for v, what in ((budget, "--memory-budget"), (available, "available memory")) if v is not None]
+    limit, what = min(limits)
+    return (f"about {_human(estimate.total)} for a micro-batch of {estimate.batch_size}, more than the "
+            f"{_human(limit)} of {what}")
+
+
+def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None,
+                        total_samples: int | None = None) -> None:
+    """Raise :class:`ProbeError` when the estimate exceeds ``budget`` or ``available``, with the
+    micro-batch split that would fit (for callers that cannot split by themselves)."""
+    fits = micro_batch_that_fits(estimate, budget=budget, available=available)
+    if fits is None:
+        return
     samples = total_samples or estimate.batch_size
-    raise ProbeError(f"{need}, more than the {_human(limit)} of {what}",
+    raise ProbeError(f"the probe needs {over_limit(estimate, budget=budget, available=available)}",
                      hint=f"micro-batch it: --batch-size {fits} --batches {math.ceil(samples / fits)} "
                      "(statistics are merged exactly)")
 

@@ -110,8 +110,7 @@ class EagerInstrument:
                         path, RecurrentUnroller(module, kind_name, self.recorder.saturation_cutoff))
                     handles.append(module.register_forward_hook(unroller))
                 handles.append(module.register_forward_hook(self._pop(path, module)))
-            with _ActivationMode(self):
-                yield
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -155,13 +154,10 @@ class EagerInstrument:
                 self.channel_first = is_channel_first(kind_name)
             if direct:
                 self.row_params.setdefault(name, direct)
-            self.recording = True
-            try:
+            with self._recording():
                 self.recorder.record_output(row, tensor)
                 if norm and args and isinstance(args[0], torch.Tensor):
                     self.recorder.record_input(row, args[0])
-            finally:
-                self.recording = False
 
         return hook
 
@@ -187,11 +183,8 @@ class EagerInstrument:
         row = self.recorder.row(name, type=function_name(func) or fn, kind=RowKind.ACTIVATION,
                                 module=path, fn=fn, fn_params=call_parameters(fn, func, args, kwargs),
                                 channel_first=self.channel_first)
-        self.recording = True
-        try:
+        with self._recording():
             self.recorder.record_output(row, tensor)
-        finally:
-            self.recording = False
 
     def _record_attention(self, func: Any, probs: torch.Tensor, result: Any) -> None:
         path = self.stack[-1][0] if self.stack else ""
@@ -201,15 +194,28 @@ class EagerInstrument:
         name = self.calls.name(function_row_name(path, "attention"))
         row = self.recorder.row(name, type=function_name(func) or "attention", kind=RowKind.ACTIVATION,
                                 module=path, fn="attention")
-        self.recording = True
-        try:
+        with self._recording():
             self.recorder.record_output(row, tensor)
             self.recorder.record_attention(row, probs)
+
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[None]:
+        """The statistics' own tensor operations are not the model's: keep them out of the
+        function mode, which would otherwise see (and pay Python dispatch for) every one."""
+        import torch
+
+        self.recording = True
+        try:
+            with torch._C.DisableTorchFunction():
+                yield
         finally:
             self.recording = False
 
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self.model(*args, **kwargs)
+        # The function mode spans the forward only: loss, backward and gradient hooks run
+        # without it, so they pay no Python dispatch per tensor operation.
+        with _ActivationMode(self):
+            return self.model(*args, **kwargs)
 
 
 def is_block(module: nn.Module, parent: nn.Module | None) -> bool:

@@ -9,6 +9,7 @@ moves every row's numbers in one transfer.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,15 @@ class Row:
     attention_keys: int = 0
 
 
+def _measured(output: torch.Tensor) -> torch.Tensor:
+    """The values statistics are computed on: detached, and float32 for half precision (whose
+    sums would overflow or round away)."""
+    import torch
+
+    y = output.detach()
+    return y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+
+
 def cpu_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(variance, mean) from a sum and a norm: two vectorised passes instead of CPU Welford's one
     slow pass (about 8x slower per element on this kind of machine).
@@ -99,8 +109,40 @@ def unit_extremes(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tenso
     leading = 1
     for size in y.shape[:axis]:
         leading *= size
-    blocks = y.reshape(leading, units, -1)
+    trailing = y.numel() // max(leading * units, 1)
+    if trailing == 1:  # units on the last axis (sequences, features): a column reduction, one pass
+        rows = y.reshape(leading, units)
+        return rows.amin(dim=0), rows.amax(dim=0)
+    blocks = y.reshape(leading, units, trailing)
+    if leading == 1:
+        return blocks[0].amin(dim=1), blocks[0].amax(dim=1)
     return blocks.amin(dim=2).amin(dim=0), blocks.amax(dim=2).amax(dim=0)
+
+
+@dataclass
+class _Reduced:
+    """One tensor's statistics for one micro-batch, shared by every row the tensor reaches."""
+
+    source: weakref.ref[torch.Tensor]
+    version: int
+    vector: torch.Tensor  # float64: count, mean, M2, min, max, NaN count, Inf count
+    n_nan: torch.Tensor | None  # None when known to be zero
+    per_unit: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    histogram: torch.Tensor | None = None
+    _padded: torch.Tensor | None = None
+
+    @property
+    def with_no_saturation(self) -> torch.Tensor:
+        if self._padded is None:
+            self._padded = torch_cat_zero(self.vector)
+        return self._padded
+
+
+def torch_cat_zero(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` with a zero saturation count appended."""
+    import torch
+
+    return torch.cat([vector, vector.new_zeros(1)])
 
 
 class Recorder:
@@ -111,6 +153,10 @@ class Recorder:
         self.rows: dict[str, Row] = {}
         self.histograms = histograms
         self._edges: dict[torch.device, torch.Tensor] = {}
+        # Per micro-batch, keyed by id() of the tensor (checked against a weak reference and the
+        # tensor's in-place version counter before any reuse).
+        self._reduced: dict[int, _Reduced] = {}
+        self._watched: dict[int, tuple[weakref.ref[torch.Tensor], int, list[Row]]] = {}
 
     def _histogram(self, flat: torch.Tensor, n_nan: torch.Tensor | None) -> torch.Tensor:
         """Counts per fixed bin (see stats.histogram_edges); NaN is counted apart, never binned."""
@@ -168,49 +214,90 @@ class Recorder:
         if output.numel() == 0:
             row.skip_reason = "the output is empty"
             return
+        row.shape = tuple(output.shape)
+        row.seen_output = True
+        axis = None
+        if row.fn in RELU_FAMILY and output.dim() >= 1:
+            row.axis = axis = unit_axis(tuple(output.shape), row.channel_first)
         with torch.no_grad():
-            y = output.detach()
-            if y.dtype in (torch.float16, torch.bfloat16):
-                y = y.float()  # accumulate half-precision statistics in float32
-            row.shape = tuple(output.shape)
-            row.seen_output = True
-            on_cpu = y.device.type == "cpu"
-            var, mean = cpu_moments(y) if on_cpu else torch.var_mean(y, correction=0)
-            per_unit: tuple[torch.Tensor, torch.Tensor] | None = None
-            if row.fn in RELU_FAMILY and y.dim() >= 1:
-                row.axis = unit_axis(tuple(y.shape), row.channel_first)
-                per_unit = unit_extremes(y, row.axis)
-                low, high = per_unit[0].min(), per_unit[1].max()
-            else:
-                low, high = torch.aminmax(y)
-            if on_cpu and bool(torch.isfinite(low) & torch.isfinite(high)):
-                # Finite extremes mean every element is finite (NaN propagates through min/max), and
-                # on the CPU reading them costs no device synchronisation: skip the NaN/Inf passes.
-                n_nan = n_inf = torch.zeros((), dtype=torch.int64)
-            else:
-                # On an accelerator, counting costs two cheap passes but no synchronisation.
-                n_nan = torch.isnan(y).sum()
-                n_inf = torch.isinf(y).sum()
-            n_finite = y.numel() - n_nan - n_inf
+            y = _measured(output)
+            reduced = self._reduced_of(output, y, axis)
             if row.fn in SATURATING:
                 saturated = saturated_mask(row.fn, y, self.saturation_cutoff, row.fn_params).sum()
+                row.pending.append(torch.cat([reduced.vector, saturated.to(torch.float64).reshape(1)]))
             else:
-                saturated = torch.zeros((), dtype=torch.int64, device=y.device)
-            row.pending.append(torch.stack([
-                t.to(device=y.device, dtype=torch.float64)
-                for t in (n_finite, mean, var * y.numel(), low, high, n_nan, n_inf, saturated)
-            ]))
+                row.pending.append(reduced.with_no_saturation)
             if self.histograms:
-                counts = self._histogram(y.reshape(-1), n_nan)
-                row.hist_output = counts if row.hist_output is None else row.hist_output + counts
-            if per_unit is not None:
-                nonzero = (per_unit[0] != 0) | (per_unit[1] != 0)
+                if reduced.histogram is None:
+                    reduced.histogram = self._histogram(y.reshape(-1), reduced.n_nan)
+                row.hist_output = (reduced.histogram if row.hist_output is None
+                                   else row.hist_output + reduced.histogram)
+            if axis is not None:
+                low, high = reduced.per_unit[axis]
+                nonzero = (low != 0) | (high != 0)
                 row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
         if gradient and output.requires_grad:
             row.wants_grad = True
-            output.register_hook(self._grad_hook(row))
+            self._watch_gradient(row, output)
+
+    def _reduced_of(self, output: torch.Tensor, y: torch.Tensor, axis: int | None) -> _Reduced:
+        """The statistics of ``output``, computed once per tensor and micro-batch: the same tensor
+        often reaches several rows (a convolution's output is the next BatchNorm's input; a
+        transformer block returns its last LayerNorm's output), and is reduced for the first only.
+        Only the small results are kept: a reference to the tensor would keep it alive.
+        """
+        cached = self._reduced.get(id(output))
+        if cached is not None and (cached.source() is not output or cached.version != output._version):
+            cached = None  # the id was reused, or the tensor was modified in place since
+        if cached is None:
+            cached = self._reduce(output, y, axis)
+            self._reduced[id(output)] = cached
+        elif axis is not None and axis not in cached.per_unit:
+            cached.per_unit[axis] = unit_extremes(y, axis)
+        return cached
+
+    def _reduce(self, output: torch.Tensor, y: torch.Tensor, axis: int | None) -> _Reduced:
+        import torch
+
+        on_cpu = y.device.type == "cpu"
+        var, mean = cpu_moments(y) if on_cpu else torch.var_mean(y, correction=0)
+        per_unit = {}
+        if axis is not None:
+            # The tensor's own extremes follow from the per-unit ones: no separate min/max pass.
+            per_unit[axis] = unit_extremes(y, axis)
+            low, high = per_unit[axis][0].min(), per_unit[axis][1].max()
+        else:
+            low, high = torch.aminmax(y)
+        n_nan: torch.Tensor | None
+        if on_cpu and bool(torch.isfinite(low) & torch.isfinite(high)):
+            # Finite extremes mean every element is finite (NaN propagates through min/max), and
+            # on the CPU reading them costs no device synchronisation: skip the NaN/Inf passes.
+            n_nan = None
+            counts = torch.tensor([y.numel(), 0, 0], dtype=torch.float64)
+        else:
+            # On an accelerator, counting costs two cheap passes but no synchronisation.
+            n_nan = torch.isnan(y).sum()
+            n_inf = torch.isinf(y).sum()
+            counts = torch.stack([y.numel() - n_nan - n_inf, n_nan, n_inf]).to(torch.float64)
+        moments = torch.stack([mean, var * y.numel(), low, high]).to(torch.float64)
+        vector = torch.cat([counts[:1], moments, counts[1:]])
+        return _Reduced(source=weakref.ref(output), version=output._version, vector=vector, n_nan=n_nan,
+                        per_unit=per_unit)
+
+    def _watch_gradient(self, row: Row, output: torch.Tensor) -> None:
+        """One gradient hook per tensor, whichever rows share it: its norm is computed once."""
+        watched = self._watched.get(id(output))
+        if watched is not None and watched[0]() is output and watched[1] == output._version:
+            watched[2].append(row)
+            return
+        rows = [row]
+        self._watched[id(output)] = (weakref.ref(output), output._version, rows)
+        output.register_hook(self._grad_hook_for(rows))
 
     def _grad_hook(self, row: Row) -> object:
+        return self._grad_hook_for([row])
+
+    def _grad_hook_for(self, rows: list[Row]) -> object:
         import torch
 
         def hook(grad: torch.Tensor) -> None:
@@ -218,11 +305,15 @@ class Recorder:
                 g = grad.detach()
                 # A single fused pass; float32 accumulation is exact enough for a norm.
                 norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype != torch.float64 else None)
-                row.pending_grad.append(norm.to(torch.float64) ** 2)
+                sumsq = norm.to(torch.float64) ** 2
+                counts = None
                 if self.histograms:
                     flat = g.reshape(-1)
                     counts = self._histogram(flat, torch.isnan(flat).sum())
-                    row.hist_grad = counts if row.hist_grad is None else row.hist_grad + counts
+                for row in rows:
+                    row.pending_grad.append(sumsq)
+                    if counts is not None:
+                        row.hist_grad = counts if row.hist_grad is None else row.hist_grad + counts
 
         return hook
 
@@ -230,6 +321,8 @@ class Recorder:
         """Move this micro-batch's numbers to the host in one transfer and merge them."""
         import torch
 
+        self._reduced.clear()
+        self._watched.clear()
         vectors: list[torch.Tensor] = []
         owners: list[tuple[Row, str]] = []
         rows = list(self.rows.values())

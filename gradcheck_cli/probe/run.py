@@ -8,6 +8,7 @@ and restored in ``finally``, so probing a model a caller still holds leaves it a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,12 +54,14 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     device = resolve_device(options.device)
     inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
-    _check_memory(loaded.module, inputs, options)
+    inputs, split_note = _fit_memory(loaded.module, inputs, options)
     if not any(p.dtype.is_floating_point for p in loaded.module.parameters()):
         raise ProbeError("the model has no floating-point parameters, so its output does not depend on any "
                          "parameter: there is no gradient to measure",
                          hint="probe a model with trainable layers (a bare activation has nothing to train)")
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
+    if split_note:
+        notes.append(split_note)
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
         GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
@@ -144,15 +147,30 @@ def _any_input_gradient(tensors: list[torch.Tensor]) -> bool:
     return any(t.grad is not None and bool(t.grad.ne(0).any()) for t in tensors)
 
 
-def _check_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -> None:
-    """Refuse before running a probe that will not fit (THEORY of the estimate: probe/budget.py)."""
-    from gradcheck_cli.probe.budget import available_memory, check_memory_budget, estimate_probe_memory
+def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -> tuple[ProbeInputs, str | None]:
+    """The inputs, split into smaller micro-batches when one would not fit the memory available or
+    the user's budget (the estimate: probe/budget.py), with the note that says so; a probe that
+    cannot fit even one sample is refused before it runs."""
+    from gradcheck_cli.probe.budget import available_memory, estimate_probe_memory, micro_batch_that_fits, over_limit
 
     first = inputs.batches[0]
-    # The one-sample forward that sizes activations costs a little; pay it when a budget is set.
-    estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=options.memory_budget is not None)
-    check_memory_budget(estimate, budget=options.memory_budget, available=available_memory(options.device),
-                        total_samples=inputs.total)
+    available = available_memory(options.device)
+    # Sizing the activations costs a one-sample forward: pay it when a budget is set, or when the
+    # weights and inputs alone already take a good share of the memory there is.
+    estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=False)
+    if options.memory_budget is not None or (available is not None and 4 * estimate.total > available):
+        estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=True)
+    fits = micro_batch_that_fits(estimate, budget=options.memory_budget, available=available)
+    if fits is None or max(batch.size for batch in inputs.batches) <= fits:
+        return inputs, None
+    batches = [ProbeBatch(tuple(a[start:start + fits] for a in batch.args),
+                          {k: v[start:start + fits] for k, v in batch.kwargs.items()})
+               for batch in inputs.batches for start in range(0, batch.size, fits)]
+    note = (f"split into {len(batches)} micro-batches of at most {fits} samples to fit memory: the probe needs "
+            f"{over_limit(estimate, budget=options.memory_budget, available=available)}; statistics are merged "
+            "exactly" + (" (BatchNorm in train mode normalises each micro-batch with its own statistics)"
+                         if options.mode is Mode.TRAIN else ""))
+    return dataclasses.replace(inputs, batches=batches, batch_size=fits), note
 
 
 def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:
