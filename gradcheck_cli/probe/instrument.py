@@ -261,14 +261,20 @@ def attention_probabilities(func: Any, args: tuple[Any, ...], kwargs: dict[str, 
         q, k = query.detach(), key.detach()
         if k.shape[-3] != q.shape[-3] and q.dim() == 4:  # grouped-query attention
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        # Scaling the queries (D per row) costs less than scaling the scores (K per row); the
+        # scores are a fresh tensor, so the masks and the softmax work in place.
+        q = q * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        scores = (q @ k.transpose(-2, -1)).float()
         if causal:
             keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
+            scores.masked_fill_(~keep, float("-inf"))
         if isinstance(mask, torch.Tensor):
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores.float(), dim=-1)
-        return torch.nan_to_num(probs, nan=0.0)  # a fully masked row attends to nothing
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, float("-inf"))
+            else:
+                scores += mask
+        probs = torch.softmax(scores, dim=-1)
+        return probs.nan_to_num_(nan=0.0)  # a fully masked row attends to nothing
 
 
 def _activation_mode_class() -> type:
