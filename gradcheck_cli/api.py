@@ -100,8 +100,11 @@ def inspect_model(loaded: LoadedModel, probe: ProbeOptions | None = None, *,
                   progress: Progress | None = None) -> Report:
     """Probe an already loaded model."""
     from gradcheck_cli.probe.run import run_probe
+    from gradcheck_cli.threads import probe_threads
 
-    return run_probe(loaded, probe or ProbeOptions(), progress=progress)
+    probe = probe or ProbeOptions()
+    with probe_threads(loaded.module, _device_type(probe.device)):
+        return run_probe(loaded, probe, progress=progress)
 
 
 def inspect_module(module: nn.Module, probe: ProbeOptions | None = None, *, name: str = "<module>",
@@ -109,10 +112,14 @@ def inspect_module(module: nn.Module, probe: ProbeOptions | None = None, *, name
     """Probe an in-memory ``nn.Module``; its mode, gradients and buffers are restored afterwards."""
     from gradcheck_cli.model.formats import ModelFormat
     from gradcheck_cli.model.handle import LoadedModel
-    from gradcheck_cli.probe.run import run_probe
 
     loaded = LoadedModel(path=Path(name), format=ModelFormat.TORCH_ZIP, module=module)
-    return run_probe(loaded, probe or ProbeOptions(), progress=progress)
+    return inspect_model(loaded, probe, progress=progress)
+
+
+def _device_type(device: str) -> str:
+    """'cuda' for 'cuda:1': enough to choose thread counts; run_probe validates the device itself."""
+    return device.split(":", 1)[0].strip().lower()
 
 
 def check_finite_weights(loaded: LoadedModel) -> None:

@@ -262,3 +262,22 @@ def test_table_rendering_shows_reasons_and_failures() -> None:
     assert data["summary"] == {"folded": 1, "skipped": 1, "verified": False}
     assert data["entries"][1]["reason"].startswith("the output of Conv")
     assert data["written"] is None
+
+
+@pytest.mark.parametrize("extra, samples", [((), 2), (("--batch-size", "3"), 3)])
+def test_verification_batch_defaults_to_two_samples(cli: Any, models: dict[str, Path], extra: tuple[str, ...],
+                                                     samples: int) -> None:
+    # Without --batch-size, fold-bn verifies on VERIFY_BATCH_SIZE samples (not the probe's 8);
+    # an explicit size wins. The .pt2 keeps its own example batch (an export may fix it).
+    from gradcheck_cli.rewrite.fold import VERIFY_BATCH_SIZE
+
+    assert VERIFY_BATCH_SIZE == 2
+    for source, args in ((models["onnx"], ()), (models["state_dict"], ("--arch", f"{models['arch']}:build"))):
+        code, stdout, _ = cli("fold-bn", source, "--dry-run", "--report", "json", *args, *extra)
+        assert code == 0, stdout
+        assert json.loads(stdout)["verification"]["samples"] == samples, source
+    if not extra:  # a .pt2 keeps its own example batch (3 here), whatever the default
+        pt2 = models["pt2"].with_name("batch3.pt2")
+        torch.export.save(torch.export.export(build_model().eval(), (torch.randn(3, 3, 8, 8),)), str(pt2))
+        code, stdout, _ = cli("fold-bn", pt2, "--dry-run", "--report", "json")
+        assert code == 0 and json.loads(stdout)["verification"]["samples"] == 3

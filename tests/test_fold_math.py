@@ -143,3 +143,35 @@ def test_identity_running_var_makes_batch_norm_exactly_the_identity(eps: float, 
     running_var = torch.full((3,), var, dtype=dtype)
     out = F.batch_norm(x, torch.zeros(3, dtype=dtype), running_var, None, None, False, 0.0, eps)
     assert torch.equal(out, x)
+
+
+def test_numpy_and_torch_inputs_give_the_same_bits() -> None:
+    # The ONNX pass hands numpy arrays, the torch pass tensors: one computation for both.
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 3, 3, 3, generator=g)
+    b = torch.randn(6, generator=g)
+    bn = {k: v.float() if v is not None else None for k, v in random_bn(6, g).items()}
+    affine_t = bn_affine(eps=1e-5, **bn)  # type: ignore[arg-type]
+    affine_n = bn_affine(eps=1e-5, **{k: v.numpy() for k, v in bn.items() if v is not None})
+    assert np.array_equal(affine_t.scale, affine_n.scale) and np.array_equal(affine_t.shift, affine_n.shift)
+    tw, tb = fold_after(w, b, affine_t, kind=LayerKind.CONV)
+    nw, nb = fold_after(w.numpy(), b.numpy(), affine_n, kind=LayerKind.CONV)
+    assert isinstance(tw, torch.Tensor) and isinstance(nw, np.ndarray)
+    assert np.array_equal(tw.numpy(), nw) and np.array_equal(tb.numpy(), nb)
+    # Known answer: the exact float64 product, rounded once to float32.
+    expected = (w.double() * torch.from_numpy(affine_t.scale).reshape(-1, 1, 1, 1)).float()
+    assert torch.equal(tw, expected)
+
+
+def test_bfloat16_weights_are_rounded_once_from_float64() -> None:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 2, 3, 3, generator=g).to(torch.bfloat16)
+    affine = bn_affine(running_mean=torch.randn(4, generator=g), running_var=torch.rand(4, generator=g) + 0.5,
+                       eps=1e-5)
+    new_w, new_b = fold_after(w, None, affine, kind=LayerKind.CONV)
+    assert new_w.dtype == torch.bfloat16 and new_b.dtype == torch.bfloat16
+    expected = (w.double() * torch.from_numpy(affine.scale).reshape(-1, 1, 1, 1)).to(torch.bfloat16)
+    assert torch.equal(new_w, expected)
+    assert torch.equal(new_b, torch.from_numpy(affine.shift).to(torch.bfloat16))

@@ -361,3 +361,38 @@ def test_torchvision_exported_with_bn_preserved(tmp_path: Path, name: str) -> No
     # Every BatchNorm in these networks follows a Conv whose output has no other reader.
     result = check_folded(exported, np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32))
     assert all(e.folded for e in result.entries) and len(result.entries) == batchnorms
+
+
+def test_onnx_fold_command_never_imports_torch(tmp_path: Path) -> None:
+    # The maths is numpy's on the ONNX path: `import torch` alone costs seconds on a small machine.
+    import subprocess
+    import sys
+
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model([conv, bn_node("bn", "c", "y")],
+                       [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
+                       [1, 3, 6, 6], [1, 4, 6, 6])
+    source, out = tmp_path / "m.onnx", tmp_path / "folded.onnx"
+    onnx.save(model, str(source))
+    script = ("import sys\nfrom pathlib import Path\nfrom gradcheck_cli.rewrite.fold import fold_batchnorm\n"
+              f"report = fold_batchnorm(Path({str(source)!r}), out=Path({str(out)!r}))\n"
+              "assert report.verification.passed and report.written, report\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert count_batchnorms(onnx_model_from_path(out)) == 0
+
+
+def test_shape_inference_runs_only_for_folds_that_need_ranks() -> None:
+    from gradcheck_cli.rewrite.onnx_fold import _GraphFolder
+
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
+    model = make_model([conv, bn_node("bn", "c", "y")],
+                       [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
+                       [1, 3, 6, 6], [1, 4, 4, 4])
+    folder = _GraphFolder(model)
+    entries = folder.run(affine_standalone=False)
+    assert [e.folded for e in entries] == [True]
+    assert folder._rank_cache is None  # a Conv fold never asks for ranks
+    assert folder.ranks["x"] == 4 and folder._rank_cache is not None  # ...and computed on first ask

@@ -401,3 +401,24 @@ def test_structure_folding_twice_reports_already_folded_and_changes_nothing() ->
     assert all("already folded" in (e.reason or "") for e in twice.entries)
     first, second = once.module.state_dict(), twice.module.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_graph_fold_shares_only_the_unchanged_parameters_with_the_input() -> None:
+    # The graph pass copies the module but not its parameters: folded layers get new tensors,
+    # the rest are the input's own objects, and the input keeps every value.
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Flatten(), nn.Linear(4 * 36, 5)))
+    before = state_of(model)
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_torch_module(model, example_args=(x,))
+    folded = dict(result.module.named_parameters())
+    assert folded["4.weight"] is model[4].weight and folded["4.bias"] is model[4].bias
+    assert folded["0.weight"] is not model[0].weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert_same_function(model, result.module, x)
+    # Structure output writes in place, so it works on copies of everything.
+    kept = fold_torch_module(model, example_args=(x,), keep_structure=True)
+    assert all(p is not q for p, q in zip(kept.module.parameters(), model.parameters(), strict=True))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

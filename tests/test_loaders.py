@@ -195,3 +195,68 @@ def test_best_key_prefix_prefers_the_match() -> None:
     assert best_key_prefix({"fc.weight": 0, "fc.bias": 0}, expected) == ""
     assert best_key_prefix({"module.fc.weight": 0, "module.fc.bias": 0}, expected) == "module."
     assert best_key_prefix({"net.model.fc.weight": 0, "net.model.fc.bias": 0}, expected) == "net.model."
+
+
+RANDOM_BUFFER_ARCH = '''
+import torch
+from torch import nn
+
+class WithProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        # Drawn in the constructor and never saved: skipping its fill would leave it unset.
+        self.register_buffer("proj", torch.empty(6, 6).normal_(), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x @ self.proj)
+
+def build():
+    return WithProjection()
+
+def build_plain():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
+'''
+
+
+def test_arch_for_weights_skips_the_random_init_the_state_dict_replaces(tmp_path: Path) -> None:
+    from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
+
+    arch = tmp_path / "random_arch.py"
+    arch.write_text(RANDOM_BUFFER_ARCH)
+    torch.manual_seed(0)
+    reference = build_arch(f"{arch}:build_plain", {})
+    state = torch.random.get_rng_state()
+    skipped = build_arch_for_weights(f"{arch}:build_plain", {})
+    # Known answer: no random number was drawn (every fill was skipped) ...
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # ... and after a strict load the module is exactly the reference.
+    skipped.load_state_dict(reference.state_dict(), strict=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(skipped.state_dict()[key], value), key
+
+
+def test_arch_for_weights_builds_normally_when_a_fill_is_not_in_the_state_dict(tmp_path: Path) -> None:
+    from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
+
+    arch = tmp_path / "random_arch.py"
+    arch.write_text(RANDOM_BUFFER_ARCH)
+    torch.manual_seed(1)
+    reference = build_arch(f"{arch}:build", {})
+    torch.manual_seed(1)
+    module = build_arch_for_weights(f"{arch}:build", {})
+    assert torch.equal(module.proj, reference.proj)  # the non-persistent draw is the ordinary one
+    assert torch.equal(module.fc.weight, reference.fc.weight)
+
+
+def test_strict_state_dict_load_matches_the_file_bit_for_bit(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pt"
+    torch.save(model.state_dict(), path)
+    loaded = model_from_path(path, arch="torchvision:resnet18")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key

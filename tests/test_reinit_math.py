@@ -224,3 +224,30 @@ def test_layer_rng_is_keyed_by_seed_and_name() -> None:
     assert np.array_equal(a, layer_rng(0, "fc1.weight").standard_normal(8))
     assert not np.array_equal(a, layer_rng(0, "fc2.weight").standard_normal(8))
     assert not np.array_equal(a, layer_rng(1, "fc1.weight").standard_normal(8))
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (64, 64), (9, 1)])
+def test_orthonormal_columns_is_the_sign_corrected_householder_q(shape: tuple[int, int]) -> None:
+    from gradcheck_cli.rewrite.init_math import orthonormal_columns
+
+    a = np.random.default_rng(5).standard_normal(shape)
+    q = orthonormal_columns(a)
+    householder, r = np.linalg.qr(a)
+    householder = householder * np.sign(np.diag(r))
+    assert np.allclose(q, householder, atol=1e-12)
+    assert np.allclose(q.T @ q, np.eye(shape[1]), atol=1e-13)
+
+
+def test_orthonormal_columns_falls_back_on_ill_conditioned_input() -> None:
+    # cond ~1e10: Cholesky QR twice cannot orthonormalise it (cond² overflows float64's precision),
+    # so the Householder result must come back, still orthonormal.
+    from gradcheck_cli.rewrite.init_math import orthonormal_columns
+
+    rng = np.random.default_rng(6)
+    u, _ = np.linalg.qr(rng.standard_normal((50, 8)))
+    v, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    a = u @ np.diag(np.logspace(0, -10, 8)) @ v.T
+    q = orthonormal_columns(a)
+    assert np.allclose(q.T @ q, np.eye(8), atol=1e-12)
+    householder, r = np.linalg.qr(a)
+    assert np.allclose(q, householder * np.sign(np.diag(r)), atol=1e-6)

@@ -351,3 +351,61 @@ def test_dead_relu_units_come_back() -> None:
     assert dead(model) >= 40
     result = reinit_module(model, [ProbeBatch((x,))], options=ReinitOptions())
     assert dead(result.module) == 0
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+def test_lsuv_in_one_pass_is_the_truncated_forward_loop(model_kind: str) -> None:
+    # Cross-check: the single-pass LSUV must give exactly what re-running the model up to each
+    # layer gives (same variances, same number of rescales, same final weights bit for bit).
+    import copy
+
+    from gradcheck_cli.rewrite.torch_reinit import _lsuv_by_truncated_forwards, _lsuv_in_one_pass, _tensors_by_name
+
+    torch.manual_seed(0)
+    if model_kind == "mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(),
+                                         nn.Linear(64, 10))
+        probe = batch(64, 32)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+        probe = batch(16, 3, 8, 8)
+    start = reinit_module(model, probe, options=ReinitOptions(scheme=Scheme.ORTHOGONAL)).module
+    weights = [name for name, p in start.named_parameters() if p.dim() > 1]
+    options = ReinitOptions(scheme=Scheme.LSUV)
+    one, loop = copy.deepcopy(start), copy.deepcopy(start)
+    in_one_pass = _lsuv_in_one_pass(one, probe, weights, _tensors_by_name(one), options)
+    loop_params = _tensors_by_name(loop)
+    by_loop = {name: _lsuv_by_truncated_forwards(loop, probe, name, loop_params[name], options) for name in weights}
+    assert in_one_pass == by_loop
+    assert any(rescales >= 1 for _, _, rescales in in_one_pass.values())  # something was rescaled
+    for key, value in loop.state_dict().items():
+        assert same_bits(one.state_dict()[key], value), key
+
+
+def test_probes_reuse_the_inferred_input_shapes(tmp_path: Any) -> None:
+    # reinit builds the probe inputs once; the before/after probes then get the shapes written in
+    # (no trial forward each) only where that rebuilds the very same tensors.
+    from pathlib import Path
+
+    from gradcheck_cli.model.formats import ModelFormat
+    from gradcheck_cli.model.handle import LoadedModel
+    from gradcheck_cli.model.torch_load import resolve_device
+    from gradcheck_cli.probe.batch import InputOptions, probe_inputs
+    from gradcheck_cli.probe.options import ProbeOptions
+    from gradcheck_cli.rewrite.reinit import _with_known_shapes
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 32, 32))
+    loaded = LoadedModel(path=Path("m.pt"), format=ModelFormat.TORCH_ZIP, module=model)
+    probe = ProbeOptions(inputs=InputOptions(batch_size=3, seed=7))
+    inputs = probe_inputs(model, probe.inputs, device=resolve_device("cpu"))
+    known = _with_known_shapes(loaded, probe, inputs)
+    assert known.inputs.input_shapes == ((3, 3, 32, 32),)
+    again = probe_inputs(model, known.inputs, device=resolve_device("cpu"))
+    assert torch.equal(again.batches[0].args[0], inputs.batches[0].args[0]) and again.specs == inputs.specs
+    # An integer-input model (embedding): shapes alone would synthesise floats, so nothing changes.
+    embed = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(64, 2))
+    loaded_embed = LoadedModel(path=Path("e.pt"), format=ModelFormat.TORCH_ZIP, module=embed)
+    embed_inputs = probe_inputs(embed, probe.inputs, device=resolve_device("cpu"))
+    assert _with_known_shapes(loaded_embed, probe, embed_inputs) is probe

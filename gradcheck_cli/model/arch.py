@@ -8,17 +8,20 @@ import it: only point it at code you trust.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import LoadError, MissingDependencyError, UsageError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -37,6 +40,81 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
 
 def build_arch(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiate the module that ``spec`` names, with ``kwargs``."""
+    return _build(spec, kwargs)
+
+
+def build_arch_for_weights(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """:func:`build_arch` for a module whose every parameter and persistent buffer is about to be
+    overwritten from a state_dict (strict loading): the random initialisation is skipped.
+
+    ResNet-50's constructor spends most of its time drawing 25M random numbers that the
+    checkpoint then replaces. Here the in-place random fills of ``torch.nn.init`` and of tensors
+    (``uniform_``, ``normal_``, ...) are skipped while the constructor runs, leaving the tensors
+    as allocated (even a ``zero_()`` costs as much: the time is the first touch of fresh memory,
+    which loading the state_dict then pays once). That is only right if every tensor so skipped
+    is one the state_dict overwrites whole; when any is not (a non-persistent random buffer, a
+    fill through a view), the module is built again the ordinary way, from the same random state.
+    A constructor that computes something from its freshly drawn weights would compute it from
+    unset memory instead; the result was meaningless for loaded weights either way.
+    """
+    import torch
+
+    state = torch.random.get_rng_state()
+    filled: list[torch.Tensor] = []
+    with _random_fills_skipped(filled):
+        module = _build(spec, kwargs)
+    if _all_overwritten_by_state_dict(module, filled):
+        return module
+    torch.random.set_rng_state(state)
+    return _build(spec, kwargs)
+
+
+# In-place random fills: the torch.nn.init functions (which dispatch through __torch_function__
+# themselves) and the Tensor methods they and hand-written initialisers call.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_")
+_TENSOR_FILLS = ("uniform_", "normal_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+                 "bernoulli_")
+
+
+@contextlib.contextmanager
+def _random_fills_skipped(filled: list[torch.Tensor]) -> Iterator[None]:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    targets = {getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    targets |= {getattr(torch.Tensor, name) for name in _TENSOR_FILLS if hasattr(torch.Tensor, name)}
+
+    class SkipFills(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            # torch.nn.init passes the tensor by keyword when it dispatches to a mode.
+            tensor = args[0] if args else (kwargs or {}).get("tensor")
+            if func in targets and isinstance(tensor, torch.Tensor):
+                filled.append(tensor)  # left as allocated: loading the state_dict writes every byte
+                return tensor
+            return func(*args, **(kwargs or {}))
+
+    with SkipFills():
+        yield
+
+
+def _all_overwritten_by_state_dict(module: nn.Module, filled: list[torch.Tensor]) -> bool:
+    """Whether each skipped tensor's memory is exactly that of a state_dict entry (a strict load
+    copies into every byte of each entry, so nothing unset survives it)."""
+    whole: set[tuple[int, int]] = set()
+    for tensor in module.state_dict(keep_vars=True).values():
+        storage = tensor.untyped_storage()
+        if tensor.storage_offset() == 0 and tensor.is_contiguous() and \
+                tensor.numel() * tensor.element_size() == storage.nbytes():
+            whole.add((storage.data_ptr(), storage.nbytes()))
+    for tensor in filled:
+        storage = tensor.untyped_storage()
+        if (storage.data_ptr(), storage.nbytes()) not in whole:
+            return False
+    return True
+
+
+def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     from torch import nn
 
     factory = resolve_factory(spec)

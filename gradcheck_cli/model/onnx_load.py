@@ -31,10 +31,43 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise LoadError(
-            f"{path} could not be parsed as an ONNX model: {_first_line(exc)}",
-            hint="the file may be truncated, or not an ONNX model",
-        ) from exc
+        raise _parse_error(path, exc) from exc
+    _check_and_complete(model, path, load_external_data=load_external_data)
+    return model
+
+
+def onnx_model_and_bytes(path: Path) -> tuple[onnx.ModelProto, bytes | None]:
+    """The model (external data loaded) and, when the file holds all of it, the file's bytes.
+
+    The bytes are what was parsed, so they can go to onnxruntime as they are instead of a second
+    serialisation of the model (a full copy of every weight). None when the model keeps tensors in
+    side files: then only the loaded model is complete.
+    """
+    import onnx
+
+    try:
+        raw = path.read_bytes()
+        model = onnx.load_from_string(raw)
+    except OSError as exc:
+        raise LoadError(f"{path} could not be read: {exc.strerror or exc}", hint="check the path and "
+                        "its permissions") from exc
+    except Exception as exc:
+        raise _parse_error(path, exc) from exc
+    external = _check_and_complete(model, path, load_external_data=True)
+    return model, None if external else raw
+
+
+def _parse_error(path: Path, exc: BaseException) -> LoadError:
+    return LoadError(
+        f"{path} could not be parsed as an ONNX model: {_first_line(exc)}",
+        hint="the file may be truncated, or not an ONNX model",
+    )
+
+
+def _check_and_complete(model: onnx.ModelProto, path: Path, *, load_external_data: bool) -> bool:
+    """The load-time checks; loads external data if asked. Returns whether it had any."""
+    import onnx
+
     base = (path.parent if str(path.parent) else Path(".")).resolve()
     locations = external_data_locations(model)
     for location in locations:
@@ -64,7 +97,7 @@ def onnx_model_from_path(path: Path, *, load_external_data: bool = True) -> onnx
                 f"{path}: its external data could not be read: {_first_line(exc)}",
                 hint="the data file may be truncated or belong to another model",
             ) from exc
-    return model
+    return bool(locations)
 
 
 def _first_non_utf8_string(model: onnx.ModelProto) -> str | None:
@@ -253,20 +286,22 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def onnx_model_to_path(
-    model: onnx.ModelProto, out: Path, *, external_data: bool | None = None
+    model: onnx.ModelProto, out: Path, *, external_data: bool | None = None, serialized: bytes | None = None
 ) -> None:
     """Write ``model`` to ``out`` atomically; side data, if any, goes to ``<out name>.data``.
 
     ``external_data`` None means: use a side file only when the model is too large for one
     protobuf message. The caller's ``model`` is not modified (the external-data conversion
-    happens on a copy).
+    happens on a copy). ``serialized``: ``model.SerializeToString()`` when the caller already has
+    it (see :func:`serialized_or_none`), written as it is.
     """
     import onnx
 
-    use_external = model.ByteSize() > _PROTOBUF_LIMIT if external_data is None else external_data
+    use_external = (serialized is None and model.ByteSize() > _PROTOBUF_LIMIT) if external_data is None \
+        else external_data
     parent = out.parent if str(out.parent) else Path(".")
     if not use_external:
-        data = model.SerializeToString()
+        data = model.SerializeToString() if serialized is None else serialized
         with atomic_path(out) as tmp:
             tmp.write_bytes(data)
         return
@@ -305,8 +340,23 @@ def _write_external(staged: onnx.ModelProto, out: Path, parent: Path, data_name:
         os.replace(scratch / out.name, out)
 
 
-def check_onnx_model(model: onnx.ModelProto) -> str | None:
-    """Run ``onnx.checker`` with the full check (shape inference); None if it passes."""
+def serialized_or_none(model: onnx.ModelProto) -> bytes | None:
+    """``model.SerializeToString()``, or None when it is too large for one protobuf message.
+
+    Serialising a model copies every weight; callers that hand a model to the checker, to
+    onnxruntime and to the writer serialise it once with this and pass the bytes to each.
+    """
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        return None
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def check_onnx_model(model: onnx.ModelProto | bytes) -> str | None:
+    """Run ``onnx.checker`` with the full check (shape inference); None if it passes.
+
+    ``model`` may be the model's serialised bytes (see :func:`serialized_or_none`).
+    """
     import onnx
 
     try:

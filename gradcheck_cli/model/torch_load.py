@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import LoadError, UntrustedPickleError, UsageError
-from gradcheck_cli.model.arch import build_arch
+from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.model.handle import LoadedModel
 
@@ -384,7 +384,9 @@ def _with_arch(
                          f"{len(state_dict)} tensors, but no architecture",
                          hint="pass --arch MODULE:CALLABLE (e.g. --arch model.py:build or "
                          "--arch torchvision:resnet18) to build the model the weights belong to")
-    module = build_arch(arch, arch_kwargs or {})
+    # Strict loading overwrites every parameter and persistent buffer (or fails): no need to draw
+    # random initial values for them first.
+    module = build_arch_for_weights(arch, arch_kwargs or {}) if strict else build_arch(arch, arch_kwargs or {})
     prefix = best_key_prefix(state_dict, set(module.state_dict()))
     renamed = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     dropped = len(state_dict) - len(renamed)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from gradcheck_cli.onnx.ort_reduce import ValueType
+
 # Extra outputs held at once, per micro-batch: the bound on the statistics pass's extra memory.
 DEFAULT_GROUP_BUDGET_BYTES = 256 * 1024**2
 _ITEM_SIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
@@ -37,9 +39,12 @@ class OrtPass:
     groups: int
 
 
-def value_sizes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Bytes of every value whose shape inference resolves with the given input shapes."""
+def value_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, ValueType]:
+    """Element type and dimensions of every value shape inference can type, with the given
+    input shapes (empty when inference fails)."""
     import onnx
+
+    from gradcheck_cli.onnx.ort_reduce import ValueType
 
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
@@ -56,13 +61,25 @@ def value_sizes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         inferred = onnx.shape_inference.infer_shapes(concrete, strict_mode=False, data_prop=True)
     except Exception:
         return {}
-    sizes: dict[str, int] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+    types: dict[str, ValueType] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue
         tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        if tensor.HasField("shape") and all(d >= 0 for d in dims):
-            sizes[value.name] = math.prod(dims) * _ITEM_SIZE.get(tensor.elem_type, 4)
-    return sizes
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        types[value.name] = ValueType(tensor.elem_type, dims if tensor.HasField("shape") else None)
+    return types
+
+
+def sizes_of(types: dict[str, ValueType]) -> dict[str, int]:
+    """Bytes of every value whose dimensions are all known."""
+    return {name: math.prod(t.dims) * _ITEM_SIZE.get(t.elem_type, 4) for name, t in types.items()
+            if t.dims is not None and all(d >= 0 for d in t.dims)}
+
+
+def value_sizes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes of every value whose shape inference resolves with the given input shapes."""
+    return sizes_of(value_types(model, input_shapes))
 
 
 def output_groups(names: Sequence[str], sizes: dict[str, int], budget: int | None) -> list[list[str]]:

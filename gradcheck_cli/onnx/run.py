@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from gradcheck_cli.onnx.ort_reduce import ReducedPass, SaturationSpec, ValueType
     from gradcheck_cli.probe.batch import ProbeInputs
 
 Progress = Callable[[int, int], None]
@@ -210,9 +211,15 @@ def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
 
 
 def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | None = None,
-                   allow_nonfinite: bool = False, group_budget: int | None = None) -> Report:
+                   allow_nonfinite: bool = False, group_budget: int | None = None,
+                   in_graph: bool = True) -> Report:
     """Probe the ONNX model at ``path``: forward statistics from onnxruntime, gradients from the
-    torch lowering, checked against each other on every micro-batch."""
+    torch lowering, checked against each other on every micro-batch.
+
+    ``in_graph`` (the default) reduces values inside the onnxruntime graph (:mod:`.ort_reduce`);
+    False exposes every value in groups under ``group_budget`` bytes (:mod:`.ort_stats`), the
+    path that values the graph cannot reduce (NaN/Inf, unknown rank, histograms) always take.
+    """
     import torch
 
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, opset_of
@@ -220,8 +227,9 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     from gradcheck_cli.onnx.ort_stats import (
         DEFAULT_GROUP_BUDGET_BYTES,
         output_groups,
+        sizes_of,
         statistics_pass,
-        value_sizes,
+        value_types,
     )
 
     model = onnx_model_from_path(path)
@@ -275,15 +283,33 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
             recorder.record_input(row, tensor)
 
     values = list(dict.fromkeys([p.output for p in plan.rows] + [p.input for p in plan.rows if p.input]))
-    sizes = value_sizes(model, shapes)
+    types = value_types(model, shapes)
+    sizes = sizes_of(types)
     graph_outputs = {o.name for o in model.graph.output}
-    group_count = max(1, len(output_groups([v for v in values if v not in graph_outputs], sizes, budget)))
-    total_steps[1] = len(inputs.batches) * (group_count + 1)  # each group's runs, then the lowering
-    ort_pass = statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,
-                               end_batch=recorder.end_batch, progress=step)
-    if ort_pass.groups > 1:
-        notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
-    reference = ort_pass.outputs
+    reference: list[dict[str, torch.Tensor]] | None = None
+    exposed = values
+    if in_graph and not options.histograms:  # histograms need every value whole
+        total_steps[1] = len(inputs.batches) * 2
+        try:
+            reduced = _reduce_in_graph(model, opset, plan, values, types, feeds, options, recorder, rows, attention)
+        except ProbeError:
+            # The graph with reduction nodes failed where the plain one may not (an empty value,
+            # a shape inference got wrong): the exposing path below takes every value, and
+            # raises the error itself if the graph cannot run at all. No row was touched yet.
+            pass
+        else:
+            reference, exposed = reduced.outputs, reduced.exposed
+            for _ in feeds:
+                step()
+    if exposed or reference is None:
+        group_count = max(1, len(output_groups([v for v in exposed if v not in graph_outputs], sizes, budget)))
+        total_steps[1] = len(inputs.batches) * (group_count + 1 + (reference is not None))
+        ort_pass = statistics_pass(model, exposed, feeds, record, sizes=sizes, budget=budget,
+                                   end_batch=recorder.end_batch, progress=step)
+        if ort_pass.groups > 1:
+            notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
+        if reference is None:
+            reference = ort_pass.outputs
     loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs)
 
     lowering, grads = _lowered_gradients(model, opset, plan, inputs, reference, options, device, recorder,
@@ -302,12 +328,66 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    sizes_of = {init.name: _numel(init) for init in model.graph.initializer}
-    parameters = sum(sizes_of[plan.leaves.get(key, key)] for key in plan.trainable)
+    numels = {init.name: _numel(init) for init in model.graph.initializer}
+    parameters = sum(numels[plan.leaves.get(key, key)] for key in plan.trainable)
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),
                   histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+
+
+def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values: list[str],
+                     types: dict[str, ValueType], feeds: list[dict[str, Any]], options: ProbeOptions,
+                     recorder: Recorder, rows: dict[str, Row], attention: set[str]) -> ReducedPass:
+    """Statistics of every reducible value from one run per micro-batch of the graph with reduction
+    nodes added; the values left in ``exposed`` (attention probabilities, NaN/Inf, unknown rank)
+    are for the caller's exposing path."""
+    from gradcheck_cli.onnx.ort_reduce import ValueRequest, apply_stats, reduced_statistics_pass, saturation_spec
+    from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, unit_axis
+
+    def rank(value: str) -> int | None:
+        known = types.get(value)
+        return None if known is None or known.dims is None else len(known.dims)
+
+    wants: dict[str, ValueRequest] = {}
+    by_value: dict[str, list[tuple[Row, int | None, SaturationSpec | None]]] = {}
+    # Attention probabilities need the whole tensor (per-row entropy): they go the old way.
+    whole = {p.output for p in plan.rows if p.name in attention}
+    for p in plan.rows:
+        request = wants.setdefault(p.output, ValueRequest(p.output))
+        r = rank(p.output)
+        axis = unit_axis((0,) * r, p.channel_first) if p.fn in RELU_FAMILY and r is not None and r >= 1 else None
+        spec = saturation_spec(p.fn, p.fn_params) if p.fn in SATURATING else None
+        if axis is not None:
+            request.unit_axes.add(axis)
+        if spec is not None:
+            request.saturation.add(spec)
+        by_value.setdefault(p.output, []).append((rows[p.name], axis, spec))
+    norm_inputs: dict[str, list[Row]] = {}
+    for p in plan.rows:
+        if p.input is not None:
+            wants.setdefault(p.input, ValueRequest(p.input))
+            norm_inputs.setdefault(p.input, []).append(rows[p.name])
+    reducible = [v for v in values if v not in whole]
+    reduced = reduced_statistics_pass(model, reducible, wants, types, feeds, opset=opset,
+                                      cutoff=options.saturation_cutoff)
+    reduced.exposed += [v for v in values if v in whole]
+    for value, reason in reduced.skipped.items():
+        for row, _, _ in by_value.get(value, []):
+            row.skip_reason = reason
+        for row in norm_inputs.get(value, []):
+            row.input_row = row.input_row or Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
+            row.input_row.skip_reason = reason
+    # Micro-batch by micro-batch, in row order: the order Recorder.end_batch merges in.
+    for batch in range(len(feeds)):
+        for value, per_batch in reduced.stats.items():
+            for row, axis, spec in by_value.get(value, []):
+                apply_stats(row, per_batch[batch], unit_axis=axis, saturation=spec)
+            for row in norm_inputs.get(value, []):
+                if row.input_row is None:
+                    row.input_row = Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
+                apply_stats(row.input_row, per_batch[batch], unit_axis=None, saturation=None)
+    return reduced
 
 
 def _numel(init: onnx.TensorProto) -> int:

@@ -24,12 +24,14 @@ def make_console(file: IO[str] | None = None, *, width: int | None = None) -> Co
 @contextmanager
 def progress_on_stderr(description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar on stderr (drawn only on a terminal); yields an update(done, total) callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(file=sys.stderr)
     if not console.is_terminal:
         yield lambda done, total: None
         return
+    # Only on a terminal: rich.progress pulls in live rendering and spinners, which a pipe or CI log
+    # never draws.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(description, total=None)

@@ -240,7 +240,9 @@ def sample(shape: Sequence[int], spec: InitSpec, rng: np.random.Generator) -> np
     if spec.distribution is None:
         return orthogonal(dims, gain=spec.gain, rng=rng)
     if spec.distribution is Distribution.NORMAL:
-        return rng.standard_normal(dims) * spec.std
+        values = rng.standard_normal(dims)
+        values *= spec.std  # in place: no second array of the layer's size
+        return values
     bound = uniform_bound(spec.std)
     return rng.uniform(-bound, bound, size=dims)
 
@@ -248,22 +250,54 @@ def sample(shape: Sequence[int], spec: InitSpec, rng: np.random.Generator) -> np
 def orthogonal(shape: Sequence[int], *, gain: float, rng: np.random.Generator) -> npt.NDArray[np.float64]:
     """A (semi-)orthogonal matrix over (shape[0], prod(shape[1:])), times ``gain`` (Saxe et al.).
 
-    Drawn as the Q of a Gaussian's QR decomposition with the signs of R's diagonal folded in,
-    which makes Q uniformly (Haar) distributed rather than biased by the decomposition.
+    The Q of a Gaussian's QR decomposition with R's diagonal made positive, which makes Q
+    uniformly (Haar) distributed rather than biased by the decomposition. Computed by
+    :func:`orthonormal_columns` (Cholesky QR, twice), float64 throughout.
     """
-    import numpy as np
-
     dims = tuple(int(d) for d in shape)
     rows, cols = _matrix_shape(dims)
     flat = rng.standard_normal((max(rows, cols), min(rows, cols)))
-    q, r = np.linalg.qr(flat)
-    signs = np.sign(np.diag(r))
-    signs[signs == 0] = 1.0
-    q = q * signs
+    q = orthonormal_columns(flat)
     if rows < cols:
         q = q.T
     result: npt.NDArray[np.float64] = (gain * q).reshape(dims)
     return result
+
+
+# Largest |QᵀQ - I| accepted from Cholesky QR before falling back to Householder QR.
+_ORTHONORMAL_TOLERANCE = 1e-12
+
+
+def orthonormal_columns(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Q of ``a = Q·R`` (``a`` tall, full column rank) with R's diagonal positive.
+
+    Cholesky QR applied twice (CholeskyQR2): R1 = chol(AᵀA), Q1 = A·R1⁻¹, then the same on Q1;
+    A = Q·(R2·R1) with R2·R1 upper triangular with a positive diagonal, so Q is exactly the
+    factor the sign-corrected Householder QR defines, to rounding. It is made of matrix products,
+    which run an order of magnitude faster than numpy's Householder QR (ResNet-50's 54 weights:
+    minutes on a loaded 2-core machine, against seconds). One pass loses orthogonality as
+    cond(A)²·eps; the second pass restores it to ~eps whenever cond(A) < ~1e7, which Gaussian
+    matrices satisfy except with negligible probability. The result is checked, and anything
+    worse (or a failed Cholesky) is recomputed with Householder QR.
+    """
+    import numpy as np
+
+    n = a.shape[1]
+    identity = np.eye(n)
+    try:
+        q = a
+        for _ in range(2):
+            upper = np.linalg.cholesky(q.T @ q).T
+            q = q @ np.linalg.inv(upper)
+        if float(np.abs(q.T @ q - identity).max(initial=0.0)) <= _ORTHONORMAL_TOLERANCE:
+            return q
+    except np.linalg.LinAlgError:
+        pass
+    q, r = np.linalg.qr(a)
+    signs = np.sign(np.diag(r))
+    signs[signs == 0] = 1.0
+    householder: npt.NDArray[np.float64] = q * signs
+    return householder
 
 
 def identity_blocks(shape: Sequence[int], *, block: int) -> npt.NDArray[np.float64]:

@@ -12,7 +12,8 @@ Invariants kept: graph inputs/outputs (names and order), opset, metadata, value_
 name that still exists. A folded producer takes over the BatchNorm's output name, so every
 downstream name, graph outputs included, is unchanged. New weights are new initializers, never
 edits of existing ones, so an initializer shared with another node is never changed under it.
-The maths is :mod:`fold_math`'s, on torch tensors, exactly as the PyTorch path does it.
+The maths is :mod:`fold_math`'s, on numpy arrays, exactly as the PyTorch path does it; this
+module never imports torch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from gradcheck_cli.rewrite.fold_records import FoldEntry, Pattern
 if TYPE_CHECKING:
     import numpy as np
     import onnx
-    import torch
 
 METHOD_ONNX = "onnx graph"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -129,7 +129,7 @@ class _GraphFolder:
         self.orphan_candidates: set[str] = set()
         self.dropped_names: set[str] = set()
         self.names = self._all_names()
-        self.ranks = self._ranks()
+        self._rank_cache: dict[str, int] | None = None
         self.bn_counter = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -142,6 +142,14 @@ class _GraphFolder:
             names.update(node.output)
             names.add(node.name)
         return names
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Tensor ranks from ONNX shape inference, run on first use only: just the MatMul and
+        standalone-affine folds need them, and inference serialises the whole model (weights too)."""
+        if self._rank_cache is None:
+            self._rank_cache = self._ranks()
+        return self._rank_cache
 
     def _ranks(self) -> dict[str, int]:
         import onnx
@@ -254,13 +262,14 @@ class _GraphFolder:
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
-    def _replace_conv_parameters(self, conv: onnx.NodeProto, new_w: torch.Tensor, new_b: torch.Tensor) -> bool:
+    def _replace_conv_parameters(self, conv: onnx.NodeProto, new_w: np.ndarray[Any, Any],
+                                 new_b: np.ndarray[Any, Any]) -> bool:
         """Point a Conv/ConvTranspose at fresh weight and bias initializers (adding the bias input when it
         had none) and retire the old ones; initializers shared with other nodes are never mutated.
         Returns whether the layer already had a bias."""
         old_w, old_b = conv.input[1], conv.input[2] if len(conv.input) > 2 else ""
-        conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy())
-        bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b.numpy())
+        conv.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w)
+        bias_name = self._add_initializer(f"{old_b or conv.output[0]}_bnfold_bias", new_b)
         if len(conv.input) > 2:
             conv.input[2] = bias_name
         else:
@@ -325,8 +334,6 @@ class _GraphFolder:
         return count(self.graph)
 
     def _bn(self, node: onnx.NodeProto, label: str) -> _Bn | str:
-        import torch
-
         if int(_attr(node, "training_mode", 0)) != 0:
             return "training_mode=1: it normalises with batch statistics"
         if int(_attr(node, "spatial", 1)) == 0:
@@ -343,7 +350,7 @@ class _GraphFolder:
             value = self._const(name)
             if value is None or self._is_graph_input(name):
                 return f"its parameter '{name}' is not a constant of the graph"
-            params.append(torch.from_numpy(value))
+            params.append(value)
         scale, bias, mean, var = params
         affine = bn_affine(
             running_mean=mean,
@@ -352,7 +359,7 @@ class _GraphFolder:
             weight=scale,
             bias=bias,
         )
-        return _Bn(node, label, affine, int(mean.numel()))
+        return _Bn(node, label, affine, int(mean.size))
 
     def _single_consumer(self, name: str, consumer: onnx.NodeProto) -> bool:
         consumers = self._consumers(name)
@@ -419,8 +426,6 @@ class _GraphFolder:
         self._retire(*bn.node.input[1:5])
 
     def _after_conv(self, bn: _Bn, conv: onnx.NodeProto) -> FoldEntry | str:
-        import torch
-
         weight = self._weight(conv, 1)
         if isinstance(weight, str):
             return weight
@@ -433,8 +438,8 @@ class _GraphFolder:
             return f"the bias of '{conv.name or conv.op_type}' is not a constant"
         kind = LayerKind.CONV if conv.op_type == "Conv" else LayerKind.CONV_TRANSPOSE
         new_w, new_b = fold_after(
-            torch.from_numpy(weight),
-            None if bias is None else torch.from_numpy(bias),
+            weight,
+            bias,
             bn.affine,
             kind=kind,
             groups=int(_attr(conv, "group", 1)),
@@ -491,8 +496,6 @@ class _GraphFolder:
         self._retire(old_b, old_c)
 
     def _after_gemm(self, bn: _Bn, gemm: onnx.NodeProto) -> FoldEntry | str:
-        import torch
-
         found = self._gemm_weight(gemm)
         if isinstance(found, str):
             return found
@@ -503,13 +506,13 @@ class _GraphFolder:
         c_vector, old_c = c
         # Y = alpha·A·W^T + c  ->  scale·Y + shift = alpha·A·(scale·W)^T + (scale·c + shift)
         new_w, new_b = fold_after(
-            torch.from_numpy(linear_weight),
-            None if c_vector is None else torch.from_numpy(c_vector),
+            linear_weight,
+            c_vector,
             bn.affine,
             kind=LayerKind.LINEAR,
         )
         dtype = linear_weight.dtype
-        self._set_gemm(gemm, new_w.numpy(), trans_b, new_b.numpy().astype(dtype), old_c)
+        self._set_gemm(gemm, new_w, trans_b, new_b.astype(dtype), old_c)
         self._take_output(gemm, bn)
         return FoldEntry(
             bn.name,
@@ -539,8 +542,6 @@ class _GraphFolder:
     def _after_matmul(
         self, bn: _Bn, matmul: onnx.NodeProto, add: onnx.NodeProto | None
     ) -> FoldEntry | str:
-        import torch
-
         weight = self._matmul_weight(matmul, 0)
         if isinstance(weight, str):
             return weight
@@ -552,22 +553,22 @@ class _GraphFolder:
             assert bias_value is not None
             bias_value = bias_value.reshape(-1)
         new_w, new_b = fold_after(
-            torch.from_numpy(weight.T),
-            None if bias_value is None else torch.from_numpy(bias_value),
+            weight.T,
+            bias_value,
             bn.affine,
             kind=LayerKind.LINEAR,
         )
         old_w = matmul.input[1]
-        matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy().T.copy())
+        matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.T.copy())
         self._retire(old_w)
         if add is not None:
             position = list(add.input).index(old_bias)
-            add.input[position] = self._add_initializer(f"{old_bias}_bnfold", new_b.numpy())
+            add.input[position] = self._add_initializer(f"{old_bias}_bnfold", new_b)
             self._retire(old_bias)
             self._take_output(add, bn)
             note = None
         else:
-            self._append_bias_add(matmul, new_b.numpy(), output=bn.node.output[0])
+            self._append_bias_add(matmul, new_b, output=bn.node.output[0])
             self._remove_bn(bn)
             note = "an Add of the folded bias follows the MatMul"
         return FoldEntry(
@@ -644,8 +645,6 @@ class _GraphFolder:
         self._remove_bn(bn)
 
     def _before_conv(self, bn: _Bn, conv: onnx.NodeProto) -> FoldEntry | str:
-        import torch
-
         label = conv.name or conv.op_type
         pads = list(_attr(conv, "pads", []))
         auto_pad = _attr(conv, "auto_pad", b"NOTSET")
@@ -660,8 +659,8 @@ class _GraphFolder:
             return weight
         bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         new_w, new_b = fold_before(
-            torch.from_numpy(weight),
-            None if bias is None else torch.from_numpy(bias),
+            weight,
+            bias,
             bn.affine,
             kind=LayerKind.CONV,
             groups=int(_attr(conv, "group", 1)),
@@ -677,7 +676,7 @@ class _GraphFolder:
         )
 
     def _before_gemm(self, bn: _Bn, gemm: onnx.NodeProto) -> FoldEntry | str:
-        import torch
+        import numpy as np
 
         if int(_attr(gemm, "transA", 0)):
             return (
@@ -694,32 +693,30 @@ class _GraphFolder:
         c_vector, old_c = c
         alpha = float(_attr(gemm, "alpha", 1.0))
         new_w, shift_through = fold_before(
-            torch.from_numpy(linear_weight), None, bn.affine, kind=LayerKind.LINEAR
+            linear_weight, None, bn.affine, kind=LayerKind.LINEAR
         )
         # Y = alpha·(s·A + t)·W^T + c = alpha·A·(W·s)^T + (alpha·W·t + c)
-        bias = alpha * shift_through.to(torch.float64).numpy()
+        bias = alpha * np.asarray(shift_through, dtype=np.float64)
         if c_vector is not None:
             bias = bias + c_vector
-        self._set_gemm(gemm, new_w.numpy(), trans_b, bias.astype(linear_weight.dtype), old_c)
+        self._set_gemm(gemm, new_w, trans_b, bias.astype(linear_weight.dtype), old_c)
         self._bypass(bn, gemm)
         return FoldEntry(
             bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=gemm.name or gemm.output[0]
         )
 
     def _before_matmul(self, bn: _Bn, matmul: onnx.NodeProto) -> FoldEntry | str:
-        import torch
-
         weight = self._matmul_weight(matmul, 0)
         if isinstance(weight, str):
             return weight
         new_w, new_b = fold_before(
-            torch.from_numpy(weight.T), None, bn.affine, kind=LayerKind.LINEAR
+            weight.T, None, bn.affine, kind=LayerKind.LINEAR
         )
         old_w = matmul.input[1]
-        matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.numpy().T.copy())
+        matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.T.copy())
         self._retire(old_w)
         self._bypass(bn, matmul)
-        self._append_bias_add(matmul, new_b.numpy(), output=matmul.output[0])
+        self._append_bias_add(matmul, new_b, output=matmul.output[0])
         return FoldEntry(
             bn.name,
             folded=True,
@@ -737,11 +734,11 @@ class _GraphFolder:
         scale_value = self._const(bn.node.input[1])
         assert scale_value is not None
         scale, shift = affine_for_rank(
-            bn.affine, rank=rank - 1, dtype=_torch_dtype(scale_value.dtype), channel_axis=0
+            bn.affine, rank=rank - 1, dtype=scale_value.dtype, channel_axis=0
         )
         base = bn.node.name or bn.node.output[0]
-        scale_name = self._add_initializer(f"{base}_affine_scale", scale.numpy())
-        shift_name = self._add_initializer(f"{base}_affine_shift", shift.numpy())
+        scale_name = self._add_initializer(f"{base}_affine_scale", scale)
+        shift_name = self._add_initializer(f"{base}_affine_shift", shift)
         product = self._fresh(f"{base}_scaled")
         mul = onnx.helper.make_node(
             "Mul", [bn.node.input[0], scale_name], [product], name=self._fresh(f"{base}_affine_mul")
@@ -811,13 +808,6 @@ class _GraphFolder:
             used.update(names)
         used.update(self.graph_outputs)
         return used
-
-
-def _torch_dtype(numpy_dtype: Any) -> Any:
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.zeros(1, dtype=numpy_dtype)).dtype
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ from gradcheck_cli.rewrite.reinit_records import ReinitReport
 if TYPE_CHECKING:
     from gradcheck_cli.api import LoadOptions
     from gradcheck_cli.model.handle import LoadedModel
+    from gradcheck_cli.probe.batch import ProbeInputs
 
 UNSAFE_NOTE = ("reinit is an unsafe rewrite: it discards the trained values of every re-initialised "
                "layer; the input file was not modified")
@@ -76,6 +77,7 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: Re
     inputs = probe_inputs(loaded.module, probe.inputs, device=resolve_device(probe.device),
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     # The probe's own micro-batches drive tracing and LSUV, so both see exactly what the report shows.
+    probe = _with_known_shapes(loaded, probe, inputs)
     before = _probe(loaded, probe) if compare else None
     result = reinit_module(loaded.module, inputs.batches, options=options)
     notes = [UNSAFE_NOTE, *loaded.notes, *result.notes]
@@ -101,6 +103,38 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: Re
                         written=written, scheme=str(options.scheme), seed=options.seed,
                         layers=tuple(result.layers), changes=tuple(result.changes), before=before,
                         after=after, notes=tuple(dict.fromkeys(notes)))
+
+
+def _with_known_shapes(loaded: LoadedModel, probe: ProbeOptions, inputs: ProbeInputs) -> ProbeOptions:
+    """``probe`` with the input shapes written in, where that rebuilds exactly ``inputs``.
+
+    Without shapes, every probe infers them again with a trial forward pass; reinit probes twice
+    (before and after) on top of building ``inputs`` itself. Synthesised inputs depend only on the
+    shapes, the dtype and the seed, so the shapes found once reproduce the very same tensors; that
+    is checked here (building synthesised inputs runs no model), and anything else keeps ``probe``.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from gradcheck_cli.model.torch_load import resolve_device
+    from gradcheck_cli.probe.batch import probe_inputs
+
+    options = probe.inputs
+    if (options.input_file is not None or options.input_shapes or loaded.example_args is not None
+            or loaded.example_kwargs is not None or any(batch.kwargs for batch in inputs.batches)):
+        return probe
+    first = inputs.batches[0]
+    shapes = tuple(tuple(int(d) for d in arg.shape) for arg in first.args)
+    known = replace(probe, inputs=replace(options, input_shapes=shapes, batch_size=None))
+    again = probe_inputs(loaded.module, known.inputs, device=resolve_device(probe.device))
+    same = (again.specs == inputs.specs and again.batch_size == inputs.batch_size
+            and again.model_loss == inputs.model_loss
+            and len(again.batches) == len(inputs.batches)
+            and all(len(a.args) == len(b.args) and not a.kwargs
+                    and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.args, b.args, strict=True))
+                    for a, b in zip(again.batches, inputs.batches, strict=True)))
+    return known if same else probe
 
 
 def _probe(loaded: LoadedModel, probe: ProbeOptions) -> tuple[LayerStats, ...]:

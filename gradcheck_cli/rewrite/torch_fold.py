@@ -17,7 +17,9 @@ Two ways of applying the folds:
   into the original architecture; folded BatchNorms are set to exact identities
   (mean 0, var 1 - eps, gamma 1, beta 0), or keep only the shift when the layer has no bias.
 
-The input module is never modified: everything happens on a deep copy.
+The input module is never modified: everything happens on a copy (for graph output one that shares
+the input's parameters, which the pass replaces rather than writes into; see
+``_copy_sharing_parameters``).
 """
 
 from __future__ import annotations
@@ -75,16 +77,23 @@ def fold_torch_module(
     keep_structure: bool = False,
     affine_standalone: bool = False,
 ) -> TorchFoldResult:
-    """Fold every exactly foldable BatchNorm of ``module`` (a deep copy of it, in eval mode).
+    """Fold every exactly foldable BatchNorm of ``module`` (a copy of it, in eval mode).
 
     ``keep_structure`` keeps the module's class and state_dict keys (for state_dict/safetensors
     output); otherwise the folded BatchNorms are removed from the graph.
     """
 
+    import torch
+
     notes: list[str] = []
-    source = set_eval(copy.deepcopy(module))
+    # Graph output replaces every tensor it changes (never writes into one), so the copy may share
+    # the parameters with ``module``; structure output writes in place and needs its own tensors.
+    shared = not keep_structure and not isinstance(module, torch.jit.ScriptModule)
+    source = set_eval(_copy_sharing_parameters(module) if shared else copy.deepcopy(module))
     graph_module, method = _trace(source, example_args, example_kwargs, notes)
     if graph_module is None:
+        if shared:  # the structure fallback folds in place
+            source = set_eval(copy.deepcopy(module))
         before_bn, before_nodes = count_batchnorms(source), count_nodes(source)
         entries = _fold_by_structure(source, example_args, example_kwargs or {}, notes)
         return TorchFoldResult(
@@ -130,6 +139,20 @@ def fold_torch_module(
     return TorchFoldResult(
         target, entries, method, notes, before_bn, after_bn, before_nodes, after_nodes
     )
+
+
+def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters are the original ``Parameter`` objects.
+
+    Copying ResNet-50's 100 MB of weights only for the graph pass to replace the folded ones with
+    new tensors is wasted time. Shared parameters are safe because nothing in the graph pass
+    writes into a parameter: folds give layers new tensors (``_replace_tensor``), removed
+    BatchNorms' tensors are dropped, and the copy's ties are the original's (one object each).
+    Buffers are still copied: they are small, and a forward pass (shape propagation) of a graph
+    exported in training mode would update running statistics in place.
+    """
+    memo: dict[int, Any] = {id(p): p for _, p in module.named_parameters(remove_duplicate=False)}
+    return copy.deepcopy(module, memo)
 
 
 def set_eval(module: nn.Module, mode: bool = False) -> nn.Module:

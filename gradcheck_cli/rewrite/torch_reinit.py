@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import re
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -407,6 +407,32 @@ def _run(module: nn.Module, batches: list[ProbeBatch], recorder: _FlowRecorder) 
     return None
 
 
+def _run_intercepted(module: nn.Module, batch: ProbeBatch,
+                     intercept: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]) -> None:
+    """One forward pass with every torch call made by ``intercept(func, args, kwargs)``; eval mode
+    and no_grad, training flag restored (as :func:`_run`)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Intercept(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                               kwargs: dict[str, Any] | None = None) -> Any:
+            return intercept(func, args, kwargs or {})
+
+    was_training = module.training
+    switched = _set_training(module, False)
+    try:
+        with torch.no_grad(), Intercept():
+            module(*batch.args, **batch.kwargs)
+    except Exception as exc:
+        raise ProbeError(f"the model failed on the probe batch while reinit rescaled it (LSUV): "
+                         f"{type(exc).__name__}: {_first_line(exc)}",
+                         hint="check --input-shape/--input; pass --debug for the traceback") from exc
+    finally:
+        if switched:
+            _set_training(module, was_training)
+
+
 def _set_training(module: nn.Module, training: bool) -> bool:
     """Switch train/eval; False where the module refuses (a torch.export program's module keeps
     the mode it was exported in, and says so by raising)."""
@@ -763,9 +789,10 @@ def _write(name: str, values: npt.NDArray[np.float64], spec: InitSpec, params: d
     import torch
 
     target = params[name]
-    new = torch.from_numpy(values).to(dtype=target.dtype, device=target.device)
     with torch.no_grad():
-        target.copy_(new)  # in place: the Parameter object (and every tied alias of it) is kept
+        # In place, converting while copying (one pass): the Parameter object (and every tied
+        # alias of it) is kept.
+        target.copy_(torch.from_numpy(values))
     done.setdefault(id(target), name)
     return TensorInit(parameter=name, shape=tuple(target.shape), dtype=_dtype(target),
                       scheme=label or str(spec.scheme), std=spec.std, measured_std=_rms(target),
@@ -819,9 +846,15 @@ def _dtype(tensor: torch.Tensor) -> str:
 
 
 def _rms(tensor: torch.Tensor) -> float:
+    import math
+
+    import torch
+
     if tensor.numel() == 0 or not tensor.dtype.is_floating_point:
         return 0.0
-    return float(tensor.detach().double().pow(2).mean().sqrt())
+    # One fused pass accumulating in float64, no float64 copy of the tensor.
+    norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+    return norm / math.sqrt(tensor.numel())
 
 
 # --------------------------------------------------------------------------- LSUV
@@ -836,10 +869,12 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
     used twice, a bias the user's code adds). Recurrent and norm layers keep their orthogonal or
     reset values: a gated recurrent output is bounded and cannot be scaled to variance 1.
     """
-    import torch
-
     by_name = {layer.name: layer for layer in layers}
     params = _tensors_by_name(module)
+    rescalable = [by_name[r.name].weight for r in records
+                  if by_name[r.name].role not in (LayerRole.RECURRENT, LayerRole.NORM) and by_name[r.name].weight]
+    measured = _lsuv_in_one_pass(module, batches, [w for w in rescalable if w is not None], params, options) \
+        if len(batches) == 1 else None
     updated: list[LayerInit] = []
     for record in records:
         layer = by_name[record.name]
@@ -852,14 +887,10 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
             updated.append(record)
             continue
         weight = params[layer.weight]
-        initial = variance = _output_variance(module, batches, layer.weight)
-        rescales = 0
-        while (variance is not None and variance > 0 and abs(variance - 1.0) > options.lsuv_tolerance
-               and rescales < options.lsuv_max_iterations):
-            with torch.no_grad():
-                weight.mul_(1.0 / float(variance) ** 0.5)
-            rescales += 1
-            variance = _output_variance(module, batches, layer.weight)
+        if measured is not None:
+            initial, variance, rescales = measured.get(layer.weight, (None, None, 0))
+        else:
+            initial, variance, rescales = _lsuv_by_truncated_forwards(module, batches, layer.weight, weight, options)
         if variance is None or initial is None:
             reason = record.reason + "; LSUV: the layer did not run on the probe batch, kept orthogonal"
             updated.append(_replace(record, reason=reason))
@@ -882,6 +913,96 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
     return updated
 
 
+def _needs_rescale(variance: float | None, rescales: int, options: ReinitOptions) -> bool:
+    return (variance is not None and variance > 0 and abs(variance - 1.0) > options.lsuv_tolerance
+            and rescales < options.lsuv_max_iterations)
+
+
+def _lsuv_by_truncated_forwards(module: nn.Module, batches: list[ProbeBatch], name: str, weight: torch.Tensor,
+                                options: ReinitOptions) -> tuple[float | None, float | None, int]:
+    """One layer: a forward pass up to its op per measurement (every micro-batch each time)."""
+    import torch
+
+    initial = variance = _output_variance(module, batches, name)
+    rescales = 0
+    while _needs_rescale(variance, rescales, options):
+        assert variance is not None
+        with torch.no_grad():
+            weight.mul_(1.0 / float(variance) ** 0.5)
+        rescales += 1
+        variance = _output_variance(module, batches, name)
+    return initial, variance, rescales
+
+
+def _lsuv_in_one_pass(module: nn.Module, batches: list[ProbeBatch], weights: list[str],
+                      params: dict[str, torch.Tensor], options: ReinitOptions,
+                      ) -> dict[str, tuple[float, float, int]]:
+    """Every layer in a single forward pass (one probe micro-batch): (initial, final variance, rescales).
+
+    The truncated-forward loop runs the model from its input up to each layer once per
+    measurement, O(layers²) ops in all. Here the pass stops at each selected layer's op when it
+    first runs, measures its output, rescales the weight and runs that op again until the variance
+    is within tolerance, then hands the final output on. Every later layer therefore sees exactly
+    the input a fresh forward pass with the rescaled weights would give it, so the result is the
+    truncated loop's, at the cost of one forward pass plus the repeated ops.
+    """
+    import torch
+
+    pending = set(weights)
+    results: dict[str, tuple[float, float, int]] = {}
+    recorder = _FlowRecorder(module)
+
+    def measure(output: Any) -> float | None:
+        values = next(_tensors_in(output), None)
+        if values is None:
+            return None
+        return _variance_of([values])
+
+    def intercept(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        output = func(*args, **kwargs)
+        name = function_name(func)
+        if name is None or not pending:
+            return output
+        if name.endswith("_") and not name.startswith("_"):  # as _FlowRecorder.observe names ops
+            name = name[:-1]
+        weighted = _weighted_call(name, args, kwargs)
+        weight_name = recorder.names.get(id(weighted[1])) if weighted is not None else None
+        if weight_name is None or weight_name not in pending:
+            return output
+        pending.discard(weight_name)
+        weight = params[weight_name]
+        initial = variance = measure(output)
+        rescales = 0
+        while _needs_rescale(variance, rescales, options):
+            assert variance is not None
+            with torch.no_grad():
+                weight.mul_(1.0 / float(variance) ** 0.5)
+            rescales += 1
+            output = func(*args, **kwargs)
+            variance = measure(output)
+        if initial is not None and variance is not None:
+            results[weight_name] = (initial, variance, rescales)
+        return output
+
+    _run_intercepted(module, batches[0], intercept)
+    return results
+
+
+def _variance_of(outputs: list[torch.Tensor]) -> float | None:
+    """Population variance over every element, accumulated in float64 (the LSUV measure)."""
+    total = total_sq = 0.0
+    count = 0
+    for output in outputs:
+        values = output.detach().double()
+        total += float(values.sum())
+        total_sq += float(values.pow(2).sum())
+        count += values.numel()
+    if count == 0:
+        return None
+    mean = total / count
+    return max(total_sq / count - mean * mean, 0.0)
+
+
 def _replace(record: LayerInit, **changes: Any) -> LayerInit:
     import dataclasses
 
@@ -890,21 +1011,14 @@ def _replace(record: LayerInit, **changes: Any) -> LayerInit:
 
 def _output_variance(module: nn.Module, batches: list[ProbeBatch], weight: str) -> float | None:
     """Variance of the output of the op that uses ``weight``, over every probe micro-batch."""
-    total = total_sq = 0.0
-    count = 0
+    outputs = []
     for batch in batches:
         recorder = _FlowRecorder(module, capture=weight)
         output = _run(module, [batch], recorder)
         if output is None:
             return None
-        values = next(_tensors_in(output)).detach().double()
-        total += float(values.sum())
-        total_sq += float(values.pow(2).sum())
-        count += values.numel()
-    if count == 0:
-        return None
-    mean = total / count
-    return max(total_sq / count - mean * mean, 0.0)
+        outputs.append(next(_tensors_in(output)))
+    return _variance_of(outputs)
 
 
 # --------------------------------------------------------------------------- verification

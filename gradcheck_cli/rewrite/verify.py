@@ -138,7 +138,9 @@ def torch_outputs(
     was_training = module.training
     set_eval(module)
     try:
-        with torch.no_grad():
+        # inference_mode, not just no_grad: no version counters or view tracking either; the
+        # outputs only go to numpy.
+        with torch.inference_mode():
             for batch in batches:
                 per_batch.append(_flatten_outputs(module(*batch.args, **batch.kwargs)))
     except Exception as exc:
@@ -205,8 +207,11 @@ def verify_torch(
 # ONNX
 
 
-def onnx_session(model: onnx.ModelProto) -> Any:
-    """An onnxruntime CPU session with every graph optimisation disabled."""
+def onnx_session(model: onnx.ModelProto | bytes) -> Any:
+    """An onnxruntime CPU session with every graph optimisation disabled.
+
+    ``model`` may be already serialised: a model of ~100 MB costs a second or so to serialise on
+    a loaded machine, so callers that need the bytes anyway pass them instead."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -216,7 +221,9 @@ def onnx_session(model: onnx.ModelProto) -> Any:
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            model if isinstance(model, bytes) else model.SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
         )
     except Exception as exc:
         raise LoadError(
@@ -226,7 +233,7 @@ def onnx_session(model: onnx.ModelProto) -> Any:
 
 
 def onnx_outputs(
-    model: onnx.ModelProto, feeds: Sequence[dict[str, Any]]
+    model: onnx.ModelProto | bytes, feeds: Sequence[dict[str, Any]]
 ) -> tuple[list[str], list[Any], list[str]]:
     import numpy as np
 
@@ -252,7 +259,9 @@ def onnx_outputs(
 
 
 def verify_onnx(
-    original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[dict[str, Any]]
+    original: onnx.ModelProto | bytes,
+    rewritten: onnx.ModelProto | bytes,
+    feeds: Sequence[dict[str, Any]],
 ) -> Verification:
     import numpy as np
 
