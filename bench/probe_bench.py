@@ -1,7 +1,11 @@
 """Probe overhead against the bare training step, CLI start-up, and scaling (issue 9).
 
     python bench/probe_bench.py                 # every benchmark, results to bench/results/
-    python bench/probe_bench.py --quick         # a small smoke version (what the test suite runs)
+    python bench/probe_bench.py --quick         # a small smoke version
+    python bench/probe_bench.py --no-cli --name scaling --models mlp:512:4:64 ...  # -> results/scaling.*
+
+bench/run_all.py runs this (twice: overhead, then scaling) with the other benchmarks and
+summarises the results against issue 9's targets.
 
 Ratios are measured side by side in one process, interleaved (bare, probe, bare, probe, ...), and
 reported as the median of the per-pair ratios, so drifting machine load hits both alike. Peak
@@ -55,8 +59,12 @@ def build(name: str) -> tuple[Any, dict[str, Any], Callable[[Any, Any], Any]]:
     if name.startswith("bert"):
         import transformers
 
-        _, batch, seq = [*name.split(":"), "8", "128"][:3]
-        config = transformers.BertConfig()  # BERT-base: 12 layers, 768 wide, 110M parameters
+        kind, batch, seq = [*name.split(":"), "8", "128"][:3]
+        if kind == "bert-tiny":  # the smoke run's stand-in: 2 layers, 64 wide, same code path
+            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=128)
+        else:
+            config = transformers.BertConfig()  # BERT-base: 12 layers, 768 wide, 110M parameters
         model = transformers.BertModel(config).eval()
         shape = (int(batch), int(seq))
 
@@ -179,27 +187,87 @@ def peak_memory(name: str, repeats: int) -> dict[str, Any]:
                                  text=True, check=True, cwd=ROOT)
             results[which].append(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
     bare, probe = statistics.median(results["bare"]), statistics.median(results["probe"])
-    return {"model": name, "bare_growth_mb": bare / 2**20, "probe_growth_mb": probe / 2**20,
-            "memory_ratio": probe / bare if bare else None}
+    # Per-round ratios give the spread; a round whose bare step grew nothing has no ratio.
+    ratios = [p / b for b, p in zip(results["bare"], results["probe"], strict=True) if b]
+    return {"model": name, "repeats": repeats, "bare_growth_mb": bare / 2**20, "probe_growth_mb": probe / 2**20,
+            "bare_growth_range_mb": [min(results["bare"]) / 2**20, max(results["bare"]) / 2**20],
+            "probe_growth_range_mb": [min(results["probe"]) / 2**20, max(results["probe"]) / 2**20],
+            "memory_ratio": probe / bare if bare else None,
+            "memory_ratio_range": [min(ratios), max(ratios)] if ratios else None}
 
 
-def command_time(argv: list[str], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(argv, capture_output=True, check=False, cwd=ROOT)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def command_times(argv: list[str], repeats: int) -> list[float]:
+    return [run_timed(argv)[0] for _ in range(repeats)]
 
 
-def cli_times(repeats: int) -> dict[str, Any]:
+def run_timed(argv: list[str], *, check: bool = False) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run of ``argv`` from the repository root. CPU is the child's user +
+    system time: on a shared machine it moves less with the load than wall time does. ``check``:
+    a command that fails is an error, not a (fast) timing."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def sample_commands() -> list[list[str]]:
+    """The argument lists of the ``gradcheck inspect`` commands in samples/README.md, in order."""
+    import shlex
+
+    text = (ROOT / "samples" / "README.md").read_text()
+    return [shlex.split(line.strip())[1:] for line in text.splitlines()
+            if line.strip().startswith("gradcheck inspect ")]
+
+
+def cli_times(repeats: int, samples: list[list[str]] | None = None) -> dict[str, Any]:
+    """`--help`, a usage error, and every sample's README command, each paired with a
+    ``python -c "import torch"`` run just before it in the same round (rounds repeat the whole
+    list), so that ``import torch + X`` is the median of per-pair differences and drifting load
+    hits both members of a pair alike."""
     gradcheck = [sys.executable, "-m", "gradcheck_cli"]
-    help_time = command_time([*gradcheck, "--help"], repeats)
-    usage_time = command_time([*gradcheck, "inspect"], repeats)
-    import_torch = command_time([sys.executable, "-c", "import torch"], repeats)
-    inspect_time = command_time([*gradcheck, "inspect", "samples/relu_healthy.pt2"], repeats)
-    return {"help_s": help_time, "usage_error_s": usage_time, "import_torch_s": import_torch,
-            "inspect_sample_s": inspect_time, "inspect_minus_import_torch_s": inspect_time - import_torch}
+    import_torch = [sys.executable, "-c", "import torch"]
+    samples = sample_commands() if samples is None else samples
+    help_times = command_times([*gradcheck, "--help"], repeats)
+    usage_times = command_times([*gradcheck, "inspect"], repeats)
+    torch_runs: list[tuple[float, float]] = []
+    runs: dict[int, list[tuple[float, float, float, float]]] = {i: [] for i in range(len(samples))}
+    for _ in range(repeats):
+        for index, args in enumerate(samples):
+            torch_wall, torch_cpu = run_timed(import_torch, check=True)
+            wall, cpu = run_timed([*gradcheck, *args], check=True)
+            torch_runs.append((torch_wall, torch_cpu))
+            runs[index].append((wall, cpu, wall - torch_wall, cpu - torch_cpu))
+    rows = []
+    for index, args in enumerate(samples):
+        wall, cpu, extra_wall, extra_cpu = (statistics.median(column) for column in zip(*runs[index], strict=True))
+        walls, extras = [r[0] for r in runs[index]], [r[2] for r in runs[index]]
+        rows.append({"command": "gradcheck " + " ".join(args), "wall_s": wall, "cpu_s": cpu,
+                     "minus_import_torch_s": extra_wall, "cpu_minus_import_torch_s": extra_cpu,
+                     "wall_range_s": [min(walls), max(walls)],
+                     "minus_import_torch_range_s": [min(extras), max(extras)]})
+    return {"help_s": statistics.median(help_times), "help_range_s": [min(help_times), max(help_times)],
+            "usage_error_s": statistics.median(usage_times),
+            "usage_error_range_s": [min(usage_times), max(usage_times)], "repeats": repeats,
+            "import_torch_s": statistics.median(w for w, _ in torch_runs),
+            "import_torch_cpu_s": statistics.median(c for _, c in torch_runs),
+            "load_average_after": os.getloadavg()[0], "samples": rows}
+
+
+def cli_markdown(c: dict[str, Any]) -> list[str]:
+    lines = ["", f"| command | median wall time ({c['repeats']} runs) | import torch + | CPU time "
+             "| import torch + (CPU) |", "|---|---:|---:|---:|---:|",
+             f"| `gradcheck --help` | {c['help_s']:.3f} s | | | |",
+             f"| `gradcheck inspect` (usage error) | {c['usage_error_s']:.3f} s | | | |",
+             f"| `python -c 'import torch'` | {c['import_torch_s']:.3f} s | | {c['import_torch_cpu_s']:.3f} s | |"]
+    for row in c["samples"]:
+        lines.append(f"| `{row['command']}` | {row['wall_s']:.3f} s | {row['minus_import_torch_s']:+.2f} s | "
+                     f"{row['cpu_s']:.3f} s | {row['cpu_minus_import_torch_s']:+.2f} s |")
+    lines.append(f"\nLoad average at the end of the CLI timings: {c['load_average_after']:.1f}.")
+    return lines
 
 
 def machine() -> str:
@@ -231,13 +299,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | "
                          f"{row['probe_growth_mb']:.0f} MB | {ratio} |")
     if results.get("cli"):
-        c = results["cli"]
-        lines += ["", "| command | median wall time |", "|---|---:|",
-                  f"| `gradcheck --help` | {c['help_s']:.3f} s |",
-                  f"| `gradcheck inspect` (usage error) | {c['usage_error_s']:.3f} s |",
-                  f"| `python -c 'import torch'` | {c['import_torch_s']:.3f} s |",
-                  f"| `gradcheck inspect samples/relu_healthy.pt2` | {c['inspect_sample_s']:.3f} s "
-                  f"(import torch + {c['inspect_minus_import_torch_s']:.3f} s) |"]
+        lines += cli_markdown(results["cli"])
     return "\n".join(lines) + "\n"
 
 
@@ -246,10 +308,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, one repeat: a smoke test")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", help="override the model list (resnet50:16:224, bert:8:128, "
-                        "mlp:WIDTH:DEPTH:BATCH)")
+                        "bert-tiny:BATCH:SEQ, mlp:WIDTH:DEPTH:BATCH)")
+    parser.add_argument("--memory-repeats", type=int, help="fresh-process peak-memory measurements per model "
+                        "and step kind (default 3, 1 with --quick)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-cli", action="store_true")
+    parser.add_argument("--cli-repeats", type=int, help="rounds of CLI timings (default 5, 1 with --quick)")
+    parser.add_argument("--cli-samples", choices=("all", "first"), default="all",
+                        help="time every samples/README.md command, or only the first")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default="probe_bench", help="file stem of the results: OUT/NAME.json, OUT/NAME.md")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -259,19 +327,24 @@ def main() -> None:
         models, repeats = args.models or ["mlp:64:4:8", "resnet18:2:64"], 1
     else:
         models, repeats = args.models or ["resnet50:16:224", "bert:8:128"], args.repeats
+    memory_repeats = args.memory_repeats if args.memory_repeats is not None else 1 if args.quick else 3
+    cli_repeats = args.cli_repeats if args.cli_repeats is not None else 1 if args.quick else 5
+    if min(repeats, memory_repeats, cli_repeats) < 1:
+        parser.error("repeat counts must be at least 1 (--no-memory and --no-cli skip those parts)")
     results: dict[str, Any] = {"machine": machine(), "time": [], "memory": []}
     for name in models:
         print(f"timing {name} ...", file=sys.stderr, flush=True)
         results["time"].append(interleaved(name, repeats))
         if not args.no_memory:
             print(f"memory {name} ...", file=sys.stderr, flush=True)
-            results["memory"].append(peak_memory(name, 1 if args.quick else 3))
+            results["memory"].append(peak_memory(name, memory_repeats))
     if not args.no_cli:
-        results["cli"] = cli_times(1 if args.quick else 5)
+        samples = sample_commands()
+        results["cli"] = cli_times(cli_repeats, samples[:1] if args.cli_samples == "first" else samples)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (args.out / "probe_bench.md").write_text(table)
+    (args.out / f"{args.name}.md").write_text(table)
     print(table)
 
 

@@ -482,3 +482,51 @@ def test_a_tensor_reaching_two_rows_gives_each_its_own_values(scale_in_place: bo
     assert bn_input.mean == pytest.approx(factor * fc_row.mean, rel=1e-5, abs=1e-7)
     assert bn_input.var == pytest.approx(factor ** 2 * fc_row.var, rel=1e-5)
     assert bn_input.max == pytest.approx(factor * fc_row.max, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["aligned", "offset", "strided", "float64", "bfloat16"])
+def test_sum_of_squares_matches_a_float64_reference_on_every_path(layout: str) -> None:
+    from gradcheck_cli.probe.recorder import sum_of_squares
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(300_001, generator=generator) * 3 + 0.5
+    if layout == "aligned":
+        values = base
+    elif layout == "offset":  # a view 4 bytes past an aligned allocation: the vector_norm path
+        values = torch.cat([base.new_zeros(1), base])[1:]
+    elif layout == "strided":
+        values = torch.stack([base, base]).t()[:, 0]
+    elif layout == "float64":
+        values = base.double()
+    else:
+        values = base.bfloat16()
+    reference = float((values.double() ** 2).sum())  # independent: float64 squares summed by torch
+    got = sum_of_squares(values)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    # float32 accumulation of 300k terms; vector_norm's is looser than BLAS's (see sum_of_squares)
+    assert float(got) == pytest.approx(reference, rel=1e-4 if layout == "bfloat16" else 1e-5)
+    assert float(sum_of_squares(values)) == float(got)  # same input, same bits
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_setting_is_restored_even_when_the_probe_fails(enabled: bool) -> None:
+    import gc
+
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        probe(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (2, 4))
+        assert gc.isenabled() is enabled
+        with pytest.raises(Exception, match="boom"):
+            probe(Fails(), (2, 4))
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

@@ -235,6 +235,23 @@ def test_memory_budget_refuses_with_a_micro_batch_that_fits() -> None:
         check_memory_budget(estimate, available=estimate.fixed // 2)
 
 
+def test_weights_already_in_memory_count_against_a_budget_but_not_against_available_memory() -> None:
+    from gradcheck_cli.errors import ProbeError
+    from gradcheck_cli.probe.budget import MemoryEstimate, micro_batch_that_fits, over_limit
+
+    estimate = MemoryEstimate(parameters=1000, gradients=1000, inputs_per_sample=10, activations_per_sample=40,
+                              batch_size=8, measured=True, resident=1000)
+    # The whole probe: 2000 + 8 x 50 = 2400 bytes; what it still has to allocate: 1400.
+    assert micro_batch_that_fits(estimate, available=1400) is None
+    assert micro_batch_that_fits(estimate, available=1300) == 6  # (1300 - 1000 gradients) // 50
+    assert micro_batch_that_fits(estimate, budget=2400) is None
+    assert micro_batch_that_fits(estimate, budget=2300) == 6  # (2300 - 2000 weights and gradients) // 50
+    assert micro_batch_that_fits(estimate, budget=2300, available=1200) == 4  # the tighter one: (1200 - 1000) // 50
+    assert "1.2 KiB of available memory" in over_limit(estimate, budget=2300, available=1200)
+    with pytest.raises(ProbeError, match="gradients alone"):
+        micro_batch_that_fits(estimate, available=1000)
+
+
 @pytest.mark.parametrize(("text", "expected"), [("4GiB", 4 * 1024**3), ("512MB", 512 * 1000**2), ("1.5k", 1500),
                                                 ("2048", 2048)])
 def test_parse_memory_budget(text: str, expected: int) -> None:

@@ -53,6 +53,10 @@ class MemoryEstimate:
     activations_per_sample: int  # activation + its gradient, per sample (0 when not measured)
     batch_size: int
     measured: bool  # whether activations come from a forward pass (False: not measurable)
+    # Parameters and buffers already on the device the probe runs on: they count against a
+    # --memory-budget (the probe's whole footprint) but not against the memory still available,
+    # which they have already been taken from.
+    resident: int = 0
 
     @property
     def fixed(self) -> int:
@@ -169,35 +173,45 @@ def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
+def _limits(estimate: MemoryEstimate, budget: int | None,
+            available: int | None) -> list[tuple[int, str, int, int]]:
+    """(limit, its name, what the probe needs against it, the part of that independent of the batch)."""
+    checks = [(budget, "--memory-budget", 0), (available, "available memory", estimate.resident)]
+    return [(limit, what, estimate.total - resident, estimate.fixed - resident)
+            for limit, what, resident in checks if limit is not None]
+
+
 def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None,
                           available: int | None = None) -> int | None:
     """None when the estimate fits ``budget`` (the user's) and ``available`` (the machine's);
     else the largest micro-batch size that does. Raises :class:`ProbeError` when not even one
     sample fits. None for either limit means no limit."""
-    limits = [(v, what) for v, what in ((budget, "--memory-budget"), (available, "available memory")) if v is not None]
-    if not limits:
-        return None
-    limit, what = min(limits)
-    if estimate.total <= limit:
-        return None
-    need = f"the probe needs about {_human(estimate.total)} for a micro-batch of {estimate.batch_size}"
-    if estimate.fixed >= limit:
-        raise ProbeError(f"{need}; the weights and their gradients alone take {_human(estimate.fixed)}, more "
-                         f"than the {_human(limit)} of {what}",
-                         hint="run on a machine with more memory, or raise --memory-budget")
-    fits = (limit - estimate.fixed) // max(estimate.per_sample, 1)
-    if fits < 1:
-        raise ProbeError(f"{need}; even a micro-batch of 1 needs about "
-                         f"{_human(estimate.fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
-                         hint="run on a machine with more memory, or raise --memory-budget")
-    return int(fits)
+    smallest: int | None = None
+    for limit, what, need, fixed in _limits(estimate, budget, available):
+        if need <= limit:
+            continue
+        needs = f"the probe needs about {_human(need)} for a micro-batch of {estimate.batch_size}"
+        if fixed >= limit:
+            raise ProbeError(f"{needs}; the weights and their gradients alone take {_human(fixed)}, more "
+                             f"than the {_human(limit)} of {what}",
+                             hint="run on a machine with more memory, or raise --memory-budget")
+        fits = (limit - fixed) // max(estimate.per_sample, 1)
+        if fits < 1:
+            raise ProbeError(f"{needs}; even a micro-batch of 1 needs about "
+                             f"{_human(fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
+                             hint="run on a machine with more memory, or raise --memory-budget")
+        smallest = int(fits) if smallest is None else min(smallest, int(fits))
+    return smallest
 
 
 def over_limit(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None) -> str:
-    """Which limit the estimate exceeds, in words, for the note that says why the probe split."""
-    limits = [(v, what) for v, what in ((budget, "--memory-budget"), (available, "available memory")) if v is not None]
-    limit, what = min(limits)
-    return (f"about {_human(estimate.total)} for a micro-batch of {estimate.batch_size}, more than the "
+    """Which limit the estimate exceeds (the tightest), in words, for the note that says why the
+    probe split."""
+    exceeded = [(limit - need, limit, what, need) for limit, what, need, _ in _limits(estimate, budget, available)
+                if need > limit] or [(0, limit, what, need) for limit, what, need, _ in _limits(estimate, budget,
+                                                                                                  available)]
+    _, limit, what, need = min(exceeded)
+    return (f"about {_human(need)} for a micro-batch of {estimate.batch_size}, more than the "
             f"{_human(limit)} of {what}")
 
 

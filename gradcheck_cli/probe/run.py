@@ -71,33 +71,34 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     output_label = "output"
     with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), instrument.attached():
         for index, batch in enumerate(inputs.batches):
-            instrument.start_batch()
-            # On the first micro-batch only, watch the float inputs: a model whose loss ignores
-            # them trains on nothing, and the report should say so rather than look healthy.
-            batch, watched = _watch_inputs(batch) if index == 0 else (batch, [])
-            output = _forward(instrument, batch.args, batch.kwargs, inputs)
-            if inputs.model_loss and options.loss in (LossKind.AUTO, LossKind.MODEL):
-                loss, output_label = model_loss(output, batch.size, inputs.total), "output['loss']"
-                loss_fn.kind = LossKind.MODEL
-            else:
-                if options.loss is LossKind.MODEL:
-                    raise UsageError("--loss model needs a model that computes its own loss from labels "
-                                     "(a transformers LM head)", hint="use --loss auto, cross_entropy or mse")
-                selected, output_label = select_output(output, options.output)
-                loss = loss_fn(selected)
-                del selected
-            del output
-            try:
-                loss.backward()
-            except RuntimeError as exc:
-                raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
-                                 hint="pass --debug for the traceback") from exc
-            loss_total += float(loss.detach())
-            del loss
-            if watched and not _any_input_gradient(watched):
-                notes.append("the loss does not depend on the model's inputs: every gradient with respect to "
-                             "them is zero (a model that ignores its input, or an output cut off from it)")
-            recorder.end_batch()
+            with _collector_paused():
+                instrument.start_batch()
+                # On the first micro-batch only, watch the float inputs: a model whose loss ignores
+                # them trains on nothing, and the report should say so rather than look healthy.
+                batch, watched = _watch_inputs(batch) if index == 0 else (batch, [])
+                output = _forward(instrument, batch.args, batch.kwargs, inputs)
+                if inputs.model_loss and options.loss in (LossKind.AUTO, LossKind.MODEL):
+                    loss, output_label = model_loss(output, batch.size, inputs.total), "output['loss']"
+                    loss_fn.kind = LossKind.MODEL
+                else:
+                    if options.loss is LossKind.MODEL:
+                        raise UsageError("--loss model needs a model that computes its own loss from labels "
+                                         "(a transformers LM head)", hint="use --loss auto, cross_entropy or mse")
+                    selected, output_label = select_output(output, options.output)
+                    loss = loss_fn(selected)
+                    del selected
+                del output
+                try:
+                    loss.backward()
+                except RuntimeError as exc:
+                    raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
+                                     hint="pass --debug for the traceback") from exc
+                loss_total += float(loss.detach())
+                del loss
+                if watched and not _any_input_gradient(watched):
+                    notes.append("the loss does not depend on the model's inputs: every gradient with respect to "
+                                 "them is zero (a model that ignores its input, or an output cut off from it)")
+                recorder.end_batch()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
         param_grads, param_counts = _parameter_gradients(instrument.row_params)
@@ -155,11 +156,15 @@ def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -
 
     first = inputs.batches[0]
     available = available_memory(options.device)
+    resident = _resident_bytes(module, resolve_device(options.device))
     # Sizing the activations costs a one-sample forward: pay it when a budget is set, or when the
-    # weights and inputs alone already take a good share of the memory there is.
-    estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=False)
-    if options.memory_budget is not None or (available is not None and 4 * estimate.total > available):
-        estimate = estimate_probe_memory(module, first.args, first.kwargs, measure=True)
+    # gradients and inputs alone (the weights are already in memory) take a good share of the
+    # memory there is.
+    estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=False),
+                                   resident=resident)
+    if options.memory_budget is not None or (available is not None and 4 * (estimate.total - resident) > available):
+        estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=True),
+                                       resident=resident)
     fits = micro_batch_that_fits(estimate, budget=options.memory_budget, available=available)
     if fits is None or max(batch.size for batch in inputs.batches) <= fits:
         return inputs, None
@@ -171,6 +176,13 @@ def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -
             "exactly" + (" (BatchNorm in train mode normalises each micro-batch with its own statistics)"
                          if options.mode is Mode.TRAIN else ""))
     return dataclasses.replace(inputs, batches=batches, batch_size=fits), note
+
+
+def _resident_bytes(module: nn.Module, device: torch.device) -> int:
+    """Bytes of the module's parameters and buffers already on ``device``."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors
+               if t.device.type == device.type and (device.index is None or t.device.index == device.index))
 
 
 def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:
@@ -229,6 +241,29 @@ def _restore_parameters(gm: nn.Module, names: set[str]) -> None:
         tensor = owner._buffers.pop(leaf, None)
         if tensor is not None:
             owner.register_parameter(leaf, nn.Parameter(tensor.detach().clone(), requires_grad=True))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one micro-batch, then one young-generation pass.
+
+    A probe allocates thousands of small Python objects per micro-batch (rows, hooks, scalar
+    tensors), which would trigger about ten automatic collections, and every tenth of those a
+    full one: with the 300k objects torch and a model leave on the heap, a full collection took
+    150 ms, 5% of a ResNet-50 step (BENCHMARKS.md). Objects freed by reference counting never
+    needed the collector; one pass at the end frees any cycles the micro-batch made, so memory
+    stays bounded batch by batch, and the caller's setting is restored.
+    """
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect(0)
 
 
 @contextlib.contextmanager
@@ -308,13 +343,10 @@ def _parameter_gradients(
 
 
 def _norm_squared(tensor: torch.Tensor) -> torch.Tensor:
-    """|t|^2 in float64 from one fused pass (no squared copy of a weight matrix, no float64 copy)."""
-    import torch
+    """|t|^2 in float64 from one pass (no squared copy of a weight matrix, no float64 copy)."""
+    from gradcheck_cli.probe.recorder import sum_of_squares
 
-    t = tensor.detach()
-    accumulate = torch.float64 if t.dtype == torch.float64 else torch.float32
-    norm: torch.Tensor = torch.linalg.vector_norm(t, dtype=accumulate).to(torch.float64)
-    return norm * norm
+    return sum_of_squares(tensor.detach())
 
 
 def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str, ThroughTime]:
