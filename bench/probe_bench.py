@@ -99,7 +99,8 @@ def make_input(name: str, spec: dict[str, Any]) -> Any:
     return torch.randn(spec["shape"], generator=generator)
 
 
-def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None], int]:
+def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None],
+                                       Callable[[Callable[[], None]], float], int]:
     from gradcheck_cli import api
     from gradcheck_cli.probe.batch import InputOptions
     from gradcheck_cli.probe.options import LossKind, ProbeOptions
@@ -120,24 +121,30 @@ def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None], i
     def probe() -> None:
         api.inspect_module(model, options)
 
-    return bare, probe, sum(p.numel() for p in model.parameters())
+    def timed(step: Callable[[], None]) -> float:
+        # Every timed step starts from a model without .grad, as a loaded checkpoint is: gradients
+        # left by the previous step would be freed inside the bare step's zero_grad, and held by the
+        # probe (which restores them afterwards) while it allocates its own, which cost the 1B MLP
+        # 0.7 s of memory traffic that no real run of the probe has.
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+    return bare, probe, timed, sum(p.numel() for p in model.parameters())
 
 
 # ---- measurements -----------------------------------------------------------------------------
 
 
 def interleaved(name: str, repeats: int) -> dict[str, Any]:
-    bare, probe, params = step_functions(name)
+    bare, probe, timed, params = step_functions(name)
     bare()
     probe()  # warm-up: allocator, thread pools, lazy imports
     bare_times, probe_times, ratios = [], [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        bare()
-        bare_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        probe()
-        probe_times.append(time.perf_counter() - start)
+        bare_times.append(timed(bare))
+        probe_times.append(timed(probe))
         ratios.append(probe_times[-1] / bare_times[-1])
     return {"model": name, "parameters": params, "repeats": repeats,
             "bare_median_s": statistics.median(bare_times), "probe_median_s": statistics.median(probe_times),
@@ -158,7 +165,7 @@ def memory_child(name: str, which: str) -> None:
     """
     import threading
 
-    bare, probe, _ = step_functions(name)
+    bare, probe, _, _ = step_functions(name)
     before = _rss_bytes()
     peak = before
     done = threading.Event()
