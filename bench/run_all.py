@@ -456,34 +456,33 @@ def scaling_summary(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
             by_shape.setdefault(row["shape"], []).append(row)
     fits: dict[str, list[dict[str, Any]]] = {"parameters": [], "batch": []}
     statements = []
-    # Every batch with two or more model sizes: time against parameters.
-    for batch, group in sorted(by_batch.items(), key=lambda item: -len(item[1])):
-        group = sorted(group, key=lambda r: r["parameters"])
-        if len({r["parameters"] for r in group}) < 2:
-            continue
-        k = exponent([r["parameters"] for r in group], [r["probe_s"] for r in group])
-        kb = exponent([r["parameters"] for r in group], [r["bare_s"] for r in group])
-        per_million = [r["probe_s"] / r["parameters"] * 1e6 for r in group]
-        fits["parameters"].append({"batch": batch, "models": [r["model"] for r in group], "exponent": k,
-                                   "bare_exponent": kb, "probe_s_per_million_parameters": per_million})
-        statements.append(
-            f"At batch {batch}, from {count_text(group[0]['parameters'])} to {count_text(group[-1]['parameters'])} "
-            f"parameters, probe time grows as parameters^{k:.2f} (bare step: ^{kb:.2f}): {linearity(k)}; probe "
-            f"seconds per million parameters: {', '.join(f'{v:.3g}' for v in per_million)}.")
-    # Every model shape run at two or more batch sizes: time against batch.
-    for shape, group in sorted(by_shape.items(), key=lambda item: -len(item[1])):
-        group = sorted(group, key=lambda r: r["batch"])
-        if len({r["batch"] for r in group}) < 2:
-            continue
-        k = exponent([r["batch"] for r in group], [r["probe_s"] for r in group])
-        kb = exponent([r["batch"] for r in group], [r["bare_s"] for r in group])
-        per_sample = [r["probe_s"] / r["batch"] * 1e3 for r in group]
-        fits["batch"].append({"shape": shape, "models": [r["model"] for r in group], "exponent": k,
-                              "bare_exponent": kb, "probe_ms_per_sample": per_sample})
-        statements.append(
-            f"For {shape} ({count_text(group[0]['parameters'])} parameters), from batch {group[0]['batch']} to "
-            f"{group[-1]['batch']}, probe time grows as batch^{k:.2f} (bare step: ^{kb:.2f}): {linearity(k)}; "
-            f"probe milliseconds per sample: {', '.join(f'{v:.3g}' for v in per_sample)}.")
+    # Every batch with two or more model sizes: time against parameters; every model shape run at
+    # two or more batch sizes: time against batch.
+    for fixed, groups, axis in (("batch", by_batch, "parameters"), ("shape", by_shape, "batch")):
+        for key, group in sorted(groups.items(), key=lambda item: -len(item[1])):
+            group = sorted(group, key=lambda r: r[axis])
+            if len({r[axis] for r in group}) < 2:
+                continue
+            xs = [r[axis] for r in group]
+            k = exponent(xs, [r["probe_s"] for r in group])
+            kb = exponent(xs, [r["bare_s"] for r in group])
+            fit: dict[str, Any] = {fixed: key, "models": [r["model"] for r in group], "exponent": k,
+                                   "bare_exponent": kb}
+            if axis == "parameters":
+                per_unit = [r["probe_s"] / r["parameters"] * 1e6 for r in group]
+                fit["probe_s_per_million_parameters"] = per_unit
+                where = (f"At batch {key}, from {count_text(xs[0])} to {count_text(xs[-1])} parameters, probe time "
+                         f"grows as parameters^{k:.2f}")
+                unit = "probe seconds per million parameters"
+            else:
+                per_unit = [r["probe_s"] / r["batch"] * 1e3 for r in group]
+                fit["probe_ms_per_sample"] = per_unit
+                where = (f"For {key} ({count_text(group[0]['parameters'])} parameters), from batch {xs[0]} to "
+                         f"{xs[-1]}, probe time grows as batch^{k:.2f}")
+                unit = "probe milliseconds per sample"
+            fits[axis].append(fit)
+            statements.append(f"{where} (bare step: ^{kb:.2f}): {linearity(k)}; {unit}: "
+                              f"{', '.join(f'{v:.3g}' for v in per_unit)}.")
     largest = max(rows, key=lambda r: r["parameters"])
     statements.append(f"Largest model probed: {largest['parameters']:,} parameters ({largest['model']}) in "
                       f"{largest['probe_s']:.3g} s (bare training step {largest['bare_s']:.3g} s).")

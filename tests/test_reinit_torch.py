@@ -409,3 +409,22 @@ def test_probes_reuse_the_inferred_input_shapes(tmp_path: Any) -> None:
     loaded_embed = LoadedModel(path=Path("e.pt"), format=ModelFormat.TORCH_ZIP, module=embed)
     embed_inputs = probe_inputs(embed, probe.inputs, device=resolve_device("cpu"))
     assert _with_known_shapes(loaded_embed, probe, embed_inputs) is probe
+
+
+def test_a_model_that_fails_while_traced_is_refused_with_its_error_and_its_mode_restored() -> None:
+    from gradcheck_cli.errors import ProbeError
+    from gradcheck_cli.rewrite.torch_reinit import trace_execution
+
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not self.training and not torch.is_grad_enabled()  # traced in eval mode, without autograd
+            raise ValueError("shape mismatch in forward")
+
+    model = Fails().train()
+    with pytest.raises(ProbeError, match="while reinit traced it: ValueError: shape mismatch in forward"):
+        trace_execution(model, batch(2, 4))
+    assert model.training and torch.is_grad_enabled()

@@ -16,6 +16,7 @@ pass did not choose keeps its bytes (checked by :func:`verify_untouched`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import weakref
@@ -385,25 +386,36 @@ def _mode_class() -> type:
     return FlowMode
 
 
-def _run(module: nn.Module, batches: list[ProbeBatch], recorder: _FlowRecorder) -> Any:
-    """Run the batches under the recorder; eval mode and no_grad, training flag restored."""
+@contextlib.contextmanager
+def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
+    """Eval mode and no_grad for the block, the training flag restored; a failure of the model
+    becomes a ProbeError that says what reinit was ``doing`` (_Captured passes through)."""
     import torch
 
     was_training = module.training
     switched = _set_training(module, False)
     try:
-        with torch.no_grad(), _mode_class()(recorder):
-            for batch in batches:
-                module(*batch.args, **batch.kwargs)
-    except _Captured as captured:
-        return captured.output
+        with torch.no_grad():
+            yield
+    except _Captured:
+        raise
     except Exception as exc:
-        raise ProbeError(f"the model failed on the probe batch while reinit traced it: "
+        raise ProbeError(f"the model failed on the probe batch while reinit {doing}: "
                          f"{type(exc).__name__}: {_first_line(exc)}",
                          hint="check --input-shape/--input; pass --debug for the traceback") from exc
     finally:
         if switched:
             _set_training(module, was_training)
+
+
+def _run(module: nn.Module, batches: list[ProbeBatch], recorder: _FlowRecorder) -> Any:
+    """Run the batches under the recorder; eval mode and no_grad, training flag restored."""
+    try:
+        with _inference_forward(module, "traced it"), _mode_class()(recorder):
+            for batch in batches:
+                module(*batch.args, **batch.kwargs)
+    except _Captured as captured:
+        return captured.output
     return None
 
 
@@ -411,7 +423,6 @@ def _run_intercepted(module: nn.Module, batch: ProbeBatch,
                      intercept: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]) -> None:
     """One forward pass with every torch call made by ``intercept(func, args, kwargs)``; eval mode
     and no_grad, training flag restored (as :func:`_run`)."""
-    import torch
     from torch.overrides import TorchFunctionMode
 
     class Intercept(TorchFunctionMode):
@@ -419,18 +430,8 @@ def _run_intercepted(module: nn.Module, batch: ProbeBatch,
                                kwargs: dict[str, Any] | None = None) -> Any:
             return intercept(func, args, kwargs or {})
 
-    was_training = module.training
-    switched = _set_training(module, False)
-    try:
-        with torch.no_grad(), Intercept():
-            module(*batch.args, **batch.kwargs)
-    except Exception as exc:
-        raise ProbeError(f"the model failed on the probe batch while reinit rescaled it (LSUV): "
-                         f"{type(exc).__name__}: {_first_line(exc)}",
-                         hint="check --input-shape/--input; pass --debug for the traceback") from exc
-    finally:
-        if switched:
-            _set_training(module, was_training)
+    with _inference_forward(module, "rescaled it (LSUV)"), Intercept():
+        module(*batch.args, **batch.kwargs)
 
 
 def _set_training(module: nn.Module, training: bool) -> bool:
