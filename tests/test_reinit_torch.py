@@ -107,17 +107,20 @@ def test_glorot_keeps_a_20_layer_tanh_mlp_from_collapsing_where_the_old_init_shr
     assert geometric == pytest.approx(1 / 3, rel=0.1)  # n_in·Var(w) = 1/3, tanh ~linear near 0
 
 
+def lsuv_model(kind: str) -> tuple[nn.Module, list[ProbeBatch]]:
+    """A seeded MLP (ReLU and tanh) or CNN (grouped convolution) with its probe batch."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return (nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)),
+                batch(64, 32))
+    return (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 6 * 6, 10)),
+            batch(16, 3, 8, 8))
+
+
 @pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
 def test_lsuv_gives_every_layer_output_variance_1(model_kind: str) -> None:
-    torch.manual_seed(0)
-    if model_kind == "mlp":
-        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(),
-                                         nn.Linear(64, 10))
-        probe = batch(64, 32)
-    else:
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2),
-                              nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
-        probe = batch(16, 3, 8, 8)
+    model, probe = lsuv_model(model_kind)
     options = ReinitOptions(scheme=Scheme.LSUV)
     result = reinit_module(model, probe, options=options)
     outputs: dict[str, float] = {}
@@ -361,15 +364,7 @@ def test_lsuv_in_one_pass_is_the_truncated_forward_loop(model_kind: str) -> None
 
     from gradcheck_cli.rewrite.torch_reinit import _lsuv_by_truncated_forwards, _lsuv_in_one_pass, _tensors_by_name
 
-    torch.manual_seed(0)
-    if model_kind == "mlp":
-        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(),
-                                         nn.Linear(64, 10))
-        probe = batch(64, 32)
-    else:
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2),
-                              nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
-        probe = batch(16, 3, 8, 8)
+    model, probe = lsuv_model(model_kind)
     start = reinit_module(model, probe, options=ReinitOptions(scheme=Scheme.ORTHOGONAL)).module
     weights = [name for name, p in start.named_parameters() if p.dim() > 1]
     options = ReinitOptions(scheme=Scheme.LSUV)

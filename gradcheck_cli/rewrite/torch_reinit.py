@@ -922,17 +922,27 @@ def _needs_rescale(variance: float | None, rescales: int, options: ReinitOptions
 def _lsuv_by_truncated_forwards(module: nn.Module, batches: list[ProbeBatch], name: str, weight: torch.Tensor,
                                 options: ReinitOptions) -> tuple[float | None, float | None, int]:
     """One layer: a forward pass up to its op per measurement (every micro-batch each time)."""
+
+    initial = _output_variance(module, batches, name)
+    variance, rescales = _rescale_to_unit_variance(weight, initial, lambda: _output_variance(module, batches, name),
+                                                   options)
+    return initial, variance, rescales
+
+
+def _rescale_to_unit_variance(weight: torch.Tensor, variance: float | None, remeasure: Callable[[], float | None],
+                              options: ReinitOptions) -> tuple[float | None, int]:
+    """LSUV's loop for one layer: scale ``weight`` by 1/sqrt(variance) and measure the layer's output
+    again until its variance is within tolerance (or the rescale limit): (final variance, rescales)."""
     import torch
 
-    initial = variance = _output_variance(module, batches, name)
     rescales = 0
     while _needs_rescale(variance, rescales, options):
         assert variance is not None
         with torch.no_grad():
             weight.mul_(1.0 / float(variance) ** 0.5)
         rescales += 1
-        variance = _output_variance(module, batches, name)
-    return initial, variance, rescales
+        variance = remeasure()
+    return variance, rescales
 
 
 def _lsuv_in_one_pass(module: nn.Module, batches: list[ProbeBatch], weights: list[str],
@@ -947,7 +957,6 @@ def _lsuv_in_one_pass(module: nn.Module, batches: list[ProbeBatch], weights: lis
     the input a fresh forward pass with the rescaled weights would give it, so the result is the
     truncated loop's, at the cost of one forward pass plus the repeated ops.
     """
-    import torch
 
     pending = set(weights)
     results: dict[str, tuple[float, float, int]] = {}
@@ -972,15 +981,15 @@ def _lsuv_in_one_pass(module: nn.Module, batches: list[ProbeBatch], weights: lis
             return output
         pending.discard(weight_name)
         weight = params[weight_name]
-        initial = variance = measure(output)
-        rescales = 0
-        while _needs_rescale(variance, rescales, options):
-            assert variance is not None
-            with torch.no_grad():
-                weight.mul_(1.0 / float(variance) ** 0.5)
-            rescales += 1
-            output = func(*args, **kwargs)
-            variance = measure(output)
+        latest = [output]
+
+        def remeasure() -> float | None:
+            latest[0] = func(*args, **kwargs)  # the op again, with the rescaled weight
+            return measure(latest[0])
+
+        initial = measure(output)
+        variance, rescales = _rescale_to_unit_variance(weight, initial, remeasure, options)
+        output = latest[0]
         if initial is not None and variance is not None:
             results[weight_name] = (initial, variance, rescales)
         return output
