@@ -99,11 +99,12 @@ def inspect_onnx(path: Path, *, probe: ProbeOptions | None = None, allow_nonfini
 def inspect_model(loaded: LoadedModel, probe: ProbeOptions | None = None, *,
                   progress: Progress | None = None) -> Report:
     """Probe an already loaded model."""
+    from gradcheck_cli.model.torch_load import resolve_device
     from gradcheck_cli.probe.run import run_probe
     from gradcheck_cli.threads import probe_threads
 
     probe = probe or ProbeOptions()
-    with probe_threads(loaded.module, _device_type(probe.device)):
+    with probe_threads(loaded.module, resolve_device(probe.device).type):
         return run_probe(loaded, probe, progress=progress)
 
 
@@ -115,11 +116,6 @@ def inspect_module(module: nn.Module, probe: ProbeOptions | None = None, *, name
 
     loaded = LoadedModel(path=Path(name), format=ModelFormat.TORCH_ZIP, module=module)
     return inspect_model(loaded, probe, progress=progress)
-
-
-def _device_type(device: str) -> str:
-    """'cuda' for 'cuda:1': enough to choose thread counts; run_probe validates the device itself."""
-    return device.split(":", 1)[0].strip().lower()
 
 
 def check_finite_weights(loaded: LoadedModel) -> None:

@@ -376,17 +376,14 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
         for row, _, _ in by_value.get(value, []):
             row.skip_reason = reason
         for row in norm_inputs.get(value, []):
-            row.input_row = row.input_row or Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
-            row.input_row.skip_reason = reason
+            row.input_of().skip_reason = reason
     # Micro-batch by micro-batch, in row order: the order Recorder.end_batch merges in.
     for batch in range(len(feeds)):
         for value, per_batch in reduced.stats.items():
             for row, axis, spec in by_value.get(value, []):
                 apply_stats(row, per_batch[batch], unit_axis=axis, saturation=spec)
             for row in norm_inputs.get(value, []):
-                if row.input_row is None:
-                    row.input_row = Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
-                apply_stats(row.input_row, per_batch[batch], unit_axis=None, saturation=None)
+                apply_stats(row.input_of(), per_batch[batch], unit_axis=None, saturation=None)
     return reduced
 
 

@@ -207,10 +207,7 @@ def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None
 def over_limit(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None) -> str:
     """Which limit the estimate exceeds (the tightest), in words, for the note that says why the
     probe split."""
-    exceeded = [(limit - need, limit, what, need) for limit, what, need, _ in _limits(estimate, budget, available)
-                if need > limit] or [(0, limit, what, need) for limit, what, need, _ in _limits(estimate, budget,
-                                                                                                  available)]
-    _, limit, what, need = min(exceeded)
+    limit, what, need, _ = max(_limits(estimate, budget, available), key=lambda check: check[2] - check[0])
     return (f"about {_human(need)} for a micro-batch of {estimate.batch_size}, more than the "
             f"{_human(limit)} of {what}")
 

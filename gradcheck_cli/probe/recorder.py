@@ -66,6 +66,12 @@ class Row:
     attention_rows: int = 0
     attention_keys: int = 0
 
+    def input_of(self) -> Row:
+        """The row of this (norm) layer's input statistics, created on first use."""
+        if self.input_row is None:
+            self.input_row = Row(name=self.name, type=self.type, kind=self.kind, module=self.module)
+        return self.input_row
+
 
 def _measured(output: torch.Tensor) -> torch.Tensor:
     """The values statistics are computed on: detached, and float32 for half precision (whose
@@ -203,9 +209,7 @@ class Recorder:
 
     def record_input(self, row: Row, value: torch.Tensor) -> None:
         """Statistics of a norm layer's input (no gradient hook: that is the layer below's output)."""
-        if row.input_row is None:
-            row.input_row = Row(name=row.name, type=row.type, kind=row.kind, module=row.module)
-        self.record_output(row.input_row, value, gradient=False)
+        self.record_output(row.input_of(), value, gradient=False)
 
     def record_attention(self, row: Row, probs: torch.Tensor) -> None:
         """Attention probabilities (N, heads, queries, keys): per-head entropy and saturated rows."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.probe.activations import saturated_mask
+from gradcheck_cli.probe.recorder import sum_of_squares
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +243,7 @@ class RecurrentUnroller:
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                value = torch.linalg.vector_norm(grad.detach().float()).to(torch.float64) ** 2
+                value = sum_of_squares(grad.detach())
                 while len(record.grad_sumsq) <= t:
                     record.grad_sumsq.append(torch.zeros((), dtype=torch.float64, device=grad.device))
                 record.grad_sumsq[t] = record.grad_sumsq[t] + value

@@ -21,7 +21,7 @@ from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, typ
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
 from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
-from gradcheck_cli.probe.recorder import Recorder, uncomputed_note
+from gradcheck_cli.probe.recorder import Recorder, sum_of_squares, uncomputed_note
 from gradcheck_cli.probe.recurrent import (
     HORIZON_FRACTION,
     RecurrentUnroller,
@@ -326,10 +326,10 @@ def _parameter_gradients(
         stacked = []
         for name in names:
             tensors = row_params[name]
-            weight_sq = sum((_norm_squared(p) for p in tensors),
+            weight_sq = sum((sum_of_squares(p.detach()) for p in tensors),
                             torch.zeros((), dtype=torch.float64, device=tensors[0].device))
             grads = [p.grad for p in tensors if p.grad is not None]
-            grad_sq = sum((_norm_squared(g) for g in grads),
+            grad_sq = sum((sum_of_squares(g) for g in grads),
                           torch.zeros((), dtype=torch.float64, device=tensors[0].device))
             has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=tensors[0].device)
             stacked.append(torch.stack([grad_sq, weight_sq, has_grad]).to(tensors[0].device))
@@ -340,13 +340,6 @@ def _parameter_gradients(
         result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
         counts[name] = sum(p.numel() for p in row_params[name])
     return result, counts
-
-
-def _norm_squared(tensor: torch.Tensor) -> torch.Tensor:
-    """|t|^2 in float64 from one pass (no squared copy of a weight matrix, no float64 copy)."""
-    from gradcheck_cli.probe.recorder import sum_of_squares
-
-    return sum_of_squares(tensor.detach())
 
 
 def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str, ThroughTime]:
