@@ -194,13 +194,12 @@ def grad_times(path: Path, name: str, model: Any, plan: Any, batch: int, size: i
     from gradcheck_cli import api
     from gradcheck_cli.onnx.ort_stats import value_sizes
     from gradcheck_cli.onnx.run import _feeds, _lowered_gradients, onnx_probe_inputs
-    from gradcheck_cli.probe.batch import InputOptions
-    from gradcheck_cli.probe.options import ProbeOptions
+    from gradcheck_cli.options import InputOptions, ProbeOptions
     from gradcheck_cli.probe.recorder import Recorder
 
     module = source_module(name)
     module.load_state_dict(torch.load(path.with_suffix(".pt")))
-    options = ProbeOptions(inputs=InputOptions(batch_size=batch, input_shapes=((batch, 3, size, size),)))
+    options = ProbeOptions(inputs=InputOptions(batch_size=batch, input_shape=((batch, 3, size, size),)))
     inputs, _ = onnx_probe_inputs(model, options, torch.device("cpu"))
     sizes = value_sizes(model, {"x": (batch, 3, size, size)})
     import onnxruntime as ort

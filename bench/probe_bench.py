@@ -102,8 +102,7 @@ def make_input(name: str, spec: dict[str, Any]) -> Any:
 def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None],
                                        Callable[[Callable[[], None]], float], int]:
     from gradcheck_cli import api
-    from gradcheck_cli.probe.batch import InputOptions
-    from gradcheck_cli.probe.options import LossKind, ProbeOptions
+    from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
 
     model, spec, loss_of = build(name)
     x = make_input(name, spec)
@@ -116,7 +115,7 @@ def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None],
         options = ProbeOptions(inputs=InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"]),
                                loss=LossKind.MSE)
     else:
-        options = ProbeOptions(inputs=InputOptions(input_shapes=(spec["shape"],)))
+        options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)))
 
     def probe() -> None:
         api.inspect_module(model, options)

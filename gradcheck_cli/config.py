@@ -1,10 +1,12 @@
-"""Configuration for ``gradcheck check``: defaults < ``[tool.gradcheck]`` < CLI flags.
+"""Configuration: defaults < ``[tool.gradcheck]`` < CLI flags, for every command.
 
-The file is ``--config FILE`` (a pyproject.toml, or a gradcheck.toml whose top level is the
+The file is ``config`` (a pyproject.toml, or a gradcheck.toml whose top level is the
 ``[tool.gradcheck]`` table), else the nearest pyproject.toml with a ``[tool.gradcheck]`` table,
 searched upward from the working directory (as ruff does: a pyproject.toml without the table
-is passed over). Keys are kebab-case (snake_case is accepted too). Every unknown key and every
-bad value is a :class:`ConfigError` naming the key, so a typo never silently turns a rule off.
+is passed over). A key is the name of a field of one of the option records of
+:mod:`gradcheck_cli.options`, in kebab-case (snake_case is accepted too), so a config key, a flag
+and a library field are one name. Every unknown key and every bad value is a :class:`ConfigError`
+naming the key, so a typo never silently turns a rule off.
 
     [tool.gradcheck]
     fail-on = "error"
@@ -17,22 +19,38 @@ bad value is a :class:`ConfigError` naming the key, so a typo never silently tur
     threshold = 0.3
     severity = "warning"
     ignore-layers = ["head.*"]
+
+A :class:`Settings` holds what one source set, per record; merging two is a dict update, and an
+option record is ``replace(Record(), **settings.load)``.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.probe.options import LossKind, Mode
+from gradcheck_cli.gate.rules import configure
+from gradcheck_cli.options import (
+    FoldOptions,
+    GateOptions,
+    InputOptions,
+    LoadOptions,
+    LossKind,
+    Mode,
+    ProbeOptions,
+    ReinitOptions,
+    ReportFormat,
+    ReportTarget,
+    RuleOverride,
+)
 from gradcheck_cli.records import Severity
-from gradcheck_cli.rules import RuleOverride, configure
+from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,108 +62,115 @@ E = TypeVar("E", bound=Enum)
 
 TABLE = "tool.gradcheck"
 
-
-class OutputFormat(str, Enum):
-    """What ``check`` writes: a closed set (docs/ci.md describes each)."""
-
-    TABLE = "table"
-    JSON = "json"
-    MARKDOWN = "markdown"
-    JUNIT = "junit"
-    GITHUB = "github"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class OutputTarget:
-    """One requested output: a format, to stdout (path None) or to a file."""
-
-    format: OutputFormat
-    path: Path | None = None
+# The records a config file may set, by the name Settings keeps them under.
+RECORDS: dict[str, type[Any]] = {
+    "load": LoadOptions,
+    "inputs": InputOptions,
+    "probe": ProbeOptions,
+    "gate": GateOptions,
+    "fold": FoldOptions,
+    "reinit": ReinitOptions,
+}
+# Fields no file sets: the probe's inputs are their own record; reinit draws with the inputs' seed;
+# the LSUV loop's bounds are the paper's.
+_NOT_CONFIGURABLE = {("probe", "inputs"), ("reinit", "seed"), ("reinit", "lsuv_tolerance"),
+                     ("reinit", "lsuv_max_iterations")}
 
 
-def parse_output(text: str, *, where: str = "--format", base: Path | None = None) -> OutputTarget:
-    """'junit' or 'junit=reports/gradcheck.xml' (a relative path is taken from ``base``)."""
-    name, sep, path_text = text.partition("=")
-    try:
-        fmt = OutputFormat(name.strip().lower())
-    except ValueError:
-        choices = ", ".join(f.value for f in OutputFormat)
-        raise ConfigError(
-            f"{where}: unknown format {name!r}",
-            hint=f"choose from {choices}, optionally with =PATH, e.g. junit=gradcheck.xml",
-        ) from None
-    if sep and not path_text.strip():
-        raise ConfigError(f"{where}: {text!r} has '=' but no path", hint="e.g. junit=gradcheck.xml")
-    path = Path(path_text.strip()) if sep else None
-    if path is not None and base is not None and not path.is_absolute():
-        path = base / path
-    return OutputTarget(format=fmt, path=path)
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """How to load and probe each model; None means "not set here" (the default applies)."""
-
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] | None = None
-    non_strict: bool | None = None
-    trust_pickle: bool | None = None
-    device: str | None = None
-    input_file: Path | None = None
-    input_shape: tuple[str, ...] | None = None
-    input_dtype: str | None = None
-    input_range: str | None = None
-    batch_size: int | None = None
-    batches: int | None = None
-    seed: int | None = None
-    loss: LossKind | None = None
-    target: Path | None = None
-    mode: Mode | None = None
-    model_output: str | None = None
-    saturation_cutoff: float | None = None
+def option_fields() -> dict[str, str]:
+    """Field name -> the record (as named in :data:`RECORDS`) that holds it."""
+    table: dict[str, str] = {}
+    for record, cls in RECORDS.items():
+        for item in fields(cls):
+            if (record, item.name) not in _NOT_CONFIGURABLE:
+                assert item.name not in table, f"option field {item.name} is declared twice"
+                table[item.name] = record
+    return table
 
 
 @dataclass(frozen=True)
 class Settings:
-    fail_on: Severity | None = None
-    select: tuple[str, ...] | None = None
-    ignore: tuple[str, ...] = ()
-    baseline: Path | None = None
-    baseline_tolerance: float | None = None
-    outputs: tuple[OutputTarget, ...] | None = None
-    rules: dict[str, RuleOverride] = field(default_factory=dict)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    """What one source (the config file or the command line) set, per record: field -> value.
+    A field that is absent was not set there, and the default (or the other source) applies."""
+
+    values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The config's ``format`` list: the gate's report formats (``check`` only).
+    format: tuple[ReportTarget, ...] | None = None
     source: Path | None = None  # the file the settings came from
 
     def merged(self, cli: Settings) -> Settings:
-        """``cli`` over ``self``: a value set on the command line wins; ``ignore`` lists add up
-        (an --ignore on the command line should not re-enable what the file ignores)."""
-        probe = replace(
-            self.probe,
-            **{
-                f.name: getattr(cli.probe, f.name)
-                for f in fields(ProbeSettings)
-                if getattr(cli.probe, f.name) is not None
-            },
+        """``cli`` over ``self``: a value set on the command line wins; the gate's ``ignore`` lists
+        add up (an ignore on the command line should not re-enable what the file ignores), and
+        per-rule settings merge rule by rule."""
+        values: dict[str, dict[str, Any]] = {name: dict(self.values.get(name, {})) for name in RECORDS}
+        for name, given in cli.values.items():
+            values[name].update(given)
+        gate_file, gate_cli = self.values.get("gate", {}), cli.values.get("gate", {})
+        if "ignore" in gate_file and "ignore" in gate_cli:
+            values["gate"]["ignore"] = tuple(gate_file["ignore"]) + tuple(gate_cli["ignore"])
+        if "rules" in gate_file and "rules" in gate_cli:
+            values["gate"]["rules"] = {**gate_file["rules"], **gate_cli["rules"]}
+        return Settings(values={k: v for k, v in values.items() if v},
+                        format=cli.format if cli.format is not None else self.format, source=self.source)
+
+    def _record(self, name: str) -> Any:
+        return replace(RECORDS[name](), **self.values.get(name, {}))
+
+    @property
+    def load(self) -> LoadOptions:
+        return self._record("load")  # type: ignore[no-any-return]
+
+    @property
+    def inputs(self) -> InputOptions:
+        return self._record("inputs")  # type: ignore[no-any-return]
+
+    @property
+    def probe(self) -> ProbeOptions:
+        return replace(self._record("probe"), inputs=self.inputs)  # type: ignore[no-any-return]
+
+    @property
+    def gate(self) -> GateOptions:
+        return self._record("gate")  # type: ignore[no-any-return]
+
+    @property
+    def fold(self) -> FoldOptions:
+        return self._record("fold")  # type: ignore[no-any-return]
+
+    @property
+    def reinit(self) -> ReinitOptions:
+        return replace(self._record("reinit"), seed=self.inputs.seed)  # type: ignore[no-any-return]
+
+
+def settings_of(**values: Any) -> Settings:
+    """Settings from field names (each placed in its record); None values are not set."""
+    table = option_fields()
+    grouped: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        if value is not None:
+            grouped.setdefault(table[name], {})[name] = value
+    return Settings(values=grouped)
+
+
+def parse_report_target(text: str, *, where: str = "`format`", base: Path | None = None,
+                        allowed: tuple[ReportFormat, ...] = tuple(ReportFormat)) -> ReportTarget:
+    """'junit' or 'junit=reports/gradcheck.xml' (a relative path is taken from ``base``)."""
+    name, sep, path_text = text.partition("=")
+    try:
+        fmt = ReportFormat(name.strip().lower())
+    except ValueError:
+        fmt = None
+    if fmt is None or fmt not in allowed:
+        choices = ", ".join(f.value for f in allowed)
+        raise ConfigError(
+            f"{where}: unknown format {name!r}",
+            hint=f"choose from {choices}, optionally with =PATH, e.g. {allowed[-1].value}=report.out",
         )
-        rules = dict(self.rules)
-        rules.update(cli.rules)
-        return Settings(
-            fail_on=cli.fail_on or self.fail_on,
-            select=cli.select if cli.select is not None else self.select,
-            ignore=self.ignore + cli.ignore,
-            baseline=cli.baseline or self.baseline,
-            baseline_tolerance=cli.baseline_tolerance
-            if cli.baseline_tolerance is not None
-            else self.baseline_tolerance,
-            outputs=cli.outputs if cli.outputs is not None else self.outputs,
-            rules=rules,
-            probe=probe,
-            source=self.source,
-        )
+    if sep and not path_text.strip():
+        raise ConfigError(f"{where}: {text!r} has '=' but no path", hint=f"e.g. {fmt.value}=report.out")
+    path = Path(path_text.strip()) if sep else None
+    if path is not None and base is not None and not path.is_absolute():
+        path = base / path
+    return ReportTarget(format=fmt, path=path)
 
 
 # --- finding and reading the file -------------------------------------------------------------
@@ -264,63 +289,115 @@ def _arch(value: Any, key: str, base: Path) -> str:
     return text
 
 
-def _shape_list(value: Any, key: str) -> tuple[str, ...]:
+def _shapes(value: Any, key: str) -> tuple[tuple[int, ...], ...]:
     """'8,32', ['8,32', '8,4'], [8, 32] or [[8, 32], [8, 4]]."""
+    from gradcheck_cli.probe.batch import parse_shape
+
     if isinstance(value, str):
-        return (value,)
+        return (parse_shape(value),)
     items = _typed(value, list, key, "a shape like '8,32' or a list of them")
     if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        return (",".join(str(i) for i in items),)
-    shapes: list[str] = []
+        return (tuple(_positive_int(d, key) for d in items),)
+    shapes: list[tuple[int, ...]] = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            shapes.append(item)
+            shapes.append(parse_shape(item))
         else:
             dims = _typed(item, list, f"{key}[{i}]", "a shape")
-            shapes.append(",".join(str(_positive_int(d, f"{key}[{i}]")) for d in dims))
+            shapes.append(tuple(_positive_int(d, f"{key}[{i}]") for d in dims))
     return tuple(shapes)
 
 
-def _input_range(value: Any, key: str) -> str:
+def _input_range(value: Any, key: str) -> tuple[float, float]:
     if isinstance(value, str):
-        return value
+        parts = value.split(",")
+        if len(parts) != 2:
+            raise ConfigError(f"{key}: expected 'LOW,HIGH', got {value!r}")
+        try:
+            return float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ConfigError(f"{key}: expected 'LOW,HIGH', got {value!r}") from None
     pair = _typed(value, list, key, "'LOW,HIGH' or [LOW, HIGH]")
     if len(pair) != 2:
         raise ConfigError(f"{key}: expected [LOW, HIGH], got {value!r}")
     low, high = (_number(v, key) for v in pair)
-    return f"{low:g},{high:g}"
+    return low, high
 
 
-def _saturation(value: Any, key: str) -> float:
+def _fraction(value: Any, key: str) -> float:
     number = _number(value, key)
     if not 0 < number < 1:
         raise ConfigError(f"{key}: must be between 0 and 1, got {number}")
     return number
 
 
-def _probe_parsers(base: Path) -> dict[str, tuple[str, Callable[[Any, str], Any]]]:
-    """Config key -> (ProbeSettings field, parser)."""
+def _at_least_zero(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if number < 0:
+        raise ConfigError(f"{key}: must be 0 or more, got {number}")
+    return number
+
+
+def _memory(value: Any, key: str) -> int:
+    from gradcheck_cli.probe.budget import parse_memory_budget
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _positive_int(value, key)
+    return parse_memory_budget(_typed(value, str, key, "a size like '4GiB'"))
+
+
+def _bool(value: Any, key: str) -> bool:
+    return _typed(value, bool, key, "true or false")
+
+
+def _string(what: str) -> Callable[[Any, str], str]:
+    return lambda value, key: _typed(value, str, key, what)
+
+
+def _choice_of(enum: type[E]) -> Callable[[Any, str], E]:
+    return lambda value, key: _choice(value, enum, key)
+
+
+def _parsers(base: Path) -> dict[str, Callable[[Any, str], Any]]:
+    """Field -> parser of its config value (every configurable field has one)."""
     return {
-        "arch": ("arch", lambda v, k: _arch(v, k, base)),
-        "arch-kwargs": ("arch_kwargs", lambda v, k: dict(_typed(v, dict, k, "a table"))),
-        "non-strict": ("non_strict", lambda v, k: _typed(v, bool, k, "true or false")),
-        "trust-pickle": ("trust_pickle", lambda v, k: _typed(v, bool, k, "true or false")),
-        "device": ("device", lambda v, k: _typed(v, str, k, "a string (cpu, cuda, cuda:N)")),
-        "input": ("input_file", lambda v, k: _relative(base, _typed(v, str, k, "a path"))),
-        "input-shape": ("input_shape", _shape_list),
-        "input-dtype": ("input_dtype", lambda v, k: _typed(v, str, k, "a dtype name")),
-        "input-range": ("input_range", _input_range),
-        "batch-size": ("batch_size", _positive_int),
-        "batches": ("batches", _positive_int),
-        "seed": ("seed", lambda v, k: _typed(v, int, k, "an integer")),
-        "loss": ("loss", lambda v, k: _choice(v, LossKind, k)),
-        "target": ("target", lambda v, k: _relative(base, _typed(v, str, k, "a path"))),
-        "mode": ("mode", lambda v, k: _choice(v, Mode, k)),
-        "model-output": (
-            "model_output",
-            lambda v, k: str(_typed(v, (str, int), k, "an index or a key")),
-        ),
-        "saturation-cutoff": ("saturation_cutoff", _saturation),
+        "arch": lambda v, k: _arch(v, k, base),
+        "arch_kwargs": lambda v, k: dict(_typed(v, dict, k, "a table")),
+        "non_strict": _bool,
+        "trust_pickle": _bool,
+        "allow_nonfinite": _bool,
+        "input": lambda v, k: _relative(base, _typed(v, str, k, "a path")),
+        "input_shape": _shapes,
+        "input_dtype": _string("a dtype name"),
+        "input_range": _input_range,
+        "batch_size": _positive_int,
+        "batches": _positive_int,
+        "seed": lambda v, k: _typed(v, int, k, "an integer"),
+        "seq_len": _positive_int,
+        "loss": _choice_of(LossKind),
+        "target": lambda v, k: _relative(base, _typed(v, str, k, "a path")),
+        "mode": _choice_of(Mode),
+        "device": _string("a string (cpu, cuda, cuda:N)"),
+        "model_output": lambda v, k: str(_typed(v, (str, int), k, "an index or a key")),
+        "saturation_cutoff": _fraction,
+        "histograms": _bool,
+        "memory_budget": _memory,
+        "fail_on": _choice_of(Severity),
+        "select": _strings,
+        "ignore": _strings,
+        "rules": lambda v, k: _parse_rules(_typed(v, dict, k, "a table of rule settings"), k),
+        "baseline": lambda v, k: _relative(base, _typed(v, str, k, "a path")),
+        "baseline_tolerance": _at_least_zero,
+        "exit_zero": _bool,
+        "affine_standalone": _bool,
+        "benchmark": lambda v, k: int(_at_least_zero(_typed(v, int, k, "an integer"), k)),
+        "scheme": _choice_of(Scheme),
+        "distribution": _choice_of(Distribution),
+        "fan": _choice_of(FanMode),
+        "layers": _strings,
+        "recurrent": _choice_of(RecurrentInit),
+        "reset_norm": _bool,
+        "forget_bias": _bool,
     }
 
 
@@ -330,49 +407,28 @@ _RULE_KEYS = ("threshold", "severity", "ignore-layers")
 def parse_settings(table: dict[str, Any], *, source: Path | None = None) -> Settings:
     """Validate a ``[tool.gradcheck]`` table (already read from TOML)."""
     base = source.parent if source is not None else Path.cwd()
-    probe_parsers = _probe_parsers(base)
-    probe: dict[str, Any] = {}
-    values: dict[str, Any] = {}
-    rules: dict[str, RuleOverride] = {}
+    parsers = _parsers(base)
+    records = option_fields()
+    assert set(parsers) == set(records), "every configurable field needs a parser"
+    values: dict[str, dict[str, Any]] = {}
+    report: tuple[ReportTarget, ...] | None = None
     for raw_key, value in table.items():
-        key = _key(raw_key)
+        name = raw_key.replace("-", "_")
         where = f"{TABLE}.{raw_key}"
-        if key in probe_parsers:
-            name, parser = probe_parsers[key]
-            probe[name] = parser(value, where)
-        elif key == "fail-on":
-            values["fail_on"] = _choice(value, Severity, where)
-        elif key == "select":
-            values["select"] = _strings(value, where)
-        elif key == "ignore":
-            values["ignore"] = _strings(value, where)
-        elif key == "baseline":
-            values["baseline"] = _relative(base, _typed(value, str, where, "a path"))
-        elif key == "baseline-tolerance":
-            tolerance = _number(value, where)
-            if tolerance < 0:
-                raise ConfigError(f"{where}: must be 0 or more, got {tolerance}")
-            values["baseline_tolerance"] = tolerance
-        elif key == "format":
-            values["outputs"] = tuple(
-                parse_output(text, where=where, base=base) for text in _strings(value, where)
-            )
-        elif key == "rules":
-            rules = _parse_rules(_typed(value, dict, where, "a table of rule settings"), where)
+        if name == "format":
+            report = tuple(parse_report_target(text, where=where, base=base) for text in _strings(value, where))
+        elif name in records:
+            values.setdefault(records[name], {})[name] = parsers[name](value, where)
         else:
             raise ConfigError(
                 f"{where}: unknown key {raw_key!r}",
                 hint="see docs/ci.md for the keys [tool.gradcheck] accepts",
             )
-    settings = Settings(**values, rules=rules, probe=ProbeSettings(**probe), source=source)
+    settings = Settings(values=values, format=report, source=source)
     # Validate rule names and thresholds now, so a bad file fails before any model is loaded.
-    configure(
-        select=settings.select,
-        ignore=settings.ignore,
-        overrides=settings.rules,
-        where=TABLE,
-        rules_where=f"{TABLE}.rules",
-    )
+    gate = settings.gate
+    configure(select=gate.select, ignore=gate.ignore, overrides=gate.rules,
+              name_of=lambda key: f"{TABLE}.{key.replace('_', '-')}")
     return settings
 
 
@@ -401,11 +457,3 @@ def _parse_rules(table: dict[str, Any], where: str) -> dict[str, RuleOverride]:
             threshold=threshold, severity=severity, ignore_layers=ignore_layers
         )
     return rules
-
-
-def parse_rule_assignment(text: str, *, where: str) -> tuple[str, str]:
-    """'dead-relu=0.3' -> ('dead-relu', '0.3') for the --threshold/--severity flags."""
-    rule, sep, value = text.partition("=")
-    if not sep or not rule.strip() or not value.strip():
-        raise ConfigError(f"{where} {text!r} is not RULE=VALUE", hint=f"e.g. {where} dead-relu=0.3")
-    return rule.strip(), value.strip()

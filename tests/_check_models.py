@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradcheck_cli.check import check_module
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import LossKind, ProbeOptions
+from gradcheck_cli.gate.check import check_module
+from gradcheck_cli.gate.rules import RULES, Rule
+from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
 from gradcheck_cli.records import Report
-from gradcheck_cli.rules import RULES, Rule
 
 IN_FEATURES = 16
 WIDTH = 64
@@ -21,7 +20,7 @@ CLASSES = 10
 
 
 def probe(*, batch_size: int = 32, loss: LossKind = LossKind.AUTO, features: int = IN_FEATURES) -> ProbeOptions:
-    return ProbeOptions(inputs=InputOptions(input_shapes=((batch_size, features),), seed=0), loss=loss)
+    return ProbeOptions(inputs=InputOptions(input_shape=((batch_size, features),), seed=0), loss=loss)
 
 
 def run(model: nn.Module, *, rules: tuple[Rule, ...] = RULES, **probe_kwargs: object) -> Report:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gradcheck_cli.baseline import BaselineFinding, compare, load_baseline
 from gradcheck_cli.errors import LoadError
+from gradcheck_cli.gate.baseline import BaselineFinding, compare, load_baseline
+from gradcheck_cli.gate.rules import RULES_BY_CODE
 from gradcheck_cli.records import BaselineStatus, Finding, Severity
-from gradcheck_cli.rules import RULES_BY_CODE
 
 
 def new(code: str, layer: str, value: float, severity: Severity | None = None) -> Finding:

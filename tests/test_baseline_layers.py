@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gradcheck_cli.baseline_layers import baseline_layers
 from gradcheck_cli.errors import LoadError
+from gradcheck_cli.gate.baseline_layers import baseline_layers
 from tests._reports import mixed_report
 
 

@@ -216,7 +216,7 @@ def test_help_does_not_import_torch() -> None:
 def test_library_api_check_matches_the_cli(workdir: Path) -> None:
     from gradcheck_cli import api
 
-    report = api.check(workdir / "dead.pt", load_options=api.LoadOptions(arch="arch.py:mlp"),
-                       probe=api.ProbeOptions(inputs=api.InputOptions(input_shapes=((16, 16),))))
+    report = api.check(workdir / "dead.pt", load=api.LoadOptions(arch="arch.py:mlp"),
+                       probe=api.ProbeOptions(inputs=api.InputOptions(input_shape=((16, 16),))))
     assert [(f.code, f.layer, f.value) for f in report.findings] == [("GC101", "3", 0.75)]
     assert all(row.init is not None for row in report.layers if row.kind == "param")

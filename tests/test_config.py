@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from gradcheck_cli.config import (
-    OutputFormat,
-    OutputTarget,
-    ProbeSettings,
-    Settings,
-    find_pyproject,
-    load_settings,
-    parse_output,
-)
+from gradcheck_cli.config import Settings, find_pyproject, load_settings, parse_report_target, settings_of
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.probe.options import LossKind, Mode
+from gradcheck_cli.options import (
+    InputOptions,
+    LoadOptions,
+    LossKind,
+    Mode,
+    ProbeOptions,
+    ReportFormat,
+    ReportTarget,
+    RuleOverride,
+)
 from gradcheck_cli.records import Severity
-from gradcheck_cli.rules import RuleOverride
 
 
 def write(path: Path, text: str) -> Path:
@@ -67,18 +67,21 @@ def test_every_key_is_read_and_paths_are_relative_to_the_file(tmp_path: Path) ->
     config = write(tmp_path / "proj" / "pyproject.toml", FULL)
     settings = load_settings(config)
     base = config.parent
-    assert settings.fail_on is Severity.WARNING
-    assert settings.select == ("GC1", "vanishing-gradient")
-    assert settings.ignore == ("init-scale",)
-    assert settings.baseline == base / "reports" / "baseline.json"
-    assert settings.baseline_tolerance == 0.1
-    assert settings.outputs == (OutputTarget(OutputFormat.TABLE),
-                                OutputTarget(OutputFormat.JUNIT, base / "reports" / "gradcheck.xml"))
-    assert settings.probe == ProbeSettings(
-        arch=f"{base / 'models.py'}:build", arch_kwargs={"width": 32}, non_strict=True,
-        input_shape=("8,16",), input_dtype="float32", input_range="0,1", batch_size=4, batches=2,
-        seed=7, loss=LossKind.MSE, mode=Mode.TRAIN, model_output="0", saturation_cutoff=0.1)
-    assert settings.rules == {
+    gate = settings.gate
+    assert gate.fail_on is Severity.WARNING
+    assert gate.select == ("GC1", "vanishing-gradient")
+    assert gate.ignore == ("init-scale",)
+    assert gate.baseline == base / "reports" / "baseline.json"
+    assert gate.baseline_tolerance == 0.1
+    assert settings.format == (ReportTarget(ReportFormat.TABLE),
+                               ReportTarget(ReportFormat.JUNIT, base / "reports" / "gradcheck.xml"))
+    assert settings.load == LoadOptions(arch=f"{base / 'models.py'}:build", arch_kwargs={"width": 32},
+                                        non_strict=True)
+    assert settings.probe == ProbeOptions(
+        inputs=InputOptions(input_shape=((8, 16),), input_dtype="float32", input_range=(0.0, 1.0), batch_size=4,
+                            batches=2, seed=7),
+        loss=LossKind.MSE, mode=Mode.TRAIN, model_output="0", saturation_cutoff=0.1)
+    assert gate.rules == {
         "dead-relu": RuleOverride(threshold=0.3, severity=Severity.WARNING, ignore_layers=("head.*",)),
         "GC201": RuleOverride(threshold=1e-4)}
 
@@ -90,8 +93,8 @@ def test_nearest_pyproject_with_the_table_wins_searching_upward(tmp_path: Path) 
     nested.mkdir()
     assert find_pyproject(nested) == tmp_path / "pyproject.toml"  # the table-less one is passed over
     write(nested / "pyproject.toml", "[tool.gradcheck]\nseed = 2\n")
-    assert load_settings(cwd=nested).probe.seed == 2
-    assert load_settings(cwd=tmp_path / "pkg").probe.seed == 1
+    assert load_settings(cwd=nested).inputs.seed == 2
+    assert load_settings(cwd=tmp_path / "pkg").inputs.seed == 1
 
 
 def test_no_config_anywhere_gives_defaults(tmp_path: Path) -> None:
@@ -101,22 +104,22 @@ def test_no_config_anywhere_gives_defaults(tmp_path: Path) -> None:
 def test_dedicated_file_may_hold_the_keys_at_top_level(tmp_path: Path) -> None:
     config = write(tmp_path / "gradcheck.toml", 'fail-on = "info"\n[rules.init-scale]\nthreshold = 2\n')
     settings = load_settings(config)
-    assert settings.fail_on is Severity.INFO
-    assert settings.rules["init-scale"].threshold == 2.0
+    assert settings.gate.fail_on is Severity.INFO
+    assert settings.gate.rules["init-scale"].threshold == 2.0
 
 
 def test_cli_overrides_file_and_ignore_lists_add_up(tmp_path: Path) -> None:
     file = load_settings(write(tmp_path / "pyproject.toml", FULL))
-    cli = Settings(fail_on=Severity.ERROR, ignore=("GC203",), probe=ProbeSettings(seed=99, batches=None),
-                   rules={"dead-relu": RuleOverride(threshold=0.9)})
+    cli = settings_of(fail_on=Severity.ERROR, ignore=("GC203",), seed=99, batches=None,
+                      rules={"dead-relu": RuleOverride(threshold=0.9)})
     merged = file.merged(cli)
-    assert merged.fail_on is Severity.ERROR  # CLI wins
-    assert merged.probe.seed == 99  # CLI wins
-    assert merged.probe.batches == 2  # not given on the CLI: the file's value stays
-    assert merged.select == ("GC1", "vanishing-gradient")
-    assert merged.ignore == ("init-scale", "GC203")
-    assert merged.rules["dead-relu"] == RuleOverride(threshold=0.9)
-    assert merged.rules["GC201"].threshold == 1e-4
+    assert merged.gate.fail_on is Severity.ERROR  # CLI wins
+    assert merged.inputs.seed == 99  # CLI wins
+    assert merged.inputs.batches == 2  # not given on the CLI: the file's value stays
+    assert merged.gate.select == ("GC1", "vanishing-gradient")
+    assert merged.gate.ignore == ("init-scale", "GC203")
+    assert merged.gate.rules["dead-relu"] == RuleOverride(threshold=0.9)
+    assert merged.gate.rules["GC201"].threshold == 1e-4
 
 
 @pytest.mark.parametrize(("body", "key"), [
@@ -126,14 +129,14 @@ def test_cli_overrides_file_and_ignore_lists_add_up(tmp_path: Path) -> None:
     ("[tool.gradcheck]\nbatch-size = 0\n", "tool.gradcheck.batch-size"),
     ("[tool.gradcheck]\nbatches = true\n", "tool.gradcheck.batches"),
     ("[tool.gradcheck]\nsaturation-cutoff = 1.5\n", "tool.gradcheck.saturation-cutoff"),
-    ("[tool.gradcheck]\nselect = ['GC999']\n", "tool.gradcheck select: unknown rule 'GC999'"),
+    ("[tool.gradcheck]\nselect = ['GC999']\n", "tool.gradcheck.select: unknown rule 'GC999'"),
     ("[tool.gradcheck]\nformat = ['pdf']\n", "tool.gradcheck.format"),
     ("[tool.gradcheck]\nloss = 'hinge'\n", "tool.gradcheck.loss"),
     ("[tool.gradcheck.rules.dead-relu]\nthreshold = 2.0\n", "tool.gradcheck.rules.dead-relu.threshold"),
     ("[tool.gradcheck.rules.dead-relu]\nthreshhold = 0.2\n", "tool.gradcheck.rules.dead-relu.threshhold"),
     ("[tool.gradcheck.rules.no-such-rule]\nthreshold = 0.2\n", "tool.gradcheck.rules.no-such-rule"),
     ("[tool.gradcheck.rules.dead-relu]\nseverity = 'fatal'\n", "tool.gradcheck.rules.dead-relu.severity"),
-    ("[tool.gradcheck]\nignore = ['non-finite']\n", "tool.gradcheck ignore"),
+    ("[tool.gradcheck]\nignore = ['non-finite']\n", "tool.gradcheck.ignore"),
     ("[tool.gradcheck\n", "not valid TOML"),
 ])
 def test_bad_keys_and_values_are_config_errors_naming_the_key(tmp_path: Path, body: str, key: str) -> None:
@@ -149,9 +152,9 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_output_targets(tmp_path: Path) -> None:
-    assert parse_output("JSON") == OutputTarget(OutputFormat.JSON)
-    assert parse_output("junit=out/x.xml", base=tmp_path) == OutputTarget(OutputFormat.JUNIT,
-                                                                          tmp_path / "out" / "x.xml")
+    assert parse_report_target("JSON") == ReportTarget(ReportFormat.JSON)
+    assert parse_report_target("junit=out/x.xml", base=tmp_path) == ReportTarget(ReportFormat.JUNIT,
+                                                                                 tmp_path / "out" / "x.xml")
     for bad in ("xml", "junit="):
         with pytest.raises(ConfigError):
-            parse_output(bad)
+            parse_report_target(bad)

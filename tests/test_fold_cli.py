@@ -216,7 +216,7 @@ def test_numbers_in_report_are_independent_of_the_tool(models: dict[str, Path]) 
     """The reported max error equals one computed here from the written file."""
     import onnxruntime as ort
 
-    from gradcheck_cli.probe.batch import InputOptions
+    from gradcheck_cli.options import InputOptions
     from gradcheck_cli.rewrite.fold import fold_batchnorm
 
     out = models["onnx"].with_name("independent.onnx")

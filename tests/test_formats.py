@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from gradcheck_cli.check import GateResult, ModelOutcome
+from gradcheck_cli.gate.check import GateResult, ModelOutcome
+from gradcheck_cli.gate.rules import RULES_BY_CODE, configure
 from gradcheck_cli.records import (
     BaselineStatus,
     Finding,
@@ -34,7 +35,6 @@ from gradcheck_cli.render.github import render_github
 from gradcheck_cli.render.json_report import render_check_json
 from gradcheck_cli.render.junit import render_junit
 from gradcheck_cli.render.markdown import render_markdown
-from gradcheck_cli.rules import RULES_BY_CODE, configure
 from tests.conftest import validate_report
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -55,13 +55,13 @@ def deep_report() -> Report:
     from torch import nn
 
     from gradcheck_cli import api
-    from gradcheck_cli.rules import with_findings
+    from gradcheck_cli.gate.rules import with_findings
 
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(250):
         layers += [nn.Linear(16, 16), nn.ReLU()]
-    probe = api.ProbeOptions(inputs=api.InputOptions(input_shapes=((8, 16),)), histograms=True)
+    probe = api.ProbeOptions(inputs=api.InputOptions(input_shape=((8, 16),)), histograms=True)
     report = with_findings(api.inspect_module(nn.Sequential(*layers), probe, name="deep_mlp"))
     assert len(report.layers) == 500
     return report
@@ -202,7 +202,7 @@ def test_probed_recurrent_model_gets_one_curve_per_layer_and_direction() -> None
             return self.head(out[:, -1])
 
     torch.manual_seed(0)
-    probe = api.ProbeOptions(inputs=api.InputOptions(input_shapes=((4, 12, 4),)), histograms=True)
+    probe = api.ProbeOptions(inputs=api.InputOptions(input_shape=((4, 12, 4),)), histograms=True)
     report = api.inspect_module(Tagger(), probe, name="tagger")
     page = render_html(report)
     for layer in (0, 1):
@@ -224,7 +224,7 @@ def test_histograms_of_micro_batches_draw_the_same_picture() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
     def histograms(batch: int, batches: int) -> str:
-        probe = api.ProbeOptions(inputs=api.InputOptions(input_shapes=((batch, 8),), batches=batches),
+        probe = api.ProbeOptions(inputs=api.InputOptions(input_shape=((batch, 8),), batches=batches),
                                  histograms=True)
         page = render_html(api.inspect_module(model, probe, name="mlp"))
         return page[page.index('<section id="histograms">'):]

@@ -124,7 +124,8 @@ def test_nan_weights_can_be_probed_on_request(cli: Any, mlp_state_dict: Path, ar
     by_name = {layer["name"]: layer for layer in data["layers"]}
     assert by_name["fc1"]["output"]["nan"] == 0
     assert by_name["fc2"]["output"]["nan"] > 0 and by_name["fc2"]["output"]["mean"] is None
-    assert data["findings"][0]["rule"] == "non-finite" and data["findings"][0]["layer"] == "fc2"
+    # inspect diagnoses as check does (issue 16): the checkpoint scan names the corrupt tensor itself.
+    assert data["findings"][0]["rule"] == "non-finite" and data["findings"][0]["layer"] == "fc2.weight"
 
 
 def test_debug_shows_the_traceback(cli: Any, tmp_path: Path) -> None:

@@ -28,8 +28,7 @@ from gradcheck_cli import api
 from gradcheck_cli.errors import LoadError, UsageError
 from gradcheck_cli.onnx.ort_stats import output_groups
 from gradcheck_cli.onnx.run import run_onnx_probe
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import ProbeOptions
+from gradcheck_cli.options import InputOptions, ProbeOptions
 from gradcheck_cli.records import LayerStats, Report, RowKind
 from tests.conftest import one_line_error, validate_report
 
@@ -147,8 +146,8 @@ class SmallCNN(nn.Module):
         return out
 
 
-MLP_OPTIONS = ProbeOptions(inputs=InputOptions(input_shapes=((32, 8),), batch_size=16, batches=2))
-CNN_OPTIONS = ProbeOptions(inputs=InputOptions(input_shapes=((8, 3, 16, 16),), batch_size=4, batches=2))
+MLP_OPTIONS = ProbeOptions(inputs=InputOptions(input_shape=((32, 8),), batch_size=16, batches=2))
+CNN_OPTIONS = ProbeOptions(inputs=InputOptions(input_shape=((8, 3, 16, 16),), batch_size=4, batches=2))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +223,7 @@ def resnet18() -> nn.Module:
     return model.eval()
 
 
-RESNET_OPTIONS = ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 32, 32),)))
+RESNET_OPTIONS = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 32, 32),)))
 
 
 def test_torchvision_resnet18_with_batchnorm_matches_the_pytorch_probe(exports: Callable[..., Path]) -> None:
@@ -261,7 +260,7 @@ def test_torchvision_classifiers_match_on_activation_rows(exports: Callable[...,
     extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(weights=None, **extra).eval()
     path = exports(name, model, (torch.randn(1, 3, 64, 64),), dynamo=False, opset=17)
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 64, 64),)))
+    options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 64, 64),)))
     onnx_report, torch_report = probe_both(model, path, options)
     assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok, onnx_report.probe.lowering
     pick = [r for r in onnx_report.layers if r.kind is RowKind.ACTIVATION]
@@ -290,7 +289,7 @@ def test_recurrent_gradients_match_the_pytorch_probe(exports: Callable[..., Path
                                                      dynamo: bool) -> None:
     model = Recurrent(cell).eval()
     path = exports(cell.__name__, model, (torch.randn(2, 7, 6),), dynamo=dynamo, opset=14 if not dynamo else 18)
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((4, 7, 6),)))
+    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 7, 6),)))
     onnx_report, torch_report = probe_both(model, path, options)
     assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok
     onnx_rnn = [r for r in onnx_report.layers if r.type == cell.__name__]
@@ -363,7 +362,7 @@ def total_grad_norm(report: Report) -> float:
 def test_vit_rows_and_gradients_match_the_pytorch_probe(exports: Callable[..., Path]) -> None:
     model = tiny_vit()
     path = exports("vit", model, (torch.randn(2, 3, 32, 32),), dynamo=False, opset=17)
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((4, 3, 32, 32),)))
+    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 3, 32, 32),)))
     onnx_report, torch_report = probe_both(model, path, options)
     assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok
     assert "decomposed activations recognised: gelu x2" in onnx_report.notes
@@ -398,7 +397,7 @@ def test_bert_token_inputs_get_the_vocabulary_range_and_gradients(exports: Calla
     params = [r for r in report.layers if r.kind is RowKind.PARAM]
     assert params and all(r.grad is not None and r.grad.norm for r in params)
     # The same probe batch through PyTorch (same draws: --input-range applies to every input).
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((4, 16), (4, 16)), input_dtype="int64",
+    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 16), (4, 16)), input_dtype="int64",
                                                input_range=(0, 2)))
     onnx_report, torch_report = probe_both(model, path, options)
     assert close(onnx_report.probe.loss_value, torch_report.probe.loss_value)
@@ -409,7 +408,7 @@ def test_bert_token_inputs_get_the_vocabulary_range_and_gradients(exports: Calla
 def test_gpt2_dynamo_export_with_tanh_gelu(exports: Callable[..., Path]) -> None:
     model = tiny_gpt2()  # the legacy exporter cannot export transformers' GPT-2 (aten::diff)
     path = exports("gpt2", model, (torch.randint(0, 100, (2, 16)),), dynamo=True, opset=18, names=["input_ids"])
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((4, 16),), input_dtype="int64", input_range=(0, 100)),
+    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 16),), input_dtype="int64", input_range=(0, 100)),
                            loss="sum")  # type: ignore[arg-type]
     onnx_report, torch_report = probe_both(model, path, options)
     assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok
@@ -553,10 +552,10 @@ def test_symbolic_dimensions_and_input_shape_errors(cli: Any, tmp_path: Path) ->
     report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(batch_size=3)))
     assert report.probe.inputs[0].shape == (3, 16, 4)
     assert any("symbolic dimension(s) [1] set to 16" in note for note in report.notes)
-    report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shapes=((2, 5, 4),))))
+    report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shape=((2, 5, 4),))))
     assert report.layers[0].shape == (2, 5, 3)
     with pytest.raises(UsageError, match="does not fit graph input 'x'"):
-        api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shapes=((2, 5, 7),))))
+        api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shape=((2, 5, 7),))))
     code, _, err = cli("inspect", str(path), "--input-shape", "2,5,7")
     assert code == 2
     one_line_error(err)
@@ -572,7 +571,7 @@ def test_nonfinite_initializers_are_refused_unless_allowed(tmp_path: Path) -> No
     onnx.save(model, str(path))
     with pytest.raises(LoadError, match="NaN/Inf"):
         api.inspect(path)
-    report = api.inspect(path, load_options=api.LoadOptions(allow_nonfinite=True),
+    report = api.inspect(path, load=api.LoadOptions(allow_nonfinite=True),
                          probe=ProbeOptions(inputs=InputOptions(batch_size=2)))
     assert report.layers[0].output.nan > 0 and report.layers[0].output.mean is None
 
@@ -599,7 +598,7 @@ def test_input_file_feeds_the_graph_by_position_or_name(tmp_path: Path) -> None:
     torch.save((x,), tmp_path / "positional.pt")
     np.savez(tmp_path / "named.npz", x=x.numpy())
     for name in ("positional.pt", "named.npz"):
-        report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_file=tmp_path / name, batch_size=4)))
+        report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input=tmp_path / name, batch_size=4)))
         assert [(s.name, s.source) for s in report.probe.inputs] == [("x", "file")]
         assert report.probe.batches == 2  # 6 samples in micro-batches of 4 and 2
         act = report.layers[1]

@@ -20,9 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from gradcheck_cli.onnx.ort_reduce import ValueRequest, reduced_statistics_pass, saturation_spec
 from gradcheck_cli.onnx.ort_stats import session_for, value_types
 from gradcheck_cli.onnx.run import run_onnx_probe
+from gradcheck_cli.options import InputOptions, ProbeOptions
 from gradcheck_cli.probe.activations import saturated_mask
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import ProbeOptions
 
 SHAPE = (8, 4, 5, 6)
 CUTOFF = 0.05

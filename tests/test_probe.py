@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcheck_cli import api
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
+from gradcheck_cli.options import InputOptions, LossKind, Mode, ProbeOptions
 from gradcheck_cli.records import LayerStats, Report, RowKind
 from tests.conftest import validate_report
 
 
 def probe(module: nn.Module, shape: tuple[int, ...], **kwargs: Any) -> Report:
-    inputs = InputOptions(input_shapes=(shape,), batch_size=kwargs.pop("batch_size", None),
+    inputs = InputOptions(input_shape=(shape,), batch_size=kwargs.pop("batch_size", None),
                           batches=kwargs.pop("batches", 1), seed=kwargs.pop("seed", 0))
     report = api.inspect_module(module, ProbeOptions(inputs=inputs, **kwargs))
     validate_report(report.to_dict())
@@ -121,7 +120,7 @@ def test_saturation_fraction_matches_the_derivative_formula(tmp_path: Path, fn: 
     torch.save(z, inputs)
     cutoff = 0.05
     report = api.inspect_module(Scaled(fn, scale), ProbeOptions(
-        inputs=InputOptions(input_file=inputs), saturation_cutoff=cutoff, loss=LossKind.MSE))
+        inputs=InputOptions(input=inputs), saturation_cutoff=cutoff, loss=LossKind.MSE))
     act = rows(report, RowKind.ACTIVATION)[0]
     pre = scale * z.double()
     # Independent: derivative from the pre-activation, relative to the function's maximum.
@@ -197,8 +196,8 @@ def test_gradient_norms_match_independent_autograd(tmp_path: Path) -> None:
     y = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(10))
     torch.save(x, tmp_path / "x.pt")
     torch.save(y, tmp_path / "y.pt")
-    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input_file=tmp_path / "x.pt", batch_size=5),
-                                                    target_file=tmp_path / "y.pt"))
+    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input=tmp_path / "x.pt", batch_size=5),
+                                                    target=tmp_path / "y.pt"))
     # Independent computation: one batch, mean cross-entropy, retain_grad on every row output.
     reference = Net().eval()
     z1 = reference.fc1(x)

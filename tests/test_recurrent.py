@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from gradcheck_cli import api
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import LossKind, ProbeOptions
+from gradcheck_cli.gate.rules import evaluate
+from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
 from gradcheck_cli.probe.recurrent import fit_decay
 from gradcheck_cli.records import DirectionTrace, Report, ThroughTime
-from gradcheck_cli.rules import evaluate
 from tests.conftest import validate_report
 
 STEPS = 40
@@ -34,7 +33,7 @@ class ManyToOne(nn.Module):
 
 
 def probe(model: nn.Module, shape: tuple[int, ...], **kwargs: object) -> Report:
-    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input_shapes=(shape,)), **kwargs))  # type: ignore[arg-type]
+    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input_shape=(shape,)), **kwargs))  # type: ignore[arg-type]
     validate_report(report.to_dict())
     return report
 

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from gradcheck_cli.options import ReinitOptions  # noqa: E402
 from gradcheck_cli.probe.batch import ProbeBatch  # noqa: E402
 from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme  # noqa: E402
-from gradcheck_cli.rewrite.reinit_options import ReinitOptions  # noqa: E402
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit  # noqa: E402
 from gradcheck_cli.rewrite.torch_reinit import reinit_module  # noqa: E402
 
@@ -224,7 +224,7 @@ def test_written_conv_weights_have_the_formula_variance(scheme: Scheme, distribu
     """Through the whole pass, after the cast to the layer's dtype (float32)."""
     model = nn.Sequential(nn.Conv2d(128, 256, 3), nn.ReLU())
     result = reinit_module(model, batch(1, 128, 5, 5),
-                           options=ReinitOptions(scheme=scheme, distribution=distribution, mode=mode))
+                           options=ReinitOptions(scheme=scheme, distribution=distribution, fan=mode))
     fan = {FanMode.FAN_IN: 128 * 9, FanMode.FAN_OUT: 256 * 9, FanMode.FAN_AVG: (128 + 256) * 9 / 2}[mode]
     expected = (2.0 if scheme is Scheme.HE else 1.0) / fan
     weight = result.module[0].weight.detach().double()  # type: ignore[index]
@@ -386,8 +386,8 @@ def test_probes_reuse_the_inferred_input_shapes(tmp_path: Any) -> None:
     from gradcheck_cli.model.formats import ModelFormat
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.model.torch_load import resolve_device
-    from gradcheck_cli.probe.batch import InputOptions, probe_inputs
-    from gradcheck_cli.probe.options import ProbeOptions
+    from gradcheck_cli.options import InputOptions, ProbeOptions
+    from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.reinit import _with_known_shapes
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
@@ -396,7 +396,7 @@ def test_probes_reuse_the_inferred_input_shapes(tmp_path: Any) -> None:
     probe = ProbeOptions(inputs=InputOptions(batch_size=3, seed=7))
     inputs = probe_inputs(model, probe.inputs, device=resolve_device("cpu"))
     known = _with_known_shapes(loaded, probe, inputs)
-    assert known.inputs.input_shapes == ((3, 3, 32, 32),)
+    assert known.inputs.input_shape == ((3, 3, 32, 32),)
     again = probe_inputs(model, known.inputs, device=resolve_device("cpu"))
     assert torch.equal(again.batches[0].args[0], inputs.batches[0].args[0]) and again.specs == inputs.specs
     # An integer-input model (embedding): shapes alone would synthesise floats, so nothing changes.

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.probe.options import LossKind
+from gradcheck_cli.gate.rules import RULES, configure, resolve
+from gradcheck_cli.options import LossKind, RuleOverride
 from gradcheck_cli.records import Report, Severity
-from gradcheck_cli.rules import RULES, RuleOverride, configure, resolve
 from tests._check_models import (
     IN_FEATURES,
     WIDTH,

@@ -37,7 +37,7 @@ def test_small_model_is_probed_on_one_thread_and_the_count_is_restored() -> None
     torch.set_num_threads(2)
     try:
         model = _ThreadsSeen()
-        report = api.inspect_module(model, api.ProbeOptions(inputs=api.InputOptions(input_shapes=((8, 4),))))
+        report = api.inspect_module(model, api.ProbeOptions(inputs=api.InputOptions(input_shape=((8, 4),))))
         assert report.layers
         assert model.seen and set(model.seen) == {1}
         assert torch.get_num_threads() == 2
@@ -50,7 +50,7 @@ def test_count_is_restored_when_the_probe_fails() -> None:
     torch.set_num_threads(2)
     try:
         with pytest.raises(Exception, match="forward pass failed"):
-            api.inspect_module(nn.Linear(4, 2), api.ProbeOptions(inputs=api.InputOptions(input_shapes=((8, 5),))))
+            api.inspect_module(nn.Linear(4, 2), api.ProbeOptions(inputs=api.InputOptions(input_shape=((8, 5),))))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from gradcheck_cli import api
-from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.probe.options import LossKind, ProbeOptions
+from gradcheck_cli.gate.rules import evaluate
+from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
 from gradcheck_cli.records import Report, RowKind
-from gradcheck_cli.rules import evaluate
 from tests.conftest import validate_report
 
 transformers = pytest.importorskip("transformers")

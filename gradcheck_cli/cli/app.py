@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gradcheck_cli import __version__
+from gradcheck_cli.cli.help import GroupedCommand
 
 app = typer.Typer(
     name="gradcheck",
@@ -18,6 +19,8 @@ app = typer.Typer(
     "2 usage, config or load error.",
     no_args_is_help=True,
     add_completion=False,
+    # Help strings are printed as written: no rich markup ([plot] and [default: ...] stay literal).
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -39,19 +42,19 @@ def _root(
 
 from gradcheck_cli.cli import inspect_cmd  # noqa: E402 - commands register after the app exists
 
-app.command("inspect")(inspect_cmd.inspect)
+app.command("inspect", cls=GroupedCommand)(inspect_cmd.inspect)
 
 from gradcheck_cli.cli import check_cmd  # noqa: E402
 
-app.command("check")(check_cmd.check)
+app.command("check", cls=GroupedCommand)(check_cmd.check)
 
 from gradcheck_cli.cli import reinit_cmd  # noqa: E402
 
-app.command("reinit")(reinit_cmd.reinit)
+app.command("reinit", cls=GroupedCommand)(reinit_cmd.reinit)
 
 from gradcheck_cli.cli import fold_cmd  # noqa: E402
 
-app.command("fold-bn")(fold_cmd.fold_bn)
+app.command("fold-bn", cls=GroupedCommand)(fold_cmd.fold_bn)
 
 
 def main() -> None:

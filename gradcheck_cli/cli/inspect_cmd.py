@@ -1,121 +1,41 @@
-"""``gradcheck inspect``: probe a model and print the per-layer report."""
+"""``gradcheck inspect``: probe a model and print the per-layer report with its diagnosis."""
 
 from __future__ import annotations
 
-from enum import Enum
-from pathlib import Path
-from typing import Annotated
+from dataclasses import replace
 
 import typer
 
 from gradcheck_cli.cli import options as opt
-from gradcheck_cli.cli.common import EXIT_OK, fail, parse_range, user_errors, write_text
-from gradcheck_cli.probe.options import DEFAULT_SATURATION_CUTOFF, LossKind, Mode, ProbeOptions
+from gradcheck_cli.cli.command import Given, ModelArg, ReportOutput, command
+from gradcheck_cli.cli.common import EXIT_OK, flag_text, report_targets, settings, write_reports
+from gradcheck_cli.options import ReportFormat
 
 
-class ReportFormat(str, Enum):
-    TABLE = "table"
-    JSON = "json"
-
-
-def build_probe_options(
-    *, device: str, input_file: Path | None, input_shape: list[str] | None, input_dtype: str | None,
-    input_range: str | None, batch_size: int | None, batches: int, seed: int, loss: LossKind,
-    target: Path | None, mode: Mode, model_output: str | None, saturation_cutoff: float,
-    histograms: bool = False, seq_len: int | None = None, memory_budget: str | None = None,
-) -> ProbeOptions:
-    from gradcheck_cli.probe.batch import InputOptions, parse_shape
-    from gradcheck_cli.probe.budget import parse_memory_budget
-
-    if not 0 < saturation_cutoff < 1:
-        raise fail(f"--saturation-cutoff {saturation_cutoff} must be between 0 and 1",
-                   "e.g. 0.01: saturated means a derivative below 1% of its maximum")
-    inputs = InputOptions(
-        input_file=input_file, input_shapes=tuple(parse_shape(s) for s in input_shape or ()),
-        input_dtype=input_dtype, input_range=parse_range(input_range), batch_size=batch_size,
-        batches=batches, seed=seed, seq_len=seq_len)
-    return ProbeOptions(inputs=inputs, loss=loss, target_file=target, mode=mode, device=device,
-                        output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms,
-                        memory_budget=parse_memory_budget(memory_budget) if memory_budget else None)
-
-
-def inspect(
-    model: opt.ModelArg,
-    arch: opt.Arch = None,
-    arch_kwargs: opt.ArchKwargs = None,
-    non_strict: opt.NonStrict = False,
-    trust_pickle: opt.TrustPickle = False,
-    device: opt.Device = "cpu",
-    input_file: opt.InputFile = None,
-    input_shape: opt.InputShape = None,
-    input_dtype: opt.InputDtype = None,
-    input_range: opt.InputRange = None,
-    batch_size: opt.BatchSize = None,
-    batches: opt.Batches = 1,
-    seed: opt.Seed = 0,
-    loss: Annotated[LossKind, typer.Option(
-        "--loss", help="Scalar to differentiate: auto = cross_entropy for (N, C) logits against seeded "
-        "random labels, else mse against a seeded N(0,1) target.", rich_help_panel="Probe")] = LossKind.AUTO,
-    target: Annotated[Path | None, typer.Option(
-        "--target", help="Real targets (labels or tensors) for the loss, one per probe sample.",
-        rich_help_panel="Probe")] = None,
-    mode: Annotated[Mode, typer.Option(
-        "--mode", help="eval (default: exact micro-batching, no dropout noise, BatchNorm running stats as "
-        "deployed) or train (batch statistics and dropout, as training sees them).",
-        rich_help_panel="Probe")] = Mode.EVAL,
-    model_output: Annotated[str | None, typer.Option(
-        "--model-output", help="Which output the loss uses when the model returns several: an index or "
-        "a key (default: 'logits' if present, else the first tensor).", rich_help_panel="Probe")] = None,
-    saturation_cutoff: Annotated[float, typer.Option(
-        "--saturation-cutoff", help="Saturated = local derivative below this fraction of its maximum.",
-        rich_help_panel="Probe")] = DEFAULT_SATURATION_CUTOFF,
-    memory_budget: Annotated[str | None, typer.Option(
-        "--memory-budget", help="Keep the probe within this much memory (e.g. 4GiB): a batch estimated to "
-        "need more runs in micro-batches that fit (statistics merge exactly).", rich_help_panel="Probe")] = None,
-    seq_len: Annotated[int | None, typer.Option(
-        "--seq-len", min=1, help="Sequence length of synthesised token inputs (transformers models; default 16).",
-        rich_help_panel="Probe")] = None,
-    histograms: Annotated[bool, typer.Option(
-        "--histograms", help="Add fixed-bin histograms of every row's output and output gradient to the JSON.",
-        rich_help_panel="Probe")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option(
-        "--allow-nonfinite", help="Probe a model whose weights hold NaN/Inf instead of refusing it.",
-        rich_help_panel="Loading")] = False,
-    report_format: Annotated[ReportFormat, typer.Option(
-        "--format", "-f", help="What to print on stdout.")] = ReportFormat.TABLE,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Also write the JSON report to this file.")] = None,
-    plot: opt.PlotFile = None,
-    html: opt.HtmlFile = None,
-    debug: opt.Debug = False,
-) -> None:
+@command(opt.LOAD, opt.INPUTS, opt.DEVICE, opt.PROBE, opt.RULES, opt.CONFIG, opt.REPORT, opt.PICTURES, opt.DEBUG)
+def inspect(model: ModelArg, output: ReportOutput = None, *, given: Given) -> None:
     """Probe a model forward and backward and report every layer: activation statistics, dead ReLU
-    units, saturated sigmoid/tanh outputs and gradient norms."""
-    from gradcheck_cli import api
+    units, saturated sigmoid/tanh outputs and gradient norms, then the diagnosis (the same findings
+    as `gradcheck check`, which alone exits 1 on them). Settings come from [tool.gradcheck] in
+    pyproject.toml; flags override."""
     from gradcheck_cli.cli.visual import check_visual_outputs, write_visual_outputs
-    from gradcheck_cli.model.arch import parse_arch_kwargs
-    from gradcheck_cli.render.console import make_console, progress_on_stderr
+    from gradcheck_cli.gate.check import diagnose
+    from gradcheck_cli.gate.rules import configure
+    from gradcheck_cli.render.console import progress_on_stderr
     from gradcheck_cli.render.json_report import render_json
     from gradcheck_cli.render.table import render_inspect
-    from gradcheck_cli.rules import with_findings
 
-    with user_errors(debug):
-        check_visual_outputs(plot=plot, html=html)
-        probe = build_probe_options(
-            device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
-            input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
-            target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
-            histograms=histograms or html is not None, seq_len=seq_len, memory_budget=memory_budget)
-        load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
-                               trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
-        with progress_on_stderr(f"probing {model.name}") as progress:
-            report = api.inspect(model, load_options=load, probe=probe, progress=progress)
-        report = with_findings(report)
-        if output is not None:
-            write_text(render_json(report), output)
-        write_visual_outputs(report, plot=plot, html=html)
-        if report_format is ReportFormat.JSON:
-            write_text(render_json(report), None)
-        else:
-            render_inspect(report, make_console())
+    chosen = settings(given)
+    targets = report_targets(given, output, allowed=(ReportFormat.TABLE, ReportFormat.JSON))
+    plot, html = given.get("plot"), given.get("html")
+    check_visual_outputs(plot=plot, html=html)
+    gate = chosen.gate
+    rules = configure(select=gate.select, ignore=gate.ignore, overrides=gate.rules)
+    probe = chosen.probe if html is None else replace(chosen.probe, histograms=True)
+    with progress_on_stderr(f"probing {model.name}") as progress:
+        report = diagnose(model, load=chosen.load, probe=probe, rules=rules, progress=progress)
+    report = replace(report, notes=tuple(flag_text(note) for note in report.notes))
+    write_reports(targets, table=lambda console: render_inspect(report, console),
+                  documents={ReportFormat.JSON: lambda: render_json(report)})
+    write_visual_outputs(report, plot=plot, html=html)
     raise typer.Exit(EXIT_OK)

@@ -48,6 +48,11 @@ SUPPORTED_HINT = (
 )
 
 
+def is_onnx(path: Path) -> bool:
+    """The one place that decides whether a model takes the ONNX path or the PyTorch path."""
+    return detect_format(path) is ModelFormat.ONNX
+
+
 def detect_format(path: Path) -> ModelFormat:
     """Classify ``path`` by content. Raises :class:`LoadError` when it is none of ours."""
     if path.is_dir():

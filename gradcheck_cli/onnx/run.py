@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gradcheck_cli import __version__
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
-from gradcheck_cli.probe.options import Mode, ProbeOptions
+from gradcheck_cli.options import Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder, Row, uncomputed_note
 from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
 from gradcheck_cli.stats import histogram_edges
@@ -114,7 +114,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
     if not wanted:
         raise ProbeError("the ONNX graph has no inputs to feed", hint="nothing to probe: the graph is constant")
     notes: list[str] = []
-    if inputs_options.input_file is not None:
+    if inputs_options.input is not None:
         loaded = _from_file(inputs_options, device)
         batches = []
         for batch in loaded.batches:
@@ -128,8 +128,8 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
         specs = tuple(replace(s, name=w.name) if s.name.startswith("input_") else s
                       for s, w in zip(loaded.specs, wanted, strict=False))
         return ProbeInputs(batches, specs, loaded.batch_size), notes
-    if len(inputs_options.input_shapes) > len(wanted):
-        raise UsageError(f"--input-shape given {len(inputs_options.input_shapes)} times, but the graph has "
+    if len(inputs_options.input_shape) > len(wanted):
+        raise UsageError(f"--input-shape given {len(inputs_options.input_shape)} times, but the graph has "
                          f"{len(wanted)} input(s): {', '.join(w.name for w in wanted)}",
                          hint="give one --input-shape per graph input, in order")
     batch_size = inputs_options.batch_size or DEFAULT_BATCH_SIZE
@@ -142,8 +142,8 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
                              hint="gradcheck feeds float, integer and bool inputs") from exc
         if inputs_options.input_dtype and dtype.is_floating_point:
             dtype = parse_dtype(inputs_options.input_dtype)
-        if number < len(inputs_options.input_shapes):
-            shape = inputs_options.input_shapes[number]
+        if number < len(inputs_options.input_shape):
+            shape = inputs_options.input_shape[number]
             if inputs_options.batch_size is not None:
                 shape = (inputs_options.batch_size, *shape[1:])
             _check_fixed_dims(graph_input, shape)
@@ -158,7 +158,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
         positional.append((shape, dtype, value_range))
     generator = torch.Generator().manual_seed(inputs_options.seed)
     drawn = _synthesise(positional, (), inputs_options, generator, device,
-                        source="file" if inputs_options.input_file else "synthesized")
+                        source="file" if inputs_options.input else "synthesized")
     batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args, strict=False)}) for batch in drawn.batches]
     specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted, strict=False))
     return ProbeInputs(batches, specs, drawn.batch_size), notes
@@ -403,11 +403,11 @@ def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOpti
     from gradcheck_cli.probe.loss import LossFunction, select_output
 
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target_file)
+                           target_file=options.target)
     total = 0.0
     label = "output"
     for outputs in reference:
-        selected, label = select_output(outputs, options.output)
+        selected, label = select_output(outputs, options.model_output)
         if not selected.dtype.is_floating_point:
             return None, label, str(options.loss)
         total += float(loss_fn(selected.detach().clone().requires_grad_(True)).detach())
@@ -446,7 +446,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     if missing:
         return failed(f"the lowering does not support {', '.join(missing)}")
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target_file)
+                           target_file=options.target)
     worst = (0.0, math.inf)  # (error, allowed) of the output closest to its tolerance
 
     def watch(name: str, value: torch.Tensor) -> None:
@@ -471,7 +471,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
                                       f"{error:.3g} (tolerance {allowed:.3g}){culprit}", error)
                     if error * worst[1] >= worst[0] * allowed:  # error/allowed, without dividing by 0
                         worst = (error, allowed)
-                selected, _ = select_output(outputs, options.output)
+                selected, _ = select_output(outputs, options.model_output)
                 loss = loss_fn(selected)
                 del outputs, selected
                 loss.backward()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.options import InputOptions
 from gradcheck_cli.records import InputSpec
 
 if TYPE_CHECKING:
@@ -31,20 +32,6 @@ DTYPES = {
     "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16",
     "int8": "int8", "uint8": "uint8", "bool": "bool",
 }
-
-
-@dataclass(frozen=True)
-class InputOptions:
-    """What the user said about the probe inputs; None means 'infer it'."""
-
-    input_file: Path | None = None
-    input_shapes: tuple[tuple[int, ...], ...] = ()
-    input_dtype: str | None = None
-    input_range: tuple[float, float] | None = None
-    batch_size: int | None = None
-    batches: int = 1
-    seed: int = 0
-    seq_len: int | None = None  # sequence length of synthesised token inputs (default 16)
 
 
 @dataclass
@@ -112,11 +99,11 @@ def probe_inputs(
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     generator = torch.Generator().manual_seed(options.seed)
-    if options.input_file is not None:
+    if options.input is not None:
         return _from_file(options, device)
-    if options.input_shapes:
+    if options.input_shape:
         dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
-        shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shapes]
+        shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shape]
         return _synthesise(shapes, (), options, generator, device, source="synthesized")
     # An example with no tensor in it (a crafted or odd .pt2) says nothing about the inputs.
     if example_args or example_kwargs:
@@ -352,7 +339,7 @@ def _try_forward(module: nn.Module, x: torch.Tensor) -> str | None:
 
 
 def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
-    path = options.input_file
+    path = options.input
     assert path is not None
     args, kwargs = _read_input_file(path)
     tensors = list(args) + list(kwargs.values())

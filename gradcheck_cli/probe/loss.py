@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
-from gradcheck_cli.probe.options import LossKind
+from gradcheck_cli.options import LossKind
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -17,10 +17,10 @@ from gradcheck_cli import __version__
 from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
+from gradcheck_cli.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
-from gradcheck_cli.probe.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder, sum_of_squares, uncomputed_note
 from gradcheck_cli.probe.recurrent import (
     HORIZON_FRACTION,
@@ -66,7 +66,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     instrument: EagerInstrument | GraphInstrument = (
         GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target_file)
+                           target_file=options.target)
     loss_total = 0.0
     output_label = "output"
     with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), instrument.attached():
@@ -84,7 +84,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                     if options.loss is LossKind.MODEL:
                         raise UsageError("--loss model needs a model that computes its own loss from labels "
                                          "(a transformers LM head)", hint="use --loss auto, cross_entropy or mse")
-                    selected, output_label = select_output(output, options.output)
+                    selected, output_label = select_output(output, options.model_output)
                     loss = loss_fn(selected)
                     del selected
                 del output

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gradcheck_cli.check import GateResult, ModelOutcome
+from gradcheck_cli.gate.check import GateResult, ModelOutcome
 from gradcheck_cli.records import Finding, Severity
 from gradcheck_cli.render.table import fmt
 

@@ -8,7 +8,7 @@ because it is unchanged from the baseline is a notice, so the annotations match 
 
 from __future__ import annotations
 
-from gradcheck_cli.check import GateResult
+from gradcheck_cli.gate.check import GateResult
 from gradcheck_cli.records import BaselineStatus, Finding, Severity
 
 _COMMAND = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}

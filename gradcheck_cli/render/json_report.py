@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from gradcheck_cli.check import ModelOutcome
+from gradcheck_cli.gate.check import ModelOutcome
 from gradcheck_cli.records import SCHEMA_VERSION, Report
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from gradcheck_cli.check import GateResult, ModelOutcome
+from gradcheck_cli.gate.check import GateResult, ModelOutcome
 from gradcheck_cli.records import Finding
 from gradcheck_cli.render.table import fmt
 

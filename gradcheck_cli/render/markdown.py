@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradcheck_cli.check import GateResult, ModelOutcome
+from gradcheck_cli.gate.check import GateResult, ModelOutcome
 from gradcheck_cli.render.table import fmt
 
 _ICON = {True: "❌", False: "⚠️"}

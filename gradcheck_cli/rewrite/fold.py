@@ -18,14 +18,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, UsageError
 from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
-from gradcheck_cli.probe.batch import InputOptions
+from gradcheck_cli.options import FoldOptions, InputOptions, LoadOptions, ProbeOptions, WriteFormat, WriteOptions
 from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency, Verification
 
 if TYPE_CHECKING:
@@ -41,70 +40,56 @@ if TYPE_CHECKING:
 VERIFY_BATCH_SIZE = 2
 
 
-class OutputFormat(str, Enum):
-    """What ``--to`` can ask for. None (the default) means: the input's own format."""
-
-    PT2 = "pt2"  # torch.export program, re-exported from the folded module
-    TORCHSCRIPT = "torchscript"
-    STATE_DICT = "state_dict"  # torch.save of tensors only, where the input checkpoint kept them
-    SAFETENSORS = "safetensors"
-    PICKLE = "pickle"  # a pickled nn.Module: only for inputs loaded with --trust-pickle
-    ONNX = "onnx"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def model_format(self) -> ModelFormat:
-        return {
-            OutputFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
-            OutputFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
-            OutputFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
-            OutputFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
-            OutputFormat.PICKLE: ModelFormat.TORCH_ZIP,
-            OutputFormat.ONNX: ModelFormat.ONNX,
-        }[self]
+def written_format(to: WriteFormat) -> ModelFormat:
+    """The model format a ``to`` choice writes."""
+    return {
+        WriteFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
+        WriteFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
+        WriteFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
+        WriteFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
+        WriteFormat.PICKLE: ModelFormat.TORCH_ZIP,
+        WriteFormat.ONNX: ModelFormat.ONNX,
+    }[to]
 
 
 def fold_batchnorm(
     path: Path,
     *,
     out: Path | None,
-    to: OutputFormat | None = None,
-    dry_run: bool = False,
-    force: bool = False,
-    affine_standalone: bool = False,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    strict: bool = True,
-    trust_pickle: bool = False,
-    device: str = "cpu",
-    inputs: InputOptions | None = None,
-    benchmark_runs: int = 0,
+    options: FoldOptions | None = None,
+    load: LoadOptions | None = None,
+    probe: ProbeOptions | None = None,
+    write: WriteOptions | None = None,
 ) -> FoldReport:
     """Fold every exactly foldable BatchNorm of the model at ``path`` into ``out`` (verified).
 
-    ``to`` None writes the input's format. Returns the report; ``report.written`` is None when
-    nothing was written (dry run, or a verification above tolerance: check
+    ``write.to`` None writes the input's format. Returns the report; ``report.written`` is None
+    when nothing was written (dry run, or a verification above tolerance: check
     ``report.verification.passed``).
     """
+    options = options or FoldOptions()
+    load = load or LoadOptions()
+    probe = probe or ProbeOptions()
+    write = write or WriteOptions()
+    to, dry_run, force = write.to, write.dry_run, write.force
+    affine_standalone, benchmark_runs = options.affine_standalone, options.benchmark
+    inputs = probe.inputs
     if out is None and not dry_run:
         raise UsageError("no output path given", hint="pass -o OUT, or --dry-run to only report")
     if out is not None and not dry_run:
         check_writable_output(out, force=force, source=path)
-    options = inputs or InputOptions()
     fmt = detect_format(path)
     if fmt is ModelFormat.ONNX:
-        if to is not None and to is not OutputFormat.ONNX:
+        if to is not None and to is not WriteFormat.ONNX:
             raise UsageError(
-                f"an ONNX model can only be written as ONNX, not {to.model_format.description}",
+                f"an ONNX model can only be written as ONNX, not {written_format(to).description}",
                 hint="leave out --to, or pass --to onnx",
             )
         return _fold_onnx(
             path,
             out=None if dry_run else out,
             affine_standalone=affine_standalone,
-            options=options,
+            options=inputs,
             benchmark_runs=benchmark_runs,
         )
     return _fold_torch(
@@ -113,12 +98,12 @@ def fold_batchnorm(
         out=None if dry_run else out,
         to=to,
         affine_standalone=affine_standalone,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        strict=strict,
-        trust_pickle=trust_pickle,
-        device=device,
-        options=options,
+        arch=load.arch,
+        arch_kwargs=dict(load.arch_kwargs) if load.arch_kwargs is not None else None,
+        strict=not load.non_strict,
+        trust_pickle=load.trust_pickle,
+        device=probe.device,
+        options=inputs,
         benchmark_runs=benchmark_runs,
     )
 
@@ -232,7 +217,7 @@ def _fold_torch(
     fmt: ModelFormat,
     *,
     out: Path | None,
-    to: OutputFormat | None,
+    to: WriteFormat | None,
     affine_standalone: bool,
     arch: str | None,
     arch_kwargs: dict[str, Any] | None,
@@ -256,11 +241,11 @@ def _fold_torch(
         trust_pickle=trust_pickle,
         device=device,
     )
-    target = loaded.format if to is None else to.model_format
+    target = loaded.format if to is None else written_format(to)
     state_dict_only: bool | None = None
-    if to is OutputFormat.STATE_DICT:
+    if to is WriteFormat.STATE_DICT:
         state_dict_only = True
-    elif to is OutputFormat.PICKLE:
+    elif to is WriteFormat.PICKLE:
         if not loaded.trusted_pickle or loaded.arch is not None:
             raise UsageError(
                 "--to pickle writes a file that runs code when loaded; gradcheck writes one "
@@ -346,7 +331,7 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
     """
     from dataclasses import replace
 
-    if (options.batch_size is not None or options.input_file is not None or options.input_shapes
+    if (options.batch_size is not None or options.input is not None or options.input_shape
             or fixed_batch):
         return options
     return replace(options, batch_size=VERIFY_BATCH_SIZE)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.options import ReinitOptions
 from gradcheck_cli.records import Change
 from gradcheck_cli.rewrite.init_math import (
     Fans,
@@ -28,7 +29,7 @@ from gradcheck_cli.rewrite.init_math import (
     orthogonal_spec,
     sample,
 )
-from gradcheck_cli.rewrite.reinit_options import ReinitOptions, matches_any, plan_weight, select
+from gradcheck_cli.rewrite.reinit_options import matches_any, plan_weight, select, validate
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit, TensorInit
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def reinit_onnx_model(model: onnx.ModelProto, *, options: ReinitOptions) -> Onnx
     """A re-initialised copy of ``model`` and the record of what each layer got and why."""
     import onnx
 
-    options.validate()
+    validate(options)
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = new.graph

@@ -1,7 +1,7 @@
 """``reinit``: re-initialise a saved model's layers and probe it before and after. Never prints.
 
     from gradcheck_cli.rewrite.reinit import reinit
-    from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+    from gradcheck_cli.options import ReinitOptions
     report = reinit(Path("model.pt"), out=Path("fresh.pt"), options=ReinitOptions(scheme=Scheme.AUTO))
 
 The rewrite is unsafe by nature (it discards trained weights): the input is never modified, an
@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
-from gradcheck_cli.probe.options import ProbeOptions
+from gradcheck_cli.options import LoadOptions, ProbeOptions, ReinitOptions, WriteOptions
 from gradcheck_cli.records import LayerStats
 from gradcheck_cli.rewrite.init_math import Scheme
-from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+from gradcheck_cli.rewrite.reinit_options import validate
 from gradcheck_cli.rewrite.reinit_records import ReinitReport
 
 if TYPE_CHECKING:
-    from gradcheck_cli.api import LoadOptions
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeInputs
 
@@ -40,8 +39,7 @@ def reinit(
     options: ReinitOptions | None = None,
     load: LoadOptions | None = None,
     probe: ProbeOptions | None = None,
-    dry_run: bool = False,
-    force: bool = False,
+    write: WriteOptions | None = None,
     compare: bool = True,
 ) -> ReinitReport:
     """Re-initialise ``path`` into ``out`` (same format); with ``compare``, probe before and after.
@@ -51,12 +49,14 @@ def reinit(
     """
     options = options or ReinitOptions()
     probe = probe or ProbeOptions()
-    options.validate()
+    write = write or WriteOptions()
+    dry_run = write.dry_run
+    validate(options)
     fmt = detect_format(path)
     if not dry_run:
         if out is None:
-            raise UsageError("reinit needs an output file", hint="pass -o OUT, or --dry-run to only look")
-        check_writable_output(out, force=force, source=path)
+            raise UsageError("reinit needs an output file", hint="give an `output` path, or set `dry_run` to only look")
+        check_writable_output(out, force=write.force, source=path)
     if fmt is ModelFormat.ONNX:
         return _reinit_onnx(path, out=out, options=options, probe=probe, dry_run=dry_run, compare=compare)
     return _reinit_torch(path, fmt, out=out, options=options, load=load, probe=probe, dry_run=dry_run,
@@ -66,14 +66,14 @@ def reinit(
 def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: ReinitOptions,
                   load: LoadOptions | None, probe: ProbeOptions, dry_run: bool,
                   compare: bool) -> ReinitReport:
-    from gradcheck_cli import api
+    from gradcheck_cli.model.load import load_model
     from gradcheck_cli.model.torch_load import resolve_device
     from gradcheck_cli.model.torch_save import save_model
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_reinit import reinit_module
 
-    load_options = load or api.LoadOptions()
-    loaded = api.load(path, load_options, device=probe.device)
+    load_options = load or LoadOptions()
+    loaded = load_model(path, load_options, device=probe.device)
     inputs = probe_inputs(loaded.module, probe.inputs, device=resolve_device(probe.device),
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     # The probe's own micro-batches drive tracing and LSUV, so both see exactly what the report shows.
@@ -91,14 +91,14 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: Re
                    example_kwargs=loaded.example_kwargs if loaded.example_args is not None else first.kwargs)
         written = True
         if compare:  # probe the file as written: it proves the output loads and runs
-            reloaded = api.load(out, load_options, device=probe.device)
+            reloaded = load_model(out, load_options, device=probe.device)
             after = _probe(reloaded, probe)
     elif compare:
         in_memory = copy.copy(loaded)
         in_memory.module = result.module
         after = _probe(in_memory, probe)
     if not result.layers:
-        notes.append("no layer was re-initialised" + (" (check --layers)" if options.layers else ""))
+        notes.append("no layer was re-initialised" + (" (check `layers`)" if options.layers else ""))
     return ReinitReport(model=str(path), format=str(fmt), output=None if out is None else str(out),
                         written=written, scheme=str(options.scheme), seed=options.seed,
                         layers=tuple(result.layers), changes=tuple(result.changes), before=before,
@@ -121,12 +121,12 @@ def _with_known_shapes(loaded: LoadedModel, probe: ProbeOptions, inputs: ProbeIn
     from gradcheck_cli.probe.batch import probe_inputs
 
     options = probe.inputs
-    if (options.input_file is not None or options.input_shapes or loaded.example_args is not None
+    if (options.input is not None or options.input_shape or loaded.example_args is not None
             or loaded.example_kwargs is not None or any(batch.kwargs for batch in inputs.batches)):
         return probe
     first = inputs.batches[0]
     shapes = tuple(tuple(int(d) for d in arg.shape) for arg in first.args)
-    known = replace(probe, inputs=replace(options, input_shapes=shapes, batch_size=None))
+    known = replace(probe, inputs=replace(options, input_shape=shapes, batch_size=None))
     again = probe_inputs(loaded.module, known.inputs, device=resolve_device(probe.device))
     same = (again.specs == inputs.specs and again.batch_size == inputs.batch_size
             and again.model_loss == inputs.model_loss

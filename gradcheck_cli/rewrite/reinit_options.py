@@ -7,12 +7,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gradcheck_cli.errors import UsageError
+from gradcheck_cli.options import ReinitOptions
 from gradcheck_cli.rewrite.init_math import (
     Distribution,
-    FanMode,
     Fans,
     InitSpec,
-    RecurrentInit,
     Scheme,
     auto_scheme,
     default_mode,
@@ -21,38 +20,20 @@ from gradcheck_cli.rewrite.init_math import (
     scheme_gain,
 )
 
-# Mishkin & Matas 2016: Tol_var = 0.1, T_max = 10.
-DEFAULT_LSUV_TOLERANCE = 0.1
-DEFAULT_LSUV_MAX_ITERATIONS = 10
 
-
-@dataclass(frozen=True)
-class ReinitOptions:
-    """None means 'the scheme's default' (normal; fan_in, or fan_avg for Glorot)."""
-
-    scheme: Scheme = Scheme.AUTO
-    distribution: Distribution | None = None
-    mode: FanMode | None = None
-    layers: tuple[str, ...] = ()  # globs on layer names; empty: every layer
-    seed: int = 0
-    recurrent: RecurrentInit = RecurrentInit.ORTHOGONAL
-    reset_norm: bool = False  # normalisation layers: affine to (1, 0), running stats to (0, 1)
-    forget_bias: bool = False  # LSTM forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015)
-    lsuv_tolerance: float = DEFAULT_LSUV_TOLERANCE
-    lsuv_max_iterations: int = DEFAULT_LSUV_MAX_ITERATIONS
-
-    def validate(self) -> None:
-        if self.scheme in (Scheme.ORTHOGONAL, Scheme.LSUV):
-            given = [f"--{flag} {value}" for flag, value in
-                     (("distribution", self.distribution), ("mode", self.mode)) if value is not None]
-            if given:
-                raise UsageError(f"{' and '.join(given)} has no effect with --scheme {self.scheme}: "
-                                 "orthogonal matrices have no distribution or fan mode",
-                                 hint="drop the option, or choose --scheme he, glorot, lecun or auto")
-        if not 0 < self.lsuv_tolerance < 1:
-            raise UsageError(f"the LSUV tolerance must be in (0, 1), got {self.lsuv_tolerance}")
-        if self.lsuv_max_iterations < 1:
-            raise UsageError("the LSUV iteration bound must be at least 1")
+def validate(options: ReinitOptions) -> None:
+    """Refuse option combinations that would silently do nothing."""
+    if options.scheme in (Scheme.ORTHOGONAL, Scheme.LSUV):
+        given = [f"`{name}` {value}" for name, value in
+                 (("distribution", options.distribution), ("fan", options.fan)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} has no effect with `scheme` {options.scheme}: "
+                             "orthogonal matrices have no distribution or fan mode",
+                             hint="drop the option, or choose the scheme he, glorot, lecun or auto")
+    if not 0 < options.lsuv_tolerance < 1:
+        raise UsageError(f"the LSUV tolerance must be in (0, 1), got {options.lsuv_tolerance}")
+    if options.lsuv_max_iterations < 1:
+        raise UsageError("the LSUV iteration bound must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -75,7 +56,7 @@ def plan_weight(options: ReinitOptions, *, shape: Sequence[int], fans_: Fans, ac
     if scheme in (Scheme.ORTHOGONAL, Scheme.LSUV):
         return WeightPlan(scheme, orthogonal_spec(shape, fans_=fans_, gain=gain, scheme=scheme), reason)
     distribution = options.distribution or Distribution.NORMAL
-    mode = options.mode or default_mode(scheme)
+    mode = options.fan or default_mode(scheme)
     spec = random_spec(scheme, fans_=fans_, distribution=distribution, mode=mode, gain=gain)
     return WeightPlan(scheme, spec, reason)
 

@@ -26,6 +26,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
+from gradcheck_cli.options import ReinitOptions
 from gradcheck_cli.probe.activations import MODULE_ACTIVATIONS, activation_of_call, function_name
 from gradcheck_cli.probe.batch import ProbeBatch, type_name
 from gradcheck_cli.records import Change
@@ -42,7 +43,7 @@ from gradcheck_cli.rewrite.init_math import (
     orthogonal_spec,
     sample,
 )
-from gradcheck_cli.rewrite.reinit_options import ReinitOptions, matches_any, plan_weight, select
+from gradcheck_cli.rewrite.reinit_options import matches_any, plan_weight, select, validate
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit, LsuvStep, TensorInit
 
 if TYPE_CHECKING:
@@ -595,7 +596,7 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     """A re-initialised deep copy of ``module`` and the record of what it got and why."""
     import torch
 
-    options.validate()
+    validate(options)
     scripted = isinstance(module, torch.jit.ScriptModule)
     trace = None if scripted else trace_execution(module, batches)
     if trace is not None and not trace.ran:

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from gradcheck_cli.probe.batch import InputOptions, ProbeBatch
+    from gradcheck_cli.options import InputOptions
+    from gradcheck_cli.probe.batch import ProbeBatch
 
 BACKEND_TORCH = "torch eager"
 BACKEND_ORT = "onnxruntime (graph optimisations disabled)"
@@ -287,10 +288,10 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
     initializer_names = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializer_names]
     batch_size = options.batch_size
-    if options.input_file is not None:
+    if options.input is not None:
         from gradcheck_cli.probe.batch import _read_input_file  # the probe's own reader, one format
 
-        args, kwargs = _read_input_file(options.input_file)
+        args, kwargs = _read_input_file(options.input)
         arrays = [t.detach().cpu().numpy() for t in args]
         feed = (
             dict(zip([i.name for i in inputs], arrays, strict=False))
@@ -310,14 +311,14 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
         ]
     generator = np.random.default_rng(options.seed)
     shapes: list[tuple[int, ...]] = []
-    if options.input_shapes:
-        if len(options.input_shapes) != len(inputs):
+    if options.input_shape:
+        if len(options.input_shape) != len(inputs):
             raise UsageError(
-                f"the graph has {len(inputs)} inputs but {len(options.input_shapes)} "
+                f"the graph has {len(inputs)} inputs but {len(options.input_shape)} "
                 "--input-shape were given",
                 hint="give one --input-shape per graph input",
             )
-        shapes = [tuple(s) for s in options.input_shapes]
+        shapes = [tuple(s) for s in options.input_shape]
     else:
         for value in inputs:
             dims = value.type.tensor_type.shape.dim

@@ -12,14 +12,16 @@ GC2xx gradients, GC3xx initialisation. Codes never change meaning; retired codes
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
 from gradcheck_cli.errors import ConfigError
+from gradcheck_cli.gate.scan import CheckpointScan
+from gradcheck_cli.options import RuleOverride
 from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
-from gradcheck_cli.scan import CheckpointScan
 
 
 class Worse(str, Enum):
@@ -654,53 +656,52 @@ def resolve(selector: str) -> tuple[Rule, ...]:
     return matched
 
 
-@dataclass(frozen=True)
-class RuleOverride:
-    """What configuration may change on one rule (None: keep the default)."""
-
-    threshold: float | None = None
-    severity: Severity | None = None
-    ignore_layers: tuple[str, ...] = ()
+def _field(key: str) -> str:
+    return f"`{key}`"
 
 
 def configure(
     *,
     select: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
-    overrides: dict[str, RuleOverride] | None = None,
-    where: str = "rules",
-    rules_where: str = "rules",
+    overrides: Mapping[str, RuleOverride] | None = None,
+    name_of: Callable[[str], str] = _field,
 ) -> tuple[Rule, ...]:
     """The active rules: ``select`` (default all) minus ``ignore``, with overrides applied.
 
     ``overrides`` is keyed by code or name. Mandatory rules (non-finite) stay on and stay errors:
-    a NaN makes every other number meaningless, so no configuration may hide it. ``where`` and
-    ``rules_where`` say where the selection and the overrides came from, for error messages.
+    a NaN makes every other number meaningless, so no configuration may hide it. ``name_of`` says,
+    for error messages, where a setting came from: it is given ``select``, ``ignore``,
+    ``rules.KEY``, ``rules.KEY.threshold`` or ``rules.KEY.severity`` (by default the field name).
     """
     chosen = (
-        {r.code for s in select for r in _located(s, f"{where} select")}
+        {r.code for s in select for r in _located(s, name_of("select"))}
         if select is not None
         else {r.code for r in RULES}
     )
     for selector in ignore:
-        for rule in _located(selector, f"{where} ignore"):
+        for rule in _located(selector, name_of("ignore")):
             if rule.mandatory:
                 raise ConfigError(
-                    f"{where} ignore: {rule.code} {rule.name} cannot be ignored",
+                    f"{name_of('ignore')}: {rule.code} {rule.name} cannot be ignored",
                     hint="non-finite values are always an error",
                 )
             chosen.discard(rule.code)
     configured: dict[str, Rule] = {}
     for key, override in (overrides or {}).items():
-        matched = _located(key, f"{rules_where}.{key}")
+        matched = _located(key, name_of(f"rules.{key}"))
         if len(matched) != 1:
             raise ConfigError(
-                f"{rules_where}.{key}: settings need one rule, not a prefix",
+                f"{name_of(f'rules.{key}')}: settings need one rule, not a prefix",
                 hint="use a full code (GC101) or name (dead-relu)",
             )
         rule = configured.get(matched[0].code, matched[0])
-        configured[rule.code] = _apply(rule, override, f"{rules_where}.{key}")
+        configured[rule.code] = _apply(rule, override, functools.partial(_part, name_of, key))
     return tuple(configured.get(r.code, r) for r in RULES if r.code in chosen or r.mandatory)
+
+
+def _part(name_of: Callable[[str], str], key: str, part: str) -> str:
+    return name_of(f"rules.{key}.{part}")
 
 
 def _located(selector: str, where: str) -> tuple[Rule, ...]:
@@ -710,20 +711,20 @@ def _located(selector: str, where: str) -> tuple[Rule, ...]:
         raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
-def _apply(rule: Rule, override: RuleOverride, where: str) -> Rule:
+def _apply(rule: Rule, override: RuleOverride, where: Callable[[str], str]) -> Rule:
     if override.threshold is not None:
         if rule.threshold_range is None:
-            raise ConfigError(f"{where}.threshold: {rule.code} {rule.name} takes no threshold")
+            raise ConfigError(f"{where('threshold')}: {rule.code} {rule.name} takes no threshold")
         low, high = rule.threshold_range
         if not (low < override.threshold < high) or math.isnan(override.threshold):
             raise ConfigError(
-                f"{where}.threshold: {override.threshold} is outside ({low:g}, {high:g})",
+                f"{where('threshold')}: {override.threshold} is outside ({low:g}, {high:g})",
                 hint=f"the default is {rule.threshold:g}" if rule.threshold is not None else None,
             )
         rule = replace(rule, threshold=override.threshold)
     if override.severity is not None:
         if rule.mandatory and override.severity is not Severity.ERROR:
-            raise ConfigError(f"{where}.severity: {rule.code} {rule.name} is always an error")
+            raise ConfigError(f"{where('severity')}: {rule.code} {rule.name} is always an error")
         rule = replace(rule, severity=override.severity)
     if override.ignore_layers:
         rule = replace(rule, ignore_layers=rule.ignore_layers + tuple(override.ignore_layers))

@@ -1,8 +1,11 @@
 """The CI gate as a library: scan, probe, evaluate rules, compare with a baseline. Never prints.
 
-from gradcheck_cli import api
-report = api.check(Path("model.pt"), load_options=api.LoadOptions(arch="model.py:build"))
-failing = [f for f in report.findings if gates(f, Severity.ERROR)]
+``inspect`` and ``check`` both diagnose a model here, with the same rules and settings, so that they
+never disagree about one file; only their exit codes differ.
+
+    from gradcheck_cli import api
+    report = api.check(Path("model.pt"), load=api.LoadOptions(arch="model.py:build"))
+    failing = [f for f in report.findings if gates(f, Severity.ERROR)]
 """
 
 from __future__ import annotations
@@ -12,83 +15,100 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gradcheck_cli.baseline import DEFAULT_TOLERANCE, BaselineFinding, compare
+from gradcheck_cli.gate.baseline import BaselineFinding, compare
+from gradcheck_cli.gate.rules import RULES, Rule, evaluate
+from gradcheck_cli.options import DEFAULT_BASELINE_TOLERANCE, LoadOptions, ProbeOptions
 from gradcheck_cli.records import BaselineStatus, Finding, Report, Severity
-from gradcheck_cli.rules import RULES, Rule, evaluate
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from gradcheck_cli.api import LoadOptions
     from gradcheck_cli.model.handle import LoadedModel
-    from gradcheck_cli.probe.options import ProbeOptions
     from gradcheck_cli.probe.run import Progress
 
 
-def check_path(
+def diagnose(
     path: Path,
     *,
-    load_options: LoadOptions,
-    probe: ProbeOptions,
+    load: LoadOptions | None = None,
+    probe: ProbeOptions | None = None,
     rules: Iterable[Rule] = RULES,
     baseline: tuple[BaselineFinding, ...] | None = None,
     use_baseline: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float = DEFAULT_BASELINE_TOLERANCE,
     progress: Progress | None = None,
 ) -> Report:
-    """Load ``path`` (NaN weights allowed: they are a finding here, not a load error), scan its
-    tensors, probe it, measure init scales and return the report with its findings.
+    """Load ``path``, scan its tensors, probe it, measure init scales and return the report with
+    its findings. NaN/Inf weights are refused unless ``load.allow_nonfinite`` (then they are a
+    finding of the scan).
 
     With ``use_baseline``, every finding is marked new/worsened/unchanged against ``baseline``
     (None there means the baseline has no entry for this model: everything is new).
     """
-    from gradcheck_cli import api
-    from gradcheck_cli.model.formats import ModelFormat, detect_format
+    from gradcheck_cli.model.formats import is_onnx
+    from gradcheck_cli.model.load import load_model
 
-    if detect_format(path) is ModelFormat.ONNX:
-        report = _checked_onnx(path, probe, rules, progress)
+    load = load or LoadOptions()
+    probe = probe or ProbeOptions()
+    if is_onnx(path):
+        report = _checked_onnx(path, probe, rules, progress, allow_nonfinite=load.allow_nonfinite)
     else:
-        loaded = api.load(path, replace(load_options, allow_nonfinite=True), device=probe.device)
-        report = _checked(loaded, probe, rules, progress)
+        report = _checked(load_model(path, load, device=probe.device), probe, rules, progress)
     if use_baseline:
         report = replace(report, findings=compare(report.findings, baseline, tolerance=tolerance))
     return report
 
 
+def check_path(
+    path: Path,
+    *,
+    load: LoadOptions | None = None,
+    probe: ProbeOptions | None = None,
+    rules: Iterable[Rule] = RULES,
+    baseline: tuple[BaselineFinding, ...] | None = None,
+    use_baseline: bool = False,
+    tolerance: float = DEFAULT_BASELINE_TOLERANCE,
+    progress: Progress | None = None,
+) -> Report:
+    """What ``gradcheck check`` computes for one model: :func:`diagnose` with NaN/Inf weights
+    allowed (they are a finding here, not a load error)."""
+    return diagnose(path, load=replace(load or LoadOptions(), allow_nonfinite=True), probe=probe, rules=rules,
+                    baseline=baseline, use_baseline=use_baseline, tolerance=tolerance, progress=progress)
+
+
 def check_module(
     module: nn.Module,
-    probe: ProbeOptions,
+    probe: ProbeOptions | None = None,
     *,
     rules: Iterable[Rule] = RULES,
     name: str = "<module>",
     progress: Progress | None = None,
 ) -> Report:
     """:func:`check_path` for an in-memory module (left as it was found, as inspect does)."""
-    from gradcheck_cli.model.formats import ModelFormat
-    from gradcheck_cli.model.handle import LoadedModel
+    from gradcheck_cli.probe.entry import loaded_module
 
-    loaded = LoadedModel(path=Path(name), format=ModelFormat.TORCH_ZIP, module=module)
-    return _checked(loaded, probe, rules, progress)
+    return _checked(loaded_module(module, name=name), probe or ProbeOptions(), rules, progress)
 
 
-def _checked_onnx(path: Path, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None) -> Report:
+def _checked_onnx(path: Path, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None, *,
+                  allow_nonfinite: bool) -> Report:
     """ONNX: the initializers are scanned, the graph probed; init-scale is not measured (the
     weight layouts of Gemm/MatMul/Conv nodes are not mapped to layers yet)."""
-    from gradcheck_cli import api
-    from gradcheck_cli.scan import scan_onnx
+    from gradcheck_cli.gate.scan import scan_onnx
+    from gradcheck_cli.probe.entry import inspect_onnx
 
     scan = scan_onnx(path)
-    report = api.inspect_onnx(path, probe=probe, allow_nonfinite=True, progress=progress)
+    report = inspect_onnx(path, probe=probe, allow_nonfinite=allow_nonfinite, progress=progress)
     return replace(report, findings=evaluate(report, rules, scan=scan))
 
 
 def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None) -> Report:
-    from gradcheck_cli import api
-    from gradcheck_cli.init_scale import with_init_scales
-    from gradcheck_cli.scan import scan_module
+    from gradcheck_cli.gate.init_scale import with_init_scales
+    from gradcheck_cli.gate.scan import scan_module
+    from gradcheck_cli.probe.entry import inspect_loaded
 
     scan = scan_module(loaded.module)  # before the probe runs: the checkpoint as shipped
-    report = api.inspect_model(loaded, probe, progress=progress)
+    report = inspect_loaded(loaded, probe, progress=progress)
     report = with_init_scales(report, loaded.module)
     return replace(report, findings=evaluate(report, rules, scan=scan))
 

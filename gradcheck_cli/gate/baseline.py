@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import LoadError
+from gradcheck_cli.gate.rules import RULES_BY_CODE, Worse
+from gradcheck_cli.options import DEFAULT_BASELINE_TOLERANCE
 from gradcheck_cli.records import BaselineStatus, Finding, Severity
-from gradcheck_cli.rules import RULES_BY_CODE, Worse
-
-DEFAULT_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def compare(
     findings: tuple[Finding, ...],
     baseline: tuple[BaselineFinding, ...] | None,
     *,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float = DEFAULT_BASELINE_TOLERANCE,
 ) -> tuple[Finding, ...]:
     """``findings`` with ``baseline`` set on each (everything is new when there is no baseline)."""
     pool: dict[tuple[str, str | None], list[BaselineFinding]] = defaultdict(list)
