@@ -69,7 +69,7 @@ def test_onnx_fold_writes_verified_model_and_json_report(cli: Any, models: dict[
     source = models["onnx"]
     before = digest(source)
     out = tmp_path / "folded.onnx"
-    code, stdout, _ = cli("fold-bn", source, "-o", out, "--report", "json")
+    code, stdout, _ = cli("fold-bn", source, "-o", out, "--format", "json")
     assert code == 0, stdout
     report = json.loads(stdout)
     assert report["command"] == "fold-bn" and report["schema_version"]
@@ -130,7 +130,7 @@ def test_failed_verification_exits_1_and_writes_nothing(cli: Any, models: dict[s
 def test_pt2_roundtrip_in_its_own_format(cli: Any, models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "folded.pt2"
     before = digest(models["pt2"])
-    code, stdout, _ = cli("fold-bn", models["pt2"], "-o", out, "--report", "json")
+    code, stdout, _ = cli("fold-bn", models["pt2"], "-o", out, "--format", "json")
     assert code == 0, stdout
     report = json.loads(stdout)
     assert report["method"] == "exported program graph" and report["after"]["batchnorms"] == 0
@@ -163,7 +163,7 @@ def test_state_dict_output_still_loads_into_the_architecture(cli: Any, models: d
 def test_other_output_formats(cli: Any, models: dict[str, Path], tmp_path: Path, target: str) -> None:
     out = tmp_path / f"folded.{target}"
     code, stdout, _ = cli("fold-bn", models["state_dict"], "--arch", f"{models['arch']}:build", "-o", out,
-                          "--to", target, "--report", "json")
+                          "--to", target, "--format", "json")
     assert code == 0, stdout
     report = json.loads(stdout)
     assert report["verification"]["outputs"][0]["max_abs_error"] <= report["verification"]["outputs"][0]["tolerance"]
@@ -196,7 +196,7 @@ def test_onnx_input_cannot_become_torch(cli: Any, models: dict[str, Path], tmp_p
 
 
 def test_benchmark_reports_latency(cli: Any, models: dict[str, Path]) -> None:
-    code, stdout, _ = cli("fold-bn", models["onnx"], "--dry-run", "--benchmark", "3", "--report", "json")
+    code, stdout, _ = cli("fold-bn", models["onnx"], "--dry-run", "--benchmark", "3", "--format", "json")
     assert code == 0
     latency, = json.loads(stdout)["latency"]
     assert latency["runs"] == 3 and latency["before_ms"] > 0 and latency["after_ms"] > 0
@@ -216,11 +216,11 @@ def test_numbers_in_report_are_independent_of_the_tool(models: dict[str, Path]) 
     """The reported max error equals one computed here from the written file."""
     import onnxruntime as ort
 
-    from gradcheck_cli.options import InputOptions
+    from gradcheck_cli.options import InputOptions, ProbeOptions
     from gradcheck_cli.rewrite.fold import fold_batchnorm
 
     out = models["onnx"].with_name("independent.onnx")
-    report = fold_batchnorm(models["onnx"], out=out, inputs=InputOptions(batch_size=4, seed=5))
+    report = fold_batchnorm(models["onnx"], out=out, probe=ProbeOptions(inputs=InputOptions(batch_size=4, seed=5)))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     x = np.random.default_rng(5).standard_normal((4, 3, 8, 8)).astype(np.float32)
@@ -273,11 +273,11 @@ def test_verification_batch_defaults_to_two_samples(cli: Any, models: dict[str, 
 
     assert VERIFY_BATCH_SIZE == 2
     for source, args in ((models["onnx"], ()), (models["state_dict"], ("--arch", f"{models['arch']}:build"))):
-        code, stdout, _ = cli("fold-bn", source, "--dry-run", "--report", "json", *args, *extra)
+        code, stdout, _ = cli("fold-bn", source, "--dry-run", "--format", "json", *args, *extra)
         assert code == 0, stdout
         assert json.loads(stdout)["verification"]["samples"] == samples, source
     if not extra:  # a .pt2 keeps its own example batch (3 here), whatever the default
         pt2 = models["pt2"].with_name("batch3.pt2")
         torch.export.save(torch.export.export(build_model().eval(), (torch.randn(3, 3, 8, 8),)), str(pt2))
-        code, stdout, _ = cli("fold-bn", pt2, "--dry-run", "--report", "json")
+        code, stdout, _ = cli("fold-bn", pt2, "--dry-run", "--format", "json")
         assert code == 0 and json.loads(stdout)["verification"]["samples"] == 3

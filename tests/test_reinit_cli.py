@@ -65,7 +65,7 @@ def test_dry_run_writes_nothing_and_reports_json(cli: Any, mlp_state_dict: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "never.pt"
     code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out,
-                               "--dry-run", "--report", "json", "--layers", "fc*")
+                               "--dry-run", "--format", "json", "--layers", "fc*")
     assert code == 0, stderr
     assert not out.exists()
     data = json.loads(stdout)
@@ -100,7 +100,7 @@ def test_reinit_revives_the_dead_relu_sample(cli: Any, tmp_path: Path) -> None:
         pytest.skip("samples/relu_dead.torchscript.pt is missing (run samples/make_samples.py)")
     before_hash = digest(sample)
     out = tmp_path / "revived.pt"
-    code, stdout, stderr = cli("reinit", sample, "-o", out, "--report", "json", "--batch-size", "64")
+    code, stdout, stderr = cli("reinit", sample, "-o", out, "--format", "json", "--batch-size", "64")
     assert code == 0, stderr
     assert digest(sample) == before_hash
     data = json.loads(stdout)
@@ -115,7 +115,7 @@ def test_reinit_revives_the_dead_relu_sample(cli: Any, tmp_path: Path) -> None:
 def test_lsuv_through_the_cli(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "lsuv.pt"
     code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out,
-                               "--scheme", "lsuv", "--report", "json", "--batch-size", "32")
+                               "--scheme", "lsuv", "--format", "json", "--batch-size", "32")
     assert code == 0, stderr
     data = json.loads(stdout)
     for layer in data["layers"]:
@@ -131,7 +131,7 @@ def test_onnx_model(cli: Any, tmp_path: Path) -> None:
     onnx.save(mlp_graph(), str(path))
     before = digest(path)
     out = tmp_path / "fresh.onnx"
-    code, stdout, stderr = cli("reinit", path, "-o", out, "--report", "json")
+    code, stdout, stderr = cli("reinit", path, "-o", out, "--format", "json")
     assert code == 0, stderr
     assert digest(path) == before
     data = json.loads(stdout)
@@ -173,7 +173,7 @@ def test_safetensors_in_safetensors_out_with_untouched_tensors_bit_identical(cli
         pytest.skip("samples/cnn_batchnorm.safetensors is missing (run samples/make_samples.py)")
     out = tmp_path / "cnn.safetensors"
     code, stdout, stderr = cli("reinit", sample, "--arch", f"{SAMPLES / 'models.py'}:small_cnn", "-o", out,
-                               "--layers", "conv2", "--report", "json")
+                               "--layers", "conv2", "--format", "json")
     assert code == 0, stderr
     old, new = safetensors.load_file(str(sample)), safetensors.load_file(str(out))
     assert old.keys() == new.keys()
@@ -190,7 +190,7 @@ def test_exported_program_in_exported_program_out(cli: Any, tmp_path: Path) -> N
     if not sample.exists():
         pytest.skip("samples/tanh_old_init.pt2 is missing (run samples/make_samples.py)")
     out = tmp_path / "tanh.pt2"
-    code, stdout, stderr = cli("reinit", sample, "-o", out, "--report", "json")
+    code, stdout, stderr = cli("reinit", sample, "-o", out, "--format", "json")
     assert code == 0, stderr
     data = json.loads(stdout)
     assert {layer["scheme"] for layer in data["layers"][:-1]} == {"glorot"}

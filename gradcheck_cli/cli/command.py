@@ -37,10 +37,6 @@ class Given:
     def get(self, name: str, default: Any = None) -> Any:
         return self.values.get(name, default)
 
-    def pop(self, *names: str) -> dict[str, Any]:
-        """The given values of ``names``, removed from this record's set of fields."""
-        return {name: self.values.pop(name) for name in names if name in self.values}
-
 
 def _parameter(flag: Flag, group: Group) -> inspect.Parameter:
     names = (flag.name, flag.short) if flag.short else (flag.name,)

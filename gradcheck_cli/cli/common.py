@@ -70,15 +70,11 @@ def user_errors(debug: bool) -> Iterator[None]:
 
 def settings(given: Given) -> Settings:
     """The config file's settings (none with ``isolated``) with the command line's over them."""
-    from gradcheck_cli.config import Settings, load_settings, settings_of
+    from gradcheck_cli.config import Settings, load_settings, option_fields, settings_of
 
-    options = dict(given.values)
-    config: Path | None = options.pop("config", None)
-    isolated = bool(options.pop("isolated", False))
-    for name in ("debug", "format", "plot", "html"):
-        options.pop(name, None)
-    file_settings = Settings() if isolated else load_settings(config)
-    return file_settings.merged(settings_of(**options))
+    configurable = option_fields()
+    file_settings = Settings() if given.get("isolated") else load_settings(given.get("config"))
+    return file_settings.merged(settings_of(**{k: v for k, v in given.values.items() if k in configurable}))
 
 
 def report_targets(given: Given, output: Path | None, *, allowed: tuple[ReportFormat, ...],
@@ -92,6 +88,13 @@ def report_targets(given: Given, output: Path | None, *, allowed: tuple[ReportFo
     texts: list[str] = given.get("format", [])
     if texts:
         targets = tuple(parse_report_target(text, where="--format", allowed=allowed) for text in texts)
+        # A directory named on the command line must exist (a typo should not scatter folders);
+        # the config file's directories are created when the report is written.
+        for target in targets:
+            parent = target.path.parent if target.path is not None else None
+            if parent is not None and str(parent) and not parent.is_dir():
+                raise UsageError(f"cannot write {target.path}: the directory {parent} does not exist",
+                                 hint="create it first")
     else:
         targets = configured if configured else (ReportTarget(ReportFormat.TABLE),)
     if output is not None:

@@ -29,7 +29,7 @@ def fold_bn(model: ModelArg, output: ModelOutput = None, *, given: Given) -> Non
 
     chosen = settings(given)
     targets = report_targets(given, None, allowed=(ReportFormat.TABLE, ReportFormat.JSON))
-    write = WriteOptions(**given.pop("to", "dry_run", "force"))
+    write = WriteOptions(**{k: v for k, v in given.values.items() if k in ("to", "dry_run", "force")})
     report = fold_batchnorm(model, out=output, options=chosen.fold, load=chosen.load, probe=chosen.probe,
                             write=write)
     write_reports(targets, table=lambda console: render_fold(report, console),

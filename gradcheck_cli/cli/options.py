@@ -289,5 +289,5 @@ ALL_GROUPS = (LOAD, INPUTS, DEVICE, PROBE, RULES, GATE, WRITE, FOLD, REINIT, CON
 FLAG_OF_FIELD: dict[str, str] = {
     **{flag.field: flag.name for group in ALL_GROUPS for flag in group.flags},
     "rules": "--threshold/--severity",
-    "output": "-o/--output",
+    "output": "-o OUT",
 }

@@ -4,6 +4,7 @@ probe before and after. An unsafe rewrite: it discards trained weights."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,17 +30,24 @@ def reinit(model: ModelArg, output: ModelOutput = None, *, given: Given) -> None
     from gradcheck_cli.cli.visual import check_visual_outputs
     from gradcheck_cli.options import WriteOptions
     from gradcheck_cli.render.reinit import reinit_json, render_reinit
+    from gradcheck_cli.rewrite.reinit import UNSAFE_NOTE
     from gradcheck_cli.rewrite.reinit import reinit as run_reinit
 
     chosen = settings(given)
     targets = report_targets(given, None, allowed=(ReportFormat.TABLE, ReportFormat.JSON))
     plot: Path | None = given.get("plot")
     check_visual_outputs(plot=plot, html=None)
-    write = WriteOptions(**given.pop("to", "dry_run", "force"))
+    write = WriteOptions(**{k: v for k, v in given.values.items() if k in ("to", "dry_run", "force")})
     report = run_reinit(model, out=output, options=chosen.reinit, load=chosen.load, probe=chosen.probe, write=write)
+    shown = report
+    if report.written:
+        sys.stderr.write(f"warning: unsafe rewrite: {output} holds re-initialised weights; the trained "
+                         f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n")
+        # The warning says what the report's note says: the table need not repeat it (the JSON keeps it).
+        shown = replace(report, notes=tuple(note for note in report.notes if note != UNSAFE_NOTE))
     if plot is not None:
         _write_plot(report, plot)
-    write_reports(targets, table=lambda console: render_reinit(report, console),
+    write_reports(targets, table=lambda console: render_reinit(shown, console),
                   documents={ReportFormat.JSON: lambda: reinit_json(report)})
     raise typer.Exit(EXIT_OK)
 

@@ -75,7 +75,7 @@ def fold_batchnorm(
     affine_standalone, benchmark_runs = options.affine_standalone, options.benchmark
     inputs = probe.inputs
     if out is None and not dry_run:
-        raise UsageError("no output path given", hint="pass -o OUT, or --dry-run to only report")
+        raise UsageError("no output path given", hint="pass `output`, or `dry_run` to only report")
     if out is not None and not dry_run:
         check_writable_output(out, force=force, source=path)
     fmt = detect_format(path)

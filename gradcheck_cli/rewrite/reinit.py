@@ -55,7 +55,7 @@ def reinit(
     fmt = detect_format(path)
     if not dry_run:
         if out is None:
-            raise UsageError("reinit needs an output file", hint="give an `output` path, or set `dry_run` to only look")
+            raise UsageError("reinit needs an output file", hint="pass `output`, or `dry_run` to only look")
         check_writable_output(out, force=write.force, source=path)
     if fmt is ModelFormat.ONNX:
         return _reinit_onnx(path, out=out, options=options, probe=probe, dry_run=dry_run, compare=compare)
