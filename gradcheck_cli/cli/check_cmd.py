@@ -21,6 +21,7 @@ from gradcheck_cli.cli.common import (
     flag_text,
     report_targets,
     settings,
+    with_flag_notes,
     write_reports,
 )
 from gradcheck_cli.errors import GradcheckError, UsageError
@@ -117,7 +118,7 @@ def _run(chosen: Settings, paths: list[Path], *, debug: bool, histograms: bool =
                     tolerance=gate.baseline_tolerance,
                     progress=progress,
                 )
-            outcomes.append(ModelOutcome(path=str(path), report=report))
+            outcomes.append(ModelOutcome(path=str(path), report=with_flag_notes(report)))
         except GradcheckError as exc:
             # One broken model must not hide the others' findings: record it, go on, exit 2.
             if debug:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
@@ -49,6 +53,31 @@ def _parameter(flag: Flag, group: Group) -> inspect.Parameter:
                              annotation=Annotated[flag.kind | None, info])
 
 
+# Libraries that talk through logging; gradcheck's own messages are findings, notes and errors.
+_CHATTY_LOGGERS = ("transformers", "torch", "torchvision", "timm", "onnxscript", "accelerate", "huggingface_hub")
+
+
+@contextmanager
+def third_party_quiet(quiet: bool) -> Iterator[None]:
+    """Silence the warnings and log lines of the libraries a command runs (gradcheck itself warns
+    through its reports, never through ``warnings``); ``--debug`` keeps them."""
+    if not quiet:
+        yield
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def command(*groups: Group) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give the decorated function (which takes ``given: Given`` after its own parameters) every
     flag of ``groups``; a flag's value reaches it converted, under the flag's field name."""
@@ -63,8 +92,9 @@ def command(*groups: Group) -> Callable[[Callable[..., None]], Callable[..., Non
 
         @functools.wraps(function)
         def run(**kwargs: Any) -> None:
+            debug = bool(kwargs.get("debug"))
             # Converting a flag can fail (a bad shape): that is a usage error like any other.
-            with user_errors(bool(kwargs.get("debug"))):
+            with user_errors(debug), third_party_quiet(not debug):
                 values: dict[str, Any] = {}
                 for group in groups:
                     given: dict[str, Any] = {}

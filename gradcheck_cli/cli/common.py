@@ -8,7 +8,8 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
@@ -139,3 +140,12 @@ def write_reports(targets: tuple[ReportTarget, ...], *, table: Callable[[Console
                 write_text(buffer.getvalue(), target.path)
         else:
             write_text(documents[target.format](), target.path)
+
+
+R = TypeVar("R")
+
+
+def with_flag_notes(report: R) -> R:
+    """A report (probe, fold or reinit) whose notes spell options as flags, as the user typed them."""
+    notes: tuple[str, ...] = getattr(report, "notes")  # noqa: B009 - every report record has notes
+    return replace(report, notes=tuple(flag_text(note) for note in notes))  # type: ignore[type-var]

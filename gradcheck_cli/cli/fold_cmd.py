@@ -11,7 +11,7 @@ import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.command import Given, ModelArg, ModelOutput, command
-from gradcheck_cli.cli.common import EXIT_FINDINGS, EXIT_OK, report_targets, settings, write_reports
+from gradcheck_cli.cli.common import EXIT_FINDINGS, EXIT_OK, report_targets, settings, with_flag_notes, write_reports
 from gradcheck_cli.options import ReportFormat
 
 
@@ -32,6 +32,7 @@ def fold_bn(model: ModelArg, output: ModelOutput = None, *, given: Given) -> Non
     write = WriteOptions(**{k: v for k, v in given.values.items() if k in ("to", "dry_run", "force")})
     report = fold_batchnorm(model, out=output, options=chosen.fold, load=chosen.load, probe=chosen.probe,
                             write=write)
+    report = with_flag_notes(report)
     write_reports(targets, table=lambda console: render_fold(report, console),
                   documents={ReportFormat.JSON: lambda: fold_json(report)})
     raise typer.Exit(EXIT_OK if report.verification.passed else EXIT_FINDINGS)

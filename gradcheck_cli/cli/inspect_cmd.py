@@ -8,7 +8,7 @@ import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.command import Given, ModelArg, ReportOutput, command
-from gradcheck_cli.cli.common import EXIT_OK, flag_text, report_targets, settings, write_reports
+from gradcheck_cli.cli.common import EXIT_OK, report_targets, settings, with_flag_notes, write_reports
 from gradcheck_cli.options import ReportFormat
 
 
@@ -34,7 +34,7 @@ def inspect(model: ModelArg, output: ReportOutput = None, *, given: Given) -> No
     probe = chosen.probe if html is None else replace(chosen.probe, histograms=True)
     with progress_on_stderr(f"probing {model.name}") as progress:
         report = diagnose(model, load=chosen.load, probe=probe, rules=rules, progress=progress)
-    report = replace(report, notes=tuple(flag_text(note) for note in report.notes))
+    report = with_flag_notes(report)
     write_reports(targets, table=lambda console: render_inspect(report, console),
                   documents={ReportFormat.JSON: lambda: render_json(report)})
     write_visual_outputs(report, plot=plot, html=html)

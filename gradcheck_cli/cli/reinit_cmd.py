@@ -12,7 +12,7 @@ import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.command import Given, ModelArg, ModelOutput, command
-from gradcheck_cli.cli.common import EXIT_OK, report_targets, settings, write_reports
+from gradcheck_cli.cli.common import EXIT_OK, report_targets, settings, with_flag_notes, write_reports
 from gradcheck_cli.options import ReportFormat
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def reinit(model: ModelArg, output: ModelOutput = None, *, given: Given) -> None
     check_visual_outputs(plot=plot, html=None)
     write = WriteOptions(**{k: v for k, v in given.values.items() if k in ("to", "dry_run", "force")})
     report = run_reinit(model, out=output, options=chosen.reinit, load=chosen.load, probe=chosen.probe, write=write)
+    report = with_flag_notes(report)
     shown = report
     if report.written:
         sys.stderr.write(f"warning: unsafe rewrite: {output} holds re-initialised weights; the trained "

@@ -35,17 +35,25 @@ TRUST_HINT = (
 )
 
 
-def resolve_device(device: str) -> torch.device:
+def parse_device(device: str) -> torch.device:
+    """The device ``device`` names, whether or not this machine has it."""
     import torch
 
     try:
-        resolved = torch.device(device)
+        return torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"--device {device!r} is not a device torch knows",
+        raise UsageError(f"`device` {device!r} is not a device torch knows",
                          hint="use cpu, cuda or cuda:N") from exc
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device ``device`` names, refused when this machine cannot run on it."""
+    import torch
+
+    resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available here",
-                         hint="run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
+        raise UsageError("`device` cuda was asked for, but CUDA is not available here",
+                         hint="run on the cpu `device`, or on a machine with a GPU and a CUDA build of torch")
     return resolved
 
 

@@ -223,7 +223,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     import torch
 
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, opset_of
-    from gradcheck_cli.model.torch_load import resolve_device
+    from gradcheck_cli.model.torch_load import parse_device
     from gradcheck_cli.onnx.ort_stats import (
         DEFAULT_GROUP_BUDGET_BYTES,
         output_groups,
@@ -238,15 +238,16 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         raise LoadError(f"{path} imports no default-domain opset", hint="re-export it with a standard opset")
     if not allow_nonfinite:
         check_finite_initializers(model, path)
-    requested = resolve_device(options.device)
+    # Named but not required: the ONNX probe runs on the CPU whatever the machine has (docs/onnx.md).
+    requested = parse_device(options.device)
     # onnxruntime runs on its CPU provider, and the lowering's shape arithmetic creates CPU
     # tensors: the whole ONNX probe stays on the CPU rather than mixing devices.
     device = torch.device("cpu")
     inputs, notes = onnx_probe_inputs(model, options, device)
     if requested.type != "cpu":
-        notes.append(f"--device {options.device} ignored: the ONNX probe runs on the CPU")
+        notes.append(f"`device` {options.device} ignored: the ONNX probe runs on the CPU")
     if options.mode is Mode.TRAIN:
-        notes.append("--mode train ignored: an ONNX graph runs as exported")
+        notes.append("`mode` train ignored: an ONNX graph runs as exported")
     if opset < 11:
         notes.append(f"opset {opset} is older than 11, the oldest gradcheck tests against")
     plan = plan_rows(model.graph)

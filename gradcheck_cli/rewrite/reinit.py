@@ -138,7 +138,7 @@ def _with_known_shapes(loaded: LoadedModel, probe: ProbeOptions, inputs: ProbeIn
 
 
 def _probe(loaded: LoadedModel, probe: ProbeOptions) -> tuple[LayerStats, ...]:
-    from gradcheck_cli.api import inspect_model
+    from gradcheck_cli.probe.entry import inspect_loaded as inspect_model
 
     return inspect_model(loaded, probe).layers
 
@@ -179,7 +179,7 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe:
 
 def _probe_onnx(path: Path, probe: ProbeOptions, notes: list[str]) -> tuple[LayerStats, ...] | None:
     """The ONNX probe's rows; a probe failure costs the comparison, not the rewrite (it is noted)."""
-    from gradcheck_cli.api import inspect_onnx
+    from gradcheck_cli.probe.entry import inspect_onnx
     from gradcheck_cli.errors import GradcheckError
 
     try:
