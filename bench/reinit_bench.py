@@ -15,9 +15,8 @@ import time
 import torch
 import torchvision
 
-from gradcheck_cli.options import ReinitOptions
+from gradcheck_cli.options import ReinitOptions, Scheme
 from gradcheck_cli.probe.batch import ProbeBatch
-from gradcheck_cli.rewrite.init_math import Scheme
 from gradcheck_cli.rewrite.torch_reinit import reinit_module
 
 

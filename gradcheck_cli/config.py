@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 from gradcheck_cli.errors import ConfigError
 from gradcheck_cli.gate.rules import configure
 from gradcheck_cli.options import (
+    Distribution,
+    FanMode,
     FoldOptions,
     GateOptions,
     InputOptions,
@@ -44,13 +46,14 @@ from gradcheck_cli.options import (
     LossKind,
     Mode,
     ProbeOptions,
+    RecurrentInit,
     ReinitOptions,
     ReportFormat,
     ReportTarget,
     RuleOverride,
+    Scheme,
 )
 from gradcheck_cli.records import Severity
-from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -26,7 +26,6 @@ from typing import Any
 
 from gradcheck_cli.choice import Choice
 from gradcheck_cli.records import Severity
-from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
 
 # An output counts as saturated when its local derivative is below this fraction of the
 # activation's maximum derivative: sigmoid s(1-s) < 0.05 * 0.25, i.e. s outside [0.013, 0.987],
@@ -40,6 +39,31 @@ DEFAULT_BASELINE_TOLERANCE = 0.05
 # Mishkin & Matas 2016: Tol_var = 0.1, T_max = 10.
 DEFAULT_LSUV_TOLERANCE = 0.1
 DEFAULT_LSUV_MAX_ITERATIONS = 10
+
+
+class Scheme(Choice):
+    AUTO = "auto"  # per layer, from the activation that follows it
+    HE = "he"
+    GLOROT = "glorot"
+    LECUN = "lecun"
+    ORTHOGONAL = "orthogonal"
+    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (THEORY.md section 8)
+
+
+class Distribution(Choice):
+    NORMAL = "normal"
+    UNIFORM = "uniform"
+
+
+class FanMode(Choice):
+    FAN_IN = "fan_in"  # preserves the forward variance
+    FAN_OUT = "fan_out"  # preserves the backward (gradient) variance
+    FAN_AVG = "fan_avg"  # Glorot's compromise, (fan_in + fan_out) / 2
+
+
+class RecurrentInit(Choice):
+    ORTHOGONAL = "orthogonal"
+    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), THEORY.md section 5
 
 
 class LossKind(Choice):

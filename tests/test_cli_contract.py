@@ -21,12 +21,21 @@ from gradcheck_cli import options as records
 from gradcheck_cli.cli.app import app
 from gradcheck_cli.cli.options import ALL_GROUPS, FLAG_OF_FIELD
 from gradcheck_cli.config import option_fields
-from tests.test_check_cli import ARCH_ARGS, workdir  # noqa: F401 - the fixture, shared
-
+from tests.test_check_cli import ARCH, ARCH_ARGS, he_mlp, kill_units, save
 
 PACKAGE = Path(__file__).parent.parent / "gradcheck_cli"
 GOLDEN = Path(__file__).parent / "golden"
 COMMANDS = ("inspect", "check", "fold-bn", "reinit")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """check's own test models: a He-initialised MLP and the same with 75% of one layer's units dead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arch.py").write_text(ARCH)
+    save(he_mlp(), tmp_path / "healthy.pt")
+    save(kill_units(he_mlp(), 2, 24), tmp_path / "dead.pt")
+    return tmp_path
 
 
 def _module_name(path: Path) -> str:
@@ -233,3 +242,30 @@ def test_third_party_warnings_stay_off_the_console(cli: Any, workdir: Path) -> N
     code, _, err = cli("inspect", "n.pt", "--arch", "noisy.py:build", "--input-shape", "4,16")
     assert code == 0, err
     assert "a library talking" not in err
+
+
+# docs/architecture.md: each layer imports only from the layers below it (or itself).
+LAYERS = (
+    {"gradcheck_cli", "choice", "errors", "records", "options", "stats", "threads", "fsutil"},
+    {"model"},
+    {"onnx"},
+    {"probe"},
+    {"rewrite"},
+    {"gate"},
+    {"config"},
+    {"api", "render"},
+    {"cli", "__main__"},
+)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "gradcheck_cli"
+    return next(rank for rank, names in enumerate(LAYERS) if top in names)
+
+
+def test_each_layer_imports_only_from_below() -> None:
+    upward = sorted(f"{a} -> {b}" for a, imported in _import_graph().items() for b in imported
+                    if _layer(b) > _layer(a) or (_layer(b) == _layer(a) and a.split(".")[1:2] != b.split(".")[1:2]
+                                                 and _layer(a) not in (0,)))
+    assert upward == []

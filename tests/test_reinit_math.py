@@ -13,11 +13,9 @@ import math
 import numpy as np
 import pytest
 
+from gradcheck_cli.options import Distribution, FanMode, Scheme
 from gradcheck_cli.rewrite.init_math import (
-    Distribution,
-    FanMode,
     Fans,
-    Scheme,
     WeightLayout,
     activation_gain,
     auto_scheme,

@@ -10,8 +10,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from gradcheck_cli.options import ReinitOptions  # noqa: E402
-from gradcheck_cli.rewrite.init_math import RecurrentInit, Scheme  # noqa: E402
+from gradcheck_cli.options import (  # noqa: E402
+    RecurrentInit,
+    ReinitOptions,
+    Scheme,
+)
 from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model  # noqa: E402
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit  # noqa: E402
 

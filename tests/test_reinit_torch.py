@@ -12,9 +12,14 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from gradcheck_cli.options import ReinitOptions  # noqa: E402
+from gradcheck_cli.options import (  # noqa: E402
+    Distribution,
+    FanMode,
+    RecurrentInit,
+    ReinitOptions,
+    Scheme,
+)
 from gradcheck_cli.probe.batch import ProbeBatch  # noqa: E402
-from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme  # noqa: E402
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit  # noqa: E402
 from gradcheck_cli.rewrite.torch_reinit import reinit_module  # noqa: E402
 

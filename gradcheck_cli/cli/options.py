@@ -17,18 +17,21 @@ from typing import Any
 
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.options import (
+    Distribution,
+    FanMode,
     FoldOptions,
     GateOptions,
     InputOptions,
     LossKind,
     Mode,
     ProbeOptions,
+    RecurrentInit,
     ReinitOptions,
     RuleOverride,
+    Scheme,
     WriteFormat,
 )
 from gradcheck_cli.records import Severity
-from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
 
 
 @dataclass(frozen=True)

@@ -32,46 +32,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from gradcheck_cli.options import Distribution, FanMode, Scheme
+
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
-
-
-class Scheme(str, Enum):
-    AUTO = "auto"  # per layer, from the activation that follows it
-    HE = "he"
-    GLOROT = "glorot"
-    LECUN = "lecun"
-    ORTHOGONAL = "orthogonal"
-    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (THEORY.md section 8)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Distribution(str, Enum):
-    NORMAL = "normal"
-    UNIFORM = "uniform"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class FanMode(str, Enum):
-    FAN_IN = "fan_in"  # preserves the forward variance
-    FAN_OUT = "fan_out"  # preserves the backward (gradient) variance
-    FAN_AVG = "fan_avg"  # Glorot's compromise, (fan_in + fan_out) / 2
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class RecurrentInit(str, Enum):
-    ORTHOGONAL = "orthogonal"
-    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), THEORY.md section 5
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class WeightLayout(str, Enum):

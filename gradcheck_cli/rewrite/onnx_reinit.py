@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError
-from gradcheck_cli.options import ReinitOptions
+from gradcheck_cli.options import RecurrentInit, ReinitOptions, Scheme
 from gradcheck_cli.records import Change
 from gradcheck_cli.rewrite.init_math import (
     Fans,
     InitSpec,
-    RecurrentInit,
-    Scheme,
     WeightLayout,
     fans,
     identity_blocks,

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
-from gradcheck_cli.options import LoadOptions, ProbeOptions, ReinitOptions, WriteOptions
+from gradcheck_cli.options import LoadOptions, ProbeOptions, ReinitOptions, Scheme, WriteOptions
 from gradcheck_cli.records import LayerStats
-from gradcheck_cli.rewrite.init_math import Scheme
 from gradcheck_cli.rewrite.reinit_options import validate
 from gradcheck_cli.rewrite.reinit_records import ReinitReport
 
@@ -179,8 +178,8 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe:
 
 def _probe_onnx(path: Path, probe: ProbeOptions, notes: list[str]) -> tuple[LayerStats, ...] | None:
     """The ONNX probe's rows; a probe failure costs the comparison, not the rewrite (it is noted)."""
-    from gradcheck_cli.probe.entry import inspect_onnx
     from gradcheck_cli.errors import GradcheckError
+    from gradcheck_cli.probe.entry import inspect_onnx
 
     try:
         return inspect_onnx(path, probe=probe, allow_nonfinite=True).layers

@@ -7,12 +7,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gradcheck_cli.errors import UsageError
-from gradcheck_cli.options import ReinitOptions
+from gradcheck_cli.options import Distribution, ReinitOptions, Scheme
 from gradcheck_cli.rewrite.init_math import (
-    Distribution,
     Fans,
     InitSpec,
-    Scheme,
     auto_scheme,
     default_mode,
     orthogonal_spec,

@@ -26,15 +26,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
-from gradcheck_cli.options import ReinitOptions
+from gradcheck_cli.options import RecurrentInit, ReinitOptions, Scheme
 from gradcheck_cli.probe.activations import MODULE_ACTIVATIONS, activation_of_call, function_name
 from gradcheck_cli.probe.batch import ProbeBatch, type_name
 from gradcheck_cli.records import Change
 from gradcheck_cli.rewrite.init_math import (
     Fans,
     InitSpec,
-    RecurrentInit,
-    Scheme,
     WeightLayout,
     fans,
     identity_blocks,
