@@ -11,7 +11,7 @@ from gradcheck_cli.probe.batch import InputOptions
 # An output counts as saturated when its local derivative is below this fraction of the
 # activation's maximum derivative: sigmoid s(1-s) < 0.05 * 0.25, i.e. s outside [0.013, 0.987],
 # |z| > 4.4; tanh 1 - y^2 < 0.05, i.e. |y| > 0.975, |z| > 2.2. At that point the unit passes
-# at most 5% of the gradient it could, which is what THEORY.md section 3 calls saturated.
+# at most 5% of the gradient it could, which is what docs/theory.md#saturation calls saturated.
 DEFAULT_SATURATION_CUTOFF = 0.05
 
 

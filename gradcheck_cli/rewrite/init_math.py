@@ -1,4 +1,4 @@
-"""Initialisation maths: fans, gains, target variances and the samplers (THEORY.md section 2).
+"""Initialisation maths: fans, gains, target variances and the samplers (docs/theory.md#initialisation-schemes).
 
 Everything here is a plain function of shapes and numbers, shared by the torch and ONNX passes,
 so that both frameworks give a layer exactly the same formula (and, for one seed, the same
@@ -43,7 +43,7 @@ class Scheme(str, Enum):
     GLOROT = "glorot"
     LECUN = "lecun"
     ORTHOGONAL = "orthogonal"
-    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (THEORY.md section 8)
+    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (docs/theory.md#lsuv)
 
     def __str__(self) -> str:
         return self.value
@@ -68,7 +68,7 @@ class FanMode(str, Enum):
 
 class RecurrentInit(str, Enum):
     ORTHOGONAL = "orthogonal"
-    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), THEORY.md section 5
+    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), docs/theory.md#gradient-through-time
 
     def __str__(self) -> str:
         return self.value
@@ -110,7 +110,7 @@ class Fans:
 
 
 def fans(shape: Sequence[int], *, layout: WeightLayout, groups: int = 1) -> Fans:
-    """Fan-in and fan-out of a weight (THEORY.md section 2, PyTorch's convention for convs)."""
+    """Fan-in and fan-out of a weight (docs/theory.md#fans, PyTorch's convention for convs)."""
     if groups < 1:
         raise ValueError(f"groups must be positive, got {groups}")
     dims = tuple(int(d) for d in shape)
