@@ -119,7 +119,7 @@ def link_targets(markdown: str) -> Iterator[tuple[int, str]]:
     """(line number, target) of every inline and reference-style link outside code."""
     for number, line in prose_lines(markdown):
         if line.startswith(("    ", "\t")) and not line.lstrip().startswith(("-", "*", "|")):
-            continue  # an indented code block (or a list item's continuation: no links there)
+            continue  # an indented code block (a deeply indented list continuation is skipped too)
         reference = _REFERENCE_LINK.match(line)
         if reference:
             yield number, reference.group(1)
