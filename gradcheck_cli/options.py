@@ -47,7 +47,7 @@ class Scheme(Choice):
     GLOROT = "glorot"
     LECUN = "lecun"
     ORTHOGONAL = "orthogonal"
-    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (THEORY.md section 8)
+    LSUV = "lsuv"  # orthogonal, then rescaled on the probe batch (docs/theory.md#lsuv)
 
 
 class Distribution(Choice):
@@ -63,7 +63,7 @@ class FanMode(Choice):
 
 class RecurrentInit(Choice):
     ORTHOGONAL = "orthogonal"
-    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), THEORY.md section 5
+    IDENTITY = "identity"  # IRNN (Le, Jaitly & Hinton 2015), docs/theory.md#gradient-through-time
 
 
 class LossKind(Choice):

@@ -2,7 +2,8 @@
 
 Each micro-batch is reduced on the tensor's own device to a handful of numbers; merging uses
 Chan et al.'s parallel update for (count, mean, M2), so the merged mean and variance are those
-of the concatenated batch (up to floating-point rounding), not an average of averages.
+of the concatenated batch (up to floating-point rounding), not an average of averages
+(docs/theory.md#merging-statistics derives it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Architectures of the sample checkpoints. Pass them to gradcheck with --arch samples/models.py:NAME.
 
-Each one reproduces a failure mode of THEORY.md (or its absence) by construction; see README.md
+Each one reproduces a failure mode of docs/theory.md (or its absence) by construction; see README.md
 in this folder for what the report shows.
 """
 

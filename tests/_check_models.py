@@ -1,6 +1,6 @@
 """Small models built to trigger (or not) each rule of ``gradcheck check``, shared by its tests.
 
-Each builder documents why the rule must fire, from THEORY.md, so the tests assert known answers
+Each builder documents why the rule must fire, from docs/theory.md, so the tests assert known answers
 rather than whatever the implementation happens to return.
 """
 
@@ -76,7 +76,7 @@ def sigmoid_mlp(depth: int, *, std: float | None = None, seed: int = 0) -> nn.Se
 
 
 def with_dead_layer(model: nn.Sequential, index: int) -> nn.Sequential:
-    """Bias of Linear ``index`` at -1e3: its ReLU output is 0 for every sample (THEORY.md 4)."""
+    """Bias of Linear ``index`` at -1e3: its ReLU output is 0 for every sample (docs/theory.md#dead-relus)."""
     with torch.no_grad():
         model[index].bias.fill_(-1e3)
     return model

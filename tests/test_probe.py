@@ -130,7 +130,7 @@ def test_saturation_fraction_matches_the_derivative_formula(tmp_path: Path, fn: 
     assert act.saturation.fraction == pytest.approx(expected, abs=2 / 4001)
 
 
-# ---- variance through depth (THEORY.md section 2) -------------------------------------------
+# ---- variance through depth (docs/theory.md#variance-through-a-layer) -----------------------
 
 
 def deep_mlp(init: str, act: str, depth: int = 10, width: int = 512) -> nn.Module:

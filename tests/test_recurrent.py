@@ -1,4 +1,4 @@
-"""Gradient through time (THEORY.md section 6): known answers for RNN, LSTM, GRU and IRNN."""
+"""Gradient through time (docs/theory.md#gradient-through-time): known answers for RNN, LSTM, GRU and IRNN."""
 
 from __future__ import annotations
 

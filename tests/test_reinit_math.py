@@ -1,4 +1,4 @@
-"""init_math against the formulas of THEORY.md section 2 and against measured layer behaviour.
+"""init_math against the formulas of docs/theory.md#initialisation-schemes and against measured layer behaviour.
 
 The variance tests use the sampling distribution of the sample variance: for n iid draws with
 known mean 0, s² = mean(w²) has variance (mu4 - sigma⁴)/n, with mu4 = 3 sigma⁴ for a normal and
@@ -44,7 +44,7 @@ def sample_variance_bound(variance: float, n: int, distribution: Distribution) -
 
 
 def paper_variance(scheme: Scheme, mode: FanMode) -> float:
-    """THEORY.md section 2, written out independently of init_math (ReLU after He)."""
+    """docs/theory.md#initialisation-schemes, written out independently of init_math (ReLU after He)."""
     fan = {FanMode.FAN_IN: FAN_IN, FanMode.FAN_OUT: FAN_OUT, FanMode.FAN_AVG: (FAN_IN + FAN_OUT) / 2}[mode]
     if scheme is Scheme.HE:
         return 2.0 / fan

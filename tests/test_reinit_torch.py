@@ -69,7 +69,7 @@ def activation_variances(model: Deep, x: torch.Tensor) -> tuple[list[float], lis
 
 
 def old_uniform(model: nn.Module) -> None:
-    """The old default U[-1/sqrt(n_in), 1/sqrt(n_in)] (THEORY.md section 2)."""
+    """The old default U[-1/sqrt(n_in), 1/sqrt(n_in)] (docs/theory.md#variance-through-a-layer)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):

@@ -1,6 +1,6 @@
 """Every rule fires on a model built to trigger it and stays silent on a healthy He ReLU MLP.
 
-Expected values come from THEORY.md, not from running the implementation: orthogonal layers
+Expected values come from docs/theory.md, not from running the implementation: orthogonal layers
 scale the variance by exactly gain² each, a bias of -1e3 kills every unit, N(0, 1) weights are
 fan_in/2 times what He prescribes, and so on.
 """
@@ -81,8 +81,8 @@ def test_saturated_sigmoid_fires() -> None:
 
 
 def test_vanishing_gradient_caught_by_ratio_without_any_absolute_bound() -> None:
-    # sigmoid' <= 1/4: ten Glorot sigmoid layers shrink the gradient geometrically (THEORY.md 1),
-    # yet no single layer's gradient is below the absolute bound.
+    # sigmoid' <= 1/4: ten Glorot sigmoid layers shrink the gradient geometrically
+    # (docs/theory.md#vanishing-and-exploding-gradients), yet no single layer's gradient is below the absolute bound.
     report = run(sigmoid_mlp(10))
     vanishing = findings(report, "GC201")
     assert len(vanishing) == 1 and vanishing[0][0] == "0"
@@ -275,7 +275,7 @@ def test_init_scale_flags_standard_normal_weights() -> None:
 
 
 def test_init_scale_flags_the_old_uniform_default_before_relu() -> None:
-    # THEORY.md 2: U[-1/sqrt(n), 1/sqrt(n)] has n·Var(w) = 1/3, i.e. 1/6 of He's 2/n.
+    # docs/theory.md#variance-through-a-layer: U[-1/sqrt(n), 1/sqrt(n)] has n·Var(w) = 1/3, i.e. 1/6 of He's 2/n.
     model = he_relu_mlp(2)
     with torch.no_grad():
         bound = 1 / math.sqrt(WIDTH)

@@ -1,7 +1,7 @@
 """Data-free init scale: each layer's weight variance against what its init formula prescribes.
 
 The formula is picked by the activation that *actually follows* the layer in the probe's row
-order (THEORY.md section 2): He after the ReLU family (with the leaky slope), LeCun before
+order (docs/theory.md#initialisation-schemes): He after the ReLU family (with the leaky slope), LeCun before
 SELU, Glorot after tanh/sigmoid or when no activation follows. Norm rows between a layer and
 its activation (conv -> BN -> ReLU) are skipped over, because the normalisation does not change
 which nonlinearity the layer's output ends up in. Fans and gains come from

@@ -2,7 +2,7 @@
 
 A rule reads the evidence of one model (the finished probe :class:`Report` and, for ``check``,
 the checkpoint scan) and returns findings; it never re-runs the model. Defaults are chosen from
-THEORY.md (docs/rules.md gives the reason for each), and changing one is a user-visible change
+docs/theory.md (docs/rules.md gives the reason for each), and changing one is a user-visible change
 that goes in the CHANGELOG's "Rules" subsection.
 
 Codes are grouped by what they look at: GC0xx the checkpoint's numbers, GC1xx activations,
@@ -215,8 +215,8 @@ def _saturated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 
 def _variance_rows(report: Report) -> list[LayerStats]:
-    """Outputs of the linear maps (the pre-activations z_i of THEORY.md section 2), whose variance
-    a good init keeps constant with depth; rows that are not finite are skipped."""
+    """Outputs of the linear maps (the pre-activations z_i of docs/theory.md#variance-through-a-layer),
+    whose variance a good init keeps constant with depth; rows that are not finite are skipped."""
     return [r for r in report.layers if r.kind is RowKind.PARAM and r.output.var is not None]
 
 
@@ -405,7 +405,7 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         )
 
 
-# --- GC4xx: recurrent layers (THEORY.md section 6) -----------------------------------------------
+# --- GC4xx: recurrent layers (docs/theory.md#gradient-through-time) ------------------------------
 
 
 def _recurrent(report: Report) -> Iterable[tuple[LayerStats, DirectionTrace]]:

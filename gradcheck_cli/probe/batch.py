@@ -1,7 +1,7 @@
 """The probe batch: read from a file, synthesised from shapes, or inferred from the model.
 
 Synthesised float inputs are N(0, 1) so that the variances the report shows are directly the
-gain of each layer (THEORY.md section 2). Everything is drawn from one seeded generator, so
+gain of each layer (docs/theory.md#variance-through-a-layer). Everything is drawn from one seeded generator, so
 the same seed gives the same batch, and micro-batches are slices of one conceptual batch.
 """
 

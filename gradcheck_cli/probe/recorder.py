@@ -221,6 +221,7 @@ class Recorder:
             p = p.reshape(p.shape[0], heads, -1, p.shape[-1])
             entropy = -(torch.special.xlogy(p, p)).sum(dim=-1)  # (N, heads, queries)
             top = p.amax(dim=-1)
+            # A near one-hot row passes no gradient, as a saturated sigmoid: docs/theory.md#attention-entropy
             saturated = (top * (1 - top) < self.saturation_cutoff * 0.25).sum()
             per_head = entropy.sum(dim=(0, 2))
             row.attention_entropy = per_head if row.attention_entropy is None else row.attention_entropy + per_head

@@ -1,4 +1,4 @@
-"""Gradient through time for nn.RNN / nn.LSTM / nn.GRU (THEORY.md section 6).
+"""Gradient through time for nn.RNN / nn.LSTM / nn.GRU (docs/theory.md#gradient-through-time).
 
 The fused kernels expose neither the hidden state of every step nor the gates, so the probe
 re-runs the layer's own equations step by step from its own weights, checks that the unrolled

@@ -649,7 +649,8 @@ def _through_time_section(report: Report) -> str:
         return ""  # no recurrent layer: the section would only be noise
     return (f"<section id=\"through-time\"><h2>Gradient through time</h2><p class=\"muted\">‖dL/dh<sub>t</sub>‖ "
             f"per time step t (log scale), summed over the probe: how far back from the last step the gradient "
-            f"reaches (THEORY.md section 6).</p><div class=\"cards\">{''.join(cards)}</div></section>")
+            f"reaches (gradcheck's docs/theory.md#gradient-through-time).</p>"
+            f"<div class=\"cards\">{''.join(cards)}</div></section>")
 
 
 def _trace_facts(trace: DirectionTrace, horizon_fraction: float) -> str:

@@ -3,9 +3,9 @@
 Three panels share one x axis, the report's rows in execution order:
 
 1. activation variance (log scale): Glorot & Bengio's forward picture, where a variance that
-   shrinks or grows geometrically with depth shows a bad init (THEORY.md section 2);
+   shrinks or grows geometrically with depth shows a bad init (docs/theory.md#variance-through-a-layer);
 2. output-gradient norm |dL/dy| (log scale): the backward picture, vanishing or exploding;
-3. dead (ReLU) and saturated (sigmoid/tanh) fractions as bars (THEORY.md sections 3 and 4).
+3. dead (ReLU) and saturated (sigmoid/tanh) fractions as bars (docs/theory.md#saturation, #dead-relus).
 
 Findings are shaded on the layers they concern, in their severity's colour, and each rule is
 labelled once, where it starts. A comparison figure overlays two runs (``reinit``'s before and

@@ -1,4 +1,4 @@
-"""BatchNorm folding as plain tensor functions (THEORY.md section 7). No modules, no graphs.
+"""BatchNorm folding as plain tensor functions (docs/theory.md#folding-batchnorm). No modules, no graphs.
 
 In eval mode a BatchNorm is a fixed per-channel affine map ``BN(z) = scale·z + shift`` with
 

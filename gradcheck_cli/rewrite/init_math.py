@@ -1,4 +1,4 @@
-"""Initialisation maths: fans, gains, target variances and the samplers (THEORY.md section 2).
+"""Initialisation maths: fans, gains, target variances and the samplers (docs/theory.md#initialisation-schemes).
 
 Everything here is a plain function of shapes and numbers, shared by the torch and ONNX passes,
 so that both frameworks give a layer exactly the same formula (and, for one seed, the same
@@ -75,7 +75,7 @@ class Fans:
 
 
 def fans(shape: Sequence[int], *, layout: WeightLayout, groups: int = 1) -> Fans:
-    """Fan-in and fan-out of a weight (THEORY.md section 2, PyTorch's convention for convs)."""
+    """Fan-in and fan-out of a weight (docs/theory.md#fans, PyTorch's convention for convs)."""
     if groups < 1:
         raise ValueError(f"groups must be positive, got {groups}")
     dims = tuple(int(d) for d in shape)

@@ -735,7 +735,7 @@ def _try_before(
     if layer.kind is LayerKind.CONV and layer.input_padded_with_zeros:
         return (
             f"'{layer.name}' pads its input with zeros; folding the BatchNorm in would turn those "
-            "zeros into the shifted values (THEORY.md section 7)"
+            "zeros into the shifted values (docs/theory.md#batchnorm-before-the-layer)"
         )
     if layer.kind is LayerKind.LINEAR:
         rank = _rank(norm.node)

@@ -1,6 +1,6 @@
 """Run the original and the rewritten model on the probe batch and compare every output.
 
-Tolerance (docs/fold-bn.md explains it at length):
+Tolerance (docs/fold-bn.md explains it at length; docs/theory.md#floating-point-tolerances derives it):
 
     |folded - original| <= rtol(dtype) · scale,   scale = max |original output|  (per output)
     rtol(dtype) = min(1000 · eps(dtype), sqrt(eps(dtype)))
