@@ -282,7 +282,7 @@ class MultiOutput(nn.Module):
 
 @pytest.mark.parametrize("kind, label", [("tuple", "output[1]"), ("dict", "output['logits']")])
 def test_models_returning_tuples_and_dicts(kind: str, label: str) -> None:
-    report = probe(MultiOutput(kind), (4, 4), output="1" if kind == "tuple" else None)
+    report = probe(MultiOutput(kind), (4, 4), model_output="1" if kind == "tuple" else None)
     assert report.probe.output == label
     assert report.probe.loss == "cross_entropy"
 
