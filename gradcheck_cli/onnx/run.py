@@ -65,6 +65,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
+        # A zero or negative dim_value is dynamic, as onnxruntime reads it (Paddle2ONNX writes -1).
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
         out.append(GraphInput(value.name, dims, tensor.elem_type))
     return out
@@ -199,13 +200,19 @@ def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
     import numpy as np
     from onnx import numpy_helper
 
-    for init in model.graph.initializer:
-        if init.data_type not in (1, 10, 11, 16):
+    from gradcheck_cli.onnx.params import parameter_map
+
+    # Every float initializer, and the parameters exporters keep in Constant nodes (other
+    # Constants may hold -inf on purpose: an attention mask).
+    pmap = parameter_map(model.graph)
+    for name, source in pmap.sources.items():
+        if source.node is not None and not pmap.is_parameter(name):
             continue
-        values = numpy_helper.to_array(init)
+        values = numpy_helper.to_array(source.tensor)
         finite = np.isfinite(values)
         if not finite.all():
-            raise LoadError(f"{path}: initializer '{init.name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
+            what = "initializer" if source.node is None else "Constant"
+            raise LoadError(f"{path}: {what} '{name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
                             f"{values.size}", hint="restore a model from before training diverged, or pass "
                             "--allow-nonfinite to probe it anyway")
 
@@ -328,8 +335,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    numels = {init.name: _numel(init) for init in model.graph.initializer}
-    parameters = sum(numels[plan.leaves.get(key, key)] for key in plan.trainable)
+    parameters = sum(plan.numel.values())
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),
@@ -385,10 +391,6 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
             for row in norm_inputs.get(value, []):
                 apply_stats(row.input_of(), per_batch[batch], unit_axis=None, saturation=None)
     return reduced
-
-
-def _numel(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims)
 
 
 def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:
