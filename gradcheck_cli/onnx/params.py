@@ -148,7 +148,7 @@ class ParameterMap:
         for position in path:
             node = self.graph.node[position]
             extra = [self.constant(name) if name else None for name in node.input[1:]]
-            array = _plumb(node, array, extra)
+            array = plumb(node, array, extra)
         return array
 
     def to_source(self, values: npt.NDArray[Any], source: Source, path: tuple[int, ...]) -> npt.NDArray[Any]:
@@ -252,7 +252,8 @@ def _uses(pmap: ParameterMap, source: Source) -> list[Use]:
         for slot, input_name in enumerate(node.input):
             if input_name != source.name:
                 continue
-            owner, owner_slot, value, path = position, slot, source.name, []
+            owner, owner_slot, value = position, slot, source.name
+            path: list[int] = []
             # Follow single-consumer plumbing on the data input only: a Reshape's shape input is
             # configuration, not a weight on its way to a layer.
             while (pmap.graph.node[owner].op_type in PLUMBING and owner_slot == 0
@@ -306,7 +307,9 @@ def _axes(node: onnx.NodeProto, extra: list[Any]) -> list[int] | None:
     return None if axes is None else [int(a) for a in axes]
 
 
-def _plumb(node: onnx.NodeProto, array: np.ndarray[Any, Any], extra: list[Any]) -> np.ndarray[Any, Any]:
+def plumb(node: onnx.NodeProto, array: np.ndarray[Any, Any], extra: list[Any]) -> np.ndarray[Any, Any]:
+    """One plumbing node (``PLUMBING`` but CastLike) applied to a constant ``array``; ``extra``
+    are its other inputs' values (a Reshape's shape, an opset-13 Unsqueeze's axes)."""
     import numpy as np
     import onnx
 
@@ -332,8 +335,8 @@ def _plumb(node: onnx.NodeProto, array: np.ndarray[Any, Any], extra: list[Any]) 
             array = np.expand_dims(array, axis)
         return array
     if op == "Squeeze":
-        axes = _axes(node, extra)
-        if axes is None:
+        squeezed = _axes(node, extra)
+        if squeezed is None:
             return np.squeeze(array)
-        return np.squeeze(array, axis=tuple(a % array.ndim for a in axes))
+        return np.squeeze(array, axis=tuple(a % array.ndim for a in squeezed))
     raise ValueError(f"{op} is not evaluated on constants")
