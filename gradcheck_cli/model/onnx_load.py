@@ -169,8 +169,8 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
                             f"but holds {stored}", hint="the model is damaged or crafted; export it again")
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        # A zero or negative dim_value on an input is a dynamic dimension, as onnxruntime reads it
-        # (Paddle2ONNX declares batch as -1); it allocates nothing here. Tensor data with a negative
+        # A negative dim_value on an input is a dynamic dimension, as onnxruntime reads it
+        # (Paddle2ONNX declares batch as -1), and zero allocates nothing: neither is damage. Tensor data with a negative
         # dimension (above) stays refused: a stored tensor has a size.
         static = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value > 0]
         if math.prod(static) > MAX_INPUT_ELEMENTS:

@@ -65,8 +65,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        # A zero or negative dim_value is dynamic, as onnxruntime reads it (Paddle2ONNX writes -1).
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
+        # A negative dim_value is dynamic, as onnxruntime reads it (Paddle2ONNX writes -1); zero is
+        # a fixed empty dimension to onnxruntime, kept so that the probe can refuse it by name.
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor.shape.dim)
         out.append(GraphInput(value.name, dims, tensor.elem_type))
     return out
 
@@ -115,6 +116,11 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
     if not wanted:
         raise ProbeError("the ONNX graph has no inputs to feed", hint="nothing to probe: the graph is constant")
     notes: list[str] = []
+    for graph_input in wanted:
+        if 0 in graph_input.dims:
+            raise ProbeError(f"graph input '{graph_input.name}' declares a dimension of size 0 (axis "
+                             f"{graph_input.dims.index(0)}); onnxruntime runs it only on empty tensors",
+                             hint="export the model with a dynamic (symbolic or -1) dimension there")
     if inputs_options.input_file is not None:
         loaded = _from_file(inputs_options, device)
         batches = []

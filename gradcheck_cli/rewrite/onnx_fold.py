@@ -73,13 +73,18 @@ def count_nodes(model: onnx.ModelProto) -> int:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every initializer (external ones included, from their dims)."""
+    """Elements of every initializer (external ones included, from their dims), and of every
+    parameter an exporter kept in a Constant node (the parameter map's)."""
+    from gradcheck_cli.onnx.params import parameter_map
+
     total = 0
     for tensor in model.graph.initializer:
         size = 1
         for dim in tensor.dims:
             size *= int(dim)
         total += size
+    pmap = parameter_map(model.graph)
+    total += sum(pmap.sources[name].numel for name in pmap.parameters if pmap.sources[name].node is not None)
     return total
 
 
