@@ -239,6 +239,9 @@ def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet
     fc2 = next(r for r in result.layers if r.name == "MatMul@1")
     weight = next(t for t in fc2.tensors if t.parameter == "fc_1.w_0")
     assert (weight.fan_in, weight.fan_out) == (16, 4)
+    conv2 = next(r for r in result.layers if r.name == "Conv@1")
+    assert [t.parameter for t in conv2.tensors] == ["conv2_weights", "conv2_offset"]  # the Reshape+Add bias
+    assert not stored["conv2_offset"].any()
     for name in ("bn1_mean", "bn1_variance", "Constant@shape", "Constant@max"):  # untouched
         assert np.array_equal(stored[name], original[name])
     ort.InferenceSession(result.model.SerializeToString()).run(
@@ -258,7 +261,7 @@ def test_the_gate_scan_reads_constant_held_weights(tmp_path: Path) -> None:
     assert [(t.name, t.nan) for t in scan.nonfinite] == [("fc_0.w_0", 1)]
     assert [(b.module, b.nonpositive_var) for b in scan.batchnorms] == [
         ("BatchNormalization@1", 0), ("BatchNormalization@2", 1)]
-    with pytest.raises(LoadError, match="Constant 'fc_0.w_0' holds 1 NaN"):
+    with pytest.raises(LoadError, match=r"Constant 'fc_0\.w_0' holds 1 NaN"):
         api.inspect(path, probe=OPTIONS)
 
 

@@ -73,9 +73,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
 
 
 def _index_range(model: onnx.ModelProto, name: str) -> tuple[float, float] | None:
-    """[0, rows) when ``name`` indexes an embedding table (Gather on an initializer)."""
+    """[0, rows) when ``name`` indexes an embedding table (Gather on a stored tensor: an
+    initializer or a Constant node)."""
+    from gradcheck_cli.onnx.params import parameter_map
+
     consumers = [n for n in model.graph.node if name in n.input]
-    initializers = {init.name: init for init in model.graph.initializer}
+    initializers = {source.name: source.tensor for source in parameter_map(model.graph).sources.values()}
     for _ in range(3):  # through a Cast or Reshape or two
         for node in consumers:
             if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:

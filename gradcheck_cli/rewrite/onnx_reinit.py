@@ -113,6 +113,9 @@ def find_layers(graph: onnx.GraphProto, pmap: ParameterMap | None = None) -> tup
             continue  # a MatMul of two activations (attention scores) is no layer
         attrs = _attributes(node)
         bias = stored(node.input[2]) if len(node.input) > 2 and node.op_type != "MatMul" else None
+        if bias is None and node.op_type in ("Conv", "ConvTranspose") and len(node.input) < 3:
+            separate = _conv_bias(node, graph, consumers, pmap)
+            bias = stored(separate) if separate else None
         common: dict[str, Any] = {"paths": paths, "shapes": shapes}
         if node.op_type == "Conv":
             layer = OnnxLayer(name, node.op_type, index, weight, bias, WeightLayout.CONV,
@@ -157,6 +160,22 @@ def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[s
         if value is not None and value.ndim == 1:
             return str(other[0])
     return None
+
+
+def _conv_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]],
+               pmap: ParameterMap) -> str | None:
+    """The bias Paddle2ONNX writes after a bias-less Conv: Conv -> Add(b), ``b`` a stored tensor
+    that varies along the channel axis only, such as (1, C, 1, 1)."""
+    users = consumers.get(node.output[0], [])
+    weight = pmap.value(node.input[1])
+    if len(users) != 1 or graph.node[users[0]].op_type != "Add" or weight is None:
+        return None
+    other = [name for name in graph.node[users[0]].input if name != node.output[0]]
+    value = pmap.value(other[0]) if len(other) == 1 else None
+    if value is None or value.ndim > weight.ndim:
+        return None
+    shape = [1] * (weight.ndim - value.ndim) + list(value.shape)
+    return str(other[0]) if all(d == 1 for axis, d in enumerate(shape) if axis != 1) else None
 
 
 def following_activation(graph: onnx.GraphProto, layer: OnnxLayer,
