@@ -66,10 +66,17 @@ def test_every_layer_of_a_real_file_gets_parameters_and_gradients(name: str) -> 
     lowering = report.probe.lowering
     assert lowering is not None and lowering.ok, lowering
     convs = [r for r in report.layers if r.type in ("Conv", "ConvTranspose")]
-    graph_convs = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    graph = onnx.load(str(path)).graph
+    graph_convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     assert len(convs) == len(graph_convs) > 0
-    for row in convs:  # every conv is on the path to the probed output in these models
-        assert row.params and row.grad is not None and row.grad.norm is not None and row.grad.norm > 0, row.name
+    for row in convs:
+        assert row.params and row.grad is not None and row.grad.weight_norm > 0, row.name
+    # The probe's loss reads one output: a conv that only feeds another head (MTCNN's P-Net has
+    # one such conv per extra output) rightly gets no gradient; every other conv gets one (zero
+    # is possible behind units that are dead on the probe batch).
+    with_norm = [r for r in convs if r.grad is not None and r.grad.norm is not None]
+    assert len(with_norm) >= len(convs) - (len(graph.output) - 1)
+    assert sum(r.grad.norm for r in with_norm if r.grad is not None and r.grad.norm is not None) > 0
     assert report.model.parameters > 0
     assert not any("does not depend on any parameter" in note for note in report.notes)
 
