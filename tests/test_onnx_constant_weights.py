@@ -371,3 +371,12 @@ def test_rows_take_the_module_paths_of_the_source_model(tmp_path: Path, dynamo: 
         "stem.0", "stem.1", "stage.0.0", "stage.0.1", "head.1"]
     assert all(r.kind is not RowKind.OTHER for r in onnx_rows)
     assert close(onnx_rows[0].output.mean, torch_rows[0].output.mean)
+
+
+def test_a_layer_the_dynamo_exporter_fused_with_its_batchnorm_keeps_its_own_path(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    path = export(model, (torch.randn(2, 3, 8, 8),), tmp_path / "fused.onnx", dynamo=True, opset=18)
+    assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
+    rows = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 8, 8),)))).layers
+    assert [(r.type, r.module) for r in rows] == [("Conv", "0.0"), ("Relu", "0.2")]

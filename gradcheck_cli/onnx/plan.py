@@ -69,6 +69,13 @@ def _scope(node: onnx.NodeProto) -> str:
     neither is there (Paddle2ONNX's ``p2o.Conv.0``, tf2onnx's ``model/conv2d/Conv2D``)."""
     import ast
 
+    props = {prop.key: prop.value for prop in node.metadata_props}
+    if "FuseBatchNormInto" in props.get("pkg.onnxscript.rewriter.rule_name", ""):
+        # The dynamo exporter's optimiser folded a BatchNorm into this layer and gave it the
+        # BatchNorm's scopes; the weight keeps the layer's state_dict name ('layer1.0.conv1.weight').
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight.endswith(".weight"):
+            return weight[: -len(".weight")]
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
