@@ -98,21 +98,25 @@ def scan_module(module: nn.Module) -> CheckpointScan:
 
 
 def scan_onnx(path: Path) -> CheckpointScan:
-    """The same scan over an ONNX file's initializers; BatchNormalization's running variance is
-    its fifth input. ONNX keeps no ``num_batches_tracked``, so 'never updated' cannot be told."""
+    """The same scan over an ONNX file's stored tensors (initializers, and the parameters of the
+    parameter map held in Constant nodes); BatchNormalization's running variance is its fifth
+    input, wherever it is stored. ONNX keeps no ``num_batches_tracked``, so 'never updated' cannot be told."""
     import numpy as np
     from onnx import numpy_helper
 
     from gradcheck_cli.model.onnx_load import onnx_model_from_path
+    from gradcheck_cli.onnx.params import parameter_map
 
     # The checked loader: external data outside the model's directory, sizes that do not match
     # their data, cyclic graphs are refused here too (this runs before the probe's own load).
     model = onnx_model_from_path(path)
-    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    pmap = parameter_map(model.graph)
     nonfinite: list[NonFiniteTensor] = []
-    for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.floating):
+    for name, source in pmap.sources.items():
+        # Constant nodes other than parameters may hold -inf on purpose (an attention mask).
+        if source.node is not None and not pmap.is_parameter(name):
             continue
+        array = numpy_helper.to_array(source.tensor)
         finite = np.isfinite(array)
         if bool(finite.all()):
             continue
@@ -122,9 +126,10 @@ def scan_onnx(path: Path) -> CheckpointScan:
         )
     batchnorms: list[BatchNormBuffers] = []
     for node in model.graph.node:
-        if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[4] not in arrays:
+        stored = pmap.value(node.input[4]) if node.op_type == "BatchNormalization" and len(node.input) >= 5 else None
+        if stored is None:
             continue
-        var = arrays[node.input[4]].astype(np.float64).ravel()
+        var = stored.astype(np.float64).ravel()
         finite_var = var[np.isfinite(var)]
         batchnorms.append(
             BatchNormBuffers(

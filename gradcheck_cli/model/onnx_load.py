@@ -132,7 +132,7 @@ MAX_SUBGRAPH_DEPTH = 16
 def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None:
     """Refuse, before anything is allocated, a model whose declarations cannot be honest: a tensor
     whose data does not have its declared size, external data past the end of its file, an input
-    declaring an enormous (or negative) shape, subgraphs nested absurdly deep, a cyclic graph."""
+    declaring an enormous shape, subgraphs nested absurdly deep, a cyclic graph."""
     import math
 
     import onnx
@@ -169,10 +169,10 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
                             f"but holds {stored}", hint="the model is damaged or crafted; export it again")
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        static = [d.dim_value for d in dims if d.HasField("dim_value")]
-        if any(d < 0 for d in static):
-            raise LoadError(f"{path}: input '{value.name}' declares a negative dimension",
-                            hint="the model is damaged or crafted; export it again")
+        # A negative dim_value on an input is a dynamic dimension, as onnxruntime reads it
+        # (Paddle2ONNX declares batch as -1), and zero allocates nothing: neither is damage. Tensor data with a negative
+        # dimension (above) stays refused: a stored tensor has a size.
+        static = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value > 0]
         if math.prod(static) > MAX_INPUT_ELEMENTS:
             raise LoadError(f"{path}: input '{value.name}' declares shape {static} ({math.prod(static)} values), "
                             f"more than gradcheck will allocate for a probe ({MAX_INPUT_ELEMENTS})",

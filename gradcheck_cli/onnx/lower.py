@@ -103,6 +103,7 @@ class _Step:
     node: onnx.NodeProto
     attrs: dict[str, Any]
     release: list[str] = field(default_factory=list)  # values whose last use is this node
+    skip: bool = False  # a Constant node whose value is already a leaf
 
 
 class LoweredGraph:
@@ -114,8 +115,11 @@ class LoweredGraph:
         """``trainable`` names the leaves that get gradients. ``leaves`` adds leaves that copy an
         initializer under another key, and ``uses`` routes a (node, input slot) of the main
         graph to such a key, so one shared initializer can be several independent parameters."""
+        import numpy as np
         import torch
         from onnx import numpy_helper
+
+        from gradcheck_cli.onnx.params import constant_array
 
         self.opset = opset
         self.graph = model.graph
@@ -128,6 +132,15 @@ class LoweredGraph:
             values[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy()).to(device)
         aliases = {name: name for name in values}
         aliases.update(leaves or {})
+        # Parameters an exporter stored as Constant nodes (Paddle2ONNX) become leaves too, and
+        # their Constant nodes are skipped so that the graph reads the leaf.
+        constant_nodes = {node.output[0]: node for node in model.graph.node
+                          if node.op_type == "Constant" and node.output}
+        for source in set(aliases.values()) - set(values):
+            array = constant_array(constant_nodes[source]) if source in constant_nodes else None
+            if array is None:
+                raise ValueError(f"parameter source '{source}' is neither an initializer nor a Constant node")
+            values[source] = torch.from_numpy(np.array(array)).to(device)
         for key, source in aliases.items():
             tensor = values[source] if key == source else values[source].detach().clone()
             if key in trainable and tensor.dtype.is_floating_point:
@@ -141,6 +154,9 @@ class LoweredGraph:
                 if name:
                     last_use[name] = position
         self.steps = [_Step(node, decode_attributes(node)) for node in model.graph.node]
+        for step in self.steps:
+            step.skip = step.node.op_type == "Constant" and bool(step.node.output) and (
+                step.node.output[0] in self.parameters or step.node.output[0] in self.constants)
         for name, position in last_use.items():
             if name not in keep and name not in self.parameters and name not in self.constants:
                 self.steps[position].release.append(name)
@@ -150,7 +166,8 @@ class LoweredGraph:
         env: dict[str, torch.Tensor] = {**self.constants, **self.parameters}
         env.update({name: value.to(self.device) for name, value in feeds.items()})
         for position, step in enumerate(self.steps):
-            self._run_node(step.node, step.attrs, env, watch, position)
+            if not step.skip:
+                self._run_node(step.node, step.attrs, env, watch, position)
             for name in step.release:
                 env.pop(name, None)
         return {o.name: env[o.name] for o in self.graph.output}

@@ -6,11 +6,12 @@ Gemm, MatMul with a weight, Gather of an embedding table, LSTM/GRU/RNN), per nor
 patterns of :mod:`.patterns`), and per other node that owns a trainable initializer. Rows are
 in node order (topological) and named by node name, or by output name when the node has none.
 
-A trainable initializer is a floating-point initializer that is a parameter in the source
-model: it is owned by the first node that consumes it (looking through Transpose/Cast/...
-chains exporters put in front of weights). BatchNormalization's running mean and variance and
-scalar constants (0.5, sqrt(2), clip bounds) are not parameters. ``MatMul(x, W) + b`` with an
-initializer ``b`` is one row (an nn.Linear on 3-D inputs), so it matches the PyTorch probe.
+Parameters are those of the parameter map (:mod:`.params`): initializers or Constant nodes that
+reach a weight slot, looking through the Transpose/Cast/Reshape chains exporters put in front of
+weights. Each is owned by the first node it reaches. BatchNormalization's running mean and
+variance and scalar constants (0.5, sqrt(2), clip bounds) are not parameters. ``MatMul(x, W) + b``
+with a stored ``b`` is one row (an nn.Linear on 3-D inputs), so it matches the PyTorch probe, and
+so is Paddle2ONNX's ``Conv(x, W) + b``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gradcheck_cli.onnx.lower import node_label
+from gradcheck_cli.onnx.params import ParameterMap, parameter_map
 from gradcheck_cli.onnx.patterns import PATTERN_TYPES, GraphIndex, recognise_activations
 from gradcheck_cli.records import RowKind
 
@@ -28,21 +30,10 @@ if TYPE_CHECKING:
 PARAM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LSTM", "GRU", "RNN", "Einsum"})
 NORM_OPS = frozenset({"BatchNormalization", "LayerNormalization", "InstanceNormalization",
                       "GroupNormalization", "RMSNormalization"})
-# Input slots that hold parameters, for ops where other initializer inputs are not parameters.
-PARAM_SLOTS = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "BatchNormalization": (1, 2), "LayerNormalization": (1, 2),
-    "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2), "RMSNormalization": (1,),
-    "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3), "Gather": (0,), "PRelu": (1,),
-    "Gemm": (0, 1, 2), "MatMul": (0, 1), "Einsum": tuple(range(16)),
-}
-# Ops exporters put between a weight and its layer (W^T, a dtype cast): looked through.
-_WEIGHT_PLUMBING = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze",
-                              "Flatten", "CastLike"})
 # Producers whose outputs are laid out (N, C, ...): a following activation's units are channels.
 _CHANNEL_FIRST_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization",
                                 "GroupNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
                                 "LpPool", "Resize", "Upsample"})
-_FLOAT_TYPES = frozenset({1, 10, 11, 16})  # float, float16, double, bfloat16
 
 
 @dataclass
@@ -66,48 +57,51 @@ class GraphPlan:
     rows: list[RowPlan]
     trainable: set[str]  # leaf keys that get gradients
     recognised: dict[str, int]  # decomposed activations recognised, by function
-    leaves: dict[str, str] = field(default_factory=dict)  # leaf key -> initializer it copies
+    leaves: dict[str, str] = field(default_factory=dict)  # leaf key -> source (initializer/Constant)
     uses: dict[tuple[int, int], str] = field(default_factory=dict)  # (node, input slot) -> leaf key
-
-
-def _uses(index: GraphIndex, name: str) -> list[tuple[int, int, int, int]]:
-    """Every use of initializer ``name`` as (consumer node, slot, owner node, owner slot): the
-    owner is the layer the value reaches through weight plumbing (W -> Transpose -> MatMul)."""
-    uses = []
-    for position in dict.fromkeys(index.consumers.get(name, [])):
-        node = index.node(position)
-        for slot, input_name in enumerate(node.input):
-            if input_name != name:
-                continue
-            owner, owner_slot, value, hops = position, slot, name, 0
-            while index.node(owner).op_type in _WEIGHT_PLUMBING and hops < 8:
-                following = index.only_consumer(index.node(owner).output[0])
-                if following is None:
-                    break
-                value = index.node(owner).output[0]
-                owner, hops = following, hops + 1
-                owner_slot = list(index.node(owner).input).index(value)
-            uses.append((position, slot, owner, owner_slot))
-    return uses
-
-
-def _is_trainable(index: GraphIndex, init: onnx.TensorProto, owner: tuple[int, int]) -> bool:
-    import math
-
-    if init.data_type not in _FLOAT_TYPES:
-        return False
-    node = index.node(owner[0])
-    slots = PARAM_SLOTS.get(node.op_type)
-    if slots is not None:
-        return owner[1] in slots
-    return bool(math.prod(init.dims) > 1)  # scalars feeding arithmetic are constants, not weights
+    numel: dict[str, int] = field(default_factory=dict)  # trainable leaf key -> elements
 
 
 def _scope(node: onnx.NodeProto) -> str:
-    """'/layer1/layer1.0/conv1/Conv' -> 'layer1/layer1.0/conv1' (the exporter's name scope)."""
+    """The source module's path, when the exporter recorded it: the dynamo exporter's
+    ``pkg.torch.onnx.name_scopes`` metadata (``['', 'layer1', 'layer1.0', 'conv']``: full paths,
+    then the op), or the legacy exporter's node name (``/layer1/layer1.0/conv1/Conv``). '' when
+    neither is there (Paddle2ONNX's ``p2o.Conv.0``, tf2onnx's ``model/conv2d/Conv2D``)."""
+    import ast
+
+    props = {prop.key: prop.value for prop in node.metadata_props}
+    if "FuseBatchNormInto" in props.get("pkg.onnxscript.rewriter.rule_name", ""):
+        # The dynamo exporter's optimiser folded a BatchNorm into this layer and gave it the
+        # BatchNorm's scopes; the weight keeps the layer's state_dict name ('layer1.0.conv1.weight').
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight.endswith(".weight"):
+            return weight[: -len(".weight")]
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2 and all(isinstance(s, str) for s in scopes):
+                return str(scopes[-2])
+            break
     if not node.name.startswith("/"):
         return ""
-    return "/".join(part for part in node.name.split("/")[1:-1] if part)
+    return legacy_module_path(node.name)
+
+
+def legacy_module_path(name: str) -> str:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'.
+
+    The legacy exporter names each scope by the module's qualified name from its last non-numeric
+    atom on ('layer1.0' stays whole, 'layer1.0.conv1' becomes 'conv1'), so a component with a dot
+    adds only its last atom to the parent's path, and one without a dot adds itself.
+    """
+    path = ""
+    for part in [p for p in name.split("/")[1:-1] if p]:
+        atom = part.rsplit(".", 1)[-1] if "." in part and path else part
+        path = f"{path}.{atom}" if path else atom
+    return path
 
 
 def _channel_first(index: GraphIndex, value: str, depth: int = 0) -> bool:
@@ -166,12 +160,13 @@ class _Parameters:
     trainable: set[str] = field(default_factory=set)
     leaves: dict[str, str] = field(default_factory=dict)
     uses: dict[tuple[int, int], str] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)  # leaf key -> elements
 
 
-def _assign_parameters(index: GraphIndex) -> _Parameters:
-    """Which node owns which initializer.
+def _assign_parameters(index: GraphIndex, pmap: ParameterMap) -> _Parameters:
+    """Which node owns which parameter (an initializer or a Constant node's value).
 
-    One initializer read by several layers is one parameter shared by them (an unrolled RNN's
+    One tensor read by several layers is one parameter shared by them (an unrolled RNN's
     recurrent weight, an embedding tied to the output projection): one leaf, whose gradient sums
     every use, owned by the first layer, as the PyTorch probe reports a shared nn.Parameter.
     The legacy exporter also merges parameters that merely hold equal values (every fresh
@@ -180,50 +175,69 @@ def _assign_parameters(index: GraphIndex) -> _Parameters:
     that are not parameters (BatchNorm running statistics) read a constant copy.
     """
     found = _Parameters()
-    for init in index.graph.initializer:
-        consumers = _uses(index, init.name)
-        trainable_uses = {u for u in consumers if _is_trainable(index, init, (u[2], u[3]))}
+    for name, source in pmap.sources.items():
+        consumers = pmap.uses[name]
+        trainable_uses = [use for use in consumers if use.parameter]
         for use in consumers:
-            consumer, slot, owner, _ = use
-            if use not in trainable_uses:
+            if not use.parameter:
                 if trainable_uses:
-                    found.leaves[f"{init.name}@const"] = init.name
-                    found.uses[(consumer, slot)] = f"{init.name}@const"
+                    found.leaves[f"{name}@const"] = name
+                    found.uses[(use.consumer, use.slot)] = f"{name}@const"
                 continue
-            node = index.node(consumer)
-            key = node.output[0] if node.op_type == "Identity" else init.name
+            node = index.node(use.consumer)
+            key = node.output[0] if node.op_type == "Identity" else name
             if key not in found.leaves:
-                found.owned.setdefault(owner, []).append(key)
+                found.owned.setdefault(use.owner, []).append(key)
                 found.trainable.add(key)
-                found.leaves[key] = init.name
-            found.uses[(consumer, slot)] = key
+                found.leaves[key] = name
+                found.numel[key] = source.numel
+            found.uses[(use.consumer, use.slot)] = key
     return found
 
 
-def _fuse_linear_bias(index: GraphIndex, params: _Parameters) -> tuple[set[int], dict[int, str]]:
-    """MatMul(x, W) + b, b a 1-D initializer, is one Linear-like row (nn.Linear on 3-D inputs):
-    the bias moves to the MatMul's row, whose value becomes the Add's output. Returns the Add
-    nodes absorbed and the new output of each fused MatMul."""
+def _bias_of(pmap: ParameterMap, node: onnx.NodeProto, add: onnx.NodeProto) -> str | None:
+    """The operand of ``add`` that is a stored bias of ``node``'s output: a 1-D tensor after a
+    MatMul (nn.Linear on 3-D inputs); after a Conv/ConvTranspose, a tensor that broadcasts along
+    the channel axis only, such as (1, C, 1, 1) (how Paddle2ONNX writes conv biases)."""
+    bias = _other_input(add, node.output[0])
+    value = pmap.value(bias) if bias else None
+    if bias is None or value is None:
+        return None
+    if node.op_type == "MatMul":
+        return bias if value.ndim == 1 else None
+    weight = pmap.value(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or value.ndim > weight.ndim:
+        return None
+    shape = [1] * (weight.ndim - value.ndim) + list(value.shape)
+    return bias if all(d == 1 for axis, d in enumerate(shape) if axis != 1) else None
+
+
+def _fuse_layer_bias(index: GraphIndex, pmap: ParameterMap, params: _Parameters) -> tuple[set[int], dict[int, str]]:
+    """A layer followed by an Add of its own stored bias is one row (nn.Linear on 3-D inputs is
+    ``MatMul(x, W) + b``; Paddle2ONNX writes ``Conv(x, W) + b``): the bias moves to the layer's
+    row, whose value becomes the Add's output. Returns the Add nodes absorbed and the new output
+    of each fused layer."""
     absorbed: set[int] = set()
     outputs: dict[int, str] = {}
     for position, node in enumerate(index.graph.node):
-        if node.op_type != "MatMul" or position not in params.owned:
+        if node.op_type not in ("MatMul", "Conv", "ConvTranspose") or position not in params.owned:
             continue
         add_position = index.only_consumer(node.output[0])
         if add_position is None or index.node(add_position).op_type != "Add":
             continue
         add = index.node(add_position)
-        bias = _other_input(add, node.output[0])
-        init = index.initializers.get(bias or "")
-        if bias is None or init is None or init.data_type not in _FLOAT_TYPES or len(init.dims) != 1:
+        bias = _bias_of(pmap, node, add)
+        found = pmap.trace(bias) if bias is not None else None
+        if found is None:
             continue
-        key = params.uses.get((add_position, list(add.input).index(bias)))
         owned_by_add = params.owned.get(add_position, [])
-        if key is not None and key in owned_by_add:
-            params.owned[position].append(key)
-            owned_by_add.remove(key)
-            if not owned_by_add:
-                del params.owned[add_position]
+        for use in pmap.uses.get(found[0].name, []):
+            key = params.uses.get((use.consumer, use.slot))
+            if use.owner == add_position and key is not None and key in owned_by_add:
+                params.owned[position].append(key)
+                owned_by_add.remove(key)
+        if add_position in params.owned and not owned_by_add:
+            del params.owned[add_position]
         absorbed.add(add_position)
         outputs[position] = add.output[0]
     return absorbed, outputs
@@ -231,9 +245,10 @@ def _fuse_linear_bias(index: GraphIndex, params: _Parameters) -> tuple[set[int],
 
 def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
     index = GraphIndex.of(graph)
-    params = _assign_parameters(index)
+    pmap = parameter_map(graph)
+    params = _assign_parameters(index, pmap)
     activations = {a.anchor: a for a in recognise_activations(index)}
-    absorbed, outputs = _fuse_linear_bias(index, params)
+    absorbed, outputs = _fuse_layer_bias(index, pmap, params)
     absorbed |= {p for a in activations.values() for p in a.absorbed}
     rows: list[RowPlan] = []
     taken: set[str] = set()
@@ -269,4 +284,4 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
             row.fn, row.attention = "attention", True
         rows.append(row)
     return GraphPlan(rows=rows, trainable=params.trainable, recognised=recognised, leaves=params.leaves,
-                     uses=params.uses)
+                     uses=params.uses, numel=params.numel)

@@ -65,15 +65,20 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
+        # A negative dim_value is dynamic, as onnxruntime reads it (Paddle2ONNX writes -1); zero is
+        # a fixed empty dimension to onnxruntime, kept so that the probe can refuse it by name.
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor.shape.dim)
         out.append(GraphInput(value.name, dims, tensor.elem_type))
     return out
 
 
 def _index_range(model: onnx.ModelProto, name: str) -> tuple[float, float] | None:
-    """[0, rows) when ``name`` indexes an embedding table (Gather on an initializer)."""
+    """[0, rows) when ``name`` indexes an embedding table (Gather on a stored tensor: an
+    initializer or a Constant node)."""
+    from gradcheck_cli.onnx.params import parameter_map
+
     consumers = [n for n in model.graph.node if name in n.input]
-    initializers = {init.name: init for init in model.graph.initializer}
+    initializers = {source.name: source.tensor for source in parameter_map(model.graph).sources.values()}
     for _ in range(3):  # through a Cast or Reshape or two
         for node in consumers:
             if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
@@ -114,6 +119,11 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
     if not wanted:
         raise ProbeError("the ONNX graph has no inputs to feed", hint="nothing to probe: the graph is constant")
     notes: list[str] = []
+    for graph_input in wanted:
+        if 0 in graph_input.dims:
+            raise ProbeError(f"graph input '{graph_input.name}' declares a dimension of size 0 (axis "
+                             f"{graph_input.dims.index(0)}); onnxruntime runs it only on empty tensors",
+                             hint="export the model with a dynamic (symbolic or -1) dimension there")
     if inputs_options.input is not None:
         loaded = _from_file(inputs_options, device)
         batches = []
@@ -199,13 +209,19 @@ def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
     import numpy as np
     from onnx import numpy_helper
 
-    for init in model.graph.initializer:
-        if init.data_type not in (1, 10, 11, 16):
+    from gradcheck_cli.onnx.params import parameter_map
+
+    # Every float initializer, and the parameters exporters keep in Constant nodes (other
+    # Constants may hold -inf on purpose: an attention mask).
+    pmap = parameter_map(model.graph)
+    for name, source in pmap.sources.items():
+        if source.node is not None and not pmap.is_parameter(name):
             continue
-        values = numpy_helper.to_array(init)
+        values = numpy_helper.to_array(source.tensor)
         finite = np.isfinite(values)
         if not finite.all():
-            raise LoadError(f"{path}: initializer '{init.name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
+            what = "initializer" if source.node is None else "Constant"
+            raise LoadError(f"{path}: {what} '{name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
                             f"{values.size}", hint="restore a model from before training diverged, or pass "
                             "--allow-nonfinite to probe it anyway")
 
@@ -329,8 +345,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    numels = {init.name: _numel(init) for init in model.graph.initializer}
-    parameters = sum(numels[plan.leaves.get(key, key)] for key in plan.trainable)
+    parameters = sum(plan.numel.values())
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),
@@ -386,10 +401,6 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
             for row in norm_inputs.get(value, []):
                 apply_stats(row.input_of(), per_batch[batch], unit_axis=None, saturation=None)
     return reduced
-
-
-def _numel(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims)
 
 
 def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:

@@ -4,7 +4,8 @@ Patterns (main graph; BatchNorms inside If/Loop/Scan bodies are reported, not fo
 
 - after Conv, ConvTranspose (``group`` read from the node), Gemm (any transA/transB, alpha,
   beta), MatMul with a constant rank-2 weight on a rank-2 input, with or without a following Add
-  of a per-feature constant;
+  of a per-feature constant (Conv/ConvTranspose + Add of a per-channel constant too: how
+  Paddle2ONNX writes conv biases);
 - before Conv without zero padding, Gemm with transA=0, MatMul with a constant weight;
 - optionally, a BatchNorm left alone becomes Mul + Add (``affine_standalone``).
 
@@ -12,8 +13,9 @@ Invariants kept: graph inputs/outputs (names and order), opset, metadata, value_
 name that still exists. A folded producer takes over the BatchNorm's output name, so every
 downstream name, graph outputs included, is unchanged. New weights are new initializers, never
 edits of existing ones, so an initializer shared with another node is never changed under it.
-The maths is :mod:`fold_math`'s, on numpy arrays, exactly as the PyTorch path does it; this
-module never imports torch.
+Weights may be initializers or Constant nodes, seen through the plumbing of the parameter map
+(:mod:`gradcheck_cli.onnx.params`). The maths is :mod:`fold_math`'s, on numpy arrays, exactly as
+the PyTorch path does it; this module never imports torch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gradcheck_cli.onnx.params import PLUMBING, plumb
 from gradcheck_cli.rewrite.fold_math import (
     ChannelAffine,
     LayerKind,
@@ -70,13 +73,18 @@ def count_nodes(model: onnx.ModelProto) -> int:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every initializer (external ones included, from their dims)."""
+    """Elements of every initializer (external ones included, from their dims), and of every
+    parameter an exporter kept in a Constant node (the parameter map's)."""
+    from gradcheck_cli.onnx.params import parameter_map
+
     total = 0
     for tensor in model.graph.initializer:
         size = 1
         for dim in tensor.dims:
             size *= int(dim)
         total += size
+    pmap = parameter_map(model.graph)
+    total += sum(pmap.sources[name].numel for name in pmap.parameters if pmap.sources[name].node is not None)
     return total
 
 
@@ -240,13 +248,23 @@ class _GraphFolder:
             if value is not None:
                 return numpy_helper.to_array(value).copy()
         # The TorchScript exporter deduplicates equal initializers (e.g. every untouched
-        # running_var of ones) and re-exposes them through Identity nodes: see through those.
+        # running_var of ones) and re-exposes them through Identity nodes, and other exporters put
+        # Cast/Transpose/Reshape/Unsqueeze/Squeeze in front of stored weights (the plumbing of the
+        # parameter map): see through those, evaluating them on the stored values.
         producer = self._producer(name)
-        if producer is not None and producer.op_type == "Identity" and producer.domain in _DEFAULT_DOMAINS:
-            if self._is_graph_input(producer.input[0]):
-                return None
-            return self._const(producer.input[0])
-        return None
+        if (producer is None or producer.domain not in _DEFAULT_DOMAINS or producer.op_type not in PLUMBING
+                or producer.op_type == "CastLike" or not producer.input):
+            return None
+        if self._is_graph_input(producer.input[0]):
+            return None
+        data = self._const(producer.input[0])
+        extra = [self._const(n) if n else None for n in producer.input[1:]]
+        if data is None or any(n and e is None for n, e in zip(producer.input[1:], extra, strict=True)):
+            return None
+        try:
+            return plumb(producer, data, extra).copy()
+        except ValueError:
+            return None
 
     def _is_graph_input(self, name: str) -> bool:
         # A graph input with an initializer of the same name is overridable at run time (IR < 4
@@ -455,6 +473,41 @@ class _GraphFolder:
             note=None if had_bias else "the layer got a bias",
         )
 
+    def _after_conv_bias(self, bn: _Bn, conv: onnx.NodeProto, add: onnx.NodeProto) -> FoldEntry | str:
+        """Conv -> Add(b) -> BatchNorm, with ``b`` a per-channel constant (Paddle2ONNX writes conv
+        biases so): ``b`` joins the conv's bias, then the BatchNorm folds as after a plain Conv."""
+        import numpy as np
+
+        label = conv.name or conv.op_type
+        if not self._single_consumer(conv.output[0], add):
+            return f"the output of {conv.op_type} '{label}' also feeds other nodes"
+        other = next(name for name in add.input if name != conv.output[0])
+        value = self._const(other)
+        if value is None or self._is_graph_input(other):
+            return f"Add '{add.name}' adds a run-time value, not a constant bias"
+        weight = self._weight(conv, 1)
+        if isinstance(weight, str):
+            return weight
+        padded = (1,) * (weight.ndim - value.ndim) + tuple(value.shape)
+        if (value.ndim > weight.ndim or padded[1] != bn.channels
+                or any(d != 1 for axis, d in enumerate(padded) if axis != 1)):
+            return f"Add '{add.name}' does not add a per-channel bias to {conv.op_type} '{label}'"
+        bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        if len(conv.input) > 2 and conv.input[2] and (bias is None or self._is_graph_input(conv.input[2])):
+            return f"the bias of '{label}' is not a constant"
+        total = value.reshape(-1).astype(np.float64) + (0.0 if bias is None else bias.astype(np.float64))
+        kind = LayerKind.CONV if conv.op_type == "Conv" else LayerKind.CONV_TRANSPOSE
+        new_w, new_b = fold_after(weight, total.astype(weight.dtype), bn.affine, kind=kind,
+                                  groups=int(_attr(conv, "group", 1)))
+        self._replace_conv_parameters(conv, new_w, new_b)
+        self.removed.add(id(add))
+        self.dropped_names.add(add.output[0])
+        self._retire(other)
+        self._take_output(conv, bn)
+        pattern = Pattern.CONV_BN if kind is LayerKind.CONV else Pattern.CONV_TRANSPOSE_BN
+        return FoldEntry(bn.name, folded=True, pattern=pattern, layer=conv.name or conv.output[0],
+                         note=f"with the bias Add '{add.name or add.output[0]}' that followed it")
+
     def _gemm_bias(self, gemm: onnx.NodeProto, out_features: int) -> tuple[Any, str] | str:
         """beta·C as a per-output-feature vector (None: no C); str: why C cannot be folded into."""
         import numpy as np
@@ -600,6 +653,10 @@ class _GraphFolder:
 
     def _after_add(self, bn: _Bn, add: onnx.NodeProto) -> FoldEntry | str:
         producers = [self._producer(name) for name in add.input]
+        convs = [p for p in producers if p is not None and p.op_type in ("Conv", "ConvTranspose")
+                 and p.domain in _DEFAULT_DOMAINS]
+        if len(convs) == 1 and len(add.input) == 2:
+            return self._after_conv_bias(bn, convs[0], add)
         matmuls = [p for p in producers if p is not None and p.op_type == "MatMul"]
         if len(matmuls) != 1 or len(add.input) != 2:
             return f"its input comes from Add '{add.name}', which does not follow a MatMul"
@@ -763,14 +820,15 @@ class _GraphFolder:
 
     def finish(self) -> None:
         live = self._live_nodes()
-        # Constant/Identity nodes that only fed what we folded go, then (transitively) what they
-        # read, then the initializers we orphaned. Nothing else is touched.
+        # Constant and plumbing (Identity, Reshape, ...) nodes that only fed what we folded go,
+        # then (transitively) what they read, then the initializers we orphaned. Nothing else
+        # is touched.
         while True:
             used = self._used_names(live)
             dead = [
                 n
                 for n in live
-                if n.op_type in ("Constant", "Identity")
+                if (n.op_type == "Constant" or n.op_type in PLUMBING)
                 and n.domain in _DEFAULT_DOMAINS
                 and n.output
                 and n.output[0] in self.orphan_candidates

@@ -1,7 +1,10 @@
 """Re-initialise the weight initializers of an ONNX graph: the same verbs as ``torch_reinit``.
 
 Layers are the nodes Conv, ConvTranspose, Gemm, MatMul (weight as the second input) and
-RNN/LSTM/GRU whose weights are graph initializers. The activation that follows a layer is found
+RNN/LSTM/GRU whose weights are stored in the graph: initializers, or Constant nodes
+(Paddle2ONNX), directly or through Transpose/Reshape/Cast/... (the parameter map of
+:mod:`gradcheck_cli.onnx.params`). Values are drawn in the shape the layer sees and stored back
+in the tensor's own layout. The activation that follows a layer is found
 by walking the graph from the layer's output, breadth first, through every op that is neither an
 activation nor another layer (Add, BatchNormalization, Reshape, pooling, ...). Only the top-level
 graph is rewritten; the model passed in is never modified (the pass works on a copy).
@@ -10,10 +13,11 @@ graph is rewritten; the model passed in is never modified (the pass works on a c
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError
+from gradcheck_cli.onnx.params import ParameterMap, parameter_map
 from gradcheck_cli.options import RecurrentInit, ReinitOptions, Scheme
 from gradcheck_cli.records import Change
 from gradcheck_cli.rewrite.init_math import (
@@ -62,18 +66,23 @@ class OnnxLayer:
     name: str
     op: str
     node_index: int
-    weight: str
+    weight: str  # the stored tensor (initializer or Constant output) of each parameter
     bias: str | None
     layout: WeightLayout
     groups: int = 1
     scale: float = 1.0  # Gemm's alpha: the effective weight is alpha·B
-    recurrent: str | None = None  # R initializer of RNN/LSTM/GRU
+    recurrent: str | None = None  # R of RNN/LSTM/GRU
     hidden: int = 0
+    # Stored tensor -> the plumbing nodes (Transpose, Reshape, ...) between it and this layer, and
+    # the shape the layer sees: fans are the layer's, values are stored in the tensor's layout.
+    paths: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
 
-def find_layers(graph: onnx.GraphProto) -> tuple[list[OnnxLayer], list[Change]]:
-    """Layer nodes whose weight is an initializer, in graph order; the others are declined."""
-    initializers = {tensor.name for tensor in graph.initializer}
+def find_layers(graph: onnx.GraphProto, pmap: ParameterMap | None = None) -> tuple[list[OnnxLayer], list[Change]]:
+    """Layer nodes whose weight is stored in the graph (an initializer or a Constant node, through
+    the plumbing of the parameter map), in graph order; the others are declined."""
+    pmap = parameter_map(graph) if pmap is None else pmap
     consumers = _consumers(graph)
     layers: list[OnnxLayer] = []
     declined: list[Change] = []
@@ -81,46 +90,63 @@ def find_layers(graph: onnx.GraphProto) -> tuple[list[OnnxLayer], list[Change]]:
         if node.op_type not in LAYER_OPS:
             continue
         name = node.name or f"{node.op_type}_{index}"
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if weight not in initializers:
-            if node.op_type != "MatMul" or (node.input and node.input[0] in initializers):
+        paths: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def stored(value: str, paths: dict[str, tuple[int, ...]] = paths,
+                   shapes: dict[str, tuple[int, ...]] = shapes) -> str | None:
+            found = pmap.trace(value) if value else None
+            if found is None:
+                return None
+            source, path = found
+            paths[source.name] = path
+            shapes[source.name] = tuple(int(d) for d in pmap.evaluate(pmap.array(source.name), path).shape)
+            return source.name
+
+        weight = stored(node.input[1] if len(node.input) > 1 else "")
+        if weight is None:
+            if node.op_type != "MatMul" or (node.input and pmap.trace(node.input[0]) is not None):
                 declined.append(Change(name, "reinit", node.op_type, applied=False,
                                        reason="its weight is computed in the graph, not stored as an "
-                                       "initializer; left as it was"))
+                                       "initializer or constant; left as it was"))
             continue  # a MatMul of two activations (attention scores) is no layer
         attrs = _attributes(node)
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
+        bias = stored(node.input[2]) if len(node.input) > 2 and node.op_type != "MatMul" else None
+        if bias is None and node.op_type in ("Conv", "ConvTranspose") and len(node.input) < 3:
+            separate = _conv_bias(node, graph, consumers, pmap)
+            bias = stored(separate) if separate else None
+        common: dict[str, Any] = {"paths": paths, "shapes": shapes}
         if node.op_type == "Conv":
             layer = OnnxLayer(name, node.op_type, index, weight, bias, WeightLayout.CONV,
-                              groups=int(attrs.get("group", 1)))
+                              groups=int(attrs.get("group", 1)), **common)
         elif node.op_type == "ConvTranspose":
             layer = OnnxLayer(name, node.op_type, index, weight, bias, WeightLayout.CONV_TRANSPOSE,
-                              groups=int(attrs.get("group", 1)))
+                              groups=int(attrs.get("group", 1)), **common)
         elif node.op_type == "Gemm":
             layout = WeightLayout.OUT_IN if int(attrs.get("transB", 0)) else WeightLayout.IN_OUT
             layer = OnnxLayer(name, node.op_type, index, weight, bias, layout,
-                              scale=float(attrs.get("alpha", 1.0)))
+                              scale=float(attrs.get("alpha", 1.0)), **common)
         elif node.op_type == "MatMul":
-            layer = OnnxLayer(name, node.op_type, index, weight, _matmul_bias(node, graph, consumers,
-                                                                             initializers),
-                              WeightLayout.IN_OUT)
+            bias_value = _matmul_bias(node, graph, consumers, pmap)
+            layer = OnnxLayer(name, node.op_type, index, weight, stored(bias_value) if bias_value else None,
+                              WeightLayout.IN_OUT, **common)
         else:
-            recurrent = node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
-            rnn_bias = node.input[3] if len(node.input) > 3 and node.input[3] in initializers else None
+            recurrent = stored(node.input[2]) if len(node.input) > 2 else None
+            rnn_bias = stored(node.input[3]) if len(node.input) > 3 else None
             if recurrent is None or "hidden_size" not in attrs:
                 declined.append(Change(name, "reinit", node.op_type, applied=False,
-                                       reason="its recurrent weight R is not an initializer (or "
+                                       reason="its recurrent weight R is not stored in the graph (or "
                                        "hidden_size is missing); left as it was"))
                 continue
             layer = OnnxLayer(name, node.op_type, index, weight, rnn_bias, WeightLayout.OUT_IN,
-                              recurrent=recurrent, hidden=int(attrs["hidden_size"]))
+                              recurrent=recurrent, hidden=int(attrs["hidden_size"]), **common)
         layers.append(layer)
     return layers, declined
 
 
 def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]],
-                 initializers: set[str]) -> str | None:
-    """The bias of x @ W + b: a following Add whose other operand is a 1-D initializer."""
+                 pmap: ParameterMap) -> str | None:
+    """The bias of x @ W + b: a following Add whose other operand is a stored 1-D tensor."""
     users = consumers.get(node.output[0], [])
     if len(users) != 1:
         return None
@@ -128,11 +154,27 @@ def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[s
     if add.op_type != "Add":
         return None
     other = [name for name in add.input if name != node.output[0]]
-    if len(other) == 1 and other[0] in initializers:
-        shape = next(tuple(t.dims) for t in graph.initializer if t.name == other[0])
-        if len(shape) == 1:
+    if len(other) == 1:
+        value = pmap.value(other[0])
+        if value is not None and value.ndim == 1:
             return str(other[0])
     return None
+
+
+def _conv_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]],
+               pmap: ParameterMap) -> str | None:
+    """The bias Paddle2ONNX writes after a bias-less Conv: Conv -> Add(b), ``b`` a stored tensor
+    that varies along the channel axis only, such as (1, C, 1, 1)."""
+    users = consumers.get(node.output[0], [])
+    weight = pmap.value(node.input[1])
+    if len(users) != 1 or graph.node[users[0]].op_type != "Add" or weight is None:
+        return None
+    other = [name for name in graph.node[users[0]].input if name != node.output[0]]
+    value = pmap.value(other[0]) if len(other) == 1 else None
+    if value is None or value.ndim > weight.ndim:
+        return None
+    shape = [1] * (weight.ndim - value.ndim) + list(value.shape)
+    return str(other[0]) if all(d == 1 for axis, d in enumerate(shape) if axis != 1) else None
 
 
 def following_activation(graph: onnx.GraphProto, layer: OnnxLayer,
@@ -194,11 +236,12 @@ def reinit_onnx_model(model: onnx.ModelProto, *, options: ReinitOptions) -> Onnx
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = new.graph
-    layers, declined = find_layers(graph)
+    pmap = parameter_map(graph)
+    layers, declined = find_layers(graph, pmap)
     consumers = _consumers(graph)
     chosen = select([layer.name for layer in layers], options.layers)
-    tensors = {tensor.name: tensor for tensor in graph.initializer}
-    sharers = _initializer_users(graph)
+    tensors = _stored_tensors(pmap)
+    sharers = _initializer_users(pmap)
     done: dict[str, str] = {}  # initializer -> layer that set it
     records: list[LayerInit] = []
     changes: list[Change] = [c for c in declined if matches_any(c.target, options.layers)]
@@ -212,9 +255,9 @@ def reinit_onnx_model(model: onnx.ModelProto, *, options: ReinitOptions) -> Onnx
         activation, slope = following_activation(graph, layer, consumers)
         source = ActivationSource.INTERNAL if layer.op in _GATES else ActivationSource.GRAPH
         if layer.op in _GATES:
-            record = _init_recurrent(layer, activation, source, tensors, sharers, done, options)
+            record = _init_recurrent(layer, activation, source, tensors, sharers, done, options, pmap)
         else:
-            record = _init_layer(layer, activation, slope, source, tensors, sharers, done, options)
+            record = _init_layer(layer, activation, slope, source, tensors, sharers, done, options, pmap)
         records.append(record)
         detail = ", ".join(f"{t.parameter}: {t.scheme} std {t.std:.4g}" for t in record.tensors)
         changes.append(Change(layer.name, f"reinit:{record.scheme}", detail))
@@ -225,22 +268,40 @@ def reinit_onnx_model(model: onnx.ModelProto, *, options: ReinitOptions) -> Onnx
     return OnnxReinitResult(model=new, layers=records, changes=changes, notes=notes)
 
 
+def _stored_tensors(pmap: ParameterMap) -> dict[str, onnx.TensorProto]:
+    """Stored tensor name -> the TensorProto to overwrite: the initializer, or the Constant node's
+    ``value`` (renamed after the Constant's output when it differs: ONNX ignores that name, and
+    the records name a tensor by it). A Constant written as ``value_floats`` has no tensor to
+    overwrite and is left out (its layer is declined)."""
+    tensors: dict[str, onnx.TensorProto] = {}
+    for name, source in pmap.sources.items():
+        if source.node is None:
+            tensors[name] = source.tensor
+            continue
+        for attribute in pmap.graph.node[source.node].attribute:
+            if attribute.name == "value":
+                attribute.t.name = name
+                tensors[name] = attribute.t
+    return tensors
+
+
 def _unsupported(layer: OnnxLayer, tensors: dict[str, onnx.TensorProto]) -> str | None:
     for name in (layer.weight, layer.bias, layer.recurrent):
         if name is None:
             continue
+        if name not in tensors:
+            return f"{name} is a Constant written as a list of floats; left as it was"
         if tensors[name].data_type not in _FLOAT_TYPES:
             return f"{name} has ONNX data type {tensors[name].data_type}, not float16/32/64; left as it was"
-    if len(tensors[layer.weight].dims) < 2:
+    if len(layer.shapes[layer.weight]) < 2:
         return f"{layer.weight} has fewer than 2 dimensions; no fan is defined"
     return None
 
 
 def _init_layer(layer: OnnxLayer, activation: str | None, slope: float | None, source: ActivationSource,
                 tensors: dict[str, onnx.TensorProto], sharers: dict[str, list[str]], done: dict[str, str],
-                options: ReinitOptions) -> LayerInit:
-    weight = tensors[layer.weight]
-    shape = tuple(int(d) for d in weight.dims)
+                options: ReinitOptions, pmap: ParameterMap) -> LayerInit:
+    shape = layer.shapes[layer.weight]
     layer_fans = fans(shape, layout=layer.layout, groups=layer.groups)
     plan = plan_weight(options, shape=shape, fans_=layer_fans, activation=activation, slope=slope)
     written: list[TensorInit] = []
@@ -253,6 +314,7 @@ def _init_layer(layer: OnnxLayer, activation: str | None, slope: float | None, s
         if layer.scale not in (0.0, 1.0):  # Gemm computes alpha·A·B: store B so that alpha·B has the std
             values = values / layer.scale
             reason += f"; divided by Gemm alpha {layer.scale:g}"
+        values = _as_stored(pmap, layer, layer.weight, values)
         written.append(_write(tensors[layer.weight], values, plan.spec, sharers, layer.name, done))
     if layer.bias is not None and layer.bias not in done:
         written.append(_constant(tensors[layer.bias], None, sharers, layer.name, done))
@@ -261,23 +323,25 @@ def _init_layer(layer: OnnxLayer, activation: str | None, slope: float | None, s
 
 def _init_recurrent(layer: OnnxLayer, activation: str | None, source: ActivationSource,
                     tensors: dict[str, onnx.TensorProto], sharers: dict[str, list[str]], done: dict[str, str],
-                    options: ReinitOptions) -> LayerInit:
+                    options: ReinitOptions, pmap: ParameterMap) -> LayerInit:
     """W [dirs, gates·H, in] by the scheme per gate block; R [dirs, gates·H, H] orthogonal or I."""
     import numpy as np
 
     gates, hidden = _GATES[layer.op], layer.hidden
-    w_dims = tuple(int(d) for d in tensors[layer.weight].dims)
+    w_dims = layer.shapes[layer.weight]
     directions, in_features = w_dims[0], w_dims[2]
     plan = plan_weight(options, shape=(hidden, in_features), fans_=Fans(in_features, hidden),
                        activation=activation, slope=None)
     rng = layer_rng(options.seed, layer.weight)
     w = np.stack([np.concatenate([sample((hidden, in_features), plan.spec, rng) for _ in range(gates)])
                   for _ in range(directions)])
+    w = _as_stored(pmap, layer, layer.weight, w)
     written = [_write(tensors[layer.weight], w, plan.spec, sharers, layer.name, done)]
     assert layer.recurrent is not None
     hh_fans = Fans(hidden, hidden)
     if options.recurrent is RecurrentInit.IDENTITY:
         r = np.stack([identity_blocks((gates * hidden, hidden), block=hidden) for _ in range(directions)])
+        r = _as_stored(pmap, layer, layer.recurrent, r)
         hh_spec = InitSpec(Scheme.ORTHOGONAL, None, None, 1.0, hh_fans, std=1.0 / float(np.sqrt(hidden)))
         written.append(_write(tensors[layer.recurrent], r, hh_spec, sharers, layer.name, done,
                               label="identity"))
@@ -285,6 +349,7 @@ def _init_recurrent(layer: OnnxLayer, activation: str | None, source: Activation
         rng_r = layer_rng(options.seed, layer.recurrent)
         r = np.stack([np.concatenate([orthogonal((hidden, hidden), gain=1.0, rng=rng_r) for _ in range(gates)])
                       for _ in range(directions)])
+        r = _as_stored(pmap, layer, layer.recurrent, r)
         hh_spec = orthogonal_spec((hidden, hidden), fans_=hh_fans, gain=1.0)
         written.append(_write(tensors[layer.recurrent], r, hh_spec, sharers, layer.name, done))
     reason = plan.reason + f"; recurrent weights {options.recurrent}"
@@ -338,8 +403,8 @@ def _constant(tensor: onnx.TensorProto, forget: tuple[int, int] | None, sharers:
 
 def verify_untouched(original: onnx.ModelProto, new: onnx.ModelProto, changed: set[str]) -> None:
     """Every initializer not chosen keeps its exact bytes; chosen ones keep name, shape and type."""
-    before = {t.name: t for t in original.graph.initializer}
-    after = {t.name: t for t in new.graph.initializer}
+    before = _stored_by_name(original)
+    after = _stored_by_name(new)
     if list(before) != list(after) or len(original.graph.node) != len(new.graph.node):
         raise GradcheckError("internal error: the re-initialised ONNX graph lost or gained tensors",
                              hint="please report this; nothing was written")
@@ -349,9 +414,30 @@ def verify_untouched(original: onnx.ModelProto, new: onnx.ModelProto, changed: s
             if (tuple(old.dims), old.data_type) != (tuple(fresh.dims), fresh.data_type):
                 raise GradcheckError(f"internal error: {name} changed shape or type",
                                      hint="please report this; nothing was written")
-        elif old.SerializeToString() != fresh.SerializeToString():
+        elif _without_name(old) != _without_name(fresh):
             raise GradcheckError(f"internal error: {name} was not selected but changed",
                                  hint="please report this; nothing was written")
+
+
+def _stored_by_name(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant nodes' tensors, by initializer name or Constant output."""
+    stored = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    stored[node.output[0]] = attribute.t
+    return stored
+
+
+def _without_name(tensor: onnx.TensorProto) -> bytes:
+    import onnx
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = ""
+    data: bytes = copy.SerializeToString()
+    return data
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
@@ -363,13 +449,23 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return users
 
 
-def _initializer_users(graph: onnx.GraphProto) -> dict[str, list[str]]:
-    """Initializer name -> names of the layer nodes that use it (tied weights have several)."""
+def _as_stored(pmap: ParameterMap, layer: OnnxLayer, name: str, values: Any) -> Any:
+    """Values drawn in the shape the layer sees, in the layout of the stored tensor ``name``."""
+    path = layer.paths.get(name, ())
+    return pmap.to_source(values, pmap.sources[name], path) if path else values
+
+
+def _initializer_users(pmap: ParameterMap) -> dict[str, list[str]]:
+    """Stored tensor -> names of the layer nodes that read it as a weight or bias (tied weights
+    have several), through plumbing."""
     users: dict[str, list[str]] = {}
-    for index, node in enumerate(graph.node):
-        if node.op_type in LAYER_OPS:
-            for name in node.input[1:]:
-                users.setdefault(name, []).append(node.name or f"{node.op_type}_{index}")
+    for name, uses in pmap.uses.items():
+        for use in uses:
+            node = pmap.graph.node[use.owner]
+            if node.op_type in LAYER_OPS and use.owner_slot >= 1:
+                label = node.name or f"{node.op_type}_{use.owner}"
+                if label not in users.get(name, []):
+                    users.setdefault(name, []).append(label)
     return users
 
 
@@ -380,9 +476,15 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _initializer_values(graph: onnx.GraphProto, name: str) -> Any:
+    """The value of an initializer or Constant node output (None when it is neither)."""
     from onnx import numpy_helper
+
+    from gradcheck_cli.onnx.params import constant_array
 
     for tensor in graph.initializer:
         if tensor.name == name:
             return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            return constant_array(node)
     return None
