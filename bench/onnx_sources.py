@@ -166,16 +166,16 @@ def measure(name: str, exporter: str, path: Path) -> dict[str, object]:
     parameters, whether the lowering agreed with onnxruntime; fold-bn's count (verified, dry run)
     against OnnxSlim's on the same graph (BatchNorms left by ``onnxslim.slim``)."""
     import onnx
-    from gradcheck_cli.probe.options import ProbeOptions
+    from gradcheck_cli.options import ProbeOptions
 
     from gradcheck_cli import api
     from gradcheck_cli.errors import GradcheckError
-    from gradcheck_cli.probe.batch import InputOptions
+    from gradcheck_cli.options import InputOptions
     from gradcheck_cli.rewrite.fold import fold_batchnorm
     from gradcheck_cli.rewrite.onnx_fold import count_batchnorms
 
     shape = INPUT_SHAPES.get(name)
-    inputs = InputOptions(input_shapes=(shape,) if shape else (), batch_size=None if shape else 2)
+    inputs = InputOptions(input_shape=(shape,) if shape else (), batch_size=None if shape else 2)
     row: dict[str, object] = {"model": name, "exporter": exporter}
     try:
         report = api.inspect(path, probe=ProbeOptions(inputs=inputs))

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from gradcheck_cli.probe.options import ProbeOptions
+from gradcheck_cli.options import ProbeOptions
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -27,12 +27,12 @@ from gradcheck_cli import api
 from gradcheck_cli.errors import LoadError
 from gradcheck_cli.onnx.params import parameter_map
 from gradcheck_cli.onnx.plan import legacy_module_path, plan_rows
-from gradcheck_cli.probe.batch import InputOptions
+from gradcheck_cli.options import InputOptions
 from gradcheck_cli.records import RowKind
 from tests.conftest import one_line_error, validate_report
 from tests.test_onnx_probe import assert_rows_match, close, export
 
-OPTIONS = ProbeOptions(inputs=InputOptions(input_shapes=((8, 3, 16, 16),), batch_size=4, batches=2))
+OPTIONS = ProbeOptions(inputs=InputOptions(input_shape=((8, 3, 16, 16),), batch_size=4, batches=2))
 
 
 class PaddleLikeNet(nn.Module):
@@ -192,7 +192,7 @@ def test_fold_bn_folds_the_constant_held_batchnorms_and_verifies(paddle: tuple[P
     _, path = paddle
     before = path.read_bytes()
     out = tmp_path / "folded.onnx"
-    report = fold_batchnorm(path, out=out, inputs=InputOptions(input_shapes=((2, 3, 16, 16),)))
+    report = fold_batchnorm(path, out=out, inputs=InputOptions(input_shape=((2, 3, 16, 16),)))
     assert path.read_bytes() == before
     assert (report.folded, report.skipped) == (2, 0), report.entries
     assert report.verification.passed and report.written is not None
@@ -220,7 +220,7 @@ def test_fold_bn_folds_at_least_what_onnxslim_folds(paddle: tuple[PaddleLikeNet,
 
 def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet, Path]) -> None:
     from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
-    from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+    from gradcheck_cli.options import ReinitOptions
 
     _, path = paddle
     model = onnx.load(str(path))
@@ -249,7 +249,7 @@ def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet
 
 
 def test_the_gate_scan_reads_constant_held_weights(tmp_path: Path) -> None:
-    from gradcheck_cli.scan import scan_onnx
+    from gradcheck_cli.gate.scan import scan_onnx
 
     model = PaddleLikeNet().eval()
     with torch.no_grad():
@@ -364,7 +364,7 @@ class Nested(nn.Module):
 def test_rows_take_the_module_paths_of_the_source_model(tmp_path: Path, dynamo: bool) -> None:
     model = Nested().eval()
     path = export(model, (torch.randn(2, 3, 8, 8),), tmp_path / "nested.onnx", dynamo=dynamo, opset=18)
-    options = ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 8, 8),)))
+    options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),)))
     onnx_rows = api.inspect(path, probe=options).layers
     torch_rows = api.inspect_module(model, options).layers
     assert [r.module for r in onnx_rows] == [r.module for r in torch_rows] == [
@@ -378,5 +378,5 @@ def test_a_layer_the_dynamo_exporter_fused_with_its_batchnorm_keeps_its_own_path
     model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
     path = export(model, (torch.randn(2, 3, 8, 8),), tmp_path / "fused.onnx", dynamo=True, opset=18)
     assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
-    rows = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shapes=((2, 3, 8, 8),)))).layers
+    rows = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),)))).layers
     assert [(r.type, r.module) for r in rows] == [("Conv", "0.0"), ("Relu", "0.2")]

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from gradcheck_cli.probe.options import ProbeOptions
+from gradcheck_cli.options import ProbeOptions
 
 from gradcheck_cli import api
-from gradcheck_cli.probe.batch import InputOptions
+from gradcheck_cli.options import InputOptions
 from gradcheck_cli.rewrite.onnx_fold import count_batchnorms, fold_onnx_model
 from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
-from gradcheck_cli.rewrite.reinit_options import ReinitOptions
+from gradcheck_cli.options import ReinitOptions
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def real_file(name: str) -> Path:
 
 def probe_options(name: str) -> ProbeOptions:
     shape = SOURCES.INPUT_SHAPES.get(name)
-    return ProbeOptions(inputs=InputOptions(input_shapes=(shape,) if shape else (), batch_size=None if shape else 2))
+    return ProbeOptions(inputs=InputOptions(input_shape=(shape,) if shape else (), batch_size=None if shape else 2))
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -110,5 +110,5 @@ def test_reinit_sees_every_conv_weight(name: str) -> None:
 def test_the_paddle_classifier_with_a_negative_batch_dim_loads() -> None:
     path = real_file("ppocr-mobile-v2.0-cls")
     assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
-    report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shapes=((3, 3, 48, 192),))))
+    report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shape=((3, 3, 48, 192),))))
     assert report.probe.inputs[0].shape == (3, 3, 48, 192)
