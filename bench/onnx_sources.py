@@ -166,11 +166,10 @@ def measure(name: str, exporter: str, path: Path) -> dict[str, object]:
     parameters, whether the lowering agreed with onnxruntime; fold-bn's count (verified, dry run)
     against OnnxSlim's on the same graph (BatchNorms left by ``onnxslim.slim``)."""
     import onnx
-    from gradcheck_cli.options import ProbeOptions
 
     from gradcheck_cli import api
     from gradcheck_cli.errors import GradcheckError
-    from gradcheck_cli.options import InputOptions
+    from gradcheck_cli.options import InputOptions, ProbeOptions, WriteOptions
     from gradcheck_cli.rewrite.fold import fold_batchnorm
     from gradcheck_cli.rewrite.onnx_fold import count_batchnorms
 
@@ -190,7 +189,7 @@ def measure(name: str, exporter: str, path: Path) -> dict[str, object]:
     model = onnx.load(str(path))
     row["batchnorms"] = count_batchnorms(model)
     try:
-        folded = fold_batchnorm(path, out=None, dry_run=True, inputs=inputs)
+        folded = fold_batchnorm(path, out=None, probe=ProbeOptions(inputs=inputs), write=WriteOptions(dry_run=True))
     except GradcheckError as exc:
         row["fold"] = f"error: {exc.message}"
     else:

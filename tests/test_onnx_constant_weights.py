@@ -19,7 +19,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from gradcheck_cli.options import ProbeOptions
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -27,7 +26,7 @@ from gradcheck_cli import api
 from gradcheck_cli.errors import LoadError
 from gradcheck_cli.onnx.params import parameter_map
 from gradcheck_cli.onnx.plan import legacy_module_path, plan_rows
-from gradcheck_cli.options import InputOptions
+from gradcheck_cli.options import InputOptions, ProbeOptions
 from gradcheck_cli.records import RowKind
 from tests.conftest import one_line_error, validate_report
 from tests.test_onnx_probe import assert_rows_match, close, export
@@ -174,7 +173,7 @@ def test_gradient_norms_equal_torch_autograd_on_the_same_loss(paddle: tuple[Padd
     report = api.inspect(path, probe=OPTIONS)
     inputs, _ = onnx_probe_inputs(onnx.load(str(path)), OPTIONS, torch.device("cpu"))
     loss_fn = LossFunction(kind=OPTIONS.loss, total=inputs.total, seed=OPTIONS.inputs.seed,
-                           target_file=OPTIONS.target_file)
+                           target_file=OPTIONS.target)
     model.zero_grad()
     for batch in inputs.batches:
         loss_fn(model(batch.kwargs["x"])).backward()
@@ -192,7 +191,7 @@ def test_fold_bn_folds_the_constant_held_batchnorms_and_verifies(paddle: tuple[P
     _, path = paddle
     before = path.read_bytes()
     out = tmp_path / "folded.onnx"
-    report = fold_batchnorm(path, out=out, inputs=InputOptions(input_shape=((2, 3, 16, 16),)))
+    report = fold_batchnorm(path, out=out, probe=ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 16, 16),))))
     assert path.read_bytes() == before
     assert (report.folded, report.skipped) == (2, 0), report.entries
     assert report.verification.passed and report.written is not None
@@ -219,8 +218,8 @@ def test_fold_bn_folds_at_least_what_onnxslim_folds(paddle: tuple[PaddleLikeNet,
 
 
 def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet, Path]) -> None:
-    from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
     from gradcheck_cli.options import ReinitOptions
+    from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
 
     _, path = paddle
     model = onnx.load(str(path))

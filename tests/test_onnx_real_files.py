@@ -20,13 +20,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from gradcheck_cli.options import ProbeOptions
 
 from gradcheck_cli import api
-from gradcheck_cli.options import InputOptions
+from gradcheck_cli.options import InputOptions, ProbeOptions, ReinitOptions
 from gradcheck_cli.rewrite.onnx_fold import count_batchnorms, fold_onnx_model
 from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
-from gradcheck_cli.options import ReinitOptions
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
