@@ -138,3 +138,16 @@ def test_torchscript_failures_name_their_cause(cli: Any, programs: dict[str, Pat
     assert code == 2
     one_line_error(err)
     assert "mat1 and mat2 shapes cannot be multiplied" in err
+
+
+class TwoInputs(nn.Module):
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=(2, 3)) * mask
+
+
+def test_keyword_inputs_are_matched_by_name_not_order() -> None:
+    image, mask = torch.randn(2, 3, 8, 8), torch.randn(2, 3)
+    module = torch.export.export(TwoInputs(), (), {"image": image, "mask": mask}).module()
+    check_inputs(module, (), {"mask": mask, "image": image})  # another order: still fits
+    with pytest.raises(UsageError, match="'mask' with a fixed input shape \\(2, 3\\)"):
+        check_inputs(module, (), {"mask": torch.randn(2, 4), "image": image})

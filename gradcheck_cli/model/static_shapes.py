@@ -141,10 +141,14 @@ def check_inputs(
     inputs = program_inputs(module)
     if inputs is None:
         return
-    tensors = [*args, *kwargs.values()]
-    if len(tensors) != len(inputs):
+    if len(args) + len(kwargs) != len(inputs):
         return  # nested or optional inputs: leave the verdict to the program's own guards
-    for position, (declared, tensor) in enumerate(zip(inputs, tensors, strict=True)):
+    # Positional inputs come first, in order; keyword inputs are matched by name, since their
+    # order in the probe batch need not be the order they were exported in.
+    pairs = list(zip(range(len(args)), inputs, args, strict=False))
+    by_name = {declared.name: (position, declared) for position, declared in enumerate(inputs)}
+    pairs += [(*by_name[name], tensor) for name, tensor in kwargs.items() if name in by_name]
+    for position, declared, tensor in pairs:
         shape = tuple(int(d) for d in tensor.shape)
         found = declared.mismatch(shape)
         if found is None:
