@@ -207,3 +207,27 @@ def test_scripted_norm_act_folds_on_structure() -> None:
     assert [e.folded for e in result.entries] == [True]
     assert result.batchnorms_after == 0
     assert_same_function(model, result.module, x)
+
+
+def test_frozen_batchnorm_in_an_untraceable_model_is_named_in_a_note() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    class DataDependent(nn.Module):
+        """Python control flow on a tensor value: fx cannot trace it, torch.export can."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = FrozenBatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y * 2 if x.shape[0] > 1 else y
+
+    model = randomise_frozen(DataDependent())
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_torch_module(model, example_args=(x,))
+    if result.method == METHOD_FX:
+        pytest.skip("torch.fx traced the shape condition; nothing to check here")
+    assert any("frozen BatchNorm" in note for note in result.notes)
+    assert_same_function(model, result.module, x)

@@ -91,6 +91,14 @@ def fold_torch_module(
     shared = not keep_structure and not isinstance(module, torch.jit.ScriptModule)
     source = set_eval(_copy_sharing_parameters(module) if shared else copy.deepcopy(module))
     graph_module, method = _trace(source, example_args, example_kwargs, notes)
+    if method == METHOD_EXPORT:
+        frozen = sum(1 for sub in source.modules() if isinstance(sub, _frozen_bn_classes()))
+        if frozen:
+            # torch.export inlines them into plain multiply-adds, which carry no statistics.
+            notes.append(
+                f"{frozen} frozen BatchNorm(s) became plain arithmetic in the torch.export graph "
+                "and were not folded"
+            )
     if graph_module is None:
         if shared:  # the structure fallback folds in place
             source = set_eval(copy.deepcopy(module))
