@@ -231,3 +231,30 @@ def test_frozen_batchnorm_in_an_untraceable_model_is_named_in_a_note() -> None:
         pytest.skip("torch.fx traced the shape condition; nothing to check here")
     assert any("frozen BatchNorm" in note for note in result.notes)
     assert_same_function(model, result.module, x)
+
+
+def test_exported_graph_keeps_a_declined_norm_act_and_folds_the_other() -> None:
+    from timm.layers import BatchNormAct2d
+
+    class Mixed(nn.Module):
+        """fx cannot trace it (a branch on a shape), so the graph comes from torch.export."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn1 = BatchNormAct2d(4, act_layer=nn.SiLU)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn2 = BatchNormAct2d(4, act_layer=nn.ReLU)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn1(self.conv1(x))
+            z = self.conv2(y)
+            out = self.bn2(z) + z  # z has a second reader: bn2 must stay
+            return out * 2 if x.shape[0] > 1 else out
+
+    model = randomise_bn(Mixed())
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_torch_module(model, example_args=(x,))
+    assert result.method != METHOD_FX
+    assert {e.batchnorm.split(".")[0]: e.folded for e in result.entries} == {"bn1": True, "bn2": False}
+    assert_same_function(model, result.module, x)

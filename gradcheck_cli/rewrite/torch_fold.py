@@ -1111,9 +1111,13 @@ def _empty_norm_shells(root: fx.GraphModule) -> None:
     from torch import nn
 
     called = {str(n.target) for n in root.graph.nodes if n.op == "call_module"}
+    read = {str(n.target) for n in root.graph.nodes if n.op == "get_attr"}
     for name, sub in list(root.named_modules()):
         if not name or name in called or not is_batchnorm_module(sub):
             continue
+        own = [*sub._parameters, *sub._buffers]
+        if any(f"{name}.{tensor}" in read for tensor in own):
+            continue  # a BatchNorm that was not folded: the graph still reads its tensors
         container = nn.Module()
         for child_name, child in sub.named_children():
             container.add_module(child_name, child)
