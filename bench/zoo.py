@@ -93,7 +93,15 @@ class Row:
 def torchvision_jobs(quick: bool) -> list[Job]:
     import torchvision
 
-    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    def size(name: str) -> float:
+        # The weights' metadata knows the parameter count without building the model.
+        try:
+            return float(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+        except Exception:
+            return float("inf")
+
+    # Smallest first: an interrupted sweep has covered as many models as it could.
+    names = sorted(torchvision.models.list_models(module=torchvision.models), key=lambda n: (size(n), n))
     if quick:
         names = [n for n in names if n in QUICK["torchvision"]]
     return [Job("torchvision", n) for n in names]
