@@ -18,6 +18,7 @@ from gradcheck_cli.errors import LoadError, UntrustedPickleError, UsageError
 from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.model.handle import LoadedModel
+from gradcheck_cli.model.static_shapes import program_inputs, static_note
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +119,11 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
         example_kwargs = {k: v.to(device) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     module = program.module()
     module.to(device)
+    declared = program_inputs(module)
+    note = static_note(declared) if declared else None
     return LoadedModel(path=path, format=ModelFormat.EXPORTED_PROGRAM, module=module,
-                       exported=program, example_args=example_args, example_kwargs=example_kwargs)
+                       exported=program, example_args=example_args, example_kwargs=example_kwargs,
+                       notes=[note] if note else [])
 
 
 # torch.export.load unpickles parts of a .pt2 archive with weights_only=False: tensors marked

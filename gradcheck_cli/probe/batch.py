@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.model.static_shapes import check_inputs, explain_forward_failure
 from gradcheck_cli.options import InputOptions
 from gradcheck_cli.records import InputSpec
 
@@ -92,6 +93,21 @@ def probe_inputs(
     example_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> ProbeInputs:
     """Build the probe's micro-batches, in the order of precedence file > shapes > inferred."""
+    inputs = _probe_inputs(module, options, device=device, example_args=example_args,
+                           example_kwargs=example_kwargs)
+    # An exported program refuses shapes it was not exported for; say so before running it.
+    check_inputs(module, inputs.batches[0].args, inputs.batches[0].kwargs)
+    return inputs
+
+
+def _probe_inputs(
+    module: nn.Module,
+    options: InputOptions,
+    *,
+    device: torch.device,
+    example_args: tuple[torch.Tensor, ...] | None,
+    example_kwargs: dict[str, torch.Tensor] | None,
+) -> ProbeInputs:
     import torch
 
     if options.batches < 1:
@@ -332,7 +348,7 @@ def _try_forward(module: nn.Module, x: torch.Tensor) -> str | None:
         with torch.no_grad():
             module(x)
     except Exception as exc:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return explain_forward_failure(exc)[:160]
     finally:
         module.train(was_training)
     return None

@@ -91,6 +91,14 @@ def fold_torch_module(
     shared = not keep_structure and not isinstance(module, torch.jit.ScriptModule)
     source = set_eval(_copy_sharing_parameters(module) if shared else copy.deepcopy(module))
     graph_module, method = _trace(source, example_args, example_kwargs, notes)
+    if method == METHOD_EXPORT:
+        frozen = sum(1 for sub in source.modules() if isinstance(sub, _frozen_bn_classes()))
+        if frozen:
+            # torch.export inlines them into plain multiply-adds, which carry no statistics.
+            notes.append(
+                f"{frozen} frozen BatchNorm(s) became plain arithmetic in the torch.export graph "
+                "and were not folded"
+            )
     if graph_module is None:
         if shared:  # the structure fallback folds in place
             source = set_eval(copy.deepcopy(module))
@@ -184,7 +192,7 @@ def _trace(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fx.symbolic_trace(module), METHOD_FX
+            return _symbolic_trace(module), METHOD_FX
     except Exception as exc:
         notes.append(f"torch.fx could not trace the model ({_first_line(exc)}); used torch.export")
     try:
@@ -200,6 +208,28 @@ def _trace(
             "folded on module structure"
         )
     return None, METHOD_STRUCTURE
+
+
+def _symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    """``fx.symbolic_trace``, keeping frozen BatchNorms as module calls.
+
+    A frozen BatchNorm computes its affine map with plain tensor arithmetic (``x * scale + bias``
+    after ``rsqrt``); traced through, it would be a handful of anonymous operations, but as one
+    module call it is a BatchNorm with named buffers that ``_norm_of`` can fold.
+    """
+    from torch import fx
+
+    frozen = _frozen_bn_classes()
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            if isinstance(m, frozen) and _known_forward(m):
+                return True
+            return bool(super().is_leaf_module(m, module_qualified_name))
+
+    tracer = Tracer()
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def _is_aten_graph(graph_module: fx.GraphModule) -> bool:
@@ -329,6 +359,9 @@ class _Norm:
     eps: float
     training: bool
     module_target: str | None = None
+    # Modules the BatchNorm's module applies after normalising (a frozen norm-act's drop and
+    # act): they stay in the graph when the BatchNorm goes.
+    tail: tuple[str, ...] = ()
 
 
 _CONV_TYPES: dict[str, tuple[LayerKind, int]] = {
@@ -360,6 +393,72 @@ def _bn_module_classes() -> tuple[type[nn.Module], ...]:
     from torch import nn
 
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# BatchNorm subclasses whose forward is F.batch_norm followed by ``self.drop`` and ``self.act``
+# (timm's fused norm-act layers): the BatchNorm part folds, the dropout and activation stay.
+_NORM_ACT_CLASSES = (
+    ("timm.layers.norm_act", "BatchNormAct2d"),
+    ("timm.layers.norm_act", "BatchNormAct1d"),
+    ("timm.layers.norm_act", "SyncBatchNormAct"),
+)
+# BatchNorms with frozen statistics in buffers (weight, bias, running_mean, running_var, eps),
+# computed as ``x * scale + shift``; the Act variant then applies ``self.drop`` and ``self.act``.
+_FROZEN_CLASSES = (
+    ("torchvision.ops.misc", "FrozenBatchNorm2d"),
+    ("timm.layers.norm_act", "FrozenBatchNorm2d"),
+    ("timm.layers.norm_act", "FrozenBatchNormAct2d"),
+)
+# Names as TorchScript keeps them (``original_name``), where the class itself is gone.
+_BATCHNORM_TYPE_NAMES = frozenset(
+    {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"}
+    | {name for _, name in _NORM_ACT_CLASSES}
+    | {name for _, name in _FROZEN_CLASSES}
+)
+
+
+def _loaded_classes(names: tuple[tuple[str, str], ...]) -> dict[type[nn.Module], str]:
+    """The classes among ``names`` whose library is already imported (a model using them has
+    imported it; gradcheck never imports timm or torchvision just to look)."""
+    import sys
+
+    found: dict[type[nn.Module], str] = {}
+    for module_name, class_name in names:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type):
+            found[cls] = f"{module_name}.{class_name}"
+    return found
+
+
+def _frozen_bn_classes() -> tuple[type[nn.Module], ...]:
+    return tuple(_loaded_classes(_FROZEN_CLASSES))
+
+
+def _known_forward(module: nn.Module) -> bool:
+    """The module runs the forward of a known BatchNorm class (not an override of it)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    forward = type(module).forward
+    if forward is _BatchNorm.forward:
+        return True
+    known = _loaded_classes(_NORM_ACT_CLASSES + _FROZEN_CLASSES)
+    return any(forward is cls.forward for cls in known)
+
+
+def _tail_modules(module: nn.Module) -> tuple[str, ...]:
+    """Submodules a fused norm-act module applies after normalising (``drop`` then ``act``)."""
+    if type(module).__name__.endswith(("Act2d", "Act1d", "Act")) and _known_forward(module):
+        return tuple(name for name in ("drop", "act") if hasattr(module, name))
+    return ()
+
+
+def is_batchnorm_module(module: nn.Module) -> bool:
+    """A BatchNorm in any of the spellings fold-bn knows (plain, fused norm-act, frozen)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if isinstance(module, (_BatchNorm, *_frozen_bn_classes())):
+        return True
+    return _type_name(module) in _BATCHNORM_TYPE_NAMES
 
 
 def _layer_of(graph_module: fx.GraphModule, node: fx.Node) -> _Layer | str | None:
@@ -447,6 +546,8 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
 
     if node.op == "call_module":
         sub = _submodule(graph_module, str(node.target))
+        if isinstance(sub, _frozen_bn_classes()):
+            return _frozen_norm(node, sub)
         if not isinstance(sub, _bn_module_classes()):
             return None
         if not _plain_bn(sub):
@@ -520,6 +621,29 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
         bias_path,
         float(arguments.get("eps", 1e-5)),
         training,
+    )
+
+
+def _frozen_norm(node: fx.Node, module: nn.Module) -> _Norm | str:
+    if not _known_forward(module):
+        return f"{type(module).__name__} overrides forward(); it may not be a plain BatchNorm"
+    target = str(node.target)
+    source = node.args[0] if node.args else None
+    if not isinstance(source, _fx_node()):
+        return "its input is not a graph value"
+    return _Norm(
+        node,
+        [node],
+        target,
+        source,
+        f"{target}.running_mean",
+        f"{target}.running_var",
+        f"{target}.weight",
+        f"{target}.bias",
+        float(getattr(module, "eps", 1e-5)),
+        False,
+        target,
+        tail=tuple(f"{target}.{name}" for name in _tail_modules(module)),
     )
 
 
@@ -678,7 +802,7 @@ def _try_after(
         return f"its input comes from '{_node_label(producer)}', not a Conv/ConvTranspose/Linear"
     if isinstance(layer, str):
         return f"its producer '{_node_label(producer)}' cannot take it: {layer}"
-    others = [user for user in producer.users if user is not norm.calls[-1]]
+    others = [user for user in _value_readers(producer) if user is not norm.calls[-1]]
     if others:
         return f"the output of '{layer.name}' also feeds {len(others)} other node(s)"
     reason = _layer_precondition(graph_module, layer, module_calls, tensor_names)
@@ -716,7 +840,12 @@ def _try_before(
     module_calls: Counter[str],
     tensor_names: Counter[int],
 ) -> FoldEntry | str:
-    users = list(norm.node.users)
+    if norm.tail:
+        return (
+            "its activation comes between it and the next layer, so it can only fold into "
+            "the layer before it"
+        )
+    users = _value_readers(norm.node)
     if len(users) != 1:
         return f"its output feeds {len(users)} nodes, so it cannot be folded into the next layer"
     consumer = users[0]
@@ -754,6 +883,26 @@ def _try_before(
     return FoldEntry(
         norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None
     )
+
+
+# Reads of a tensor's metadata, not of its values: a fold keeps shapes and dtypes, so these do
+# not make a producer's output "also used elsewhere" (timm's BatchNormAct2d asserts x.ndim == 4
+# on the producer's output before normalising it).
+_METADATA_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "ndimension"})
+
+
+def _value_readers(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (metadata reads left out)."""
+
+    def metadata_only(user: fx.Node) -> bool:
+        if not user.args or user.args[0] is not node:
+            return False
+        if user.op == "call_function" and user.target is getattr:
+            return len(user.args) > 1 and user.args[1] in _METADATA_ATTRIBUTES
+        return user.op == "call_method" and user.target in _METADATA_METHODS
+
+    return [user for user in node.users if not metadata_only(user)]
 
 
 def _apply_safely(fold: Callable[[_Norm, _Layer], str], norm: _Norm, layer: _Layer) -> str:
@@ -914,8 +1063,14 @@ class _GraphApplier(_Applier):
         return "the layer got a bias"
 
     def _remove_norm(self, norm: _Norm, *, replacement: fx.Node) -> None:
-        norm.node.replace_all_uses_with(replacement)
         graph = self.graph_module.graph
+        if norm.tail:
+            value = replacement
+            for tail_path in norm.tail:
+                with graph.inserting_after(value):
+                    value = graph.call_module(tail_path, (value,))
+            replacement = value
+        norm.node.replace_all_uses_with(replacement)
         readers = [
             arg for call in norm.calls for arg in call.all_input_nodes if arg.op == "get_attr"
         ]
@@ -942,7 +1097,33 @@ class _GraphApplier(_Applier):
                 delattr(owner, name)
         root.graph.lint()
         root.delete_all_unused_submodules()
+        _empty_norm_shells(root)
         root.recompile()
+
+
+def _empty_norm_shells(root: fx.GraphModule) -> None:
+    """Replace each folded norm-act module that stays only as the parent of its activation.
+
+    The graph calls ``bn1.act`` by path, so ``bn1`` must remain; left a BatchNormAct2d without
+    its tensors it would still look (and count) like a BatchNorm. A plain container holding the
+    same children keeps the paths and shows what is left.
+    """
+    from torch import nn
+
+    called = {str(n.target) for n in root.graph.nodes if n.op == "call_module"}
+    read = {str(n.target) for n in root.graph.nodes if n.op == "get_attr"}
+    for name, sub in list(root.named_modules()):
+        if not name or name in called or not is_batchnorm_module(sub):
+            continue
+        own = [*sub._parameters, *sub._buffers]
+        if any(f"{name}.{tensor}" in read for tensor in own):
+            continue  # a BatchNorm that was not folded: the graph still reads its tensors
+        container = nn.Module()
+        for child_name, child in sub.named_children():
+            container.add_module(child_name, child)
+        owner_path, _, attribute = name.rpartition(".")
+        owner = _submodule(root, owner_path) if owner_path else root
+        setattr(owner, attribute, container)
 
 
 class _StructureApplier(_Applier):
@@ -1085,7 +1266,7 @@ def _fold_by_structure(
     entries: list[FoldEntry] = []
     paired = {bn for _, bn, _ in pairs}
     for name, sub in module.named_modules():
-        if _type_name(sub) in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") and name not in paired:
+        if is_batchnorm_module(sub) and name not in paired:
             entries.append(
                 FoldEntry(
                     name,
@@ -1164,12 +1345,8 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
             if layer_name not in names or bn_name not in names or prefix + bn_name in taken:
                 continue
             layer_type, bn_type = _type_name(names[layer_name]), _type_name(names[bn_name])
-            if layer_type in _CONV_TYPES and bn_type in (
-                "BatchNorm1d",
-                "BatchNorm2d",
-                "BatchNorm3d",
-            ):
-                if layer_type == "Linear" and bn_type != "BatchNorm1d":
+            if layer_type in _CONV_TYPES and bn_type in _BATCHNORM_TYPE_NAMES:
+                if layer_type == "Linear" and bn_type not in ("BatchNorm1d", "BatchNormAct1d"):
                     continue
                 taken.add(prefix + bn_name)
                 pairs.append((prefix + layer_name, prefix + bn_name, None))
@@ -1233,7 +1410,9 @@ def _pairs_by_dataflow(
             is_layer = any(
                 isinstance(sub, cls) and type(sub).forward is cls.forward for cls in layer_classes
             )
-            is_bn = isinstance(sub, _bn_module_classes()) and _plain_bn(sub)
+            # A fused norm-act or frozen BatchNorm set to an identity is an identity followed
+            # by its own drop/act: the same structure fold is exact for it.
+            is_bn = is_batchnorm_module(sub) and _known_forward(sub)
             if is_layer or is_bn:
                 handles.append(sub.register_forward_pre_hook(pre_hook(name)))
                 handles.append(sub.register_forward_hook(post_hook(name, is_layer)))
@@ -1298,16 +1477,14 @@ def count_batchnorms(module: nn.Module) -> int:
         count = 0
         for node in module.graph.nodes:
             if (node.op == "call_function" and node.target in functional) or (
-                node.op == "call_module"
-                and isinstance(_submodule(module, str(node.target)), _bn_module_classes())
+                node.op == "call_module" and is_batchnorm_module(_submodule(module, str(node.target)))
             ):
                 count += 1
         return count
     return sum(
         1
         for _, sub in module.named_modules()
-        if _type_name(sub) in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
-        and not _is_identity_bn(sub)
+        if is_batchnorm_module(sub) and not _is_identity_bn(sub)
     )
 
 
