@@ -204,7 +204,7 @@ def _fold_outcome(code: int, stdout: str, stderr: str, exception: BaseException 
     try:
         report = json.loads(stdout)
     except json.JSONDecodeError:
-        return Outcome("failed", "fold-bn --report json printed no JSON")
+        return Outcome("failed", "fold-bn --format json printed no JSON")
     entries = report.get("entries", [])
     folded = sum(1 for e in entries if e.get("folded"))
     if entries and folded == 0:
@@ -321,11 +321,11 @@ def run_worker(jobs: list[Job], workdir: Path) -> None:
         code, _, err, exc = _cli("inspect", *args, "--format", "json")
         row.ops["inspect"] = _outcome(code, err, exc)
         if has_bn:
-            code, out, err, exc = _cli("fold-bn", *args, "--dry-run", "--report", "json")
+            code, out, err, exc = _cli("fold-bn", *args, "--dry-run", "--format", "json")
             row.ops["fold-bn"] = _fold_outcome(code, out, err, exc)
         else:
             row.ops["fold-bn"] = Outcome("n/a")
-        code, _, err, exc = _cli("reinit", *args, "--scheme", "auto", "--dry-run", "--report", "json")
+        code, _, err, exc = _cli("reinit", *args, "--scheme", "auto", "--dry-run", "--format", "json")
         row.ops["reinit"] = _outcome(code, err, exc)
         row.seconds = time.perf_counter() - started
         print(json.dumps({"row": _row_dict(row)}), flush=True)
