@@ -379,3 +379,20 @@ def test_a_layer_the_dynamo_exporter_fused_with_its_batchnorm_keeps_its_own_path
     assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
     rows = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),)))).layers
     assert [(r.type, r.module) for r in rows] == [("Conv", "0.0"), ("Relu", "0.2")]
+
+
+def test_an_onnxruntime_failure_on_a_filled_free_dimension_names_it(tmp_path: Path, cli: Any) -> None:
+    """A graph that runs only at 32x32 (an Add of a fixed-size map): with its free dimensions set
+    to gradcheck's default, onnxruntime fails, and the hint says which sizes gradcheck chose."""
+    nodes = [const("bias_map", np.zeros((1, 3, 32, 32), dtype=np.float32)),
+             helper.make_node("Add", ["x", "bias_map"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "fixed_map.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    code, _, err = cli("inspect", str(path))
+    assert code == 2 and "onnxruntime failed" in err
+    one_line_error(err)
+    assert "symbolic dimension(s) [2, 3] set to 16" in err and "--input-shape" in err
+    code, _, err = cli("inspect", str(path), "--input-shape", "2,3,32,32")
+    assert code == 0, err

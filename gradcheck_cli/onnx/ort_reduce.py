@@ -401,7 +401,9 @@ CANCELLATION_GUARD = 0.05
 
 def session_options(ort: Any) -> Any:
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # onnxruntime logs to stderr itself; keep warnings out of it
+    # onnxruntime logs to stderr itself, errors included; the exception it raises carries the same
+    # text, which the probe turns into its one-line error, so only fatal messages may print.
+    options.log_severity_level = 4
     # All of onnxruntime's graph optimisations stay on: the reductions' inputs are the unfused
     # values themselves (a fusion never swallows a node whose output has a second consumer), and
     # their outputs are small, so the layout conversions that made the old path prefer the basic

@@ -321,8 +321,16 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     if exposed or reference is None:
         group_count = max(1, len(output_groups([v for v in exposed if v not in graph_outputs], sizes, budget)))
         total_steps[1] = len(inputs.batches) * (group_count + 1 + (reference is not None))
-        ort_pass = statistics_pass(model, exposed, feeds, record, sizes=sizes, budget=budget,
-                                   end_batch=recorder.end_batch, progress=step)
+        try:
+            ort_pass = statistics_pass(model, exposed, feeds, record, sizes=sizes, budget=budget,
+                                       end_batch=recorder.end_batch, progress=step)
+        except ProbeError as exc:
+            # A size gradcheck chose for a free dimension is the likeliest cause (PaddleOCR's
+            # detector needs sides that are multiples of 32): say which, and how to set them.
+            filled = [note for note in notes if "symbolic dimension" in note]
+            if not filled:
+                raise
+            raise ProbeError(exc.message, hint=f"{filled[0]}; the model may need other sizes") from exc
         if ort_pass.groups > 1:
             notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
         if reference is None:
