@@ -93,14 +93,14 @@ def _plain_session(model: Any) -> Any:
 
 def _in_graph(model: Any, values: list[str], wants: dict[str, Any], types: dict[str, Any],
               feeds: list[dict[str, Any]]) -> Any:
-    from gradcheck_cli.onnx.ort_reduce import reduced_statistics_pass
+    from gradcheck_cli.probe.onnx_stats import reduced_statistics_pass
 
     return reduced_statistics_pass(model, values, wants, types, feeds, opset=17, cutoff=0.05)
 
 
 def _requests(plan: Any, types: dict[str, Any]) -> dict[str, Any]:
-    from gradcheck_cli.onnx.ort_reduce import ValueRequest
     from gradcheck_cli.probe.activations import RELU_FAMILY
+    from gradcheck_cli.probe.onnx_stats import ValueRequest
 
     wants: dict[str, Any] = {}
     for p in plan.rows:
@@ -167,7 +167,7 @@ def child(path: Path, mode: str, name: str, batch: int, size: int, repeats: int,
         _in_graph(model, values, wants, types, feeds)
         import onnxruntime as ort
 
-        from gradcheck_cli.onnx.ort_reduce import reduced_model, session_options
+        from gradcheck_cli.probe.onnx_stats import reduced_model, session_options
 
         reduced, _ = reduced_model(model, list(wants.values()), types, opset=17, cutoff=0.05)
         stats_session = ort.InferenceSession(reduced.SerializeToString(), session_options(ort),
@@ -193,8 +193,8 @@ def grad_times(path: Path, name: str, model: Any, plan: Any, batch: int, size: i
 
     from gradcheck_cli import api
     from gradcheck_cli.onnx.ort_stats import value_sizes
-    from gradcheck_cli.onnx.run import _feeds, _lowered_gradients, onnx_probe_inputs
     from gradcheck_cli.options import InputOptions, ProbeOptions
+    from gradcheck_cli.probe.onnx_probe import _feeds, _lowered_gradients, onnx_probe_inputs
     from gradcheck_cli.probe.recorder import Recorder
 
     module = source_module(name)

@@ -166,8 +166,8 @@ def test_constant_held_weights_are_parameters_with_the_pytorch_probe_gradients(
 def test_gradient_norms_equal_torch_autograd_on_the_same_loss(paddle: tuple[PaddleLikeNet, Path]) -> None:
     """A second, probe-free answer: the summed squared gradient norm of every parameter, from
     torch autograd on the module with the probe's own loss and batches."""
-    from gradcheck_cli.onnx.run import onnx_probe_inputs
     from gradcheck_cli.probe.loss import LossFunction
+    from gradcheck_cli.probe.onnx_probe import onnx_probe_inputs
 
     model, path = paddle
     report = api.inspect(path, probe=OPTIONS)

@@ -332,7 +332,7 @@ def test_importing_the_onnx_probe_imports_no_framework() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, gradcheck_cli.onnx.run, gradcheck_cli.onnx.ops, gradcheck_cli.onnx.ort_stats, "
+    code = ("import sys, gradcheck_cli.probe.onnx_probe, gradcheck_cli.onnx.ops, gradcheck_cli.onnx.ort_stats, "
             "gradcheck_cli.onnx.plan, gradcheck_cli.onnx.lower, gradcheck_cli.api; "
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -27,8 +27,8 @@ from torch import nn
 from gradcheck_cli import api
 from gradcheck_cli.errors import LoadError, UsageError
 from gradcheck_cli.onnx.ort_stats import output_groups
-from gradcheck_cli.onnx.run import run_onnx_probe
 from gradcheck_cli.options import InputOptions, ProbeOptions
+from gradcheck_cli.probe.onnx_probe import run_onnx_probe
 from gradcheck_cli.records import LayerStats, Report, RowKind
 from tests.conftest import one_line_error, validate_report
 

@@ -1,4 +1,4 @@
-"""In-graph statistics (gradcheck_cli/onnx/ort_reduce.py) against independent numpy float64 answers.
+"""In-graph statistics (gradcheck_cli/probe/onnx_stats.py) against independent numpy float64 answers.
 
 Each graph is built with onnx.helper; the reference values are read from onnxruntime the old way
 (exposed as outputs of a cut graph, :func:`ort_stats.session_for`) and reduced in numpy float64,
@@ -17,11 +17,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from gradcheck_cli.onnx.ort_reduce import ValueRequest, reduced_statistics_pass, saturation_spec
 from gradcheck_cli.onnx.ort_stats import session_for, value_types
-from gradcheck_cli.onnx.run import run_onnx_probe
 from gradcheck_cli.options import InputOptions, ProbeOptions
 from gradcheck_cli.probe.activations import saturated_mask
+from gradcheck_cli.probe.onnx_probe import run_onnx_probe
+from gradcheck_cli.probe.onnx_stats import ValueRequest, reduced_statistics_pass, saturation_spec
 
 SHAPE = (8, 4, 5, 6)
 CUTOFF = 0.05
@@ -221,7 +221,7 @@ def test_probe_reports_are_the_same_by_either_path(tmp_path: Path, poison: bool)
 
 def test_in_graph_counts_nan_like_numpy(tmp_path: Path) -> None:
     from gradcheck_cli.onnx.plan import plan_rows
-    from gradcheck_cli.onnx.run import _feeds, onnx_probe_inputs
+    from gradcheck_cli.probe.onnx_probe import _feeds, onnx_probe_inputs
 
     path = _probe_model(tmp_path, poison=True)
     options = ProbeOptions(inputs=InputOptions(batch_size=16))
@@ -242,7 +242,7 @@ def test_reductions_are_ordered_so_each_value_is_freed_early() -> None:
     """onnxruntime's execution order is a depth-first search from the last leaf node: the first
     value's reductions must be the last nodes, or every value stays alive to the end of the run
     (memory growing with depth)."""
-    from gradcheck_cli.onnx.ort_reduce import reduced_model
+    from gradcheck_cli.probe.onnx_stats import reduced_model
 
     model = _graph(17)
     wants = _requests()

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from gradcheck_cli.onnx.ort_reduce import ValueType
 
 # Extra outputs held at once, per micro-batch: the bound on the statistics pass's extra memory.
 DEFAULT_GROUP_BUDGET_BYTES = 256 * 1024**2
@@ -39,12 +38,19 @@ class OrtPass:
     groups: int
 
 
+@dataclass(frozen=True)
+class ValueType:
+    """What shape inference says of one value."""
+
+    elem_type: int  # ONNX TensorProto element type, 0 when unknown
+    dims: tuple[int, ...] | None  # -1 for an unknown dimension; None when the rank is unknown
+
+
 def value_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, ValueType]:
     """Element type and dimensions of every value shape inference can type, with the given
     input shapes (empty when inference fails)."""
     import onnx
 
-    from gradcheck_cli.onnx.ort_reduce import ValueType
 
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)

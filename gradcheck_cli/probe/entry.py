@@ -1,7 +1,7 @@
 """The probe's one entry: a model file, a loaded model or a module in, a :class:`Report` out.
 
 PyTorch models run through the eager probe (:mod:`gradcheck_cli.probe.run`), ONNX graphs through
-the ONNX probe (:mod:`gradcheck_cli.onnx.run`: statistics from onnxruntime, gradients from a torch
+the ONNX probe (:mod:`gradcheck_cli.probe.onnx_probe`: statistics from onnxruntime, gradients from a torch
 lowering of the graph). Both take the same :class:`ProbeOptions` and return the same records.
 Never prints; torch and onnx are imported only when a model runs.
 """
@@ -43,7 +43,7 @@ def inspect_onnx(path: Path, *, probe: ProbeOptions | None = None, allow_nonfini
                  progress: Progress | None = None) -> Report:
     """Probe an ONNX model: activation statistics from onnxruntime on the real graph, gradients
     from gradcheck's torch lowering of it (checked against onnxruntime; see ``probe.lowering``)."""
-    from gradcheck_cli.onnx.run import run_onnx_probe
+    from gradcheck_cli.probe.onnx_probe import run_onnx_probe
 
     return run_onnx_probe(path, probe or ProbeOptions(), progress=progress, allow_nonfinite=allow_nonfinite)
 

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from gradcheck_cli.onnx.ort_reduce import ReducedPass, SaturationSpec, ValueType
     from gradcheck_cli.probe.batch import ProbeInputs
+    from gradcheck_cli.onnx.ort_stats import ValueType
+    from gradcheck_cli.probe.onnx_stats import ReducedPass, SaturationSpec
 
 Progress = Callable[[int, int], None]
 # (grad norm or None, weight norm) per row, and parameter counts per row: what Recorder.layer_stats takes.
@@ -232,7 +233,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
     """Probe the ONNX model at ``path``: forward statistics from onnxruntime, gradients from the
     torch lowering, checked against each other on every micro-batch.
 
-    ``in_graph`` (the default) reduces values inside the onnxruntime graph (:mod:`.ort_reduce`);
+    ``in_graph`` (the default) reduces values inside the onnxruntime graph (:mod:`gradcheck_cli.probe.onnx_stats`);
     False exposes every value in groups under ``group_budget`` bytes (:mod:`.ort_stats`), the
     path that values the graph cannot reduce (NaN/Inf, unknown rank, histograms) always take.
     """
@@ -366,8 +367,8 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
     """Statistics of every reducible value from one run per micro-batch of the graph with reduction
     nodes added; the values left in ``exposed`` (attention probabilities, NaN/Inf, unknown rank)
     are for the caller's exposing path."""
-    from gradcheck_cli.onnx.ort_reduce import ValueRequest, apply_stats, reduced_statistics_pass, saturation_spec
     from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, unit_axis
+    from gradcheck_cli.probe.onnx_stats import ValueRequest, apply_stats, reduced_statistics_pass, saturation_spec
 
     def rank(value: str) -> int | None:
         known = types.get(value)

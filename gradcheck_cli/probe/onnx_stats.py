@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import ProbeError
+from gradcheck_cli.onnx.ort_stats import ValueType
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,12 +56,6 @@ _PREFIX = "gradcheck_reduce"
 
 # A saturating function and the parameters that move its saturation region (sorted pairs).
 SaturationSpec = tuple[str, tuple[tuple[str, float], ...]]
-
-
-@dataclass(frozen=True)
-class ValueType:
-    elem_type: int  # ONNX TensorProto element type, 0 when unknown
-    dims: tuple[int, ...] | None  # -1 for an unknown dimension; None when the rank is unknown
 
 
 @dataclass
