@@ -197,7 +197,7 @@ def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Set
         if config.stat().st_size == 0:
             # Valid TOML, but a file named explicitly is never meant to be empty (a failed write?).
             raise ConfigError(f"config file {config} is empty",
-                              hint="add a [tool.gradcheck] table, or drop --config to use the defaults")
+                              hint="add a [tool.gradcheck] table, or drop `config` to use the defaults")
         data = _read_toml(config)
         table = _gradcheck_table(data, config)
         if table is None:

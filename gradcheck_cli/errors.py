@@ -2,7 +2,7 @@
 
 A :class:`GradcheckError` is a problem with what the user gave us (a file, a flag, a
 config value): the CLI prints ``error: <message>`` and ``hint: <hint>`` on stderr and
-exits 2, without a traceback unless ``--debug``. Anything else that escapes is a bug in
+exits 2, without a traceback unless `debug`. Anything else that escapes is a bug in
 gradcheck and keeps its traceback.
 """
 

@@ -2,7 +2,7 @@
 
 The library, the ``[tool.gradcheck]`` table and the CLI share these records and their field names:
 a config key is the field name in kebab-case (``input-shape``), a flag is ``--`` and the same
-(``--input-shape``), so merging the config file and the command line is a ``replace()`` of the
+(`input_shape`), so merging the config file and the command line is a ``replace()`` of the
 defaults by what each of them set (:mod:`gradcheck_cli.config`). Library messages name options by
 their field (in backticks); only ``cli/`` knows how a field is spelled as a flag.
 
@@ -39,6 +39,12 @@ DEFAULT_BASELINE_TOLERANCE = 0.05
 # Mishkin & Matas 2016: Tol_var = 0.1, T_max = 10.
 DEFAULT_LSUV_TOLERANCE = 0.1
 DEFAULT_LSUV_MAX_ITERATIONS = 10
+
+
+def flag_of(field_name: str) -> str:
+    """How the command line spells the option ``field_name`` (``input_shape`` -> ``--input-shape``):
+    for the presentation layers, which show users what to type."""
+    return "--" + field_name.replace("_", "-")
 
 
 class Scheme(Choice):

@@ -105,7 +105,7 @@ class LayerStats:
     grad: GradStats | None = None
     params: int = 0  # number of parameters the row owns directly
     init: InitScale | None = None
-    histograms: Histograms | None = None  # with --histograms; bins are Report.histogram_edges
+    histograms: Histograms | None = None  # with `histograms`; bins are Report.histogram_edges
     through_time: ThroughTime | None = None  # recurrent layers (nn.RNN/LSTM/GRU) only
     input: OutputStats | None = None  # norm layers: statistics of what they normalise
     # Why a value that applies to this row is null: field name -> reason. Empty when all were computed.
@@ -236,7 +236,7 @@ class ToolInfo:
 
 
 class BaselineStatus(str, Enum):
-    """A finding compared with the same rule and layer in a ``--baseline`` report."""
+    """A finding compared with the same rule and layer in a `baseline` report."""
 
     NEW = "new"  # not in the baseline
     WORSENED = "worsened"  # in the baseline, but its value moved further past the threshold

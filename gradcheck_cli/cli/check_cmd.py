@@ -63,8 +63,8 @@ def check(models: ModelsArg, output: ReportOutput = None, *, given: Given) -> No
     _write_pictures(result, plot=plot, html=html, baseline=chosen.gate.baseline)
     for outcome in result.outcomes:
         if outcome.error is not None:  # on stderr whatever the formats: a person must see why
-            hint = f" (hint: {flag_text(outcome.hint)})" if outcome.hint else ""
-            sys.stderr.write(f"error: {outcome.path}: {flag_text(outcome.error)}{hint}\n")
+            hint = f" (hint: {outcome.hint})" if outcome.hint else ""
+            sys.stderr.write(f"error: {outcome.path}: {outcome.error}{hint}\n")
     sys.stderr.write(result.summary() + "\n")
     if result.errored:
         raise typer.Exit(EXIT_USAGE)
@@ -123,7 +123,8 @@ def _run(chosen: Settings, paths: list[Path], *, debug: bool, histograms: bool =
             # One broken model must not hide the others' findings: record it, go on, exit 2.
             if debug:
                 traceback.print_exc()
-            outcomes.append(ModelOutcome(path=str(path), error=exc.message, hint=exc.hint))
+            outcomes.append(ModelOutcome(path=str(path), error=flag_text(exc.message),
+                                         hint=flag_text(exc.hint) if exc.hint else None))
     return GateResult(outcomes=tuple(outcomes), fail_on=gate.fail_on, rules=rules, baseline=accepted is not None)
 
 

@@ -146,6 +146,13 @@ R = TypeVar("R")
 
 
 def with_flag_notes(report: R) -> R:
-    """A report (probe, fold or reinit) whose notes spell options as flags, as the user typed them."""
+    """A report (probe, fold or reinit) whose notes and findings spell options as flags, as the user
+    types them (the library names them by field)."""
     notes: tuple[str, ...] = getattr(report, "notes")  # noqa: B009 - every report record has notes
-    return replace(report, notes=tuple(flag_text(note) for note in notes))  # type: ignore[type-var]
+    typed = replace(report, notes=tuple(flag_text(note) for note in notes))  # type: ignore[type-var]
+    findings = getattr(typed, "findings", None)
+    if findings:
+        typed = replace(typed, findings=tuple(  # type: ignore[type-var]
+            replace(f, message=flag_text(f.message), advice=flag_text(f.advice) if f.advice else f.advice)
+            for f in findings))
+    return typed

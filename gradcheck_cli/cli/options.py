@@ -30,6 +30,7 @@ from gradcheck_cli.options import (
     RuleOverride,
     Scheme,
     WriteFormat,
+    flag_of,
 )
 from gradcheck_cli.records import Severity
 
@@ -50,7 +51,7 @@ class Flag:
 
     @property
     def name(self) -> str:
-        return "--" + self.field.replace("_", "-")
+        return flag_of(self.field)
 
     @property
     def is_flag(self) -> bool:

@@ -1,1 +1,1 @@
-"""Loaders: a file on disk (and an --arch) to one :class:`LoadedModel`."""
+"""Loaders: a file on disk (and an `arch`) to one :class:`LoadedModel`."""

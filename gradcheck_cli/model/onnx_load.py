@@ -176,7 +176,7 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
         if math.prod(static) > MAX_INPUT_ELEMENTS:
             raise LoadError(f"{path}: input '{value.name}' declares shape {static} ({math.prod(static)} values), "
                             f"more than gradcheck will allocate for a probe ({MAX_INPUT_ELEMENTS})",
-                            hint="export the model with a dynamic batch dimension and pass --input-shape")
+                            hint="export the model with a dynamic batch dimension and pass `input_shape`")
     depth = _subgraph_depth(model.graph)
     if depth > MAX_SUBGRAPH_DEPTH:
         raise LoadError(f"{path}: subgraphs nest {depth} levels deep (at most {MAX_SUBGRAPH_DEPTH} are read)",

@@ -212,7 +212,7 @@ def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequen
             except Exception as exc:
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
-                                 hint="check the probe inputs with --input-shape/--input-dtype") from exc
+                                 hint="check the probe inputs with `input_shape`/`input_dtype`") from exc
             kept: dict[str, torch.Tensor] = {}
             for position, name in enumerate(wanted):
                 tensor = _as_torch(outputs[position])

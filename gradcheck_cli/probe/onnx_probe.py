@@ -1,8 +1,8 @@
 """The ONNX probe: onnxruntime statistics plus gradients from the torch lowering, one Report.
 
 1. Inputs are read from the graph (names, element types, shapes); symbolic dimensions are
-   filled from ``--batch-size`` (the first one) and a default sequence length, or given with
-   ``--input-shape``. Token-id inputs feeding an embedding Gather get the table's index range.
+   filled from `batch_size` (the first one) and a default sequence length, or given with
+   `input_shape`. Token-id inputs feeding an embedding Gather get the table's index range.
 2. onnxruntime runs the real graph; every row's value is reduced to statistics by the same
    :class:`Recorder` the PyTorch probe uses (so numbers are computed identically).
 3. The graph is lowered to torch (:mod:`.lower`), run forward and backward on the same batch
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from gradcheck_cli.probe.batch import ProbeInputs
     from gradcheck_cli.onnx.ort_stats import ValueType
+    from gradcheck_cli.probe.batch import ProbeInputs
     from gradcheck_cli.probe.onnx_stats import ReducedPass, SaturationSpec
 
 Progress = Callable[[int, int], None]
@@ -47,7 +47,7 @@ ParamGrads = tuple[dict[str, tuple[float | None, float]], dict[str, int]]
 # (a wrong axis, a missing bias, a transposed weight gives errors of the order of the output).
 LOWERING_ATOL = 1e-4
 LOWERING_RTOL = 1e-3
-# Stands in for symbolic non-batch dimensions (sequence lengths) unless --input-shape says.
+# Stands in for symbolic non-batch dimensions (sequence lengths) unless `input_shape` says.
 DEFAULT_SYMBOLIC_DIM = 16
 
 
@@ -113,9 +113,9 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
 
     inputs_options = options.inputs
     if inputs_options.batches < 1:
-        raise UsageError("--batches must be at least 1")
+        raise UsageError("`batches` must be at least 1")
     if inputs_options.batch_size is not None and inputs_options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+        raise UsageError("`batch_size` must be at least 1")
     wanted = graph_inputs(model)
     if not wanted:
         raise ProbeError("the ONNX graph has no inputs to feed", hint="nothing to probe: the graph is constant")
@@ -133,16 +133,16 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
             named.update(batch.kwargs)
             missing = [w.name for w in wanted if w.name not in named]
             if missing:
-                raise UsageError(f"--input does not provide the graph input(s) {', '.join(missing)}",
+                raise UsageError(f"`input` does not provide the graph input(s) {', '.join(missing)}",
                                  hint="save a tuple in graph-input order or a dict keyed by input name")
             batches.append(ProbeBatch((), named))
         specs = tuple(replace(s, name=w.name) if s.name.startswith("input_") else s
                       for s, w in zip(loaded.specs, wanted, strict=False))
         return ProbeInputs(batches, specs, loaded.batch_size), notes
     if len(inputs_options.input_shape) > len(wanted):
-        raise UsageError(f"--input-shape given {len(inputs_options.input_shape)} times, but the graph has "
+        raise UsageError(f"`input_shape` given {len(inputs_options.input_shape)} times, but the graph has "
                          f"{len(wanted)} input(s): {', '.join(w.name for w in wanted)}",
-                         hint="give one --input-shape per graph input, in order")
+                         hint="give one `input_shape` per graph input, in order")
     batch_size = inputs_options.batch_size or DEFAULT_BATCH_SIZE
     positional = []
     for number, graph_input in enumerate(wanted):
@@ -180,7 +180,7 @@ def _check_fixed_dims(graph_input: GraphInput, shape: tuple[int, ...]) -> None:
     fits = len(shape) == len(graph_input.dims) and all(
         d is None or d == s for d, s in zip(graph_input.dims, shape, strict=False))
     if graph_input.dims and not fits:
-        raise UsageError(f"--input-shape {','.join(map(str, shape))} does not fit graph input "
+        raise UsageError(f"`input_shape` {','.join(map(str, shape))} does not fit graph input "
                          f"'{graph_input.name}', declared as {declared} ('?' is free)",
                          hint="re-export with dynamic axes to probe other sizes, or match the declared shape")
 
@@ -194,11 +194,11 @@ def _filled_shape(graph_input: GraphInput, batch_size: int, notes: list[str]) ->
             if axis > 0:
                 filled.append(axis)
     if dims and graph_input.dims[0] is not None and batch_size != dims[0]:
-        notes.append(f"input '{graph_input.name}' has a fixed batch dimension of {dims[0]}; --batch-size "
+        notes.append(f"input '{graph_input.name}' has a fixed batch dimension of {dims[0]}; `batch_size` "
                      "does not apply to it")
     if filled:
         notes.append(f"input '{graph_input.name}': symbolic dimension(s) {filled} set to "
-                     f"{DEFAULT_SYMBOLIC_DIM} (set them with --input-shape)")
+                     f"{DEFAULT_SYMBOLIC_DIM} (set them with `input_shape`)")
     return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
 
@@ -224,7 +224,7 @@ def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
             what = "initializer" if source.node is None else "Constant"
             raise LoadError(f"{path}: {what} '{name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
                             f"{values.size}", hint="restore a model from before training diverged, or pass "
-                            "--allow-nonfinite to probe it anyway")
+                            "`allow_nonfinite` to probe it anyway")
 
 
 def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | None = None,

@@ -437,7 +437,7 @@ def reduced_statistics_pass(model: onnx.ModelProto, values: Sequence[str], wants
         except Exception as exc:
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
-                             hint="check the probe inputs with --input-shape/--input-dtype") from exc
+                             hint="check the probe inputs with `input_shape`/`input_dtype`") from exc
         per_batch.append({name: torch.from_numpy(arrays[name]) for name in graph_outputs})
         for name, out in names.items():
             finished = _finish(out, arrays)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 # Width used when stdout is not a terminal (a pipe, a CI log): wide enough for the whole table.
 PIPE_WIDTH = 160
-# Width of a table written to a file (--format table=PATH): a diff-friendly, fixed width.
+# Width of a table written to a file (`format` table=PATH): a diff-friendly, fixed width.
 FILE_WIDTH = 120
 
 

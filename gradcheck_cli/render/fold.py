@@ -108,4 +108,4 @@ def render_fold(report: FoldReport, console: Console) -> None:
     elif report.written:
         console.print(Text(f"{summary}; verified; written to {report.written}", style="green"))
     else:
-        console.print(f"{summary}; verified; nothing written (--dry-run)")
+        console.print(f"{summary}; verified; nothing written (dry run)")

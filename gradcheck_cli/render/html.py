@@ -10,7 +10,7 @@ SVG written by this module from the report's numbers. Sections, top to bottom:
   findings shaded on their layers; with ``compare_with`` an earlier run is overlaid, dashed;
 - the per-layer table, sortable by any column (click a header), filterable, paginated;
 - histograms over depth: heatmaps with one column per row (Glorot & Bengio's distributions at once);
-- per-layer histograms of the output and of dL/dOutput (``--histograms``), collapsed in groups of
+- per-layer histograms of the output and of dL/dOutput (`histograms`), collapsed in groups of
   consecutive rows, so that a 500-layer model stays a page of a few headings;
 - gradient through time, for recurrent rows (``LayerStats.through_time``): one curve per layer and
   direction.
@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from gradcheck_cli.options import flag_of
 from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
 from gradcheck_cli.render.table import fmt  # numbers read the same in the terminal and the page
 
@@ -441,7 +442,8 @@ def _histogram_section(report: Report) -> str:
     rows = [row for row in report.layers if row.histograms is not None]
     if edges is None or not rows:
         return ("<section id=\"histograms\"><h2>Histograms</h2><p class=\"muted\">Not collected: run with "
-                "<code>--histograms</code> (on by default with <code>--html</code>).</p></section>")
+                f"<code>{flag_of('histograms')}</code> (on by default with <code>{flag_of('html')}</code>)."
+                "</p></section>")
     bins = len(edges) + 1
     by_layer = _findings_by_layer(report)
     axis = _histogram_axis(edges)

@@ -3,7 +3,7 @@
 Follows the common (Jenkins/Ant) JUnit schema that GitHub, GitLab, Jenkins and Azure render:
 ``testsuites > testsuite[name, tests, failures, errors, skipped] > testcase[name, classname]``
 with ``failure[message, type]`` or ``error[message, type]`` children and ``system-out``. A rule
-fails its test case when one of its findings fails the gate; findings below ``--fail-on`` (or
+fails its test case when one of its findings fails the gate; findings below `fail_on` (or
 unchanged from the baseline) are listed in ``system-out`` of a passing case. No timings are
 written, so the output is reproducible.
 """

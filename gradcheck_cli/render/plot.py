@@ -9,7 +9,7 @@ Three panels share one x axis, the report's rows in execution order:
 
 Findings are shaded on the layers they concern, in their severity's colour, and each rule is
 labelled once, where it starts. A comparison figure overlays two runs (``reinit``'s before and
-after, or ``--baseline``'s earlier report and this one): the earlier dashed and hatched.
+after, or `baseline`'s earlier report and this one): the earlier dashed and hatched.
 
 matplotlib is an optional extra (``gradcheck-cli[plot]``) and is imported inside the functions
 only, so that everything else works without it. Figures are built on ``matplotlib.figure.Figure``
@@ -64,8 +64,8 @@ def plot_format(path: Path) -> PlotFormat:
     try:
         return PlotFormat(suffix)
     except ValueError:
-        raise UsageError(f"--plot {path}: the file name must end in .png or .svg",
-                         hint=f"e.g. --plot {path.with_suffix('.png')}") from None
+        raise UsageError(f"`plot` {path}: the file name must end in .png or .svg",
+                         hint=f"e.g. `plot` {path.with_suffix('.png')}") from None
 
 
 def require_matplotlib() -> None:
@@ -73,7 +73,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise MissingDependencyError("matplotlib", purpose="--plot", extra="plot") from None
+        raise MissingDependencyError("matplotlib", purpose="`plot`", extra="plot") from None
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class PlotSeries:
 
 
 def gradient_flow_figure(report: Report) -> Figure:
-    """The figure for one report (``inspect --plot``, ``check --plot``)."""
+    """The figure for one report (inspect and check, with a plot asked for)."""
     run = PlotSeries.from_report(report, label="this run")
     figure = depth_figure([run])
     figure.suptitle(_title(f"{report.model.path}: gradient flow over depth ({len(report.layers)} rows)", run))
@@ -99,7 +99,7 @@ def gradient_flow_figure(report: Report) -> Figure:
 
 def comparison_figure(before: Report | Sequence[LayerStats], after: Report | Sequence[LayerStats], *,
                       before_label: str = "before", after_label: str = "after", title: str | None = None) -> Figure:
-    """Before and after overlaid (``reinit --plot``, ``check --baseline --plot``).
+    """Before and after overlaid (reinit's plot, or check's plot with a baseline).
 
     Either side may be a report or just its rows (``ReinitReport.before``/``.after``). Rows are
     matched by (name, type) and drawn at the ``after`` run's positions; earlier rows with no

@@ -92,7 +92,7 @@ class FoldReport:
     before: Counts
     after: Counts
     verification: Verification
-    written: str | None  # None for --dry-run or a failed verification
+    written: str | None  # None for `dry_run` or a failed verification
     latency: tuple[Latency, ...] = ()
     notes: tuple[str, ...] = ()
     schema_version: str = SCHEMA_VERSION

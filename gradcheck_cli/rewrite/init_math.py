@@ -192,7 +192,7 @@ def layer_rng(seed: int, name: str) -> np.random.Generator:
     """A generator per layer, keyed by the seed and the layer's name.
 
     Keying by name (not by order) means a layer gets the same values whether it is
-    re-initialised alone (``--layers``) or with the whole model, and in torch and ONNX alike.
+    re-initialised alone (`layers`) or with the whole model, and in torch and ONNX alike.
     """
     import numpy as np
 

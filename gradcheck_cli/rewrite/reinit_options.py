@@ -49,7 +49,7 @@ def plan_weight(options: ReinitOptions, *, shape: Sequence[int], fans_: Fans, ac
     else:
         scheme = options.scheme
         follows = f"followed by {activation}" if activation else "no activation follows"
-        reason = f"--scheme {scheme} ({follows})"
+        reason = f"scheme {scheme} asked for ({follows})"
     gain = scheme_gain(scheme, activation, slope=slope)
     if scheme in (Scheme.ORTHOGONAL, Scheme.LSUV):
         return WeightPlan(scheme, orthogonal_spec(shape, fans_=fans_, gain=gain, scheme=scheme), reason)
@@ -60,7 +60,7 @@ def plan_weight(options: ReinitOptions, *, shape: Sequence[int], fans_: Fans, ac
 
 
 def select(names: Iterable[str], globs: Sequence[str]) -> set[str]:
-    """The names ``--layers`` selects (all when no glob is given); every glob must match."""
+    """The names `layers` selects (all when no glob is given); every glob must match."""
     all_names = list(names)
     if not globs:
         return set(all_names)
@@ -69,7 +69,7 @@ def select(names: Iterable[str], globs: Sequence[str]) -> set[str]:
         matched = {name for name in all_names if fnmatch.fnmatchcase(name, glob)}
         if not matched:
             shown = ", ".join(all_names[:8]) + (", ..." if len(all_names) > 8 else "")
-            raise UsageError(f"--layers {glob!r} matches no layer that reinit can re-initialise",
+            raise UsageError(f"`layers` {glob!r} matches no layer that reinit can re-initialise",
                              hint=f"layer names are module paths, e.g. {shown or '(none found)'}")
         chosen |= matched
     return chosen

@@ -401,7 +401,7 @@ def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
     except Exception as exc:
         raise ProbeError(f"the model failed on the probe batch while reinit {doing}: "
                          f"{type(exc).__name__}: {_first_line(exc)}",
-                         hint="check --input-shape/--input; pass --debug for the traceback") from exc
+                         hint="check `input_shape`/`input`; pass `debug` for the traceback") from exc
     finally:
         if switched:
             _set_training(module, was_training)
@@ -610,10 +610,10 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     chosen = select([layer.name for layer in selectable], options.layers)
     declined = [change for change in declined if matches_any(change.target, options.layers)]
     if options.scheme is Scheme.LSUV and scripted:
-        raise UsageError("--scheme lsuv needs to observe each layer's output on the probe batch, which "
+        raise UsageError("`scheme` lsuv needs to observe each layer's output on the probe batch, which "
                          "a TorchScript module does not allow",
-                         hint="load the model as a state_dict with --arch (or as a .pt2 program), or "
-                         "use --scheme orthogonal")
+                         hint="load the model as a state_dict with `arch` (or as a .pt2 program), or "
+                         "use `scheme` orthogonal")
     if trace is not None:
         # Execution order: LSUV rescales in it, and the report reads top to bottom like the model.
         layers.sort(key=lambda layer: trace.order.get(_first_weight(layer) or "", len(trace.order)))
@@ -644,14 +644,14 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     if stale_norms:
         names = ", ".join(dict.fromkeys(norm.removesuffix(".weight") for norm in stale_norms))
         notes.append(f"the running statistics of {names} were measured on the outputs of the old weights; "
-                     "pass --reset-norm to reset them to (0, 1), or recompute them on data before using "
+                     "pass `reset_norm` to reset them to (0, 1), or recompute them on data before using "
                      "the model in eval mode")
     if options.scheme is Scheme.LSUV:
         records = _lsuv(new, batches, records, layers, options)
     if any(record.activation_source is ActivationSource.MODULE_ORDER for record in records):
         notes.append("TorchScript: for some layers the following activation could not be read from "
                      "the graph and was taken from module definition order instead; save the model as "
-                     "a state_dict with --arch or as a .pt2 program for exact data flow")
+                     "a state_dict with `arch` or as a .pt2 program for exact data flow")
     verify_untouched(module, new, {t.parameter for r in records for t in r.tensors}, aliases)
     return TorchReinitResult(module=new, layers=records, changes=changes, notes=_unique(notes))
 
@@ -710,7 +710,8 @@ def _apply(layer: TorchLayer, following: Following, params: dict[str, torch.Tens
            aliases: dict[str, tuple[str, ...]], done: dict[int, str], options: ReinitOptions) -> LayerInit:
     if layer.role is LayerRole.NORM:
         tensors = _reset_norm(layer, params, aliases, done)
-        return LayerInit(layer.name, layer.type, "reset", "--reset-norm: affine (1, 0), running stats (0, 1)",
+        return LayerInit(layer.name, layer.type, "reset",
+                         "normalisation reset asked for: affine (1, 0), running stats (0, 1)",
                          None, ActivationSource.INTERNAL, tuple(tensors))
     if layer.role is LayerRole.RECURRENT:
         return _init_recurrent(layer, following, params, aliases, done, options)
