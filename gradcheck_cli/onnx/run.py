@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gradcheck_cli import __version__
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
+from gradcheck_cli.parameters import onnx_parameter_count
 from gradcheck_cli.probe.options import Mode, ProbeOptions
 from gradcheck_cli.probe.recorder import Recorder, Row, uncomputed_note
 from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
@@ -328,8 +329,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    numels = {init.name: _numel(init) for init in model.graph.initializer}
-    parameters = sum(numels[plan.leaves.get(key, key)] for key in plan.trainable)
+    parameters = onnx_parameter_count(model, plan)
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),
@@ -385,10 +385,6 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
             for row in norm_inputs.get(value, []):
                 apply_stats(row.input_of(), per_batch[batch], unit_axis=None, saturation=None)
     return reduced
-
-
-def _numel(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims)
 
 
 def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:

@@ -18,7 +18,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.probe.batch import InputOptions
 from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency, Verification
+from gradcheck_cli.rewrite.output import OutputFormat, WrittenFormat, written_format
 
 if TYPE_CHECKING:
     import onnx
@@ -34,36 +34,12 @@ if TYPE_CHECKING:
 
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeBatch
+    from gradcheck_cli.rewrite.verify import TorchPlan
 
 
 # Samples per verification batch when the user gives no --batch-size (see _verification_inputs).
 # Two rather than one: the smallest batch in which samples could be mixed up by a wrong fold.
 VERIFY_BATCH_SIZE = 2
-
-
-class OutputFormat(str, Enum):
-    """What ``--to`` can ask for. None (the default) means: the input's own format."""
-
-    PT2 = "pt2"  # torch.export program, re-exported from the folded module
-    TORCHSCRIPT = "torchscript"
-    STATE_DICT = "state_dict"  # torch.save of tensors only, where the input checkpoint kept them
-    SAFETENSORS = "safetensors"
-    PICKLE = "pickle"  # a pickled nn.Module: only for inputs loaded with --trust-pickle
-    ONNX = "onnx"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def model_format(self) -> ModelFormat:
-        return {
-            OutputFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
-            OutputFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
-            OutputFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
-            OutputFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
-            OutputFormat.PICKLE: ModelFormat.TORCH_ZIP,
-            OutputFormat.ONNX: ModelFormat.ONNX,
-        }[self]
 
 
 def fold_batchnorm(
@@ -84,9 +60,10 @@ def fold_batchnorm(
 ) -> FoldReport:
     """Fold every exactly foldable BatchNorm of the model at ``path`` into ``out`` (verified).
 
-    ``to`` None writes the input's format. Returns the report; ``report.written`` is None when
-    nothing was written (dry run, or a verification above tolerance: check
-    ``report.verification.passed``).
+    The written format is ``to``, or what ``out``'s extension says (see
+    :func:`gradcheck_cli.rewrite.output.written_format`); a dry run without ``out`` keeps the
+    input's format. Returns the report; ``report.written`` is None when nothing was written (dry
+    run, or a verification above tolerance: check ``report.verification.passed``).
     """
     if out is None and not dry_run:
         raise UsageError("no output path given", hint="pass -o OUT, or --dry-run to only report")
@@ -94,12 +71,8 @@ def fold_batchnorm(
         check_writable_output(out, force=force, source=path)
     options = inputs or InputOptions()
     fmt = detect_format(path)
+    written_as = written_format(out, to, input_format=fmt)
     if fmt is ModelFormat.ONNX:
-        if to is not None and to is not OutputFormat.ONNX:
-            raise UsageError(
-                f"an ONNX model can only be written as ONNX, not {to.model_format.description}",
-                hint="leave out --to, or pass --to onnx",
-            )
         return _fold_onnx(
             path,
             out=None if dry_run else out,
@@ -109,9 +82,8 @@ def fold_batchnorm(
         )
     return _fold_torch(
         path,
-        fmt,
         out=None if dry_run else out,
-        to=to,
+        written_as=written_as,
         affine_standalone=affine_standalone,
         arch=arch,
         arch_kwargs=arch_kwargs,
@@ -141,6 +113,8 @@ def _fold_onnx(
         onnx_model_to_path,
         serialized_or_none,
     )
+    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
+    from gradcheck_cli.parameters import onnx_parameter_count
     from gradcheck_cli.rewrite import onnx_fold
     from gradcheck_cli.rewrite.verify import onnx_probe_feeds, verify_onnx
 
@@ -157,10 +131,13 @@ def _fold_onnx(
             f"the folded graph fails onnx.checker: {problem}",
             hint="this is a bug in gradcheck; please report it with the model",
         )
+    notes = list(result.notes)
     verification = verify_onnx(
         model if original_bytes is None else original_bytes,
         result.model if folded_bytes is None else folded_bytes,
         feeds,
+        batch_dynamic=onnx_batch_is_dynamic(model),
+        notes=notes,
     )
     written = None
     if out is not None and verification.passed:
@@ -175,12 +152,12 @@ def _fold_onnx(
     if benchmark_runs > 0:
         latency = (_onnx_latency(model, result.model, feeds[0], benchmark_runs),)
     before = Counts(
-        onnx_fold.count_parameters(model),
+        onnx_parameter_count(model),
         onnx_fold.count_batchnorms(model),
         onnx_fold.count_nodes(model),
     )
     after = Counts(
-        onnx_fold.count_parameters(result.model),
+        onnx_parameter_count(result.model),
         result.batchnorms_after,
         onnx_fold.count_nodes(result.model),
     )
@@ -195,7 +172,7 @@ def _fold_onnx(
         verification=verification,
         written=written,
         latency=latency,
-        notes=tuple(result.notes),
+        notes=tuple(notes),
     )
 
 
@@ -229,10 +206,9 @@ def _default_ort_session(model: onnx.ModelProto) -> Any:
 
 def _fold_torch(
     path: Path,
-    fmt: ModelFormat,
     *,
     out: Path | None,
-    to: OutputFormat | None,
+    written_as: WrittenFormat,
     affine_standalone: bool,
     arch: str | None,
     arch_kwargs: dict[str, Any] | None,
@@ -244,9 +220,10 @@ def _fold_torch(
 ) -> FoldReport:
     from gradcheck_cli.model.torch_load import model_from_path
     from gradcheck_cli.model.torch_save import writes_state_dict
+    from gradcheck_cli.parameters import module_parameter_count
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_fold import fold_torch_module
-    from gradcheck_cli.rewrite.verify import torch_outputs, verify_torch
+    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, plan_for, verify_torch_plan
 
     loaded = model_from_path(
         path,
@@ -256,24 +233,20 @@ def _fold_torch(
         trust_pickle=trust_pickle,
         device=device,
     )
-    target = loaded.format if to is None else to.model_format
-    state_dict_only: bool | None = None
-    if to is OutputFormat.STATE_DICT:
-        state_dict_only = True
-    elif to is OutputFormat.PICKLE:
-        if not loaded.trusted_pickle or loaded.arch is not None:
-            raise UsageError(
-                "--to pickle writes a file that runs code when loaded; gradcheck writes one "
-                "only for a pickled module loaded with --trust-pickle",
-                hint="use --to pt2, torchscript, state_dict or safetensors",
-            )
-        state_dict_only = False
+    target = written_as.format
+    state_dict_only = written_as.state_dict_only
+    if state_dict_only is False and (not loaded.trusted_pickle or loaded.arch is not None):
+        raise UsageError(
+            "`to` pickle writes a file that runs code when loaded; gradcheck writes one "
+            "only for a pickled module loaded with `trust_pickle`",
+            hint="write a .pt2, TorchScript, state_dict or safetensors file instead",
+        )
     keep_structure = writes_state_dict(loaded, target, state_dict_only=state_dict_only)
     if keep_structure and loaded.arch is None and out is not None:
         raise UsageError(
             "state_dict/safetensors output needs --arch: the written file is loaded back "
             "into the architecture and verified before it is kept",
-            hint="pass --arch, or choose --to pt2 or --to torchscript",
+            hint="pass --arch, or write a .pt2 or TorchScript file",
         )
     import torch
 
@@ -293,32 +266,31 @@ def _fold_torch(
         keep_structure=keep_structure,
         affine_standalone=affine_standalone,
     )
-    reference = torch_outputs(loaded.module, probe.batches)
+    plan = plan_for(loaded, probe.batches)
     notes = list(loaded.notes) + result.notes
     written: str | None = None
     if target is ModelFormat.ONNX:
-        verification, written = _write_onnx_verified(result.module, out, probe.batches, reference)
+        verification, written, written_notes = _write_onnx_verified(loaded, result.module, out, plan)
     elif out is None:
-        verification = verify_torch(
-            loaded.module, result.module, probe.batches, reference=reference
-        )
+        verification = verify_torch_plan(result.module, plan, backend=BACKEND_TORCH, what="the folded model")
+        written_notes = plan.notes
     else:
-        verification, written = _write_torch_verified(
+        verification, written, written_notes = _write_torch_verified(
             loaded,
             result.module,
             out,
             target,
-            probe.batches,
-            reference,
+            plan,
             arch_kwargs=arch_kwargs,
             device=device,
             state_dict_only=state_dict_only,
         )
+    notes += written_notes
     latency: tuple[Latency, ...] = ()
     if benchmark_runs > 0:
         latency = (_torch_latency(loaded.module, result.module, first, benchmark_runs),)
-    before = Counts(_parameters(loaded.module), result.batchnorms_before, result.nodes_before)
-    after = Counts(_parameters(result.module), result.batchnorms_after, result.nodes_after)
+    before = Counts(module_parameter_count(loaded.module), result.batchnorms_before, result.nodes_before)
+    after = Counts(module_parameter_count(result.module), result.batchnorms_after, result.nodes_after)
     return FoldReport(
         model=str(path),
         input_format=str(loaded.format),
@@ -330,7 +302,7 @@ def _fold_torch(
         verification=verification,
         written=written,
         latency=latency,
-        notes=tuple(notes),
+        notes=tuple(dict.fromkeys(notes)),
     )
 
 
@@ -352,10 +324,6 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
     return replace(options, batch_size=VERIFY_BATCH_SIZE)
 
 
-def _parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A scratch directory beside ``out`` (same filesystem, so the final rename is atomic)."""
@@ -369,21 +337,20 @@ def _write_torch_verified(
     module: nn.Module,
     out: Path,
     target: ModelFormat,
-    batches: list[ProbeBatch],
-    reference: tuple[list[str], list[Any], list[str]],
+    plan: TorchPlan,
     *,
     arch_kwargs: dict[str, Any] | None,
     device: str,
     state_dict_only: bool | None,
-) -> tuple[Verification, str | None]:
+) -> tuple[Verification, str | None, list[str]]:
     from gradcheck_cli.model.torch_load import model_from_path
     from gradcheck_cli.model.torch_save import save_model
-    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, verify_torch
+    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, as_written, verify_torch_plan
 
-    first = batches[0]
+    first = plan.groups[0][0]
     with _staging(out) as scratch:
         staged = scratch / out.name
-        save_model(
+        saved = save_model(
             loaded,
             module,
             staged,
@@ -400,58 +367,72 @@ def _write_torch_verified(
             trust_pickle=loaded.trusted_pickle,
             device=device,
         )
-        verification = verify_torch(
-            loaded.module,
+        checked = as_written(plan, reloaded, saved.notes)
+        verification = verify_torch_plan(
             reloaded.module,
-            batches,
-            reference=reference,
+            checked,
             backend=f"{BACKEND_TORCH} (the written file, loaded back)",
+            what=f"the written {target.description}",
         )
         if not verification.passed:
-            return verification, None
+            return verification, None, checked.notes
         os.replace(staged, out)
-    return verification, str(out)
+    return verification, str(out), checked.notes
 
 
 def _write_onnx_verified(
+    loaded: LoadedModel,
     module: nn.Module,
     out: Path | None,
-    batches: list[ProbeBatch],
-    reference: tuple[list[str], list[Any], list[str]],
-) -> tuple[Verification, str | None]:
+    plan: TorchPlan,
+) -> tuple[Verification, str | None, list[str]]:
+    """Export to ONNX, run the export in onnxruntime at the plan's batch sizes against the original
+    in torch, and write it when it matches."""
+    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
-    from gradcheck_cli.model.torch_save import export_onnx
-    from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, onnx_outputs
+    from gradcheck_cli.model.torch_save import export_onnx, input_dims
+    from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, fails_at, merge_checks, onnx_outputs
 
-    first = batches[0]
+    first = plan.groups[0][0]
     with tempfile.TemporaryDirectory(
         prefix=".gradcheck-fold.",
         dir=None if out is None else (out.parent if str(out.parent) else Path(".")),
     ) as scratch:
         staged = Path(scratch) / "folded.onnx"
-        export_onnx(module, staged, first.args, first.kwargs)
+        export_onnx(module, staged, first.args, first.kwargs, dims=input_dims(loaded, first.args, first.kwargs))
         exported = onnx_model_from_path(staged)
+        if len(plan.groups) > 1 and not onnx_batch_is_dynamic(exported):
+            plan = plan.without_second(f"verified at batch size {plan.sizes[0]} only: the exported graph has "
+                                       "a static batch dimension")
         input_names = [
             i.name
             for i in exported.graph.input
             if i.name not in {t.name for t in exported.graph.initializer}
         ]
-        feeds = [
-            dict(zip(input_names, [a.detach().cpu().numpy() for a in batch.args], strict=False))
-            for batch in batches
-        ]
-        _, new, _ = onnx_outputs(exported, feeds)
-        names, ref, dtypes = reference
-        checks = compare_outputs(names, ref, new, dtypes=dtypes)
+        checks = []
+        for index, (group, (names, ref, dtypes)) in enumerate(zip(plan.groups, plan.references, strict=True)):
+            feeds = [
+                dict(zip(input_names, [a.detach().cpu().numpy() for a in (*batch.args, *batch.kwargs.values())],
+                         strict=False))
+                for batch in group
+            ]
+            try:
+                _, new, _ = onnx_outputs(exported, feeds)
+            except GradcheckError as exc:
+                if index == 0:
+                    raise
+                raise fails_at("the exported ONNX model", group[0].size, plan.sizes[0], exc.message) from exc
+            checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
         verification = Verification(
             f"{BACKEND_ORT}, against the original in torch",
-            sum(batch.size for batch in batches),
-            checks,
+            sum(batch.size for group in plan.groups for batch in group),
+            merge_checks(checks),
+            batch_sizes=plan.sizes,
         )
         if out is None or not verification.passed:
-            return verification, None
+            return verification, None, plan.notes
         onnx_model_to_path(exported, out)
-    return verification, str(out)
+    return verification, str(out), plan.notes
 
 
 def _torch_latency(original: nn.Module, folded: nn.Module, batch: ProbeBatch, runs: int) -> Latency:

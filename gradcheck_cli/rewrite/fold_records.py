@@ -53,6 +53,8 @@ class Verification:
     backend: str  # 'torch eager' or 'onnxruntime (graph optimisations disabled)'
     samples: int
     outputs: tuple[OutputCheck, ...]
+    # The batch sizes the models ran at: the probe batch's, and a second one where the model allows it.
+    batch_sizes: tuple[int, ...] = ()
 
     @property
     def passed(self) -> bool:

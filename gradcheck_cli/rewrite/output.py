@@ -1,0 +1,134 @@
+"""Which format a rewrite writes: the one decision both ``fold_batchnorm`` and ``reinit`` make.
+
+The written model's format is ``to`` when it is given, otherwise what the output path's extension
+says. An explicit ``to`` that the extension contradicts is refused (``model.onnx`` holding a zip
+is the bug this replaces), and so is an unknown extension without ``to``: there is no format to
+infer. ``.pt``/``.pth``/``.ckpt`` are the extensions of every torch.save-like archive, so they keep
+the input's own torch format where it is one (a TorchScript archive stays TorchScript, a pickled
+module stays pickled, a legacy checkpoint stays legacy) and mean a state_dict otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import PurePath
+
+from gradcheck_cli.errors import UsageError
+from gradcheck_cli.model.formats import ModelFormat
+
+
+class OutputFormat(str, Enum):
+    """What ``to`` can ask for. None means: what the output's extension says."""
+
+    PT2 = "pt2"  # torch.export program, re-exported from the rewritten module
+    TORCHSCRIPT = "torchscript"
+    STATE_DICT = "state_dict"  # torch.save of tensors only, where the input checkpoint kept them
+    SAFETENSORS = "safetensors"
+    PICKLE = "pickle"  # a pickled nn.Module: only for pickled inputs loaded with `trust_pickle`
+    ONNX = "onnx"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def model_format(self) -> ModelFormat:
+        return _MODEL_FORMATS[self]
+
+
+_MODEL_FORMATS = {
+    OutputFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
+    OutputFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
+    OutputFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
+    OutputFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
+    OutputFormat.PICKLE: ModelFormat.TORCH_ZIP,
+    OutputFormat.ONNX: ModelFormat.ONNX,
+}
+
+_TORCH_ARCHIVE = frozenset({OutputFormat.STATE_DICT, OutputFormat.PICKLE, OutputFormat.TORCHSCRIPT})
+
+# Extension (lower case) -> the formats a file with it may hold; the first is the one inferred
+# when nothing else decides (see written_format for the torch archive extensions).
+EXTENSIONS: dict[str, frozenset[OutputFormat]] = {
+    ".pt2": frozenset({OutputFormat.PT2}),
+    ".onnx": frozenset({OutputFormat.ONNX}),
+    ".safetensors": frozenset({OutputFormat.SAFETENSORS}),
+    ".pt": _TORCH_ARCHIVE,
+    ".pth": _TORCH_ARCHIVE,
+    ".ckpt": _TORCH_ARCHIVE,
+    ".torchscript": frozenset({OutputFormat.TORCHSCRIPT}),
+    ".ts": frozenset({OutputFormat.TORCHSCRIPT}),
+}
+
+
+@dataclass(frozen=True)
+class WrittenFormat:
+    """The decision: the file format, and for torch.save archives what goes in them.
+
+    ``state_dict_only`` None: a pickled module exactly when the input was one (loaded with
+    `trust_pickle`), tensors otherwise; True: tensors only; False: a pickled module.
+    """
+
+    format: ModelFormat
+    state_dict_only: bool | None = None
+
+
+def known_extensions() -> str:
+    return ", ".join(EXTENSIONS)
+
+
+def written_format(out: PurePath | None, to: OutputFormat | None, *, input_format: ModelFormat) -> WrittenFormat:
+    """The format a rewrite of a model in ``input_format`` writes to ``out``.
+
+    ``out`` None (a dry run) with no ``to``: the input's own format. Raises :class:`UsageError`
+    when ``to`` and the extension disagree, when the extension is unknown and ``to`` is not
+    given, and when an ONNX input would be written as anything but ONNX.
+    """
+    suffix = out.suffix.lower() if out is not None else ""
+    allowed = EXTENSIONS.get(suffix)
+    if to is not None and out is not None and allowed is not None and to not in allowed:
+        raise UsageError(
+            f"the output {out.name} has the extension {suffix}, which does not hold {to.model_format.description} "
+            f"(`to` is {to})",
+            hint=f"name the output with an extension of {to} ({_extensions_of(to)}), or leave `to` out",
+        )
+    if to is None and out is not None and allowed is None:
+        raise UsageError(
+            f"cannot tell which format to write from the output name {out.name}: "
+            f"{'no extension' if not suffix else f'unknown extension {suffix}'}",
+            hint=f"use one of the extensions {known_extensions()}, or give `to`",
+        )
+    if to is not None:
+        decided = _explicit(to)
+    elif out is None:
+        decided = WrittenFormat(input_format)
+    else:
+        assert allowed is not None
+        decided = _inferred(allowed, input_format)
+    if input_format is ModelFormat.ONNX and decided.format is not ModelFormat.ONNX:
+        raise UsageError(
+            f"an ONNX model can only be written as ONNX, not {decided.format.description}",
+            hint="write to a .onnx file",
+        )
+    return decided
+
+
+def _explicit(to: OutputFormat) -> WrittenFormat:
+    if to is OutputFormat.STATE_DICT:
+        return WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)
+    if to is OutputFormat.PICKLE:
+        return WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=False)
+    return WrittenFormat(to.model_format)
+
+
+def _inferred(allowed: frozenset[OutputFormat], input_format: ModelFormat) -> WrittenFormat:
+    if allowed is not _TORCH_ARCHIVE:
+        (only,) = allowed
+        return _explicit(only)
+    if input_format in (ModelFormat.TORCHSCRIPT, ModelFormat.TORCH_ZIP, ModelFormat.TORCH_LEGACY):
+        return WrittenFormat(input_format)  # the input's own torch format, pickled or not as it was
+    return WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)
+
+
+def _extensions_of(to: OutputFormat) -> str:
+    return ", ".join(suffix for suffix, formats in EXTENSIONS.items() if to in formats)
