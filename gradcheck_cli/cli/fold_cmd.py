@@ -15,7 +15,7 @@ import typer
 
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.common import EXIT_FINDINGS, EXIT_OK, parse_range, user_errors, write_text
-from gradcheck_cli.rewrite.fold import OutputFormat
+from gradcheck_cli.rewrite.output import OutputFormat
 
 
 class FoldReportFormat(str, Enum):
@@ -34,7 +34,8 @@ def fold_bn(
         typer.Option(
             "--to",
             "--format",
-            help="Format of the written model (default: the input's format). "
+            help="Format of the written model (default: from the -o extension: .pt2, .onnx, "
+            ".safetensors, .pt/.pth/.ckpt (the input's torch format, or a state_dict), .torchscript/.ts). "
             "state_dict/safetensors keep the architecture (folded BatchNorms become identities); "
             "pickle only for inputs loaded with --trust-pickle.",
             show_default=False,

@@ -12,6 +12,7 @@ import typer
 from gradcheck_cli.cli import options as opt
 from gradcheck_cli.cli.common import EXIT_OK, parse_range, user_errors, write_text
 from gradcheck_cli.rewrite.init_math import Distribution, FanMode, RecurrentInit, Scheme
+from gradcheck_cli.rewrite.output import OutputFormat
 
 if TYPE_CHECKING:
     from gradcheck_cli.rewrite.reinit_records import ReinitReport
@@ -25,8 +26,12 @@ class ReportFormat(str, Enum):
 def reinit(
     model: opt.ModelArg,
     out: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Where to write the re-initialised model (same format as the input).",
-        show_default=False)] = None,
+        "--output", "-o", help="Where to write the re-initialised model (its format from the extension, "
+        "or --to).", show_default=False)] = None,
+    to: Annotated[OutputFormat | None, typer.Option(
+        "--to", help="Format of the written model (default: from the -o extension: .pt2, .onnx, .safetensors, "
+        ".pt/.pth/.ckpt (the input's torch format, or a state_dict), .torchscript/.ts).",
+        show_default=False, rich_help_panel="Reinit")] = None,
     scheme: Annotated[Scheme, typer.Option(
         "--scheme", help="auto: per layer from the activation that follows it (He after the ReLU "
         "family, LeCun after SELU, Glorot after tanh/sigmoid/none); lsuv: orthogonal, then each "
@@ -98,7 +103,8 @@ def reinit(
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                                strict=not non_strict, trust_pickle=trust_pickle)
         report = run_reinit(model, out=out, options=options, load=load,
-                            probe=ProbeOptions(inputs=inputs, device=device), dry_run=dry_run, force=force)
+                            probe=ProbeOptions(inputs=inputs, device=device), dry_run=dry_run, force=force,
+                            to=to)
         if report.written:
             sys.stderr.write(f"warning: unsafe rewrite: {out} holds re-initialised weights; the trained "
                              f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n")

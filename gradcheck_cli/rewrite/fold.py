@@ -14,10 +14,6 @@ Order of work, so that nothing reaches the output path unless it is verified:
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,16 +21,14 @@ from gradcheck_cli.errors import GradcheckError, UsageError
 from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.probe.batch import InputOptions
-from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency, Verification
+from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency
 from gradcheck_cli.rewrite.output import OutputFormat, WrittenFormat, written_format
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeBatch
-    from gradcheck_cli.rewrite.verify import TorchPlan
 
 
 # Samples per verification batch when the user gives no --batch-size (see _verification_inputs).
@@ -219,11 +213,11 @@ def _fold_torch(
     benchmark_runs: int,
 ) -> FoldReport:
     from gradcheck_cli.model.torch_load import model_from_path
-    from gradcheck_cli.model.torch_save import writes_state_dict
     from gradcheck_cli.parameters import module_parameter_count
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_fold import fold_torch_module
     from gradcheck_cli.rewrite.verify import BACKEND_TORCH, plan_for, verify_torch_plan
+    from gradcheck_cli.rewrite.written import check_writable_as, write_onnx_verified, write_torch_verified
 
     loaded = model_from_path(
         path,
@@ -235,19 +229,7 @@ def _fold_torch(
     )
     target = written_as.format
     state_dict_only = written_as.state_dict_only
-    if state_dict_only is False and (not loaded.trusted_pickle or loaded.arch is not None):
-        raise UsageError(
-            "`to` pickle writes a file that runs code when loaded; gradcheck writes one "
-            "only for a pickled module loaded with `trust_pickle`",
-            hint="write a .pt2, TorchScript, state_dict or safetensors file instead",
-        )
-    keep_structure = writes_state_dict(loaded, target, state_dict_only=state_dict_only)
-    if keep_structure and loaded.arch is None and out is not None:
-        raise UsageError(
-            "state_dict/safetensors output needs --arch: the written file is loaded back "
-            "into the architecture and verified before it is kept",
-            hint="pass --arch, or write a .pt2 or TorchScript file",
-        )
+    keep_structure = check_writable_as(loaded, written_as, out)
     import torch
 
     probe = probe_inputs(
@@ -270,21 +252,23 @@ def _fold_torch(
     notes = list(loaded.notes) + result.notes
     written: str | None = None
     if target is ModelFormat.ONNX:
-        verification, written, written_notes = _write_onnx_verified(loaded, result.module, out, plan)
+        onnx_written = write_onnx_verified(loaded, result.module, out, plan)
+        verification, written, written_notes = onnx_written.verification, onnx_written.path, onnx_written.notes
     elif out is None:
         verification = verify_torch_plan(result.module, plan, backend=BACKEND_TORCH, what="the folded model")
         written_notes = plan.notes
     else:
-        verification, written, written_notes = _write_torch_verified(
+        torch_written = write_torch_verified(
             loaded,
             result.module,
             out,
-            target,
+            written_as,
             plan,
             arch_kwargs=arch_kwargs,
             device=device,
-            state_dict_only=state_dict_only,
+            what="the folded model",
         )
+        verification, written, written_notes = torch_written.verification, torch_written.path, torch_written.notes
     notes += written_notes
     latency: tuple[Latency, ...] = ()
     if benchmark_runs > 0:
@@ -322,117 +306,6 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
             or fixed_batch):
         return options
     return replace(options, batch_size=VERIFY_BATCH_SIZE)
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A scratch directory beside ``out`` (same filesystem, so the final rename is atomic)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch:
-        yield Path(scratch)
-
-
-def _write_torch_verified(
-    loaded: LoadedModel,
-    module: nn.Module,
-    out: Path,
-    target: ModelFormat,
-    plan: TorchPlan,
-    *,
-    arch_kwargs: dict[str, Any] | None,
-    device: str,
-    state_dict_only: bool | None,
-) -> tuple[Verification, str | None, list[str]]:
-    from gradcheck_cli.model.torch_load import model_from_path
-    from gradcheck_cli.model.torch_save import save_model
-    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, as_written, verify_torch_plan
-
-    first = plan.groups[0][0]
-    with _staging(out) as scratch:
-        staged = scratch / out.name
-        saved = save_model(
-            loaded,
-            module,
-            staged,
-            fmt=target,
-            example_args=first.args,
-            example_kwargs=first.kwargs,
-            state_dict_only=state_dict_only,
-        )
-        # Load the file back exactly as a user would, and verify *that*.
-        reloaded = model_from_path(
-            staged,
-            arch=loaded.arch,
-            arch_kwargs=arch_kwargs,
-            trust_pickle=loaded.trusted_pickle,
-            device=device,
-        )
-        checked = as_written(plan, reloaded, saved.notes)
-        verification = verify_torch_plan(
-            reloaded.module,
-            checked,
-            backend=f"{BACKEND_TORCH} (the written file, loaded back)",
-            what=f"the written {target.description}",
-        )
-        if not verification.passed:
-            return verification, None, checked.notes
-        os.replace(staged, out)
-    return verification, str(out), checked.notes
-
-
-def _write_onnx_verified(
-    loaded: LoadedModel,
-    module: nn.Module,
-    out: Path | None,
-    plan: TorchPlan,
-) -> tuple[Verification, str | None, list[str]]:
-    """Export to ONNX, run the export in onnxruntime at the plan's batch sizes against the original
-    in torch, and write it when it matches."""
-    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
-    from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
-    from gradcheck_cli.model.torch_save import export_onnx, input_dims
-    from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, fails_at, merge_checks, onnx_outputs
-
-    first = plan.groups[0][0]
-    with tempfile.TemporaryDirectory(
-        prefix=".gradcheck-fold.",
-        dir=None if out is None else (out.parent if str(out.parent) else Path(".")),
-    ) as scratch:
-        staged = Path(scratch) / "folded.onnx"
-        export_onnx(module, staged, first.args, first.kwargs, dims=input_dims(loaded, first.args, first.kwargs))
-        exported = onnx_model_from_path(staged)
-        if len(plan.groups) > 1 and not onnx_batch_is_dynamic(exported):
-            plan = plan.without_second(f"verified at batch size {plan.sizes[0]} only: the exported graph has "
-                                       "a static batch dimension")
-        input_names = [
-            i.name
-            for i in exported.graph.input
-            if i.name not in {t.name for t in exported.graph.initializer}
-        ]
-        checks = []
-        for index, (group, (names, ref, dtypes)) in enumerate(zip(plan.groups, plan.references, strict=True)):
-            feeds = [
-                dict(zip(input_names, [a.detach().cpu().numpy() for a in (*batch.args, *batch.kwargs.values())],
-                         strict=False))
-                for batch in group
-            ]
-            try:
-                _, new, _ = onnx_outputs(exported, feeds)
-            except GradcheckError as exc:
-                if index == 0:
-                    raise
-                raise fails_at("the exported ONNX model", group[0].size, plan.sizes[0], exc.message) from exc
-            checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
-        verification = Verification(
-            f"{BACKEND_ORT}, against the original in torch",
-            sum(batch.size for group in plan.groups for batch in group),
-            merge_checks(checks),
-            batch_sizes=plan.sizes,
-        )
-        if out is None or not verification.passed:
-            return verification, None, plan.notes
-        onnx_model_to_path(exported, out)
-    return verification, str(out), plan.notes
 
 
 def _torch_latency(original: nn.Module, folded: nn.Module, batch: ProbeBatch, runs: int) -> Latency:

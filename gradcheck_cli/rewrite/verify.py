@@ -313,7 +313,8 @@ def verify_torch_plan(rewritten: nn.Module, plan: TorchPlan, *, backend: str, wh
                 raise
             raise fails_at(what, group[0].size, plan.sizes[0], exc.message) from exc
         checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
-    return Verification(backend, sum(b.size for g in plan.groups for b in g), merge_checks(checks),
+    # The second size repeats the probe's samples: the distinct samples are the probe batches'.
+    return Verification(backend, sum(b.size for b in plan.groups[0]), merge_checks(checks),
                         batch_sizes=plan.sizes)
 
 
@@ -480,7 +481,7 @@ def verify_onnx(
             )
         checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
         sizes.append(first if index == 0 else other or 0)
-    samples = sum(_feed_size(feed) for feed in feeds) + (sum(sizes[1:]) if len(sizes) > 1 else 0)
+    samples = sum(_feed_size(feed) for feed in feeds)  # the second size repeats these samples
     return Verification(BACKEND_ORT, samples, merge_checks(checks), batch_sizes=tuple(sizes))
 
 
