@@ -78,12 +78,10 @@ def program_dims(program: ExportedProgram) -> InputDims | None:
 
 
 def _symbolic(size: Any, ranges: dict[str, Any]) -> DynamicDim | None:
-    import sympy
-
     expr = getattr(getattr(size, "node", None), "expr", None)
     if expr is None or not expr.free_symbols:
         return None
-    if isinstance(expr, sympy.Symbol):
+    if expr.is_Symbol:
         bounds = ranges.get(str(expr))
         low = _bound(bounds.lower) if bounds is not None else None
         return DynamicDim(str(expr), low or 0, _bound(bounds.upper) if bounds is not None else None)
@@ -92,10 +90,9 @@ def _symbolic(size: Any, ranges: dict[str, Any]) -> DynamicDim | None:
 
 def _bound(value: Any) -> int | None:
     """An integer bound, or None for an infinite one (torch's int_oo claims to be finite to sympy)."""
-    import sympy
     from torch.utils._sympy.numbers import int_oo
 
-    if value in (int_oo, -int_oo, sympy.oo, -sympy.oo):
+    if value in (int_oo, -int_oo) or value.is_infinite:
         return None
     return int(value)
 

@@ -37,6 +37,9 @@ class Saved:
 
     format: ModelFormat
     notes: tuple[str, ...] = ()
+    # True when the writer knowingly fixed the batch size (a model torch.export cannot give a
+    # dynamic batch; ``notes`` says why): the file is then verified at that one size.
+    static_batch: bool = False
 
 
 def save_model(
@@ -66,6 +69,7 @@ def save_model(
     notes: tuple[str, ...] = ()
     if target is ModelFormat.EXPORTED_PROGRAM:
         notes = _save_exported_program(loaded, module, out, args, kwargs)
+        return Saved(target, notes, static_batch=bool(notes))
     elif target is ModelFormat.TORCHSCRIPT:
         _save_torchscript(module, out, args, kwargs)
     elif target is ModelFormat.SAFETENSORS:
@@ -352,16 +356,20 @@ def export_onnx(
         onnx_model_to_path(onnx_model_from_path(scratch), out)
 
 
-def _output_names(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None) -> list[str]:
+def _output_names(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
+) -> list[str]:
     """The names :func:`gradcheck_cli.rewrite.verify.torch_outputs` gives the module's outputs."""
-    from gradcheck_cli.rewrite.verify import torch_outputs
     from gradcheck_cli.probe.batch import ProbeBatch
+    from gradcheck_cli.rewrite.verify import torch_outputs
 
     names, _, _ = torch_outputs(module, [ProbeBatch(args, dict(kwargs or {}))])
     return names
 
 
-def _input_names(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None) -> list[str]:
+def _input_names(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
+) -> list[str]:
     """Graph input names: the forward's parameter names where it has them, then the keywords."""
     try:
         parameters = [p for p in inspect.signature(module.forward).parameters.values()

@@ -101,13 +101,13 @@ def _fold_onnx(
     options: InputOptions,
     benchmark_runs: int,
 ) -> FoldReport:
+    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
     from gradcheck_cli.model.onnx_load import (
         check_onnx_model,
         onnx_model_and_bytes,
         onnx_model_to_path,
         serialized_or_none,
     )
-    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
     from gradcheck_cli.parameters import onnx_parameter_count
     from gradcheck_cli.rewrite import onnx_fold
     from gradcheck_cli.rewrite.verify import onnx_probe_feeds, verify_onnx
@@ -228,7 +228,6 @@ def _fold_torch(
         device=device,
     )
     target = written_as.format
-    state_dict_only = written_as.state_dict_only
     keep_structure = check_writable_as(loaded, written_as, out)
     import torch
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from gradcheck_cli.model.handle import LoadedModel
+    from gradcheck_cli.model.torch_save import Saved
     from gradcheck_cli.probe.batch import InputOptions, ProbeBatch
 
 # (output names, one array per output concatenated over the batches, dtype names)
@@ -276,24 +277,16 @@ def plan_for(loaded: LoadedModel, batches: list[ProbeBatch], *, reference: nn.Mo
                       static_reason="the input program has a static batch dimension")
 
 
-def as_written(plan: TorchPlan, reloaded: LoadedModel, notes: Sequence[str] = ()) -> TorchPlan:
-    """``plan`` for the written file, loaded back as ``reloaded``, with the writer's ``notes``.
+def as_written(plan: TorchPlan, saved: Saved) -> TorchPlan:
+    """``plan`` for the file ``saved`` describes, with the writer's notes.
 
-    The second size is dropped only where the written program is static by design (a model that
-    torch.export could not give a dynamic batch; the writer's notes say so): a program that
-    declares the size must run at it.
+    The second size is dropped only where the writer fixed the batch size knowingly (a model
+    torch.export could not give a dynamic batch): any other written file must run at it.
     """
-    from gradcheck_cli.model.dynamic import batch_range, program_dims
-
-    checked = TorchPlan(plan.groups, plan.references, [*plan.notes, *notes])
-    if len(plan.groups) < 2 or reloaded.exported is None:
-        return checked
-    dims = program_dims(reloaded.exported)
-    allowed = None if dims is None else batch_range(dims)
-    size = plan.sizes[1]
-    if allowed is None or size < allowed[0] or (allowed[1] is not None and size > allowed[1]):
-        return checked.without_second(f"verified at batch size {plan.sizes[0]} only: the written program "
-                                      "has a static batch dimension")
+    checked = TorchPlan(plan.groups, plan.references, [*plan.notes, *saved.notes])
+    if saved.static_batch and len(plan.groups) > 1:
+        return checked.without_second(f"verified at batch size {plan.sizes[0]} only: the file was written with "
+                                      "a static batch")
     return checked
 
 

@@ -104,7 +104,7 @@ def write_torch_verified(
             trust_pickle=loaded.trusted_pickle,
             device=device,
         )
-        checked = as_written(plan, reloaded, saved.notes)
+        checked = as_written(plan, saved)
         verification = verify_torch_plan(
             reloaded.module,
             checked,
@@ -123,7 +123,7 @@ def write_onnx_verified(
     """Export ``module`` to ONNX, run the export in onnxruntime at the plan's batch sizes against
     the reference in torch (``against`` names it), and write it to ``out`` (if given) when it
     matches."""
-    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
+    from gradcheck_cli.model.dynamic import batch_range
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
     from gradcheck_cli.model.torch_save import export_onnx, input_dims
     from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, fails_at, merge_checks, onnx_outputs
@@ -134,11 +134,14 @@ def write_onnx_verified(
         dir=None if out is None else (out.parent if str(out.parent) else Path(".")),
     ) as scratch:
         staged = Path(scratch) / "export.onnx"
-        export_onnx(module, staged, first.args, first.kwargs, dims=input_dims(loaded, first.args, first.kwargs))
+        dims = input_dims(loaded, first.args, first.kwargs)
+        export_onnx(module, staged, first.args, first.kwargs, dims=dims)
         exported = onnx_model_from_path(staged)
-        if len(plan.groups) > 1 and not onnx_batch_is_dynamic(exported):
-            plan = plan.without_second(f"verified at batch size {plan.sizes[0]} only: the exported graph has "
-                                       "a static batch dimension")
+        # The export was asked for a dynamic batch wherever the plan has a second size (the plan
+        # follows the input's own dimensions): it must run there, whatever the graph declares.
+        if len(plan.groups) > 1 and batch_range(dims) is None:
+            plan = plan.without_second(f"verified at batch size {plan.sizes[0]} only: the input's batch "
+                                       "dimension is static")
         initializers = {t.name for t in exported.graph.initializer}
         input_names = [i.name for i in exported.graph.input if i.name not in initializers]
         checks = []
