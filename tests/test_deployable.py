@@ -410,3 +410,38 @@ def test_tied_weights_count_once_in_torch_and_onnx(tmp_path: Path) -> None:
     assert expected == 10 * 4 + 4 + 4
     assert module_parameter_count(model) == expected
     assert onnx_parameter_count(onnx.load(str(path))) == expected
+
+
+class _Paired(nn.Module):
+    """Two inputs whose leading sizes are related: ``pairs`` holds two rows per row of ``x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x)).repeat(2, 1) + pairs
+
+
+def test_related_dynamic_inputs_keep_their_relation(cli: Any, tmp_path: Path) -> None:
+    model = _Paired().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    rows = torch.export.Dim("rows", min=1, max=32)
+    source, out = tmp_path / "paired.pt2", tmp_path / "folded.pt2"
+    # `pairs` passed by keyword: the re-export must bind its shape to the parameter name.
+    program = torch.export.export(model, (torch.randn(3, 4),), {"pairs": torch.randn(6, 4)},
+                                  dynamic_shapes={"x": {0: rows}, "pairs": {0: 2 * rows}})
+    torch.export.save(program, str(source))
+    report = _json(cli, "fold-bn", source, "-o", out)
+    assert report["after"]["batchnorms"] == 0 and report["verification"]["batch_sizes"] == [3]
+    assert any("related" in note for note in report["notes"]), report["notes"]
+    folded = torch.export.load(str(out))
+    assert {str(k): (int(v.lower), int(v.upper)) for k, v in folded.range_constraints.items()} == {
+        str(k): (int(v.lower), int(v.upper)) for k, v in program.range_constraints.items()}
+    x, pairs = torch.randn(5, 4), torch.randn(10, 4)
+    torch.testing.assert_close(folded.module()(x, pairs=pairs), model(x, pairs=pairs), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception):  # noqa: B017 - the relation is enforced: 5 rows need 10 pairs
+        folded.module()(x, pairs=torch.randn(9, 4))

@@ -32,14 +32,19 @@ BATCH = "batch"
 class DynamicDim:
     """A dynamic dimension: its symbol's name and the sizes it may take (``high`` None: unbounded).
 
-    ``derived`` marks a dimension whose size is an expression of other symbols (``2*s0``): it is
-    dynamic, but torch.export works its relation out again rather than being told it.
+    A dimension whose size is ``scale * base + offset`` of another symbol (``2*s0``, an input
+    that holds two of another's rows) is derived from ``base``, and re-exported so. ``derived``
+    without a ``base`` is any other expression: it stays dynamic, and torch.export works its
+    relation out again rather than being told it.
     """
 
     name: str
     low: int
     high: int | None
     derived: bool = False
+    base: DynamicDim | None = None
+    scale: int = 1
+    offset: int = 0
 
 
 # Per flattened input: dimension index -> its DynamicDim (an empty dict: a static input).
@@ -82,10 +87,21 @@ def _symbolic(size: Any, ranges: dict[str, Any]) -> DynamicDim | None:
     if expr is None or not expr.free_symbols:
         return None
     if expr.is_Symbol:
-        bounds = ranges.get(str(expr))
-        low = _bound(bounds.lower) if bounds is not None else None
-        return DynamicDim(str(expr), low or 0, _bound(bounds.upper) if bounds is not None else None)
+        return _of_symbol(expr, ranges)
+    (symbol, *others) = expr.free_symbols
+    if not others:
+        scale, offset = expr.coeff(symbol), expr.subs(symbol, 0)
+        if scale.is_Integer and offset.is_Integer and (expr - (scale * symbol + offset)).expand() == 0:
+            return DynamicDim(str(expr), 0, None, derived=True, base=_of_symbol(symbol, ranges),
+                              scale=int(scale), offset=int(offset))
     return DynamicDim(str(expr), 0, None, derived=True)
+
+
+def _of_symbol(symbol: Any, ranges: dict[str, Any]) -> DynamicDim:
+    bounds = ranges.get(str(symbol))
+    if bounds is None:
+        return DynamicDim(str(symbol), 0, None)
+    return DynamicDim(str(symbol), _bound(bounds.lower) or 0, _bound(bounds.upper))
 
 
 def _bound(value: Any) -> int | None:
@@ -98,12 +114,22 @@ def _bound(value: Any) -> int | None:
 
 
 def batch_range(dims: InputDims) -> tuple[int, int | None] | None:
-    """The sizes dimension 0 may take in every input at once; None when some input fixes it."""
-    if not dims or any(0 not in per_input for per_input in dims):
+    """The sizes dimension 0 may take in every input at once; None when there is no such batch
+    (see :func:`why_no_batch`)."""
+    if why_no_batch(dims) is not None:
         return None
     low = max(per_input[0].low for per_input in dims)
     highs = [per_input[0].high for per_input in dims if per_input[0].high is not None]
     return low, min(highs) if highs else None
+
+
+def why_no_batch(dims: InputDims) -> str | None:
+    """Why dimension 0 of the inputs is not one batch that can take any size in a range, or None."""
+    if not dims or any(0 not in per_input for per_input in dims):
+        return "the input program has a static batch dimension"
+    if any(per_input[0].derived for per_input in dims):
+        return "the inputs' leading dimensions are related (one is computed from another)"
+    return None
 
 
 def is_dynamic(dims: InputDims) -> bool:
@@ -124,6 +150,8 @@ def export_dynamic_shapes(
     made: dict[str, Any] = {}
 
     def dim_of(dynamic: DynamicDim) -> Any:
+        if dynamic.base is not None:
+            return dim_of(dynamic.base) * dynamic.scale + dynamic.offset
         if dynamic.derived:
             return Dim.AUTO
         if dynamic.name not in made:

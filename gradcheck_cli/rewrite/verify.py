@@ -267,14 +267,16 @@ def plan_for(loaded: LoadedModel, batches: list[ProbeBatch], *, reference: nn.Mo
     second size, and used there if it runs. ``reference``: the module whose outputs the
     rewritten one must reproduce (default: the loaded one).
     """
-    from gradcheck_cli.model.dynamic import batch_range, program_dims
+    from gradcheck_cli.model.dynamic import batch_range, program_dims, why_no_batch
 
     module = loaded.module if reference is None else reference
     if loaded.exported is None:
         return torch_plan(module, batches)
     dims = program_dims(loaded.exported)
-    return torch_plan(module, batches, batch_range=None if dims is None else batch_range(dims),
-                      static_reason="the input program has a static batch dimension")
+    if dims is None:
+        return torch_plan(module, batches, batch_range=None,
+                          static_reason="the input program's inputs are not all tensors")
+    return torch_plan(module, batches, batch_range=batch_range(dims), static_reason=why_no_batch(dims))
 
 
 def as_written(plan: TorchPlan, saved: Saved) -> TorchPlan:
