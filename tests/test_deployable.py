@@ -103,6 +103,8 @@ def _ort(path: Path, x: torch.Tensor) -> Any:
     ("out.pt", None, ModelFormat.TORCHSCRIPT, WrittenFormat(ModelFormat.TORCHSCRIPT)),
     ("out.pth", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
     ("out.ckpt", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
+    ("out.pth.tar", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
+    ("out.pkl", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
     # ... and mean a state_dict for anything else
     ("out.pt", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),
     ("out.pt", None, ModelFormat.SAFETENSORS, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),

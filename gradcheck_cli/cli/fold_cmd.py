@@ -35,7 +35,7 @@ def fold_bn(
             "--to",
             "--format",
             help="Format of the written model (default: from the -o extension: .pt2, .onnx, "
-            ".safetensors, .pt/.pth/.ckpt (the input's torch format, or a state_dict), .torchscript/.ts). "
+            ".safetensors, .pt/.pth/.ckpt/.pkl/.tar (the input's torch format, or a state_dict), .torchscript/.ts). "
             "state_dict/safetensors keep the architecture (folded BatchNorms become identities); "
             "pickle only for inputs loaded with --trust-pickle.",
             show_default=False,

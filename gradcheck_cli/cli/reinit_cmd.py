@@ -30,7 +30,7 @@ def reinit(
         "or --to).", show_default=False)] = None,
     to: Annotated[OutputFormat | None, typer.Option(
         "--to", help="Format of the written model (default: from the -o extension: .pt2, .onnx, .safetensors, "
-        ".pt/.pth/.ckpt (the input's torch format, or a state_dict), .torchscript/.ts).",
+        ".pt/.pth/.ckpt/.pkl/.tar (the input's torch format, or a state_dict), .torchscript/.ts).",
         show_default=False, rich_help_panel="Reinit")] = None,
     scheme: Annotated[Scheme, typer.Option(
         "--scheme", help="auto: per layer from the activation that follows it (He after the ReLU "

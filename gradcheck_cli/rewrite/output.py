@@ -3,9 +3,10 @@
 The written model's format is ``to`` when it is given, otherwise what the output path's extension
 says. An explicit ``to`` that the extension contradicts is refused (``model.onnx`` holding a zip
 is the bug this replaces), and so is an unknown extension without ``to``: there is no format to
-infer. ``.pt``/``.pth``/``.ckpt`` are the extensions of every torch.save-like archive, so they keep
-the input's own torch format where it is one (a TorchScript archive stays TorchScript, a pickled
-module stays pickled, a legacy checkpoint stays legacy) and mean a state_dict otherwise.
+infer. ``.pt``/``.pth``/``.ckpt`` (and ``.pkl``, ``.pth.tar``) are the extensions of every
+torch.save-like archive, so they keep the input's own torch format where it is one (a TorchScript
+archive stays TorchScript, a pickled module stays pickled, a legacy checkpoint stays legacy) and
+mean a state_dict otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ EXTENSIONS: dict[str, frozenset[OutputFormat]] = {
     ".pt": _TORCH_ARCHIVE,
     ".pth": _TORCH_ARCHIVE,
     ".ckpt": _TORCH_ARCHIVE,
+    ".pkl": _TORCH_ARCHIVE,  # a pickled module, or a checkpoint written by torch.save under that name
+    ".tar": _TORCH_ARCHIVE,  # the `.pth.tar` checkpoints of many training scripts
     ".torchscript": frozenset({OutputFormat.TORCHSCRIPT}),
     ".ts": frozenset({OutputFormat.TORCHSCRIPT}),
 }

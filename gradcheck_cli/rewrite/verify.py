@@ -198,21 +198,6 @@ def _flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]
     return []
 
 
-def verify_torch(
-    original: nn.Module,
-    rewritten: nn.Module,
-    batches: Sequence[ProbeBatch],
-    *,
-    backend: str = BACKEND_TORCH,
-    reference: Reference | None = None,
-) -> Verification:
-    names, ref, dtypes = reference or torch_outputs(original, batches)
-    _, new, _ = torch_outputs(rewritten, batches)
-    samples = sum(batch.size for batch in batches)
-    return Verification(backend, samples, compare_outputs(names, ref, new, dtypes=dtypes),
-                        batch_sizes=(batches[0].size,) if batches else ())
-
-
 @dataclass
 class TorchPlan:
     """What a rewritten PyTorch model is checked on: groups of batches, one per batch size, with
@@ -439,43 +424,46 @@ def verify_onnx(
     notes: list[str] | None = None,
 ) -> Verification:
     """Both graphs in onnxruntime on ``feeds``, and at a second batch size when ``batch_dynamic``
-    (dimension 0 of every graph input is dynamic); why there is no second size goes to ``notes``."""
-    import numpy as np
+    (dimension 0 of every graph input is dynamic); why there is no second size goes to ``notes``.
 
-    groups = [list(feeds)]
-    first = int(np.shape(next(iter(feeds[0].values())))[0]) if feeds and feeds[0] else 1
+    The rewritten graph failing at the second size where the original runs is a
+    :class:`VerificationError`, as in :func:`verify_torch_plan`.
+    """
+    reasons = notes if notes is not None else []
+    first = _feed_size(feeds[0]) if feeds else 1
+    groups: list[tuple[int, list[dict[str, Any]]]] = [(first, list(feeds))]
     other = other_batch_size(first) if batch_dynamic else None
     second = resized_feed(feeds[0], other) if other is not None and feeds else None
-    reasons = notes if notes is not None else []
     if not batch_dynamic:
         reasons.append(f"verified at batch size {first} only: the graph's inputs have a static batch dimension")
-    elif second is None:
+    elif other is not None and second is None:
         reasons.append(f"verified at batch size {first} only: the inputs do not share a batch dimension")
+    elif other is not None and second is not None:
+        groups.append((other, [second]))
     checks = []
     sizes = []
-    names: list[str] = []
-    for index, group in enumerate([*groups, [second]] if second is not None else groups):
+    for size, group in groups:
         try:
             names, ref, dtypes = onnx_outputs(original, group)
         except ProbeError as exc:
-            if index == 0:
+            if size == first:
                 raise
             reasons.append(f"verified at batch size {first} only: the original graph does not run at batch "
-                           f"size {other} ({exc.message.split(': ', 1)[-1]})")
+                           f"size {size} ({exc.message.split(': ', 1)[-1]})")
             break
         try:
             new_names, new, _ = onnx_outputs(rewritten, group)
         except ProbeError as exc:
-            if index == 0:
+            if size == first:
                 raise
-            raise fails_at("the rewritten graph", other or 0, first, exc.message) from exc
+            raise fails_at("the rewritten graph", size, first, exc.message) from exc
         if new_names != names:
             raise ProbeError(
                 f"the rewritten graph's outputs {new_names} differ from the original's {names}",
                 hint="this is a bug in gradcheck; please report it",
             )
         checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
-        sizes.append(first if index == 0 else other or 0)
+        sizes.append(size)
     samples = sum(_feed_size(feed) for feed in feeds)  # the second size repeats these samples
     return Verification(BACKEND_ORT, samples, merge_checks(checks), batch_sizes=tuple(sizes))
 
@@ -483,7 +471,8 @@ def verify_onnx(
 def _feed_size(feed: Mapping[str, Any]) -> int:
     import numpy as np
 
-    return int(np.shape(next(iter(feed.values())))[0]) if feed else 1
+    shape = np.shape(next(iter(feed.values()))) if feed else ()
+    return int(shape[0]) if shape else 1
 
 
 def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict[str, Any]]:

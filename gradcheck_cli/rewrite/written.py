@@ -52,10 +52,12 @@ def check_writable_as(loaded: LoadedModel, written_as: WrittenFormat, out: Path 
         )
     tensors_only = writes_state_dict(loaded, written_as.format, state_dict_only=written_as.state_dict_only)
     if tensors_only and loaded.arch is None and out is not None:
+        # The written tensors are loaded back into the architecture and verified before they are
+        # kept; a model that came with its own architecture has none to load them into.
         raise UsageError(
-            f"{loaded.path} carries its own architecture; a state_dict or safetensors output needs `arch` "
-            "as well: the written file is loaded back into the architecture and verified before it is kept",
-            hint="give `arch`, or write a .pt2 or TorchScript file",
+            f"{loaded.path} is {loaded.format.description}, which carries its own architecture: a state_dict "
+            "or safetensors file of it could not be loaded back and verified",
+            hint="write a .pt2, TorchScript or ONNX file",
         )
     return tensors_only
 
