@@ -447,3 +447,14 @@ def test_related_dynamic_inputs_keep_their_relation(cli: Any, tmp_path: Path) ->
     torch.testing.assert_close(folded.module()(x, pairs=pairs), model(x, pairs=pairs), rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception):  # noqa: B017 - the relation is enforced: 5 rows need 10 pairs
         folded.module()(x, pairs=torch.randn(9, 4))
+
+
+def test_a_probe_batch_of_one_still_gives_a_dynamic_program(cli: Any, files: dict[str, Path], tmp_path: Path) -> None:
+    # torch.export would specialise a batch traced at size 1; the export example is repeated to 2.
+    out = tmp_path / "folded.pt2"
+    report = _json(cli, "fold-bn", files["state_dict"], *_arch(files), "-o", out, "--input-shape", "1,3,8,8")
+    assert report["verification"]["batch_sizes"] == [1, 2]
+    program = torch.export.load(str(out))
+    assert isinstance(_user_input_shapes(program)[0][0], torch.SymInt)
+    x = _batch(5)
+    torch.testing.assert_close(program.module()(x), build_model()(x), rtol=1e-4, atol=1e-4)

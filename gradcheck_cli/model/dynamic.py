@@ -52,9 +52,13 @@ InputDims = tuple[dict[int, DynamicDim], ...]
 
 
 def batch_dims(args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None) -> InputDims:
-    """Dimension 0 of every tensor input with one, as one shared dynamic ``batch`` dimension."""
+    """Dimension 0 as one shared dynamic ``batch``, in every tensor input whose dimension 0 has the
+    first input's size; an input with another leading size (a lookup table, a scalar) stays static."""
+    tensors = [*args, *(kwargs or {}).values()]
+    sizes = [int(tensor.shape[0]) if tensor.dim() >= 1 else None for tensor in tensors]
+    batch = next((size for size in sizes if size is not None), None)
     shared = DynamicDim(BATCH, 0, None)
-    return tuple({0: shared} if tensor.dim() >= 1 else {} for tensor in (*args, *(kwargs or {}).values()))
+    return tuple({0: shared} if size is not None and size == batch else {} for size in sizes)
 
 
 def program_dims(program: ExportedProgram) -> InputDims | None:

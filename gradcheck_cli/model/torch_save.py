@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from gradcheck_cli.model.dynamic import InputDims
+    from gradcheck_cli.model.dynamic import DynamicDim, InputDims
 
 
 @dataclass(frozen=True)
@@ -165,10 +165,13 @@ def _save_exported_program(
 
     example = _need_examples(args, ModelFormat.EXPORTED_PROGRAM.description)
     dims = input_dims(loaded, example, kwargs)
+    traced, traced_kwargs = (example, kwargs)
+    if loaded.exported is None and is_dynamic(dims):
+        traced, traced_kwargs = _at_least_two(example, kwargs, dims)
     notes: tuple[str, ...] = ()
     try:
-        dynamic = export_dynamic_shapes(module, example, kwargs, dims) if is_dynamic(dims) else None
-        program = _export(module, example, kwargs, dynamic)
+        dynamic = export_dynamic_shapes(module, traced, traced_kwargs, dims) if is_dynamic(dims) else None
+        program = _export(module, traced, traced_kwargs, dynamic)
     except Exception as exc:
         if loaded.exported is not None or not is_dynamic(dims):
             raise GradcheckError(
@@ -188,6 +191,21 @@ def _save_exported_program(
     with atomic_path(out) as tmp:
         torch.export.save(program, str(tmp))
     return notes
+
+
+def _at_least_two(
+    args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None, dims: InputDims
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor] | None]:
+    """The example with each batch of 1 repeated to 2: torch.export specialises a dimension traced
+    at size 1 (it cannot tell a batch from a broadcast there), so a batch of 1 would come out static."""
+    import torch
+
+    def grown(tensor: torch.Tensor, per_input: dict[int, DynamicDim]) -> torch.Tensor:
+        return torch.cat([tensor, tensor]) if 0 in per_input and tensor.shape[0] == 1 else tensor
+
+    names = list(kwargs or {})
+    tensors = [grown(t, d) for t, d in zip((*args, *(kwargs or {}).values()), dims, strict=True)]
+    return tuple(tensors[: len(args)]), dict(zip(names, tensors[len(args):], strict=True)) or kwargs
 
 
 def _export(
