@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,34 +29,38 @@ def check_writable_output(path: Path, *, force: bool, source: Path | None = None
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path in ``path``'s directory; renamed onto ``path`` only if the block succeeds.
+    """A temporary path with ``path``'s own name, in a private scratch directory beside it.
 
-    The temporary file lives in the destination directory so that the final rename is atomic
-    (same filesystem); a crash or an exception leaves at most a hidden temporary, never a partial
-    file under the output name.
+    Renamed onto ``path`` only if the block succeeds. The scratch directory lives in the
+    destination directory so that the final rename is atomic (same filesystem); a crash or an
+    exception leaves at most a hidden scratch directory, never a partial file under the output
+    name. The temporary file carries the final name because writers record it: torch.save and
+    torch.jit.save name the archive's root folder after the file, and torch.export.save picks
+    its layout from the suffix. The file gets the mode a plain ``open()`` would give it (the
+    umask's), whatever mode the writer created it with.
     """
     parent = path.parent if str(path.parent) else Path(".")
-    # Keep the destination's suffix last: some writers (torch.export.save) check it.
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     except OSError as exc:
         raise write_error(path, exc) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = scratch / path.name
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _fsync_directory(parent)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk, give it the umask's mode, and rename it onto ``path``."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, path)
 
 
 def write_error(path: Path, exc: OSError) -> GradcheckError:

@@ -112,14 +112,14 @@ def _raise(err: int) -> Any:
     return fail
 
 
-# Where a write can fail: creating the temporary file, flushing it, or renaming it into place.
-FAULTS = [("tempfile.mkstemp", errno.EACCES), ("tempfile.mkdtemp", errno.EACCES), ("os.fsync", errno.ENOSPC),
+# Where a write can fail: creating the scratch directory that holds the temporary file (every
+# writer makes one beside the output, so that the file carries its final name: fsutil.atomic_path),
+# flushing the file, or renaming it into place.
+FAULTS = [("tempfile.mkdtemp", errno.EACCES), ("os.fsync", errno.ENOSPC),
           ("os.replace", errno.ENOSPC), ("os.replace", errno.EACCES)]
 
 
-# reinit writes through a temporary file only; fold-bn also stages in a scratch directory.
-FAULT_CASES = [(*rewrite, where, err) for rewrite in REWRITES for where, err in FAULTS
-               if not (where == "tempfile.mkdtemp" and rewrite[0] == "reinit")]
+FAULT_CASES = [(*rewrite, where, err) for rewrite in REWRITES for where, err in FAULTS]
 
 
 @pytest.mark.parametrize(("command", "sample", "extra", "suffix", "where", "err"), FAULT_CASES,

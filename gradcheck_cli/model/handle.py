@@ -40,4 +40,6 @@ class LoadedModel:
 
     @property
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        from gradcheck_cli.parameters import module_parameter_count
+
+        return module_parameter_count(self.module)

@@ -8,14 +8,13 @@ of the model file, on read, and always write side files next to the output.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, LoadError
-from gradcheck_cli.fsutil import atomic_path, write_error
+from gradcheck_cli.fsutil import atomic_path, publish, write_error
 
 if TYPE_CHECKING:
     import onnx
@@ -335,9 +334,10 @@ def _write_external(staged: onnx.ModelProto, out: Path, parent: Path, data_name:
                 f"could not write {out}: {_first_line(exc)}",
                 hint="check free disk space and permissions; nothing was written",
             ) from exc
+        # onnx creates the data file with mode 600: publish gives both files the umask's mode.
         if (scratch / data_name).exists():
-            os.replace(scratch / data_name, parent / data_name)
-        os.replace(scratch / out.name, out)
+            publish(scratch / data_name, parent / data_name)
+        publish(scratch / out.name, out)
 
 
 def serialized_or_none(model: onnx.ModelProto) -> bytes | None:

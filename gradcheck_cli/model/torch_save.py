@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,19 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from gradcheck_cli.model.dynamic import DynamicDim, InputDims
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`save_model` wrote: the format, and what a user should know about the file."""
+
+    format: ModelFormat
+    notes: tuple[str, ...] = ()
+    # True when the writer knowingly fixed the batch size (a model torch.export cannot give a
+    # dynamic batch; ``notes`` says why): the file is then verified at that one size.
+    static_batch: bool = False
+
 
 def save_model(
     loaded: LoadedModel,
@@ -36,23 +51,25 @@ def save_model(
     example_args: tuple[torch.Tensor, ...] | None = None,
     example_kwargs: dict[str, torch.Tensor] | None = None,
     state_dict_only: bool | None = None,
-) -> ModelFormat:
-    """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``); return that format.
+) -> Saved:
+    """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``).
 
     ``loaded`` is the model as it was read: it tells where a state_dict sat inside the original
-    checkpoint and whether pickles were trusted. ``example_args``/``example_kwargs`` are needed for
-    ExportedProgram output (re-export) and for TorchScript output of modules that cannot be
-    scripted (tracing); the loaded model's own example inputs are used when they are not given.
-    ONNX output is written by :func:`gradcheck_cli.model.onnx_load.onnx_model_to_path` after an
-    export, see :func:`export_onnx`. For torch.save output, ``state_dict_only`` None writes a
-    pickled module exactly when the input was one (loaded with the trust flag); True writes tensors
-    only; False asks for a pickled module and needs a trusted pickled input.
+    checkpoint, whether pickles were trusted, and which input dimensions are dynamic (see
+    :mod:`gradcheck_cli.model.dynamic`: a re-exported program or ONNX graph keeps them).
+    ``example_args``/``example_kwargs`` are needed for ExportedProgram and ONNX output (export) and
+    for TorchScript output of modules that cannot be scripted (tracing); the loaded model's own
+    example inputs are used when they are not given. For torch.save output, ``state_dict_only``
+    None writes a pickled module exactly when the input was one (loaded with `trust_pickle`);
+    True writes tensors only; False asks for a pickled module and needs a trusted pickled input.
     """
     target = fmt or loaded.format
     args = example_args if example_args is not None else loaded.example_args
     kwargs = example_kwargs if example_kwargs is not None else loaded.example_kwargs
+    notes: tuple[str, ...] = ()
     if target is ModelFormat.EXPORTED_PROGRAM:
-        _save_exported_program(module, out, args, kwargs)
+        notes = _save_exported_program(loaded, module, out, args, kwargs)
+        return Saved(target, notes, static_batch=bool(notes))
     elif target is ModelFormat.TORCHSCRIPT:
         _save_torchscript(module, out, args, kwargs)
     elif target is ModelFormat.SAFETENSORS:
@@ -66,10 +83,33 @@ def save_model(
             pickle_module=not writes_state_dict(loaded, target, state_dict_only=state_dict_only),
         )
     elif target is ModelFormat.ONNX:
-        export_onnx(module, out, args, kwargs)
+        example = _need_examples(args, ModelFormat.ONNX.description)
+        export_onnx(module, out, example, kwargs, dims=input_dims(loaded, example, kwargs))
     else:  # pragma: no cover - the enum is closed
         raise UsageError(f"cannot write {target.description}")
-    return target
+    return Saved(target, notes)
+
+
+def input_dims(
+    loaded: LoadedModel, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
+) -> InputDims:
+    """The dynamic dimensions a re-export of ``loaded`` keeps: an exported program's own, or a batch.
+
+    Raises when an exported program's inputs cannot be matched to ``args``/``kwargs``: writing it
+    static would silently drop what the input declared.
+    """
+    from gradcheck_cli.model.dynamic import batch_dims, program_dims
+
+    if loaded.exported is None:
+        return batch_dims(args, kwargs)
+    dims = program_dims(loaded.exported)
+    if dims is None or len(dims) != len(args) + len(kwargs or {}):
+        raise GradcheckError(
+            f"the inputs of {loaded.path} could not be matched to its example inputs, so its dynamic "
+            "dimensions cannot be carried over to the rewritten model",
+            hint="choose another output format with `to` (e.g. state_dict with `arch`)",
+        )
+    return dims
 
 
 def writes_state_dict(
@@ -107,26 +147,75 @@ def _need_examples(args: tuple[torch.Tensor, ...] | None, what: str) -> tuple[to
 
 
 def _save_exported_program(
+    loaded: LoadedModel,
     module: nn.Module,
     out: Path,
     args: tuple[torch.Tensor, ...] | None,
     kwargs: dict[str, torch.Tensor] | None,
-) -> None:
+) -> tuple[str, ...]:
+    """Re-export with the input's dynamic dimensions (see :func:`input_dims`); returns notes.
+
+    A model that was not an exported program gets a dynamic batch where torch.export can give it
+    one; where it cannot (the model fixes the batch size somewhere), it is written with the example's
+    batch size and a note says so. An exported program's own dynamic dimensions are never dropped.
+    """
     import torch
 
+    from gradcheck_cli.model.dynamic import export_dynamic_shapes, is_dynamic
+
     example = _need_examples(args, ModelFormat.EXPORTED_PROGRAM.description)
+    dims = input_dims(loaded, example, kwargs)
+    traced, traced_kwargs = (example, kwargs)
+    if loaded.exported is None and is_dynamic(dims):
+        traced, traced_kwargs = _at_least_two(example, kwargs, dims)
+    notes: tuple[str, ...] = ()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(_eval(module), example, kwargs or {})
+        dynamic = export_dynamic_shapes(module, traced, traced_kwargs, dims) if is_dynamic(dims) else None
+        program = _export(module, traced, traced_kwargs, dynamic)
     except Exception as exc:
-        raise GradcheckError(
-            f"torch.export could not export the rewritten model: {_first_line(exc)}",
-            hint="choose another output format with --to (e.g. torchscript or state_dict)",
-        ) from exc
+        if loaded.exported is not None or not is_dynamic(dims):
+            raise GradcheckError(
+                f"torch.export could not export the rewritten model: {_first_line(exc)}",
+                hint="choose another output format with `to` (e.g. torchscript or state_dict)",
+            ) from exc
+        try:
+            program = _export(module, example, kwargs, None)
+        except Exception as static_exc:
+            raise GradcheckError(
+                f"torch.export could not export the rewritten model: {_first_line(static_exc)}",
+                hint="choose another output format with `to` (e.g. torchscript or state_dict)",
+            ) from static_exc
+        batch = int(example[0].shape[0]) if example and example[0].dim() else 1
+        notes = (f"the program was written with a static batch of {batch}: torch.export could not make "
+                 f"the batch dimension dynamic ({_first_line(exc)})",)
     with atomic_path(out) as tmp:
-        # torch.export.save picks the archive layout from the suffix; keep a .pt2 name for it.
         torch.export.save(program, str(tmp))
+    return notes
+
+
+def _at_least_two(
+    args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None, dims: InputDims
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor] | None]:
+    """The example with each batch of 1 repeated to 2: torch.export specialises a dimension traced
+    at size 1 (it cannot tell a batch from a broadcast there), so a batch of 1 would come out static."""
+    import torch
+
+    def grown(tensor: torch.Tensor, per_input: dict[int, DynamicDim]) -> torch.Tensor:
+        return torch.cat([tensor, tensor]) if 0 in per_input and tensor.shape[0] == 1 else tensor
+
+    names = list(kwargs or {})
+    tensors = [grown(t, d) for t, d in zip((*args, *(kwargs or {}).values()), dims, strict=True)]
+    return tuple(tensors[: len(args)]), dict(zip(names, tensors[len(args):], strict=True)) or kwargs
+
+
+def _export(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None, dynamic: Any
+) -> Any:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(_eval(module), args, kwargs or {}, dynamic_shapes=dynamic)
 
 
 def _save_torchscript(
@@ -166,7 +255,8 @@ def _save_torchscript(
                     f"the rewritten model could neither be scripted nor traced: {_first_line(exc)}",
                     hint="choose another output format with --to",
                 ) from exc
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice: TorchScript was asked for
         torch.jit.save(scripted, str(tmp))
 
 
@@ -225,17 +315,30 @@ def _nest(
 def export_onnx(
     module: nn.Module,
     out: Path,
-    args: tuple[torch.Tensor, ...] | None,
+    args: tuple[torch.Tensor, ...],
     kwargs: dict[str, torch.Tensor] | None,
     *,
+    dims: InputDims,
     opset: int | None = None,
 ) -> None:
-    """Export ``module`` to ONNX (TorchScript-based exporter, no graph optimisation of its own)."""
+    """Export ``module`` to ONNX as it is, with ``dims`` (see :func:`input_dims`) left dynamic.
+
+    The TorchScript-based exporter, in the module's own (eval) mode and without constant folding:
+    its eval mode and constant folding would fold BatchNorms into convolutions on their own, so
+    the file would no longer be the model the report describes (a re-initialised BatchNorm gone,
+    fold-bn's "BatchNorms after" count wrong). The torch.export-based exporter folds them too
+    unless its optimiser is off, and then writes Expand chains for zero biases; it also takes
+    seconds where this one takes a fraction of one.
+    """
     import torch
 
+    from gradcheck_cli.model.dynamic import onnx_dynamic_axes
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
 
-    example = _need_examples(args, ModelFormat.ONNX.description)
+    names = _input_names(module, args, kwargs)
+    # Output names given, so the exporter never looks for a TorchScript graph on an FX
+    # GraphModule's `graph` (it does when validating dynamic axes without them).
+    outputs = _output_names(module, args, kwargs)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         scratch_dir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
@@ -250,20 +353,51 @@ def export_onnx(
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     _eval(copy.deepcopy(module)),
-                    example,
+                    args,
                     str(scratch),
                     kwargs=kwargs or None,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes=onnx_dynamic_axes(names, dims) or None,
                     opset_version=opset or 17,
+                    training=torch.onnx.TrainingMode.PRESERVE,
+                    do_constant_folding=False,
                     dynamo=False,
                 )
         except Exception as exc:
             raise GradcheckError(
                 f"the model could not be exported to ONNX: {_first_line(exc)}",
-                hint="choose another output format with --to",
+                hint="choose another output format with `to`",
             ) from exc
         # Re-written through our ONNX writer so that large models keep their external data next
         # to the output, and the scratch directory disappears whatever happens.
         onnx_model_to_path(onnx_model_from_path(scratch), out)
+
+
+def _output_names(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
+) -> list[str]:
+    """The names :func:`gradcheck_cli.rewrite.verify.torch_outputs` gives the module's outputs."""
+    from gradcheck_cli.probe.batch import ProbeBatch
+    from gradcheck_cli.rewrite.verify import torch_outputs
+
+    names, _, _ = torch_outputs(module, [ProbeBatch(args, dict(kwargs or {}))])
+    return names
+
+
+def _input_names(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
+) -> list[str]:
+    """Graph input names: the forward's parameter names where it has them, then the keywords."""
+    try:
+        parameters = [p for p in inspect.signature(module.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [parameters[i].name if i < len(parameters) else f"input_{i}" for i in range(len(args))]
+    names = positional + list(kwargs or {})
+    # A name used twice would make the exporter merge two inputs' axes; fall back to positions.
+    return names if len(set(names)) == len(names) else [f"input_{i}" for i in range(len(names))]
 
 
 @contextlib.contextmanager

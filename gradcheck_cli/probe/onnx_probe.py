@@ -25,6 +25,7 @@ from gradcheck_cli import __version__
 from gradcheck_cli.errors import LoadError, ProbeError, UsageError
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
 from gradcheck_cli.options import Mode, ProbeOptions
+from gradcheck_cli.parameters import onnx_parameter_count
 from gradcheck_cli.probe.recorder import Recorder, Row, uncomputed_note
 from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
 from gradcheck_cli.stats import histogram_edges
@@ -354,7 +355,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    parameters = sum(plan.numel.values())
+    parameters = onnx_parameter_count(model, plan)
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),

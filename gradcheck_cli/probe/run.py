@@ -18,6 +18,7 @@ from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
 from gradcheck_cli.options import LossKind, Mode, ProbeOptions
+from gradcheck_cli.parameters import module_parameter_count
 from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
@@ -122,7 +123,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
         method=instrument.method,
     )
     model = ModelInfo(path=str(loaded.path), format=str(loaded.format),
-                      parameters=sum(p.numel() for p in loaded.module.parameters()))
+                      parameters=module_parameter_count(loaded.module))
     return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
                   layers=tuple(layers), notes=tuple(loaded.notes + notes),
                   histogram_edges=tuple(histogram_edges()) if options.histograms else None)

@@ -83,7 +83,9 @@ def render_fold(report: FoldReport, console: Console) -> None:
 
     verification = report.verification
     checks = Table(
-        title=f"Verification: {verification.backend}, {verification.samples} samples",
+        title=f"Verification: {verification.backend}, {verification.samples} samples"
+        + (f", at batch sizes {' and '.join(map(str, verification.batch_sizes))}"
+           if len(verification.batch_sizes) > 1 else ""),
         title_justify="left",
     )
     for column in ("output", "dtype", "max abs error", "max rel error", "tolerance (abs)", ""):

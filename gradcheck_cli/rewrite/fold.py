@@ -14,42 +14,26 @@ Order of work, so that nothing reaches the output path unless it is verified:
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, UsageError
 from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
-from gradcheck_cli.options import FoldOptions, InputOptions, LoadOptions, ProbeOptions, WriteFormat, WriteOptions
-from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency, Verification
+from gradcheck_cli.options import FoldOptions, InputOptions, LoadOptions, ProbeOptions, WriteOptions
+from gradcheck_cli.rewrite.fold_records import Counts, FoldReport, Latency
+from gradcheck_cli.rewrite.output import WrittenFormat, written_format
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeBatch
 
 
 # Samples per verification batch when the user gives no --batch-size (see _verification_inputs).
 # Two rather than one: the smallest batch in which samples could be mixed up by a wrong fold.
 VERIFY_BATCH_SIZE = 2
-
-
-def written_format(to: WriteFormat) -> ModelFormat:
-    """The model format a ``to`` choice writes."""
-    return {
-        WriteFormat.PT2: ModelFormat.EXPORTED_PROGRAM,
-        WriteFormat.TORCHSCRIPT: ModelFormat.TORCHSCRIPT,
-        WriteFormat.STATE_DICT: ModelFormat.TORCH_ZIP,
-        WriteFormat.SAFETENSORS: ModelFormat.SAFETENSORS,
-        WriteFormat.PICKLE: ModelFormat.TORCH_ZIP,
-        WriteFormat.ONNX: ModelFormat.ONNX,
-    }[to]
 
 
 def fold_batchnorm(
@@ -63,48 +47,42 @@ def fold_batchnorm(
 ) -> FoldReport:
     """Fold every exactly foldable BatchNorm of the model at ``path`` into ``out`` (verified).
 
-    ``write.to`` None writes the input's format. Returns the report; ``report.written`` is None
-    when nothing was written (dry run, or a verification above tolerance: check
-    ``report.verification.passed``).
+    The written format is ``write.to``, or what ``out``'s extension says (see
+    :func:`gradcheck_cli.rewrite.output.written_format`); a dry run without ``out`` keeps the
+    input's format. Returns the report; ``report.written`` is None when nothing was written (dry
+    run, or a verification above tolerance: check ``report.verification.passed``).
     """
-    options = options or FoldOptions()
+    fold = options or FoldOptions()
     load = load or LoadOptions()
     probe = probe or ProbeOptions()
     write = write or WriteOptions()
-    to, dry_run, force = write.to, write.dry_run, write.force
-    affine_standalone, benchmark_runs = options.affine_standalone, options.benchmark
-    inputs = probe.inputs
+    dry_run = write.dry_run
     if out is None and not dry_run:
         raise UsageError("no output path given", hint="pass `output`, or `dry_run` to only report")
     if out is not None and not dry_run:
-        check_writable_output(out, force=force, source=path)
+        check_writable_output(out, force=write.force, source=path)
     fmt = detect_format(path)
+    written_as = written_format(out, write.to, input_format=fmt)
     if fmt is ModelFormat.ONNX:
-        if to is not None and to is not WriteFormat.ONNX:
-            raise UsageError(
-                f"an ONNX model can only be written as ONNX, not {written_format(to).description}",
-                hint="leave out --to, or pass --to onnx",
-            )
         return _fold_onnx(
             path,
             out=None if dry_run else out,
-            affine_standalone=affine_standalone,
-            options=inputs,
-            benchmark_runs=benchmark_runs,
+            affine_standalone=fold.affine_standalone,
+            options=probe.inputs,
+            benchmark_runs=fold.benchmark,
         )
     return _fold_torch(
         path,
-        fmt,
         out=None if dry_run else out,
-        to=to,
-        affine_standalone=affine_standalone,
+        written_as=written_as,
+        affine_standalone=fold.affine_standalone,
         arch=load.arch,
         arch_kwargs=dict(load.arch_kwargs) if load.arch_kwargs is not None else None,
         strict=not load.non_strict,
         trust_pickle=load.trust_pickle,
         device=probe.device,
-        options=inputs,
-        benchmark_runs=benchmark_runs,
+        options=probe.inputs,
+        benchmark_runs=fold.benchmark,
     )
 
 
@@ -120,12 +98,14 @@ def _fold_onnx(
     options: InputOptions,
     benchmark_runs: int,
 ) -> FoldReport:
+    from gradcheck_cli.model.dynamic import onnx_batch_is_dynamic
     from gradcheck_cli.model.onnx_load import (
         check_onnx_model,
         onnx_model_and_bytes,
         onnx_model_to_path,
         serialized_or_none,
     )
+    from gradcheck_cli.parameters import onnx_parameter_count
     from gradcheck_cli.rewrite import onnx_fold
     from gradcheck_cli.rewrite.verify import onnx_probe_feeds, verify_onnx
 
@@ -142,10 +122,13 @@ def _fold_onnx(
             f"the folded graph fails onnx.checker: {problem}",
             hint="this is a bug in gradcheck; please report it with the model",
         )
+    notes = list(result.notes)
     verification = verify_onnx(
         model if original_bytes is None else original_bytes,
         result.model if folded_bytes is None else folded_bytes,
         feeds,
+        batch_dynamic=onnx_batch_is_dynamic(model),
+        notes=notes,
     )
     written = None
     if out is not None and verification.passed:
@@ -160,12 +143,12 @@ def _fold_onnx(
     if benchmark_runs > 0:
         latency = (_onnx_latency(model, result.model, feeds[0], benchmark_runs),)
     before = Counts(
-        onnx_fold.count_parameters(model),
+        onnx_parameter_count(model),
         onnx_fold.count_batchnorms(model),
         onnx_fold.count_nodes(model),
     )
     after = Counts(
-        onnx_fold.count_parameters(result.model),
+        onnx_parameter_count(result.model),
         result.batchnorms_after,
         onnx_fold.count_nodes(result.model),
     )
@@ -180,7 +163,7 @@ def _fold_onnx(
         verification=verification,
         written=written,
         latency=latency,
-        notes=tuple(result.notes),
+        notes=tuple(notes),
     )
 
 
@@ -214,10 +197,9 @@ def _default_ort_session(model: onnx.ModelProto) -> Any:
 
 def _fold_torch(
     path: Path,
-    fmt: ModelFormat,
     *,
     out: Path | None,
-    to: WriteFormat | None,
+    written_as: WrittenFormat,
     affine_standalone: bool,
     arch: str | None,
     arch_kwargs: dict[str, Any] | None,
@@ -228,10 +210,11 @@ def _fold_torch(
     benchmark_runs: int,
 ) -> FoldReport:
     from gradcheck_cli.model.torch_load import model_from_path
-    from gradcheck_cli.model.torch_save import writes_state_dict
+    from gradcheck_cli.parameters import module_parameter_count
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_fold import fold_torch_module
-    from gradcheck_cli.rewrite.verify import torch_outputs, verify_torch
+    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, plan_for, verify_torch_plan
+    from gradcheck_cli.rewrite.written import check_writable_as, write_onnx_verified, write_torch_verified
 
     loaded = model_from_path(
         path,
@@ -241,25 +224,8 @@ def _fold_torch(
         trust_pickle=trust_pickle,
         device=device,
     )
-    target = loaded.format if to is None else written_format(to)
-    state_dict_only: bool | None = None
-    if to is WriteFormat.STATE_DICT:
-        state_dict_only = True
-    elif to is WriteFormat.PICKLE:
-        if not loaded.trusted_pickle or loaded.arch is not None:
-            raise UsageError(
-                "--to pickle writes a file that runs code when loaded; gradcheck writes one "
-                "only for a pickled module loaded with --trust-pickle",
-                hint="use --to pt2, torchscript, state_dict or safetensors",
-            )
-        state_dict_only = False
-    keep_structure = writes_state_dict(loaded, target, state_dict_only=state_dict_only)
-    if keep_structure and loaded.arch is None and out is not None:
-        raise UsageError(
-            "state_dict/safetensors output needs --arch: the written file is loaded back "
-            "into the architecture and verified before it is kept",
-            hint="pass --arch, or choose --to pt2 or --to torchscript",
-        )
+    target = written_as.format
+    keep_structure = check_writable_as(loaded, written_as, out)
     import torch
 
     probe = probe_inputs(
@@ -278,32 +244,33 @@ def _fold_torch(
         keep_structure=keep_structure,
         affine_standalone=affine_standalone,
     )
-    reference = torch_outputs(loaded.module, probe.batches)
+    plan = plan_for(loaded, probe.batches)
     notes = list(loaded.notes) + result.notes
     written: str | None = None
     if target is ModelFormat.ONNX:
-        verification, written = _write_onnx_verified(result.module, out, probe.batches, reference)
+        onnx_written = write_onnx_verified(loaded, result.module, out, plan)
+        verification, written, written_notes = onnx_written.verification, onnx_written.path, onnx_written.notes
     elif out is None:
-        verification = verify_torch(
-            loaded.module, result.module, probe.batches, reference=reference
-        )
+        verification = verify_torch_plan(result.module, plan, backend=BACKEND_TORCH, what="the folded model")
+        written_notes = plan.notes
     else:
-        verification, written = _write_torch_verified(
+        torch_written = write_torch_verified(
             loaded,
             result.module,
             out,
-            target,
-            probe.batches,
-            reference,
+            written_as,
+            plan,
             arch_kwargs=arch_kwargs,
             device=device,
-            state_dict_only=state_dict_only,
+            what="the folded model",
         )
+        verification, written, written_notes = torch_written.verification, torch_written.path, torch_written.notes
+    notes += written_notes
     latency: tuple[Latency, ...] = ()
     if benchmark_runs > 0:
         latency = (_torch_latency(loaded.module, result.module, first, benchmark_runs),)
-    before = Counts(_parameters(loaded.module), result.batchnorms_before, result.nodes_before)
-    after = Counts(_parameters(result.module), result.batchnorms_after, result.nodes_after)
+    before = Counts(module_parameter_count(loaded.module), result.batchnorms_before, result.nodes_before)
+    after = Counts(module_parameter_count(result.module), result.batchnorms_after, result.nodes_after)
     return FoldReport(
         model=str(path),
         input_format=str(loaded.format),
@@ -315,7 +282,7 @@ def _fold_torch(
         verification=verification,
         written=written,
         latency=latency,
-        notes=tuple(notes),
+        notes=tuple(dict.fromkeys(notes)),
     )
 
 
@@ -335,108 +302,6 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
             or fixed_batch):
         return options
     return replace(options, batch_size=VERIFY_BATCH_SIZE)
-
-
-def _parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A scratch directory beside ``out`` (same filesystem, so the final rename is atomic)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as scratch:
-        yield Path(scratch)
-
-
-def _write_torch_verified(
-    loaded: LoadedModel,
-    module: nn.Module,
-    out: Path,
-    target: ModelFormat,
-    batches: list[ProbeBatch],
-    reference: tuple[list[str], list[Any], list[str]],
-    *,
-    arch_kwargs: dict[str, Any] | None,
-    device: str,
-    state_dict_only: bool | None,
-) -> tuple[Verification, str | None]:
-    from gradcheck_cli.model.torch_load import model_from_path
-    from gradcheck_cli.model.torch_save import save_model
-    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, verify_torch
-
-    first = batches[0]
-    with _staging(out) as scratch:
-        staged = scratch / out.name
-        save_model(
-            loaded,
-            module,
-            staged,
-            fmt=target,
-            example_args=first.args,
-            example_kwargs=first.kwargs,
-            state_dict_only=state_dict_only,
-        )
-        # Load the file back exactly as a user would, and verify *that*.
-        reloaded = model_from_path(
-            staged,
-            arch=loaded.arch,
-            arch_kwargs=arch_kwargs,
-            trust_pickle=loaded.trusted_pickle,
-            device=device,
-        )
-        verification = verify_torch(
-            loaded.module,
-            reloaded.module,
-            batches,
-            reference=reference,
-            backend=f"{BACKEND_TORCH} (the written file, loaded back)",
-        )
-        if not verification.passed:
-            return verification, None
-        os.replace(staged, out)
-    return verification, str(out)
-
-
-def _write_onnx_verified(
-    module: nn.Module,
-    out: Path | None,
-    batches: list[ProbeBatch],
-    reference: tuple[list[str], list[Any], list[str]],
-) -> tuple[Verification, str | None]:
-    from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
-    from gradcheck_cli.model.torch_save import export_onnx
-    from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, onnx_outputs
-
-    first = batches[0]
-    with tempfile.TemporaryDirectory(
-        prefix=".gradcheck-fold.",
-        dir=None if out is None else (out.parent if str(out.parent) else Path(".")),
-    ) as scratch:
-        staged = Path(scratch) / "folded.onnx"
-        export_onnx(module, staged, first.args, first.kwargs)
-        exported = onnx_model_from_path(staged)
-        input_names = [
-            i.name
-            for i in exported.graph.input
-            if i.name not in {t.name for t in exported.graph.initializer}
-        ]
-        feeds = [
-            dict(zip(input_names, [a.detach().cpu().numpy() for a in batch.args], strict=False))
-            for batch in batches
-        ]
-        _, new, _ = onnx_outputs(exported, feeds)
-        names, ref, dtypes = reference
-        checks = compare_outputs(names, ref, new, dtypes=dtypes)
-        verification = Verification(
-            f"{BACKEND_ORT}, against the original in torch",
-            sum(batch.size for batch in batches),
-            checks,
-        )
-        if out is None or not verification.passed:
-            return verification, None
-        onnx_model_to_path(exported, out)
-    return verification, str(out)
 
 
 def _torch_latency(original: nn.Module, folded: nn.Module, batch: ProbeBatch, runs: int) -> Latency:

@@ -51,8 +51,10 @@ class OutputCheck:
 @dataclass(frozen=True)
 class Verification:
     backend: str  # 'torch eager' or 'onnxruntime (graph optimisations disabled)'
-    samples: int
+    samples: int  # distinct samples: those of the probe batches (a second batch size repeats them)
     outputs: tuple[OutputCheck, ...]
+    # The batch sizes the models ran at: the probe batch's, and a second one where the model allows it.
+    batch_sizes: tuple[int, ...] = ()
 
     @property
     def passed(self) -> bool:

@@ -20,10 +20,14 @@ from gradcheck_cli.fsutil import check_writable_output
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.options import LoadOptions, ProbeOptions, ReinitOptions, Scheme, WriteOptions
 from gradcheck_cli.records import LayerStats
+from gradcheck_cli.rewrite.fold_records import Verification
+from gradcheck_cli.rewrite.output import WrittenFormat, written_format
 from gradcheck_cli.rewrite.reinit_options import validate
 from gradcheck_cli.rewrite.reinit_records import ReinitReport
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeInputs
 
@@ -41,9 +45,12 @@ def reinit(
     write: WriteOptions | None = None,
     compare: bool = True,
 ) -> ReinitReport:
-    """Re-initialise ``path`` into ``out`` (same format); with ``compare``, probe before and after.
+    """Re-initialise ``path`` into ``out``; with ``compare``, probe before and after.
 
-    ``dry_run`` computes everything (and the after-probe, on the model in memory) but writes
+    The written format is ``write.to``, or what ``out``'s extension says (see
+    :func:`gradcheck_cli.rewrite.output.written_format`). The written file is loaded back and run
+    against the re-initialised model at two batch sizes where the model allows it before it is
+    kept. ``dry_run`` computes everything (and the after-probe, on the model in memory) but writes
     nothing; ``out`` may then be None. None options mean the defaults (``auto``, the probe's own).
     """
     options = options or ReinitOptions()
@@ -56,23 +63,25 @@ def reinit(
         if out is None:
             raise UsageError("reinit needs an output file", hint="pass `output`, or `dry_run` to only look")
         check_writable_output(out, force=write.force, source=path)
+    written_as = written_format(out, write.to, input_format=fmt)
     if fmt is ModelFormat.ONNX:
         return _reinit_onnx(path, out=out, options=options, probe=probe, dry_run=dry_run, compare=compare)
-    return _reinit_torch(path, fmt, out=out, options=options, load=load, probe=probe, dry_run=dry_run,
-                         compare=compare)
+    return _reinit_torch(path, fmt, out=out, written_as=written_as, options=options, load=load, probe=probe,
+                         dry_run=dry_run, compare=compare)
 
 
-def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: ReinitOptions,
-                  load: LoadOptions | None, probe: ProbeOptions, dry_run: bool,
+def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, written_as: WrittenFormat,
+                  options: ReinitOptions, load: LoadOptions | None, probe: ProbeOptions, dry_run: bool,
                   compare: bool) -> ReinitReport:
     from gradcheck_cli.model.load import load_model
     from gradcheck_cli.model.torch_load import resolve_device
-    from gradcheck_cli.model.torch_save import save_model
     from gradcheck_cli.probe.batch import probe_inputs
     from gradcheck_cli.rewrite.torch_reinit import reinit_module
+    from gradcheck_cli.rewrite.written import check_writable_as
 
     load_options = load or LoadOptions()
     loaded = load_model(path, load_options, device=probe.device)
+    check_writable_as(loaded, written_as, None if dry_run else out)
     inputs = probe_inputs(loaded.module, probe.inputs, device=resolve_device(probe.device),
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
     # The probe's own micro-batches drive tracing and LSUV, so both see exactly what the report shows.
@@ -82,26 +91,67 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, options: Re
     notes = [UNSAFE_NOTE, *loaded.notes, *result.notes]
     written = False
     after: tuple[LayerStats, ...] | None = None
+    verification: Verification | None = None
     if not dry_run:
         assert out is not None
-        first = inputs.batches[0]
-        save_model(loaded, result.module, out,
-                   example_args=loaded.example_args if loaded.example_args is not None else first.args,
-                   example_kwargs=loaded.example_kwargs if loaded.example_args is not None else first.kwargs)
+        verification, reloaded, written_notes = _write_verified(loaded, result.module, out, written_as, inputs,
+                                                                load_options, probe.device)
+        notes += written_notes
         written = True
-        if compare:  # probe the file as written: it proves the output loads and runs
-            reloaded = load_model(out, load_options, device=probe.device)
-            after = _probe(reloaded, probe)
+        if compare:
+            if reloaded is not None:  # probe the file as written: it proves the output loads and runs
+                after = _probe(reloaded, probe)
+            else:  # ONNX written from PyTorch: the probe stays in torch, so the rows compare
+                after = _probe(_in_memory(loaded, result.module), probe)
+                notes.append("the after-probe ran on the re-initialised model in torch; the written ONNX file was "
+                             "checked against it")
     elif compare:
-        in_memory = copy.copy(loaded)
-        in_memory.module = result.module
-        after = _probe(in_memory, probe)
+        after = _probe(_in_memory(loaded, result.module), probe)
     if not result.layers:
         notes.append("no layer was re-initialised" + (" (check `layers`)" if options.layers else ""))
     return ReinitReport(model=str(path), format=str(fmt), output=None if out is None else str(out),
                         written=written, scheme=str(options.scheme), seed=options.seed,
                         layers=tuple(result.layers), changes=tuple(result.changes), before=before,
-                        after=after, notes=tuple(dict.fromkeys(notes)))
+                        after=after, notes=tuple(dict.fromkeys(notes)), output_format=str(written_as.format),
+                        verification=verification)
+
+
+def _in_memory(loaded: LoadedModel, module: nn.Module) -> LoadedModel:
+    in_memory = copy.copy(loaded)
+    in_memory.module = module
+    return in_memory
+
+
+def _write_verified(loaded: LoadedModel, module: nn.Module, out: Path, written_as: WrittenFormat,
+                    inputs: ProbeInputs, load_options: LoadOptions,
+                    device: str) -> tuple[Verification, LoadedModel | None, list[str]]:
+    """Write ``module`` to ``out``, checked against itself in memory at two batch sizes.
+
+    Re-initialised weights leave nothing to compare with the input, but the file must still be
+    the model the report describes, and deployable at the batch sizes the input took: a file that
+    does not reproduce the in-memory model is a bug, refused with nothing written.
+    """
+    from gradcheck_cli.errors import VerificationError
+    from gradcheck_cli.rewrite.verify import plan_for
+    from gradcheck_cli.rewrite.written import write_onnx_verified, write_torch_verified
+
+    # One probe batch is enough to tell a faithful file from a wrong one; the second size is the
+    # deployability check.
+    plan = plan_for(loaded, inputs.batches[:1], reference=module)
+    if written_as.format is ModelFormat.ONNX:
+        written = write_onnx_verified(loaded, module, out, plan, against="the re-initialised model")
+    else:
+        arch_kwargs = dict(load_options.arch_kwargs) if load_options.arch_kwargs else None
+        written = write_torch_verified(loaded, module, out, written_as, plan, arch_kwargs=arch_kwargs,
+                                       device=device, what="the re-initialised model")
+    if written.path is None:
+        worst = max(written.verification.outputs, key=lambda check: check.max_rel_error)
+        raise VerificationError(
+            f"the written file does not reproduce the re-initialised model (output '{worst.name}' is off by "
+            f"{worst.max_rel_error:.3g} of its scale); nothing was written",
+            hint="this is a bug in gradcheck; please report it with the model",
+        )
+    return written.verification, written.reloaded, written.notes
 
 
 def _with_known_shapes(loaded: LoadedModel, probe: ProbeOptions, inputs: ProbeInputs) -> ProbeOptions:
@@ -148,9 +198,9 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe:
     from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
 
     if options.scheme is Scheme.LSUV:
-        raise UsageError("--scheme lsuv is not available for ONNX models in this version: it needs each "
+        raise UsageError("`scheme` lsuv is not available for ONNX models in this version: it needs each "
                          "layer's output on the probe batch",
-                         hint="run it on the PyTorch model and export again, or use --scheme orthogonal")
+                         hint="run it on the PyTorch model and export again, or use `scheme` orthogonal")
     model = onnx_model_from_path(path)
     result = reinit_onnx_model(model, options=options)
     notes = [UNSAFE_NOTE, *result.notes]
@@ -173,7 +223,7 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe:
                         output=None if out is None else str(out), written=written,
                         scheme=str(options.scheme), seed=options.seed, layers=tuple(result.layers),
                         changes=tuple(result.changes), before=before, after=after,
-                        notes=tuple(dict.fromkeys(notes)))
+                        notes=tuple(dict.fromkeys(notes)), output_format=str(ModelFormat.ONNX))
 
 
 def _probe_onnx(path: Path, probe: ProbeOptions, notes: list[str]) -> tuple[LayerStats, ...] | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gradcheck_cli.records import SCHEMA_VERSION, Change, LayerStats
+from gradcheck_cli.rewrite.fold_records import Verification
 
 
 class ActivationSource(str, Enum):
@@ -87,6 +88,9 @@ class ReinitReport:
     after: tuple[LayerStats, ...] | None = None
     notes: tuple[str, ...] = ()
     safe: bool = False
+    output_format: str | None = None  # what was (or, for a dry run, would be) written
+    # The written file, loaded back, against the re-initialised model in memory (None: not written).
+    verification: Verification | None = None
     schema_version: str = SCHEMA_VERSION
 
     @property

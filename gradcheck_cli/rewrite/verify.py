@@ -13,6 +13,11 @@ magnitudes per layer; through tens of layers that is typically 1e-7..1e-5 of the
 through a shifted BatchNorm) moves outputs by a sizeable fraction of their scale, orders of
 magnitude above the tolerance. Integer and boolean outputs must match exactly.
 
+Every check runs at two batch sizes where the model allows it: the probe batch, and one other
+size (1, or the nearest the model accepts) made by repeating the probe batch's samples. The
+second size proves the written model is not tied to the probe's shape (a re-export that fixed a
+dynamic batch); a model whose inputs fix the batch is verified at its one size, with a note.
+
 ONNX models run in onnxruntime with graph optimisations *disabled*: its own Conv+BN fusion
 would otherwise make both sides fold the same way and hide a mistake in ours.
 """
@@ -23,9 +28,10 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, MissingDependencyError, ProbeError, UsageError
+from gradcheck_cli.errors import LoadError, MissingDependencyError, ProbeError, UsageError, VerificationError
 from gradcheck_cli.rewrite.fold_records import OutputCheck, Verification
 
 if TYPE_CHECKING:
@@ -33,8 +39,13 @@ if TYPE_CHECKING:
     import onnx
     from torch import nn
 
+    from gradcheck_cli.model.handle import LoadedModel
+    from gradcheck_cli.model.torch_save import Saved
     from gradcheck_cli.options import InputOptions
     from gradcheck_cli.probe.batch import ProbeBatch
+
+# (output names, one array per output concatenated over the batches, dtype names)
+Reference = tuple[list[str], list[Any], list[str]]
 
 BACKEND_TORCH = "torch eager"
 BACKEND_ORT = "onnxruntime (graph optimisations disabled)"
@@ -136,9 +147,7 @@ def compare_outputs(
 # PyTorch
 
 
-def torch_outputs(
-    module: nn.Module, batches: Sequence[ProbeBatch]
-) -> tuple[list[str], list[Any], list[str]]:
+def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> Reference:
     """(names, arrays, dtypes) of every tensor the model returns, concatenated over the batches."""
     import numpy as np
     import torch
@@ -200,18 +209,168 @@ def _flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]
     return []
 
 
-def verify_torch(
-    original: nn.Module,
-    rewritten: nn.Module,
-    batches: Sequence[ProbeBatch],
-    *,
-    backend: str = BACKEND_TORCH,
-    reference: tuple[list[str], list[Any], list[str]] | None = None,
-) -> Verification:
-    names, ref, dtypes = reference or torch_outputs(original, batches)
-    _, new, _ = torch_outputs(rewritten, batches)
-    samples = sum(batch.size for batch in batches)
-    return Verification(backend, samples, compare_outputs(names, ref, new, dtypes=dtypes))
+@dataclass
+class TorchPlan:
+    """What a rewritten PyTorch model is checked on: groups of batches, one per batch size, with
+    the original's outputs on each, and notes on a size that could not be used."""
+
+    groups: list[list[ProbeBatch]]
+    references: list[Reference]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(group[0].size for group in self.groups)
+
+    def without_second(self, note: str) -> TorchPlan:
+        return TorchPlan(self.groups[:1], self.references[:1], [*self.notes, note])
+
+
+def torch_plan(
+    original: nn.Module, batches: list[ProbeBatch], *, batch_range: tuple[int, int | None] | None = (0, None),
+    static_reason: str | None = None,
+) -> TorchPlan:
+    """The probe batches and a second batch size for ``original`` (see the module docstring).
+
+    ``batch_range``: the sizes the model's inputs declare (None: the batch is fixed, and
+    ``static_reason`` says why). The original must run at the second size for it to be used.
+    """
+    plan = TorchPlan([batches], [torch_outputs(original, batches)])
+    size = batches[0].size
+    other = other_batch_size(size, batch_range)
+    if other is None:
+        plan.notes.append(f"verified at batch size {size} only: {static_reason or 'the model fixes its batch size'}")
+        return plan
+    second = resized_batch(batches[0], other)
+    if second is None:
+        plan.notes.append(f"verified at batch size {size} only: the inputs do not share a batch dimension")
+        return plan
+    try:
+        reference = torch_outputs(original, [second])
+    except ProbeError as exc:
+        plan.notes.append(f"verified at batch size {size} only: the original model does not run at batch size "
+                          f"{other} ({exc.message.removeprefix('the model failed on the probe batch: ')})")
+        return plan
+    plan.groups.append([second])
+    plan.references.append(reference)
+    return plan
+
+
+def plan_for(loaded: LoadedModel, batches: list[ProbeBatch], *, reference: nn.Module | None = None) -> TorchPlan:
+    """:func:`torch_plan` for a loaded model: a second size where the input model allows one.
+
+    An exported program declares which batch sizes it takes; any other model is tried at the
+    second size, and used there if it runs. ``reference``: the module whose outputs the
+    rewritten one must reproduce (default: the loaded one).
+    """
+    from gradcheck_cli.model.dynamic import batch_range, program_dims, why_no_batch
+
+    module = loaded.module if reference is None else reference
+    if loaded.exported is None:
+        return torch_plan(module, batches)
+    dims = program_dims(loaded.exported)
+    if dims is None:
+        return torch_plan(module, batches, batch_range=None,
+                          static_reason="the input program's inputs are not all tensors")
+    return torch_plan(module, batches, batch_range=batch_range(dims), static_reason=why_no_batch(dims))
+
+
+def as_written(plan: TorchPlan, saved: Saved) -> TorchPlan:
+    """``plan`` for the file ``saved`` describes, with the writer's notes.
+
+    The second size is dropped only where the writer fixed the batch size knowingly (a model
+    torch.export could not give a dynamic batch): any other written file must run at it.
+    """
+    checked = TorchPlan(plan.groups, plan.references, [*plan.notes, *saved.notes])
+    if saved.static_batch and len(plan.groups) > 1:
+        return checked.without_second(f"verified at batch size {plan.sizes[0]} only: the file was written with "
+                                      "a static batch")
+    return checked
+
+
+def verify_torch_plan(rewritten: nn.Module, plan: TorchPlan, *, backend: str, what: str) -> Verification:
+    """``rewritten`` against the original's outputs in ``plan``, at each of its batch sizes.
+
+    Failing to run at the second size, where the original ran, is a :class:`VerificationError`:
+    the written model would not be the deployable one the report describes.
+    """
+    checks = []
+    for index, (group, reference) in enumerate(zip(plan.groups, plan.references, strict=True)):
+        names, ref, dtypes = reference
+        try:
+            _, new, _ = torch_outputs(rewritten, group)
+        except ProbeError as exc:
+            if index == 0:
+                raise
+            raise fails_at(what, group[0].size, plan.sizes[0], exc.message) from exc
+        checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
+    # The second size repeats the probe's samples: the distinct samples are the probe batches'.
+    return Verification(backend, sum(b.size for b in plan.groups[0]), merge_checks(checks),
+                        batch_sizes=plan.sizes)
+
+
+def fails_at(what: str, size: int, first: int, message: str) -> VerificationError:
+    detail = message.split(": ", 1)[-1]
+    return VerificationError(
+        f"{what} runs at batch size {first} but fails at batch size {size}, where the original runs: {detail}",
+        hint="nothing was written; choose another output format with `to`, or report this to gradcheck",
+    )
+
+
+def other_batch_size(size: int, batch_range: tuple[int, int | None] | None = (0, None)) -> int | None:
+    """The second batch size to verify at: 1, else the nearest other size ``batch_range`` allows."""
+    if batch_range is None:
+        return None
+    low, high = batch_range
+    for candidate in (1, size + 1, size - 1):
+        if candidate != size and candidate >= max(low, 1) and (high is None or candidate <= high):
+            return candidate
+    return None
+
+
+def resized_batch(batch: ProbeBatch, size: int) -> ProbeBatch | None:
+    """``batch`` with ``size`` samples (its own, repeated in order); None when its tensor inputs do
+    not all have the batch's size along dimension 0 (then there is no batch dimension to resize)."""
+    import torch
+
+    from gradcheck_cli.probe.batch import ProbeBatch
+
+    tensors = [*batch.args, *batch.kwargs.values()]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != tensors[0].shape[0] for t in tensors):
+        return None
+    index = torch.arange(size) % int(tensors[0].shape[0])
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index.to(t.device))
+
+    return ProbeBatch(tuple(pick(t) for t in batch.args), {k: pick(v) for k, v in batch.kwargs.items()})
+
+
+def resized_feed(feed: Mapping[str, Any], size: int) -> dict[str, Any] | None:
+    """:func:`resized_batch` for an onnxruntime feed (name -> numpy array)."""
+    import numpy as np
+
+    arrays = list(feed.values())
+    if not arrays or any(np.ndim(a) == 0 or np.shape(a)[0] != np.shape(arrays[0])[0] for a in arrays):
+        return None
+    index = np.arange(size) % int(np.shape(arrays[0])[0])
+    return {name: np.take(value, index, axis=0) for name, value in feed.items()}
+
+
+def merge_checks(per_size: Sequence[tuple[OutputCheck, ...]]) -> tuple[OutputCheck, ...]:
+    """One check per output over every batch size: the largest error against the tolerance of
+    the largest scale, as if the outputs of all sizes had been compared at once."""
+    if len(per_size) == 1:
+        return per_size[0]
+    merged = []
+    for checks in zip(*per_size, strict=True):
+        worst = max(checks, key=lambda c: c.max_abs_error)
+        scale = max(c.scale for c in checks)
+        tolerance = max(c.tolerance for c in checks)
+        passed = all(c.passed for c in checks) and worst.max_abs_error <= tolerance
+        merged.append(OutputCheck(worst.name, worst.dtype, worst.max_abs_error,
+                                  worst.max_abs_error / (scale if scale > 0 else 1.0), scale, tolerance, passed))
+    return tuple(merged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,9 +402,7 @@ def onnx_session(model: onnx.ModelProto | bytes) -> Any:
         ) from exc
 
 
-def onnx_outputs(
-    model: onnx.ModelProto | bytes, feeds: Sequence[dict[str, Any]]
-) -> tuple[list[str], list[Any], list[str]]:
+def onnx_outputs(model: onnx.ModelProto | bytes, feeds: Sequence[dict[str, Any]]) -> Reference:
     import numpy as np
 
     session = onnx_session(model)
@@ -273,22 +430,60 @@ def verify_onnx(
     original: onnx.ModelProto | bytes,
     rewritten: onnx.ModelProto | bytes,
     feeds: Sequence[dict[str, Any]],
+    *,
+    batch_dynamic: bool = False,
+    notes: list[str] | None = None,
 ) -> Verification:
+    """Both graphs in onnxruntime on ``feeds``, and at a second batch size when ``batch_dynamic``
+    (dimension 0 of every graph input is dynamic); why there is no second size goes to ``notes``.
+
+    The rewritten graph failing at the second size where the original runs is a
+    :class:`VerificationError`, as in :func:`verify_torch_plan`.
+    """
+    reasons = notes if notes is not None else []
+    first = _feed_size(feeds[0]) if feeds else 1
+    groups: list[tuple[int, list[dict[str, Any]]]] = [(first, list(feeds))]
+    other = other_batch_size(first) if batch_dynamic else None
+    second = resized_feed(feeds[0], other) if other is not None and feeds else None
+    if not batch_dynamic:
+        reasons.append(f"verified at batch size {first} only: the graph's inputs have a static batch dimension")
+    elif other is not None and second is None:
+        reasons.append(f"verified at batch size {first} only: the inputs do not share a batch dimension")
+    elif other is not None and second is not None:
+        groups.append((other, [second]))
+    checks = []
+    sizes = []
+    for size, group in groups:
+        try:
+            names, ref, dtypes = onnx_outputs(original, group)
+        except ProbeError as exc:
+            if size == first:
+                raise
+            reasons.append(f"verified at batch size {first} only: the original graph does not run at batch "
+                           f"size {size} ({exc.message.split(': ', 1)[-1]})")
+            break
+        try:
+            new_names, new, _ = onnx_outputs(rewritten, group)
+        except ProbeError as exc:
+            if size == first:
+                raise
+            raise fails_at("the rewritten graph", size, first, exc.message) from exc
+        if new_names != names:
+            raise ProbeError(
+                f"the rewritten graph's outputs {new_names} differ from the original's {names}",
+                hint="this is a bug in gradcheck; please report it",
+            )
+        checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
+        sizes.append(size)
+    samples = sum(_feed_size(feed) for feed in feeds)  # the second size repeats these samples
+    return Verification(BACKEND_ORT, samples, merge_checks(checks), batch_sizes=tuple(sizes))
+
+
+def _feed_size(feed: Mapping[str, Any]) -> int:
     import numpy as np
 
-    names, ref, dtypes = onnx_outputs(original, feeds)
-    new_names, new, _ = onnx_outputs(rewritten, feeds)
-    if new_names != names:
-        raise ProbeError(
-            f"the rewritten graph's outputs {new_names} differ from the original's {names}",
-            hint="this is a bug in gradcheck; please report it",
-        )
-    samples = (
-        sum(int(np.shape(next(iter(feed.values())))[0]) if feed else 1 for feed in feeds)
-        if feeds
-        else 0
-    )
-    return Verification(BACKEND_ORT, samples, compare_outputs(names, ref, new, dtypes=dtypes))
+    shape = np.shape(next(iter(feed.values()))) if feed else ()
+    return int(shape[0]) if shape else 1
 
 
 def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict[str, Any]]:
