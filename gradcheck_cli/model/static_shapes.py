@@ -114,9 +114,13 @@ def _dim(size: Any, ranges: dict[Any, Any]) -> int | tuple[int, int | None]:
 
 
 def _finite(value: Any) -> int | None:
+    # sympy's infinity (an unbounded dynamic dimension) refuses int() with AttributeError in some
+    # sympy versions rather than OverflowError: ask it first.
+    if value is None or getattr(value, "is_finite", True) is False:
+        return None
     try:
         number = int(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, AttributeError):
         return None
     return number if abs(number) < 2**62 else None
 
