@@ -27,7 +27,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 from gradcheck_cli.check import check_module  # noqa: E402
 from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
 from gradcheck_cli.probe.options import LossKind, ProbeOptions  # noqa: E402
-from gradcheck_cli.records import Report, Severity  # noqa: E402
+from gradcheck_cli.records import Report  # noqa: E402
 
 SECTION = "## Gate corpus (issue 16)"
 
@@ -107,7 +107,7 @@ _TV_SIZES = {"vit": 224, "swin": 224, "maxvit": 224, "inception": 96, "googlenet
 def torchvision_cases(quick: bool) -> list[Case]:
     import torchvision
 
-    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    names = sorted(torchvision.models.list_models(module=torchvision.models), key=_tv_params)
     if quick:
         names = [n for n in names if n in ("resnet18", "mobilenet_v3_small", "squeezenet1_0")]
     cases = []
@@ -115,6 +115,18 @@ def torchvision_cases(quick: bool) -> list[Case]:
         size = next((s for prefix, s in _TV_SIZES.items() if name.startswith(prefix)), 64)
         cases.append(Case(f"torchvision/{name}", "torchvision", _tv_builder(name), _probe(2, 3, size, size)))
     return cases
+
+
+def _tv_params(name: str) -> tuple[int, str]:
+    """Smallest first (from the weights' metadata, without building): a run cut short by its
+    time budget leaves out the largest models."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name)
+        return int(next(iter(weights)).meta.get("num_params", 0)), name
+    except (ValueError, StopIteration, KeyError):
+        return 0, name
 
 
 def _tv_builder(name: str) -> Callable[[], nn.Module]:
@@ -130,21 +142,38 @@ def _tv_builder(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-# The smallest variant of a family usually carries one of these tokens.
-_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "18", "s")
+# The smallest variant of a family usually carries one of these tokens (most telling first).
+_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "_s", "18", "base")
 
 
 def timm_family_models() -> list[str]:
-    """One model per timm module (family), preferring its smallest named variant."""
+    """One model per timm module (family): of the five variants whose names look smallest, the
+    one with the fewest parameters (counted on the meta device: no memory, no init)."""
     import timm
 
-    chosen = []
+    chosen: list[tuple[float, str]] = []
     for module in sorted(timm.list_modules()):
         names = sorted(timm.list_models(module=module))
         if not names:
             continue
-        chosen.append(min(names, key=lambda n: (next((i for i, t in enumerate(_SMALL) if t in n), len(_SMALL)), len(n), n)))
-    return chosen
+        ranked = sorted(names, key=_smallness)
+        chosen.append(min((_meta_params(n), n) for n in ranked[:5]))
+    return [name for _, name in sorted(chosen)]  # smallest first, as for torchvision
+
+
+def _smallness(name: str) -> tuple[int, int, str]:
+    return next((i for i, t in enumerate(_SMALL) if t in name), len(_SMALL)), len(name), name
+
+
+def _meta_params(name: str) -> float:
+    import timm
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(sum(p.numel() for p in timm.create_model(name).parameters()))
+    except Exception:
+        return math.inf
 
 
 def timm_cases(quick: bool) -> list[Case]:
@@ -182,11 +211,13 @@ def _timm_builder(name: str) -> Callable[[], nn.Module]:
 _HF_LOCAL = {
     "bert": ("BertForMaskedLM", "BertConfig", {}),
     "roberta": ("RobertaForMaskedLM", "RobertaConfig", {}),
-    "distilbert": ("DistilBertForMaskedLM", "DistilBertConfig", {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2}),
+    "distilbert": ("DistilBertForMaskedLM", "DistilBertConfig",
+                   {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2}),
     "albert": ("AlbertForMaskedLM", "AlbertConfig", {"embedding_size": 32}),
     "electra": ("ElectraForMaskedLM", "ElectraConfig", {"embedding_size": 32}),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 2}),
-    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoConfig", {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "num_heads": 2}),
+    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoConfig",
+                {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "num_heads": 2}),
     "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     "llama": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}),
     "mistral": ("MistralForCausalLM", "MistralConfig", {"num_key_value_heads": 2}),
@@ -359,7 +390,8 @@ def residual_mlp(detached: bool) -> nn.Sequential:
     nn.init.kaiming_normal_(stem.weight, nonlinearity="relu")
     head = nn.Linear(WIDTH, 10)
     nn.init.xavier_normal_(head.weight)
-    return nn.Sequential(stem, DetachedBranch(WIDTH, False), DetachedBranch(WIDTH, detached), DetachedBranch(WIDTH, False), head)
+    blocks = [DetachedBranch(WIDTH, detached and i == 1) for i in range(3)]  # the fault in block 2
+    return nn.Sequential(stem, *blocks, head)
 
 
 def _scaled(model: nn.Sequential, factor: float) -> nn.Sequential:
@@ -469,12 +501,20 @@ def library_fault_cases() -> list[Case]:
 
 
 def corpus(quick: bool) -> list[Case]:
+    """Synthetic and packaged models first, then transformers, then torchvision (smallest first)
+    and timm families interleaved, so that a run cut short by its time budget covers both."""
     cases = synthetic_cases() + library_fault_cases() + packaged_cases()
-    for source in (torchvision_cases, timm_cases, transformers_cases):
+    sources: list[list[Case]] = []
+    for source in (transformers_cases, torchvision_cases, timm_cases):
         try:
-            cases += source(quick)
+            sources.append(source(quick))
         except ImportError as exc:  # a library that is not installed: its models are left out
             print(f"skipped {source.__name__}: {exc}", file=sys.stderr)
+    if sources:
+        cases += sources[0] if sources[0] and sources[0][0].source == "transformers" else []
+        rest = [s for s in sources if not s or s[0].source != "transformers"]
+        longest = max((len(s) for s in rest), default=0)
+        cases += [s[i] for i in range(longest) for s in rest if i < len(s)]
     return cases
 
 
@@ -491,21 +531,39 @@ def run_case(case: Case) -> Outcome:
                      "value": f.value if f.value is None or math.isfinite(f.value) else None,
                      "message": f.message} for f in report.findings]
         return Outcome(case, findings, seconds=time.perf_counter() - start)
-    except Exception as exc:  # noqa: BLE001 - a model the probe cannot run is reported, not fatal
+    except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         return Outcome(case, error=f"{type(exc).__name__}: {first[:200]}", seconds=time.perf_counter() - start)
 
 
-def run_corpus(cases: list[Case], *, log: Callable[[str], None] | None = None) -> list[Outcome]:
-    outcomes = []
+def run_corpus(
+    cases: list[Case],
+    *,
+    log: Callable[[str], None] | None = None,
+    done: dict[str, Outcome] | None = None,
+    budget_s: float | None = None,
+    save: Callable[[list[Outcome]], None] | None = None,
+) -> tuple[list[Outcome], list[Case]]:
+    """Every case's outcome (``done`` ones reused), and the cases left out by the time budget."""
+    outcomes: list[Outcome] = []
+    left: list[Case] = []
+    start = time.perf_counter()
     for case in cases:
+        if done and case.name in done:
+            outcomes.append(done[case.name])
+            continue
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            left.append(case)
+            continue
         outcome = run_case(case)
         outcomes.append(outcome)
+        if save is not None:
+            save(outcomes)
         if log is not None:
             mark = "ERROR " + (outcome.error or "") if outcome.error else (
                 ", ".join(f"{f['code']}@{f['layer']}" for f in outcome.loud) or "clean")
             log(f"{outcome.seconds:6.1f}s {case.name}: {mark}")
-    return outcomes
+    return outcomes, left
 
 
 @dataclass(frozen=True)
@@ -560,8 +618,15 @@ def score(outcomes: list[Outcome]) -> Score:
 
 
 def findings_json(outcomes: list[Outcome]) -> dict[str, Any]:
-    return {"models": {o.case.name: {"fault": o.case.fault, "error": o.error, "findings": o.findings}
-                       for o in outcomes}}
+    return {"models": {o.case.name: {"fault": o.case.fault, "error": o.error, "findings": o.findings,
+                                     "seconds": round(o.seconds, 1)} for o in outcomes}}
+
+
+def outcomes_from_json(data: dict[str, Any], cases: list[Case]) -> dict[str, Outcome]:
+    """Outcomes of an earlier run (``--resume``), for the cases still in the corpus."""
+    by_name = {c.name: c for c in cases}
+    return {name: Outcome(by_name[name], entry["findings"], entry["error"], entry.get("seconds", 0.0))
+            for name, entry in data["models"].items() if name in by_name}
 
 
 def diff(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -579,7 +644,7 @@ def diff(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def scorecard(outcomes: list[Outcome], command: str, seconds: float) -> str:
+def scorecard(outcomes: list[Outcome], command: str, seconds: float, left: list[Case] | None = None) -> str:
     s = score(outcomes)
     sources: dict[str, int] = {}
     for o in outcomes:
@@ -615,6 +680,9 @@ def scorecard(outcomes: list[Outcome], command: str, seconds: float) -> str:
     failed = [o for o in outcomes if o.error is not None]
     lines += ["", "Models the probe could not run:", ""]
     lines += [f"- `{o.case.name}`: {o.error}" for o in failed] or ["- none"]
+    if left:
+        lines += ["", f"Not run within the time budget ({len(left)}, the largest last): "
+                  + ", ".join(f"`{c.name}`" for c in left) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -637,21 +705,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every finding of every model here")
     parser.add_argument("--diff", type=Path, help="a --json file from before a rule change")
     parser.add_argument("--markdown", type=Path, help="replace the scorecard section of this file")
+    parser.add_argument("--resume", action="store_true", help="reuse the models already in --json")
+    parser.add_argument("--budget-minutes", type=float, help="start no model after this long")
     args = parser.parse_args(argv)
     cases = corpus(args.quick)
-    if args.only:
+    done = None
+    if args.resume and args.json and args.json.exists():
+        # With --only, the matching models run again and the others are kept from the file.
+        done = outcomes_from_json(json.loads(args.json.read_text(encoding="utf-8")), cases)
+        if args.only:
+            done = {name: o for name, o in done.items() if not re.search(args.only, name)}
+    elif args.only:
         cases = [c for c in cases if re.search(args.only, c.name)]
+    json_path: Path | None = args.json
+
+    def save(so_far: list[Outcome]) -> None:
+        if json_path is not None:  # after every model: a run that is stopped keeps what it did
+            json_path.write_text(json.dumps(findings_json(so_far), indent=1), encoding="utf-8")
+
     start = time.perf_counter()
-    outcomes = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - start
+    outcomes, left = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done,
+                                budget_s=args.budget_minutes * 60 if args.budget_minutes else None, save=save)
+    seconds = time.perf_counter() - start + sum(o.seconds for o in (done or {}).values())
     data = findings_json(outcomes)
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    save(outcomes)
     if args.diff:
         for line in diff(json.loads(args.diff.read_text(encoding="utf-8")), data) or ["no change"]:
             print(line)
     command = "python bench/gate_corpus.py" + (" --quick" if args.quick else "")
-    card = scorecard(outcomes, command, seconds)
+    card = scorecard(outcomes, command, seconds, left)
     print(card)
     if args.markdown:
         replace_section(args.markdown, card)

@@ -87,9 +87,9 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
     """The one place a torch model's findings are computed: the checkpoint scan, the probe, the
     init-scale judgement and the zero-initialised branches are all evidence for the rules."""
     from gradcheck_cli import api
+    from gradcheck_cli.detached import find_detached
     from gradcheck_cli.init_scale import with_init_scales
     from gradcheck_cli.scan import scan_module
-    from gradcheck_cli.detached import find_detached
     from gradcheck_cli.zero_init import find_branches
 
     active = tuple(rules)

@@ -48,9 +48,9 @@ _LEAKY = ("leaky_relu", "prelu", "rrelu")
 # Activations after which a weight scale no longer passes through to the next norm: the
 # saturating ones squash it, SELU's fixed point depends on it.
 _SCALE_BREAKING = SATURATING | {"selu"}
-# A norm this many linear maps downstream still bounds the layer (an attention block's q/k/v and
+# A norm this many linear maps downstream still bounds the layer (an attention block's q, k, v and
 # output projection, an MLP's two layers); further away the scale compounds as in a plain net.
-_MAX_MAPS_TO_NORM = 3
+_MAX_MAPS_TO_NORM = 4
 # Tolerances of the i.i.d. test, in standard errors: wide, because a false "trained" only
 # silences a warning while a trained layer judged as an init is a false alarm.
 _Z = 6.0
@@ -187,12 +187,14 @@ def with_init_scales(
         weight = getattr(layer, "weight", None)
         if shape is None or not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
             continue  # embeddings, recurrent and attention weights follow other conventions
+        reason = _structural_reason(report.layers, index, weight, embedded)
+        if reason is not None:
+            rows[index] = replace(row, reasons={**row.reasons, "init": reason})
+            continue
         candidates.append((index, row, weight, shape))
-    verdicts = {
-        row.name: weight_verdict(weight, out_dim=shape[2])
-        for _, row, weight, shape in candidates
-        if weight.dim() >= 2 and bool(torch.isfinite(weight).all()) and bool(weight.detach().any())
-    }
+    # The i.i.d. test only on the layers a structure does not already exclude (it reads every
+    # weight once, in float64).
+    verdicts = {row.name: weight_verdict(weight, out_dim=shape[2]) for _, row, weight, shape in candidates}
     failed = sum(1 for v in verdicts.values() if not v.at_init)
     if trained is None and verdicts and 2 * failed >= len(verdicts):
         # Training moves every layer, but a small layer's test has little power: when most layers
@@ -200,8 +202,9 @@ def with_init_scales(
         trained = f"{failed} of {len(verdicts)} layers' weights are not an init draw (the model is trained)"
     judged: dict[str, InitJudgement] = {}
     for index, row, weight, (layout, groups, _out_dim) in candidates:
-        reason = _not_judged(report.layers, index, weight, embedded, trained, verdicts.get(row.name))
-        if isinstance(reason, str):
+        verdict = verdicts[row.name]
+        if not verdict.at_init or trained is not None:
+            reason = f"not at init: {verdict.evidence if not verdict.at_init else trained}"
             rows[index] = replace(row, reasons={**row.reasons, "init": reason})
             continue
         scale = _init_scale(modules, weight, layout, groups, following_activation(report.layers, index))
@@ -209,7 +212,7 @@ def with_init_scales(
             continue
         measured, mode = scale
         rows[index] = replace(row, init=measured)
-        judged[row.name] = InitJudgement(evidence=reason.evidence, mode=mode)
+        judged[row.name] = InitJudgement(evidence=verdict.evidence, mode=mode)
     return replace(report, layers=tuple(rows)), judged
 
 
@@ -229,21 +232,15 @@ def _layout(layer: nn.Module | None) -> tuple[WeightLayout, int, int] | None:
     return None
 
 
-def _not_judged(
-    rows: tuple[LayerStats, ...],
-    index: int,
-    weight: torch.Tensor,
-    embedded: dict[int, str],
-    trained: str | None,
-    verdict: WeightVerdict | None,
-) -> str | WeightVerdict:
-    """Why row ``index``'s init scale is not judged, or the verdict that it is at init."""
+def _structural_reason(
+    rows: tuple[LayerStats, ...], index: int, weight: torch.Tensor, embedded: dict[int, str]
+) -> str | None:
+    """Why row ``index``'s init scale is not judged whatever its values (None: it may be)."""
     import torch
 
     if weight.dim() < 2:
         return "the weight has fewer than 2 dimensions"
-    finite = bool(torch.isfinite(weight).all())
-    if not finite:
+    if not bool(torch.isfinite(weight).all()):
         return "the weight holds NaN/Inf (GC001 reports it)"
     if not bool(weight.detach().any()):
         return "the weight is all zero: a zero-initialised branch (GC302), not a scale"
@@ -253,12 +250,7 @@ def _not_judged(
     if norm is not None:
         return (f"its output reaches the normalisation '{norm.name}' through no saturating nonlinearity: "
                 "the norm resets the scale, so it does not compound with depth")
-    assert verdict is not None  # every finite, non-zero 2-D weight was tested
-    if not verdict.at_init:
-        return f"not at init: {verdict.evidence}"
-    if trained is not None:
-        return f"not at init: {trained}"
-    return verdict
+    return None
 
 
 def _init_scale(

@@ -124,5 +124,6 @@ def _open_value(tensor: torch.Tensor, kind: GateKind, generator: torch.Generator
     if kind is GateKind.NORM_SCALE or tensor.dim() < 2:
         return torch.ones_like(tensor)
     fan_in = tensor.numel() // tensor.shape[0]
-    draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) / max(fan_in, 1) ** 0.5
-    return draw.to(dtype=tensor.dtype, device=tensor.device)
+    draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * (1.0 / max(fan_in, 1) ** 0.5)
+    opened: torch.Tensor = draw.to(dtype=tensor.dtype, device=tensor.device)
+    return opened

@@ -290,8 +290,8 @@ def test_optimizer_state_in_the_checkpoint_means_trained(tmp_path: Path) -> None
     from gradcheck_cli import api
     from gradcheck_cli.check import check_path
 
-    (tmp_path / "arch.py").write_text(
-        "from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))\n")
+    (tmp_path / "arch.py").write_text("from torch import nn\n\ndef mlp():\n"
+                                      "    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))\n")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
     with torch.no_grad():
