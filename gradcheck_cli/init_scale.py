@@ -48,9 +48,12 @@ _LEAKY = ("leaky_relu", "prelu", "rrelu")
 # Activations after which a weight scale no longer passes through to the next norm: the
 # saturating ones squash it, SELU's fixed point depends on it.
 _SCALE_BREAKING = SATURATING | {"selu"}
-# A norm this many linear maps downstream still bounds the layer (an attention block's q, k, v and
-# output projection, an MLP's two layers); further away the scale compounds as in a plain net.
-_MAX_MAPS_TO_NORM = 4
+# A norm still bounds the layer when it comes within this many nonlinear stages (attention, an
+# activation): a transformer block has two (attention, the MLP's activation) whatever the number
+# of projections, which run in parallel (q, k, v) but follow each other in execution order.
+# Further away the scale compounds through the nonlinearities as in a plain net.
+_MAX_STAGES_TO_NORM = 2
+_MAX_MAPS_TO_NORM = 8
 # Tolerances of the i.i.d. test, in standard errors: wide, because a false "trained" only
 # silences a warning while a trained layer judged as an init is a false alarm.
 _Z = 6.0
@@ -146,19 +149,45 @@ def following_activation(rows: tuple[LayerStats, ...], index: int) -> LayerStats
 
 def following_norm(rows: tuple[LayerStats, ...], index: int) -> LayerStats | None:
     """The normalisation row that row ``index``'s output reaches through scale-preserving rows
-    only (other linear maps, attention, the ReLU family and GELU/SiLU, which are positively
-    homogeneous or linear near 0), or None."""
-    maps = 0
+    only (linear maps, attention, the ReLU family and GELU/SiLU, which are positively homogeneous
+    or linear near 0) within two nonlinear stages, or None."""
+    maps = stages = 0
     for row in rows[index + 1 :]:
         if row.kind is RowKind.NORM:
             return row
-        if row.kind is RowKind.ACTIVATION and row.fn in _SCALE_BREAKING:
-            return None
+        if row.kind is RowKind.ACTIVATION:
+            if row.fn in _SCALE_BREAKING:
+                return None
+            stages += 1
+            if stages > _MAX_STAGES_TO_NORM:
+                return None
         if row.kind is RowKind.PARAM:
             maps += 1
             if maps > _MAX_MAPS_TO_NORM:
                 return None
     return None
+
+
+_GATES = frozenset({"sigmoid", "hardsigmoid"})
+
+
+def _gate_branch(rows: tuple[LayerStats, ...], index: int) -> bool:
+    """Row ``index`` is a squeeze-excitation (channel attention) layer: a conv on globally pooled
+    features (1x1 output) whose path reaches a sigmoid gate within one more linear map."""
+    shape = rows[index].shape
+    if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+        return False
+    maps = 0
+    for row in rows[index + 1 :]:
+        if row.kind is RowKind.ACTIVATION and row.fn in _GATES:
+            return True
+        if row.kind is RowKind.NORM:
+            return False
+        if row.kind is RowKind.PARAM:
+            maps += 1
+            if maps > 1:
+                return False
+    return False
 
 
 def with_init_scales(
@@ -172,8 +201,12 @@ def with_init_scales(
     # A lookup table rather than get_submodule, which ScriptModules refuse: their submodules are
     # then simply not Linear/Conv instances and are skipped.
     modules = dict(module.named_modules())
+    # By class name (a custom 'Embedding' may hold no weight: timm's SwiftFormer patch embedding).
     embedded = {
-        id(m.weight): name for name, m in modules.items() if type(m).__name__ in ("Embedding", "EmbeddingBag")
+        id(weight): name
+        for name, m in modules.items()
+        if type(m).__name__ in ("Embedding", "EmbeddingBag")
+        and isinstance(weight := getattr(m, "weight", None), torch.Tensor)
     }
     trained = model_trained_evidence(scan)
     candidates: list[tuple[int, LayerStats, torch.Tensor, tuple[WeightLayout, int, int]]] = []
@@ -246,6 +279,9 @@ def _structural_reason(
         return "the weight is all zero: a zero-initialised branch (GC302), not a scale"
     if id(weight) in embedded:
         return f"the weight is tied to the embedding '{embedded[id(weight)]}', whose init convention it follows"
+    if _gate_branch(rows, index):
+        return ("a channel-attention gate branch (pooled 1x1 input, a sigmoid gate within one more layer): "
+                "its scale sets how open the gate starts and does not compound with depth")
     norm = following_norm(rows, index)
     if norm is not None:
         return (f"its output reaches the normalisation '{norm.name}' through no saturating nonlinearity: "

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from gradcheck_cli.errors import ConfigError
+from gradcheck_cli.init_scale import following_norm
 from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
 from gradcheck_cli.scan import CheckpointScan, GateKind
 from gradcheck_cli.zero_init import ZeroInitBranches
@@ -229,15 +230,23 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 
 def _dead(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    """More than the threshold's share of units dead, beyond chance: at init a unit fed positive
+    inputs (after a ReLU, or a pooled squeeze-excitation input) is on or off for every sample by
+    the sign of w·E[x], a coin flip per unit, so about half of a small layer's units can be
+    "dead" on a small probe by chance. The count must exceed threshold·n by two binomial
+    standard deviations (sqrt(n/4)); a layer whose units all died always does once n > 4."""
     bound = _bound(rule)
     for row in evidence.report.layers:
-        if row.dead is not None and row.dead.total and row.dead.fraction > bound:
+        dead = row.dead
+        if dead is None or not dead.total:
+            continue
+        if dead.units > bound * dead.total + math.sqrt(dead.total / 4.0) * 2.0:
             yield _finding(
                 rule,
                 row.name,
-                row.dead.fraction,
-                f"{row.dead.units} of {row.dead.total} {row.fn} units are dead "
-                f"({row.dead.fraction:.0%}): zero for every probe sample",
+                dead.fraction,
+                f"{dead.units} of {dead.total} {row.fn} units are dead "
+                f"({dead.fraction:.0%}): zero for every probe sample",
             )
 
 
@@ -246,8 +255,10 @@ def _spread_attention(row: LayerStats) -> bool:
     keys, not peaked. Its top probability is then small (1/keys for uniform attention over more
     than ~80 keys falls below the saturation cutoff) without any row being saturated."""
     attention = row.attention
-    if attention is None or not attention.entropy or attention.max_entropy <= 0:
+    if attention is None or not attention.entropy:
         return False
+    if attention.max_entropy <= 0:
+        return True  # one key: the softmax is 1 by construction, nothing to saturate
     return sum(attention.entropy) / len(attention.entropy) >= 0.5 * attention.max_entropy
 
 
@@ -431,8 +442,14 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     rows = _param_rows(evidence)
+    # A layer whose output feeds a normalisation is scale-invariant: its gradient is orthogonal to
+    # W, so a large step only grows |W|, which shrinks the next steps (Arora, Li & Lyu 2018); it
+    # cannot blow the layer up. (The gradient of a conv stem sums over every position, so it is
+    # large on any image net.)
+    index = {id(r): i for i, r in enumerate(evidence.report.layers)}
     large = [
         r for r in rows if r.grad is not None and r.grad.norm is not None and r.grad.norm > bound
+        and following_norm(evidence.report.layers, index[id(r)]) is None
     ]
     if not large:
         return
@@ -519,7 +536,8 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 _GATE_DESIGNS = {
     GateKind.NORM_SCALE: "a norm's gamma at 0, as timm's zero_init_last and torchvision's "
     "zero_init_residual set the last BatchNorm of a residual branch (Goyal et al. 2017)",
-    GateKind.SCALE: "a scale parameter at 0, as ReZero/SkipInit set the residual branch's alpha",
+    GateKind.SCALE: "a scale parameter at 0 or at a tiny constant, as ReZero/SkipInit set the "
+    "residual branch's alpha to 0 and LayerScale (CaiT, ConvNeXt, EdgeNeXt) to 1e-5 or 1e-6",
     GateKind.ZERO_MATRIX: "a weight matrix at 0, as LoRA sets B and DiT its adaLN-zero modulation",
 }
 

@@ -62,7 +62,9 @@ class GateKind(str, Enum):
     """How a zero-initialised branch is spelled (module or functional, any name)."""
 
     NORM_SCALE = "norm-scale"  # a norm's gamma at 0: timm zero_init_last, torchvision zero_init_residual
-    SCALE = "scale"  # a scalar or vector parameter at 0: ReZero/SkipInit alpha, a zero LayerScale
+    # A scalar or vector parameter at 0 (ReZero/SkipInit alpha) or at one tiny constant (LayerScale,
+    # 1e-6 in ConvNeXt/EdgeNeXt, 1e-5 in CaiT: the same design, not quite closed).
+    SCALE = "scale"
     ZERO_MATRIX = "zero-matrix"  # a Linear/Conv weight (and bias) at 0: LoRA B, DiT adaLN-zero
 
     def __str__(self) -> str:
@@ -124,8 +126,9 @@ def _is_linear_map(module: nn.Module) -> bool:
 
 def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
     """Parameters that are exactly 0 everywhere and scale something: a norm's gamma, a Linear or
-    Conv weight whose bias is 0 too, or any other parameter not named as a bias. Biases are
-    excluded because they add, so a zero bias gates nothing."""
+    Conv weight whose bias is 0 too, or any other parameter not named as a bias; and vectors
+    holding one tiny constant (LayerScale). Biases are excluded because they add, so a zero bias
+    gates nothing."""
     import torch
 
     found: list[ZeroParameter] = []
@@ -134,7 +137,9 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
             for leaf, tensor in owner._parameters.items():
                 if tensor is None or not tensor.dtype.is_floating_point or not tensor.numel():
                     continue
-                if "bias" in leaf or leaf == "beta" or bool(tensor.any()):
+                if "bias" in leaf or leaf == "beta":
+                    continue
+                if bool(tensor.any()) and not _tiny_constant(tensor):
                     continue
                 name = f"{owner_path}.{leaf}" if owner_path else leaf
                 if _is_norm(owner) and leaf == "weight":
@@ -148,6 +153,18 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
                     kind = GateKind.ZERO_MATRIX if tensor.dim() >= 2 else GateKind.SCALE
                 found.append(ZeroParameter(name=name, module=owner_path, kind=kind, count=tensor.numel()))
     return tuple(found)
+
+
+# A LayerScale initialised at or below this constant gates its branch as a zero would.
+TINY_SCALE = 1e-3
+
+
+def _tiny_constant(tensor: torch.Tensor) -> bool:
+    """A vector or scalar holding one tiny non-zero constant: a LayerScale at init."""
+    if tensor.dim() > 1:
+        return False
+    first = tensor.reshape(-1)[0]
+    return 0 < abs(float(first)) <= TINY_SCALE and bool((tensor == first).all())
 
 
 def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = None) -> CheckpointScan:
