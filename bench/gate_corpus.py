@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     outcomes, left = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done,
-                                budget_s=args.budget_minutes * 60 if args.budget_minutes else None, save=save)
+                                budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None, save=save)
     seconds = time.perf_counter() - start + sum(o.seconds for o in (done or {}).values())
     data = findings_json(outcomes)
     save(outcomes)
