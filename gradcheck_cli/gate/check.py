@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gradcheck_cli.gate.baseline import BaselineFinding, compare
-from gradcheck_cli.gate.rules import RULES, Rule, evaluate
+from gradcheck_cli.gate.rules import RULES, RULES_BY_CODE, Rule, evaluate
 from gradcheck_cli.options import DEFAULT_BASELINE_TOLERANCE, LoadOptions, ProbeOptions
 from gradcheck_cli.records import BaselineStatus, Finding, Report, Severity
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from gradcheck_cli.gate.scan import CheckpointScan
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.run import Progress
 
@@ -103,14 +104,54 @@ def _checked_onnx(path: Path, probe: ProbeOptions, rules: Iterable[Rule], progre
 
 
 def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None) -> Report:
+    """The one place a torch model's findings are computed: the checkpoint scan, the probe, the
+    init-scale judgement and the zero-initialised branches are all evidence for the rules."""
+    from gradcheck_cli.gate.detached import find_detached
     from gradcheck_cli.gate.init_scale import with_init_scales
     from gradcheck_cli.gate.scan import scan_module
+    from gradcheck_cli.gate.zero_init import find_branches
     from gradcheck_cli.probe.entry import inspect_loaded
 
-    scan = scan_module(loaded.module)  # before the probe runs: the checkpoint as shipped
+    active = tuple(rules)
+    # Before the probe runs: the checkpoint as shipped.
+    scan = scan_module(loaded.module, checkpoint=loaded.checkpoint)
+    probe, note = _probe_for(scan, probe)
     report = inspect_loaded(loaded, probe, progress=progress)
-    report = with_init_scales(report, loaded.module)
-    return replace(report, findings=evaluate(report, rules, scan=scan))
+    if note:
+        report = replace(report, notes=(*report.notes, note))
+    report, judged = with_init_scales(report, loaded.module, scan=scan)
+    branches = find_branches(loaded, probe, report, scan.zero_parameters, bound=_small_gradient_bound(active))
+    detached = find_detached(loaded, probe, report)
+    findings = evaluate(report, active, scan=scan, init=judged, branches=branches, detached=detached)
+    return replace(report, findings=findings)
+
+
+def _probe_for(scan: CheckpointScan, probe: ProbeOptions) -> tuple[ProbeOptions, str | None]:
+    """Train mode for a model that was never trained: eval-mode BatchNorm with fresh statistics
+    (mean 0, var 1) is the identity, so an eval probe would measure an unnormalised network that
+    nobody trains or deploys (the gradients of a depthwise MobileNet vanish there); training
+    normalises with batch statistics, and that is what the gradients must be judged on."""
+    from gradcheck_cli.options import Mode
+
+    fresh = scan.batchnorms and all(bn.never_updated and bn.default_affine for bn in scan.batchnorms)
+    if probe.mode is not Mode.EVAL or not fresh:
+        return probe, None
+    return replace(probe, mode=Mode.TRAIN), (
+        "probed in train mode: every BatchNorm holds a fresh module's defaults (the model was never "
+        "trained), and eval-mode BatchNorm with default statistics is the identity, which no one trains"
+    )
+
+
+def _small_gradient_bound(rules: tuple[Rule, ...]) -> float:
+    """The gradient norm below which a layer counts as not learning: GC203's configured
+    threshold, or its default when GC203 is not active (the other gradient rules still need to
+    know which zero gradients are by design)."""
+    for rule in rules:
+        if rule.code == "GC203" and rule.threshold is not None:
+            return rule.threshold
+    default = RULES_BY_CODE["GC203"].threshold
+    assert default is not None
+    return default
 
 
 def gates(finding: Finding, fail_on: Severity) -> bool:

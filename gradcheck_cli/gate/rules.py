@@ -15,13 +15,19 @@ import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.gate.scan import CheckpointScan
+from gradcheck_cli.gate.init_scale import following_norm
+from gradcheck_cli.gate.scan import CheckpointScan, GateKind
+from gradcheck_cli.gate.zero_init import ZeroInitBranches
 from gradcheck_cli.options import RuleOverride
 from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
+
+if TYPE_CHECKING:
+    from gradcheck_cli.gate.init_scale import InitJudgement
 
 
 class Worse(str, Enum):
@@ -41,6 +47,16 @@ class Evidence:
 
     report: Report
     scan: CheckpointScan | None = None  # None: the checkpoint was not scanned (inspect)
+    # Row name -> why its weights were judged as an init (rows GC301 measured).
+    init: Mapping[str, InitJudgement] = field(default_factory=dict)
+    branches: ZeroInitBranches = field(default_factory=ZeroInitBranches)
+    # Rows the loss depends on that received no gradient (gradcheck_cli.detached).
+    detached: frozenset[str] = frozenset()
+
+    def by_design(self, row: LayerStats) -> bool:
+        """A row whose zero output or zero gradient is a zero-initialised branch (GC302): the
+        gate itself, or a layer behind it."""
+        return row.name in self.branches.gated or row.module in self.branches.modules
 
 
 @dataclass(frozen=True)
@@ -69,12 +85,18 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _finding(
-    rule: Rule, layer: str | None, value: float | None, message: str, advice: str | None = None
+    rule: Rule,
+    layer: str | None,
+    value: float | None,
+    message: str,
+    advice: str | None = None,
+    *,
+    severity: Severity | None = None,
 ) -> Finding:
     return Finding(
         code=rule.code,
         rule=rule.name,
-        severity=rule.severity,
+        severity=severity or rule.severity,
         layer=layer,
         value=value,
         threshold=rule.threshold,
@@ -174,36 +196,79 @@ def _bn_bad_variance(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 
 def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
-    for bn in evidence.scan.batchnorms if evidence.scan is not None else ():
-        if bn.never_updated:
+    """Statistics at their defaults are a bug only when the affine parameters were trained: a
+    BatchNorm whose gamma, beta and statistics are all at their defaults belongs to a model that
+    was never trained, which is information (once per model), not a fault."""
+    stale = [bn for bn in (evidence.scan.batchnorms if evidence.scan is not None else ()) if bn.never_updated]
+    fresh = [bn for bn in stale if bn.default_affine]
+    for bn in stale:
+        if not bn.default_affine:
             yield _finding(
                 rule,
                 bn.module,
                 0.0,
-                "num_batches_tracked is 0 and the running statistics are still the defaults "
-                "(mean 0, var 1): eval mode will not normalise with the data's statistics",
+                "gamma/beta were trained but the running statistics are still the defaults "
+                "(mean 0, var 1; num_batches_tracked "
+                f"{bn.num_batches_tracked if bn.num_batches_tracked is not None else 'absent'}): "
+                "the model was trained with the statistics frozen or in eval mode, so eval mode "
+                "does not normalise with the data's statistics",
             )
+    if fresh:
+        names = ", ".join(bn.module for bn in fresh[:3]) + (", ..." if len(fresh) > 3 else "")
+        yield _finding(
+            rule,
+            fresh[0].module,
+            float(len(fresh)),
+            f"{len(fresh)} BatchNorm layer(s) ({names}) hold the defaults of a fresh module "
+            "(gamma constant, beta 0, running mean 0, var 1, no batch tracked): the model has "
+            "not been trained yet",
+            advice="nothing to fix before training; after training, save the state_dict with "
+            "its running statistics",
+            severity=Severity.INFO,
+        )
 
 
 # --- GC1xx: activations -----------------------------------------------------------------------
 
 
 def _dead(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    """More than the threshold's share of units dead, beyond chance: at init a unit fed positive
+    inputs (after a ReLU, or a pooled squeeze-excitation input) is on or off for every sample by
+    the sign of w·E[x], a coin flip per unit, so about half of a small layer's units can be
+    "dead" on a small probe by chance. The count must exceed threshold·n by two binomial
+    standard deviations (sqrt(n/4)); a layer whose units all died always does once n > 4."""
     bound = _bound(rule)
     for row in evidence.report.layers:
-        if row.dead is not None and row.dead.total and row.dead.fraction > bound:
+        dead = row.dead
+        if dead is None or not dead.total:
+            continue
+        if dead.units > bound * dead.total + math.sqrt(dead.total / 4.0) * 2.0:
             yield _finding(
                 rule,
                 row.name,
-                row.dead.fraction,
-                f"{row.dead.units} of {row.dead.total} {row.fn} units are dead "
-                f"({row.dead.fraction:.0%}): zero for every probe sample",
+                dead.fraction,
+                f"{dead.units} of {dead.total} {row.fn} units are dead "
+                f"({dead.fraction:.0%}): zero for every probe sample",
             )
+
+
+def _spread_attention(row: LayerStats) -> bool:
+    """Attention whose mean entropy is at least half the uniform one: its rows are spread over the
+    keys, not peaked. Its top probability is then small (1/keys for uniform attention over more
+    than ~80 keys falls below the saturation cutoff) without any row being saturated."""
+    attention = row.attention
+    if attention is None or not attention.entropy:
+        return False
+    if attention.max_entropy <= 0:
+        return True  # one key: the softmax is 1 by construction, nothing to saturate
+    return sum(attention.entropy) / len(attention.entropy) >= 0.5 * attention.max_entropy
 
 
 def _saturated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     for row in evidence.report.layers:
+        if _spread_attention(row):
+            continue
         if row.saturation is not None and row.saturation.fraction > bound:
             yield _finding(
                 rule,
@@ -214,14 +279,28 @@ def _saturated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             )
 
 
-def _variance_rows(report: Report) -> list[LayerStats]:
-    """Outputs of the linear maps (the pre-activations z_i of docs/theory.md#variance-through-a-layer),
-    whose variance a good init keeps constant with depth; rows that are not finite are skipped."""
-    return [r for r in report.layers if r.kind is RowKind.PARAM and r.output.var is not None]
+def _variance_rows(evidence: Evidence) -> list[LayerStats]:
+    """Outputs of the linear maps (the pre-activations z_i of docs/theory.md#variance-through-a-layer), whose variance
+    a good init keeps constant with depth; rows that are not finite are skipped, and so are
+    embeddings (a lookup, whose output variance is its init convention, not a gain applied to the
+    input) and zero-initialised branches (zero output by design)."""
+    return [
+        r
+        for r in evidence.report.layers
+        if r.kind is RowKind.PARAM
+        and r.output.var is not None
+        and not r.type.startswith("Embedding")
+        and not evidence.by_design(r)
+    ]
 
 
-def _variance_ratio(report: Report) -> tuple[LayerStats, LayerStats, float] | None:
-    rows = _variance_rows(report)
+def _variance_ratio(evidence: Evidence) -> tuple[LayerStats, LayerStats, float] | None:
+    """Last over first linear output variance, in a network without normalisation layers: a norm
+    resets the forward variance, so there the ratio measures the head's chosen output scale, not
+    a factor compounding with depth (GC301 judges each un-normalised layer's scale instead)."""
+    if any(r.kind is RowKind.NORM for r in evidence.report.layers):
+        return None
+    rows = _variance_rows(evidence)
     if len(rows) < 2:
         return None
     first, last = rows[0], rows[-1]
@@ -232,7 +311,7 @@ def _variance_ratio(report: Report) -> tuple[LayerStats, LayerStats, float] | No
 
 
 def _variance_collapse(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
-    found = _variance_ratio(evidence.report)
+    found = _variance_ratio(evidence)
     if found is not None and found[2] < _bound(rule):
         first, last, ratio = found
         yield _finding(
@@ -245,7 +324,7 @@ def _variance_collapse(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 
 def _variance_explosion(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
-    found = _variance_ratio(evidence.report)
+    found = _variance_ratio(evidence)
     if found is not None and found[2] > _bound(rule):
         first, last, ratio = found
         yield _finding(
@@ -260,20 +339,23 @@ def _variance_explosion(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 # --- GC2xx: gradients -------------------------------------------------------------------------
 
 
-def _param_rows(report: Report) -> list[LayerStats]:
+def _param_rows(evidence: Evidence) -> list[LayerStats]:
+    """Parameter rows with a gradient, less the zero-initialised branches (their gradients are
+    zero at step 0 by design, GC302)."""
     return [
         r
-        for r in report.layers
+        for r in evidence.report.layers
         if r.kind is RowKind.PARAM
+        and not evidence.by_design(r)
         and r.grad is not None
         and r.grad.norm is not None
         and r.grad.ratio is not None
     ]
 
 
-def _gradient_ratio(report: Report) -> tuple[LayerStats, LayerStats, float] | None:
+def _gradient_ratio(evidence: Evidence) -> tuple[LayerStats, LayerStats, float] | None:
     """Relative gradient size (|grad W|/|W|) of the first parameter layer over the last."""
-    rows = _param_rows(report)
+    rows = _param_rows(evidence)
     if len(rows) < 2:
         return None
     first, last = rows[0], rows[-1]
@@ -301,7 +383,7 @@ def _clip_advice(max_norm: float) -> str:
 
 
 def _vanishing(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
-    found = _gradient_ratio(evidence.report)
+    found = _gradient_ratio(evidence)
     if found is None:
         return
     first, last, ratio = found
@@ -316,12 +398,12 @@ def _vanishing(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 
 def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
-    found = _gradient_ratio(evidence.report)
+    found = _gradient_ratio(evidence)
     if found is None:
         return
     first, last, ratio = found
     if ratio > _bound(rule):
-        total = _global_norm(_param_rows(evidence.report))
+        total = _global_norm(_param_rows(evidence))
         # A tenth of the measured global norm: the first layer's share then comes back to the
         # scale of the others while the direction of the step is kept.
         yield _finding(
@@ -336,7 +418,18 @@ def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
-    for row in _param_rows(evidence.report):
+    for row in evidence.report.layers:
+        if row.name in evidence.detached:
+            yield _finding(
+                rule,
+                row.name,
+                None,
+                "no gradient reaches this layer although the loss depends on it (changing its "
+                "weights moves the loss): it is detached from the graph and never learns",
+                advice="remove the .detach() / torch.no_grad() / .data on the path from this "
+                "layer to the loss",
+            )
+    for row in _param_rows(evidence):
         assert row.grad is not None and row.grad.norm is not None
         if row.grad.norm < bound:
             yield _finding(
@@ -350,9 +443,15 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
-    rows = _param_rows(evidence.report)
+    rows = _param_rows(evidence)
+    # A layer whose output feeds a normalisation is scale-invariant: its gradient is orthogonal to
+    # W, so a large step only grows |W|, which shrinks the next steps (Arora, Li & Lyu 2018); it
+    # cannot blow the layer up. (The gradient of a conv stem sums over every position, so it is
+    # large on any image net.)
+    index = {id(r): i for i, r in enumerate(evidence.report.layers)}
     large = [
         r for r in rows if r.grad is not None and r.grad.norm is not None and r.grad.norm > bound
+        and following_norm(evidence.report.layers, index[id(r)]) is None
     ]
     if not large:
         return
@@ -374,6 +473,31 @@ def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
 
 # --- GC3xx: initialisation --------------------------------------------------------------------
 
+_DENSE = ("Linear", "Conv1D")
+
+
+def _head(report: Report) -> set[str]:
+    """Modules of the classifier head: the output layer, and the dense layers after the body's
+    last conv, embedding, attention or normalisation row. A head is initialised small on purpose
+    (torchvision's std 0.01, timm's head_init_scale) so that predictions start near uniform; a
+    small scale there does not compound into the body's signal. A network that is dense all
+    the way has no head but its output layer: its layers' scales compound."""
+    rows = report.layers
+    params = [r for r in rows if r.kind is RowKind.PARAM]
+    if not params:
+        return set()
+    body_end = max(
+        (i for i, r in enumerate(rows)
+         if r.kind is RowKind.NORM or (r.kind is RowKind.PARAM and r.type not in _DENSE)
+         or (r.kind is RowKind.ACTIVATION and r.attention is not None)),
+        default=None,
+    )
+    head = {params[-1].module}
+    if body_end is not None:
+        head.update(r.module for r in rows[body_end + 1 :] if r.kind is RowKind.PARAM)
+    return head
+
+
 _SCHEME_ADVICE = {
     "he": "torch.nn.init.kaiming_normal_(w, nonlinearity='relu') (or 'leaky_relu' with a=slope)",
     "glorot": "torch.nn.init.xavier_normal_(w, gain=torch.nn.init.calculate_gain(<activation>))",
@@ -383,6 +507,7 @@ _SCHEME_ADVICE = {
 
 def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     k = _bound(rule)
+    head = _head(evidence.report)
     for row in evidence.report.layers:
         init = row.init
         if init is None or not math.isfinite(init.measured_var):
@@ -390,18 +515,53 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         ratio = init.ratio
         if 1.0 / k <= ratio <= k:
             continue
+        if row.module in head and ratio < 1.0:
+            continue
         after = (
             f"followed by {init.activation}" if init.activation else "with no activation after it"
         )
+        judged = evidence.init.get(row.name)
+        mode = f" with {judged.mode}" if judged is not None else ""
         fan = f"fan_in={init.fan_in}, fan_out={init.fan_out}"
+        why = f"; at init because {judged.evidence}" if judged is not None else ""
         yield _finding(
             rule,
             row.name,
             ratio,
             f"weight variance {init.measured_var:.3g} is {ratio:.3g} times what {init.scheme} "
-            f"init prescribes ({init.expected_var:.3g}; {after}, {fan})",
+            f"init{mode} (the closest fan) prescribes ({init.expected_var:.3g}; {after}, {fan}){why}",
             advice=f"re-initialise with {init.scheme}: {_SCHEME_ADVICE.get(init.scheme, '')} "
             f"or gradcheck reinit --scheme {init.scheme}",
+        )
+
+
+_GATE_DESIGNS = {
+    GateKind.NORM_SCALE: "a norm's gamma at 0, as timm's zero_init_last and torchvision's "
+    "zero_init_residual set the last BatchNorm of a residual branch (Goyal et al. 2017)",
+    GateKind.SCALE: "a scale parameter at 0 or at a tiny constant, as ReZero/SkipInit set the "
+    "residual branch's alpha to 0 and LayerScale (CaiT, ConvNeXt, EdgeNeXt) to 1e-5 or 1e-6",
+    GateKind.ZERO_MATRIX: "a weight matrix at 0, as LoRA sets B and DiT its adaLN-zero modulation",
+}
+
+
+def _zero_init_branch(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
+    """One finding per kind of gate: what (the gates), where (the first few), why by design."""
+    branches = evidence.branches
+    behind = branches.behind or {}
+    for kind in GateKind:
+        gates = [g for g in branches.gates if g.kind is kind]
+        if not gates:
+            continue
+        layers = sum(len(behind.get(g.name, ())) for g in gates)
+        names = ", ".join(g.name for g in gates[:3]) + (", ..." if len(gates) > 3 else "")
+        yield _finding(
+            rule,
+            gates[0].name,
+            float(len(gates)),
+            f"{len(gates)} zero-initialised branch gate(s) ({names}): {_GATE_DESIGNS[kind]}. "
+            f"Each branch starts as the identity; the {layers} layer(s) behind them get exactly "
+            "zero gradient at step 0 by design, and the gate's own gradient opens them after one "
+            "step",
         )
 
 
@@ -599,6 +759,17 @@ RULES: tuple[Rule, ...] = (
         threshold_range=(1.0, math.inf),
     ),
     Rule(
+        "GC302",
+        "zero-init-branch",
+        Severity.INFO,
+        None,
+        "a zero-initialised residual branch (gamma, alpha, adaLN or LoRA B at 0) and the layers "
+        "whose gradient it holds at zero at step 0, by design",
+        "nothing to fix: the gate's gradient is non-zero and opens the branch after the first "
+        "optimizer step (check that the gate's parameter is not frozen)",
+        _zero_init_branch,
+    ),
+    Rule(
         "GC401",
         "short-gradient-horizon",
         Severity.WARNING,
@@ -738,10 +909,22 @@ def _ignored(rule: Rule, finding: Finding) -> bool:
 
 
 def evaluate(
-    report: Report, rules: Iterable[Rule] = RULES, *, scan: CheckpointScan | None = None
+    report: Report,
+    rules: Iterable[Rule] = RULES,
+    *,
+    scan: CheckpointScan | None = None,
+    init: Mapping[str, InitJudgement] | None = None,
+    branches: ZeroInitBranches | None = None,
+    detached: frozenset[str] = frozenset(),
 ) -> tuple[Finding, ...]:
     """Every finding of every rule, in rule order then execution order."""
-    evidence = Evidence(report=report, scan=scan)
+    evidence = Evidence(
+        report=report,
+        scan=scan,
+        init=init or {},
+        branches=branches or ZeroInitBranches(),
+        detached=detached,
+    )
     findings: list[Finding] = []
     for rule in rules:
         findings.extend(f for f in rule.evaluate(evidence, rule) if not _ignored(rule, f))

@@ -7,11 +7,14 @@ tensor's own state_dict key. torch is imported inside the function; the records 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -37,22 +40,137 @@ class BatchNormBuffers:
     min_var: float | None  # smallest finite running_var (None when no channel is finite)
     num_batches_tracked: int | None  # None when the checkpoint has no counter
     default_stats: bool  # running_mean all 0 and running_var all 1: what a fresh module holds
+    # gamma one constant (1, or 0 for a zero-init residual gate) and beta all 0, or no affine
+    # parameters at all: what a constructor (and timm/torchvision's zero-init) leaves. Trained
+    # affine parameters are never all equal.
+    default_affine: bool = True
 
     @property
     def never_updated(self) -> bool:
         """No training step ever updated the running statistics (the eval-mode BN is then the
-        identity up to gamma/beta, whatever the data the model was trained on)."""
-        return self.num_batches_tracked == 0 and self.default_stats
+        identity up to gamma/beta, whatever the data the model was trained on). A checkpoint
+        without a counter counts when its statistics are the defaults."""
+        return self.num_batches_tracked in (0, None) and self.default_stats
+
+    @property
+    def updated(self) -> bool:
+        """The running statistics moved: the model ran in train mode (a training evidence)."""
+        return bool(self.num_batches_tracked) or not self.default_stats
+
+
+class GateKind(str, Enum):
+    """How a zero-initialised branch is spelled (module or functional, any name)."""
+
+    NORM_SCALE = "norm-scale"  # a norm's gamma at 0: timm zero_init_last, torchvision zero_init_residual
+    # A scalar or vector parameter at 0 (ReZero/SkipInit alpha) or at one tiny constant (LayerScale,
+    # 1e-6 in ConvNeXt/EdgeNeXt, 1e-5 in CaiT: the same design, not quite closed).
+    SCALE = "scale"
+    ZERO_MATRIX = "zero-matrix"  # a Linear/Conv weight (and bias) at 0: LoRA B, DiT adaLN-zero
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ZeroParameter:
+    """A parameter that is exactly zero everywhere and multiplies something (not a bias): the
+    candidate gate of a zero-initialised branch. Whether it gates anything is decided from the
+    gradients (see :func:`gradcheck_cli.gate.check.check_module`), not from its name."""
+
+    name: str  # state_dict key
+    module: str
+    kind: GateKind
+    count: int
 
 
 @dataclass(frozen=True)
 class CheckpointScan:
     nonfinite: tuple[NonFiniteTensor, ...] = ()
     batchnorms: tuple[BatchNormBuffers, ...] = ()
+    zero_parameters: tuple[ZeroParameter, ...] = ()
+    # Top-level keys of the checkpoint dict that only a training loop writes ('optimizer',
+    # 'epoch', ...): evidence that the weights are trained, whatever their distribution.
+    training_keys: tuple[str, ...] = ()
+
+    @property
+    def trained_batchnorm(self) -> BatchNormBuffers | None:
+        """The first BatchNorm whose statistics moved (training evidence), if any."""
+        return next((bn for bn in self.batchnorms if bn.updated), None)
 
 
-def scan_module(module: nn.Module) -> CheckpointScan:
-    """Every floating tensor of ``module`` checked for NaN/Inf, and every BatchNorm's buffers."""
+# Checkpoint keys that a training loop writes next to the weights (lower case, exact).
+TRAINING_KEYS = frozenset({"optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt",
+                           "scheduler", "lr_scheduler", "scheduler_state_dict", "scaler", "epoch",
+                           "epochs", "step", "global_step", "iteration", "iter", "best_acc1",
+                           "best_loss", "train_loss"})
+
+
+def training_keys(checkpoint: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The keys of ``checkpoint`` that only training writes (empty for a bare state_dict)."""
+    if not checkpoint:
+        return ()
+    return tuple(str(key) for key in checkpoint if str(key).lower() in TRAINING_KEYS)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__
+
+
+def _is_linear_map(module: nn.Module) -> bool:
+    from torch import nn
+    from torch.nn.modules.conv import _ConvNd
+
+    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight.
+    return isinstance(module, (nn.Linear, _ConvNd)) or type(module).__name__ == "Conv1D"
+
+
+def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
+    """Parameters that are exactly 0 everywhere and scale something: a norm's gamma, a Linear or
+    Conv weight whose bias is 0 too, or any other parameter not named as a bias; and vectors
+    holding one tiny constant (LayerScale). Biases are excluded because they add, so a zero bias
+    gates nothing."""
+    import torch
+
+    found: list[ZeroParameter] = []
+    with torch.no_grad():
+        for owner_path, owner in module.named_modules():
+            for leaf, tensor in owner._parameters.items():
+                if tensor is None or not tensor.dtype.is_floating_point or not tensor.numel():
+                    continue
+                if "bias" in leaf or leaf == "beta":
+                    continue
+                if bool(tensor.any()) and not _tiny_constant(tensor):
+                    continue
+                name = f"{owner_path}.{leaf}" if owner_path else leaf
+                if _is_norm(owner) and leaf == "weight":
+                    kind = GateKind.NORM_SCALE
+                elif _is_linear_map(owner) and leaf == "weight":
+                    bias = owner._parameters.get("bias")
+                    if bias is not None and bool(bias.any()):
+                        continue  # a constant output, not a closed gate
+                    kind = GateKind.ZERO_MATRIX
+                else:  # functional spellings: a raw alpha, or a raw LoRA B used with matmul
+                    kind = GateKind.ZERO_MATRIX if tensor.dim() >= 2 else GateKind.SCALE
+                found.append(ZeroParameter(name=name, module=owner_path, kind=kind, count=tensor.numel()))
+    return tuple(found)
+
+
+# A LayerScale initialised at or below this constant gates its branch as a zero would.
+TINY_SCALE = 1e-3
+
+
+def _tiny_constant(tensor: torch.Tensor) -> bool:
+    """A vector or scalar holding one tiny non-zero constant: a LayerScale at init."""
+    if tensor.dim() > 1:
+        return False
+    first = tensor.reshape(-1)[0]
+    return 0 < abs(float(first)) <= TINY_SCALE and bool((tensor == first).all())
+
+
+def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = None) -> CheckpointScan:
+    """Every floating tensor of ``module`` checked for NaN/Inf, every BatchNorm's buffers and
+    affine parameters, the zero parameters that may gate a branch, and the training keys of the
+    ``checkpoint`` dict the module was loaded from (None: a bare state_dict or a module)."""
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -92,9 +210,19 @@ def scan_module(module: nn.Module) -> CheckpointScan:
                         min_var=float(finite_var.min()) if finite_var.numel() else None,
                         num_batches_tracked=int(tracked) if tracked is not None else None,
                         default_stats=bool((mean == 0).all() and (var == 1).all()),
+                        default_affine=_default_affine(owner.weight, owner.bias),
                     )
                 )
-    return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms))
+    return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms),
+                          zero_parameters=zero_parameters(module), training_keys=training_keys(checkpoint))
+
+
+def _default_affine(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    if weight is None or bias is None:
+        return weight is None and bias is None
+    gamma = weight.detach()
+    first = float(gamma.reshape(-1)[0]) if gamma.numel() else 1.0
+    return first in (0.0, 1.0) and bool((gamma == first).all()) and not bool(bias.detach().any())
 
 
 def scan_onnx(path: Path) -> CheckpointScan:
