@@ -183,7 +183,8 @@ def test_baseline_passes_unchanged_and_fails_worsened_or_new(cli: Any, workdir: 
     code, out, _ = cli("check", "dead.pt", *ARCH_ARGS, "--baseline", "baseline.json")
     assert code == 1 and "worsened" in out
 
-    save(kill_units(kill_units(he_mlp(), 2, 24), 4, 20), workdir / "dead.pt")  # same + a new layer
+    # same + a new layer: 28 of 32 dead, past GC101's 0.5 by more than two binomial sd (sqrt(32/4)*2)
+    save(kill_units(kill_units(he_mlp(), 2, 24), 4, 28), workdir / "dead.pt")
     code, out, _ = cli("check", "dead.pt", *ARCH_ARGS, "--baseline", "baseline.json", "--format", "json")
     assert code == 1
     statuses = {(f["layer"], f["baseline"]) for f in json.loads(out)["findings"] if f["code"] == "GC101"}

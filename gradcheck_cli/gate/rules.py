@@ -55,8 +55,11 @@ class Evidence:
 
     def by_design(self, row: LayerStats) -> bool:
         """A row whose zero output or zero gradient is a zero-initialised branch (GC302): the
-        gate itself, or a layer behind it."""
-        return row.name in self.branches.gated or row.module in self.branches.modules
+        gate itself (with what it owns: timm's BatchNormAct2d applies its activation to the
+        gated zeros), or a layer behind it."""
+        if row.name in self.branches.gated:
+            return True
+        return any(row.module == m or row.module.startswith(m + ".") for m in self.branches.modules)
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ def _dead(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
     for row in evidence.report.layers:
         dead = row.dead
-        if dead is None or not dead.total:
+        if dead is None or not dead.total or evidence.by_design(row):
             continue
         if dead.units > bound * dead.total + math.sqrt(dead.total / 4.0) * 2.0:
             yield _finding(
@@ -477,18 +480,20 @@ _DENSE = ("Linear", "Conv1D")
 
 
 def _head(report: Report) -> set[str]:
-    """Modules of the classifier head: the output layer, and the dense layers after the body's
-    last conv, embedding, attention or normalisation row. A head is initialised small on purpose
-    (torchvision's std 0.01, timm's head_init_scale) so that predictions start near uniform; a
-    small scale there does not compound into the body's signal. A network that is dense all
-    the way has no head but its output layer: its layers' scales compound."""
+    """Modules of the classifier head: the output layer, and the layers after the body's last
+    normalisation (or, in a network without one, after its last conv, embedding or attention
+    row). A head is initialised small on purpose (torchvision's std 0.01, timm's std 0.02 and
+    head_init_scale) so that predictions start near uniform; a small scale there does not
+    compound into the body's signal. A network that is dense all the way has no head but its
+    output layer: its layers' scales compound."""
     rows = report.layers
     params = [r for r in rows if r.kind is RowKind.PARAM]
     if not params:
         return set()
-    body_end = max(
+    norms = [i for i, r in enumerate(rows) if r.kind is RowKind.NORM]
+    body_end = norms[-1] if norms else max(
         (i for i, r in enumerate(rows)
-         if r.kind is RowKind.NORM or (r.kind is RowKind.PARAM and r.type not in _DENSE)
+         if (r.kind is RowKind.PARAM and r.type not in _DENSE)
          or (r.kind is RowKind.ACTIVATION and r.attention is not None)),
         default=None,
     )

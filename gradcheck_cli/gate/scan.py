@@ -160,8 +160,9 @@ TINY_SCALE = 1e-3
 
 
 def _tiny_constant(tensor: torch.Tensor) -> bool:
-    """A vector or scalar holding one tiny non-zero constant: a LayerScale at init."""
-    if tensor.dim() > 1:
+    """A vector or scalar holding one tiny non-zero constant: a LayerScale at init (also shaped
+    (C, 1, 1) to broadcast over an image, as in SwiftFormer and FastViT)."""
+    if tensor.numel() != max(tensor.shape, default=1):
         return False
     first = tensor.reshape(-1)[0]
     return 0 < abs(float(first)) <= TINY_SCALE and bool((tensor == first).all())
