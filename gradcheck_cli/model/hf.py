@@ -44,7 +44,7 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 PICKLE_HINT = ("convert it to safetensors (save_pretrained writes model.safetensors), or pass "
-               "--trust-pickle if you trust the file")
+               "`trust_pickle` if you trust the file")
 
 
 def is_transformers_spec(arch: str | None) -> bool:
@@ -69,11 +69,11 @@ def model_class(name: str, *, where: str | None = None) -> Any:
     cls = getattr(transformers, name, None) if name.isidentifier() else None
     if cls is None or not isinstance(cls, type) or not hasattr(cls, "config_class") or \
             not hasattr(cls, "from_pretrained"):
-        source = f"{where} names" if where else "--arch names"
+        source = f"{where} names" if where else "`arch` names"
         raise LoadError(f"{source} the architecture '{name}', which the installed transformers "
                         f"{transformers.__version__} has no model class for",
                         hint="gradcheck never runs code shipped with a model (trust_remote_code); upgrade "
-                        "transformers if it added the model since, or pass --arch transformers:<ModelClass> "
+                        "transformers if it added the model since, or set `arch` to transformers:<ModelClass> "
                         "with a class it has, e.g. BertModel")
     return cls
 
@@ -87,16 +87,15 @@ def architecture_from_config(config_path: Path) -> str:
         return names[0]
     model_type = data.get("model_type")
     if isinstance(model_type, str):
-        try:
-            from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-        except ImportError:  # pragma: no cover - every supported transformers has it
-            MODEL_MAPPING_NAMES = {}  # noqa: N806
-        base = MODEL_MAPPING_NAMES.get(model_type)
+        import importlib
+
+        auto = importlib.import_module("transformers.models.auto.modeling_auto")
+        base = getattr(auto, "MODEL_MAPPING_NAMES", {}).get(model_type)
         if isinstance(base, str):
             return base
     raise UsageError(f"{config_path} names no architecture ('architectures' is missing and its "
                      f"model_type {model_type!r} is not one transformers knows)",
-                     hint="pass --arch transformers:<ModelClass>, e.g. --arch transformers:BertModel")
+                     hint="set `arch` to transformers:<ModelClass>, e.g. transformers:BertModel")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def config_for(cls: Any, config_path: Path, overrides: Mapping[str, Any]) -> Any:
     """The model's config read from ``config_path``, with ``overrides`` (from ``arch_kwargs``) set on it."""
     if not config_path.is_file():
-        raise LoadError(f"--arch transformers:{cls.__name__}: no config file at {config_path}",
+        raise LoadError(f"`arch` transformers:{cls.__name__}: no config file at {config_path}",
                         hint="check the path")
     try:
         config = cls.config_class.from_json_file(str(config_path))
@@ -142,8 +141,8 @@ def model_from_directory(
         assert arch is not None
         cls = model_class(arch[len(PREFIX):])
     elif arch is not None:
-        raise UsageError(f"--arch {arch} cannot load {directory}: a transformers directory is loaded by a "
-                         "transformers model class", hint="pass --arch transformers:<ModelClass>, or drop --arch")
+        raise UsageError(f"`arch` {arch} cannot load {directory}: a transformers directory is loaded by a "
+                         "transformers model class", hint="set `arch` to transformers:<ModelClass>, or leave it unset")
     else:
         cls = model_class(architecture_from_config(config_file), where=str(config_file))
     weights = _weight_files(directory)
@@ -171,15 +170,15 @@ def model_from_state_dict(
     checkpoint: dict[str, Any] | None = None,
     key_path: tuple[str, ...] = (),
 ) -> LoadedModel:
-    """A state_dict file with ``--arch transformers:<Class>``: the config comes from ``arch_kwargs``
+    """A state_dict file with ``arch`` ``transformers:<Class>``: the config comes from ``arch_kwargs``
     (``config``, filled in from config.json next to the weights), the loading from ``from_pretrained``."""
     cls = model_class(arch[len(PREFIX):])
     overrides = dict(arch_kwargs or {})
     config_path = overrides.pop("config", None)
     if config_path is None:
-        raise LoadError(f"--arch {arch} needs a config",
+        raise LoadError(f"`arch` {arch} needs a config",
                         hint="put config.json next to the weights, pass the model directory, or "
-                        "--arch-kwargs '{\"config\": \"path/to/config.json\"}'")
+                        "`arch_kwargs` {\"config\": \"path/to/config.json\"}")
     resolved = Path(config_path)
     config = config_for(cls, resolved / "config.json" if resolved.is_dir() else resolved, overrides)
     prefix = next((p for p in _WRAPPER_PREFIXES if state_dict and all(k.startswith(p) for k in state_dict)), "")
@@ -231,7 +230,9 @@ def _loading_kwargs(cls: Any, *, trust_pickle: bool) -> dict[str, Any]:
         accepted = set(inspect.signature(cls.from_pretrained).parameters)
     except (TypeError, ValueError):
         accepted = set()
-    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
+    # Shape mismatches come back in the loading info (named, refused when strict) instead of an
+    # exception whose text points at a report transformers printed.
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True, "ignore_mismatched_sizes": True}
     # The checkpoint's own dtype: bf16/fp16 configs load in bf16/fp16, as transformers >= 5 does anyway.
     kwargs["dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"] = "auto"
     if "weights_only" in accepted:
@@ -265,7 +266,7 @@ def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: d
                               r".*?shape in current model is (torch.Size\(\[[\d, ]*\]\))", text)
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatch[:3]) or _first_line(exc)
         raise LoadError(f"{what}: transformers could not load {cls.__name__} from it: {detail}",
-                        hint="check the config against the weights (or --arch and --arch-kwargs)") from exc
+                        hint="check the config against the weights (or `arch` and `arch_kwargs`)") from exc
     return model, dict(info)
 
 
@@ -278,40 +279,44 @@ def _problems(info: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]
     return missing, unexpected, mismatched
 
 
+def _mismatch_parts(info: Mapping[str, Any]) -> list[str]:
+    missing, unexpected, mismatched = _problems(info)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape ({_few(mismatched)})")
+    return parts
+
+
 def _checked(model: nn.Module, info: Mapping[str, Any], *, strict: bool, source: str, arch: str) -> nn.Module:
     """The model, unless transformers reported keys it had to leave unset or could not place and
     the load is strict. transformers' report already leaves out what the architecture declares
     harmless (legacy buffers, tied weights), so what remains is a real mismatch."""
-    missing, unexpected, mismatched = _problems(info)
-    if strict and (missing or unexpected or mismatched):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} of another shape ({_few(mismatched)})")
+    parts = _mismatch_parts(info)
+    if strict and parts:
         raise LoadError(f"{source}: the weights do not match {arch}: " + ", ".join(parts) + " keys",
-                        hint="check the config (or --arch and --arch-kwargs), or pass --non-strict to load "
+                        hint="check the config (or `arch` and `arch_kwargs`), or set `non_strict` to load "
                         "what matches (the rest keeps its random initialisation)")
     return model
 
 
 def _loading_notes(info: Mapping[str, Any], *, strict: bool) -> list[str]:
-    missing, unexpected, mismatched = _problems(info)
-    if strict or not (missing or unexpected or mismatched):
+    parts = _mismatch_parts(info)
+    if strict or not parts:
         return []
-    return [f"--non-strict: {len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} "
-            f"mismatched keys ignored (missing: {_few(missing)}; unexpected: {_few(unexpected)}; "
-            f"mismatched: {_few(mismatched)}); what was not loaded keeps its random initialisation"]
+    return ["`non_strict`: " + ", ".join(parts) + " keys ignored; those weights keep their random initialisation"]
 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' progress bars, loading report and warnings while it loads: gradcheck's
     computations never print, and what matters in the report (the keys) is returned as data."""
-    from transformers.utils import logging as hf_logging
+    import importlib
 
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled() if hasattr(hf_logging, "is_progress_bar_enabled") else None
     hf_logging.set_verbosity_error()
@@ -522,7 +527,7 @@ def declared_inputs(
     names += [n for n in sorted(required) if n not in names]
 
     def shape_for(default: tuple[int, ...]) -> tuple[int, ...]:
-        # The i-th --input-shape goes to the i-th primary input (main first); the rest follow batch.
+        # The i-th `input_shape` goes to the i-th primary input (main first); the rest follow batch.
         if given:
             chosen = given.pop(0)
             return chosen
@@ -532,15 +537,15 @@ def declared_inputs(
         nonlocal seq
         if vocab is None:
             raise UsageError(f"cannot synthesise {name}: the model declares no vocabulary size",
-                             hint="pass the inputs with --input FILE")
+                             hint="give the inputs in a file (`input`)")
         limit = _position_limit(text, "max_position_embeddings", "n_positions", "max_target_positions")
         shape = shape_for((batch, seq))
         if len(shape) != 2:
-            raise UsageError(f"--input-shape {','.join(map(str, shape))} does not fit {name}, "
-                             "token ids of shape (batch, sequence)", hint="e.g. --input-shape 8,16")
+            raise UsageError(f"`input_shape` {','.join(map(str, shape))} does not fit {name}, "
+                             "token ids of shape (batch, sequence)", hint="e.g. 8,16")
         if limit is not None and shape[1] > limit:
-            raise UsageError(f"--seq-len {shape[1]} exceeds the model's maximum of {limit} positions",
-                             hint=f"use --seq-len {limit} or less")
+            raise UsageError(f"`seq_len` {shape[1]} exceeds the model's maximum of {limit} positions",
+                             hint=f"use a `seq_len` of {limit} or less")
         inputs.append(DeclaredInput(name, shape, "ids", vocab))
 
     for name in names:
@@ -589,7 +594,7 @@ def declared_inputs(
         inputs.append(DeclaredInput("decoder_input_ids", (main_batch, min(seq, limit) if limit else seq), "ids",
                                     vocab))
     if given:
-        notes.append(f"{len(given)} --input-shape value(s) beyond the model's {len(inputs)} inputs were ignored")
+        notes.append(f"{len(given)} `input_shape` value(s) beyond the model's {len(inputs)} inputs were ignored")
     return Declaration(tuple(inputs), constants, model_loss, tuple(notes))
 
 
