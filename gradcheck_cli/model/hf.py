@@ -114,12 +114,14 @@ def config_for(cls: Any, config_path: Path, overrides: Mapping[str, Any]) -> Any
         raise LoadError(f"`arch` transformers:{cls.__name__}: no config file at {config_path}",
                         hint="check the path")
     try:
-        config = cls.config_class.from_json_file(str(config_path))
+        with quiet_transformers():
+            config = cls.config_class.from_json_file(str(config_path))
     except Exception as exc:
         raise LoadError(f"{config_path} is not a valid {cls.config_class.__name__} file: {_first_line(exc)}",
                         hint="check the JSON") from exc
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    with quiet_transformers():
+        for key, value in overrides.items():
+            setattr(config, key, value)
     return config
 
 
@@ -512,7 +514,7 @@ def declared_inputs(
     batch = (first[0] if first else None) or batch or DEFAULT_BATCH
     text = _sub(config, "text_config")
     seq = seq_len or DEFAULT_SEQ
-    if first is not None and main in ("input_ids", "input_values") and len(first) >= 2:
+    if first is not None and main == "input_ids" and len(first) >= 2:
         seq = first[1]
     inputs: list[DeclaredInput] = []
     notes: list[str] = []
