@@ -46,7 +46,8 @@ def edit_weights(directory: Path, edit: Any) -> None:
     path = directory / "model.safetensors"
     state = dict(safetensors_torch.load_file(str(path)))
     edit(state)
-    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    # The metadata save_pretrained writes (transformers 4.x refuses a file without it).
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
 def assert_same_weights(original: Any, loaded: Any) -> None:

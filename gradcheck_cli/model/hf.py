@@ -258,8 +258,8 @@ def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: d
         with quiet_transformers(), forced_weights_only(not trust_pickle):
             model, info = cls.from_pretrained(source, config=config, **kwargs)
     except Exception as exc:
-        text = str(exc)
-        if not trust_pickle and ("Weights only load failed" in text or "weights_only" in text):
+        text = _chain_text(exc)
+        if not trust_pickle and "Weights only load failed" in text:
             found = re.search(r"GLOBAL ([\w.]+)", text)
             raise UntrustedPickleError(
                 f"{what} holds pickled Python objects{f' ({found.group(1)})' if found else ''}; loading it "
@@ -270,6 +270,19 @@ def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: d
         raise LoadError(f"{what}: transformers could not load {cls.__name__} from it: {detail}",
                         hint="check the config against the weights (or `arch` and `arch_kwargs`)") from exc
     return model, dict(info)
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of ``exc`` and the exceptions it wraps (transformers 4.x re-raises torch's
+    weights-only refusal as an OSError that does not repeat its text)."""
+    texts = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts.append(str(current))
+        current = current.__cause__ or current.__context__
+    return "\n".join(texts)
 
 
 def _problems(info: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
