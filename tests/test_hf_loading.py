@@ -400,3 +400,27 @@ def test_sweep_sources_cover_every_modality(tmp_path: Path) -> None:
         except Exception as exc:  # collected, so that one run names every failure
             failed.append(f"{name}: {exc}")
     assert not failed
+
+
+def test_hub_cache_layout_with_linked_shards_loads(tmp_path: Path) -> None:
+    # huggingface_hub's cache: snapshots/<rev>/ holds links into blobs/, outside the snapshot directory.
+    source = tmp_path / "source"
+    model = saved("BertModel", source, **BERT)
+    model.save_pretrained(str(source), max_shard_size="40KB")
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for index, file in enumerate(sorted(source.iterdir())):
+        if file.name == "model.safetensors":
+            continue
+        blob = blobs / f"blob{index}"
+        file.rename(blob)
+        (snapshot / file.name).symlink_to(blob)
+    assert (snapshot / "model.safetensors.index.json").is_symlink()
+    assert_same_weights(model, model_from_path(snapshot).module)
+
+
+def test_own_architecture_on_a_directory_points_at_the_weights_file(tmp_path: Path, cli: Any) -> None:
+    saved("BertModel", tmp_path, **BERT)
+    code, _, err = cli("inspect", tmp_path, "--arch", "torchvision:resnet18")
+    assert code == 2 and "weights file inside the directory" in err

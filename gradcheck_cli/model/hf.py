@@ -144,7 +144,9 @@ def model_from_directory(
         cls = model_class(arch[len(PREFIX):])
     elif arch is not None:
         raise UsageError(f"`arch` {arch} cannot load {directory}: a transformers directory is loaded by a "
-                         "transformers model class", hint="set `arch` to transformers:<ModelClass>, or leave it unset")
+                         "transformers model class",
+                         hint="set `arch` to transformers:<ModelClass> or leave it unset; to load the weights into "
+                         "your own architecture, give the weights file inside the directory instead")
     else:
         cls = model_class(architecture_from_config(config_file), where=str(config_file))
     weights = _weight_files(directory)
@@ -209,12 +211,14 @@ def _weight_files(directory: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise LoadError(f"{index} is not a valid shard index ('weight_map' is missing)", hint="check the file")
         shards = []
-        root = directory.resolve()
         for shard in sorted(set(weight_map.values())):
-            shard_path = (directory / shard).resolve()
-            if root not in shard_path.parents:
+            # The names are checked, not where symbolic links lead: the hub's cache keeps each shard
+            # of a snapshot directory as a link into its blob store.
+            name = Path(shard)
+            if name.is_absolute() or ".." in name.parts or not name.parts:
                 raise LoadError(f"{index} points outside the model directory ({shard})",
                                 hint="shards must lie in the model's own directory")
+            shard_path = directory / name
             if not shard_path.is_file():
                 raise LoadError(f"{index} lists the shard {shard}, which is missing",
                                 hint="copy every shard into the model directory")
