@@ -163,7 +163,8 @@ def test_t5_encoder_decoder(head: str) -> None:
     report = probe(getattr(transformers, head)(config))
     names = [s.name for s in report.probe.inputs]
     if head == "T5Model":
-        assert names == ["input_ids", "attention_mask", "decoder_input_ids"] and report.probe.loss == "mse"
+        assert names == ["input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"]
+        assert report.probe.loss == "mse"
     else:
         assert names == ["input_ids", "attention_mask", "labels"] and report.probe.loss == "model"
     # Encoder self-attention, decoder self-attention and cross-attention, in each of two layers.

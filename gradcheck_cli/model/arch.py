@@ -221,16 +221,12 @@ def _transformers_factory(name: str) -> Any:
 
     The config comes from the ``config`` keyword (a config.json or a directory holding one), which
     the loader fills in from the model's directory or the weights' neighbour when it is not given;
-    any other keyword overrides a config field (e.g. ``{"num_hidden_layers": 2}``).
+    any other keyword overrides a config field (e.g. ``{"num_hidden_layers": 2}``). Loading weights
+    into it goes through transformers' own ``from_pretrained`` (gradcheck_cli.model.hf).
     """
-    try:
-        import transformers
-    except ImportError as exc:
-        raise MissingDependencyError("transformers", purpose=f"--arch transformers:{name}") from exc
-    cls = getattr(transformers, name, None)
-    if cls is None or not hasattr(cls, "config_class"):
-        raise LoadError(f"transformers has no model class '{name}'",
-                        hint="use a model class name such as BertModel, GPT2LMHeadModel or ViTForImageClassification")
+    from gradcheck_cli.model.hf import config_for, model_class
+
+    cls = model_class(name)
 
     def build(**kwargs: Any) -> Any:
         config_path = kwargs.pop("config", None)
@@ -239,16 +235,6 @@ def _transformers_factory(name: str) -> Any:
                             hint="put config.json next to the weights, pass the model directory, or "
                             "--arch-kwargs '{\"config\": \"path/to/config.json\"}'")
         path = Path(config_path)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise LoadError(f"--arch transformers:{name}: no config file at {path}", hint="check the path")
-        try:
-            config = cls.config_class.from_json_file(str(path))
-        except Exception as exc:
-            raise LoadError(f"{path} is not a valid {cls.config_class.__name__} file: {exc}",
-                            hint="check the JSON") from exc
-        for key, value in kwargs.items():
-            setattr(config, key, value)
-        return cls(config)
+        return cls(config_for(cls, path / "config.json" if path.is_dir() else path, kwargs))
 
     return build

@@ -74,9 +74,10 @@ def model_from_path(
         raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
                         hint="probing ONNX graphs is not available yet in this version of gradcheck")
     if fmt is ModelFormat.TRANSFORMERS_DIRECTORY:
-        arch = arch or _architecture_from_config(path / "config.json")
-        loaded = _with_arch(path, fmt, _directory_state_dict(path), None, (), arch,
-                            _with_config(arch, arch_kwargs, path), strict, target)
+        from gradcheck_cli.model.hf import model_from_directory
+
+        return model_from_directory(path, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
+                                    trust_pickle=trust_pickle, device=target)
     elif fmt is ModelFormat.EXPORTED_PROGRAM:
         loaded = exported_program_from_path(path, target, trust_pickle=trust_pickle)
     elif fmt is ModelFormat.TORCHSCRIPT:
@@ -231,56 +232,6 @@ def _with_config(arch: str | None, arch_kwargs: dict[str, Any] | None, directory
     return kwargs
 
 
-def _architecture_from_config(config: Path) -> str:
-    import json
-
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{config} could not be read as JSON: {exc}", hint="check the file") from exc
-    names = data.get("architectures") if isinstance(data, dict) else None
-    if not names or not isinstance(names, list) or not isinstance(names[0], str):
-        raise UsageError(f"{config} names no architecture ('architectures' is missing)",
-                         hint="pass --arch transformers:<ModelClass>, e.g. --arch transformers:BertModel")
-    return f"transformers:{names[0]}"
-
-
-def _directory_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights of a transformers directory: model.safetensors, its shards, or pytorch_model.bin."""
-    import json
-
-    import torch
-
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return _safetensors_state_dict(single)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LoadError(f"{index} is not a valid shard index: {exc}", hint="check the file") from exc
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = (directory / shard).resolve()
-            if directory.resolve() not in shard_path.parents:
-                raise LoadError(f"{index} points outside the model directory ({shard})",
-                                hint="shards must lie in the model's own directory")
-            state.update(_safetensors_state_dict(shard_path))
-        return state
-    legacy = directory / "pytorch_model.bin"
-    if legacy.is_file():
-        try:
-            obj = torch.load(str(legacy), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise LoadError(f"{legacy} could not be loaded with weights_only=True: {_first_line(exc)}",
-                            hint="convert it to safetensors") from exc
-        if isinstance(obj, dict):
-            return obj
-    raise LoadError(f"{directory} has a config.json but no weights (model.safetensors, sharded safetensors "
-                    "with model.safetensors.index.json, or pytorch_model.bin)", hint="add the weights file")
-
-
 def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
@@ -391,6 +342,11 @@ def _with_arch(
     device: torch.device,
 ) -> LoadedModel:
     where = f" (found under {'/'.join(key_path)})" if key_path else ""
+    if arch is not None and arch.startswith("transformers:"):
+        from gradcheck_cli.model.hf import model_from_state_dict
+
+        return model_from_state_dict(path, fmt, state_dict, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
+                                     device=device, checkpoint=checkpoint, key_path=key_path)
     if arch is None:
         raise UsageError(f"{path} is {fmt.description} holding a state_dict{where} with "
                          f"{len(state_dict)} tensors, but no architecture",

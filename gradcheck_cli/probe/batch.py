@@ -53,6 +53,9 @@ class ProbeInputs:
     batch_size: int
     # The batches carry `labels` for a model that computes its own loss (a transformers LM head).
     model_loss: bool = False
+    # Non-tensor keyword arguments every forward call takes (CLIP's return_loss=True).
+    constants: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -117,6 +120,12 @@ def _probe_inputs(
     generator = torch.Generator().manual_seed(options.seed)
     if options.input is not None:
         return _from_file(options, device)
+    # A transformers model declares its inputs: --input-shape only resizes them (ids stay ids over
+    # the vocabulary, masks and labels stay), unless it was saved with example inputs (.pt2).
+    if not (example_args or example_kwargs):
+        declared = _transformers_inputs(module, options, generator, device)
+        if declared is not None:
+            return declared
     if options.input_shape:
         dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
         shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shape]
@@ -130,61 +139,38 @@ def _probe_inputs(
         kw = [(name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
               for name, t in kwargs.items()]
         return _synthesise(shapes, tuple(kw), options, generator, device, source="example")
-    from_model = _transformers_inputs(module, options, generator, device)
-    if from_model is not None:
-        return from_model
     return _inferred(module, options, generator, device)
-
-
-# transformers heads that compute a language-modelling loss from `labels` themselves.
-_LM_HEADS = ("LMHeadModel", "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration")
 
 
 def _transformers_inputs(module: nn.Module, options: InputOptions, generator: torch.Generator,
                          device: torch.device) -> ProbeInputs | None:
-    """Inputs a transformers model declares for itself: token ids within its vocabulary with an
-    attention mask (and seeded random labels for an LM head), or pixel values at its image size."""
-    import inspect
-
+    """The inputs a transformers model declares for itself (gradcheck_cli.model.hf), drawn: token
+    ids over its vocabulary, masks of ones, N(0, 1) floats (or ``input_range``) in the model's dtype."""
     import torch
 
-    config = getattr(module, "config", None)
-    main = getattr(module, "main_input_name", None)
-    if config is None or main not in ("input_ids", "pixel_values"):
+    from gradcheck_cli.model.hf import declared_inputs, is_transformers_model
+
+    if not is_transformers_model(module):
         return None
-    batch = options.batch_size or DEFAULT_BATCH_SIZE
-    try:
-        accepted = set(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        accepted = set()
+    declaration = declared_inputs(module, batch=options.batch_size, seq_len=options.seq_len,
+                                  shapes=tuple(_with_batch(s, options.batch_size) for s in options.input_shape))
+    if declaration is None:
+        return None
+    float_dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
+    if not float_dtype.is_floating_point:
+        float_dtype = _float_dtype(module)  # an integer --input-dtype speaks of the ids, which are int64 anyway
     keyword: list[tuple[str, Shape]] = []
-    model_loss = False
-    if main == "input_ids":
-        vocab = int(getattr(config, "vocab_size", 0) or 0)
-        if vocab < 1:
-            return None
-        seq = options.seq_len or DEFAULT_SEQ_LEN
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if isinstance(limit, int) and seq > limit:
-            raise UsageError(f"--seq-len {seq} exceeds the model's maximum of {limit} positions",
-                             hint=f"use --seq-len {limit} or less")
-        tokens: Shape = ((batch, seq), torch.int64, (0.0, float(vocab)))
-        keyword.append(("input_ids", tokens))
-        if "attention_mask" in accepted:
-            keyword.append(("attention_mask", ((batch, seq), torch.int64, (1.0, 2.0))))
-        if type(module).__name__.endswith(_LM_HEADS) and "labels" in accepted:
-            keyword.append(("labels", tokens))  # the model shifts them itself for causal LMs
-            model_loss = True
-        elif getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in accepted:
-            keyword.append(("decoder_input_ids", tokens))
-    else:
-        size = getattr(config, "image_size", None)
-        channels = int(getattr(config, "num_channels", 3) or 3)
-        if not isinstance(size, int):
-            return None
-        keyword.append(("pixel_values", ((batch, channels, size, size), _float_dtype(module), options.input_range)))
+    for item in declaration.inputs:
+        if item.kind == "ids":
+            keyword.append((item.name, (item.shape, torch.int64, (0.0, float(item.high)))))
+        elif item.kind == "mask":
+            keyword.append((item.name, (item.shape, torch.int64, (1.0, 2.0))))
+        else:
+            keyword.append((item.name, (item.shape, float_dtype, options.input_range)))
     inputs = _synthesise([], tuple(keyword), options, generator, device, source="synthesized")
-    inputs.model_loss = model_loss
+    inputs.model_loss = declaration.model_loss
+    inputs.constants = dict(declaration.constants)
+    inputs.notes = list(declaration.notes)
     return inputs
 
 

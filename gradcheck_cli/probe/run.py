@@ -61,6 +61,7 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                          "parameter: there is no gradient to measure",
                          hint="probe a model with trainable layers (a bare activation has nothing to train)")
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
+    notes.extend(inputs.notes)
     if split_note:
         notes.append(split_note)
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
@@ -302,7 +303,7 @@ def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> It
 def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...], kwargs: dict[str, Any],
              inputs: ProbeInputs) -> Any:
     try:
-        return instrument.forward(args, kwargs)
+        return instrument.forward(args, {**kwargs, **inputs.constants})
     except GradcheckError:
         raise
     except Exception as exc:
