@@ -23,6 +23,7 @@ def build_probe_options(
     input_range: str | None, batch_size: int | None, batches: int, seed: int, loss: LossKind,
     target: Path | None, mode: Mode, model_output: str | None, saturation_cutoff: float,
     histograms: bool = False, seq_len: int | None = None, memory_budget: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> ProbeOptions:
     from gradcheck_cli.probe.batch import InputOptions, parse_shape
     from gradcheck_cli.probe.budget import parse_memory_budget
@@ -36,7 +37,8 @@ def build_probe_options(
         batches=batches, seed=seed, seq_len=seq_len)
     return ProbeOptions(inputs=inputs, loss=loss, target_file=target, mode=mode, device=device,
                         output=model_output, saturation_cutoff=saturation_cutoff, histograms=histograms,
-                        memory_budget=parse_memory_budget(memory_budget) if memory_budget else None)
+                        memory_budget=parse_memory_budget(memory_budget) if memory_budget else None,
+                        activation_checkpointing=activation_checkpointing)
 
 
 def inspect(
@@ -75,6 +77,10 @@ def inspect(
     seq_len: Annotated[int | None, typer.Option(
         "--seq-len", min=1, help="Sequence length of synthesised token inputs (transformers models; default 16).",
         rich_help_panel="Probe")] = None,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="transformers models: recompute each block's activations during "
+        "backward (the model's own gradient checkpointing) instead of keeping them, for long sequences.",
+        rich_help_panel="Probe")] = False,
     histograms: Annotated[bool, typer.Option(
         "--histograms", help="Add fixed-bin histograms of every row's output and output gradient to the JSON.",
         rich_help_panel="Probe")] = False,
@@ -105,11 +111,16 @@ def inspect(
             device=device, input_file=input_file, input_shape=input_shape, input_dtype=input_dtype,
             input_range=input_range, batch_size=batch_size, batches=batches, seed=seed, loss=loss,
             target=target, mode=mode, model_output=model_output, saturation_cutoff=saturation_cutoff,
-            histograms=histograms or html is not None, seq_len=seq_len, memory_budget=memory_budget)
+            histograms=histograms or html is not None, seq_len=seq_len, memory_budget=memory_budget,
+            activation_checkpointing=activation_checkpointing)
         load = api.LoadOptions(arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), strict=not non_strict,
                                trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
+        from gradcheck_cli.probe.distributed import is_rank_zero
+
         with progress_on_stderr(f"probing {model.name}") as progress:
             report = api.inspect(model, load_options=load, probe=probe, progress=progress)
+        if not is_rank_zero():
+            raise typer.Exit(EXIT_OK)  # under torchrun, rank 0 alone writes the merged report
         report = with_findings(report)
         if output is not None:
             write_text(render_json(report), output)

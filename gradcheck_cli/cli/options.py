@@ -23,7 +23,8 @@ NonStrict = Annotated[bool, typer.Option(
 TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow full unpickling (a pickled nn.Module). Unpickling runs code from "
     "the file: only for files you trust.", rich_help_panel="Loading")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel="Probe")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a model too big for one GPU "
+                                     "is placed across the visible GPUs).", rich_help_panel="Probe")]
 InputFile = Annotated[Path | None, typer.Option(
     "--input", help="Probe inputs: .pt (tensor, tuple or dict of tensors), .npy or .npz.",
     rich_help_panel="Probe")]

@@ -103,6 +103,8 @@ def shard_model(module: nn.Module, ranks: Ranks) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.set_gradient_divide_factor(1.0)
+            # A plain SUM: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling anyway.
+            sub.set_force_sum_reduction_for_comms(True)
 
 
 def local_share(batch: ProbeBatch, ranks: Ranks) -> tuple[ProbeBatch, int]:

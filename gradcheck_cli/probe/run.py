@@ -191,8 +191,8 @@ def _dtype_note(module: nn.Module) -> str | None:
     if not dtypes or dtypes == {_float32()}:
         return None
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-    return (f"ran in {names}, the model's own dtype as loaded (as deployed); statistics are accumulated in "
-            "float32, sums of squares in float64")
+    return (f"ran in {names}: the weights' own precision, as deployed (a half-precision checkpoint is not "
+            "upcast); statistics are accumulated in float32, sums of squares in float64")
 
 
 def _float32() -> torch.dtype:
@@ -203,7 +203,7 @@ def _float32() -> torch.dtype:
 
 @contextlib.contextmanager
 def _checkpointing(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """The transformers model's own gradient checkpointing for the probe's duration.
+    """The transformers model's own activation (gradient) checkpointing for the probe's duration.
 
     Non-reentrant checkpointing keeps the original autograd graph (only saved activations are
     recomputed), so the gradient hooks the recorder puts on block outputs still fire.
@@ -211,18 +211,25 @@ def _checkpointing(module: nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    enable = getattr(module, "gradient_checkpointing_enable", None)
-    if not callable(enable):
-        raise UsageError("`activation_checkpointing` needs a transformers model (one with "
-                         "gradient_checkpointing_enable)",
-                         hint="leave it off for other models, or lower `batch_size`")
-    was = bool(getattr(module, "is_gradient_checkpointing", False))
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 names it activation checkpointing; 4.x gradient checkpointing.
+    names = (("activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing"),
+             ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing"))
+    found = next((n for n in names if callable(getattr(module, n[0], None))), None)
+    if found is None:
+        raise UsageError("`activation_checkpointing` needs a transformers model (one that can checkpoint its "
+                         "own blocks)", hint="leave it off for other models, or lower `batch_size`")
+    enable, disable, state = (getattr(module, name) for name in found)
+    was = bool(state)
+    try:
+        enable({"use_reentrant": False})
+    except ValueError as exc:  # the model class does not support it
+        raise UsageError(f"`activation_checkpointing`: {_first_line(exc)}",
+                         hint="leave it off for this model, or lower `batch_size`") from exc
     try:
         yield
     finally:
         if not was:
-            module.gradient_checkpointing_disable()  # type: ignore[operator]
+            disable()
 
 
 def _watch_inputs(batch: ProbeBatch) -> tuple[ProbeBatch, list[torch.Tensor]]:
