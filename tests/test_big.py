@@ -309,3 +309,16 @@ def test_torchrun_two_processes_give_the_rows_of_one(tmp_path: Path) -> None:
         if a["grad"] is not None:
             for key in ("norm", "weight_norm"):
                 assert b["grad"][key] == pytest.approx(a["grad"][key], rel=1e-4), (a["name"], key)
+
+
+@pytest.mark.slow
+def test_bench_big_quick_runs(tmp_path: Path) -> None:
+    """bench/big.py end to end on the tiny Llama configuration: generate, probe, bare step, table."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "big.py"), "--quick", "--workdir", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "big_quick.json").read_text())
+    assert rows[0]["probe"]["ok"] and rows[0]["bare"]["ok"]
+    assert rows[0]["bare"]["gradient_bytes"] > 0
+    assert "| llama-tiny |" in (tmp_path / "out" / "big_quick.md").read_text()
