@@ -1,7 +1,7 @@
 """Big models (issue 18): the lean probe against the bare training step on Llama-architecture checkpoints.
 
     python bench/big.py --sizes 1b 3b 7b --workdir /tmp/gradcheck-big     # generate, then measure
-    python bench/big.py --sizes 1b --batch-size 1 --seq-len 32              # one size
+    python bench/big.py --sizes 7b --batch-size 1 --seq-len 16              # one size, a smaller batch
     python bench/big.py --quick                                              # a tiny smoke version
 
 For each size the script writes (once, into ``--workdir``; never into the repository) a Llama
@@ -249,8 +249,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", default=["1b", "3b", "7b"], choices=sorted(CONFIGS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gradcheck-big"))
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--save-pretrained-max", type=float, default=1.5,
                         help="largest size (billions of parameters) built whole and saved with save_pretrained")
