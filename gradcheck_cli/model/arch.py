@@ -104,7 +104,8 @@ _INIT_WRAPPER_MODULES = ("torch.nn.init", "transformers.initialization")
 
 
 def _is_wrapped_init(func: Any) -> bool:
-    return getattr(func, "__module__", None) in _INIT_WRAPPER_MODULES and getattr(func, "__name__", None) in _INIT_FUNCTIONS
+    return (getattr(func, "__module__", None) in _INIT_WRAPPER_MODULES
+            and getattr(func, "__name__", None) in _INIT_FUNCTIONS)
 
 
 def _all_overwritten_by_state_dict(module: nn.Module, filled: list[torch.Tensor]) -> bool:
