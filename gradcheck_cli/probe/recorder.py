@@ -124,7 +124,7 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
         flat = values.reshape(-1)
         whole = flat.numel() // _NORM_ROW * _NORM_ROW
         rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1, dtype=accumulate)
-        total = rows.to(torch.float64).square().sum()
+        total: torch.Tensor = rows.to(torch.float64).square().sum()
         if whole < flat.numel():
             total = total + torch.linalg.vector_norm(flat[whole:], dtype=accumulate).to(torch.float64).square()
         return total
