@@ -322,3 +322,12 @@ def test_bench_big_quick_runs(tmp_path: Path) -> None:
     assert rows[0]["probe"]["ok"] and rows[0]["bare"]["ok"]
     assert rows[0]["bare"]["gradient_bytes"] > 0
     assert "| llama-tiny |" in (tmp_path / "out" / "big_quick.md").read_text()
+
+
+def test_device_auto_is_the_cpu_without_a_gpu() -> None:
+    from gradcheck_cli.model.torch_load import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    report = api.inspect_module(blocks_net(), ProbeOptions(inputs=InputOptions(input_shapes=((4, 12),)), device="auto"))
+    assert report.probe.device.startswith(expected)
