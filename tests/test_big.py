@@ -331,3 +331,19 @@ def test_device_auto_is_the_cpu_without_a_gpu() -> None:
     assert resolve_device("auto").type == expected
     report = api.inspect_module(blocks_net(), ProbeOptions(inputs=InputOptions(input_shapes=((4, 12),)), device="auto"))
     assert report.probe.device.startswith(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sums_of_squares_of_large_half_precision_tensors(dtype: torch.dtype) -> None:
+    """Σx² of a 20M-element tensor against a float64 dot product of the same values: within bf16's
+    resolution for bfloat16's row norms, float32 accumulation for float16."""
+    from gradcheck_cli.probe.recorder import sum_of_squares
+
+    values = (torch.randn(4999, 4001, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.01).to(dtype)
+    flat = values.reshape(-1).double()
+    expected = float(torch.dot(flat, flat))
+    got = float(sum_of_squares(values))
+    assert got == pytest.approx(expected, rel=2.0**-9 if dtype == torch.bfloat16 else 1e-5)
+    odd = values[:, :4000]  # not contiguous: the plain path
+    flat_odd = odd.reshape(-1).double()
+    assert float(sum_of_squares(odd)) == pytest.approx(float(torch.dot(flat_odd, flat_odd)), rel=1e-3)
