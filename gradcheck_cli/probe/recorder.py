@@ -142,7 +142,8 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
         # A large view (not contiguous): its own last dimension serves as the rows, without a copy.
         native = values.dtype == torch.bfloat16 and values.device.type == "cpu"
         by_row = torch.linalg.vector_norm(values, dim=-1, dtype=None if native else accumulate)
-        return by_row.to(torch.float64).square().sum()
+        squares: torch.Tensor = by_row.to(torch.float64).square().sum()
+        return squares
     norm: torch.Tensor = torch.linalg.vector_norm(values, dtype=accumulate).to(torch.float64)
     return norm * norm
 
