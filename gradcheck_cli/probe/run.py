@@ -192,7 +192,7 @@ def _dtype_note(module: nn.Module) -> str | None:
         return None
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     return (f"ran in {names}: the weights' own precision, as deployed (a half-precision checkpoint is not "
-            "upcast); statistics are accumulated in float32, sums of squares in float64")
+            "upcast); statistics are accumulated in float32, sums of squares combined in float64")
 
 
 def _float32() -> torch.dtype:
