@@ -50,6 +50,10 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but CUDA is not available here",
                          hint="run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
+        # Under torchrun each process has its own GPU: loading every rank's copy onto cuda:0 would
+        # put them all on one device before FSDP shards them.
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return resolved
 
 
