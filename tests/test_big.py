@@ -343,7 +343,8 @@ def test_sums_of_squares_of_large_half_precision_tensors(dtype: torch.dtype) -> 
     flat = values.reshape(-1).double()
     expected = float(torch.dot(flat, flat))
     got = float(sum_of_squares(values))
-    assert got == pytest.approx(expected, rel=2.0**-9 if dtype == torch.bfloat16 else 1e-5)
+    # bfloat16: 4880 rows of 4096, each row's norm rounded to bfloat16: 2^-8/sqrt(4880) ~ 6e-5.
+    assert got == pytest.approx(expected, rel=2e-4 if dtype == torch.bfloat16 else 1e-5)
     odd = values[:, :4000]  # not contiguous: the plain path
     flat_odd = odd.reshape(-1).double()
     assert float(sum_of_squares(odd)) == pytest.approx(float(torch.dot(flat_odd, flat_odd)), rel=1e-3)

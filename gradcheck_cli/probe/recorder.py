@@ -126,12 +126,13 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
         # bfloat16 on the CPU: converting to float32 first made these norms most of a 1B Llama
         # probe's overhead (0.5 s per 65M elements, against 0.04 s for a pass that reads them).
         # vector_norm in bfloat16 still accumulates each row in float32 and rounds only the row's
-        # norm to bfloat16 (2^-9 relative, unbiased); over many rows added in float64 the error
-        # was 3e-5 to 6e-5 on 12-65M elements, 14x faster. (float16 keeps float32: its range
-        # would under- or overflow row norms.)
+        # norm to bfloat16 (2^-9 relative, unbiased), so the sum's error shrinks as 2^-8/sqrt(rows):
+        # 3e-5 to 6e-5 on 12-65M elements, 14x faster. Only tensors of _NATIVE_ROWS rows or more
+        # take it (about 1e-4 at the smallest), where converting costs most. (float16 keeps
+        # float32: its range would under- or overflow row norms.)
         flat = values.reshape(-1)
         whole = flat.numel() // _NORM_ROW * _NORM_ROW
-        native = values.dtype == torch.bfloat16 and values.device.type == "cpu"
+        native = _native_rows(values) and whole >= _NATIVE_ROWS * _NORM_ROW
         rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1,
                                         dtype=None if native else accumulate)
         total: torch.Tensor = rows.to(torch.float64).square().sum()
@@ -140,7 +141,7 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
         return total
     if values.numel() >= 2 * _NORM_ROW and values.dim() >= 2 and values.shape[-1] >= 64:
         # A large view (not contiguous): its own last dimension serves as the rows, without a copy.
-        native = values.dtype == torch.bfloat16 and values.device.type == "cpu"
+        native = _native_rows(values) and values.numel() // values.shape[-1] >= _NATIVE_ROWS
         by_row = torch.linalg.vector_norm(values, dim=-1, dtype=None if native else accumulate)
         squares: torch.Tensor = by_row.to(torch.float64).square().sum()
         return squares
@@ -149,6 +150,13 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
 
 
 _NORM_ROW = 4096
+_NATIVE_ROWS = 1024
+
+
+def _native_rows(values: torch.Tensor) -> bool:
+    import torch
+
+    return values.dtype == torch.bfloat16 and values.device.type == "cpu"
 
 
 # Below this ratio of variance to mean square, E[x^2] - E[x]^2 has lost more than ~1.3 digits.
