@@ -385,6 +385,7 @@ def _parsers(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "saturation_cutoff": _fraction,
         "histograms": _bool,
         "memory_budget": _memory,
+        "activation_checkpointing": _bool,
         "fail_on": _choice_of(Severity),
         "select": _strings,
         "ignore": _strings,

@@ -168,6 +168,9 @@ class ProbeOptions:
     # more bytes than this, with a batch_size/batches split that fits. Without it, the cheap part
     # of the estimate (weights, gradients, inputs) is still checked against available memory.
     memory_budget: int | None = None
+    # transformers models: recompute each block's activations during backward (the model's own
+    # gradient checkpointing) instead of keeping them, for long sequences.
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -350,12 +350,16 @@ def test_memory_budget_splits_into_micro_batches_that_fit() -> None:
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
     x = torch.randn(512, 64)
     estimate = estimate_probe_memory(model, (x,))
-    # Independent: weights + grads, and per sample the input row and 2x every module output (kept for
-    # backward, and its gradient), the model's output counted once more as such: the estimate errs high.
+    # Independent: weights + the largest gradient (the lean probe frees each as it is reduced), and
+    # per sample the input row and 2x every module output (kept for backward, and its gradient), the
+    # model's output counted once more as such: the estimate errs high.
     params = sum(p.numel() for p in model.parameters()) * 4
-    assert estimate.fixed == 2 * params
+    assert estimate.fixed == params + 64 * 256 * 4
     assert estimate.per_sample == 64 * 4 + 2 * (256 + 256 + 4 + 4) * 4
-    budget = estimate.fixed + 100 * estimate.per_sample
+    # Several micro-batches hold every gradient (the norm of their sum needs the sum).
+    several = estimate_probe_memory(model, (x,), micro_batches=2)
+    assert several.fixed == 2 * params
+    budget = several.fixed + 100 * estimate.per_sample
     split = probe(model, (512, 64), memory_budget=budget)
     assert (split.probe.batches, split.probe.batch_size) == (6, 100)  # 5 x 100 + 12
     assert any("split into 6 micro-batches of at most 100 samples" in note for note in split.notes)

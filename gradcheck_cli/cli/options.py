@@ -198,7 +198,8 @@ INPUTS = Group("Probe inputs", (
 ))
 
 DEVICE = Group("Device", (
-    Flag("device", str, "cpu, cuda or cuda:N.", metavar="DEVICE", record=ProbeOptions),
+    Flag("device", str, "cpu, cuda, cuda:N or auto (a model too big for one GPU is placed across the visible "
+         "GPUs).", metavar="DEVICE", record=ProbeOptions),
 ))
 
 PROBE = Group("Probe", (
@@ -215,6 +216,8 @@ PROBE = Group("Probe", (
     Flag("histograms", bool, "Add fixed-bin histograms of every row's output and output gradient to the JSON."),
     Flag("memory_budget", str, "Keep the probe within this much memory (e.g. 4GiB): a batch estimated to need "
          "more runs in micro-batches that fit (statistics merge exactly).", metavar="SIZE", convert=_memory),
+    Flag("activation_checkpointing", bool, "transformers models: recompute each block's activations during "
+         "backward (the model's own gradient checkpointing) instead of keeping them, for long sequences."),
 ))
 
 RULES = Group("Rules", (

@@ -89,13 +89,23 @@ def _random_fills_skipped(filled: list[torch.Tensor]) -> Iterator[None]:
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             # torch.nn.init passes the tensor by keyword when it dispatches to a mode.
             tensor = args[0] if args else (kwargs or {}).get("tensor")
-            if func in targets and isinstance(tensor, torch.Tensor):
+            if (func in targets or _is_wrapped_init(func)) and isinstance(tensor, torch.Tensor):
                 filled.append(tensor)  # left as allocated: loading the state_dict writes every byte
                 return tensor
             return func(*args, **(kwargs or {}))
 
     with SkipFills():
         yield
+
+
+# Libraries that swap torch.nn.init's functions for wrappers of their own while a model is built
+# (transformers 5 does, to skip tensors it has already initialised): the wrappers fill just the same.
+_INIT_WRAPPER_MODULES = ("torch.nn.init", "transformers.initialization")
+
+
+def _is_wrapped_init(func: Any) -> bool:
+    return (getattr(func, "__module__", None) in _INIT_WRAPPER_MODULES
+            and getattr(func, "__name__", None) in _INIT_FUNCTIONS)
 
 
 def _all_overwritten_by_state_dict(module: nn.Module, filled: list[torch.Tensor]) -> bool:

@@ -37,9 +37,13 @@ TRUST_HINT = (
 
 
 def parse_device(device: str) -> torch.device:
-    """The device ``device`` names, whether or not this machine has it."""
+    """The device ``device`` names, whether or not this machine has it; 'auto' is the first GPU when
+    there is one, else the CPU (a model loaded with 'auto' on several GPUs is spread across them:
+    :func:`place_across_gpus`)."""
     import torch
 
+    if device == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         return torch.device(device)
     except RuntimeError as exc:
@@ -55,6 +59,10 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("`device` cuda was asked for, but CUDA is not available here",
                          hint="run on the cpu `device`, or on a machine with a GPU and a CUDA build of torch")
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
+        # Under torchrun each process has its own GPU: loading every rank's copy onto cuda:0 would
+        # put them all on one device before FSDP shards them.
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return resolved
 
 
@@ -69,7 +77,8 @@ def model_from_path(
 ) -> LoadedModel:
     """Load a PyTorch model file, whatever its format (detected from its bytes)."""
     fmt = detect_format(path)
-    target = resolve_device(device)
+    spread = device == "auto" and _gpu_count() > 1
+    target = resolve_device("cpu" if spread else device)
     if fmt is ModelFormat.ONNX:
         raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
                         hint="probing ONNX graphs is not available yet in this version of gradcheck")
@@ -90,7 +99,31 @@ def model_from_path(
                                         strict=strict, trust_pickle=trust_pickle, device=target)
     if arch is not None and loaded.arch is None:
         loaded.notes.append(f"--arch {arch} was ignored: {fmt.description} carries its own architecture")
+    if spread:
+        loaded.notes.append(place_across_gpus(loaded.module))
     return loaded
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def place_across_gpus(module: nn.Module) -> str:
+    """Spread ``module`` over the visible GPUs with accelerate's big-model dispatch (whole blocks per
+    device; accelerate's hooks move each block's inputs to it); returns the note saying where."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError as exc:
+        from gradcheck_cli.errors import MissingDependencyError
+
+        raise MissingDependencyError("accelerate", purpose="placing a model across GPUs (device auto)") from exc
+    no_split = getattr(module, "_no_split_modules", None) or []
+    device_map = infer_auto_device_map(module, no_split_module_classes=list(no_split))
+    dispatch_model(module, device_map=device_map)
+    devices = sorted({str(d) for d in device_map.values()})
+    return f"placed across {len(devices)} devices with accelerate's big-model dispatch ({', '.join(devices)})"
 
 
 def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle: bool = False) -> LoadedModel:
@@ -233,6 +266,14 @@ def _with_config(arch: str | None, arch_kwargs: dict[str, Any] | None, directory
 
 
 def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, memory-mapped (model/stream.py), or read by the safetensors package when
+    this reader cannot map it (which also words the error for a damaged file)."""
+    from gradcheck_cli.model.stream import NotMappable, safetensors_mapped
+
+    try:
+        return safetensors_mapped(path)
+    except (NotMappable, OSError, ValueError, RuntimeError):
+        pass
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
@@ -289,10 +330,13 @@ def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: tor
 
     import torch
 
+    # A zip checkpoint read onto the CPU is memory-mapped: its tensors stay in the file's pages
+    # until used instead of being copied into memory first (the legacy format cannot be mapped).
+    mmap = fmt is ModelFormat.TORCH_ZIP and device.type == "cpu"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location=device, weights_only=not trust_pickle)
+            return torch.load(str(path), map_location=device, weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if not trust_pickle and "Weights only load failed" in text:
@@ -358,14 +402,23 @@ def _with_arch(
     prefix = best_key_prefix(state_dict, set(module.state_dict()))
     renamed = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     dropped = len(state_dict) - len(renamed)
+    half = half_precision_of(renamed)
+    assign = strict and not dropped and _assignable(module, renamed, half)
+    if half is not None and not assign:
+        module.to(half)  # the copy below then keeps the checkpoint's precision
+    tied = _tied_names(module)
     try:
-        result = module.load_state_dict(renamed, strict=False)
+        result = module.load_state_dict(renamed, strict=False, assign=assign)
     except RuntimeError as exc:
         mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
                                 r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
         raise LoadError(f"{path}: the weights do not fit --arch {arch}: {detail}",
                         hint="check --arch and --arch-kwargs (e.g. widths, number of classes)") from exc
+    if assign:
+        _retie(module, tied, renamed)
+        if half is not None:
+            _cast_buffers_not_in(module, renamed, half)
     missing, unexpected = _untied(module, list(result.missing_keys), renamed), list(result.unexpected_keys)
     if strict and (missing or unexpected or dropped):
         parts = []
@@ -385,6 +438,70 @@ def _with_arch(
     if prefix:
         loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")
     return loaded
+
+
+def half_precision_of(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The checkpoint's floating dtype when every floating tensor in it is one half-precision dtype
+    (bfloat16 or float16): the model then runs in it, as deployed, rather than in float32 (twice
+    the memory, and not what the checkpoint's users run)."""
+    import torch
+
+    dtypes = {t.dtype for t in state_dict.values() if isinstance(t, torch.Tensor) and t.dtype.is_floating_point}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return next(iter(dtypes))
+    return None
+
+
+def _assignable(module: nn.Module, state_dict: Mapping[str, torch.Tensor], half: torch.dtype | None) -> bool:
+    """Whether the checkpoint's tensors can become the module's own (``load_state_dict(assign=True)``)
+    instead of being copied into it: the weights are then held once, in the file's mapped pages,
+    and the memory the constructor allocated (untouched: its random fills were skipped) is freed.
+    Only when every entry matches its slot's shape and the dtype the model will run in, so the
+    result is exactly what a copy would give."""
+    own = module.state_dict(keep_vars=True)
+    if set(own) - set(state_dict) - set(_tied_aliases(module)) or set(state_dict) - set(own):
+        return False
+    for key, value in state_dict.items():
+        slot = own[key]
+        wanted = half if half is not None and slot.dtype.is_floating_point else slot.dtype
+        if value.shape != slot.shape or value.dtype != wanted or value.layout != slot.layout:
+            return False
+    return True
+
+
+def _tied_names(module: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (an LM head sharing the embedding matrix)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _tied_aliases(module: nn.Module) -> list[str]:
+    return [name for names in _tied_names(module) for name in names[1:]]
+
+
+def _retie(module: nn.Module, tied: list[list[str]], loaded: Mapping[str, Any]) -> None:
+    """After an assigning load, make tied names one parameter again (assignment replaced only the
+    name the checkpoint holds)."""
+    for names in tied:
+        source = next((name for name in names if name in loaded), names[0])
+        parameter = module.get_parameter(source)
+        for name in names:
+            if name != source:
+                owner_path, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_path) if owner_path else module
+                owner._parameters[leaf] = parameter
+
+
+def _cast_buffers_not_in(module: nn.Module, loaded: Mapping[str, Any], dtype: torch.dtype) -> None:
+    """Floating buffers the checkpoint does not hold (computed by the constructor) in the model's
+    precision, as ``module.to(dtype)`` would leave them."""
+    for name, buffer in list(module.named_buffers()):
+        if name not in loaded and buffer.dtype.is_floating_point and buffer.dtype != dtype:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            owner._buffers[leaf] = buffer.to(dtype)
 
 
 def _untied(module: nn.Module, missing: list[str], loaded: Mapping[str, Any]) -> list[str]:

@@ -306,7 +306,13 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
 def type_name(module: nn.Module) -> str:
     """The layer's class name, also for TorchScript modules (which all share one Python class)."""
     original = getattr(module, "original_name", None)
-    return original if isinstance(original, str) else type(module).__name__
+    if isinstance(original, str):
+        return original
+    cls = type(module)
+    # FSDP2's fully_shard swaps a module's class for FSDP<Class>(FSDPModule, Class).
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        return cls.__bases__[1].__name__
+    return cls.__name__
 
 
 def _first_input_layer(module: nn.Module) -> tuple[str, str, tuple[int, ...], tuple[Any, ...]] | None:

@@ -4,7 +4,9 @@ refused, saying so, when even one sample does not fit.
 
 The estimate is deliberately simple and errs high:
 
-* parameters and buffers, plus one gradient per trainable parameter;
+* parameters and buffers, plus the gradients the lean probe holds at once (probe/lean.py): the
+  largest single parameter's for one micro-batch, every trainable parameter's for several
+  (the norm of the summed gradient needs the sum);
 * one micro-batch of inputs;
 * activations: every leaf module's output measured on a *one-sample* forward (under no_grad,
   so it is cheap), times the micro-batch size, times two (the activation kept for backward and
@@ -48,11 +50,12 @@ class MemoryEstimate:
     """Bytes the probe needs for one micro-batch of ``batch_size`` samples."""
 
     parameters: int  # parameters and buffers
-    gradients: int  # one gradient per trainable parameter
+    gradients: int  # the gradients held at once (the largest alone for one micro-batch, else all)
     inputs_per_sample: int
     activations_per_sample: int  # activation + its gradient, per sample (0 when not measured)
     batch_size: int
     measured: bool  # whether activations come from a forward pass (False: not measurable)
+    micro_batches: int = 1
     # Parameters and buffers already on the device the probe runs on: they count against a
     # --memory-budget (the probe's whole footprint) but not against the memory still available,
     # which they have already been taken from.
@@ -84,8 +87,10 @@ def _nbytes(value: Any) -> int:
 
 
 def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
-                          kwargs: dict[str, torch.Tensor] | None = None, *, measure: bool = True) -> MemoryEstimate:
-    """Estimate the probe of ``module`` on one micro-batch ``args``/``kwargs`` (batch first).
+                          kwargs: dict[str, torch.Tensor] | None = None, *, measure: bool = True,
+                          micro_batches: int = 1) -> MemoryEstimate:
+    """Estimate the probe of ``module`` on one micro-batch ``args``/``kwargs`` (batch first), run as
+    one of ``micro_batches``.
 
     With ``measure``, a one-sample forward (no_grad, eval mode restored afterwards) sizes the
     activations; a model that cannot be hooked or run on one sample is estimated without them.
@@ -95,7 +100,7 @@ def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
     batch_size = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
     params = list(module.parameters())
     parameters = sum(_nbytes(p) for p in params) + sum(_nbytes(b) for b in module.buffers())
-    gradients = sum(_nbytes(p) for p in params if p.requires_grad)
+    gradients = gradient_bytes(module, micro_batches)
     inputs_per_sample = math.ceil(sum(_nbytes(t) for t in tensors) / max(batch_size, 1))
     activations = 0
     measured = False
@@ -106,7 +111,17 @@ def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
         except Exception:  # the estimate is advisory: an unhookable model is estimated without it
             activations = 0
     return MemoryEstimate(parameters=parameters, gradients=gradients, inputs_per_sample=inputs_per_sample,
-                          activations_per_sample=2 * activations, batch_size=batch_size, measured=measured)
+                          activations_per_sample=2 * activations, batch_size=batch_size, measured=measured,
+                          micro_batches=micro_batches)
+
+
+def gradient_bytes(module: nn.Module, micro_batches: int) -> int:
+    """Bytes of gradients the lean probe holds at once (counted for every floating parameter: the
+    probe makes each one require a gradient)."""
+    sizes = {id(p): _nbytes(p) for p in module.parameters() if p.dtype.is_floating_point}
+    if not sizes:
+        return 0
+    return max(sizes.values()) if micro_batches <= 1 else sum(sizes.values())
 
 
 def _activation_bytes_one_sample(module: nn.Module, args: tuple[torch.Tensor, ...],
@@ -192,14 +207,18 @@ def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None
             continue
         needs = f"the probe needs about {_human(need)} for a micro-batch of {estimate.batch_size}"
         if fixed >= limit:
-            raise ProbeError(f"{needs}; the weights and their gradients alone take {_human(fixed)}, more "
+            held = "the largest gradient" if estimate.micro_batches <= 1 else "their gradients"
+            raise ProbeError(f"{needs}; the weights and {held} alone take {_human(fixed)}, more "
                              f"than the {_human(limit)} of {what}",
-                             hint="run on a machine with more memory, or raise --memory-budget")
+                             hint="run on a device with more memory, or shard the weights across processes "
+                             "(torchrun --nproc-per-node N: each holds 1/N of them), or raise `memory_budget`")
         fits = (limit - fixed) // max(estimate.per_sample, 1)
         if fits < 1:
             raise ProbeError(f"{needs}; even a micro-batch of 1 needs about "
                              f"{_human(fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
-                             hint="run on a machine with more memory, or raise --memory-budget")
+                             hint="shorten the sequences (`seq_len`: activations grow with it), turn on "
+                             "`activation_checkpointing` (transformers models), run on a device with more "
+                             "memory, or raise `memory_budget`")
         smallest = int(fits) if smallest is None else min(smallest, int(fits))
     return smallest
 

@@ -83,6 +83,7 @@ class EagerInstrument:
         self.recording = False
         self.unrollers: dict[str, RecurrentUnroller] = {}  # module path -> its unroller
         self.blocks: dict[str, bool] = {}  # module path -> is a repeated block (residual stream row)
+        self.is_paused = False  # forwards run by autograd itself (checkpoint recomputation) make no rows
 
     def failing_layer(self) -> str | None:
         if not self.stack:
@@ -120,9 +121,18 @@ class EagerInstrument:
         self.calls = _CallCounter()
         self.channel_first = False
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.is_paused = True
+        try:
+            yield
+        finally:
+            self.is_paused = False
+
     def _push(self, path: str, module: nn.Module) -> Any:
         def hook(_module: nn.Module, _args: Any) -> None:
-            self.stack.append((path, module))
+            if not self.is_paused:
+                self.stack.append((path, module))
 
         return hook
 
@@ -135,6 +145,8 @@ class EagerInstrument:
         norm = is_norm(kind_name)
 
         def hook(_module: nn.Module, args: Any, output: Any) -> None:
+            if self.is_paused:
+                return
             if self.stack and self.stack[-1][1] is module:
                 self.stack.pop()
             if not (direct or fn is not None or norm or self.blocks.get(path)):
@@ -417,6 +429,10 @@ class GraphInstrument:
 
     def start_batch(self) -> None:
         self.current = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield  # an interpreted graph runs no forward during backward
 
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         import torch.fx

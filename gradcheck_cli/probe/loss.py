@@ -89,6 +89,10 @@ class LossFunction:
     _targets: torch.Tensor | None = None
     _offset: int = 0
 
+    def seek(self, offset: int) -> None:
+        """Take the next targets from sample ``offset`` of the probe batch (a rank's share of it)."""
+        self._offset = offset
+
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
 
         if not output.dtype.is_floating_point:

@@ -20,7 +20,17 @@ from gradcheck_cli.model.torch_load import resolve_device
 from gradcheck_cli.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.parameters import module_parameter_count
 from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
+from gradcheck_cli.probe.distributed import (
+    Ranks,
+    check_shares,
+    join_ranks,
+    local_share,
+    merge_rows,
+    shard_model,
+    sum_across,
+)
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
+from gradcheck_cli.probe.lean import GradientReducer, local_tensor
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
 from gradcheck_cli.probe.recorder import Recorder, sum_of_squares, uncomputed_note
 from gradcheck_cli.probe.recurrent import (
@@ -53,9 +63,24 @@ Progress = Callable[[int, int], None]
 
 def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress | None = None) -> Report:
     device = resolve_device(options.device)
+    ranks = join_ranks(device)
+    try:
+        return _run_probe(loaded, options, device if ranks is None else ranks.device, ranks, progress)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device, ranks: Ranks | None,
+               progress: Progress | None) -> Report:
     inputs = probe_inputs(loaded.module, options.inputs, device=device,
                           example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
-    inputs, split_note = _fit_memory(loaded.module, inputs, options)
+    if ranks is None:
+        inputs, split_note = _fit_memory(loaded.module, inputs, options)
+    else:
+        # Each rank holds 1/world of the weights once sharded; the split is the user's to choose.
+        split_note = None
+        check_shares(inputs.batches, ranks)
     if not any(p.dtype.is_floating_point for p in loaded.module.parameters()):
         raise ProbeError("the model has no floating-point parameters, so its output does not depend on any "
                          "parameter: there is no gradient to measure",
@@ -64,15 +89,31 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
     notes.extend(inputs.notes)
     if split_note:
         notes.append(split_note)
+    dtype_note = _dtype_note(module)
+    if dtype_note:
+        notes.append(dtype_note)
+    if ranks is not None:
+        if instrument_kind != "eager":
+            raise UsageError("under torchrun, only eager PyTorch models can be sharded",
+                             hint="probe exported programs and TorchScript archives in one process")
+        shard_model(module, ranks)
+        notes.append(f"sharded with FSDP2 across {ranks.world} processes; each ran its share of every "
+                     "micro-batch and the statistics were merged exactly")
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
         GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
     loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
                            target_file=options.target)
+    reducer = GradientReducer(module.parameters(), batches=len(inputs.batches))
     loss_total = 0.0
     output_label = "output"
-    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), instrument.attached():
-        for index, batch in enumerate(inputs.batches):
+    offset = 0
+    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), \
+            instrument.attached(), reducer.attached(), _checkpointing(module, options.activation_checkpointing):
+        for index, whole in enumerate(inputs.batches):
+            batch, start = (whole, 0) if ranks is None else local_share(whole, ranks)
+            loss_fn.seek(offset + start)
+            offset += whole.size
             with _collector_paused():
                 instrument.start_batch()
                 # On the first micro-batch only, watch the float inputs: a model whose loss ignores
@@ -91,10 +132,14 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                     del selected
                 del output
                 try:
-                    loss.backward()
+                    # Activation checkpointing recomputes blocks during backward: those forwards
+                    # are not the probe's and make no rows.
+                    with instrument.paused():
+                        loss.backward()
                 except RuntimeError as exc:
                     raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
                                      hint="pass --debug for the traceback") from exc
+                reducer.end_backward()
                 loss_total += float(loss.detach())
                 del loss
                 if watched and not _any_input_gradient(watched):
@@ -103,7 +148,11 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
                 recorder.end_batch()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
-        param_grads, param_counts = _parameter_gradients(instrument.row_params)
+        param_grads, param_counts = _parameter_gradients(instrument.row_params, reducer, ranks)
+    if ranks is not None:
+        merge_rows(recorder, ranks, [local_share(b, ranks)[0].size for b in inputs.batches],
+                   [b.size for b in inputs.batches])
+        loss_total = float(sum_across(_float64(loss_total), ranks))
     traces = through_time_records(instrument.unrollers) if isinstance(instrument, EagerInstrument) else {}
 
     layers = recorder.layer_stats(param_grads, param_counts, traces)
@@ -124,10 +173,65 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
         method=instrument.method,
     )
     model = ModelInfo(path=str(loaded.path), format=str(loaded.format),
-                      parameters=module_parameter_count(loaded.module))
+                      parameters=module_parameter_count(loaded.module) if ranks is None
+                      else int(sum_across(_float64(sum(local_tensor(p).numel() for p in module.parameters())),
+                                          ranks)))
     return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
                   layers=tuple(layers), notes=tuple(loaded.notes + notes),
                   histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+
+
+def _float64(value: float) -> torch.Tensor:
+    import torch
+
+    return torch.tensor([value], dtype=torch.float64)
+
+
+def _dtype_note(module: nn.Module) -> str | None:
+    """Which dtype ran, when it is not float32 (the default, which needs no saying), and why."""
+    dtypes = {p.dtype for p in module.parameters() if p.dtype.is_floating_point}
+    if not dtypes or dtypes == {_float32()}:
+        return None
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    return (f"ran in {names}: the weights' own precision, as deployed (a half-precision checkpoint is not "
+            "upcast); statistics are accumulated in float32, sums of squares combined in float64")
+
+
+def _float32() -> torch.dtype:
+    import torch
+
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _checkpointing(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """The transformers model's own activation (gradient) checkpointing for the probe's duration.
+
+    Non-reentrant checkpointing keeps the original autograd graph (only saved activations are
+    recomputed), so the gradient hooks the recorder puts on block outputs still fire.
+    """
+    if not enabled:
+        yield
+        return
+    # transformers 5 names it activation checkpointing; 4.x gradient checkpointing.
+    names = (("activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing"),
+             ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing"))
+    found = next((n for n in names if callable(getattr(module, n[0], None))), None)
+    if found is None:
+        raise UsageError("`activation_checkpointing` needs a transformers model (one that can checkpoint its "
+                         "own blocks)", hint="leave it off for other models, or lower `batch_size`")
+    enable, disable, state = (getattr(module, name) for name in found)
+    was = bool(state)
+    try:
+        enable({"use_reentrant": False})
+    except ValueError as exc:  # the model class does not support it
+        raise UsageError(f"`activation_checkpointing`: {_first_line(exc)}",
+                         hint="leave it off for this model, or lower `batch_size`") from exc
+    try:
+        yield
+    finally:
+        if not was:
+            disable()
 
 
 def _watch_inputs(batch: ProbeBatch) -> tuple[ProbeBatch, list[torch.Tensor]]:
@@ -153,23 +257,40 @@ def _any_input_gradient(tensors: list[torch.Tensor]) -> bool:
 def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -> tuple[ProbeInputs, str | None]:
     """The inputs, split into smaller micro-batches when one would not fit the memory available or
     the user's budget (the estimate: probe/budget.py), with the note that says so; a probe that
-    cannot fit even one sample is refused before it runs."""
-    from gradcheck_cli.probe.budget import available_memory, estimate_probe_memory, micro_batch_that_fits, over_limit
+    cannot fit even one sample is refused before it runs.
+
+    The lean probe holds one parameter's gradient at a time for a single micro-batch, but every
+    gradient across several (the norm of their sum needs the sum): splitting costs gradient
+    memory, so the split is sized with all gradients counted.
+    """
+    from gradcheck_cli.probe.budget import (
+        available_memory,
+        estimate_probe_memory,
+        gradient_bytes,
+        micro_batch_that_fits,
+        over_limit,
+    )
 
     first = inputs.batches[0]
     available = available_memory(options.device)
     resident = _resident_bytes(module, resolve_device(options.device))
+    count = len(inputs.batches)
     # Sizing the activations costs a one-sample forward: pay it when a budget is set, or when the
     # gradients and inputs alone (the weights are already in memory) take a good share of the
     # memory there is.
-    estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=False),
-                                   resident=resident)
+    estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=False,
+                                                         micro_batches=count), resident=resident)
     if options.memory_budget is not None or (available is not None and 4 * (estimate.total - resident) > available):
-        estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=True),
-                                       resident=resident)
+        estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=True,
+                                                             micro_batches=count), resident=resident)
     fits = micro_batch_that_fits(estimate, budget=options.memory_budget, available=available)
     if fits is None or max(batch.size for batch in inputs.batches) <= fits:
         return inputs, None
+    if count == 1:
+        split = dataclasses.replace(estimate, gradients=gradient_bytes(module, 2), micro_batches=2)
+        fits = micro_batch_that_fits(split, budget=options.memory_budget, available=available)
+        if fits is None:  # cannot happen: more gradients held never fit better
+            return inputs, None
     batches = [ProbeBatch(tuple(a[start:start + fits] for a in batch.args),
                           {k: v[start:start + fits] for k, v in batch.kwargs.items()})
                for batch in inputs.batches for start in range(0, batch.size, fits)]
@@ -316,9 +437,12 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
 
 
 def _parameter_gradients(
-    row_params: Mapping[str, Sequence[torch.Tensor]],
+    row_params: Mapping[str, Sequence[torch.Tensor]], reducer: GradientReducer | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[dict[str, tuple[float | None, float]], dict[str, int]]:
-    """(grad norm, weight norm) per row, computed on device and fetched in one transfer."""
+    """(grad norm, weight norm) per row, from the sums of squares the reducer took as gradients
+    arrived (without one: from each parameter's ``.grad``); computed on device and fetched in one
+    transfer (summed over the ranks' shards)."""
     import torch
 
     names = list(row_params)
@@ -328,19 +452,26 @@ def _parameter_gradients(
         stacked = []
         for name in names:
             tensors = row_params[name]
-            weight_sq = sum((sum_of_squares(p.detach()) for p in tensors),
-                            torch.zeros((), dtype=torch.float64, device=tensors[0].device))
-            grads = [p.grad for p in tensors if p.grad is not None]
-            grad_sq = sum((sum_of_squares(g) for g in grads),
-                          torch.zeros((), dtype=torch.float64, device=tensors[0].device))
-            has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=tensors[0].device)
-            stacked.append(torch.stack([grad_sq, weight_sq, has_grad]).to(tensors[0].device))
-        values = torch.stack([s.cpu() for s in stacked]).tolist()
+            zero = torch.zeros((), dtype=torch.float64, device=local_tensor(tensors[0]).device)
+            weight_sq = sum((sum_of_squares(local_tensor(p.detach())) if p.numel() else zero for p in tensors),
+                            zero)
+            grads = ([g for g in (reducer.gradient_sum_squares(p) for p in tensors) if g is not None]
+                     if reducer is not None else [sum_of_squares(p.grad) for p in tensors if p.grad is not None])
+            grad_sq = sum((g.to(zero.device) for g in grads), zero)
+            has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=zero.device)
+            stacked.append(torch.stack([grad_sq, weight_sq, has_grad]))
+        table = torch.stack([s.cpu() for s in stacked])
+        counts_local = torch.tensor([float(sum(local_tensor(p).numel() for p in row_params[name])) for name in names],
+                                    dtype=torch.float64)
+        if ranks is not None:
+            table = sum_across(table, ranks)
+            counts_local = sum_across(counts_local, ranks)
+        values = table.tolist()
     result: dict[str, tuple[float | None, float]] = {}
     counts: dict[str, int] = {}
-    for name, (grad_sq, weight_sq, has_grad) in zip(names, values, strict=True):
+    for name, (grad_sq, weight_sq, has_grad), count in zip(names, values, counts_local.tolist(), strict=True):
         result[name] = (math.sqrt(grad_sq) if has_grad else None, math.sqrt(weight_sq))
-        counts[name] = sum(p.numel() for p in row_params[name])
+        counts[name] = int(count)
     return result, counts
 
 
