@@ -42,16 +42,29 @@ def _batch(size: int, seed: int = 5) -> torch.Tensor:
 def _export_onnx(model: nn.Module, path: Path, *, dynamic_axes: dict[str, dict[int, str]] | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (_batch(2),), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                          dynamic_axes=dynamic_axes)
+        torch.onnx.export(
+            model,
+            (_batch(2),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            dynamic_axes=dynamic_axes,
+        )
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     model = build_model()
-    paths = {"arch": tmp_path / "arch.py", "state_dict": tmp_path / "weights.pt", "dynamic_pt2": tmp_path / "dyn.pt2",
-             "static_pt2": tmp_path / "static.pt2", "onnx": tmp_path / "model.onnx"}
+    paths = {
+        "arch": tmp_path / "arch.py",
+        "state_dict": tmp_path / "weights.pt",
+        "dynamic_pt2": tmp_path / "dyn.pt2",
+        "static_pt2": tmp_path / "static.pt2",
+        "onnx": tmp_path / "model.onnx",
+    }
     paths["arch"].write_text(ARCH)
     torch.save(model.state_dict(), paths["state_dict"])
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -73,16 +86,23 @@ def _json(cli: Any, *args: Any) -> dict[str, Any]:
 
 
 def _user_input_shapes(program: Any) -> list[Any]:
-    return [node.meta["val"].shape for node in program.graph.nodes
-            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
+    return [
+        node.meta["val"].shape
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
 
 
 def _graph_dims(path: Path) -> dict[str, list[Any]]:
     """Every graph input's and output's dims as onnx.load reads them: dim_param, size, or None."""
     model = onnx.load(str(path))
-    return {value.name: [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
-                         for d in value.type.tensor_type.shape.dim]
-            for value in [*model.graph.input, *model.graph.output]}
+    return {
+        value.name: [
+            d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+            for d in value.type.tensor_type.shape.dim
+        ]
+        for value in [*model.graph.input, *model.graph.output]
+    }
 
 
 def _ort(path: Path, x: torch.Tensor) -> Any:
@@ -94,42 +114,56 @@ def _ort(path: Path, x: torch.Tensor) -> Any:
 
 # --- the format decision -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "to", "input_format", "expected"), [
-    ("out.pt2", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.EXPORTED_PROGRAM)),
-    ("out.ONNX", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.ONNX)),
-    ("out.safetensors", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.SAFETENSORS)),
-    ("out.ts", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCHSCRIPT)),
-    ("out.torchscript", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.TORCHSCRIPT)),
-    # torch.save-like extensions keep the input's own torch format ...
-    ("out.pt", None, ModelFormat.TORCHSCRIPT, WrittenFormat(ModelFormat.TORCHSCRIPT)),
-    ("out.pth", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
-    ("out.ckpt", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
-    ("out.pth.tar", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
-    ("out.pkl", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
-    # ... and mean a state_dict for anything else
-    ("out.pt", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),
-    ("out.pt", None, ModelFormat.SAFETENSORS, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),
-    ("out.pt", WriteFormat.TORCHSCRIPT, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCHSCRIPT)),
-    ("out.pt", WriteFormat.PICKLE, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=False)),
-    ("out.bin", WriteFormat.ONNX, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.ONNX)),  # `to` decides
-    (None, None, ModelFormat.TORCHSCRIPT, WrittenFormat(ModelFormat.TORCHSCRIPT)),  # dry run: the input's own
-    ("out.onnx", None, ModelFormat.ONNX, WrittenFormat(ModelFormat.ONNX)),
-])
-def test_written_format(name: str | None, to: WriteFormat | None, input_format: ModelFormat,
-                        expected: WrittenFormat) -> None:
+
+@pytest.mark.parametrize(
+    ("name", "to", "input_format", "expected"),
+    [
+        ("out.pt2", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.EXPORTED_PROGRAM)),
+        ("out.ONNX", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.ONNX)),
+        ("out.safetensors", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.SAFETENSORS)),
+        ("out.ts", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCHSCRIPT)),
+        ("out.torchscript", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.TORCHSCRIPT)),
+        # torch.save-like extensions keep the input's own torch format ...
+        ("out.pt", None, ModelFormat.TORCHSCRIPT, WrittenFormat(ModelFormat.TORCHSCRIPT)),
+        ("out.pth", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
+        ("out.ckpt", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
+        ("out.pth.tar", None, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCH_ZIP)),
+        ("out.pkl", None, ModelFormat.TORCH_LEGACY, WrittenFormat(ModelFormat.TORCH_LEGACY)),
+        # ... and mean a state_dict for anything else
+        ("out.pt", None, ModelFormat.EXPORTED_PROGRAM, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),
+        ("out.pt", None, ModelFormat.SAFETENSORS, WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=True)),
+        ("out.pt", WriteFormat.TORCHSCRIPT, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.TORCHSCRIPT)),
+        (
+            "out.pt",
+            WriteFormat.PICKLE,
+            ModelFormat.TORCH_ZIP,
+            WrittenFormat(ModelFormat.TORCH_ZIP, state_dict_only=False),
+        ),
+        ("out.bin", WriteFormat.ONNX, ModelFormat.TORCH_ZIP, WrittenFormat(ModelFormat.ONNX)),  # `to` decides
+        (None, None, ModelFormat.TORCHSCRIPT, WrittenFormat(ModelFormat.TORCHSCRIPT)),  # dry run: the input's own
+        ("out.onnx", None, ModelFormat.ONNX, WrittenFormat(ModelFormat.ONNX)),
+    ],
+)
+def test_written_format(
+    name: str | None, to: WriteFormat | None, input_format: ModelFormat, expected: WrittenFormat
+) -> None:
     assert written_format(None if name is None else Path(name), to, input_format=input_format) == expected
 
 
-@pytest.mark.parametrize(("name", "to", "input_format", "words"), [
-    ("out.pt2", WriteFormat.TORCHSCRIPT, ModelFormat.TORCH_ZIP, ("out.pt2", ".pt2", "torchscript")),
-    ("out.onnx", WriteFormat.PT2, ModelFormat.TORCH_ZIP, (".onnx", "pt2")),
-    ("out.pt", WriteFormat.ONNX, ModelFormat.TORCH_ZIP, (".pt", "onnx")),
-    ("out.bin", None, ModelFormat.TORCH_ZIP, (".bin", ".pt2, .onnx, .safetensors, .pt, .pth, .ckpt")),
-    ("out", None, ModelFormat.TORCH_ZIP, ("no extension", ".torchscript, .ts")),
-    ("out.pt2", None, ModelFormat.ONNX, ("ONNX",)),
-])
-def test_written_format_refusals(name: str, to: WriteFormat | None, input_format: ModelFormat,
-                                 words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("name", "to", "input_format", "words"),
+    [
+        ("out.pt2", WriteFormat.TORCHSCRIPT, ModelFormat.TORCH_ZIP, ("out.pt2", ".pt2", "torchscript")),
+        ("out.onnx", WriteFormat.PT2, ModelFormat.TORCH_ZIP, (".onnx", "pt2")),
+        ("out.pt", WriteFormat.ONNX, ModelFormat.TORCH_ZIP, (".pt", "onnx")),
+        ("out.bin", None, ModelFormat.TORCH_ZIP, (".bin", ".pt2, .onnx, .safetensors, .pt, .pth, .ckpt")),
+        ("out", None, ModelFormat.TORCH_ZIP, ("no extension", ".torchscript, .ts")),
+        ("out.pt2", None, ModelFormat.ONNX, ("ONNX",)),
+    ],
+)
+def test_written_format_refusals(
+    name: str, to: WriteFormat | None, input_format: ModelFormat, words: tuple[str, ...]
+) -> None:
     with pytest.raises(UsageError) as raised:
         written_format(Path(name), to, input_format=input_format)
     text = f"{raised.value.message} {raised.value.hint}"
@@ -137,10 +171,18 @@ def test_written_format_refusals(name: str, to: WriteFormat | None, input_format
     assert all(word in text for word in words), text
 
 
-@pytest.mark.parametrize(("command", "name", "to"), [("fold-bn", "out.pt2", "onnx"), ("reinit", "out.onnx", "pt2"),
-                                                     ("fold-bn", "out.bin", None), ("reinit", "out.weights", None)])
-def test_cli_refuses_disagreeing_or_unknown_extensions(cli: Any, files: dict[str, Path], tmp_path: Path,
-                                                       command: str, name: str, to: str | None) -> None:
+@pytest.mark.parametrize(
+    ("command", "name", "to"),
+    [
+        ("fold-bn", "out.pt2", "onnx"),
+        ("reinit", "out.onnx", "pt2"),
+        ("fold-bn", "out.bin", None),
+        ("reinit", "out.weights", None),
+    ],
+)
+def test_cli_refuses_disagreeing_or_unknown_extensions(
+    cli: Any, files: dict[str, Path], tmp_path: Path, command: str, name: str, to: str | None
+) -> None:
     out = tmp_path / name
     code, _, stderr = cli(command, files["state_dict"], *_arch(files), "-o", out, *(("--to", to) if to else ()))
     assert code == 2
@@ -151,8 +193,10 @@ def test_cli_refuses_disagreeing_or_unknown_extensions(cli: Any, files: dict[str
 
 # --- fold-bn: torch model -> .pt2 / .onnx, with a dynamic batch -------------------------------
 
-def test_state_dict_to_pt2_writes_an_exported_program_without_batchnorm(cli: Any, files: dict[str, Path],
-                                                                        tmp_path: Path) -> None:
+
+def test_state_dict_to_pt2_writes_an_exported_program_without_batchnorm(
+    cli: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "folded.pt2"
     report = _json(cli, "fold-bn", files["state_dict"], *_arch(files), "-o", out, "--input-shape", "2,3,8,8")
     assert report["output_format"] == "exported_program" and report["written"] == str(out)
@@ -186,14 +230,16 @@ def test_state_dict_to_onnx_writes_onnx_with_a_dynamic_batch(cli: Any, files: di
 
 def test_a_model_that_fixes_its_batch_is_written_static_with_a_note(cli: Any, tmp_path: Path) -> None:
     arch = tmp_path / "fixed.py"
-    arch.write_text("from torch import nn\n\n"
-                    "class Fixed(nn.Module):\n"
-                    "    def __init__(self):\n"
-                    "        super().__init__()\n"
-                    "        self.conv = nn.Conv2d(3, 4, 3)\n"
-                    "        self.bn = nn.BatchNorm2d(4)\n"
-                    "    def forward(self, x):\n"
-                    "        return self.bn(self.conv(x)).reshape(2, -1)\n")
+    arch.write_text(
+        "from torch import nn\n\n"
+        "class Fixed(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n"
+        "        self.bn = nn.BatchNorm2d(4)\n"
+        "    def forward(self, x):\n"
+        "        return self.bn(self.conv(x)).reshape(2, -1)\n"
+    )
     weights = tmp_path / "fixed.pt"
     namespace: dict[str, Any] = {}
     exec(arch.read_text(), namespace)
@@ -206,6 +252,7 @@ def test_a_model_that_fixes_its_batch_is_written_static_with_a_note(cli: Any, tm
 
 
 # --- fold-bn: a .pt2 keeps its own dynamic shapes ----------------------------------------------
+
 
 def test_dynamic_pt2_keeps_its_range_constraints(cli: Any, files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "folded.pt2"
@@ -243,8 +290,9 @@ def test_static_pt2_is_verified_at_its_one_size_with_a_note(cli: Any, files: dic
     assert any("static batch dimension" in note for note in report["notes"]), report["notes"]
 
 
-def test_a_written_file_that_loses_the_batch_is_refused(cli: Any, files: dict[str, Path], tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_written_file_that_loses_the_batch_is_refused(
+    cli: Any, files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Simulate a re-export that drops the input's dynamic dimensions: the second batch size
     # must catch it, and nothing may be written.
     from gradcheck_cli.model import torch_save
@@ -260,6 +308,7 @@ def test_a_written_file_that_loses_the_batch_is_refused(cli: Any, files: dict[st
 
 
 # --- fold-bn: ONNX keeps its dim_params and its unknown dims ---------------------------------
+
 
 def test_onnx_fold_keeps_dim_params_and_unknown_dims(cli: Any, files: dict[str, Path], tmp_path: Path) -> None:
     source = tmp_path / "mixed.onnx"
@@ -286,8 +335,10 @@ def test_static_onnx_is_verified_at_its_one_size(cli: Any, tmp_path: Path) -> No
 
 # --- reinit: the same formats and dimensions ---------------------------------------------------
 
-def test_reinit_to_onnx_writes_onnx_with_its_batchnorms_and_a_dynamic_batch(cli: Any, files: dict[str, Path],
-                                                                            tmp_path: Path) -> None:
+
+def test_reinit_to_onnx_writes_onnx_with_its_batchnorms_and_a_dynamic_batch(
+    cli: Any, files: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "fresh.onnx"
     report = _json(cli, "reinit", files["state_dict"], *_arch(files), "-o", out, "--input-shape", "2,3,8,8")
     assert report["output_format"] == "onnx" and report["verification"]["batch_sizes"] == [2, 1]
@@ -329,6 +380,7 @@ def test_reinit_state_dict_to_pt2(cli: Any, files: dict[str, Path], tmp_path: Pa
 
 # --- files: modes and names --------------------------------------------------------------------
 
+
 @pytest.fixture
 def umask() -> Iterator[Any]:
     previous = os.umask(0o022)
@@ -342,13 +394,15 @@ def umask() -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
-def test_written_files_and_their_data_files_follow_the_umask(cli: Any, files: dict[str, Path], tmp_path: Path,
-                                                             umask: Any, mask: int) -> None:
+def test_written_files_and_their_data_files_follow_the_umask(
+    cli: Any, files: dict[str, Path], tmp_path: Path, umask: Any, mask: int
+) -> None:
     external = tmp_path / "external.onnx"
     wide = tmp_path / "wide.onnx"  # weights over the writer's 1 KiB threshold for external data
     _export_onnx(build_model(width=32), wide, dynamic_axes={"x": {0: "N"}})
-    onnx.save_model(onnx.load(str(wide)), str(external), save_as_external_data=True, location="external.onnx.data",
-                    size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(wide)), str(external), save_as_external_data=True, location="external.onnx.data", size_threshold=0
+    )
     umask(mask)
     onnx_out = tmp_path / "folded.onnx"
     _json(cli, "fold-bn", external, "-o", onnx_out)
@@ -358,13 +412,19 @@ def test_written_files_and_their_data_files_follow_the_umask(cli: Any, files: di
     assert data.is_file(), "the external data stays external"
     expected = 0o666 & ~mask
     assert {path.name: path.stat().st_mode & 0o777 for path in (onnx_out, data, pt_out)} == {
-        "folded.onnx": expected, "folded.onnx.data": expected, "folded.pt2": expected}
+        "folded.onnx": expected,
+        "folded.onnx.data": expected,
+        "folded.pt2": expected,
+    }
 
 
-@pytest.mark.parametrize(("name", "extra"), [("renamed.pt", ()), ("renamed.pt2", ()), ("renamed.ts", ()),
-                                             ("renamed.pth", ("--to", "torchscript"))])
-def test_archives_carry_the_final_name(cli: Any, files: dict[str, Path], tmp_path: Path, name: str,
-                                       extra: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("renamed.pt", ()), ("renamed.pt2", ()), ("renamed.ts", ()), ("renamed.pth", ("--to", "torchscript"))],
+)
+def test_archives_carry_the_final_name(
+    cli: Any, files: dict[str, Path], tmp_path: Path, name: str, extra: tuple[str, ...]
+) -> None:
     out = tmp_path / name
     _json(cli, "fold-bn", files["state_dict"], *_arch(files), "-o", out, "--input-shape", "2,3,8,8", *extra)
     roots = {entry.split("/", 1)[0] for entry in zipfile.ZipFile(out).namelist()}
@@ -372,6 +432,7 @@ def test_archives_carry_the_final_name(cli: Any, files: dict[str, Path], tmp_pat
 
 
 # --- parameter counts ---------------------------------------------------------------------------
+
 
 def _eager_count(model: nn.Module) -> int:
     # Independent of gradcheck: distinct nn.Parameter objects, so a tied weight counts once.
@@ -407,8 +468,14 @@ def test_tied_weights_count_once_in_torch_and_onnx(tmp_path: Path) -> None:
     path = tmp_path / "tied.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.tensor([1, 2, 3]),), str(path), dynamo=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        torch.onnx.export(
+            model,
+            (torch.tensor([1, 2, 3]),),
+            str(path),
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+        )
     expected = _eager_count(model)
     assert expected == 10 * 4 + 4 + 4
     assert module_parameter_count(model) == expected
@@ -435,15 +502,20 @@ def test_related_dynamic_inputs_keep_their_relation(cli: Any, tmp_path: Path) ->
     rows = torch.export.Dim("rows", min=1, max=32)
     source, out = tmp_path / "paired.pt2", tmp_path / "folded.pt2"
     # `pairs` passed by keyword: the re-export must bind its shape to the parameter name.
-    program = torch.export.export(model, (torch.randn(3, 4),), {"pairs": torch.randn(6, 4)},
-                                  dynamic_shapes={"x": {0: rows}, "pairs": {0: 2 * rows}})
+    program = torch.export.export(
+        model,
+        (torch.randn(3, 4),),
+        {"pairs": torch.randn(6, 4)},
+        dynamic_shapes={"x": {0: rows}, "pairs": {0: 2 * rows}},
+    )
     torch.export.save(program, str(source))
     report = _json(cli, "fold-bn", source, "-o", out)
     assert report["after"]["batchnorms"] == 0 and report["verification"]["batch_sizes"] == [3]
     assert any("related" in note for note in report["notes"]), report["notes"]
     folded = torch.export.load(str(out))
     assert {str(k): (int(v.lower), int(v.upper)) for k, v in folded.range_constraints.items()} == {
-        str(k): (int(v.lower), int(v.upper)) for k, v in program.range_constraints.items()}
+        str(k): (int(v.lower), int(v.upper)) for k, v in program.range_constraints.items()
+    }
     x, pairs = torch.randn(5, 4), torch.randn(10, 4)
     torch.testing.assert_close(folded.module()(x, pairs=pairs), model(x, pairs=pairs), rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception):  # noqa: B017 - the relation is enforced: 5 rows need 10 pairs

@@ -81,8 +81,9 @@ def program_dims(program: ExportedProgram) -> InputDims | None:
         shape = getattr(value, "shape", None)
         if shape is None:
             return None
-        dims.append({index: found for index, size in enumerate(shape)
-                     if (found := _symbolic(size, ranges)) is not None})
+        dims.append(
+            {index: found for index, size in enumerate(shape) if (found := _symbolic(size, ranges)) is not None}
+        )
     return tuple(dims)
 
 
@@ -96,8 +97,9 @@ def _symbolic(size: Any, ranges: dict[str, Any]) -> DynamicDim | None:
     if not others:
         scale, offset = expr.coeff(symbol), expr.subs(symbol, 0)
         if scale.is_Integer and offset.is_Integer and (expr - (scale * symbol + offset)).expand() == 0:
-            return DynamicDim(str(expr), 0, None, derived=True, base=_of_symbol(symbol, ranges),
-                              scale=int(scale), offset=int(offset))
+            return DynamicDim(
+                str(expr), 0, None, derived=True, base=_of_symbol(symbol, ranges), scale=int(scale), offset=int(offset)
+            )
     return DynamicDim(str(expr), 0, None, derived=True)
 
 
@@ -164,7 +166,7 @@ def export_dynamic_shapes(
 
     specs = [{index: dim_of(d) for index, d in per_input.items()} or None for per_input in dims]
     positional = tuple(specs[: len(args)])
-    keywords = dict(zip((kwargs or {}).keys(), specs[len(args):], strict=True))
+    keywords = dict(zip((kwargs or {}).keys(), specs[len(args) :], strict=True))
     if not keywords:
         return positional
     return dict(inspect.signature(module.forward).bind(*positional, **keywords).arguments)
@@ -178,16 +180,24 @@ def onnx_dynamic_axes(names: list[str], dims: InputDims) -> dict[str, dict[int, 
     """
     leading = {per_input[0].name for per_input in dims if 0 in per_input}
     renamed = {leading.pop(): BATCH} if len(leading) == 1 else {}
-    return {name: {index: renamed.get(d.name, _identifier(d.name)) for index, d in per_input.items()}
-            for name, per_input in zip(names, dims, strict=True) if per_input}
+    return {
+        name: {index: renamed.get(d.name, _identifier(d.name)) for index, d in per_input.items()}
+        for name, per_input in zip(names, dims, strict=True)
+        if per_input
+    }
 
 
 def onnx_input_dims(model: onnx.ModelProto) -> list[list[str | int | None]]:
     """Each graph input's dimensions (initializers excluded): a dim_param, a size, or None (unknown)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
-    return [[dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value) if dim.HasField("dim_value")
-             else None for dim in value.type.tensor_type.shape.dim]
-            for value in model.graph.input if value.name not in initializers]
+    return [
+        [
+            dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value) if dim.HasField("dim_value") else None
+            for dim in value.type.tensor_type.shape.dim
+        ]
+        for value in model.graph.input
+        if value.name not in initializers
+    ]
 
 
 def onnx_batch_is_dynamic(model: onnx.ModelProto) -> bool:

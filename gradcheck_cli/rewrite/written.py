@@ -142,15 +142,21 @@ def write_onnx_verified(
         # The export was asked for a dynamic batch wherever the plan has a second size (the plan
         # follows the input's own dimensions): it must run there, whatever the graph declares.
         if len(plan.groups) > 1 and batch_range(dims) is None:
-            plan = plan.without_second(f"verified at batch size {plan.sizes[0]} only: the input's batch "
-                                       "dimension is static")
+            plan = plan.without_second(
+                f"verified at batch size {plan.sizes[0]} only: the input's batch dimension is static"
+            )
         initializers = {t.name for t in exported.graph.initializer}
         input_names = [i.name for i in exported.graph.input if i.name not in initializers]
         checks = []
         for index, (group, (names, ref, dtypes)) in enumerate(zip(plan.groups, plan.references, strict=True)):
             feeds = [
-                dict(zip(input_names, [a.detach().cpu().numpy() for a in (*batch.args, *batch.kwargs.values())],
-                         strict=False))
+                dict(
+                    zip(
+                        input_names,
+                        [a.detach().cpu().numpy() for a in (*batch.args, *batch.kwargs.values())],
+                        strict=False,
+                    )
+                )
                 for batch in group
             ]
             try:
@@ -172,4 +178,3 @@ def write_onnx_verified(
         # protobuf message keeps its data file beside the output, under the output's name.
         onnx_model_to_path(exported, out)
     return Written(verification, str(out), plan.notes)
-
