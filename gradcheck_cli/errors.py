@@ -53,3 +53,10 @@ class MissingDependencyError(GradcheckError):
         super().__init__(f"{purpose} needs the package '{package}', which is not installed",
                          hint=f"install it with: {install}")
         self.package = package
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a user-facing message: its first line, at most ``limit``
+    characters, or its type's name when it has no text."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
