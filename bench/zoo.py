@@ -71,6 +71,12 @@ class Job:
     path: str = ""  # transformers directory or ONNX file
 
 
+    @property
+    def key(self) -> str:
+        # Two ONNX files of one model differ by exporter only.
+        return f"{self.name} [{self.detail}]"
+
+
 @dataclass
 class Outcome:
     status: str  # ok | declined | failed | n/a
@@ -304,7 +310,7 @@ def run_worker(jobs: list[Job], workdir: Path) -> None:
 
     warnings.simplefilter("ignore")
     for job in jobs:
-        print(json.dumps({"start": job.name}), flush=True)
+        print(json.dumps({"start": job.key}), flush=True)
         started = time.perf_counter()
         row = Row(job)
         try:
@@ -377,16 +383,16 @@ def _run_chunk(jobs: list[Job], workdir: Path, timeout: float, log: Any) -> list
                 current = data["start"]
             elif "row" in data:
                 row = _row_from(data["row"])
-                rows[row.job.name] = row
+                rows[row.job.key] = row
                 current = None
     result = []
     for job in jobs:
-        if job.name in rows:
-            result.append(rows[job.name])
+        if job.key in rows:
+            result.append(rows[job.key])
             continue
-        if job.name == current and timed_out:
+        if job.key == current and timed_out:
             reason = f"timeout after {timeout:.0f} s"
-        elif job.name == current:
+        elif job.key == current:
             tail = [line for line in stderr.splitlines() if line.strip()]
             reason = f"the worker died (exit {code}): {(tail[-1] if tail else '')[:200]}"
         else:
