@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=RESULTS / "zoo_work")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where zoo.md and the JSON go")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the stored rows of an interrupted run and run only the rest")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite zoo.md (and BENCHMARKS.md) from the stored results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -527,13 +529,24 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         jobs = _jobs(category, args.workdir, args.quick)
         stored = args.out / f"zoo_{category}{suffix}.json"
+        earlier: list[Row] = []
+        spent = 0.0
+        if args.resume and stored.exists():
+            previous = json.loads(stored.read_text())
+            earlier = [_row_from(r) for r in previous["rows"]]
+            spent = float(previous.get("seconds", 0.0))
+        done_keys = {row.job.key for row in earlier}
+        planned = len(jobs)
+        jobs = [job for job in jobs if job.key not in done_keys]
 
         def save(rows: list[Row], category: str = category, started: float = started,
-                 stored: Path = stored, planned: int = len(jobs)) -> None:
+                 stored: Path = stored, planned: int = planned, earlier: list[Row] = earlier,
+                 spent: float = spent) -> None:
             # Written after every model, so that an interrupted sweep still has its figures.
+            every = earlier + rows
             data = {"when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                    "seconds": time.perf_counter() - started, "planned": planned,
-                    "summary": summarise(category, rows), "rows": [_row_dict(r) for r in rows]}
+                    "seconds": spent + time.perf_counter() - started, "planned": planned,
+                    "summary": summarise(category, every), "rows": [_row_dict(r) for r in every]}
             stored.write_text(json.dumps(data, indent=1))
 
         # Quick: one process per category (one torch import); full: one per model, so that a
