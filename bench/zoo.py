@@ -71,15 +71,25 @@ class Job:
     path: str = ""  # transformers directory or ONNX file
 
 
+    @property
+    def key(self) -> str:
+        # Two ONNX files of one model differ by exporter only.
+        return f"{self.name} [{self.detail}]"
+
+
 @dataclass
 class Outcome:
     status: str  # ok | declined | failed | n/a
     reason: str = ""
 
     def cell(self) -> str:
-        if self.status == "n/a":
-            return "n/a"
+        if self.status in ("n/a", "not run"):
+            return self.status
         return self.status + (f": {self.reason}" if self.reason else "")
+
+
+# An operation after a failed one in the same model (the failure is counted once, where it was).
+NOT_RUN = Outcome("not run")
 
 
 @dataclass
@@ -304,7 +314,7 @@ def run_worker(jobs: list[Job], workdir: Path) -> None:
 
     warnings.simplefilter("ignore")
     for job in jobs:
-        print(json.dumps({"start": job.name}), flush=True)
+        print(json.dumps({"start": job.key}), flush=True)
         started = time.perf_counter()
         row = Row(job)
         try:
@@ -377,16 +387,16 @@ def _run_chunk(jobs: list[Job], workdir: Path, timeout: float, log: Any) -> list
                 current = data["start"]
             elif "row" in data:
                 row = _row_from(data["row"])
-                rows[row.job.name] = row
+                rows[row.job.key] = row
                 current = None
     result = []
     for job in jobs:
-        if job.name in rows:
-            result.append(rows[job.name])
+        if job.key in rows:
+            result.append(rows[job.key])
             continue
-        if job.name == current and timed_out:
+        if job.key == current and timed_out:
             reason = f"timeout after {timeout:.0f} s"
-        elif job.name == current:
+        elif job.key == current:
             tail = [line for line in stderr.splitlines() if line.strip()]
             reason = f"the worker died (exit {code}): {(tail[-1] if tail else '')[:200]}"
         else:
@@ -407,7 +417,7 @@ def summarise(category: str, rows: list[Row]) -> dict[str, Any]:
     counts: dict[str, Counter[str]] = {op: Counter() for op in ("inspect", "fold-bn", "reinit")}
     for row in rows:
         for op in counts:
-            counts[op][row.ops.get(op, Outcome("failed", "not run")).status] += 1
+            counts[op][row.ops.get(op, NOT_RUN).status] += 1
     total = len(rows)
     coverage = counts["inspect"]["ok"] / total if total else 0.0
     return {"category": category, "models": total, "coverage": coverage,
@@ -417,8 +427,9 @@ def summarise(category: str, rows: list[Row]) -> dict[str, Any]:
 
 def _ops_cell(counts: dict[str, int]) -> str:
     parts = [f"{counts.get(s, 0)} {s}" for s in ("ok", "declined", "failed") if counts.get(s, 0)]
-    if counts.get("n/a"):
-        parts.append(f"{counts['n/a']} n/a")
+    for other in ("n/a", "not run"):
+        if counts.get(other):
+            parts.append(f"{counts[other]} {other}")
     return ", ".join(parts) or "-"
 
 
@@ -428,7 +439,8 @@ def render(results: dict[str, dict[str, Any]], quick: bool) -> str:
     for category in CATEGORIES:
         if category not in results:
             continue
-        s = results[category]["summary"]
+        # Recomputed from the rows: the stored summary may come from an older version of this script.
+        s = summarise(category, [_row_from(r) for r in results[category]["rows"]])
         status = "met" if s["met"] else "**missed**"
         lines.append(f"| {category} | {s['models']} | {_ops_cell(s['counts']['inspect'])} | "
                      f"{s['coverage']:.1%} ({s['target']:.0%}, {status}) | "
@@ -451,7 +463,7 @@ def render(results: dict[str, dict[str, Any]], quick: bool) -> str:
         out.append("| model | " + ("family" if category == "timm" else "kind") + " | inspect | fold-bn | reinit | s |")
         out.append("|---|---|---|---|---|---:|")
         for row in rows:
-            cells = [row.ops.get(op, Outcome("failed", "not run")) for op in ("inspect", "fold-bn", "reinit")]
+            cells = [row.ops.get(op, NOT_RUN) for op in ("inspect", "fold-bn", "reinit")]
             out.append(f"| {row.job.name} | {row.job.detail} | " + " | ".join(
                 _short(c) for c in cells) + f" | {row.seconds:.0f} |")
         out.append("")
@@ -500,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=RESULTS / "zoo_work")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where zoo.md and the JSON go")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the stored rows of an interrupted run and run only the rest")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite zoo.md (and BENCHMARKS.md) from the stored results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -515,13 +529,24 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         jobs = _jobs(category, args.workdir, args.quick)
         stored = args.out / f"zoo_{category}{suffix}.json"
+        earlier: list[Row] = []
+        spent = 0.0
+        if args.resume and stored.exists():
+            previous = json.loads(stored.read_text())
+            earlier = [_row_from(r) for r in previous["rows"]]
+            spent = float(previous.get("seconds", 0.0))
+        done_keys = {row.job.key for row in earlier}
+        planned = len(jobs)
+        jobs = [job for job in jobs if job.key not in done_keys]
 
         def save(rows: list[Row], category: str = category, started: float = started,
-                 stored: Path = stored, planned: int = len(jobs)) -> None:
+                 stored: Path = stored, planned: int = planned, earlier: list[Row] = earlier,
+                 spent: float = spent) -> None:
             # Written after every model, so that an interrupted sweep still has its figures.
+            every = earlier + rows
             data = {"when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                    "seconds": time.perf_counter() - started, "planned": planned,
-                    "summary": summarise(category, rows), "rows": [_row_dict(r) for r in rows]}
+                    "seconds": spent + time.perf_counter() - started, "planned": planned,
+                    "summary": summarise(category, every), "rows": [_row_dict(r) for r in every]}
             stored.write_text(json.dumps(data, indent=1))
 
         # Quick: one process per category (one torch import); full: one per model, so that a
@@ -541,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header + text)
     if not args.quick and not args.no_benchmarks_md:
         update_benchmarks(header + text, ROOT / "BENCHMARKS.md")
-    return 0 if all(results[c]["summary"]["met"] for c in categories if c in results) else 1
+    met = [summarise(c, [_row_from(r) for r in results[c]["rows"]])["met"] for c in categories if c in results]
+    return 0 if all(met) else 1
 
 
 def _jobs(category: str, workdir: Path, quick: bool) -> list[Job]:

@@ -364,7 +364,7 @@ def find_state_dict(obj: Mapping[Any, Any]) -> tuple[tuple[str, ...], dict[str, 
 
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if tensors and len(tensors) == len(obj):
-        return (), tensors
+        return (), _with_metadata(tensors, obj, "")
     for key in STATE_DICT_KEYS:
         inner = obj.get(key)
         if isinstance(inner, Mapping):
@@ -372,6 +372,23 @@ def find_state_dict(obj: Mapping[Any, Any]) -> tuple[tuple[str, ...], dict[str, 
             if found is not None:
                 return (key, *found[0]), found[1]
     return None
+
+
+def _with_metadata(tensors: dict[str, Any], source: Mapping[Any, Any], prefix: str) -> dict[str, Any]:
+    """``tensors`` with the ``_metadata`` that ``torch.save(model.state_dict())`` kept on
+    ``source`` (module versions), re-keyed without ``prefix``: some modules refuse to load
+    without their version (torchvision's MNASNet raises "version should be set to 1 or 2")."""
+    import collections
+
+    metadata = getattr(source, "_metadata", None)
+    if not isinstance(metadata, Mapping):
+        return tensors
+    result: Any = collections.OrderedDict(tensors)
+    stem = prefix.rstrip(".")
+    result._metadata = {("" if key == stem else key[len(prefix):]): value
+                        for key, value in metadata.items()
+                        if not prefix or key == stem or key.startswith(prefix)}
+    return result  # type: ignore[no-any-return]
 
 
 def _with_arch(
@@ -400,7 +417,8 @@ def _with_arch(
     # random initial values for them first.
     module = build_arch_for_weights(arch, arch_kwargs or {}) if strict else build_arch(arch, arch_kwargs or {})
     prefix = best_key_prefix(state_dict, set(module.state_dict()))
-    renamed = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    renamed = _with_metadata({key[len(prefix):]: value for key, value in state_dict.items()
+                              if key.startswith(prefix)}, state_dict, prefix)
     dropped = len(state_dict) - len(renamed)
     half = half_precision_of(renamed)
     assign = strict and not dropped and _assignable(module, renamed, half)
@@ -408,8 +426,13 @@ def _with_arch(
         module.to(half)  # the copy below then keeps the checkpoint's precision
     tied = _tied_names(module)
     try:
+<<<<<<< HEAD
         result = module.load_state_dict(renamed, strict=False, assign=assign)
     except RuntimeError as exc:
+=======
+        result = module.load_state_dict(renamed, strict=False)
+    except (RuntimeError, ValueError) as exc:  # ValueError: a module's own _load_from_state_dict
+>>>>>>> timm
         mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
                                 r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
