@@ -426,13 +426,8 @@ def _with_arch(
         module.to(half)  # the copy below then keeps the checkpoint's precision
     tied = _tied_names(module)
     try:
-<<<<<<< HEAD
         result = module.load_state_dict(renamed, strict=False, assign=assign)
-    except RuntimeError as exc:
-=======
-        result = module.load_state_dict(renamed, strict=False)
     except (RuntimeError, ValueError) as exc:  # ValueError: a module's own _load_from_state_dict
->>>>>>> timm
         mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
                                 r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
