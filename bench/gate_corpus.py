@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gradcheck_cli.gate.check import check_module  # noqa: E402
-from gradcheck_cli.options import LossKind, ProbeOptions  # noqa: E402
 from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
+from gradcheck_cli.options import LossKind, ProbeOptions  # noqa: E402
 from gradcheck_cli.records import Report  # noqa: E402
 
 SECTION = "## Gate corpus (issue 16)"
@@ -176,8 +176,8 @@ def _meta_params(name: str) -> float:
         return math.inf
 
 
-def timm_cases(quick: bool) -> list[Case]:
-    names = ["resnet18", "convnext_atto", "vit_tiny_patch16_224"] if quick else timm_family_models()
+def timm_cases(quick: bool, families: list[str] | None = None) -> list[Case]:
+    names = ["resnet18", "convnext_atto", "vit_tiny_patch16_224"] if quick else families or timm_family_models()
     cases = []
     for name in names:
         cases.append(Case(f"timm/{name}", "timm", _timm_builder(name), _timm_probe(name)))
@@ -500,7 +500,7 @@ def library_fault_cases() -> list[Case]:
     return cases
 
 
-def corpus(quick: bool, only: str | None = None) -> list[Case]:
+def corpus(quick: bool, only: str | None = None, timm_families: list[str] | None = None) -> list[Case]:
     """Synthetic and packaged models first, then transformers, then torchvision (smallest first)
     and timm families interleaved, so that a run cut short by its time budget covers both."""
     cases = synthetic_cases() + library_fault_cases() + packaged_cases()
@@ -510,7 +510,7 @@ def corpus(quick: bool, only: str | None = None) -> list[Case]:
         if only is not None and library not in only and not re.search(only, library):
             continue  # listing timm's families alone takes minutes
         try:
-            sources.append(source(quick))
+            sources.append(timm_cases(quick, timm_families) if source is timm_cases else source(quick))
         except ImportError as exc:  # a library that is not installed: its models are left out
             print(f"skipped {source.__name__}: {exc}", file=sys.stderr)
     if sources:
@@ -711,11 +711,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="reuse the models already in --json")
     parser.add_argument("--budget-minutes", type=float, help="start no model after this long")
     args = parser.parse_args(argv)
-    cases = corpus(args.quick, None if args.resume else args.only)
-    done = None
+    earlier = None
     if args.resume and args.json and args.json.exists():
+        earlier = json.loads(args.json.read_text(encoding="utf-8"))
+    # Listing timm's families takes minutes: the JSON keeps the list, and a resumed run reuses it.
+    families: list[str] | None = earlier.get("timm_families") if earlier else None
+    only = None if args.resume else args.only
+    if families is None and not args.quick and (only is None or "timm" in only):
+        try:
+            families = timm_family_models()
+        except ImportError:
+            families = None
+    cases = corpus(args.quick, only, families)
+    done = None
+    if earlier is not None:
         # With --only, the matching models run again and the others are kept from the file.
-        done = outcomes_from_json(json.loads(args.json.read_text(encoding="utf-8")), cases)
+        done = outcomes_from_json(earlier, cases)
         if args.only:
             done = {name: o for name, o in done.items() if not re.search(args.only, name)}
     elif args.only:
@@ -724,12 +735,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(so_far: list[Outcome]) -> None:
         if json_path is not None:  # after every model: a run that is stopped keeps what it did
-            json_path.write_text(json.dumps(findings_json(so_far), indent=1), encoding="utf-8")
+            data = {**findings_json(so_far), "timm_families": families}
+            json_path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
     start = time.perf_counter()
-    budget_s = args.budget_minutes * 60 if args.budget_minutes is not None else None
+    budget = args.budget_minutes * 60 if args.budget_minutes is not None else None
     outcomes, left = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done,
-                                budget_s=budget_s, save=save)
+                                budget_s=budget, save=save)
     seconds = time.perf_counter() - start + sum(o.seconds for o in (done or {}).values())
     data = findings_json(outcomes)
     save(outcomes)

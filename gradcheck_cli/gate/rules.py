@@ -405,6 +405,11 @@ def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     if found is None:
         return
     first, last, ratio = found
+    # A first layer that feeds a normalisation is scale-invariant: a large relative step only
+    # grows |W| and so shrinks the next ones (Arora, Li & Lyu 2018), as for GC204.
+    layers = evidence.report.layers
+    if following_norm(layers, next(i for i, r in enumerate(layers) if r is first)) is not None:
+        return
     if ratio > _bound(rule):
         total = _global_norm(_param_rows(evidence))
         # A tenth of the measured global norm: the first layer's share then comes back to the
