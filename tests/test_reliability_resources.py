@@ -209,7 +209,10 @@ def test_memory_estimate_counts_weights_inputs_and_activations() -> None:
     x = torch.randn(32, 100)
     estimate = estimate_probe_memory(model, (x,))
     assert estimate.parameters == (100 * 1000 + 1000 + 1000 * 10 + 10) * 4
-    assert estimate.gradients == estimate.parameters
+    # The lean probe holds one gradient at a time for one micro-batch (the largest: 100x1000),
+    # every one across several (probe/lean.py).
+    assert estimate.gradients == 100 * 1000 * 4
+    assert estimate_probe_memory(model, (x,), micro_batches=2).gradients == estimate.parameters
     assert estimate.inputs_per_sample == 100 * 4
     # Linear 1000 + ReLU 1000 + Linear 10 (+ the output again), each kept and its gradient: x2.
     assert estimate.activations_per_sample == 2 * (1000 + 1000 + 10 + 10) * 4
