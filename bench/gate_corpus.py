@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gradcheck_cli.gate.check import check_module  # noqa: E402
-from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
 from gradcheck_cli.options import LossKind, ProbeOptions  # noqa: E402
+from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
 from gradcheck_cli.records import Report  # noqa: E402
 
 SECTION = "## Gate corpus (issue 16)"
