@@ -13,12 +13,12 @@ from gradcheck_cli.errors import GradcheckError
 
 
 def check_writable_output(path: Path, *, force: bool, source: Path | None = None) -> None:
-    """Refuse to overwrite without --force, and never overwrite the input itself."""
+    """Refuse to overwrite without `force`, and never overwrite the input itself."""
     if source is not None and path.exists() and source.exists() and path.resolve() == source.resolve():
         raise GradcheckError(f"the output {path} is the input file; gradcheck never modifies its input",
                              hint="choose another output path")
     if path.exists() and not force:
-        raise GradcheckError(f"{path} already exists", hint="pass --force to overwrite it")
+        raise GradcheckError(f"{path} already exists", hint="pass `force` to overwrite it")
     if path.exists() and path.is_dir():
         raise GradcheckError(f"{path} is a directory", hint="give a file path for the output")
     parent = path.parent if str(path.parent) else Path(".")

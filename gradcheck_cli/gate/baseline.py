@@ -1,4 +1,4 @@
-"""``--baseline``: compare findings with an earlier JSON report and mark each new, worsened or
+"""`baseline`: compare findings with an earlier JSON report and mark each new, worsened or
 unchanged, so a team can adopt the gate on a model that already has findings.
 
 A finding is matched to a baseline finding by (rule code, layer); repeated keys are matched in
@@ -47,13 +47,13 @@ class Baseline:
 
 
 def load_baseline(path: Path) -> Baseline:
-    """Read a report written by ``gradcheck check --format json`` (one report or a list)."""
+    """Read a report written by ``gradcheck check`` as JSON (one report or a list)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoadError(
             f"baseline {path} does not exist",
-            hint="write one with: gradcheck check MODEL --format json=" + str(path),
+            hint="write one with: gradcheck check MODEL `format` json=" + str(path),
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoadError(f"baseline {path} is not a JSON report: {exc}") from None
@@ -68,7 +68,7 @@ def load_baseline(path: Path) -> Baseline:
         except (KeyError, TypeError, ValueError) as exc:
             raise LoadError(
                 f"baseline {path}: report {index} is not a gradcheck report ({exc})",
-                hint="write one with: gradcheck check MODEL --format json=FILE",
+                hint="write one with: gradcheck check MODEL `format` json=FILE",
             ) from None
     return Baseline(models=models)
 

@@ -1,4 +1,4 @@
-"""The per-layer rows of a ``--baseline`` report, read back so that ``--plot``/``--html`` can draw
+"""The per-layer rows of a `baseline` report, read back so that `plot`/`html` can draw
 the earlier run under this one.
 
 ``baseline.py`` keeps only the findings of a baseline (all the gate needs); this module reads the
@@ -39,7 +39,7 @@ def baseline_layers(path: Path, model_path: str) -> tuple[LayerStats, ...] | Non
     except (KeyError, TypeError, ValueError) as exc:
         raise LoadError(f"baseline {path}: a layer row of {model_path} cannot be read ({exc!r})",
                         hint="write the baseline with this gradcheck version: gradcheck check MODEL "
-                        "--format json=FILE") from None
+                        "`format` json=FILE") from None
 
 
 def _layer(row: dict[str, Any]) -> LayerStats:

@@ -1,4 +1,4 @@
-"""Build an architecture from an ``--arch`` spec.
+"""Build an architecture from an `arch` spec.
 
 Specs: ``package.module:callable``, ``path/to/file.py:callable``, ``torchvision:<name>``,
 ``timm:<name>`` and ``transformers:<ModelClass>`` (built from a config with random weights, never
@@ -31,10 +31,10 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON: {exc.msg} at position {exc.pos}",
-                         hint='pass a JSON object, e.g. --arch-kwargs \'{"depth": 8}\'') from exc
+        raise UsageError(f"`arch_kwargs` is not valid JSON: {exc.msg} at position {exc.pos}",
+                         hint='pass a JSON object, e.g. `arch_kwargs` \'{"depth": 8}\'') from exc
     if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object", hint='e.g. --arch-kwargs \'{"depth": 8}\'')
+        raise UsageError("`arch_kwargs` must be a JSON object", hint='e.g. `arch_kwargs` \'{"depth": 8}\'')
     return value
 
 
@@ -131,22 +131,22 @@ def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         module = factory(**kwargs)
     except TypeError as exc:
-        raise LoadError(f"--arch {spec} could not be called with {kwargs or 'no arguments'}: {exc}",
-                        hint="check --arch-kwargs against the callable's signature") from exc
+        raise LoadError(f"`arch` {spec} could not be called with {kwargs or 'no arguments'}: {exc}",
+                        hint="check `arch_kwargs` against the callable's signature") from exc
     except Exception as exc:  # the user's own code failed; report it, not our stack
-        raise LoadError(f"--arch {spec} raised {type(exc).__name__}: {exc}",
-                        hint="run the callable by hand to debug it, or pass --debug") from exc
+        raise LoadError(f"`arch` {spec} raised {type(exc).__name__}: {exc}",
+                        hint="run the callable by hand to debug it, or pass `debug`") from exc
     if not isinstance(module, nn.Module):
-        raise LoadError(f"--arch {spec} returned {type(module).__name__}, not a torch.nn.Module",
-                        hint="point --arch at a function or class that builds the model")
+        raise LoadError(f"`arch` {spec} returned {type(module).__name__}, not a torch.nn.Module",
+                        hint="point `arch` at a function or class that builds the model")
     return module
 
 
 def resolve_factory(spec: str) -> Any:
     prefix, sep, name = spec.partition(":")
     if not sep or not prefix or not name:
-        raise UsageError(f"--arch {spec!r} is not of the form MODULE:CALLABLE",
-                         hint="e.g. --arch mypkg.models:build, --arch models.py:Net, --arch torchvision:resnet18")
+        raise UsageError(f"`arch` {spec!r} is not of the form MODULE:CALLABLE",
+                         hint="e.g. `arch` mypkg.models:build, `arch` models.py:Net, `arch` torchvision:resnet18")
     if prefix == "torchvision":
         return _torchvision_factory(name)
     if prefix == "timm":
@@ -159,22 +159,22 @@ def resolve_factory(spec: str) -> Any:
         try:
             module = importlib.import_module(prefix)
         except ImportError as exc:
-            raise LoadError(f"--arch: cannot import module '{prefix}': {exc}",
-                            hint="install the package, or point --arch at a .py file") from exc
+            raise LoadError(f"`arch`: cannot import module '{prefix}': {exc}",
+                            hint="install the package, or point `arch` at a .py file") from exc
     target: Any = module
     for part in name.split("."):
         if not hasattr(target, part):
-            raise LoadError(f"--arch: '{prefix}' has no attribute '{name}'",
+            raise LoadError(f"`arch`: '{prefix}' has no attribute '{name}'",
                             hint="check the name after the colon")
         target = getattr(target, part)
     if not callable(target):
-        raise LoadError(f"--arch: '{spec}' is not callable", hint="name a function or class")
+        raise LoadError(f"`arch`: '{spec}' is not callable", hint="name a function or class")
     return target
 
 
 def _import_file(path: Path) -> Any:
     if not path.is_file():
-        raise LoadError(f"--arch: no such file {path}", hint="check the path before the colon")
+        raise LoadError(f"`arch`: no such file {path}", hint="check the path before the colon")
     resolved = path.resolve()
     # A name derived from the path keeps two files called model.py apart in sys.modules.
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
@@ -183,15 +183,15 @@ def _import_file(path: Path) -> Any:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:
-        raise LoadError(f"--arch: cannot import {path}", hint="is it a Python file?")
+        raise LoadError(f"`arch`: cannot import {path}", hint="is it a Python file?")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise LoadError(f"--arch: importing {path} raised {type(exc).__name__}: {exc}",
-                        hint="fix the file, or pass --debug for the traceback") from exc
+        raise LoadError(f"`arch`: importing {path} raised {type(exc).__name__}: {exc}",
+                        hint="fix the file, or pass `debug` for the traceback") from exc
     return module
 
 
@@ -199,7 +199,7 @@ def _torchvision_factory(name: str) -> Any:
     try:
         import torchvision.models
     except ImportError as exc:
-        raise MissingDependencyError("torchvision", purpose=f"--arch torchvision:{name}",
+        raise MissingDependencyError("torchvision", purpose=f"`arch` torchvision:{name}",
                                      extra="vision") from exc
     available = set(torchvision.models.list_models())
     if name not in available:
@@ -217,7 +217,7 @@ def _timm_factory(name: str) -> Any:
     try:
         import timm
     except ImportError as exc:
-        raise MissingDependencyError("timm", purpose=f"--arch timm:{name}") from exc
+        raise MissingDependencyError("timm", purpose=f"`arch` timm:{name}") from exc
 
     def build(**kwargs: Any) -> Any:
         kwargs.setdefault("pretrained", False)
@@ -241,9 +241,9 @@ def _transformers_factory(name: str) -> Any:
     def build(**kwargs: Any) -> Any:
         config_path = kwargs.pop("config", None)
         if config_path is None:
-            raise LoadError(f"--arch transformers:{name} needs a config",
+            raise LoadError(f"`arch` transformers:{name} needs a config",
                             hint="put config.json next to the weights, pass the model directory, or "
-                            "--arch-kwargs '{\"config\": \"path/to/config.json\"}'")
+                            "`arch_kwargs` '{\"config\": \"path/to/config.json\"}'")
         path = Path(config_path)
         return cls(config_for(cls, path / "config.json" if path.is_dir() else path, kwargs))
 

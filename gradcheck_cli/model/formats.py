@@ -43,8 +43,8 @@ _DESCRIPTIONS = {
 
 SUPPORTED_HINT = (
     "gradcheck reads torch.export programs (.pt2), TorchScript archives, torch.save "
-    "checkpoints (state_dict with --arch, or a pickled module with --trust-pickle), "
-    "safetensors files (with --arch) and ONNX models"
+    "checkpoints (state_dict with `arch`, or a pickled module with `trust_pickle`), "
+    "safetensors files (with `arch`) and ONNX models"
 )
 
 

@@ -124,7 +124,7 @@ def writes_state_dict(
             if not state_dict_only and not _writes_pickled_module(loaded):
                 raise UsageError(
                     "a pickled module is only written for a pickled module loaded with "
-                    "--trust-pickle",
+                    "`trust_pickle`",
                     hint="write a state_dict, .pt2 or TorchScript instead",
                 )
             return state_dict_only
@@ -141,7 +141,7 @@ def _need_examples(args: tuple[torch.Tensor, ...] | None, what: str) -> tuple[to
     if args is None:
         raise UsageError(
             f"writing {what} needs example inputs to trace the model with",
-            hint="pass --input-shape or --input so gradcheck has inputs to export with",
+            hint="pass `input_shape` or `input` so gradcheck has inputs to export with",
         )
     return args
 
@@ -242,7 +242,7 @@ def _save_torchscript(
                 raise UsageError(
                     "the model takes keyword inputs and cannot be scripted; "
                     "TorchScript tracing supports positional inputs only",
-                    hint="choose another output format with --to",
+                    hint="choose another output format with `to`",
                 ) from None
             try:
                 with warnings.catch_warnings():
@@ -253,7 +253,7 @@ def _save_torchscript(
             except Exception as exc:
                 raise GradcheckError(
                     f"the rewritten model could neither be scripted nor traced: {_first_line(exc)}",
-                    hint="choose another output format with --to",
+                    hint="choose another output format with `to`",
                 ) from exc
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice: TorchScript was asked for

@@ -68,11 +68,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError as exc:
-        raise UsageError(f"--input-shape {text!r} is not a list of integers",
-                         hint="e.g. --input-shape 8,3,224,224 (batch first)") from exc
+        raise UsageError(f"`input_shape` {text!r} is not a list of integers",
+                         hint="e.g. `input_shape` 8,3,224,224 (batch first)") from exc
     if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape {text!r} must list positive sizes",
-                         hint="e.g. --input-shape 8,3,224,224 (batch first)")
+        raise UsageError(f"`input_shape` {text!r} must list positive sizes",
+                         hint="e.g. `input_shape` 8,3,224,224 (batch first)")
     return shape
 
 
@@ -81,7 +81,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
     key = DTYPES.get(name.lower().removeprefix("torch."))
     if key is None:
-        raise UsageError(f"--input-dtype {name!r} is not a dtype gradcheck knows",
+        raise UsageError(f"`input_dtype` {name!r} is not a dtype gradcheck knows",
                          hint="use one of " + ", ".join(sorted(set(DTYPES.values()))))
     dtype: torch.dtype = getattr(torch, key)
     return dtype
@@ -114,13 +114,13 @@ def _probe_inputs(
     import torch
 
     if options.batches < 1:
-        raise UsageError("--batches must be at least 1")
+        raise UsageError("`batches` must be at least 1")
     if options.batch_size is not None and options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+        raise UsageError("`batch_size` must be at least 1")
     generator = torch.Generator().manual_seed(options.seed)
     if options.input is not None:
         return _from_file(options, device)
-    # A transformers model declares its inputs: --input-shape only resizes them (ids stay ids over
+    # A transformers model declares its inputs: `input_shape` only resizes them (ids stay ids over
     # the vocabulary, masks and labels stay), unless it was saved with example inputs (.pt2).
     if not (example_args or example_kwargs):
         declared = _transformers_inputs(module, options, generator, device)
@@ -158,7 +158,7 @@ def _transformers_inputs(module: nn.Module, options: InputOptions, generator: to
         return None
     float_dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
     if not float_dtype.is_floating_point:
-        float_dtype = _float_dtype(module)  # an integer --input-dtype speaks of the ids, which are int64 anyway
+        float_dtype = _float_dtype(module)  # an integer `input_dtype` speaks of the ids, which are int64 anyway
     keyword: list[tuple[str, Shape]] = []
     for item in declaration.inputs:
         if item.kind == "ids":
@@ -210,8 +210,8 @@ def _draw(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, 
         return torch.randint(0, 2, shape, generator=generator).bool()
     low, high = value_range if value_range is not None else (0, 2)
     if int(high) <= int(low):
-        raise UsageError(f"--input-range {low},{high} is empty for integer inputs",
-                         hint="the upper bound is exclusive: e.g. --input-range 0,1000")
+        raise UsageError(f"`input_range` {low},{high} is empty for integer inputs",
+                         hint="the upper bound is exclusive: e.g. `input_range` 0,1000")
     return torch.randint(int(low), int(high), shape, generator=generator, dtype=dtype)
 
 
@@ -228,8 +228,8 @@ def _synthesise(
     source: str,
 ) -> ProbeInputs:
     # Draw the whole probe at once and slice it, so that the samples do not depend on how the
-    # probe is split into micro-batches (--batch-size 8 --batches 4 sees the same 32 samples
-    # as --batch-size 32).
+    # probe is split into micro-batches (`batch_size` 8 `batches` 4 sees the same 32 samples
+    # as `batch_size` 32).
     count = options.batches
 
     def whole(shape: tuple[int, ...], dtype: torch.dtype,
@@ -269,7 +269,7 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
     if first is None:
         raise ProbeError("cannot infer the probe input shape: the model has no Conv, Linear, Embedding "
                          "or recurrent layer to read it from",
-                         hint="pass --input-shape (e.g. --input-shape 8,3,224,224) or --input FILE")
+                         hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE")
     name, kind, weight_shape, extra = first
     candidates: list[tuple[tuple[int, ...], torch.dtype, tuple[float, float] | None]]
     shape: tuple[int, ...]
@@ -300,7 +300,7 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
         errors.append(f"{tuple(shape)}: {problem}")
     raise ProbeError(f"cannot infer the probe input shape from the first layer '{name}'; tried "
                      + "; ".join(errors),
-                     hint="pass --input-shape (e.g. --input-shape 8,3,224,224) or --input FILE")
+                     hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE")
 
 
 def type_name(module: nn.Module) -> str:
@@ -352,14 +352,14 @@ def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
     args, kwargs = _read_input_file(path)
     tensors = list(args) + list(kwargs.values())
     if not tensors:
-        raise LoadError(f"--input {path} holds no tensors", hint="save a tensor, a tuple or a dict of tensors")
+        raise LoadError(f"`input` {path} holds no tensors", hint="save a tensor, a tuple or a dict of tensors")
     sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
     if len(sizes) != 1 or -1 in sizes:
-        raise LoadError(f"--input {path}: every input needs the same leading (batch) dimension, got "
+        raise LoadError(f"`input` {path}: every input needs the same leading (batch) dimension, got "
                         f"shapes {[tuple(t.shape) for t in tensors]}", hint="stack the samples along dim 0")
     total = sizes.pop()
     if total == 0:
-        raise LoadError(f"--input {path} holds zero samples (shapes {[tuple(t.shape) for t in tensors]})",
+        raise LoadError(f"`input` {path} holds zero samples (shapes {[tuple(t.shape) for t in tensors]})",
                         hint="save at least one sample along dim 0")
     batch = min(options.batch_size or total, total)
     batches = []
@@ -373,8 +373,8 @@ def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
     return ProbeInputs(batches, tuple(specs), batch_size=batch)
 
 
-def _read_input_file(path: Path, flag: str = "--input") -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """Read probe inputs (or, with ``flag='--target'``, targets) without unpickling any object.
+def _read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """Read probe inputs (or, with ``flag`` naming the `target` option, targets) without unpickling any object.
 
     .npy/.npz headers are checked against the file's size before numpy allocates the array, so a
     crafted header declaring terabytes is refused instead of exhausting memory.
@@ -420,7 +420,7 @@ def _read_input_file(path: Path, flag: str = "--input") -> tuple[tuple[torch.Ten
 
             raise UntrustedPickleError(
                 f"{flag} {path} holds pickled Python objects, not only tensors; unpickling them would run "
-                "code from the file, so gradcheck refused (--trust-pickle does not apply to probe files)",
+                "code from the file, so gradcheck refused (`trust_pickle` does not apply to probe files)",
                 hint="save plain tensors (torch.save(tensor, f)), or use .npy/.npz") from exc
         raise LoadError(f"{flag} {path} could not be read: {_first_line(exc)}",
                         hint="the file is probably truncated or damaged") from exc

@@ -26,8 +26,8 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
 
     if isinstance(output, torch.Tensor):
         if selector not in (None, "0"):
-            raise UsageError(f"--output {selector!r}: the model returns a single tensor",
-                             hint="drop --output")
+            raise UsageError(f"`model_output` {selector!r}: the model returns a single tensor",
+                             hint="drop `model_output`")
         return output, "output"
     if isinstance(output, dict) or hasattr(output, "keys"):
         mapping = {str(k): v for k, v in output.items()}
@@ -40,7 +40,7 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
         else:
             key = selector if selector in tensors else None
         if key is None:
-            raise UsageError(f"--output {selector!r} does not name a tensor output of the model",
+            raise UsageError(f"`model_output` {selector!r} does not name a tensor output of the model",
                              hint=f"the model returns: {', '.join(tensors) or 'no tensors'}")
         return tensors[key], f"output[{key!r}]"
     if isinstance(output, (tuple, list)):
@@ -52,7 +52,7 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
             item = output[int(selector)]
             if isinstance(item, torch.Tensor):
                 return item, f"output[{int(selector)}]"
-        raise UsageError(f"--output {selector!r} does not pick a tensor among the model's "
+        raise UsageError(f"`model_output` {selector!r} does not pick a tensor among the model's "
                          f"{len(output)} outputs", hint="pass the index of a tensor output")
     raise ProbeError(f"the model returned a {type(output).__name__}, not a tensor",
                      hint="wrap the model so that it returns a tensor (or a tuple/dict of tensors)")
@@ -66,7 +66,7 @@ def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
     loss = output.get("loss") if hasattr(output, "get") else getattr(output, "loss", None)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ProbeError("the model was given labels but returned no scalar 'loss'",
-                         hint="use --loss cross_entropy or mse to compute the loss from its output")
+                         hint="use `loss` cross_entropy or mse to compute the loss from its output")
     return loss * (batch_size / total)
 
 
@@ -97,7 +97,7 @@ class LossFunction:
 
         if not output.dtype.is_floating_point:
             raise ProbeError(f"the model output has dtype {output.dtype}; a loss needs floating-point "
-                             "outputs", hint="pick a float output with --output")
+                             "outputs", hint="pick a float output with `model_output`")
         if not output.requires_grad:
             raise ProbeError("the model output does not depend on any parameter, so there is no "
                              "gradient to measure", hint="check that the model has trainable parameters")
@@ -111,17 +111,17 @@ class LossFunction:
             return self._loss(kind, output, targets)
         except (RuntimeError, ValueError, IndexError) as exc:  # the user's targets do not fit
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise LoadError(f"--target {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
+            raise LoadError(f"`target` {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
                             f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",
                             hint="cross_entropy needs integer class labels of shape (N,); mse needs targets "
-                            "shaped like the output; or pick another --loss") from exc
+                            "shaped like the output; or pick another `loss`") from exc
 
     def _loss(self, kind: LossKind, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
         if kind is LossKind.CROSS_ENTROPY:
             if output.dim() < 2:
-                raise UsageError("--loss cross_entropy needs (N, C) logits", hint="use --loss mse")
+                raise UsageError("`loss` cross_entropy needs (N, C) logits", hint="use `loss` mse")
             return F.cross_entropy(output.float(), targets, reduction="sum") / self.total
         if kind is LossKind.MSE:
             per_sample = output[0].numel() if output.dim() else 1
@@ -138,7 +138,7 @@ class LossFunction:
         chunk = self._targets[self._offset:self._offset + n]
         self._offset += n
         if chunk.shape[0] != n:
-            raise LoadError(f"--target holds {self._targets.shape[0]} samples, fewer than the probe's "
+            raise LoadError(f"`target` holds {self._targets.shape[0]} samples, fewer than the probe's "
                             f"{self.total}", hint="give one target per probe sample")
         return chunk.to(output.device)
 
@@ -151,7 +151,7 @@ class LossFunction:
             if kind is LossKind.CROSS_ENTROPY:
                 return targets.long()
             if tuple(targets.shape[1:]) != sample_shape:
-                raise LoadError(f"--target has per-sample shape {tuple(targets.shape[1:])}, the output "
+                raise LoadError(f"`target` has per-sample shape {tuple(targets.shape[1:])}, the output "
                                 f"{sample_shape}", hint="targets must match the selected output")
             return targets.float()
         generator = torch.Generator().manual_seed(self.seed + 1_000_003)
@@ -165,10 +165,10 @@ def _read_target(path: Path) -> torch.Tensor:
 
     from gradcheck_cli.probe.batch import _read_input_file
 
-    args, kwargs = _read_input_file(path, "--target")
+    args, kwargs = _read_input_file(path, "`target`")
     tensors = list(args) + list(kwargs.values())
     if len(tensors) != 1:
-        raise LoadError(f"--target {path} must hold exactly one tensor, found {len(tensors)}",
+        raise LoadError(f"`target` {path} must hold exactly one tensor, found {len(tensors)}",
                         hint="save one tensor of labels or targets")
     target: torch.Tensor = tensors[0]
     return target

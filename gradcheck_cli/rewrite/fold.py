@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gradcheck_cli.probe.batch import ProbeBatch
 
 
-# Samples per verification batch when the user gives no --batch-size (see _verification_inputs).
+# Samples per verification batch when the user gives no `batch_size` (see _verification_inputs).
 # Two rather than one: the smallest batch in which samples could be mixed up by a wrong fold.
 VERIFY_BATCH_SIZE = 2
 
@@ -292,8 +292,8 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
     Verification needs every channel of every layer exercised, not many samples: a wrong fold
     (wrong axis, lost shift, padding seen through a shift) moves every sample's outputs alike.
     :data:`VERIFY_BATCH_SIZE` samples instead of the probe's 8 make the two or three forward passes
-    of verification 4x cheaper. Left alone: an explicit --batch-size, an --input file (all its
-    samples are used), --input-shape (its batch dimension is the user's), and a model's own
+    of verification 4x cheaper. Left alone: an explicit `batch_size`, an `input` file (all its
+    samples are used), `input_shape` (its batch dimension is the user's), and a model's own
     example inputs (``fixed_batch``; an exported program may only accept that batch size).
     """
     from dataclasses import replace

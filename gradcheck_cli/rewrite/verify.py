@@ -166,7 +166,7 @@ def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> Reference
     except Exception as exc:
         raise ProbeError(
             f"the model failed on the probe batch: {_first_line(exc)}",
-            hint="pass --input-shape or --input with inputs the model accepts",
+            hint="pass `input_shape` or `input` with inputs the model accepts",
         ) from exc
     finally:
         set_eval(module, was_training)
@@ -414,7 +414,7 @@ def onnx_outputs(model: onnx.ModelProto | bytes, feeds: Sequence[dict[str, Any]]
         except Exception as exc:
             raise ProbeError(
                 f"onnxruntime failed on the probe batch: {_first_line(exc)}",
-                hint="pass --input-shape or --input with inputs the model accepts",
+                hint="pass `input_shape` or `input` with inputs the model accepts",
             ) from exc
     arrays = [
         np.concatenate([outputs[i] for outputs in per_batch])
@@ -487,7 +487,7 @@ def _feed_size(feed: Mapping[str, Any]) -> int:
 
 
 def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict[str, Any]]:
-    """Inputs for an ONNX graph: --input file, --input-shape, or the graph's declared shapes."""
+    """Inputs for an ONNX graph: `input` file, `input_shape`, or the graph's declared shapes."""
     import numpy as np
 
     initializer_names = {t.name for t in model.graph.initializer}
@@ -506,7 +506,7 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
         missing = [i.name for i in inputs if i.name not in feed]
         if missing:
             raise UsageError(
-                f"--input does not provide the graph inputs {missing}",
+                f"`input` does not provide the graph inputs {missing}",
                 hint="save a tuple in graph-input order, or a dict keyed by input name",
             )
         total = int(next(iter(feed.values())).shape[0])
@@ -520,8 +520,8 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
         if len(options.input_shape) != len(inputs):
             raise UsageError(
                 f"the graph has {len(inputs)} inputs but {len(options.input_shape)} "
-                "--input-shape were given",
-                hint="give one --input-shape per graph input",
+                "`input_shape` were given",
+                hint="give one `input_shape` per graph input",
             )
         shapes = [tuple(s) for s in options.input_shape]
     else:
@@ -530,7 +530,7 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
             shape: list[int] = []
             for position, dim in enumerate(dims):
                 if dim.HasField("dim_value") and dim.dim_value > 0:
-                    # A static size is what the graph accepts; --batch-size cannot change it.
+                    # A static size is what the graph accepts; `batch_size` cannot change it.
                     shape.append(int(dim.dim_value))
                 elif position == 0:
                     shape.append(batch_size or _DEFAULT_ONNX_BATCH)
@@ -538,7 +538,7 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
                     raise UsageError(
                         f"graph input '{value.name}' has a symbolic dimension "
                         f"'{dim.dim_param or '?'}' at position {position}",
-                        hint="pass --input-shape for each graph input (e.g. 8,3,224,224)",
+                        hint="pass `input_shape` for each graph input (e.g. 8,3,224,224)",
                     )
             shapes.append(tuple(shape))
     feeds = []
