@@ -234,7 +234,7 @@ def test_memory_budget_refuses_with_a_micro_batch_that_fits() -> None:
         check_memory_budget(estimate, budget=budget, total_samples=64)
     assert "--memory-budget" in caught.value.message
     assert caught.value.hint == "micro-batch it: --batch-size 8 --batches 8 (statistics are merged exactly)"
-    with pytest.raises(ProbeError, match="weights and their gradients alone"):
+    with pytest.raises(ProbeError, match="weights and the largest gradient alone"):
         check_memory_budget(estimate, available=estimate.fixed // 2)
 
 
@@ -251,7 +251,7 @@ def test_weights_already_in_memory_count_against_a_budget_but_not_against_availa
     assert micro_batch_that_fits(estimate, budget=2300) == 6  # (2300 - 2000 weights and gradients) // 50
     assert micro_batch_that_fits(estimate, budget=2300, available=1200) == 4  # the tighter one: (1200 - 1000) // 50
     assert "1.2 KiB of available memory" in over_limit(estimate, budget=2300, available=1200)
-    with pytest.raises(ProbeError, match="gradients alone"):
+    with pytest.raises(ProbeError, match="largest gradient alone"):
         micro_batch_that_fits(estimate, available=1000)
 
 
