@@ -42,6 +42,7 @@ def check(models: ModelsArg, output: ReportOutput = None, *, given: Given) -> No
     """Gate CI on gradient health: probe each model, apply the rules, and exit 1 on findings at or
     above --fail-on. Settings come from [tool.gradcheck] in pyproject.toml; flags override."""
     from gradcheck_cli.cli.visual import check_visual_outputs
+    from gradcheck_cli.probe.distributed import is_rank_zero
     from gradcheck_cli.render.check_table import render_check
     from gradcheck_cli.render.github import render_github
     from gradcheck_cli.render.json_report import render_check_json
@@ -54,6 +55,8 @@ def check(models: ModelsArg, output: ReportOutput = None, *, given: Given) -> No
     check_visual_outputs(plot=plot, html=html)
     paths = expand_models(models)
     result = _run(chosen, paths, debug=bool(given.get("debug")), histograms=html is not None)
+    if not is_rank_zero():  # under torchrun, rank 0 alone writes the merged reports and exits on them
+        raise typer.Exit(EXIT_OK)
     write_reports(targets, table=lambda console: render_check(result, console), documents={
         ReportFormat.JSON: lambda: render_check_json(result.outcomes),
         ReportFormat.MARKDOWN: lambda: render_markdown(result),

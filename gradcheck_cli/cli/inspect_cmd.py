@@ -21,6 +21,7 @@ def inspect(model: ModelArg, output: ReportOutput = None, *, given: Given) -> No
     from gradcheck_cli.cli.visual import check_visual_outputs, write_visual_outputs
     from gradcheck_cli.gate.check import diagnose
     from gradcheck_cli.gate.rules import configure
+    from gradcheck_cli.probe.distributed import is_rank_zero
     from gradcheck_cli.render.console import progress_on_stderr
     from gradcheck_cli.render.json_report import render_json
     from gradcheck_cli.render.table import render_inspect
@@ -34,6 +35,8 @@ def inspect(model: ModelArg, output: ReportOutput = None, *, given: Given) -> No
     probe = chosen.probe if html is None else replace(chosen.probe, histograms=True)
     with progress_on_stderr(f"probing {model.name}") as progress:
         report = diagnose(model, load=chosen.load, probe=probe, rules=rules, progress=progress)
+    if not is_rank_zero():
+        raise typer.Exit(EXIT_OK)  # under torchrun, rank 0 alone writes the merged report
     report = with_flag_notes(report)
     write_reports(targets, table=lambda console: render_inspect(report, console),
                   documents={ReportFormat.JSON: lambda: render_json(report)})
