@@ -29,7 +29,7 @@ MODELS = ROOT / "tests" / "_big_models.py"
 def _probe_file(module: nn.Module, inputs: Path, targets: Path | None, *, batch_size: int | None = None,
                 **options: Any) -> Report:
     opts = ProbeOptions(inputs=InputOptions(input=inputs, batch_size=batch_size),
-                        loss=LossKind.MSE if targets is not None else LossKind.SUM, target_file=targets, **options)
+                        loss=LossKind.MSE if targets is not None else LossKind.SUM, target=targets, **options)
     report = api.inspect_module(module, opts)
     validate_report(report.to_dict())
     return report
@@ -115,8 +115,8 @@ def test_bf16_statistics_match_float32_within_bf16_resolution(tmp_path: Path) ->
     save_file(reference.state_dict(), str(tmp_path / "full.safetensors"))
     load = api.LoadOptions(arch=f"{MODELS}:blocks_net")
     probe = ProbeOptions(inputs=InputOptions(input_shape=((32, 12),)), loss=LossKind.SUM)
-    low = api.inspect(tmp_path / "half.safetensors", load_options=load, probe=probe)
-    high = api.inspect(tmp_path / "full.safetensors", load_options=load, probe=probe)
+    low = api.inspect(tmp_path / "half.safetensors", load=load, probe=probe)
+    high = api.inspect(tmp_path / "full.safetensors", load=load, probe=probe)
     assert any(note.startswith("ran in bfloat16") for note in low.notes)
     assert not any(note.startswith("ran in") for note in high.notes)
     tolerance = 8 * 2.0**-8

@@ -299,11 +299,11 @@ def test_optimizer_state_in_the_checkpoint_means_trained(tmp_path: Path) -> None
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
     options = ProbeOptions(inputs=InputOptions(input_shape=((8, 16),)))
     load = api.LoadOptions(arch=f"{tmp_path / 'arch.py'}:mlp")
-    report = check_path(tmp_path / "ckpt.pt", load_options=load, probe=options)
+    report = check_path(tmp_path / "ckpt.pt", load=load, probe=options)
     assert of(report, "GC301") == []
     assert "'optimizer'" in report.layers[0].reasons["init"]
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    bare = check_path(tmp_path / "bare.pt", load_options=load, probe=options)
+    bare = check_path(tmp_path / "bare.pt", load=load, probe=options)
     (finding,) = [f for f in bare.findings if f.code == "GC301"]
     assert finding.layer == "0" and "i.i.d. init test" in finding.message
 

@@ -117,7 +117,7 @@ def test_missing_and_unexpected_keys_are_refused_by_name(tmp_path: Path, cli: An
     edit_weights(tmp_path, damage)
     code, _, err = cli("inspect", tmp_path)
     assert code == 2 and "Traceback" not in err
-    assert "pooler.dense.bias" in err and "encoder.layer.0.extra.weight" in err and "non_strict" in err
+    assert "pooler.dense.bias" in err and "encoder.layer.0.extra.weight" in err and "--non-strict" in err
     loaded = model_from_path(tmp_path, strict=False)
     assert any("pooler.dense.bias" in note for note in loaded.notes)
     assert torch.equal(loaded.module.pooler.dense.weight, model.pooler.dense.weight)
@@ -184,7 +184,7 @@ def test_pickled_code_in_bin_weights_is_refused(tmp_path: Path, cli: Any) -> Non
     with pytest.raises(UntrustedPickleError):
         model_from_path(tmp_path)
     code, _, err = cli("inspect", tmp_path)
-    assert code == 2 and "trust_pickle" in err and "Traceback" not in err
+    assert code == 2 and "--trust-pickle" in err and "Traceback" not in err
     assert not marker.exists()
 
 

@@ -110,6 +110,7 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
     from gradcheck_cli.gate.init_scale import with_init_scales
     from gradcheck_cli.gate.scan import scan_module
     from gradcheck_cli.gate.zero_init import find_branches
+    from gradcheck_cli.probe.distributed import world_size
     from gradcheck_cli.probe.entry import inspect_loaded
 
     active = tuple(rules)
@@ -119,6 +120,13 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
     report = inspect_loaded(loaded, probe, progress=progress)
     if note:
         report = replace(report, notes=(*report.notes, note))
+    if world_size() > 1:
+        # Under torchrun the probe left the weights sharded across the processes: the evidence that
+        # reads whole weights or runs the model again is not gathered, and the report says so.
+        unsharded = ("under torchrun, the init-scale, zero-initialised-branch and detached-branch evidence "
+                     "is not gathered")
+        report = replace(report, notes=(*report.notes, unsharded))
+        return replace(report, findings=evaluate(report, active, scan=scan))
     report, judged = with_init_scales(report, loaded.module, scan=scan)
     branches = find_branches(loaded, probe, report, scan.zero_parameters, bound=_small_gradient_bound(active))
     detached = find_detached(loaded, probe, report)
