@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import onnx
     from torch import nn
 
     from gradcheck_cli.onnx.plan import GraphPlan
@@ -32,14 +31,7 @@ def module_parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def onnx_parameter_count(model: onnx.ModelProto, plan: GraphPlan | None = None) -> int:
-    """Elements of the graph's parameters (external ones included, from their dims).
-
-    ``plan``: the graph's plan when the caller has built it already (the ONNX probe has).
-    """
-    if plan is None:
-        from gradcheck_cli.onnx.plan import plan_rows
-
-        plan = plan_rows(model.graph)
-    # The plan sizes every trainable leaf, initializer or Constant-held (Paddle2ONNX), one per alias.
+def onnx_parameter_count(plan: GraphPlan) -> int:
+    """Elements of the graph's parameters, as its plan (:func:`gradcheck_cli.onnx.plan.plan_rows`)
+    sizes them: every trainable leaf, initializer or Constant-held (Paddle2ONNX), one per alias."""
     return sum(plan.numel[key] for key in plan.trainable)

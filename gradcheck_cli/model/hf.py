@@ -253,7 +253,7 @@ def _version(text: str) -> tuple[int, int]:
 
 def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: dict[str, torch.Tensor] | None,
                      trust_pickle: bool, what: str) -> tuple[nn.Module, dict[str, Any]]:
-    from gradcheck_cli.model.torch_load import _forced_weights_only as forced_weights_only
+    from gradcheck_cli.model.weights_only import forced_weights_only
 
     kwargs = _loading_kwargs(cls, trust_pickle=trust_pickle)
     if state_dict is not None:

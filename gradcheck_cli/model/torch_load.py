@@ -19,6 +19,7 @@ from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.model.handle import LoadedModel
 from gradcheck_cli.model.static_shapes import program_inputs, static_note
+from gradcheck_cli.model.weights_only import forced_weights_only
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +133,7 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
     if not trust_pickle:
         _refuse_pickled_pt2_payloads(path)
     try:
-        with warnings.catch_warnings(), _forced_weights_only(not trust_pickle), _quiet_torch_export():
+        with warnings.catch_warnings(), forced_weights_only(not trust_pickle), _quiet_torch_export():
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:
@@ -198,29 +199,6 @@ def _refuse_pickled_pt2_payloads(path: Path) -> None:
         raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
                         f"could not be read: {_first_line(exc)}",
                         hint="the file is probably truncated or damaged; export it again") from exc
-
-
-@contextlib.contextmanager
-def _forced_weights_only(enabled: bool) -> Iterator[None]:
-    """Make every torch.load in the block weights-only (torch reads this variable on each call).
-
-    Process-wide while it lasts: gradcheck loads one model at a time on one thread.
-    """
-    if not enabled:
-        yield
-        return
-    saved = {key: os.environ.get(key) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ def save_model(
     example_args: tuple[torch.Tensor, ...] | None = None,
     example_kwargs: dict[str, torch.Tensor] | None = None,
     state_dict_only: bool | None = None,
+    output_names: list[str] | None = None,
 ) -> Saved:
     """Write ``module`` to ``out`` in ``fmt`` (default: ``loaded.format``).
 
@@ -62,6 +63,7 @@ def save_model(
     example inputs are used when they are not given. For torch.save output, ``state_dict_only``
     None writes a pickled module exactly when the input was one (loaded with `trust_pickle`);
     True writes tensors only; False asks for a pickled module and needs a trusted pickled input.
+    ``output_names`` names an ONNX export's outputs (the verification's names, so both agree).
     """
     target = fmt or loaded.format
     args = example_args if example_args is not None else loaded.example_args
@@ -84,7 +86,7 @@ def save_model(
         )
     elif target is ModelFormat.ONNX:
         example = _need_examples(args, ModelFormat.ONNX.description)
-        export_onnx(module, out, example, kwargs, dims=input_dims(loaded, example, kwargs))
+        export_onnx(module, out, example, kwargs, dims=input_dims(loaded, example, kwargs), output_names=output_names)
     else:  # pragma: no cover - the enum is closed
         raise UsageError(f"cannot write {target.description}")
     return Saved(target, notes)
@@ -319,6 +321,7 @@ def export_onnx(
     kwargs: dict[str, torch.Tensor] | None,
     *,
     dims: InputDims,
+    output_names: list[str] | None = None,
     opset: int | None = None,
 ) -> None:
     """Export ``module`` to ONNX as it is, with ``dims`` (see :func:`input_dims`) left dynamic.
@@ -338,7 +341,7 @@ def export_onnx(
     names = _input_names(module, args, kwargs)
     # Output names given, so the exporter never looks for a TorchScript graph on an FX
     # GraphModule's `graph` (it does when validating dynamic axes without them).
-    outputs = _output_names(module, args, kwargs)
+    outputs = output_names if output_names is not None else _output_names(module, args, kwargs)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         scratch_dir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
@@ -377,12 +380,13 @@ def export_onnx(
 def _output_names(
     module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None
 ) -> list[str]:
-    """The names :func:`gradcheck_cli.rewrite.verify.torch_outputs` gives the module's outputs."""
-    from gradcheck_cli.probe.batch import ProbeBatch
-    from gradcheck_cli.rewrite.verify import torch_outputs
+    """``output``, or ``output_0``, ``output_1``, ... for a model that returns several tensors."""
+    import torch
 
-    names, _, _ = torch_outputs(module, [ProbeBatch(args, dict(kwargs or {}))])
-    return names
+    with torch.no_grad():
+        result = module(*args, **dict(kwargs or {}))
+    count = len(torch.utils._pytree.tree_leaves(result))
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def _input_names(

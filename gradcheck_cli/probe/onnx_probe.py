@@ -355,7 +355,7 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
         loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
         saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
-    parameters = onnx_parameter_count(model, plan)
+    parameters = onnx_parameter_count(plan)
     return Report(tool=ToolInfo(name="gradcheck", version=__version__),
                   model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
                   probe=probe, layers=tuple(layers), notes=tuple(notes),

@@ -105,6 +105,7 @@ def _fold_onnx(
         onnx_model_to_path,
         serialized_or_none,
     )
+    from gradcheck_cli.onnx.plan import plan_rows
     from gradcheck_cli.parameters import onnx_parameter_count
     from gradcheck_cli.rewrite import onnx_fold
     from gradcheck_cli.rewrite.verify import onnx_probe_feeds, verify_onnx
@@ -143,12 +144,12 @@ def _fold_onnx(
     if benchmark_runs > 0:
         latency = (_onnx_latency(model, result.model, feeds[0], benchmark_runs),)
     before = Counts(
-        onnx_parameter_count(model),
+        onnx_parameter_count(plan_rows(model.graph)),
         onnx_fold.count_batchnorms(model),
         onnx_fold.count_nodes(model),
     )
     after = Counts(
-        onnx_parameter_count(result.model),
+        onnx_parameter_count(plan_rows(result.model.graph)),
         result.batchnorms_after,
         onnx_fold.count_nodes(result.model),
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import GradcheckError, UsageError
+from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.rewrite.fold_records import Verification
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def write_torch_verified(
     """Save ``module`` in a torch format, load it back, verify it against ``plan``, then move it."""
     from gradcheck_cli.model.torch_load import model_from_path
     from gradcheck_cli.model.torch_save import save_model
-    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, as_written, verify_torch_plan
+    from gradcheck_cli.rewrite.verify import BACKEND_TORCH, as_written, torch_outputs, verify_torch_plan
 
     first = plan.groups[0][0]
     with staging(out) as scratch:
@@ -97,6 +98,7 @@ def write_torch_verified(
             example_args=first.args,
             example_kwargs=first.kwargs,
             state_dict_only=written_as.state_dict_only,
+            output_names=torch_outputs(module, [first])[0] if written_as.format is ModelFormat.ONNX else None,
         )
         # Load the file back exactly as a user would, and verify *that*.
         reloaded = model_from_path(
@@ -128,7 +130,14 @@ def write_onnx_verified(
     from gradcheck_cli.model.dynamic import batch_range
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
     from gradcheck_cli.model.torch_save import export_onnx, input_dims
-    from gradcheck_cli.rewrite.verify import BACKEND_ORT, compare_outputs, fails_at, merge_checks, onnx_outputs
+    from gradcheck_cli.rewrite.verify import (
+        BACKEND_ORT,
+        compare_outputs,
+        fails_at,
+        merge_checks,
+        onnx_outputs,
+        torch_outputs,
+    )
 
     first = plan.groups[0][0]
     with tempfile.TemporaryDirectory(
@@ -137,7 +146,8 @@ def write_onnx_verified(
     ) as scratch:
         staged = Path(scratch) / "export.onnx"
         dims = input_dims(loaded, first.args, first.kwargs)
-        export_onnx(module, staged, first.args, first.kwargs, dims=dims)
+        export_onnx(module, staged, first.args, first.kwargs, dims=dims,
+                    output_names=torch_outputs(module, [first])[0])
         exported = onnx_model_from_path(staged)
         # The export was asked for a dynamic batch wherever the plan has a second size (the plan
         # follows the input's own dimensions): it must run there, whatever the graph declares.
