@@ -42,7 +42,7 @@ DEFAULT_LSUV_MAX_ITERATIONS = 10
 
 
 def flag_of(field_name: str) -> str:
-    """How the command line spells the option ``field_name`` (``input_shape`` -> ``--input-shape``):
+    """How the command line spells the option ``field_name`` (two dashes, then the name with hyphens):
     for the presentation layers, which show users what to type."""
     return "--" + field_name.replace("_", "-")
 

@@ -32,8 +32,8 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
 
 TRUST_HINT = (
-    "re-save it as a state_dict (torch.save(model.state_dict(), f)) and pass --arch, or as "
-    "safetensors, or export a .pt2 with torch.export; if you trust this file, pass --trust-pickle"
+    "re-save it as a state_dict (torch.save(model.state_dict(), f)) and pass `arch`, or as "
+    "safetensors, or export a .pt2 with torch.export; if you trust this file, pass `trust_pickle`"
 )
 
 
@@ -99,7 +99,7 @@ def model_from_path(
         loaded = _from_pickle_container(path, fmt, arch=arch, arch_kwargs=_with_config(arch, arch_kwargs, path.parent),
                                         strict=strict, trust_pickle=trust_pickle, device=target)
     if arch is not None and loaded.arch is None:
-        loaded.notes.append(f"--arch {arch} was ignored: {fmt.description} carries its own architecture")
+        loaded.notes.append(f"`arch` {arch} was ignored: {fmt.description} carries its own architecture")
     if spread:
         loaded.notes.append(place_across_gpus(loaded.module))
     return loaded
@@ -330,7 +330,7 @@ def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: tor
         raise LoadError(f"{path} holds a pickled module whose class cannot be imported here: "
                         f"{_first_line(exc)}",
                         hint="make the defining module importable (PYTHONPATH), or save a state_dict "
-                        "and pass --arch") from exc
+                        "and pass `arch`") from exc
     except Exception as exc:
         raise LoadError(f"{path} looks like {fmt.description} but could not be loaded: "
                         f"{_first_line(exc)}", hint="the file is probably damaged or truncated") from exc
@@ -389,8 +389,8 @@ def _with_arch(
     if arch is None:
         raise UsageError(f"{path} is {fmt.description} holding a state_dict{where} with "
                          f"{len(state_dict)} tensors, but no architecture",
-                         hint="pass --arch MODULE:CALLABLE (e.g. --arch model.py:build or "
-                         "--arch torchvision:resnet18) to build the model the weights belong to")
+                         hint="pass `arch` MODULE:CALLABLE (e.g. `arch` model.py:build or "
+                         "`arch` torchvision:resnet18) to build the model the weights belong to")
     # Strict loading overwrites every parameter and persistent buffer (or fails): no need to draw
     # random initial values for them first.
     module = build_arch_for_weights(arch, arch_kwargs or {}) if strict else build_arch(arch, arch_kwargs or {})
@@ -409,8 +409,8 @@ def _with_arch(
         mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
                                 r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
-        raise LoadError(f"{path}: the weights do not fit --arch {arch}: {detail}",
-                        hint="check --arch and --arch-kwargs (e.g. widths, number of classes)") from exc
+        raise LoadError(f"{path}: the weights do not fit `arch` {arch}: {detail}",
+                        hint="check `arch` and `arch_kwargs` (e.g. widths, number of classes)") from exc
     if assign:
         _retie(module, tied, renamed)
         if half is not None:
@@ -424,12 +424,12 @@ def _with_arch(
             parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
         if dropped:
             parts.append(f"{dropped} without the '{prefix}' prefix")
-        raise LoadError(f"{path}: the state_dict does not match --arch {arch}: " + ", ".join(parts) + " keys",
-                        hint="check --arch and --arch-kwargs, or pass --non-strict to load what matches")
+        raise LoadError(f"{path}: the state_dict does not match `arch` {arch}: " + ", ".join(parts) + " keys",
+                        hint="check `arch` and `arch_kwargs`, or pass `non_strict` to load what matches")
     loaded = LoadedModel(path=path, format=fmt, module=module.to(device), arch=arch,
                          state_dict_path=key_path, key_prefix=prefix, checkpoint=checkpoint)
     if missing or unexpected:
-        loaded.notes.append(f"--non-strict: {len(missing)} missing and {len(unexpected)} unexpected keys "
+        loaded.notes.append(f"`non_strict`: {len(missing)} missing and {len(unexpected)} unexpected keys "
                             f"ignored (missing: {_few(missing)}; unexpected: {_few(unexpected)})")
     if prefix:
         loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")

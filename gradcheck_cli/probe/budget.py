@@ -1,5 +1,5 @@
 """The probe's memory, estimated before it runs: a probe that exceeds the memory available or the
-user's ``--memory-budget`` is split into micro-batches that fit (statistics merge exactly), and
+user's `memory_budget` is split into micro-batches that fit (statistics merge exactly), and
 refused, saying so, when even one sample does not fit.
 
 The estimate is deliberately simple and errs high:
@@ -38,10 +38,10 @@ def parse_memory_budget(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
-        raise UsageError(f"--memory-budget {text!r} is not a size", hint="e.g. --memory-budget 4GiB or 512MB")
+        raise UsageError(f"`memory_budget` {text!r} is not a size", hint="e.g. `memory_budget` 4GiB or 512MB")
     value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise UsageError(f"--memory-budget {text!r} must be positive", hint="e.g. --memory-budget 4GiB")
+        raise UsageError(f"`memory_budget` {text!r} must be positive", hint="e.g. `memory_budget` 4GiB")
     return value
 
 
@@ -57,7 +57,7 @@ class MemoryEstimate:
     measured: bool  # whether activations come from a forward pass (False: not measurable)
     micro_batches: int = 1
     # Parameters and buffers already on the device the probe runs on: they count against a
-    # --memory-budget (the probe's whole footprint) but not against the memory still available,
+    # `memory_budget` (the probe's whole footprint) but not against the memory still available,
     # which they have already been taken from.
     resident: int = 0
 
@@ -191,7 +191,7 @@ def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 def _limits(estimate: MemoryEstimate, budget: int | None,
             available: int | None) -> list[tuple[int, str, int, int]]:
     """(limit, its name, what the probe needs against it, the part of that independent of the batch)."""
-    checks = [(budget, "--memory-budget", 0), (available, "available memory", estimate.resident)]
+    checks = [(budget, "`memory_budget`", 0), (available, "available memory", estimate.resident)]
     return [(limit, what, estimate.total - resident, estimate.fixed - resident)
             for limit, what, resident in checks if limit is not None]
 
@@ -240,7 +240,7 @@ def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, 
         return
     samples = total_samples or estimate.batch_size
     raise ProbeError(f"the probe needs {over_limit(estimate, budget=budget, available=available)}",
-                     hint=f"micro-batch it: --batch-size {fits} --batches {math.ceil(samples / fits)} "
+                     hint=f"micro-batch it: `batch_size` {fits} `batches` {math.ceil(samples / fits)} "
                      "(statistics are merged exactly)")
 
 

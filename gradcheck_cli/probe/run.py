@@ -125,8 +125,8 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                     loss_fn.kind = LossKind.MODEL
                 else:
                     if options.loss is LossKind.MODEL:
-                        raise UsageError("--loss model needs a model that computes its own loss from labels "
-                                         "(a transformers LM head)", hint="use --loss auto, cross_entropy or mse")
+                        raise UsageError("`loss` model needs a model that computes its own loss from labels "
+                                         "(a transformers LM head)", hint="use `loss` auto, cross_entropy or mse")
                     selected, output_label = select_output(output, options.model_output)
                     loss = loss_fn(selected)
                     del selected
@@ -138,7 +138,7 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                         loss.backward()
                 except RuntimeError as exc:
                     raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
-                                     hint="pass --debug for the traceback") from exc
+                                     hint="pass `debug` for the traceback") from exc
                 reducer.end_backward()
                 loss_total += float(loss.detach())
                 del loss
@@ -315,7 +315,7 @@ def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) ->
     notes: list[str] = []
     if loaded.format is ModelFormat.EXPORTED_PROGRAM:
         if options.mode is Mode.TRAIN:
-            notes.append("--mode train ignored: an exported program runs in the mode it was exported in")
+            notes.append("`mode` train ignored: an exported program runs in the mode it was exported in")
         return loaded.module, "graph", notes
     if isinstance(loaded.module, torch.jit.ScriptModule):
         return _torchscript_graph(loaded, options, sample, notes), "graph", notes
@@ -340,7 +340,7 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
     except Exception as exc:
         raise ProbeError(f"the TorchScript archive could not be converted into a graph the probe can "
                          f"instrument: {_first_line(exc)}",
-                         hint="export the model with torch.export (.pt2) or save a state_dict and pass --arch") from exc
+                         hint="export the model with torch.export (.pt2) or save a state_dict and pass `arch`") from exc
     _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
     notes.append("TorchScript was converted to an exported program to instrument it: activation rows "
                  "are named by function, since scripted module boundaries are not kept")
@@ -432,8 +432,8 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
         shapes = ", ".join(f"{s.name} {tuple(s.shape)} {s.dtype}" for s in inputs.specs)
         place = f" in {where}" if where else ""
         raise ProbeError(f"the forward pass failed{place}: {_first_line(exc)}",
-                         hint=f"check the probe inputs ({shapes}); set them with --input-shape, "
-                         "--input-dtype or --input") from exc
+                         hint=f"check the probe inputs ({shapes}); set them with `input_shape`, "
+                         "`input_dtype` or `input`") from exc
 
 
 def _parameter_gradients(
