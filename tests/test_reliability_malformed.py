@@ -183,10 +183,10 @@ def _load_only(seed: Seed, path: Path) -> None:
     of cases fit in a CI minute. Returns, or raises GradcheckError; anything else is a bug."""
     from gradcheck_cli import api
     from gradcheck_cli.config import load_settings
-    from gradcheck_cli.probe.batch import _read_input_file
+    from gradcheck_cli.probe.batch import read_input_file
 
     if seed.name.startswith(("input_", "target_")):
-        _read_input_file(path)
+        read_input_file(path)
     elif seed.name == "config_toml":
         load_settings(path)
     elif seed.name == "onnx":

@@ -119,7 +119,7 @@ def _probe_inputs(
         raise UsageError("`batch_size` must be at least 1")
     generator = torch.Generator().manual_seed(options.seed)
     if options.input is not None:
-        return _from_file(options, device)
+        return inputs_from_file(options, device)
     # A transformers model declares its inputs: `input_shape` only resizes them (ids stay ids over
     # the vocabulary, masks and labels stay), unless it was saved with example inputs (.pt2).
     if not (example_args or example_kwargs):
@@ -129,7 +129,7 @@ def _probe_inputs(
     if options.input_shape:
         dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
         shapes = [(_with_batch(s, options.batch_size), dtype, options.input_range) for s in options.input_shape]
-        return _synthesise(shapes, (), options, generator, device, source="synthesized")
+        return synthesise(shapes, (), options, generator, device, source="synthesized")
     # An example with no tensor in it (a crafted or odd .pt2) says nothing about the inputs.
     if example_args or example_kwargs:
         args = example_args or ()
@@ -138,7 +138,7 @@ def _probe_inputs(
                   for t in args]
         kw = [(name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
               for name, t in kwargs.items()]
-        return _synthesise(shapes, tuple(kw), options, generator, device, source="example")
+        return synthesise(shapes, tuple(kw), options, generator, device, source="example")
     return _inferred(module, options, generator, device)
 
 
@@ -167,7 +167,7 @@ def _transformers_inputs(module: nn.Module, options: InputOptions, generator: to
             keyword.append((item.name, (item.shape, torch.int64, (1.0, 2.0))))
         else:
             keyword.append((item.name, (item.shape, float_dtype, options.input_range)))
-    inputs = _synthesise([], tuple(keyword), options, generator, device, source="synthesized")
+    inputs = synthesise([], tuple(keyword), options, generator, device, source="synthesized")
     inputs.model_loss = declaration.model_loss
     inputs.constants = dict(declaration.constants)
     inputs.notes = list(declaration.notes)
@@ -218,7 +218,7 @@ def _draw(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, 
 Shape = tuple[tuple[int, ...], "torch.dtype", "tuple[float, float] | None"]
 
 
-def _synthesise(
+def synthesise(
     positional: list[Shape],
     keyword: tuple[tuple[str, Shape], ...],
     options: InputOptions,
@@ -295,7 +295,7 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
         trial = tuple(1 if i == batch_dim else d for i, d in enumerate(shape))
         problem = _try_forward(module, _draw(trial, cand_dtype, value_range, torch.Generator()).to(device))
         if problem is None:
-            return _synthesise([(shape, cand_dtype, value_range)], (), options, generator, device,
+            return synthesise([(shape, cand_dtype, value_range)], (), options, generator, device,
                                source="synthesized")
         errors.append(f"{tuple(shape)}: {problem}")
     raise ProbeError(f"cannot infer the probe input shape from the first layer '{name}'; tried "
@@ -346,10 +346,10 @@ def _try_forward(module: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
+def inputs_from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
     path = options.input
     assert path is not None
-    args, kwargs = _read_input_file(path)
+    args, kwargs = read_input_file(path)
     tensors = list(args) + list(kwargs.values())
     if not tensors:
         raise LoadError(f"`input` {path} holds no tensors", hint="save a tensor, a tuple or a dict of tensors")
@@ -373,7 +373,7 @@ def _from_file(options: InputOptions, device: torch.device) -> ProbeInputs:
     return ProbeInputs(batches, tuple(specs), batch_size=batch)
 
 
-def _read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+def read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
     """Read probe inputs (or, with ``flag`` naming the `target` option, targets) without unpickling any object.
 
     .npy/.npz headers are checked against the file's size before numpy allocates the array, so a

@@ -163,9 +163,9 @@ class LossFunction:
 
 def _read_target(path: Path) -> torch.Tensor:
 
-    from gradcheck_cli.probe.batch import _read_input_file
+    from gradcheck_cli.probe.batch import read_input_file
 
-    args, kwargs = _read_input_file(path, "`target`")
+    args, kwargs = read_input_file(path, "`target`")
     tensors = list(args) + list(kwargs.values())
     if len(tensors) != 1:
         raise LoadError(f"`target` {path} must hold exactly one tensor, found {len(tensors)}",

@@ -107,9 +107,9 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
         DEFAULT_BATCH_SIZE,
         ProbeBatch,
         ProbeInputs,
-        _from_file,
-        _synthesise,
+        inputs_from_file,
         parse_dtype,
+        synthesise,
     )
 
     inputs_options = options.inputs
@@ -127,7 +127,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
                              f"{graph_input.dims.index(0)}); onnxruntime runs it only on empty tensors",
                              hint="export the model with a dynamic (symbolic or -1) dimension there")
     if inputs_options.input is not None:
-        loaded = _from_file(inputs_options, device)
+        loaded = inputs_from_file(inputs_options, device)
         batches = []
         for batch in loaded.batches:
             named = {w.name: t for w, t in zip(wanted, batch.args, strict=False)}
@@ -169,7 +169,7 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
                 notes.append(f"input '{graph_input.name}' is all ones (an attention mask that masks nothing)")
         positional.append((shape, dtype, value_range))
     generator = torch.Generator().manual_seed(inputs_options.seed)
-    drawn = _synthesise(positional, (), inputs_options, generator, device,
+    drawn = synthesise(positional, (), inputs_options, generator, device,
                         source="file" if inputs_options.input else "synthesized")
     batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args, strict=False)}) for batch in drawn.batches]
     specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted, strict=False))
@@ -446,7 +446,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
 
     from gradcheck_cli.onnx.lower import LoweredGraph, LoweringError, unsupported_ops
     from gradcheck_cli.probe.loss import LossFunction, select_output
-    from gradcheck_cli.probe.run import _parameter_gradients
+    from gradcheck_cli.probe.run import parameter_gradients
 
     missing = unsupported_ops(model, opset)
     lowered = LoweredGraph(model, opset=opset, trainable=plan.trainable, device=device, leaves=plan.leaves,
@@ -461,7 +461,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
         for tensors in row_params.values():
             for t in tensors:
                 t.grad = None
-        grads, counts = _parameter_gradients(row_params)
+        grads, counts = parameter_gradients(row_params)
         return (LoweringCheck(ok=False, max_abs_error=error, tolerance=tolerance, unsupported_ops=tuple(missing),
                               reason=reason), ({k: (None, w) for k, (_, w) in grads.items()}, counts))
 
@@ -475,7 +475,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
         if value.requires_grad and name in by_value:
             for row in by_value[name]:
                 # The recorder's own hook, so norms (and histograms) match the PyTorch probe's.
-                value.register_hook(recorder._grad_hook(row))  # type: ignore[arg-type]
+                value.register_hook(recorder.grad_hook(row))  # type: ignore[arg-type]
 
     try:
         with torch.enable_grad():
@@ -503,7 +503,7 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     except (RuntimeError, ProbeError) as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return failed(f"the backward pass through the lowering failed: {text}")
-    grads, counts = _parameter_gradients(row_params)
+    grads, counts = parameter_gradients(row_params)
     for tensors in row_params.values():
         for t in tensors:
             t.grad = None

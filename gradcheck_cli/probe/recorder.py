@@ -358,7 +358,7 @@ class Recorder:
         self._watched[id(output)] = (weakref.ref(output), output._version, rows)
         output.register_hook(self._grad_hook_for(rows))
 
-    def _grad_hook(self, row: Row) -> object:
+    def grad_hook(self, row: Row) -> object:
         return self._grad_hook_for([row])
 
     def _grad_hook_for(self, rows: list[Row]) -> object:

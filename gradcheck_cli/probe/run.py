@@ -148,7 +148,7 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                 recorder.end_batch()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
-        param_grads, param_counts = _parameter_gradients(instrument.row_params, reducer, ranks)
+        param_grads, param_counts = parameter_gradients(instrument.row_params, reducer, ranks)
     if ranks is not None:
         merge_rows(recorder, ranks, [local_share(b, ranks)[0].size for b in inputs.batches],
                    [b.size for b in inputs.batches])
@@ -436,7 +436,7 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
                          "`input_dtype` or `input`") from exc
 
 
-def _parameter_gradients(
+def parameter_gradients(
     row_params: Mapping[str, Sequence[torch.Tensor]], reducer: GradientReducer | None = None,
     ranks: Ranks | None = None,
 ) -> tuple[dict[str, tuple[float | None, float]], dict[str, int]]:

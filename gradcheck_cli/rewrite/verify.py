@@ -494,9 +494,9 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
     inputs = [i for i in model.graph.input if i.name not in initializer_names]
     batch_size = options.batch_size
     if options.input is not None:
-        from gradcheck_cli.probe.batch import _read_input_file  # the probe's own reader, one format
+        from gradcheck_cli.probe.batch import read_input_file  # the probe's own reader, one format
 
-        args, kwargs = _read_input_file(options.input)
+        args, kwargs = read_input_file(options.input)
         arrays = [t.detach().cpu().numpy() for t in args]
         feed = (
             dict(zip([i.name for i in inputs], arrays, strict=False))
