@@ -674,8 +674,8 @@ def scorecard(outcomes: list[Outcome], command: str, seconds: float, left: list[
         lines.append(f"| {code} | {s.per_rule_fp.get(code, 0)} | {f'{hit}/{total}' if total else '—'} |")
     warned = [o for o in outcomes if o.case.fault is None and o.error is None and o.loud]
     lines += ["", "Healthy models with a warning (each explained below the table by hand):", ""]
-    lines += [f"- `{o.case.name}`: " + "; ".join(f"{f['code']} on `{f['layer']}`: {f['message']}"
-                                                  for f in o.loud) for o in warned] or ["- none"]
+    lines += [f"- `{o.case.name}`: " + "; ".join(_summary(o.loud, code) for code in sorted({f["code"] for f in o.loud}))
+              for o in warned] or ["- none"]
     missed = [o for o in outcomes if o.case.fault is not None and o.error is None and not o.localised]
     lines += ["", "Faults missed or found elsewhere than injected:", ""]
     lines += [f"- `{o.case.name}` ({o.case.fault}): "
@@ -687,6 +687,13 @@ def scorecard(outcomes: list[Outcome], command: str, seconds: float, left: list[
         lines += ["", f"Not run within the time budget ({len(left)}, the largest last): "
                   + ", ".join(f"`{c.name}`" for c in left) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _summary(findings: list[dict[str, Any]], code: str) -> str:
+    """'GC301 x24, first on `layer`: message' for one rule's findings on one model."""
+    mine = [f for f in findings if f["code"] == code]
+    count = f" x{len(mine)}" if len(mine) > 1 else ""
+    return f"{code}{count}, first on `{mine[0]['layer']}`: {mine[0]['message']}"
 
 
 def replace_section(markdown: Path, section: str) -> None:
@@ -710,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="replace the scorecard section of this file")
     parser.add_argument("--resume", action="store_true", help="reuse the models already in --json")
     parser.add_argument("--budget-minutes", type=float, help="start no model after this long")
+    parser.add_argument("--no-new", action="store_true",
+                        help="with --resume: run only the --only models again, none that the file lacks")
     args = parser.parse_args(argv)
     earlier = None
     if args.resume and args.json and args.json.exists():
@@ -740,8 +749,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     budget = args.budget_minutes * 60 if args.budget_minutes is not None else None
+    skipped: list[Case] = []
+    if args.no_new and done is not None:
+        known = set(earlier["models"]) if earlier else set()
+        skipped = [c for c in cases if c.name not in known]
+        cases = [c for c in cases if c.name in known]
     outcomes, left = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done,
                                 budget_s=budget, save=save)
+    left += skipped
     seconds = time.perf_counter() - start + sum(o.seconds for o in (done or {}).values())
     data = findings_json(outcomes)
     save(outcomes)
