@@ -23,7 +23,7 @@ from gradcheck_cli.errors import ConfigError
 from gradcheck_cli.gate.init_scale import following_norm
 from gradcheck_cli.gate.scan import CheckpointScan, GateKind
 from gradcheck_cli.gate.zero_init import ZeroInitBranches
-from gradcheck_cli.options import RuleOverride
+from gradcheck_cli.options import RuleOverride, flag_of
 from gradcheck_cli.records import DirectionTrace, Finding, LayerStats, Report, RowKind, Severity
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class Worse(str, Enum):
-    """Which direction of a finding's value is worse (used by ``--baseline``)."""
+    """Which direction of a finding's value is worse (used by `baseline`)."""
 
     ABOVE = "above"
     BELOW = "below"
@@ -81,7 +81,7 @@ class Rule:
 
 
 def _median(values: Sequence[float]) -> float:
-    # Not statistics.median: importing statistics costs ~20 ms of every `gradcheck --help`.
+    # Not statistics.median: importing statistics costs ~20 ms of every start of the CLI.
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
@@ -181,7 +181,7 @@ def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             None,
             "the probe loss is NaN/Inf although every layer output is finite",
             advice="check the model's final output and the loss (e.g. use log_softmax "
-            "rather than log(softmax), or pass --loss sum)",
+            f"rather than log(softmax), or pass {flag_of('loss')} sum)",
         )
 
 
@@ -541,7 +541,7 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             f"weight variance {init.measured_var:.3g} is {ratio:.3g} times what {init.scheme} "
             f"init{mode} (the closest fan) prescribes ({init.expected_var:.3g}; {after}, {fan}){why}",
             advice=f"re-initialise with {init.scheme}: {_SCHEME_ADVICE.get(init.scheme, '')} "
-            f"or gradcheck reinit --scheme {init.scheme}",
+            f"or gradcheck reinit {flag_of('scheme')} {init.scheme}",
         )
 
 
@@ -667,7 +667,7 @@ RULES: tuple[Rule, ...] = (
         Severity.ERROR,
         0.5,
         "share of a ReLU-family layer's units that are zero for every probe sample",
-        "re-initialise with He init (gradcheck reinit --scheme he), lower the learning rate, or "
+        f"re-initialise with He init (gradcheck reinit {flag_of('scheme')} he), lower the learning rate, or "
         "use "
         "Leaky ReLU (slope ~0.01), PReLU or ELU so negative units still get a gradient",
         _dead,
@@ -679,7 +679,7 @@ RULES: tuple[Rule, ...] = (
         Severity.ERROR,
         0.5,
         "share of a sigmoid/tanh-family layer's outputs whose derivative has all but vanished",
-        "use Glorot init for tanh/sigmoid layers (gradcheck reinit --scheme glorot), add "
+        f"use Glorot init for tanh/sigmoid layers (gradcheck reinit {flag_of('scheme')} glorot), add "
         "normalisation "
         "before the activation, or switch to a non-saturating activation (ReLU family, GELU)",
         _saturated,
@@ -692,7 +692,7 @@ RULES: tuple[Rule, ...] = (
         1e-2,
         "output variance of the last linear layer over that of the first below the threshold",
         "initialise each layer for the activation after it (He for ReLU, Glorot for tanh/sigmoid: "
-        "gradcheck reinit --scheme auto), or add batch/layer normalisation",
+        f"gradcheck reinit {flag_of('scheme')} auto), or add batch/layer normalisation",
         _variance_collapse,
         worse=Worse.BELOW,
         threshold_range=(0.0, 1.0),
@@ -704,7 +704,7 @@ RULES: tuple[Rule, ...] = (
         1e2,
         "output variance of the last linear layer over that of the first above the threshold",
         "use a smaller init scale (He/Glorot for the activation that follows: gradcheck reinit "
-        "--scheme auto), or add batch/layer normalisation",
+        f"{flag_of('scheme')} auto), or add batch/layer normalisation",
         _variance_explosion,
         threshold_range=(1.0, math.inf),
     ),
@@ -762,7 +762,7 @@ RULES: tuple[Rule, ...] = (
         3.0,
         "weight variance over what He/Glorot/LeCun prescribes for the activation that follows, "
         "outside [1/k, k]",
-        "re-initialise the layer for the activation that follows it (gradcheck reinit --scheme "
+        f"re-initialise the layer for the activation that follows it (gradcheck reinit {flag_of('scheme')} "
         "auto)",
         _init_scale,
         worse=Worse.AWAY,
@@ -785,8 +785,8 @@ RULES: tuple[Rule, ...] = (
         Severity.WARNING,
         10.0,
         "steps back over which |dL/dh_t| stays above 1% of its last-step value, below the threshold",
-        "use LSTM/GRU (forget-gate bias 1: gradcheck reinit --forget-bias), orthogonal or identity "
-        "recurrent init (gradcheck reinit --recurrent orthogonal|identity), or truncated BPTT sized "
+        f"use LSTM/GRU (forget-gate bias 1: gradcheck reinit {flag_of('forget_bias')}), orthogonal or identity "
+        f"recurrent init (gradcheck reinit {flag_of('recurrent')} orthogonal|identity), or truncated BPTT sized "
         "to the horizon",
         _short_horizon,
         worse=Worse.BELOW,
@@ -809,8 +809,8 @@ RULES: tuple[Rule, ...] = (
         Severity.WARNING,
         0.5,
         "share of a recurrent gate's values whose derivative has all but vanished",
-        "re-initialise the layer (gradcheck reinit --scheme glorot --recurrent orthogonal), normalise "
-        "its inputs, or lower the learning rate",
+        f"re-initialise the layer (gradcheck reinit {flag_of('scheme')} glorot {flag_of('recurrent')} "
+        "orthogonal), normalise its inputs, or lower the learning rate",
         _saturated_gates,
         threshold_range=_UNIT,
     ),
