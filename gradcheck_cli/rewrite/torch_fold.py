@@ -132,7 +132,7 @@ def fold_torch_module(
     )
     if affine_standalone and keep_structure:
         notes.append(
-            "--affine-standalone does not apply to state_dict/safetensors output: the "
+            "`affine_standalone` does not apply to state_dict/safetensors output: the "
             "architecture keeps its BatchNorm modules"
         )
     if not keep_structure:
