@@ -298,8 +298,14 @@ def _file_model(job: Job) -> tuple[list[str], bool]:
     if job.category == "onnx":
         import onnx
 
+        from onnx_sources import INPUT_SHAPES
+
         graph = onnx.load(str(path), load_external_data=False).graph
-        return [str(path)], any(node.op_type == "BatchNormalization" for node in graph.node)
+        # A real model runs at the input size its own package uses (PaddleOCR's detector needs
+        # sides that are multiples of 32, its recogniser a height of 48).
+        shape = INPUT_SHAPES.get(job.name)
+        args = [str(path)] + (["--input-shape", ",".join(map(str, shape))] if shape else [])
+        return args, any(node.op_type == "BatchNormalization" for node in graph.node)
     from safetensors import safe_open
 
     has_bn = False
