@@ -297,7 +297,6 @@ def _file_model(job: Job) -> tuple[list[str], bool]:
     path = Path(job.path)
     if job.category == "onnx":
         import onnx
-
         from onnx_sources import INPUT_SHAPES
 
         graph = onnx.load(str(path), load_external_data=False).graph

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
+from gradcheck_cli.choice import Choice
+
 SCHEMA_VERSION = "1.0"
 
 
-class RowKind(str, Enum):
+class RowKind(Choice):
     """What a report row stands for."""
 
     PARAM = "param"  # a layer with a weight used as a linear map: Linear, Conv*, Embedding, ...
@@ -23,17 +25,13 @@ class RowKind(str, Enum):
     NORM = "norm"  # BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm
     OTHER = "other"  # any other module that owns parameters
 
-    def __str__(self) -> str:
-        return self.value
 
 
-class Severity(str, Enum):
+class Severity(Choice):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
 
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def rank(self) -> int:
@@ -235,15 +233,13 @@ class ToolInfo:
     version: str
 
 
-class BaselineStatus(str, Enum):
+class BaselineStatus(Choice):
     """A finding compared with the same rule and layer in a `baseline` report."""
 
     NEW = "new"  # not in the baseline
     WORSENED = "worsened"  # in the baseline, but its value moved further past the threshold
     UNCHANGED = "unchanged"  # in the baseline, no worse (within the tolerance)
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import TYPE_CHECKING
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import ConfigError
 from gradcheck_cli.gate.init_scale import following_norm
 from gradcheck_cli.gate.scan import CheckpointScan, GateKind
@@ -30,15 +30,13 @@ if TYPE_CHECKING:
     from gradcheck_cli.gate.init_scale import InitJudgement
 
 
-class Worse(str, Enum):
+class Worse(Choice):
     """Which direction of a finding's value is worse (used by `baseline`)."""
 
     ABOVE = "above"
     BELOW = "below"
     AWAY = "away"  # further from 1 on a log scale (a ratio that should be ~1)
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

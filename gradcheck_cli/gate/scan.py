@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.choice import Choice
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,7 @@ class BatchNormBuffers:
         return bool(self.num_batches_tracked) or not self.default_stats
 
 
-class GateKind(str, Enum):
+class GateKind(Choice):
     """How a zero-initialised branch is spelled (module or functional, any name)."""
 
     NORM_SCALE = "norm-scale"  # a norm's gamma at 0: timm zero_init_last, torchvision zero_init_residual
@@ -67,8 +68,6 @@ class GateKind(str, Enum):
     SCALE = "scale"
     ZERO_MATRIX = "zero-matrix"  # a Linear/Conv weight (and bias) at 0: LoRA B, DiT adaLN-zero
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

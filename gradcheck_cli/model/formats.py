@@ -5,16 +5,16 @@ from __future__ import annotations
 import stat
 import struct
 import zipfile
-from enum import Enum
 from pathlib import Path
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import LoadError
 
 # Largest safetensors header we accept before treating the file as something else.
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 
-class ModelFormat(str, Enum):
+class ModelFormat(Choice):
     EXPORTED_PROGRAM = "exported_program"  # torch.export.save (.pt2)
     TORCHSCRIPT = "torchscript"  # torch.jit.save
     TORCH_ZIP = "torch_zip"  # torch.save, zip container: a state_dict or a pickled module
@@ -23,8 +23,6 @@ class ModelFormat(str, Enum):
     ONNX = "onnx"
     TRANSFORMERS_DIRECTORY = "transformers_directory"  # config.json + weights (safetensors, sharded too)
 
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def description(self) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, MissingDependencyError, UntrustedPickleError, UsageError
+from gradcheck_cli.errors import LoadError, MissingDependencyError, UntrustedPickleError, UsageError, first_line
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.handle import LoadedModel
 
@@ -102,7 +102,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise LoadError(f"{path} could not be read as JSON: {_first_line(exc)}", hint="check the file") from exc
+        raise LoadError(f"{path} could not be read as JSON: {first_line(exc)}", hint="check the file") from exc
     if not isinstance(data, dict):
         raise LoadError(f"{path} is not a JSON object", hint="a transformers config.json is a JSON object")
     return data
@@ -117,7 +117,7 @@ def config_for(cls: Any, config_path: Path, overrides: Mapping[str, Any]) -> Any
         with quiet_transformers():
             config = cls.config_class.from_json_file(str(config_path))
     except Exception as exc:
-        raise LoadError(f"{config_path} is not a valid {cls.config_class.__name__} file: {_first_line(exc)}",
+        raise LoadError(f"{config_path} is not a valid {cls.config_class.__name__} file: {first_line(exc)}",
                         hint="check the JSON") from exc
     with quiet_transformers():
         for key, value in overrides.items():
@@ -270,7 +270,7 @@ def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: d
                 "would run code from the file, so gradcheck refused", hint=PICKLE_HINT) from exc
         mismatch = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\))"
                               r".*?shape in current model is (torch.Size\(\[[\d, ]*\]\))", text)
-        detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatch[:3]) or _first_line(exc)
+        detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatch[:3]) or first_line(exc)
         raise LoadError(f"{what}: transformers could not load {cls.__name__} from it: {detail}",
                         hint="check the config against the weights (or `arch` and `arch_kwargs`)") from exc
     return model, dict(info)
@@ -355,10 +355,6 @@ def _few(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (", ..." if len(keys) > limit else "")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---------------------------------------------------------------------------------------------

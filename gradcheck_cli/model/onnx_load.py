@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import GradcheckError, LoadError
+from gradcheck_cli.errors import GradcheckError, LoadError, first_line
 from gradcheck_cli.fsutil import atomic_path, publish, write_error
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def onnx_model_and_bytes(path: Path) -> tuple[onnx.ModelProto, bytes | None]:
 
 def _parse_error(path: Path, exc: BaseException) -> LoadError:
     return LoadError(
-        f"{path} could not be parsed as an ONNX model: {_first_line(exc)}",
+        f"{path} could not be parsed as an ONNX model: {first_line(exc)}",
         hint="the file may be truncated, or not an ONNX model",
     )
 
@@ -93,7 +93,7 @@ def _check_and_complete(model: onnx.ModelProto, path: Path, *, load_external_dat
             onnx.load_external_data_for_model(model, str(base))
         except Exception as exc:
             raise LoadError(
-                f"{path}: its external data could not be read: {_first_line(exc)}",
+                f"{path}: its external data could not be read: {first_line(exc)}",
                 hint="the data file may be truncated or belong to another model",
             ) from exc
     return bool(locations)
@@ -331,7 +331,7 @@ def _write_external(staged: onnx.ModelProto, out: Path, parent: Path, data_name:
             )
         except Exception as exc:
             raise GradcheckError(
-                f"could not write {out}: {_first_line(exc)}",
+                f"could not write {out}: {first_line(exc)}",
                 hint="check free disk space and permissions; nothing was written",
             ) from exc
         # onnx creates the data file with mode 600: publish gives both files the umask's mode.
@@ -362,7 +362,7 @@ def check_onnx_model(model: onnx.ModelProto | bytes) -> str | None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -372,10 +372,6 @@ def opset_of(model: onnx.ModelProto) -> int:
             return int(entry.version)
     return 0
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def numpy_of(tensor: onnx.TensorProto) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, UntrustedPickleError, UsageError
+from gradcheck_cli.errors import LoadError, UntrustedPickleError, UsageError, first_line
 from gradcheck_cli.model.arch import build_arch, build_arch_for_weights
 from gradcheck_cli.model.formats import ModelFormat, detect_format
 from gradcheck_cli.model.handle import LoadedModel
@@ -143,7 +143,7 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
                 "objects (in its sample inputs or constants); loading them would run code from the file, "
                 "so gradcheck refused", hint=TRUST_HINT) from exc
         raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but could not "
-                        f"be loaded: {_first_line(exc)}",
+                        f"be loaded: {first_line(exc)}",
                         hint="re-export it with torch.export.save from this torch version") from exc
     example_args: tuple[torch.Tensor, ...] | None = None
     example_kwargs: dict[str, torch.Tensor] | None = None
@@ -197,7 +197,7 @@ def _refuse_pickled_pt2_payloads(path: Path) -> None:
                             "refused", hint=TRUST_HINT)
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError, EOFError, NotImplementedError) as exc:
         raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
-                        f"could not be read: {_first_line(exc)}",
+                        f"could not be read: {first_line(exc)}",
                         hint="the file is probably truncated or damaged; export it again") from exc
 
 
@@ -228,7 +228,7 @@ def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise LoadError(f"{path} looks like {ModelFormat.TORCHSCRIPT.description} but could not be "
-                        f"loaded: {_first_line(exc)}",
+                        f"loaded: {first_line(exc)}",
                         hint="the archive may be damaged, or saved by an incompatible torch") from exc
     return LoadedModel(path=path, format=ModelFormat.TORCHSCRIPT, module=module)
 
@@ -263,7 +263,7 @@ def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return dict(load_file(str(path)))
     except Exception as exc:
         raise LoadError(f"{path} looks like {ModelFormat.SAFETENSORS.description} but could not be "
-                        f"read: {_first_line(exc)}", hint="the file may be truncated or damaged") from exc
+                        f"read: {first_line(exc)}", hint="the file may be truncated or damaged") from exc
 
 
 def _from_pickle_container(
@@ -324,16 +324,16 @@ def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: tor
                 f"{path} is {fmt.description} that holds pickled Python objects{what}; loading it "
                 "would run code from the file, so gradcheck refused",
                 hint=TRUST_HINT) from exc
-        raise LoadError(f"{path} is {fmt.description} that could not be unpickled: {_first_line(exc)}",
+        raise LoadError(f"{path} is {fmt.description} that could not be unpickled: {first_line(exc)}",
                         hint="the file is probably damaged or truncated") from exc
     except (AttributeError, ModuleNotFoundError) as exc:
         raise LoadError(f"{path} holds a pickled module whose class cannot be imported here: "
-                        f"{_first_line(exc)}",
+                        f"{first_line(exc)}",
                         hint="make the defining module importable (PYTHONPATH), or save a state_dict "
                         "and pass `arch`") from exc
     except Exception as exc:
         raise LoadError(f"{path} looks like {fmt.description} but could not be loaded: "
-                        f"{_first_line(exc)}", hint="the file is probably damaged or truncated") from exc
+                        f"{first_line(exc)}", hint="the file is probably damaged or truncated") from exc
 
 
 def find_state_dict(obj: Mapping[Any, Any]) -> tuple[tuple[str, ...], dict[str, torch.Tensor]] | None:
@@ -408,7 +408,7 @@ def _with_arch(
     except (RuntimeError, ValueError) as exc:  # ValueError: a module's own _load_from_state_dict
         mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
                                 r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
-        detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or _first_line(exc)
+        detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or first_line(exc)
         raise LoadError(f"{path}: the weights do not fit `arch` {arch}: {detail}",
                         hint="check `arch` and `arch_kwargs` (e.g. widths, number of classes)") from exc
     if assign:
@@ -540,10 +540,6 @@ def _few(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (", ..." if len(keys) > limit else "")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def module_of(loaded: LoadedModel) -> nn.Module:

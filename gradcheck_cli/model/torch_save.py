@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import GradcheckError, UsageError
+from gradcheck_cli.errors import GradcheckError, UsageError, first_line
 from gradcheck_cli.fsutil import atomic_path
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.handle import LoadedModel
@@ -177,19 +177,19 @@ def _save_exported_program(
     except Exception as exc:
         if loaded.exported is not None or not is_dynamic(dims):
             raise GradcheckError(
-                f"torch.export could not export the rewritten model: {_first_line(exc)}",
+                f"torch.export could not export the rewritten model: {first_line(exc)}",
                 hint="choose another output format with `to` (e.g. torchscript or state_dict)",
             ) from exc
         try:
             program = _export(module, example, kwargs, None)
         except Exception as static_exc:
             raise GradcheckError(
-                f"torch.export could not export the rewritten model: {_first_line(static_exc)}",
+                f"torch.export could not export the rewritten model: {first_line(static_exc)}",
                 hint="choose another output format with `to` (e.g. torchscript or state_dict)",
             ) from static_exc
         batch = int(example[0].shape[0]) if example and example[0].dim() else 1
         notes = (f"the program was written with a static batch of {batch}: torch.export could not make "
-                 f"the batch dimension dynamic ({_first_line(exc)})",)
+                 f"the batch dimension dynamic ({first_line(exc)})",)
     with atomic_path(out) as tmp:
         torch.export.save(program, str(tmp))
     return notes
@@ -254,7 +254,7 @@ def _save_torchscript(
                     )
             except Exception as exc:
                 raise GradcheckError(
-                    f"the rewritten model could neither be scripted nor traced: {_first_line(exc)}",
+                    f"the rewritten model could neither be scripted nor traced: {first_line(exc)}",
                     hint="choose another output format with `to`",
                 ) from exc
     with atomic_path(out) as tmp, warnings.catch_warnings():
@@ -369,7 +369,7 @@ def export_onnx(
                 )
         except Exception as exc:
             raise GradcheckError(
-                f"the model could not be exported to ONNX: {_first_line(exc)}",
+                f"the model could not be exported to ONNX: {first_line(exc)}",
                 hint="choose another output format with `to`",
             ) from exc
         # Re-written through our ONNX writer so that large models keep their external data next
@@ -420,7 +420,3 @@ def _eval(module: nn.Module) -> nn.Module:
         module.eval()
     return module
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

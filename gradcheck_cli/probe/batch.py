@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError, first_line
 from gradcheck_cli.model.static_shapes import check_inputs, explain_forward_failure
 from gradcheck_cli.options import InputOptions
 from gradcheck_cli.records import InputSpec
@@ -422,13 +422,13 @@ def read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tens
                 f"{flag} {path} holds pickled Python objects, not only tensors; unpickling them would run "
                 "code from the file, so gradcheck refused (`trust_pickle` does not apply to probe files)",
                 hint="save plain tensors (torch.save(tensor, f)), or use .npy/.npz") from exc
-        raise LoadError(f"{flag} {path} could not be read: {_first_line(exc)}",
+        raise LoadError(f"{flag} {path} could not be read: {first_line(exc)}",
                         hint="the file is probably truncated or damaged") from exc
     except MemoryError as exc:
         raise LoadError(f"{flag} {path} declares more data than fits in memory",
                         hint="the file is damaged or crafted; save the inputs again") from exc
     except Exception as exc:
-        raise LoadError(f"{flag} {path} could not be read: {_first_line(exc)}",
+        raise LoadError(f"{flag} {path} could not be read: {first_line(exc)}",
                         hint="use a .pt file of a tensor, tuple or dict of tensors, or .npy/.npz") from exc
     if isinstance(obj, torch.Tensor):
         return (obj,), {}
@@ -439,9 +439,6 @@ def read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tens
     raise LoadError(f"{flag} {path} holds a {type(obj).__name__}, not tensors",
                     hint="save a tensor, a tuple/list of tensors, or a dict of name -> tensor")
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _npy_declared_bytes(handle: Any) -> int:
@@ -466,7 +463,7 @@ def _check_npy_header(path: Path, flag: str) -> None:
         try:
             declared = _npy_declared_bytes(handle)
         except ValueError as exc:
-            raise LoadError(f"{flag} {path}: invalid .npy header: {_first_line(exc)}",
+            raise LoadError(f"{flag} {path}: invalid .npy header: {first_line(exc)}",
                             hint="the file is damaged; save the inputs again") from exc
         available = path.stat().st_size - handle.tell()
     if declared > available:
@@ -482,7 +479,7 @@ def _check_npz_members(path: Path, flag: str) -> None:
                     declared = _npy_declared_bytes(member)
                 except ValueError as exc:
                     raise LoadError(f"{flag} {path}: member {info.filename} has an invalid .npy header: "
-                                    f"{_first_line(exc)}", hint="the file is damaged; save the inputs again") from exc
+                                    f"{first_line(exc)}", hint="the file is damaged; save the inputs again") from exc
             if declared > info.file_size:
                 raise LoadError(f"{flag} {path}: member {info.filename} declares {declared} bytes of data but "
                                 f"holds {info.file_size}",

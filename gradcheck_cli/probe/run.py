@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli import __version__
-from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
+from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError, first_line
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
 from gradcheck_cli.options import LossKind, Mode, ProbeOptions
@@ -137,7 +137,7 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                     with instrument.paused():
                         loss.backward()
                 except RuntimeError as exc:
-                    raise ProbeError(f"the backward pass failed: {_first_line(exc)}",
+                    raise ProbeError(f"the backward pass failed: {first_line(exc)}",
                                      hint="pass `debug` for the traceback") from exc
                 reducer.end_backward()
                 loss_total += float(loss.detach())
@@ -225,7 +225,7 @@ def _checkpointing(module: nn.Module, enabled: bool) -> Iterator[None]:
     try:
         enable({"use_reentrant": False})
     except ValueError as exc:  # the model class does not support it
-        raise UsageError(f"`activation_checkpointing`: {_first_line(exc)}",
+        raise UsageError(f"`activation_checkpointing`: {first_line(exc)}",
                          hint="leave it off for this model, or lower `batch_size`") from exc
     try:
         yield
@@ -339,7 +339,7 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
             program = TS2EPConverter(script, sample.args, sample.kwargs or None).convert()
     except Exception as exc:
         raise ProbeError(f"the TorchScript archive could not be converted into a graph the probe can "
-                         f"instrument: {_first_line(exc)}",
+                         f"instrument: {first_line(exc)}",
                          hint="export the model with torch.export (.pt2) or save a state_dict and pass `arch`") from exc
     _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
     notes.append("TorchScript was converted to an exported program to instrument it: activation rows "
@@ -431,7 +431,7 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
         where = instrument.failing_layer()
         shapes = ", ".join(f"{s.name} {tuple(s.shape)} {s.dtype}" for s in inputs.specs)
         place = f" in {where}" if where else ""
-        raise ProbeError(f"the forward pass failed{place}: {_first_line(exc)}",
+        raise ProbeError(f"the forward pass failed{place}: {first_line(exc)}",
                          hint=f"check the probe inputs ({shapes}); set them with `input_shape`, "
                          "`input_dtype` or `input`") from exc
 
@@ -539,7 +539,3 @@ def cell_loop_traces(layers: list[LayerStats], model: nn.Module) -> list[LayerSt
     return [dataclasses.replace(row, through_time=replaced[row.name]) if row.name in replaced else row
             for row in layers]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

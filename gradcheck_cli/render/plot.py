@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import MissingDependencyError, UsageError
 from gradcheck_cli.records import Finding, LayerStats, Report, RowKind, Severity
 
@@ -50,12 +50,10 @@ GRADIENT_PANEL = "output-gradient norm |dL/dy|"
 FRACTION_PANEL = "dead / saturated fraction"
 
 
-class PlotFormat(str, Enum):
+class PlotFormat(Choice):
     PNG = "png"
     SVG = "svg"
 
-    def __str__(self) -> str:
-        return self.value
 
 
 def plot_format(path: Path) -> PlotFormat:

@@ -23,8 +23,9 @@ left against the unfolded model are from the different order of float operations
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.choice import Choice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,15 +39,13 @@ if TYPE_CHECKING:
 Array = Any
 
 
-class LayerKind(str, Enum):
+class LayerKind(Choice):
     """How a linear layer's weight is laid out."""
 
     CONV = "conv"  # (C_out, C_in/groups, *kernel)
     CONV_TRANSPOSE = "conv_transpose"  # (C_in, C_out/groups, *kernel)
     LINEAR = "linear"  # (out, in): y = x·Wᵀ + b
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

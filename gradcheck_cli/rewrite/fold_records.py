@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.records import SCHEMA_VERSION
 
 
-class Pattern(str, Enum):
+class Pattern(Choice):
     """Which rewrite folded a BatchNorm. Stable names: they appear in JSON reports."""
 
     CONV_BN = "conv-bn"  # Conv1d/2d/3d (or ONNX Conv) -> BN
@@ -19,8 +19,6 @@ class Pattern(str, Enum):
     BN_LINEAR = "bn-linear"  # BN on (N, F) -> Linear / Gemm / MatMul
     AFFINE = "bn-affine"  # a BN left alone, rewritten as a per-channel multiply-add
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.options import Distribution, FanMode, Scheme
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
-class WeightLayout(str, Enum):
+class WeightLayout(Choice):
     """How a weight tensor's dimensions map to the layer's outputs and inputs."""
 
     OUT_IN = "out_in"  # Linear, Gemm with transB=1, recurrent gate blocks: (out, in)
@@ -47,8 +47,6 @@ class WeightLayout(str, Enum):
     CONV = "conv"  # (C_out, C_in/groups, k...)
     CONV_TRANSPOSE = "conv_transpose"  # (C_in, C_out/groups, k...)
 
-    def __str__(self) -> str:
-        return self.value
 
 
 # Activation families, by the normalised names the probe uses (probe/activations.py).

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gradcheck_cli.errors import first_line
 from gradcheck_cli.onnx.params import PLUMBING, plumb
 from gradcheck_cli.rewrite.fold_math import (
     ChannelAffine,
@@ -167,7 +168,7 @@ class _GraphFolder:
             inferred = onnx.shape_inference.infer_shapes(self.model)
         except Exception as exc:
             self.notes.append(
-                f"ONNX shape inference failed ({_first_line(exc)}); rank-dependent "
+                f"ONNX shape inference failed ({first_line(exc)}); rank-dependent "
                 "folds (MatMul, BatchNorm1d) are skipped"
             )
             inferred = self.model
@@ -867,7 +868,3 @@ class _GraphFolder:
         used.update(self.graph_outputs)
         return used
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -7,13 +7,13 @@ Shared by the torch and ONNX passes and the facade; serialised with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
+from gradcheck_cli.choice import Choice
 from gradcheck_cli.records import SCHEMA_VERSION, Change, LayerStats
 from gradcheck_cli.rewrite.fold_records import Verification
 
 
-class ActivationSource(str, Enum):
+class ActivationSource(Choice):
     """Where the activation that follows a layer was read from."""
 
     EXECUTION = "execution"  # data flow of one forward pass on the probe batch (torch, eager/.pt2)
@@ -22,8 +22,6 @@ class ActivationSource(str, Enum):
     INTERNAL = "internal"  # the layer's own nonlinearity (RNN/LSTM/GRU gates)
     NOT_EXECUTED = "not_executed"  # the layer did not run on the probe batch
 
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gradcheck_cli.errors import first_line
 from gradcheck_cli.rewrite.fold_math import (
     ChannelAffine,
     LayerKind,
@@ -194,7 +195,7 @@ def _trace(
             warnings.simplefilter("ignore")
             return _symbolic_trace(module), METHOD_FX
     except Exception as exc:
-        notes.append(f"torch.fx could not trace the model ({_first_line(exc)}); used torch.export")
+        notes.append(f"torch.fx could not trace the model ({first_line(exc)}); used torch.export")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -204,7 +205,7 @@ def _trace(
         return exported, METHOD_EXPORT
     except Exception as exc:
         notes.append(
-            f"torch.export could not trace the model either ({_first_line(exc)}); "
+            f"torch.export could not trace the model either ({first_line(exc)}); "
             "folded on module structure"
         )
     return None, METHOD_STRUCTURE
@@ -251,7 +252,7 @@ def _propagate_shapes(
             ShapeProp(graph_module).propagate(*args)
     except Exception as exc:
         notes.append(
-            f"shape propagation failed ({_first_line(exc)}); BatchNorm1d folds that need the "
+            f"shape propagation failed ({first_line(exc)}); BatchNorm1d folds that need the "
             "tensor rank are skipped"
         )
 
@@ -1419,7 +1420,7 @@ def _pairs_by_dataflow(
         with torch.no_grad(), CountReaders():
             module(*args, **kwargs)
     except Exception as exc:
-        notes.append(f"the forward pass used to pair BatchNorms failed ({_first_line(exc)})")
+        notes.append(f"the forward pass used to pair BatchNorms failed ({first_line(exc)})")
         return []
     finally:
         for handle in handles:
@@ -1521,7 +1522,3 @@ def count_nodes(module: nn.Module) -> int:
         )
     return sum(1 for _ in module.modules())
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

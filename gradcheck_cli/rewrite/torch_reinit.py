@@ -22,10 +22,10 @@ import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError
+from gradcheck_cli.choice import Choice
+from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError, first_line
 from gradcheck_cli.options import RecurrentInit, ReinitOptions, Scheme
 from gradcheck_cli.probe.activations import MODULE_ACTIVATIONS, activation_of_call, function_name
 from gradcheck_cli.probe.batch import ProbeBatch, type_name
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class LayerRole(str, Enum):
+class LayerRole(Choice):
     DENSE = "dense"  # weight (out, in)
     DENSE_IN_OUT = "dense_in_out"  # x @ W with W (in, out)
     CONV = "conv"
@@ -59,8 +59,6 @@ class LayerRole(str, Enum):
     RECURRENT = "recurrent"
     NORM = "norm"
 
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def layout(self) -> WeightLayout:
@@ -400,7 +398,7 @@ def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise ProbeError(f"the model failed on the probe batch while reinit {doing}: "
-                         f"{type(exc).__name__}: {_first_line(exc)}",
+                         f"{type(exc).__name__}: {first_line(exc)}",
                          hint="check `input_shape`/`input`; pass `debug` for the traceback") from exc
     finally:
         if switched:
@@ -1073,10 +1071,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
                             b.detach().contiguous().reshape(-1).view(torch.uint8)))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # Re-exported for the facade's type hints.

@@ -31,7 +31,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, MissingDependencyError, ProbeError, UsageError, VerificationError
+from gradcheck_cli.errors import (
+    LoadError,
+    MissingDependencyError,
+    ProbeError,
+    UsageError,
+    VerificationError,
+    first_line,
+)
 from gradcheck_cli.rewrite.fold_records import OutputCheck, Verification
 
 if TYPE_CHECKING:
@@ -165,7 +172,7 @@ def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> Reference
                 per_batch.append(_flatten_outputs(module(*batch.args, **batch.kwargs)))
     except Exception as exc:
         raise ProbeError(
-            f"the model failed on the probe batch: {_first_line(exc)}",
+            f"the model failed on the probe batch: {first_line(exc)}",
             hint="pass `input_shape` or `input` with inputs the model accepts",
         ) from exc
     finally:
@@ -397,7 +404,7 @@ def onnx_session(model: onnx.ModelProto | bytes) -> Any:
         )
     except Exception as exc:
         raise LoadError(
-            f"onnxruntime cannot run the model: {_first_line(exc)}",
+            f"onnxruntime cannot run the model: {first_line(exc)}",
             hint="check the model with onnx.checker; unsupported ops or opsets cannot be verified",
         ) from exc
 
@@ -413,7 +420,7 @@ def onnx_outputs(model: onnx.ModelProto | bytes, feeds: Sequence[dict[str, Any]]
             per_batch.append(session.run(names, feed))
         except Exception as exc:
             raise ProbeError(
-                f"onnxruntime failed on the probe batch: {_first_line(exc)}",
+                f"onnxruntime failed on the probe batch: {first_line(exc)}",
                 hint="pass `input_shape` or `input` with inputs the model accepts",
             ) from exc
     arrays = [
@@ -584,7 +591,3 @@ def median_ms(run: Callable[[], Any], *, runs: int, warmup: int = 2) -> float:
         samples.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(samples)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
