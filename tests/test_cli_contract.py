@@ -250,7 +250,8 @@ def test_third_party_warnings_stay_off_the_console(cli: Any, workdir: Path) -> N
 
 # docs/architecture.md: each layer imports only from the layers below it (or itself).
 LAYERS = (
-    {"gradcheck_cli", "choice", "errors", "records", "options", "stats", "threads", "fsutil", "parameters"},
+    {"gradcheck_cli", "choice", "errors", "records", "options", "stats", "threads", "fsutil", "parameters",
+     "torch_util"},
     {"model"},
     {"onnx"},
     {"probe"},

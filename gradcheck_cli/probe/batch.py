@@ -17,6 +17,7 @@ from gradcheck_cli.errors import LoadError, ProbeError, UsageError, first_line
 from gradcheck_cli.model.static_shapes import check_inputs, explain_forward_failure
 from gradcheck_cli.options import InputOptions
 from gradcheck_cli.records import InputSpec
+from gradcheck_cli.torch_util import type_name
 
 if TYPE_CHECKING:
     import torch
@@ -303,16 +304,6 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
                      hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE")
 
 
-def type_name(module: nn.Module) -> str:
-    """The layer's class name, also for TorchScript modules (which all share one Python class)."""
-    original = getattr(module, "original_name", None)
-    if isinstance(original, str):
-        return original
-    cls = type(module)
-    # FSDP2's fully_shard swaps a module's class for FSDP<Class>(FSDPModule, Class).
-    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
-        return cls.__bases__[1].__name__
-    return cls.__name__
 
 
 def _first_input_layer(module: nn.Module) -> tuple[str, str, tuple[int, ...], tuple[Any, ...]] | None:

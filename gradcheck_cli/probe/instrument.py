@@ -29,11 +29,11 @@ from gradcheck_cli.probe.activations import (
     function_name,
     module_parameters,
 )
-from gradcheck_cli.probe.batch import type_name
 from gradcheck_cli.probe.layers import OP_TYPES, is_channel_first, is_norm, row_kind
 from gradcheck_cli.probe.recorder import Recorder, Row
 from gradcheck_cli.probe.recurrent import RECURRENT_TYPES, RecurrentUnroller
 from gradcheck_cli.records import RowKind
+from gradcheck_cli.torch_util import type_name
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
 from gradcheck_cli.options import LossKind, Mode, ProbeOptions
 from gradcheck_cli.parameters import module_parameter_count
-from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs, type_name
+from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs
 from gradcheck_cli.probe.distributed import (
     Ranks,
     check_shares,
@@ -51,6 +51,7 @@ from gradcheck_cli.records import (
     ToolInfo,
 )
 from gradcheck_cli.stats import histogram_edges
+from gradcheck_cli.torch_util import type_name
 
 if TYPE_CHECKING:
     import torch

@@ -24,7 +24,6 @@ the input's parameters, which the pass replaces rather than writes into; see
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import operator
@@ -46,6 +45,7 @@ from gradcheck_cli.rewrite.fold_math import (
     identity_running_var,
 )
 from gradcheck_cli.rewrite.fold_records import FoldEntry, Pattern
+from gradcheck_cli.torch_util import set_training, type_name
 
 if TYPE_CHECKING:
     import torch
@@ -166,9 +166,7 @@ def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
 
 def set_eval(module: nn.Module, mode: bool = False) -> nn.Module:
     """``module.train(mode)``, except where the mode is fixed (``ExportedProgram.module()``)."""
-    # torch.export modules refuse eval()/train(): their mode was baked in at export time.
-    with contextlib.suppress(NotImplementedError):
-        module.train(mode)
+    set_training(module, mode)
     return module
 
 
@@ -459,7 +457,7 @@ def is_batchnorm_module(module: nn.Module) -> bool:
 
     if isinstance(module, (_BatchNorm, *_frozen_bn_classes())):
         return True
-    return _type_name(module) in _BATCHNORM_TYPE_NAMES
+    return type_name(module) in _BATCHNORM_TYPE_NAMES
 
 
 def _layer_of(graph_module: fx.GraphModule, node: fx.Node) -> _Layer | str | None:
@@ -1283,7 +1281,7 @@ def _fold_by_structure(
             continue
         layer_module = _submodule(module, layer_name)
         bn_module: Any = _submodule(module, bn_name)
-        kind, _ = _CONV_TYPES[_type_name(layer_module)]
+        kind, _ = _CONV_TYPES[type_name(layer_module)]
         if getattr(bn_module, "running_mean", None) is None:
             entries.append(FoldEntry(bn_name, folded=False, reason="no running statistics"))
             continue
@@ -1321,9 +1319,6 @@ def _fold_by_structure(
     return entries
 
 
-def _type_name(module: nn.Module) -> str:
-    original = getattr(module, "original_name", None)
-    return original if isinstance(original, str) else type(module).__name__
 
 
 def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
@@ -1335,7 +1330,7 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
         prefix = f"{parent_name}." if parent_name else ""
         names = dict(children)
         candidates: list[tuple[str, str]] = []
-        if _type_name(parent) == "Sequential":
+        if type_name(parent) == "Sequential":
             candidates += [(a, b) for (a, _), (b, _) in itertools.pairwise(children)]
         for child_name in names:
             match = re.fullmatch(r"(conv|fc|linear|deconv)(_?\d*)", child_name)
@@ -1345,7 +1340,7 @@ def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
         for layer_name, bn_name in candidates:
             if layer_name not in names or bn_name not in names or prefix + bn_name in taken:
                 continue
-            layer_type, bn_type = _type_name(names[layer_name]), _type_name(names[bn_name])
+            layer_type, bn_type = type_name(names[layer_name]), type_name(names[bn_name])
             if layer_type in _CONV_TYPES and bn_type in _BATCHNORM_TYPE_NAMES:
                 if layer_type == "Linear" and bn_type not in ("BatchNorm1d", "BatchNormAct1d"):
                     continue
@@ -1430,7 +1425,7 @@ def _pairs_by_dataflow(
         layer_name = produced_by.get(tensor_id)
         if layer_name is None:
             continue
-        layer_type = _type_name(_submodule(module, layer_name))
+        layer_type = type_name(_submodule(module, layer_name))
         reason: str | None = None
         if readers[tensor_id] > 1:
             others = readers[tensor_id] - 1

@@ -28,7 +28,7 @@ from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError, first_line
 from gradcheck_cli.options import RecurrentInit, ReinitOptions, Scheme
 from gradcheck_cli.probe.activations import MODULE_ACTIVATIONS, activation_of_call, function_name
-from gradcheck_cli.probe.batch import ProbeBatch, type_name
+from gradcheck_cli.probe.batch import ProbeBatch
 from gradcheck_cli.records import Change
 from gradcheck_cli.rewrite.init_math import (
     Fans,
@@ -43,6 +43,7 @@ from gradcheck_cli.rewrite.init_math import (
 )
 from gradcheck_cli.rewrite.reinit_options import matches_any, plan_weight, select, validate
 from gradcheck_cli.rewrite.reinit_records import ActivationSource, LayerInit, LsuvStep, TensorInit
+from gradcheck_cli.torch_util import set_training, type_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -390,7 +391,7 @@ def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
     import torch
 
     was_training = module.training
-    switched = _set_training(module, False)
+    switched = set_training(module, False)
     try:
         with torch.no_grad():
             yield
@@ -402,7 +403,7 @@ def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
                          hint="check `input_shape`/`input`; pass `debug` for the traceback") from exc
     finally:
         if switched:
-            _set_training(module, was_training)
+            set_training(module, was_training)
 
 
 def _run(module: nn.Module, batches: list[ProbeBatch], recorder: _FlowRecorder) -> Any:
@@ -431,14 +432,6 @@ def _run_intercepted(module: nn.Module, batch: ProbeBatch,
         module(*batch.args, **batch.kwargs)
 
 
-def _set_training(module: nn.Module, training: bool) -> bool:
-    """Switch train/eval; False where the module refuses (a torch.export program's module keeps
-    the mode it was exported in, and says so by raising)."""
-    try:
-        module.train(training)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def trace_execution(module: nn.Module, batches: list[ProbeBatch]) -> ExecutionTrace:
