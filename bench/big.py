@@ -42,14 +42,38 @@ ROOT = HERE.parent
 
 # Llama-architecture configurations: TinyLlama-1.1B, OpenLLaMA-3B and Llama-2-7B shapes.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 1000},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-           "num_key_value_heads": 4, "vocab_size": 32000},
-    "3b": {"hidden_size": 3200, "intermediate_size": 8640, "num_hidden_layers": 26, "num_attention_heads": 32,
-           "num_key_value_heads": 32, "vocab_size": 32000},
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 32, "vocab_size": 32000},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
+    "3b": {
+        "hidden_size": 3200,
+        "intermediate_size": 8640,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    },
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    },
 }
 SHARD_BYTES = 2 * 1024**3
 
@@ -57,8 +81,13 @@ SHARD_BYTES = 2 * 1024**3
 def _config(size: str) -> Any:
     import transformers
 
-    return transformers.LlamaConfig(**CONFIGS[size], max_position_embeddings=2048, tie_word_embeddings=False,
-                                    dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    return transformers.LlamaConfig(
+        **CONFIGS[size],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
 
 
 def generate(size: str, directory: Path, *, whole_max: float) -> Path:
@@ -123,7 +152,8 @@ def _write_streamed(config: Any, target: Path) -> None:
         save_file(tensors, str(target / shard), metadata={"format": "pt"})
         del tensors
     (target / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(str(target))
 
 
@@ -166,8 +196,9 @@ sys.exit(done.returncode)
 def _child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any] | None, float, int, int, str]:
     """(the last JSON line the child printed, wall seconds, peak RSS bytes, exit code, stderr tail)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAP, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", WRAP, *argv], capture_output=True, text=True, env=env, cwd=ROOT, check=False
+    )
     wall = time.perf_counter() - start
     peak = 0
     for line in done.stderr.splitlines():
@@ -205,8 +236,21 @@ def measure(size: str, directory: Path, batch: int, seq: int, threads: int) -> d
         row["bare"] = {"ok": False, "skipped": "not run"}
         return row
     report = directory.parent / f"probe-{size}.json"
-    probe_argv = [sys.executable, "-m", "gradcheck_cli", "inspect", str(directory), "--batch-size", str(batch),
-                  "--seq-len", str(seq), "--format", "json", "-o", str(report)]
+    probe_argv = [
+        sys.executable,
+        "-m",
+        "gradcheck_cli",
+        "inspect",
+        str(directory),
+        "--batch-size",
+        str(batch),
+        "--seq-len",
+        str(seq),
+        "--format",
+        "json",
+        "-o",
+        str(report),
+    ]
     _, wall, peak, code, err = _child(probe_argv, env)
     row["probe"] = {"ok": code == 0, "wall_s": wall, "peak_rss_bytes": peak, "stderr": None if code == 0 else err}
     if code == 0:
@@ -215,20 +259,31 @@ def measure(size: str, directory: Path, batch: int, seq: int, threads: int) -> d
         row["probe"]["rows"] = len(data["layers"])
     need = 2 * weights  # weights + every gradient, before any activation
     if need > available:
-        row["bare"] = {"ok": False, "skipped": f"needs at least {need / 1e9:.1f} GB (weights + gradients) "
-                       f"of the {available / 1e9:.1f} GB available: not run"}
+        row["bare"] = {
+            "ok": False,
+            "skipped": f"needs at least {need / 1e9:.1f} GB (weights + gradients) "
+            f"of the {available / 1e9:.1f} GB available: not run",
+        }
     else:
         bare, wall, peak, code, err = _child([sys.executable, "-c", BARE, str(directory), str(batch), str(seq)], env)
-        row["bare"] = {"ok": code == 0, "wall_s": wall, "peak_rss_bytes": peak, **(bare or {}),
-                       "stderr": None if code == 0 else err}
+        row["bare"] = {
+            "ok": code == 0,
+            "wall_s": wall,
+            "peak_rss_bytes": peak,
+            **(bare or {}),
+            "stderr": None if code == 0 else err,
+        }
     return row
 
 
 def render(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "",
-             "| model | weights (bf16) | batch x seq | bare step: peak RSS | bare step: wall (step) | "
-             "probe: peak RSS | probe: wall (probe only) | RSS ratio | time ratio: wall (step) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| model | weights (bf16) | batch x seq | bare step: peak RSS | bare step: wall (step) | "
+        "probe: peak RSS | probe: wall (probe only) | RSS ratio | time ratio: wall (step) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         bare, probe, load = row["bare"], row["probe"], row["load"]
         if bare.get("ok"):
@@ -247,8 +302,10 @@ def render(rows: list[dict[str, Any]], header: str) -> str:
             rss_ratio = f"{probe['peak_rss_bytes'] / bare['peak_rss_bytes']:.2f}"
             probe_step = probe["wall_s"] - load.get("wall_s", 0.0)
             time_ratio = f"{probe['wall_s'] / bare['wall_s']:.2f} ({probe_step / bare['step_s']:.2f})"
-        lines.append(f"| llama-{row['size']} | {row['weights_bytes'] / 1e9:.2f} GB | {row['batch']}x{row['seq_len']} | "
-                     f"{bare_rss} | {bare_time} | {probe_rss} | {probe_time} | {rss_ratio} | {time_ratio} |")
+        lines.append(
+            f"| llama-{row['size']} | {row['weights_bytes'] / 1e9:.2f} GB | {row['batch']}x{row['seq_len']} | "
+            f"{bare_rss} | {bare_time} | {probe_rss} | {probe_time} | {rss_ratio} | {time_ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -259,8 +316,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--save-pretrained-max", type=float, default=1.5,
-                        help="largest size (billions of parameters) built whole and saved with save_pretrained")
+    parser.add_argument(
+        "--save-pretrained-max",
+        type=float,
+        default=1.5,
+        help="largest size (billions of parameters) built whole and saved with save_pretrained",
+    )
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the tiny configuration only: a smoke test")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -270,8 +331,9 @@ def main() -> int:
     for size in sizes:
         started = time.perf_counter()
         directory = generate(size, args.workdir, whole_max=args.save_pretrained_max)
-        print(f"llama-{size}: checkpoint ready in {time.perf_counter() - started:.0f} s at {directory}",
-              file=sys.stderr)
+        print(
+            f"llama-{size}: checkpoint ready in {time.perf_counter() - started:.0f} s at {directory}", file=sys.stderr
+        )
         if args.generate_only:
             continue
         row = measure(size, directory, args.batch_size, args.seq_len, args.threads)
@@ -281,9 +343,11 @@ def main() -> int:
         return 0
     import torch
 
-    header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{_available() / 1e9:.1f} GB available at the end; torch {torch.__version__}; "
-              f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}; load average {os.getloadavg()[0]:.1f}")
+    header = (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{_available() / 1e9:.1f} GB available at the end; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}; load average {os.getloadavg()[0]:.1f}"
+    )
     text = render(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "big_quick" if args.quick else "big"

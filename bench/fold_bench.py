@@ -65,8 +65,12 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def torch_bn_count(module: nn.Module) -> int:
     if isinstance(module, torch.fx.GraphModule):
-        return sum(1 for n in module.graph.nodes if (n.op == "call_module" and isinstance(
-            module.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)) or "batch_norm" in str(n.target))
+        return sum(
+            1
+            for n in module.graph.nodes
+            if (n.op == "call_module" and isinstance(module.get_submodule(n.target), nn.modules.batchnorm._BatchNorm))
+            or "batch_norm" in str(n.target)
+        )
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
@@ -102,7 +106,8 @@ def onnxslim_fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def onnx_tools() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | str]:
     tools: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | str] = {
-        "gradcheck": lambda m: fold_onnx_model(m).model}
+        "gradcheck": lambda m: fold_onnx_model(m).model
+    }
     for name, fn in (("onnxsim", onnxsim_fold), ("onnxslim", onnxslim_fold)):
         try:
             __import__(name)
@@ -159,21 +164,38 @@ def bench_model(name: str, runs: int) -> list[dict[str, Any]]:
         fused, ms = timed(lambda: fuse(copy.deepcopy(model)))
         torch_candidates["torch.fx fuse"] = (fused, ms)
     except Exception as exc:  # report, do not hide
-        rows.append({"model": name, "backend": "torch eager", "tool": "torch.fx fuse",
-                     "error": str(exc).splitlines()[0]})
+        rows.append(
+            {"model": name, "backend": "torch eager", "tool": "torch.fx fuse", "error": str(exc).splitlines()[0]}
+        )
     with torch.inference_mode():
-        latency = interleaved_ms({tool: (lambda m=module: m(x)) for tool, (module, _) in torch_candidates.items()},
-                                 runs)
+        latency = interleaved_ms(
+            {tool: (lambda m=module: m(x)) for tool, (module, _) in torch_candidates.items()}, runs
+        )
         for tool, (module, fold_ms) in torch_candidates.items():
-            rows.append({"model": name, "backend": "torch eager", "tool": tool, "fold_ms": fold_ms,
-                         "bn_left": torch_bn_count(module),
-                         "max_abs_err": float((module(x) - reference).abs().max()),
-                         "output_scale": float(reference.abs().max()), "latency_ms": latency[tool]})
+            rows.append(
+                {
+                    "model": name,
+                    "backend": "torch eager",
+                    "tool": tool,
+                    "fold_ms": fold_ms,
+                    "bn_left": torch_bn_count(module),
+                    "max_abs_err": float((module(x) - reference).abs().max()),
+                    "output_scale": float(reference.abs().max()),
+                    "latency_ms": latency[tool],
+                }
+            )
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "m.onnx"
-        torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False, input_names=["x"])
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["x"],
+        )
         original = onnx.load(str(path))
     feed = {"x": x.numpy()}
     onnx_reference = run_onnx(original, feed)
@@ -191,11 +213,19 @@ def bench_model(name: str, runs: int) -> list[dict[str, Any]]:
     latency = interleaved_ms({tool: (lambda s=sess: s.run(None, feed)) for tool, sess in optimised.items()}, runs)
     latency_plain = interleaved_ms({tool: (lambda s=sess: s.run(None, feed)) for tool, sess in plain.items()}, runs)
     for tool, (folded_onnx, fold_ms) in onnx_candidates.items():
-        rows.append({"model": name, "backend": "onnxruntime", "tool": tool, "fold_ms": fold_ms,
-                     "bn_left": onnx_bn_count(folded_onnx),
-                     "max_abs_err": float(np.abs(run_onnx(folded_onnx, feed) - onnx_reference).max()),
-                     "output_scale": float(np.abs(onnx_reference).max()),
-                     "latency_ms": latency[tool], "latency_noopt_ms": latency_plain[tool]})
+        rows.append(
+            {
+                "model": name,
+                "backend": "onnxruntime",
+                "tool": tool,
+                "fold_ms": fold_ms,
+                "bn_left": onnx_bn_count(folded_onnx),
+                "max_abs_err": float(np.abs(run_onnx(folded_onnx, feed) - onnx_reference).max()),
+                "output_scale": float(np.abs(onnx_reference).max()),
+                "latency_ms": latency[tool],
+                "latency_noopt_ms": latency_plain[tool],
+            }
+        )
     return rows
 
 
@@ -217,11 +247,15 @@ def torch_patterns() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     x4, x2 = torch.randn(2, 4, 8, 8), torch.randn(4, 4)
     return {
         "Conv2d -> BN": (nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)), x4),
-        "Conv3d depthwise -> BN": (nn.Sequential(nn.Conv3d(4, 4, 3, groups=4), nn.BatchNorm3d(4)),
-                                   torch.randn(2, 4, 5, 5, 5)),
+        "Conv3d depthwise -> BN": (
+            nn.Sequential(nn.Conv3d(4, 4, 3, groups=4), nn.BatchNorm3d(4)),
+            torch.randn(2, 4, 5, 5, 5),
+        ),
         "ConvTranspose2d -> BN": (nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2), nn.BatchNorm2d(6)), x4),
-        "ConvTranspose2d grouped -> BN": (nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2),
-                                                        nn.BatchNorm2d(6)), x4),
+        "ConvTranspose2d grouped -> BN": (
+            nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6)),
+            x4,
+        ),
         "Linear -> BN1d": (nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)), x2),
         "BN -> Conv2d (no padding)": (nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3)), x4),
         "BN1d -> Linear": (nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 5)), x2),
@@ -264,35 +298,51 @@ def onnx_pattern_models() -> dict[str, onnx.ModelProto]:
     def bn(prefix: str, x: str, y: str, c: int) -> tuple[onnx.NodeProto, list[TensorProto]]:
         names = [f"{prefix}_{k}" for k in ("s", "b", "m", "v")]
         values = [arr(c, positive=True), arr(c), arr(c), arr(c, positive=True)]
-        return (helper.make_node("BatchNormalization", [x, *names], [y]),
-                [numpy_helper.from_array(v, n) for v, n in zip(values, names, strict=True)])
+        return (
+            helper.make_node("BatchNormalization", [x, *names], [y]),
+            [numpy_helper.from_array(v, n) for v, n in zip(values, names, strict=True)],
+        )
 
     def model(nodes: list[onnx.NodeProto], inits: list[TensorProto], x_shape: list[int]) -> onnx.ModelProto:
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            inits,
+        )
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         m.ir_version = 8
         return onnx.shape_inference.infer_shapes(m)
 
     def after(op: str, weight: np.ndarray, c: int, x_shape: list[int], **attrs: Any) -> onnx.ModelProto:
         bn_node, bn_inits = bn("bn", "h", "y", c)
-        return model([helper.make_node(op, ["x", "w"], ["h"], **attrs), bn_node],
-                     [numpy_helper.from_array(weight, "w"), *bn_inits], x_shape)
+        return model(
+            [helper.make_node(op, ["x", "w"], ["h"], **attrs), bn_node],
+            [numpy_helper.from_array(weight, "w"), *bn_inits],
+            x_shape,
+        )
 
     def before(op: str, weight: np.ndarray, c: int, x_shape: list[int], **attrs: Any) -> onnx.ModelProto:
         bn_node, bn_inits = bn("bn", "x", "h", c)
-        return model([bn_node, helper.make_node(op, ["h", "w"], ["y"], **attrs)],
-                     [numpy_helper.from_array(weight, "w"), *bn_inits], x_shape)
+        return model(
+            [bn_node, helper.make_node(op, ["h", "w"], ["y"], **attrs)],
+            [numpy_helper.from_array(weight, "w"), *bn_inits],
+            x_shape,
+        )
 
     bn_node, bn_inits = bn("bn", "a", "y", 5)
-    matmul_add = model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
-                        bn_node], [numpy_helper.from_array(arr(4, 5), "w"), numpy_helper.from_array(arr(5), "b"),
-                                   *bn_inits], [3, 4])
+    matmul_add = model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]), bn_node],
+        [numpy_helper.from_array(arr(4, 5), "w"), numpy_helper.from_array(arr(5), "b"), *bn_inits],
+        [3, 4],
+    )
     return {
         "Conv -> BN": after("Conv", arr(6, 4, 3, 3), 6, [2, 4, 8, 8]),
         "ConvTranspose -> BN": after("ConvTranspose", arr(4, 6, 2, 2), 6, [2, 4, 8, 8], strides=[2, 2]),
-        "ConvTranspose grouped -> BN": after("ConvTranspose", arr(4, 3, 2, 2), 6, [2, 4, 8, 8], group=2,
-                                             strides=[2, 2]),
+        "ConvTranspose grouped -> BN": after(
+            "ConvTranspose", arr(4, 3, 2, 2), 6, [2, 4, 8, 8], group=2, strides=[2, 2]
+        ),
         "Gemm (transB=1) -> BN": after("Gemm", arr(5, 4), 5, [3, 4], transB=1),
         "Gemm (transA=1, alpha, beta) -> BN": after("Gemm", arr(4, 5), 5, [4, 3], transA=1, alpha=0.5, beta=2.0),
         "MatMul const -> BN": after("MatMul", arr(4, 5), 5, [3, 4]),
@@ -338,9 +388,11 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_models(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | backend | tool | fold time (ms) | BN left | max abs err | max rel err | "
-             "latency ms (median) | speed-up | ORT no-opt latency ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | backend | tool | fold time (ms) | BN left | max abs err | max rel err | "
+        "latency ms (median) | speed-up | ORT no-opt latency ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     baseline: dict[tuple[str, str], float] = {}
     for row in rows:
         if row["tool"] == "none (unfolded)":
@@ -351,11 +403,13 @@ def markdown_models(rows: list[dict[str, Any]]) -> str:
             continue
         base = baseline.get((row["model"], row["backend"]))
         speedup = base / row["latency_ms"] if base else None
-        lines.append(f"| {row['model']} | {row['backend']} | {row['tool']} | {fmt(row['fold_ms'], 0)} | "
-                     f"{row['bn_left']} | {fmt(row['max_abs_err'])} | "
-                     f"{fmt(row['max_abs_err'] / row['output_scale'] if row['output_scale'] else None)} | "
-                     f"{fmt(row['latency_ms'])} | "
-                     f"{fmt(speedup)}x | {fmt(row.get('latency_noopt_ms'))} |")
+        lines.append(
+            f"| {row['model']} | {row['backend']} | {row['tool']} | {fmt(row['fold_ms'], 0)} | "
+            f"{row['bn_left']} | {fmt(row['max_abs_err'])} | "
+            f"{fmt(row['max_abs_err'] / row['output_scale'] if row['output_scale'] else None)} | "
+            f"{fmt(row['latency_ms'])} | "
+            f"{fmt(speedup)}x | {fmt(row.get('latency_noopt_ms'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -383,8 +437,9 @@ def main() -> None:
     onnx_table = onnx_coverage()
     print(markdown_coverage(onnx_table))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "torch_patterns": torch_table,
-                                         "onnx_patterns": onnx_table}, indent=2))
+        args.json.write_text(
+            json.dumps({"rows": rows, "torch_patterns": torch_table, "onnx_patterns": onnx_table}, indent=2)
+        )
 
 
 if __name__ == "__main__":

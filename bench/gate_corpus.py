@@ -211,21 +211,33 @@ def _timm_builder(name: str) -> Callable[[], nn.Module]:
 _HF_LOCAL = {
     "bert": ("BertForMaskedLM", "BertConfig", {}),
     "roberta": ("RobertaForMaskedLM", "RobertaConfig", {}),
-    "distilbert": ("DistilBertForMaskedLM", "DistilBertConfig",
-                   {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2}),
+    "distilbert": (
+        "DistilBertForMaskedLM",
+        "DistilBertConfig",
+        {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2},
+    ),
     "albert": ("AlbertForMaskedLM", "AlbertConfig", {"embedding_size": 32}),
     "electra": ("ElectraForMaskedLM", "ElectraConfig", {"embedding_size": 32}),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 2}),
-    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoConfig",
-                {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "num_heads": 2}),
+    "gpt_neo": (
+        "GPTNeoForCausalLM",
+        "GPTNeoConfig",
+        {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "num_heads": 2},
+    ),
     "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     "llama": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}),
     "mistral": ("MistralForCausalLM", "MistralConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"num_key_value_heads": 2}),
     "phi": ("PhiForCausalLM", "PhiConfig", {}),
 }
-_HF_COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-              "vocab_size": 1000, "max_position_embeddings": 128}
+_HF_COMMON = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+    "max_position_embeddings": 128,
+}
 
 
 def transformers_cases(quick: bool) -> list[Case]:
@@ -252,6 +264,7 @@ def _hf_builder(name: str) -> Callable[[], nn.Module]:
 
 
 # --- healthy: trained models shipped inside packages --------------------------------------------
+
 
 class PNet(nn.Module):
     """MTCNN PNet, as facenet-pytorch defines it (its weights ship in the wheel: data/pnet.pt)."""
@@ -333,6 +346,7 @@ def packaged_cases() -> list[Case]:
     sizes = {"pnet": (PNet, 12), "rnet": (RNet, 24), "onet": (ONet, 48)}
     cases = []
     for name, (cls, size) in sizes.items():
+
         def build(cls: type[nn.Module] = cls, weights: Path = data / f"{name}.pt") -> nn.Module:
             model = cls()
             model.load_state_dict(torch.load(weights, weights_only=True))
@@ -439,26 +453,85 @@ def synthetic_cases() -> list[Case]:
 
     dead = {"GC101"}
     for index in (0, 4, 8):  # Linear 0, 2 and 4 of the six: their ReLU is the next row
-        cases.append(Case(f"fault/dead-units@{index}", "synthetic", _poked(he, bias(index, -1e3)), vec,
-                          "dead units (bias shift)", frozenset(dead), frozenset({str(index), str(index + 1)})))
+        cases.append(
+            Case(
+                f"fault/dead-units@{index}",
+                "synthetic",
+                _poked(he, bias(index, -1e3)),
+                vec,
+                "dead units (bias shift)",
+                frozenset(dead),
+                frozenset({str(index), str(index + 1)}),
+            )
+        )
     for name, build, index in (("tanh", tanh, 6), ("sigmoid", sigmoid, 2), ("hardsigmoid", hard, 2)):
-        cases.append(Case(f"fault/saturated-{name}@{index}", "synthetic", _poked(build, scale(index, 30.0)), vec,
-                          f"saturation (weight x30 before {name})", frozenset({"GC102"}),
-                          frozenset({str(index), str(index + 1)})))
+        cases.append(
+            Case(
+                f"fault/saturated-{name}@{index}",
+                "synthetic",
+                _poked(build, scale(index, 30.0)),
+                vec,
+                f"saturation (weight x30 before {name})",
+                frozenset({"GC102"}),
+                frozenset({str(index), str(index + 1)}),
+            )
+        )
     for value, label in ((float("nan"), "nan"), (float("inf"), "inf")):
-        cases.append(Case(f"fault/{label}-weight@4", "synthetic", _poked(he, nan(4, value)), vec,
-                          f"{label.upper()} in one tensor", frozenset({"GC001"}), frozenset({"4"})))
-    cases.append(Case("fault/exploding-depth", "synthetic", lambda: _scaled(mlp(8, nn.ReLU, "he"), 2.0), vec,
-                      "exploding scale across depth (x2 per layer)",
-                      frozenset({"GC104", "GC202", "GC204", "GC301"}), None))
-    cases.append(Case("fault/vanishing-depth", "synthetic", lambda: _scaled(mlp(8, nn.ReLU, "he"), 0.5), vec,
-                      "vanishing scale across depth (x0.5 per layer)",
-                      frozenset({"GC103", "GC201", "GC203", "GC301"}), None))
-    cases.append(Case("fault/old-uniform-tanh", "synthetic", lambda: mlp(10, nn.Tanh, "old"), vec,
-                      "old-style U[-1/sqrt(n), 1/sqrt(n)] init, deep tanh net", frozenset({"GC301", "GC103", "GC201"}),
-                      None))
-    cases.append(Case("fault/detached-branch@2", "synthetic", lambda: residual_mlp(True), vec,
-                      "a branch detached from the graph", frozenset({"GC203"}), frozenset({"2.branch"})))
+        cases.append(
+            Case(
+                f"fault/{label}-weight@4",
+                "synthetic",
+                _poked(he, nan(4, value)),
+                vec,
+                f"{label.upper()} in one tensor",
+                frozenset({"GC001"}),
+                frozenset({"4"}),
+            )
+        )
+    cases.append(
+        Case(
+            "fault/exploding-depth",
+            "synthetic",
+            lambda: _scaled(mlp(8, nn.ReLU, "he"), 2.0),
+            vec,
+            "exploding scale across depth (x2 per layer)",
+            frozenset({"GC104", "GC202", "GC204", "GC301"}),
+            None,
+        )
+    )
+    cases.append(
+        Case(
+            "fault/vanishing-depth",
+            "synthetic",
+            lambda: _scaled(mlp(8, nn.ReLU, "he"), 0.5),
+            vec,
+            "vanishing scale across depth (x0.5 per layer)",
+            frozenset({"GC103", "GC201", "GC203", "GC301"}),
+            None,
+        )
+    )
+    cases.append(
+        Case(
+            "fault/old-uniform-tanh",
+            "synthetic",
+            lambda: mlp(10, nn.Tanh, "old"),
+            vec,
+            "old-style U[-1/sqrt(n), 1/sqrt(n)] init, deep tanh net",
+            frozenset({"GC301", "GC103", "GC201"}),
+            None,
+        )
+    )
+    cases.append(
+        Case(
+            "fault/detached-branch@2",
+            "synthetic",
+            lambda: residual_mlp(True),
+            vec,
+            "a branch detached from the graph",
+            frozenset({"GC203"}),
+            frozenset({"2.branch"}),
+        )
+    )
     return cases
 
 
@@ -479,13 +552,39 @@ def library_fault_cases() -> list[Case]:
     def dead_bn(m: nn.Module) -> None:
         m.layer4[0].bn1.bias.fill_(-1e3)  # beta: every channel negative before the ReLU
 
-    cases.append(Case("fault/torchvision-resnet18/running_var", "torchvision", _poked(tv, bad_var), image,
-                      "corrupted running_var", frozenset({"GC002", "GC001"}), frozenset({"layer3.0.bn1"})))
-    cases.append(Case("fault/torchvision-resnet18/nan", "torchvision", _poked(tv, nan_conv), image,
-                      "NaN in one tensor", frozenset({"GC001"}), frozenset({"layer2.1.conv1"})))
-    cases.append(Case("fault/torchvision-resnet18/dead", "torchvision", _poked(tv, dead_bn), image,
-                      "dead units (bias shift)", frozenset({"GC101"}),
-                      frozenset({"layer4.0.bn1", "layer4.0.relu"})))
+    cases.append(
+        Case(
+            "fault/torchvision-resnet18/running_var",
+            "torchvision",
+            _poked(tv, bad_var),
+            image,
+            "corrupted running_var",
+            frozenset({"GC002", "GC001"}),
+            frozenset({"layer3.0.bn1"}),
+        )
+    )
+    cases.append(
+        Case(
+            "fault/torchvision-resnet18/nan",
+            "torchvision",
+            _poked(tv, nan_conv),
+            image,
+            "NaN in one tensor",
+            frozenset({"GC001"}),
+            frozenset({"layer2.1.conv1"}),
+        )
+    )
+    cases.append(
+        Case(
+            "fault/torchvision-resnet18/dead",
+            "torchvision",
+            _poked(tv, dead_bn),
+            image,
+            "dead units (bias shift)",
+            frozenset({"GC101"}),
+            frozenset({"layer4.0.bn1", "layer4.0.relu"}),
+        )
+    )
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -494,9 +593,17 @@ def library_fault_cases() -> list[Case]:
     def bert_nan(m: nn.Module) -> None:
         m.bert.encoder.layer[1].intermediate.dense.weight.view(-1)[5] = float("inf")
 
-    cases.append(Case("fault/bert/inf", "transformers", _poked(_hf_builder("bert"), bert_nan), _tokens(),
-                      "Inf in one tensor", frozenset({"GC001"}),
-                      frozenset({"bert.encoder.layer.1.intermediate.dense"})))
+    cases.append(
+        Case(
+            "fault/bert/inf",
+            "transformers",
+            _poked(_hf_builder("bert"), bert_nan),
+            _tokens(),
+            "Inf in one tensor",
+            frozenset({"GC001"}),
+            frozenset({"bert.encoder.layer.1.intermediate.dense"}),
+        )
+    )
     return cases
 
 
@@ -523,6 +630,7 @@ def corpus(quick: bool, only: str | None = None, timm_families: list[str] | None
 
 # --- running and scoring ------------------------------------------------------------------------
 
+
 def run_case(case: Case) -> Outcome:
     start = time.perf_counter()
     try:
@@ -530,9 +638,17 @@ def run_case(case: Case) -> Outcome:
             warnings.simplefilter("ignore")
             model = case.build()
             report: Report = check_module(model, case.probe, name=case.name)
-        findings = [{"code": f.code, "rule": f.rule, "severity": f.severity.value, "layer": f.layer,
-                     "value": f.value if f.value is None or math.isfinite(f.value) else None,
-                     "message": f.message} for f in report.findings]
+        findings = [
+            {
+                "code": f.code,
+                "rule": f.rule,
+                "severity": f.severity.value,
+                "layer": f.layer,
+                "value": f.value if f.value is None or math.isfinite(f.value) else None,
+                "message": f.message,
+            }
+            for f in report.findings
+        ]
         return Outcome(case, findings, seconds=time.perf_counter() - start)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -563,8 +679,11 @@ def run_corpus(
         if save is not None:
             save(outcomes)
         if log is not None:
-            mark = "ERROR " + (outcome.error or "") if outcome.error else (
-                ", ".join(f"{f['code']}@{f['layer']}" for f in outcome.loud) or "clean")
+            mark = (
+                "ERROR " + (outcome.error or "")
+                if outcome.error
+                else (", ".join(f"{f['code']}@{f['layer']}" for f in outcome.loud) or "clean")
+            )
             log(f"{outcome.seconds:6.1f}s {case.name}: {mark}")
     return outcomes, left
 
@@ -621,22 +740,37 @@ def score(outcomes: list[Outcome]) -> Score:
 
 
 def findings_json(outcomes: list[Outcome]) -> dict[str, Any]:
-    return {"models": {o.case.name: {"fault": o.case.fault, "error": o.error, "findings": o.findings,
-                                     "seconds": round(o.seconds, 1)} for o in outcomes}}
+    return {
+        "models": {
+            o.case.name: {
+                "fault": o.case.fault,
+                "error": o.error,
+                "findings": o.findings,
+                "seconds": round(o.seconds, 1),
+            }
+            for o in outcomes
+        }
+    }
 
 
 def outcomes_from_json(data: dict[str, Any], cases: list[Case]) -> dict[str, Outcome]:
     """Outcomes of an earlier run (``--resume``), for the cases still in the corpus."""
     by_name = {c.name: c for c in cases}
-    return {name: Outcome(by_name[name], entry["findings"], entry["error"], entry.get("seconds", 0.0))
-            for name, entry in data["models"].items() if name in by_name}
+    return {
+        name: Outcome(by_name[name], entry["findings"], entry["error"], entry.get("seconds", 0.0))
+        for name, entry in data["models"].items()
+        if name in by_name
+    }
 
 
 def diff(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Lines '+ model: CODE@layer (severity)' for findings a change adds, '-' for those it removes."""
+
     def keyed(data: dict[str, Any]) -> dict[str, set[tuple[str, str, str]]]:
-        return {name: {(f["code"], str(f["layer"]), f["severity"]) for f in entry["findings"]}
-                for name, entry in data["models"].items()}
+        return {
+            name: {(f["code"], str(f["layer"]), f["severity"]) for f in entry["findings"]}
+            for name, entry in data["models"].items()
+        }
 
     old, cur = keyed(base), keyed(new)
     lines = []
@@ -654,38 +788,53 @@ def scorecard(outcomes: list[Outcome], command: str, seconds: float, left: list[
         if o.case.fault is None and o.error is None:
             sources[o.case.source] = sources.get(o.case.source, 0) + 1
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"`{command}` ({seconds / 60:.0f} min on {platform.machine()} CPU, torch {torch.__version__}, a machine "
-        "shared with other jobs; times are not the point here).", "",
-        "| | models | result | target |", "|---|---|---|---|",
+        "shared with other jobs; times are not the point here).",
+        "",
+        "| | models | result | target |",
+        "|---|---|---|---|",
         f"| healthy, error-level finding | {s.healthy} | {s.healthy_errors} | 0 |",
         f"| healthy, warning or worse (false-positive rate) | {s.healthy} | {s.healthy_warned} "
         f"({s.fp_rate:.1%}) | ≤ 2% |",
         f"| faulty, flagged by the right rule (recall) | {s.faulty} | {s.detected} ({s.recall:.0%}) | 100% |",
         f"| faulty, first right finding at the injected layer | {s.faulty} | {s.localised} "
         f"({s.localisation:.0%}) | ≥ 95% |",
-        f"| models the probe could not run (not scored) | {len(outcomes)} | {s.failed} | |", "",
-        "Healthy models by source: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) + ".", "",
-        "Per rule: false positives on healthy models, and recall on the faults it is meant for.", "",
-        "| rule | healthy models warned | faults detected |", "|---|---|---|",
+        f"| models the probe could not run (not scored) | {len(outcomes)} | {s.failed} | |",
+        "",
+        "Healthy models by source: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) + ".",
+        "",
+        "Per rule: false positives on healthy models, and recall on the faults it is meant for.",
+        "",
+        "| rule | healthy models warned | faults detected |",
+        "|---|---|---|",
     ]
     for code in sorted(set(s.per_rule_fp) | set(s.per_rule_recall)):
         hit, total = s.per_rule_recall.get(code, (0, 0))
         lines.append(f"| {code} | {s.per_rule_fp.get(code, 0)} | {f'{hit}/{total}' if total else '—'} |")
     warned = [o for o in outcomes if o.case.fault is None and o.error is None and o.loud]
     lines += ["", "Healthy models with a warning (each explained below the table by hand):", ""]
-    lines += [f"- `{o.case.name}`: " + "; ".join(_summary(o.loud, code) for code in sorted({f["code"] for f in o.loud}))
-              for o in warned] or ["- none"]
+    lines += [
+        f"- `{o.case.name}`: " + "; ".join(_summary(o.loud, code) for code in sorted({f["code"] for f in o.loud}))
+        for o in warned
+    ] or ["- none"]
     missed = [o for o in outcomes if o.case.fault is not None and o.error is None and not o.localised]
     lines += ["", "Faults missed or found elsewhere than injected:", ""]
-    lines += [f"- `{o.case.name}` ({o.case.fault}): "
-              + (", ".join(f"{f['code']}@{f['layer']}" for f in o.loud) or "nothing") for o in missed] or ["- none"]
+    lines += [
+        f"- `{o.case.name}` ({o.case.fault}): " + (", ".join(f"{f['code']}@{f['layer']}" for f in o.loud) or "nothing")
+        for o in missed
+    ] or ["- none"]
     failed = [o for o in outcomes if o.error is not None]
     lines += ["", "Models the probe could not run:", ""]
     lines += [f"- `{o.case.name}`: {o.error}" for o in failed] or ["- none"]
     if left:
-        lines += ["", f"Not run within the time budget ({len(left)}, the largest last): "
-                  + ", ".join(f"`{c.name}`" for c in left) + "."]
+        lines += [
+            "",
+            f"Not run within the time budget ({len(left)}, the largest last): "
+            + ", ".join(f"`{c.name}`" for c in left)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -704,7 +853,7 @@ def replace_section(markdown: Path, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     markdown.write_text(text, encoding="utf-8")
 
 
@@ -717,8 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="replace the scorecard section of this file")
     parser.add_argument("--resume", action="store_true", help="reuse the models already in --json")
     parser.add_argument("--budget-minutes", type=float, help="start no model after this long")
-    parser.add_argument("--no-new", action="store_true",
-                        help="with --resume: run only the --only models again, none that the file lacks")
+    parser.add_argument(
+        "--no-new",
+        action="store_true",
+        help="with --resume: run only the --only models again, none that the file lacks",
+    )
     args = parser.parse_args(argv)
     earlier = None
     if args.resume and args.json and args.json.exists():
@@ -754,8 +906,9 @@ def main(argv: list[str] | None = None) -> int:
         known = set(earlier["models"]) if earlier else set()
         skipped = [c for c in cases if c.name not in known]
         cases = [c for c in cases if c.name in known]
-    outcomes, left = run_corpus(cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done,
-                                budget_s=budget, save=save)
+    outcomes, left = run_corpus(
+        cases, log=lambda line: print(line, file=sys.stderr, flush=True), done=done, budget_s=budget, save=save
+    )
     left += skipped
     seconds = time.perf_counter() - start + sum(o.seconds for o in (done or {}).values())
     data = findings_json(outcomes)

@@ -80,9 +80,17 @@ def export(name: str, path: Path, size: int) -> None:
     torch.save(model.state_dict(), path.with_suffix(".pt"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}},
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+        )
 
 
 def _plain_session(model: Any) -> Any:
@@ -91,8 +99,9 @@ def _plain_session(model: Any) -> Any:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _in_graph(model: Any, values: list[str], wants: dict[str, Any], types: dict[str, Any],
-              feeds: list[dict[str, Any]]) -> Any:
+def _in_graph(
+    model: Any, values: list[str], wants: dict[str, Any], types: dict[str, Any], feeds: list[dict[str, Any]]
+) -> Any:
     from gradcheck_cli.probe.onnx_stats import reduced_statistics_pass
 
     return reduced_statistics_pass(model, values, wants, types, feeds, opset=17, cutoff=0.05)
@@ -129,8 +138,12 @@ def child(path: Path, mode: str, name: str, batch: int, size: int, repeats: int,
     types = value_types(model, {"x": shape})
     sizes = sizes_of(types)
     wants = _requests(plan, types)
-    result: dict[str, Any] = {"mode": mode, "nodes": len(model.graph.node), "rows": len(plan.rows),
-                              "row_output_mib": sum(sizes.get(v, 0) for v in values) / 2**20}
+    result: dict[str, Any] = {
+        "mode": mode,
+        "nodes": len(model.graph.node),
+        "rows": len(plan.rows),
+        "row_output_mib": sum(sizes.get(v, 0) for v in values) / 2**20,
+    }
     times: dict[str, list[float]] = {}
 
     def timed(key: str, fn: Any) -> Any:
@@ -153,13 +166,16 @@ def child(path: Path, mode: str, name: str, batch: int, size: int, repeats: int,
             recorder = Recorder(saturation_cutoff=0.05)
             rows = {p.output: recorder.row(p.name, type=p.type, kind=p.kind, module="", fn=p.fn) for p in plan.rows}
 
-            def record(name: str, tensor: torch.Tensor, rows: dict[str, Any] = rows,
-                       recorder: Recorder = recorder) -> None:
+            def record(
+                name: str, tensor: torch.Tensor, rows: dict[str, Any] = rows, recorder: Recorder = recorder
+            ) -> None:
                 recorder.record_output(rows[name], tensor)
 
             end_batch = recorder.end_batch
-            out = timed("run", lambda: statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget,
-                                                       end_batch=end_batch))  # noqa: B023 (called at once)
+            out = timed(
+                "run",
+                lambda: statistics_pass(model, values, feeds, record, sizes=sizes, budget=budget, end_batch=end_batch),  # noqa: B023 (called at once)
+            )
             result["groups"] = out.groups
     elif mode == "time":
         session = timed("plain_session", lambda: _plain_session(model))
@@ -170,8 +186,9 @@ def child(path: Path, mode: str, name: str, batch: int, size: int, repeats: int,
         from gradcheck_cli.probe.onnx_stats import reduced_model, session_options
 
         reduced, _ = reduced_model(model, list(wants.values()), types, opset=17, cutoff=0.05)
-        stats_session = ort.InferenceSession(reduced.SerializeToString(), session_options(ort),
-                                             providers=["CPUExecutionProvider"])
+        stats_session = ort.InferenceSession(
+            reduced.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"]
+        )
         names = [o.name for o in reduced.graph.output]
         for _ in range(repeats):
             timed("plain", lambda: session.run(None, feeds[0]))
@@ -187,8 +204,7 @@ def child(path: Path, mode: str, name: str, batch: int, size: int, repeats: int,
     return result
 
 
-def grad_times(path: Path, name: str, model: Any, plan: Any, batch: int, size: int, repeats: int,
-               timed: Any) -> None:
+def grad_times(path: Path, name: str, model: Any, plan: Any, batch: int, size: int, repeats: int, timed: Any) -> None:
     import torch
 
     from gradcheck_cli import api
@@ -205,17 +221,30 @@ def grad_times(path: Path, name: str, model: Any, plan: Any, batch: int, size: i
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    reference = [{o.name: torch.from_numpy(a) for o, a in zip(model.graph.output, session.run(None, f), strict=True)}
-                 for f in _feeds(inputs)]
+    reference = [
+        {o.name: torch.from_numpy(a) for o, a in zip(model.graph.output, session.run(None, f), strict=True)}
+        for f in _feeds(inputs)
+    ]
 
     def lowering() -> Any:
         recorder = Recorder(saturation_cutoff=options.saturation_cutoff)
         by_value: dict[str, list[Any]] = {}
         for p in plan.rows:
-            by_value.setdefault(p.output, []).append(recorder.row(p.name, type=p.type, kind=p.kind, module="",
-                                                                  fn=p.fn))
-        check, _ = _lowered_gradients(model, 17, plan, inputs, reference, options, torch.device("cpu"), recorder,
-                                      by_value, lambda: None, sizes, None)
+            by_value.setdefault(p.output, []).append(recorder.row(p.name, type=p.type, kind=p.kind, module="", fn=p.fn))
+        check, _ = _lowered_gradients(
+            model,
+            17,
+            plan,
+            inputs,
+            reference,
+            options,
+            torch.device("cpu"),
+            recorder,
+            by_value,
+            lambda: None,
+            sizes,
+            None,
+        )
         assert check.ok, check.reason
         return check
 
@@ -234,8 +263,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-mib", type=int, default=256)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: resnet18, batch 2, 32x32, one repeat (overrides those options)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: resnet18, batch 2, 32x32, one repeat (overrides those options)"
+    )
     parser.add_argument("--json", type=Path, help="also write every child's result to this file")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "MODE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,8 +278,11 @@ def main() -> None:
         print(json.dumps(child(Path(path), mode, name, args.batch_size, args.size, repeats, budget)))
         return
     load_start = os.getloadavg()[0]
-    print(f"batch {args.batch_size}x3x{args.size}x{args.size}, medians of {args.repeats} interleaved repeats, "
-          f"load average {load_start:.1f}", flush=True)
+    print(
+        f"batch {args.batch_size}x3x{args.size}x{args.size}, medians of {args.repeats} interleaved repeats, "
+        f"load average {load_start:.1f}",
+        flush=True,
+    )
     every: dict[str, dict[str, dict[str, Any]]] = {}
     failures: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -259,9 +292,25 @@ def main() -> None:
             results = every.setdefault(name, {})
             for mode in args.modes:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", str(path), mode, name, "--batch-size", str(args.batch_size),
-                     "--size", str(args.size), "--repeats", str(args.repeats), "--budget-mib", str(args.budget_mib)],
-                    capture_output=True, text=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(path),
+                        mode,
+                        name,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--size",
+                        str(args.size),
+                        "--repeats",
+                        str(args.repeats),
+                        "--budget-mib",
+                        str(args.budget_mib),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode:
                     print(f"{name} {mode} failed:\n{out.stderr[-2000:]}", flush=True)
                     failures.setdefault(name, {})[mode] = out.stderr[-2000:]
@@ -277,12 +326,19 @@ def main() -> None:
         import onnxruntime
         import torch
 
-        summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                              f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-                              f"Python {platform.python_version()}",
-                   "load_average": {"start": load_start, "end": load_end}, "batch_size": args.batch_size,
-                   "size": args.size, "repeats": args.repeats, "budget_mib": args.budget_mib, "modes": args.modes,
-                   "models": every, "failures": failures}
+        summary = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"Python {platform.python_version()}",
+            "load_average": {"start": load_start, "end": load_end},
+            "batch_size": args.batch_size,
+            "size": args.size,
+            "repeats": args.repeats,
+            "budget_mib": args.budget_mib,
+            "modes": args.modes,
+            "models": every,
+            "failures": failures,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -296,17 +352,23 @@ def report_lines(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def memory_table(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["", f"{name}: peak RSS per configuration (separate processes)", "",
-             "| model | nodes | rows | row values (MiB) | configuration | groups | process peak RSS (MiB) | "
-             "RSS before the pass (MiB) | peak during the pass (MiB) | added by the pass (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"{name}: peak RSS per configuration (separate processes)",
+        "",
+        "| model | nodes | rows | row values (MiB) | configuration | groups | process peak RSS (MiB) | "
+        "RSS before the pass (MiB) | peak during the pass (MiB) | added by the pass (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode in ("plain", "in-graph", "exposed"):
         r = results.get(mode)
         if r:
             before, during = r["rss_before_run_mib"], r["run_peak_rss_mib"]
-            lines.append(f"| {name} | {r['nodes']} | {r['rows']} | {r['row_output_mib']:.0f} | {mode} | "
-                         f"{r.get('groups', 1)} | {r['peak_rss_mib']:.0f} | {before:.0f} | {during:.0f} | "
-                         f"{during - before:.0f} |")
+            lines.append(
+                f"| {name} | {r['nodes']} | {r['rows']} | {r['row_output_mib']:.0f} | {mode} | "
+                f"{r.get('groups', 1)} | {r['peak_rss_mib']:.0f} | {before:.0f} | {during:.0f} | "
+                f"{during - before:.0f} |"
+            )
     return lines
 
 
@@ -315,17 +377,23 @@ def time_tables(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
     t = results.get("time")
     if t:
         m = t["median_s"]
-        lines += ["", "| model | plain run (s) | pass run only (s) | x plain run | "
-                  "plain, new session + first run (s) | statistics pass, new session + first run (s) | x plain |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {name} | {m['plain']:.3f} | {m['in_graph_run']:.3f} | {m['in_graph_run'] / m['plain']:.2f} | "
-                  f"{m['plain_cold']:.3f} | {m['in_graph']:.3f} | {m['in_graph'] / m['plain_cold']:.2f} |"]
+        lines += [
+            "",
+            "| model | plain run (s) | pass run only (s) | x plain run | "
+            "plain, new session + first run (s) | statistics pass, new session + first run (s) | x plain |",
+            "|---|---|---|---|---|---|---|",
+            f"| {name} | {m['plain']:.3f} | {m['in_graph_run']:.3f} | {m['in_graph_run'] / m['plain']:.2f} | "
+            f"{m['plain_cold']:.3f} | {m['in_graph']:.3f} | {m['in_graph'] / m['plain_cold']:.2f} |",
+        ]
     g = results.get("grad")
     if g:
         m = g["median_s"]
-        lines += ["", "| model | PyTorch probe (s) | ONNX lowering (s) | x PyTorch probe |", "|---|---|---|---|",
-                  f"| {name} | {m['torch_probe']:.3f} | {m['lowering']:.3f} | "
-                  f"{m['lowering'] / m['torch_probe']:.2f} |"]
+        lines += [
+            "",
+            "| model | PyTorch probe (s) | ONNX lowering (s) | x PyTorch probe |",
+            "|---|---|---|---|",
+            f"| {name} | {m['torch_probe']:.3f} | {m['lowering']:.3f} | {m['lowering'] / m['torch_probe']:.2f} |",
+        ]
     return lines
 
 

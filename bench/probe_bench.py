@@ -61,8 +61,9 @@ def build(name: str) -> tuple[Any, dict[str, Any], Callable[[Any, Any], Any]]:
 
         kind, batch, seq = [*name.split(":"), "8", "128"][:3]
         if kind == "bert-tiny":  # the smoke run's stand-in: 2 layers, 64 wide, same code path
-            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=128)
+            config = transformers.BertConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+            )
         else:
             config = transformers.BertConfig()  # BERT-base: 12 layers, 768 wide, 110M parameters
         model = transformers.BertModel(config).eval()
@@ -99,8 +100,9 @@ def make_input(name: str, spec: dict[str, Any]) -> Any:
     return torch.randn(spec["shape"], generator=generator)
 
 
-def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None],
-                                       Callable[[Callable[[], None]], float], int]:
+def step_functions(
+    name: str,
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[Callable[[], None]], float], int]:
     from gradcheck_cli import api
     from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
 
@@ -112,8 +114,7 @@ def step_functions(name: str) -> tuple[Callable[[], None], Callable[[], None],
         loss_of(model, x).backward()
 
     if name.startswith("bert"):
-        options = ProbeOptions(inputs=InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"]),
-                               loss=LossKind.MSE)
+        options = ProbeOptions(inputs=InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"]), loss=LossKind.MSE)
     else:
         options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)))
 
@@ -145,10 +146,17 @@ def interleaved(name: str, repeats: int) -> dict[str, Any]:
         bare_times.append(timed(bare))
         probe_times.append(timed(probe))
         ratios.append(probe_times[-1] / bare_times[-1])
-    return {"model": name, "parameters": params, "repeats": repeats,
-            "bare_median_s": statistics.median(bare_times), "probe_median_s": statistics.median(probe_times),
-            "bare_range_s": [min(bare_times), max(bare_times)], "probe_range_s": [min(probe_times), max(probe_times)],
-            "time_ratio_median": statistics.median(ratios), "time_ratio_range": [min(ratios), max(ratios)]}
+    return {
+        "model": name,
+        "parameters": params,
+        "repeats": repeats,
+        "bare_median_s": statistics.median(bare_times),
+        "probe_median_s": statistics.median(probe_times),
+        "bare_range_s": [min(bare_times), max(bare_times)],
+        "probe_range_s": [min(probe_times), max(probe_times)],
+        "time_ratio_median": statistics.median(ratios),
+        "time_ratio_range": [min(ratios), max(ratios)],
+    }
 
 
 def _rss_bytes() -> int:
@@ -181,25 +189,42 @@ def memory_child(name: str, which: str) -> None:
     done.set()
     sampler.join()
     peak = max(peak, _rss_bytes())
-    print(json.dumps({"growth": peak - before, "peak": peak,
-                      "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "growth": peak - before,
+                "peak": peak,
+                "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 def peak_memory(name: str, repeats: int) -> dict[str, Any]:
     results: dict[str, list[int]] = {"bare": [], "probe": []}
     for _ in range(repeats):
         for which in ("bare", "probe"):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", name, which], capture_output=True,
-                                 text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, which],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             results[which].append(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
     bare, probe = statistics.median(results["bare"]), statistics.median(results["probe"])
     # Per-round ratios give the spread; a round whose bare step grew nothing has no ratio.
     ratios = [p / b for b, p in zip(results["bare"], results["probe"], strict=True) if b]
-    return {"model": name, "repeats": repeats, "bare_growth_mb": bare / 2**20, "probe_growth_mb": probe / 2**20,
-            "bare_growth_range_mb": [min(results["bare"]) / 2**20, max(results["bare"]) / 2**20],
-            "probe_growth_range_mb": [min(results["probe"]) / 2**20, max(results["probe"]) / 2**20],
-            "memory_ratio": probe / bare if bare else None,
-            "memory_ratio_range": [min(ratios), max(ratios)] if ratios else None}
+    return {
+        "model": name,
+        "repeats": repeats,
+        "bare_growth_mb": bare / 2**20,
+        "probe_growth_mb": probe / 2**20,
+        "bare_growth_range_mb": [min(results["bare"]) / 2**20, max(results["bare"]) / 2**20],
+        "probe_growth_range_mb": [min(results["probe"]) / 2**20, max(results["probe"]) / 2**20],
+        "memory_ratio": probe / bare if bare else None,
+        "memory_ratio_range": [min(ratios), max(ratios)] if ratios else None,
+    }
 
 
 def command_times(argv: list[str], repeats: int) -> list[float]:
@@ -225,8 +250,9 @@ def sample_commands() -> list[list[str]]:
     import shlex
 
     text = (ROOT / "samples" / "README.md").read_text()
-    return [shlex.split(line.strip())[1:] for line in text.splitlines()
-            if line.strip().startswith("gradcheck inspect ")]
+    return [
+        shlex.split(line.strip())[1:] for line in text.splitlines() if line.strip().startswith("gradcheck inspect ")
+    ]
 
 
 def cli_times(repeats: int, samples: list[list[str]] | None = None) -> dict[str, Any]:
@@ -251,27 +277,44 @@ def cli_times(repeats: int, samples: list[list[str]] | None = None) -> dict[str,
     for index, args in enumerate(samples):
         wall, cpu, extra_wall, extra_cpu = (statistics.median(column) for column in zip(*runs[index], strict=True))
         walls, extras = [r[0] for r in runs[index]], [r[2] for r in runs[index]]
-        rows.append({"command": "gradcheck " + " ".join(args), "wall_s": wall, "cpu_s": cpu,
-                     "minus_import_torch_s": extra_wall, "cpu_minus_import_torch_s": extra_cpu,
-                     "wall_range_s": [min(walls), max(walls)],
-                     "minus_import_torch_range_s": [min(extras), max(extras)]})
-    return {"help_s": statistics.median(help_times), "help_range_s": [min(help_times), max(help_times)],
-            "usage_error_s": statistics.median(usage_times),
-            "usage_error_range_s": [min(usage_times), max(usage_times)], "repeats": repeats,
-            "import_torch_s": statistics.median(w for w, _ in torch_runs),
-            "import_torch_cpu_s": statistics.median(c for _, c in torch_runs),
-            "load_average_after": os.getloadavg()[0], "samples": rows}
+        rows.append(
+            {
+                "command": "gradcheck " + " ".join(args),
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "minus_import_torch_s": extra_wall,
+                "cpu_minus_import_torch_s": extra_cpu,
+                "wall_range_s": [min(walls), max(walls)],
+                "minus_import_torch_range_s": [min(extras), max(extras)],
+            }
+        )
+    return {
+        "help_s": statistics.median(help_times),
+        "help_range_s": [min(help_times), max(help_times)],
+        "usage_error_s": statistics.median(usage_times),
+        "usage_error_range_s": [min(usage_times), max(usage_times)],
+        "repeats": repeats,
+        "import_torch_s": statistics.median(w for w, _ in torch_runs),
+        "import_torch_cpu_s": statistics.median(c for _, c in torch_runs),
+        "load_average_after": os.getloadavg()[0],
+        "samples": rows,
+    }
 
 
 def cli_markdown(c: dict[str, Any]) -> list[str]:
-    lines = ["", f"| command | median wall time ({c['repeats']} runs) | import torch + | CPU time "
-             "| import torch + (CPU) |", "|---|---:|---:|---:|---:|",
-             f"| `gradcheck --help` | {c['help_s']:.3f} s | | | |",
-             f"| `gradcheck inspect` (usage error) | {c['usage_error_s']:.3f} s | | | |",
-             f"| `python -c 'import torch'` | {c['import_torch_s']:.3f} s | | {c['import_torch_cpu_s']:.3f} s | |"]
+    lines = [
+        "",
+        f"| command | median wall time ({c['repeats']} runs) | import torch + | CPU time | import torch + (CPU) |",
+        "|---|---:|---:|---:|---:|",
+        f"| `gradcheck --help` | {c['help_s']:.3f} s | | | |",
+        f"| `gradcheck inspect` (usage error) | {c['usage_error_s']:.3f} s | | | |",
+        f"| `python -c 'import torch'` | {c['import_torch_s']:.3f} s | | {c['import_torch_cpu_s']:.3f} s | |",
+    ]
     for row in c["samples"]:
-        lines.append(f"| `{row['command']}` | {row['wall_s']:.3f} s | {row['minus_import_torch_s']:+.2f} s | "
-                     f"{row['cpu_s']:.3f} s | {row['cpu_minus_import_torch_s']:+.2f} s |")
+        lines.append(
+            f"| `{row['command']}` | {row['wall_s']:.3f} s | {row['minus_import_torch_s']:+.2f} s | "
+            f"{row['cpu_s']:.3f} s | {row['cpu_minus_import_torch_s']:+.2f} s |"
+        )
     lines.append(f"\nLoad average at the end of the CLI timings: {c['load_average_after']:.1f}.")
     return lines
 
@@ -286,24 +329,31 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0]
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, load average at start {load:.1f}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, load average at start {load:.1f}"
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Machine: {results['machine']}", ""]
-    lines += ["| model | parameters | bare step (median) | probe (median) | time ratio (median, min-max) |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "| model | parameters | bare step (median) | probe (median) | time ratio (median, min-max) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in results["time"]:
         lo, hi = row["time_ratio_range"]
-        lines.append(f"| {row['model']} | {row['parameters']:,} | {row['bare_median_s']:.3f} s | "
-                     f"{row['probe_median_s']:.3f} s | {row['time_ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) |")
+        lines.append(
+            f"| {row['model']} | {row['parameters']:,} | {row['bare_median_s']:.3f} s | "
+            f"{row['probe_median_s']:.3f} s | {row['time_ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) |"
+        )
     if results.get("memory"):
         lines += ["", "| model | bare step peak-RSS growth | probe peak-RSS growth | ratio |", "|---|---:|---:|---:|"]
         for row in results["memory"]:
             ratio = f"{row['memory_ratio']:.3f}" if row["memory_ratio"] else "—"
-            lines.append(f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | "
-                         f"{row['probe_growth_mb']:.0f} MB | {ratio} |")
+            lines.append(
+                f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | {row['probe_growth_mb']:.0f} MB | {ratio} |"
+            )
     if results.get("cli"):
         lines += cli_markdown(results["cli"])
     return "\n".join(lines) + "\n"
@@ -313,15 +363,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, one repeat: a smoke test")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", nargs="*", help="override the model list (resnet50:16:224, bert:8:128, "
-                        "bert-tiny:BATCH:SEQ, mlp:WIDTH:DEPTH:BATCH)")
-    parser.add_argument("--memory-repeats", type=int, help="fresh-process peak-memory measurements per model "
-                        "and step kind (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        help="override the model list (resnet50:16:224, bert:8:128, bert-tiny:BATCH:SEQ, mlp:WIDTH:DEPTH:BATCH)",
+    )
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        help="fresh-process peak-memory measurements per model and step kind (default 3, 1 with --quick)",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-cli", action="store_true")
     parser.add_argument("--cli-repeats", type=int, help="rounds of CLI timings (default 5, 1 with --quick)")
-    parser.add_argument("--cli-samples", choices=("all", "first"), default="all",
-                        help="time every samples/README.md command, or only the first")
+    parser.add_argument(
+        "--cli-samples",
+        choices=("all", "first"),
+        default="all",
+        help="time every samples/README.md command, or only the first",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="probe_bench", help="file stem of the results: OUT/NAME.json, OUT/NAME.md")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)

@@ -37,8 +37,10 @@ def main() -> None:
         model(x)
         forward = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
-    print(f"resnet50: {params:,} parameters; input {tuple(x.shape)}; {args.threads} threads; "
-          f"one plain forward {forward:.2f} s")
+    print(
+        f"resnet50: {params:,} parameters; input {tuple(x.shape)}; {args.threads} threads; "
+        f"one plain forward {forward:.2f} s"
+    )
     for name in args.schemes:
         options = ReinitOptions(scheme=Scheme(name))
         times = []
@@ -49,8 +51,10 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         assert result is not None
         schemes = sorted({layer.scheme for layer in result.layers})
-        print(f"{name:>10}: best {min(times):.2f} s of {len(times)}; {len(result.layers)} layers "
-              f"({', '.join(schemes)}); {len(result.notes)} note(s)")
+        print(
+            f"{name:>10}: best {min(times):.2f} s of {len(times)}; {len(result.layers)} layers "
+            f"({', '.join(schemes)}); {len(result.notes)} note(s)"
+        )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,18 @@ CASES: dict[str, list[str]] = {
     "fold-pt2": ["fold-bn", "{pt2}", "-o", "{out}/folded.pt2", "--force"],
     "fold-onnx": ["fold-bn", "{onnx}", "-o", "{out}/folded.onnx", "--force"],
     "reinit-auto": ["reinit", "{sd}", "--arch", "{arch}", "-o", "{out}/reinit_auto.pt", "--force"],
-    "reinit-orthogonal": ["reinit", "{sd}", "--arch", "{arch}", "-o", "{out}/reinit_orth.pt", "--force",
-                          "--scheme", "orthogonal"],
-    "reinit-lsuv": ["reinit", "{sd}", "--arch", "{arch}", "-o", "{out}/reinit_lsuv.pt", "--force",
-                    "--scheme", "lsuv"],
+    "reinit-orthogonal": [
+        "reinit",
+        "{sd}",
+        "--arch",
+        "{arch}",
+        "-o",
+        "{out}/reinit_orth.pt",
+        "--force",
+        "--scheme",
+        "orthogonal",
+    ],
+    "reinit-lsuv": ["reinit", "{sd}", "--arch", "{arch}", "-o", "{out}/reinit_lsuv.pt", "--force", "--scheme", "lsuv"],
 }
 
 # The smoke run's cases: every fold format and the default reinit scheme (the ones issue 9 sets a
@@ -65,23 +73,39 @@ def make_models(model_name: str, directory: Path, *, size: int = 224) -> dict[st
                 module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
                 module.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
-    paths = {"sd": directory / f"{model_name}_state_dict.pt", "pt2": directory / f"{model_name}.pt2",
-             "onnx": directory / f"{model_name}.onnx"}
+    paths = {
+        "sd": directory / f"{model_name}_state_dict.pt",
+        "pt2": directory / f"{model_name}.pt2",
+        "onnx": directory / f"{model_name}.onnx",
+    }
     torch.save(model.state_dict(), paths["sd"])
     example = torch.randn(1, 3, size, size, generator=generator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.export.save(torch.export.export(model, (example,)), str(paths["pt2"]))
-        torch.onnx.export(model, (example,), str(paths["onnx"]), dynamo=False, opset_version=17,
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(paths["onnx"]),
+            dynamo=False,
+            opset_version=17,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return paths
 
 
 def case_command(case: str, paths: dict[str, Path], arch: str, out: Path) -> list[str]:
-    values = {"sd": str(paths["sd"]), "pt2": str(paths["pt2"]), "onnx": str(paths["onnx"]), "arch": arch,
-              "out": str(out)}
+    values = {
+        "sd": str(paths["sd"]),
+        "pt2": str(paths["pt2"]),
+        "onnx": str(paths["onnx"]),
+        "arch": arch,
+        "out": str(out),
+    }
     return [sys.executable, "-m", "gradcheck_cli", *(part.format(**values) for part in CASES[case])]
 
 
@@ -105,15 +129,26 @@ def run(cases: list[str], paths: dict[str, Path], *, arch: str, runs: int, out: 
         for name in names:
             times[name].append(timed(commands[name]))
             loads.append(os.getloadavg()[0])
-            print(f"round {round_index + 1}/{runs} {name}: {times[name][-1]:.2f} s (load {loads[-1]:.2f})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"round {round_index + 1}/{runs} {name}: {times[name][-1]:.2f} s (load {loads[-1]:.2f})",
+                file=sys.stderr,
+                flush=True,
+            )
     base = statistics.median(times[IMPORT_TORCH])
     rows = []
     for name in names:
         median = statistics.median(times[name])
-        rows.append({"case": name, "command": _display(commands[name]), "runs": times[name], "median_s": median,
-                     "min_s": min(times[name]), "max_s": max(times[name]),
-                     "median_minus_import_torch_s": None if name == IMPORT_TORCH else median - base})
+        rows.append(
+            {
+                "case": name,
+                "command": _display(commands[name]),
+                "runs": times[name],
+                "median_s": median,
+                "min_s": min(times[name]),
+                "max_s": max(times[name]),
+                "median_minus_import_torch_s": None if name == IMPORT_TORCH else median - base,
+            }
+        )
     return {"rows": rows, "load_average": {"min": min(loads), "max": max(loads), "samples": loads}}
 
 
@@ -126,14 +161,19 @@ def _display(command: list[str]) -> str:
 
 def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
     load = result["load_average"]
-    lines = [f"{meta['model']}, {meta['runs']} runs per case (round-robin), {meta['machine']}; "
-             f"torch {meta['torch']}; load average {load['min']:.2f}-{load['max']:.2f} during the runs.", "",
-             "| case | command | median (s) | min-max (s) | median - import torch (s) |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        f"{meta['model']}, {meta['runs']} runs per case (round-robin), {meta['machine']}; "
+        f"torch {meta['torch']}; load average {load['min']:.2f}-{load['max']:.2f} during the runs.",
+        "",
+        "| case | command | median (s) | min-max (s) | median - import torch (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in result["rows"]:
         extra = "" if row["median_minus_import_torch_s"] is None else f"{row['median_minus_import_torch_s']:.2f}"
-        lines.append(f"| {row['case']} | `{row['command']}` | {row['median_s']:.2f} | "
-                     f"{row['min_s']:.2f}-{row['max_s']:.2f} | {extra} |")
+        lines.append(
+            f"| {row['case']} | `{row['command']}` | {row['median_s']:.2f} | "
+            f"{row['min_s']:.2f}-{row['max_s']:.2f} | {extra} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224, help="image side of the .pt2/.onnx example input")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18 at 32x32, one run, the fold "
-                        "cases and reinit-auto (overrides --runs, --model, --size, --cases)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: resnet18 at 32x32, one run, the fold "
+        "cases and reinit-auto (overrides --runs, --model, --size, --cases)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.model, args.size, args.cases = 1, "resnet18", 32, QUICK_CASES
@@ -158,10 +202,15 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(scratch)
         paths = make_models(args.model, work, size=args.size)
         result = run(args.cases, paths, arch=f"torchvision:{args.model}", runs=args.runs, out=work)
-    meta = {"model": args.model, "size": args.size, "runs": args.runs, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})",
-            "torch_threads": torch.get_num_threads()}
+    meta = {
+        "model": args.model,
+        "size": args.size,
+        "runs": args.runs,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+    }
     (args.out / "rewrite_bench.json").write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
     text = markdown(result, meta)
     (args.out / "rewrite_bench.md").write_text(text)

@@ -62,9 +62,11 @@ class Plan:
     scaling: tuple[str, ...]
 
 
-FULL = Plan(resnet="resnet50:16:224", bert="bert:8:128",
-            scaling=("mlp:512:4:64", "mlp:1600:4:64", "mlp:4096:6:64", "mlp:8192:15:16", "mlp:1600:4:16",
-                     "mlp:1600:4:256"))
+FULL = Plan(
+    resnet="resnet50:16:224",
+    bert="bert:8:128",
+    scaling=("mlp:512:4:64", "mlp:1600:4:64", "mlp:4096:6:64", "mlp:8192:15:16", "mlp:1600:4:16", "mlp:1600:4:256"),
+)
 # Two widths at one batch and two batches at one width: the least that gives both linearity fits.
 QUICK = Plan(resnet="resnet18:2:64", bert="bert-tiny:2:16", scaling=("mlp:64:2:8", "mlp:128:2:8", "mlp:64:2:32"))
 
@@ -85,32 +87,63 @@ class Target:
 
 
 TARGETS = (
-    Target("probe-time-resnet50", "probe wall time / bare training step, ResNet-50 batch 16, 224x224", 1.10,
-           "ratio", True),
-    Target("probe-time-bert", "probe wall time / bare training step, BERT-base batch 8, sequence 128", 1.10,
-           "ratio", True),
-    Target("probe-memory-resnet50", "probe peak RSS / bare training step peak RSS, ResNet-50 batch 16, 224x224",
-           1.10, "ratio", True),
-    Target("probe-memory-bert", "probe peak RSS / bare training step peak RSS, BERT-base batch 8, sequence 128",
-           1.10, "ratio", True),
+    Target(
+        "probe-time-resnet50", "probe wall time / bare training step, ResNet-50 batch 16, 224x224", 1.10, "ratio", True
+    ),
+    Target(
+        "probe-time-bert", "probe wall time / bare training step, BERT-base batch 8, sequence 128", 1.10, "ratio", True
+    ),
+    Target(
+        "probe-memory-resnet50",
+        "probe peak RSS / bare training step peak RSS, ResNet-50 batch 16, 224x224",
+        1.10,
+        "ratio",
+        True,
+    ),
+    Target(
+        "probe-memory-bert",
+        "probe peak RSS / bare training step peak RSS, BERT-base batch 8, sequence 128",
+        1.10,
+        "ratio",
+        True,
+    ),
     Target("gpu-time-ratio", "probe wall time / bare training step on a GPU", 1.10, "ratio", True),
-    Target("onnx-stats-warm", "ONNX statistics pass / plain onnxruntime inference, sessions created beforehand",
-           2.0, "ratio", True),
-    Target("onnx-stats-cold", "ONNX statistics pass / plain onnxruntime inference, new session + first run",
-           2.0, "ratio", True),
+    Target(
+        "onnx-stats-warm",
+        "ONNX statistics pass / plain onnxruntime inference, sessions created beforehand",
+        2.0,
+        "ratio",
+        True,
+    ),
+    Target(
+        "onnx-stats-cold",
+        "ONNX statistics pass / plain onnxruntime inference, new session + first run",
+        2.0,
+        "ratio",
+        True,
+    ),
     Target("onnx-lowering", "ONNX gradient lowering / PyTorch probe of the source model", 1.5, "ratio", True),
     Target("cli-help", "`gradcheck --help`, wall time", 0.5, "s", False),
     Target("cli-usage-error", "`gradcheck inspect` with no model (usage error), wall time", 0.5, "s", False),
-    Target("cli-inspect-first-sample", "`gradcheck inspect` of the README's first sample, wall time",
-           1.5, "s over import torch", False),
-    Target("fold-bn-state_dict", "`gradcheck fold-bn` ResNet-50 state_dict + --arch, verification included, "
-           "whole command", 3.0, "s", False),
-    Target("fold-bn-pt2", "`gradcheck fold-bn` ResNet-50 .pt2, verification included, whole command", 3.0, "s",
-           False),
-    Target("fold-bn-onnx", "`gradcheck fold-bn` ResNet-50 .onnx, verification included, whole command", 3.0, "s",
-           False),
-    Target("reinit-resnet50", "`gradcheck reinit` ResNet-50 (default scheme: auto), whole command", 3.0, "s",
-           False),
+    Target(
+        "cli-inspect-first-sample",
+        "`gradcheck inspect` of the README's first sample, wall time",
+        1.5,
+        "s over import torch",
+        False,
+    ),
+    Target(
+        "fold-bn-state_dict",
+        "`gradcheck fold-bn` ResNet-50 state_dict + --arch, verification included, whole command",
+        3.0,
+        "s",
+        False,
+    ),
+    Target("fold-bn-pt2", "`gradcheck fold-bn` ResNet-50 .pt2, verification included, whole command", 3.0, "s", False),
+    Target(
+        "fold-bn-onnx", "`gradcheck fold-bn` ResNet-50 .onnx, verification included, whole command", 3.0, "s", False
+    ),
+    Target("reinit-resnet50", "`gradcheck reinit` ResNet-50 (default scheme: auto), whole command", 3.0, "s", False),
 )
 
 
@@ -140,24 +173,55 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
 def part_commands(args: argparse.Namespace, plan: Plan, out: Path) -> dict[str, list[str]]:
     python = [sys.executable, "-u"]
     repeats = str(args.repeats)
-    probe = [*python, str(HERE / "probe_bench.py"), "--models", plan.resnet, plan.bert, "--repeats", repeats,
-             "--memory-repeats", str(args.memory_repeats), "--cli-repeats", repeats, "--out", str(out)]
+    probe = [
+        *python,
+        str(HERE / "probe_bench.py"),
+        "--models",
+        plan.resnet,
+        plan.bert,
+        "--repeats",
+        repeats,
+        "--memory-repeats",
+        str(args.memory_repeats),
+        "--cli-repeats",
+        repeats,
+        "--out",
+        str(out),
+    ]
     if args.quick:
         probe += ["--cli-samples", "first"]  # the README's first sample: the one with a target
-    memory = (["--memory-repeats", str(args.scaling_memory_repeats)] if args.scaling_memory_repeats
-              else ["--no-memory"])
-    scaling = [*python, str(HERE / "probe_bench.py"), "--no-cli", "--name", "scaling", "--models", *plan.scaling,
-               "--repeats", str(args.scaling_repeats), *memory, "--out", str(out)]
+    memory = ["--memory-repeats", str(args.scaling_memory_repeats)] if args.scaling_memory_repeats else ["--no-memory"]
+    scaling = [
+        *python,
+        str(HERE / "probe_bench.py"),
+        "--no-cli",
+        "--name",
+        "scaling",
+        "--models",
+        *plan.scaling,
+        "--repeats",
+        str(args.scaling_repeats),
+        *memory,
+        "--out",
+        str(out),
+    ]
     onnx = [*python, str(HERE / "onnx_bench.py"), "--modes", *ONNX_MODES, "--json", str(out / "onnx_bench.json")]
-    onnx += ["--quick"] if args.quick else ["--models", "resnet50", "--batch-size", "8", "--size", "224",
-                                            "--repeats", repeats]
+    onnx += (
+        ["--quick"]
+        if args.quick
+        else ["--models", "resnet50", "--batch-size", "8", "--size", "224", "--repeats", repeats]
+    )
     rewrite = [*python, str(HERE / "rewrite_bench.py"), "--out", str(out)]
     rewrite += ["--quick"] if args.quick else ["--runs", repeats]
     return {"probe": probe, "scaling": scaling, "onnx": onnx, "rewrite": rewrite}
 
 
-RESULT_FILES = {"probe": "probe_bench.json", "scaling": "scaling.json", "onnx": "onnx_bench.json",
-                "rewrite": "rewrite_bench.json"}
+RESULT_FILES = {
+    "probe": "probe_bench.json",
+    "scaling": "scaling.json",
+    "onnx": "onnx_bench.json",
+    "rewrite": "rewrite_bench.json",
+}
 MARKDOWN_FILES = {"probe": "probe_bench.md", "scaling": "scaling.md", "rewrite": "rewrite_bench.md"}
 
 
@@ -174,8 +238,10 @@ def run_part(name: str, argv: list[str], log: Path) -> dict[str, Any]:
     start = time.perf_counter()
     tail: list[str] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as sink, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                                 cwd=ROOT, env=env) as child:
+    with (
+        log.open("w") as sink,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env) as child,
+    ):
         assert child.stdout is not None  # stdout=PIPE
         for line in child.stdout:
             sink.write(line)
@@ -184,8 +250,13 @@ def run_part(name: str, argv: list[str], log: Path) -> dict[str, Any]:
         returncode = child.wait()
     seconds = time.perf_counter() - start
     print(f"[run_all] {name}: exit {returncode} after {seconds:.0f} s", file=sys.stderr, flush=True)
-    return {"command": display(argv), "returncode": returncode, "seconds": seconds, "log": log.name,
-            "error": "\n".join(tail) if returncode else None}
+    return {
+        "command": display(argv),
+        "returncode": returncode,
+        "seconds": seconds,
+        "log": log.name,
+        "error": "\n".join(tail) if returncode else None,
+    }
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -226,20 +297,36 @@ def machine() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    probe = _command_output([sys.executable, "-c", "import json, torch; c = torch.cuda.is_available(); "
-                             "print(json.dumps({'threads': torch.get_num_threads(), 'cuda': c, "
-                             "'device': torch.cuda.get_device_name(0) if c else None}))"])
+    probe = _command_output(
+        [
+            sys.executable,
+            "-c",
+            "import json, torch; c = torch.cuda.is_available(); "
+            "print(json.dumps({'threads': torch.get_num_threads(), 'cuda': c, "
+            "'device': torch.cuda.get_device_name(0) if c else None}))",
+        ]
+    )
     torch_info = json.loads(probe) if probe else {"threads": None, "cuda": False, "device": None}
     commit = _command_output(["git", "rev-parse", "HEAD"])
     # --no-optional-locks: never take the index lock of a tree other people are working in.
     changes = _command_output(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram_gib, "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions, "torch_threads": torch_info["threads"],
-            "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
-            "cuda_available": torch_info["cuda"], "cuda_device": torch_info["device"],
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": commit, "git_dirty": bool(changes) if changes is not None else None,
-            "load_average_start": list(os.getloadavg()), "load_average_end": None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": ram_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "torch_threads": torch_info["threads"],
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "cuda_available": torch_info["cuda"],
+        "cuda_device": torch_info["device"],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": bool(changes) if changes is not None else None,
+        "load_average_start": list(os.getloadavg()),
+        "load_average_end": None,
+    }
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -250,10 +337,13 @@ def machine_line(m: dict[str, Any]) -> str:
     commit = (m["git_commit"] or "unknown")[:12] + (" with uncommitted changes" if m["git_dirty"] else "")
     end = m["load_average_end"]
     load = f"load average (1 min) {m['load_average_start'][0]:.2f} at the start" + (
-        f", {end[0]:.2f} at the end" if end else "")
-    return (f"{m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch {v['torch']} "
-            f"({threads}), onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, torchvision {v['torchvision']}, "
-            f"transformers {v['transformers']}; {gpu}.\n\n{m['date']}, commit {commit}; {load}.")
+        f", {end[0]:.2f} at the end" if end else ""
+    )
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch {v['torch']} "
+        f"({threads}), onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, torchvision {v['torchvision']}, "
+        f"transformers {v['transformers']}; {gpu}.\n\n{m['date']}, commit {commit}; {load}."
+    )
 
 
 # ---- the targets ------------------------------------------------------------------------------
@@ -268,8 +358,14 @@ def probe_time(probe: dict[str, Any] | None, model: str) -> Measurement:
     if row is None:
         return not_measured(f"no timing of {model} (see the probe part)")
     lo, hi = row["time_ratio_range"]
-    return Measurement(row["time_ratio_median"], lo, hi, row["repeats"], model,
-                       f"bare {row['bare_median_s']:.3f} s, probe {row['probe_median_s']:.3f} s (medians)")
+    return Measurement(
+        row["time_ratio_median"],
+        lo,
+        hi,
+        row["repeats"],
+        model,
+        f"bare {row['bare_median_s']:.3f} s, probe {row['probe_median_s']:.3f} s (medians)",
+    )
 
 
 def probe_memory(probe: dict[str, Any] | None, model: str) -> Measurement:
@@ -279,15 +375,21 @@ def probe_memory(probe: dict[str, Any] | None, model: str) -> Measurement:
     if row["memory_ratio"] is None:
         return not_measured(f"the bare step of {model} grew the resident set by nothing: no ratio")
     lo, hi = row.get("memory_ratio_range") or (None, None)
-    return Measurement(row["memory_ratio"], lo, hi, row.get("repeats"), model,
-                       f"peak-RSS growth: bare {row['bare_growth_mb']:.0f} MB, probe {row['probe_growth_mb']:.0f} MB "
-                       "(medians)")
+    return Measurement(
+        row["memory_ratio"],
+        lo,
+        hi,
+        row.get("repeats"),
+        model,
+        f"peak-RSS growth: bare {row['bare_growth_mb']:.0f} MB, probe {row['probe_growth_mb']:.0f} MB (medians)",
+    )
 
 
 def gpu(m: dict[str, Any]) -> Measurement:
     if m["cuda_available"]:
-        return not_measured(f"a CUDA device is present ({m['cuda_device']}), but this harness runs the CPU "
-                            "benchmarks only")
+        return not_measured(
+            f"a CUDA device is present ({m['cuda_device']}), but this harness runs the CPU benchmarks only"
+        )
     return not_measured("no CUDA device on this machine")
 
 
@@ -311,9 +413,15 @@ def onnx_ratio(onnx: dict[str, Any] | None, mode: str, numerator: str, denominat
     medians = results[mode]["median_s"]
     median, lo, hi = spread(ratios)
     on = f"{model}, batch {onnx['batch_size']}, {onnx['size']}x{onnx['size']}"
-    return Measurement(median, lo, hi, len(ratios), on,
-                       f"{numerator} {medians[numerator]:.3f} s, {denominator} {medians[denominator]:.3f} s (medians; "
-                       f"ratio of medians {medians[numerator] / medians[denominator]:.2f})")
+    return Measurement(
+        median,
+        lo,
+        hi,
+        len(ratios),
+        on,
+        f"{numerator} {medians[numerator]:.3f} s, {denominator} {medians[denominator]:.3f} s (medians; "
+        f"ratio of medians {medians[numerator] / medians[denominator]:.2f})",
+    )
 
 
 def readme_first_inspect() -> str | None:
@@ -337,15 +445,22 @@ def cli_first_sample(probe: dict[str, Any] | None) -> Measurement:
     cli = (probe or {}).get("cli")
     command = readme_first_inspect()
     if cli is None or command is None:
-        return not_measured("no CLI timings (see the probe part)" if cli is None else
-                            "README.md has no `gradcheck inspect` command")
+        return not_measured(
+            "no CLI timings (see the probe part)" if cli is None else "README.md has no `gradcheck inspect` command"
+        )
     row = _row(cli["samples"], "command", command)
     if row is None:
         return not_measured(f"`{command}` (README.md's first) is not among the timed samples/README.md commands")
     lo, hi = row.get("minus_import_torch_range_s") or (None, None)
-    return Measurement(row["minus_import_torch_s"], lo, hi, cli["repeats"], f"`{command}`",
-                       f"wall {row['wall_s']:.2f} s, import torch {cli['import_torch_s']:.2f} s (medians; the "
-                       "difference is the median of per-round differences)")
+    return Measurement(
+        row["minus_import_torch_s"],
+        lo,
+        hi,
+        cli["repeats"],
+        f"`{command}`",
+        f"wall {row['wall_s']:.2f} s, import torch {cli['import_torch_s']:.2f} s (medians; the "
+        "difference is the median of per-round differences)",
+    )
 
 
 def rewrite_case(rewrite: dict[str, Any] | None, case: str) -> Measurement:
@@ -354,12 +469,17 @@ def rewrite_case(rewrite: dict[str, Any] | None, case: str) -> Measurement:
         return not_measured(f"no {case} timing (see the rewrite part)")
     meta = rewrite["meta"]
     on = meta["model"] + (f", example input {meta['size']}x{meta['size']}" if "size" in meta else "")
-    return Measurement(row["median_s"], row["min_s"], row["max_s"], len(row["runs"]), f"{on}: `{row['command']}`",
-                       f"import torch {row['median_minus_import_torch_s']:+.2f} s")
+    return Measurement(
+        row["median_s"],
+        row["min_s"],
+        row["max_s"],
+        len(row["runs"]),
+        f"{on}: `{row['command']}`",
+        f"import torch {row['median_minus_import_torch_s']:+.2f} s",
+    )
 
 
-def measure_targets(results: dict[str, dict[str, Any] | None], plan: Plan,
-                    m: dict[str, Any]) -> list[dict[str, Any]]:
+def measure_targets(results: dict[str, dict[str, Any] | None], plan: Plan, m: dict[str, Any]) -> list[dict[str, Any]]:
     probe, onnx, rewrite = results.get("probe"), results.get("onnx"), results.get("rewrite")
     measure: dict[str, Callable[[], Measurement]] = {
         "probe-time-resnet50": lambda: probe_time(probe, plan.resnet),
@@ -440,14 +560,22 @@ def scaling_summary(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
     for t in scaling["time"]:
         spec = t["model"].split(":")
         m = memory.get(t["model"])
-        rows.append({"model": t["model"], "parameters": t["parameters"],
-                     "shape": ":".join(spec[:3]) if spec[0] == "mlp" else t["model"],
-                     "batch": int(spec[3]) if spec[0] == "mlp" and len(spec) == 4 else None,
-                     "probe_s": t["probe_median_s"], "probe_range_s": t["probe_range_s"],
-                     "bare_s": t["bare_median_s"], "bare_range_s": t["bare_range_s"],
-                     "time_ratio": t["time_ratio_median"], "repeats": t["repeats"],
-                     "bare_peak_growth_mb": m["bare_growth_mb"] if m else None,
-                     "probe_peak_growth_mb": m["probe_growth_mb"] if m else None})
+        rows.append(
+            {
+                "model": t["model"],
+                "parameters": t["parameters"],
+                "shape": ":".join(spec[:3]) if spec[0] == "mlp" else t["model"],
+                "batch": int(spec[3]) if spec[0] == "mlp" and len(spec) == 4 else None,
+                "probe_s": t["probe_median_s"],
+                "probe_range_s": t["probe_range_s"],
+                "bare_s": t["bare_median_s"],
+                "bare_range_s": t["bare_range_s"],
+                "time_ratio": t["time_ratio_median"],
+                "repeats": t["repeats"],
+                "bare_peak_growth_mb": m["bare_growth_mb"] if m else None,
+                "probe_peak_growth_mb": m["probe_growth_mb"] if m else None,
+            }
+        )
     by_batch: dict[int, list[dict[str, Any]]] = {}
     by_shape: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -466,41 +594,61 @@ def scaling_summary(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
             xs = [r[axis] for r in group]
             k = exponent(xs, [r["probe_s"] for r in group])
             kb = exponent(xs, [r["bare_s"] for r in group])
-            fit: dict[str, Any] = {fixed: key, "models": [r["model"] for r in group], "exponent": k,
-                                   "bare_exponent": kb}
+            fit: dict[str, Any] = {
+                fixed: key,
+                "models": [r["model"] for r in group],
+                "exponent": k,
+                "bare_exponent": kb,
+            }
             if axis == "parameters":
                 per_unit = [r["probe_s"] / r["parameters"] * 1e6 for r in group]
                 fit["probe_s_per_million_parameters"] = per_unit
-                where = (f"At batch {key}, from {count_text(xs[0])} to {count_text(xs[-1])} parameters, probe time "
-                         f"grows as parameters^{k:.2f}")
+                where = (
+                    f"At batch {key}, from {count_text(xs[0])} to {count_text(xs[-1])} parameters, probe time "
+                    f"grows as parameters^{k:.2f}"
+                )
                 unit = "probe seconds per million parameters"
             else:
                 per_unit = [r["probe_s"] / r["batch"] * 1e3 for r in group]
                 fit["probe_ms_per_sample"] = per_unit
-                where = (f"For {key} ({count_text(group[0]['parameters'])} parameters), from batch {xs[0]} to "
-                         f"{xs[-1]}, probe time grows as batch^{k:.2f}")
+                where = (
+                    f"For {key} ({count_text(group[0]['parameters'])} parameters), from batch {xs[0]} to "
+                    f"{xs[-1]}, probe time grows as batch^{k:.2f}"
+                )
                 unit = "probe milliseconds per sample"
             fits[axis].append(fit)
-            statements.append(f"{where} (bare step: ^{kb:.2f}): {linearity(k)}; {unit}: "
-                              f"{', '.join(f'{v:.3g}' for v in per_unit)}.")
+            statements.append(
+                f"{where} (bare step: ^{kb:.2f}): {linearity(k)}; {unit}: {', '.join(f'{v:.3g}' for v in per_unit)}."
+            )
     largest = max(rows, key=lambda r: r["parameters"])
-    statements.append(f"Largest model probed: {largest['parameters']:,} parameters ({largest['model']}) in "
-                      f"{largest['probe_s']:.3g} s (bare training step {largest['bare_s']:.3g} s).")
-    return {"rows": rows, "fits": fits, "largest": {k: largest[k] for k in ("model", "parameters", "probe_s")},
-            "statements": statements}
+    statements.append(
+        f"Largest model probed: {largest['parameters']:,} parameters ({largest['model']}) in "
+        f"{largest['probe_s']:.3g} s (bare training step {largest['bare_s']:.3g} s)."
+    )
+    return {
+        "rows": rows,
+        "fits": fits,
+        "largest": {k: largest[k] for k in ("model", "parameters", "probe_s")},
+        "statements": statements,
+    }
 
 
 def scaling_markdown(s: dict[str, Any]) -> list[str]:
     def mb(value: float | None) -> str:
         return "—" if value is None else f"{value:.0f} MB"
 
-    lines = ["| model | parameters | batch | probe (median, min-max) | bare step (median, min-max) | time ratio | "
-             "bare peak-RSS growth | probe peak-RSS growth |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | parameters | batch | probe (median, min-max) | bare step (median, min-max) | time ratio | "
+        "bare peak-RSS growth | probe peak-RSS growth |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in s["rows"]:
         (plo, phi), (blo, bhi) = r["probe_range_s"], r["bare_range_s"]
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['batch'] or '—'} | {r['probe_s']:.3f} s "
-                     f"({plo:.3f}-{phi:.3f}) | {r['bare_s']:.3f} s ({blo:.3f}-{bhi:.3f}) | {r['time_ratio']:.2f} | "
-                     f"{mb(r['bare_peak_growth_mb'])} | {mb(r['probe_peak_growth_mb'])} |")
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {r['batch'] or '—'} | {r['probe_s']:.3f} s "
+            f"({plo:.3f}-{phi:.3f}) | {r['bare_s']:.3f} s ({blo:.3f}-{bhi:.3f}) | {r['time_ratio']:.2f} | "
+            f"{mb(r['bare_peak_growth_mb'])} | {mb(r['probe_peak_growth_mb'])} |"
+        )
     return [*lines, "", *s["statements"]]
 
 
@@ -510,27 +658,39 @@ def scaling_markdown(s: dict[str, Any]) -> list[str]:
 def summary_markdown(summary: dict[str, Any], out: Path) -> str:
     lines = ["# Benchmark summary (issue 9)", ""]
     if summary["quick"]:
-        lines += ["> **Quick smoke run**: small stand-in models and one repeat. These figures check that the "
-                  "harness works; they are not measurements of the targets.", ""]
+        lines += [
+            "> **Quick smoke run**: small stand-in models and one repeat. These figures check that the "
+            "harness works; they are not measurements of the targets.",
+            "",
+        ]
     if summary["jobs"] > 1:
-        lines += [f"> Parts ran {summary['jobs']} at a time, slowing each other down: the times are upper "
-                  "bounds.", ""]
-    lines += [f"Reproduce: `{summary['command']}`", "", "Machine: " + machine_line(summary["machine"]), "",
-              "## Targets", "",
-              "Status is the median against the target; min-max is over the repeats (for ratios, of the per-pair "
-              "ratios).", "",
-              "| target | measured on | n | measured: median (min-max) | target | status | notes |",
-              "|---|---|---:|---:|---:|---|---|"]
+        lines += [f"> Parts ran {summary['jobs']} at a time, slowing each other down: the times are upper bounds.", ""]
+    lines += [
+        f"Reproduce: `{summary['command']}`",
+        "",
+        "Machine: " + machine_line(summary["machine"]),
+        "",
+        "## Targets",
+        "",
+        "Status is the median against the target; min-max is over the repeats (for ratios, of the per-pair ratios).",
+        "",
+        "| target | measured on | n | measured: median (min-max) | target | status | notes |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
     for row in summary["targets"]:
-        lines.append(f"| {row['what']} | {row['on'] or '—'} | {row['count'] or '—'} | {measured_text(row)} | "
-                     f"{row['target']} | **{row['status']}** | {row['note']} |")
+        lines.append(
+            f"| {row['what']} | {row['on'] or '—'} | {row['count'] or '—'} | {measured_text(row)} | "
+            f"{row['target']} | **{row['status']}** | {row['note']} |"
+        )
     scaling = summary["scaling"]
     lines += ["", "## Scaling", ""]
     lines += scaling_markdown(scaling) if scaling else ["Not measured (see the scaling part)."]
-    sections = [("Probe overhead, peak memory and CLI start-up (bench/probe_bench.py)", "probe"),
-                ("Scaling, as bench/probe_bench.py reports it", "scaling"),
-                ("ONNX probe (bench/onnx_bench.py)", "onnx"),
-                ("fold-bn and reinit as whole commands (bench/rewrite_bench.py)", "rewrite")]
+    sections = [
+        ("Probe overhead, peak memory and CLI start-up (bench/probe_bench.py)", "probe"),
+        ("Scaling, as bench/probe_bench.py reports it", "scaling"),
+        ("ONNX probe (bench/onnx_bench.py)", "onnx"),
+        ("fold-bn and reinit as whole commands (bench/rewrite_bench.py)", "rewrite"),
+    ]
     for title, part in sections:
         lines += ["", f"## {title}", ""]
         result = summary["results"].get(part)
@@ -552,9 +712,11 @@ def summary_markdown(summary: dict[str, Any], out: Path) -> str:
 def onnx_markdown(onnx: dict[str, Any]) -> list[str]:
     import onnx_bench  # bench/ is this script's directory, hence on sys.path; imports only the stdlib
 
-    lines = [f"{onnx['machine']}; batch {onnx['batch_size']}x3x{onnx['size']}x{onnx['size']}, medians of "
-             f"{onnx['repeats']} interleaved repeats; load average {onnx['load_average']['start']:.2f} at the start, "
-             f"{onnx['load_average']['end']:.2f} at the end."]
+    lines = [
+        f"{onnx['machine']}; batch {onnx['batch_size']}x3x{onnx['size']}x{onnx['size']}, medians of "
+        f"{onnx['repeats']} interleaved repeats; load average {onnx['load_average']['start']:.2f} at the start, "
+        f"{onnx['load_average']['end']:.2f} at the end."
+    ]
     for model, results in onnx["models"].items():
         lines += onnx_bench.report_lines(model, results)
     for model, failed in (onnx.get("failures") or {}).items():
@@ -565,20 +727,41 @@ def onnx_markdown(onnx: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: small models, one repeat of everything")
-    parser.add_argument("--out", type=Path, help="results folder (default bench/results, bench/results/quick "
-                        "with --quick)")
-    parser.add_argument("--repeats", "--runs", type=int, default=5,
-                        help="timed repetitions in each part: probe/bare pairs, CLI rounds, ONNX repeats, rewrite "
-                        "runs (default 5)")
-    parser.add_argument("--memory-repeats", type=int, default=3,
-                        help="fresh-process peak-memory measurements per model of the probe part (default 3)")
-    parser.add_argument("--scaling-repeats", type=int, default=3,
-                        help="probe/bare pairs per scaling model (default 3; the 1 B model takes ~20 s a step)")
-    parser.add_argument("--scaling-memory-repeats", type=int, default=1,
-                        help="peak-memory measurements per scaling model, 0 for none (default 1)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default bench/results, bench/results/quick with --quick)"
+    )
+    parser.add_argument(
+        "--repeats",
+        "--runs",
+        type=int,
+        default=5,
+        help="timed repetitions in each part: probe/bare pairs, CLI rounds, ONNX repeats, rewrite runs (default 5)",
+    )
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=3,
+        help="fresh-process peak-memory measurements per model of the probe part (default 3)",
+    )
+    parser.add_argument(
+        "--scaling-repeats",
+        type=int,
+        default=3,
+        help="probe/bare pairs per scaling model (default 3; the 1 B model takes ~20 s a step)",
+    )
+    parser.add_argument(
+        "--scaling-memory-repeats",
+        type=int,
+        default=1,
+        help="peak-memory measurements per scaling model, 0 for none (default 1)",
+    )
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
-    parser.add_argument("--jobs", type=int, help="parts run at once (default 1; 2 with --quick). Parts running "
-                        "side by side slow each other down: keep 1 for figures to publish")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="parts run at once (default 1; 2 with --quick). Parts running "
+        "side by side slow each other down: keep 1 for figures to publish",
+    )
     args = parser.parse_args(argv)
     jobs = args.jobs or (2 if args.quick else 1)
     if args.quick:
@@ -612,10 +795,18 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = read_json(out / RESULT_FILES[name])
     described["load_average_end"] = list(os.getloadavg())
 
-    summary = {"schema_version": SCHEMA_VERSION, "quick": args.quick, "jobs": jobs, "command": command,
-               "machine": described,
-               "plan": asdict(plan), "parts": parts, "targets": measure_targets(results, plan, described),
-               "scaling": scaling_summary(results.get("scaling")), "results": results}
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "quick": args.quick,
+        "jobs": jobs,
+        "command": command,
+        "machine": described,
+        "plan": asdict(plan),
+        "parts": parts,
+        "targets": measure_targets(results, plan, described),
+        "scaling": scaling_summary(results.get("scaling")),
+        "results": results,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = summary_markdown(summary, out)
     (out / "summary.md").write_text(text)

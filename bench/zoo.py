@@ -70,7 +70,6 @@ class Job:
     detail: str = ""  # timm family, transformers modality, ONNX exporter
     path: str = ""  # transformers directory or ONNX file
 
-
     @property
     def key(self) -> str:
         # Two ONNX files of one model differ by exporter only.
@@ -117,9 +116,33 @@ def torchvision_jobs(quick: bool) -> list[Job]:
     return [Job("torchvision", n) for n in names]
 
 
-_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxs", "xxsmall", "tiny", "xs", "xsmall", "mini",
-               "small", "s", "lite", "b0", "medium", "m", "base", "b", "large", "l", "huge", "h",
-               "giant", "g", "gigantic"]
+_SIZE_WORDS = [
+    "atto",
+    "femto",
+    "pico",
+    "nano",
+    "xxs",
+    "xxsmall",
+    "tiny",
+    "xs",
+    "xsmall",
+    "mini",
+    "small",
+    "s",
+    "lite",
+    "b0",
+    "medium",
+    "m",
+    "base",
+    "b",
+    "large",
+    "l",
+    "huge",
+    "h",
+    "giant",
+    "g",
+    "gigantic",
+]
 
 
 def _size_key(name: str) -> tuple[int, float, int, str]:
@@ -162,16 +185,20 @@ def transformers_jobs(workdir: Path, quick: bool) -> list[Job]:
     sys.path.insert(0, str(ROOT / "bench"))
     from hf_sources import hf_directories
 
-    return [Job("transformers", arch, detail=modality, path=str(directory))
-            for arch, modality, directory in hf_directories(workdir, quick=quick)]
+    return [
+        Job("transformers", arch, detail=modality, path=str(directory))
+        for arch, modality, directory in hf_directories(workdir, quick=quick)
+    ]
 
 
 def onnx_jobs(workdir: Path, quick: bool) -> list[Job]:
     sys.path.insert(0, str(ROOT / "bench"))
     from onnx_sources import onnx_sources
 
-    return [Job("onnx", name, detail=exporter, path=str(path))
-            for name, exporter, path in onnx_sources(workdir, quick=quick)]
+    return [
+        Job("onnx", name, detail=exporter, path=str(path))
+        for name, exporter, path in onnx_sources(workdir, quick=quick)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +298,7 @@ def _timm_model(name: str) -> tuple[Any, tuple[int, ...], str, dict[str, Any]]:
 
     try:
         model = timm.create_model(name, pretrained=False, img_size=SMALL_SIDE)
-        shape: tuple[int, ...] = (BATCH, int(model.pretrained_cfg.get("input_size", (3,))[0]),
-                                  SMALL_SIDE, SMALL_SIDE)
+        shape: tuple[int, ...] = (BATCH, int(model.pretrained_cfg.get("input_size", (3,))[0]), SMALL_SIDE, SMALL_SIDE)
         with torch.no_grad():
             model.eval()(torch.randn(1, *shape[1:]))
         return model, shape, "", {"img_size": SMALL_SIDE}
@@ -351,19 +377,21 @@ def _row_dict(row: Row) -> dict[str, Any]:
 
 
 def _row_from(data: dict[str, Any]) -> Row:
-    return Row(Job(**data["job"]), {k: Outcome(**v) for k, v in data["ops"].items()},
-               data["seconds"], data.get("note", ""))
+    return Row(
+        Job(**data["job"]), {k: Outcome(**v) for k, v in data["ops"].items()}, data["seconds"], data.get("note", "")
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The driver
 
 
-def run_jobs(jobs: list[Job], workdir: Path, *, timeout: float, chunk: int,
-             log: Any = None, on_rows: Any = None) -> list[Row]:
+def run_jobs(
+    jobs: list[Job], workdir: Path, *, timeout: float, chunk: int, log: Any = None, on_rows: Any = None
+) -> list[Row]:
     rows: list[Row] = []
     for start in range(0, len(jobs), chunk):
-        part = jobs[start:start + chunk]
+        part = jobs[start : start + chunk]
         rows.extend(_run_chunk(part, workdir, timeout * len(part), log))
         if on_rows is not None:
             on_rows(rows)
@@ -425,9 +453,14 @@ def summarise(category: str, rows: list[Row]) -> dict[str, Any]:
             counts[op][row.ops.get(op, NOT_RUN).status] += 1
     total = len(rows)
     coverage = counts["inspect"]["ok"] / total if total else 0.0
-    return {"category": category, "models": total, "coverage": coverage,
-            "target": TARGETS[category], "met": total > 0 and coverage >= TARGETS[category],
-            "counts": {op: dict(c) for op, c in counts.items()}}
+    return {
+        "category": category,
+        "models": total,
+        "coverage": coverage,
+        "target": TARGETS[category],
+        "met": total > 0 and coverage >= TARGETS[category],
+        "counts": {op: dict(c) for op, c in counts.items()},
+    }
 
 
 def _ops_cell(counts: dict[str, int]) -> str:
@@ -439,17 +472,21 @@ def _ops_cell(counts: dict[str, int]) -> str:
 
 
 def render(results: dict[str, dict[str, Any]], quick: bool) -> str:
-    lines = ["| category | models | inspect | coverage (target) | fold-bn | reinit --scheme auto |",
-             "|---|---:|---|---|---|---|"]
+    lines = [
+        "| category | models | inspect | coverage (target) | fold-bn | reinit --scheme auto |",
+        "|---|---:|---|---|---|---|",
+    ]
     for category in CATEGORIES:
         if category not in results:
             continue
         # Recomputed from the rows: the stored summary may come from an older version of this script.
         s = summarise(category, [_row_from(r) for r in results[category]["rows"]])
         status = "met" if s["met"] else "**missed**"
-        lines.append(f"| {category} | {s['models']} | {_ops_cell(s['counts']['inspect'])} | "
-                     f"{s['coverage']:.1%} ({s['target']:.0%}, {status}) | "
-                     f"{_ops_cell(s['counts']['fold-bn'])} | {_ops_cell(s['counts']['reinit'])} |")
+        lines.append(
+            f"| {category} | {s['models']} | {_ops_cell(s['counts']['inspect'])} | "
+            f"{s['coverage']:.1%} ({s['target']:.0%}, {status}) | "
+            f"{_ops_cell(s['counts']['fold-bn'])} | {_ops_cell(s['counts']['reinit'])} |"
+        )
     out = ["\n".join(lines), ""]
     for category in CATEGORIES:
         if category not in results:
@@ -459,8 +496,7 @@ def render(results: dict[str, dict[str, Any]], quick: bool) -> str:
         planned = data.get("planned", len(rows))
         partial = f"; interrupted: {len(rows)} of {planned} run" if planned > len(rows) else ""
         out.append(f"### {category}: {len(rows)} models ({data['when']}, {data['seconds']:.0f} s{partial})\n")
-        problems = [(row, op, o) for row in rows for op, o in row.ops.items()
-                    if o.status in ("declined", "failed")]
+        problems = [(row, op, o) for row in rows for op, o in row.ops.items() if o.status in ("declined", "failed")]
         if problems:
             out.append("Not ok:\n")
             out.extend(f"- `{row.job.name}` {op}: {o.cell()}" for row, op, o in problems)
@@ -469,8 +505,11 @@ def render(results: dict[str, dict[str, Any]], quick: bool) -> str:
         out.append("|---|---|---|---|---|---:|")
         for row in rows:
             cells = [row.ops.get(op, NOT_RUN) for op in ("inspect", "fold-bn", "reinit")]
-            out.append(f"| {row.job.name} | {row.job.detail} | " + " | ".join(
-                _short(c) for c in cells) + f" | {row.seconds:.0f} |")
+            out.append(
+                f"| {row.job.name} | {row.job.detail} | "
+                + " | ".join(_short(c) for c in cells)
+                + f" | {row.seconds:.0f} |"
+            )
         out.append("")
     if quick:
         out.insert(0, "(quick subset)\n")
@@ -494,8 +533,10 @@ def machine_line() -> str:
 
             versions.append(f"{package} {importlib.metadata.version(package)}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs "
-            f"(torch threads {torch.get_num_threads()}), load average {load:.1f}; " + ", ".join(versions))
+    return (
+        f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs "
+        f"(torch threads {torch.get_num_threads()}), load average {load:.1f}; " + ", ".join(versions)
+    )
 
 
 def update_benchmarks(text: str, path: Path) -> None:
@@ -517,10 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=RESULTS / "zoo_work")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where zoo.md and the JSON go")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the stored rows of an interrupted run and run only the rest")
-    parser.add_argument("--render-only", action="store_true",
-                        help="only rewrite zoo.md (and BENCHMARKS.md) from the stored results")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the stored rows of an interrupted run and run only the rest"
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="only rewrite zoo.md (and BENCHMARKS.md) from the stored results"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -544,29 +587,42 @@ def main(argv: list[str] | None = None) -> int:
         planned = len(jobs)
         jobs = [job for job in jobs if job.key not in done_keys]
 
-        def save(rows: list[Row], category: str = category, started: float = started,
-                 stored: Path = stored, planned: int = planned, earlier: list[Row] = earlier,
-                 spent: float = spent) -> None:
+        def save(
+            rows: list[Row],
+            category: str = category,
+            started: float = started,
+            stored: Path = stored,
+            planned: int = planned,
+            earlier: list[Row] = earlier,
+            spent: float = spent,
+        ) -> None:
             # Written after every model, so that an interrupted sweep still has its figures.
             every = earlier + rows
-            data = {"when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                    "seconds": spent + time.perf_counter() - started, "planned": planned,
-                    "summary": summarise(category, every), "rows": [_row_dict(r) for r in every]}
+            data = {
+                "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "seconds": spent + time.perf_counter() - started,
+                "planned": planned,
+                "summary": summarise(category, every),
+                "rows": [_row_dict(r) for r in every],
+            }
             stored.write_text(json.dumps(data, indent=1))
 
         # Quick: one process per category (one torch import); full: one per model, so that a
         # crash or a hang costs one row.
-        run_jobs(jobs, args.workdir, timeout=args.timeout, chunk=len(jobs) if args.quick else 1,
-                 log=sys.stderr, on_rows=save)
+        run_jobs(
+            jobs, args.workdir, timeout=args.timeout, chunk=len(jobs) if args.quick else 1, log=sys.stderr, on_rows=save
+        )
     results = {}
     for category in CATEGORIES:
         stored = args.out / f"zoo_{category}{suffix}.json"
         if stored.exists():
             results[category] = json.loads(stored.read_text())
     text = render(results, args.quick)
-    header = (f"Reproduce: `python bench/zoo.py` (or `--only CATEGORY`). Machine: {machine_line()}. "
-              "Batch 2, 64x64 images where the model allows (else its configured size); fold-bn and "
-              "reinit with --dry-run.\n\n")
+    header = (
+        f"Reproduce: `python bench/zoo.py` (or `--only CATEGORY`). Machine: {machine_line()}. "
+        "Batch 2, 64x64 images where the model allows (else its configured size); fold-bn and "
+        "reinit with --dry-run.\n\n"
+    )
     (args.out / ("zoo_quick.md" if args.quick else "zoo.md")).write_text(header + text + "\n")
     print(header + text)
     if not args.quick and not args.no_benchmarks_md:

@@ -76,8 +76,12 @@ RECORDS: dict[str, type[Any]] = {
 }
 # Fields no file sets: the probe's inputs are their own record; reinit draws with the inputs' seed;
 # the LSUV loop's bounds are the paper's.
-_NOT_CONFIGURABLE = {("probe", "inputs"), ("reinit", "seed"), ("reinit", "lsuv_tolerance"),
-                     ("reinit", "lsuv_max_iterations")}
+_NOT_CONFIGURABLE = {
+    ("probe", "inputs"),
+    ("reinit", "seed"),
+    ("reinit", "lsuv_tolerance"),
+    ("reinit", "lsuv_max_iterations"),
+}
 
 
 def option_fields() -> dict[str, str]:
@@ -113,8 +117,11 @@ class Settings:
             values["gate"]["ignore"] = tuple(gate_file["ignore"]) + tuple(gate_cli["ignore"])
         if "rules" in gate_file and "rules" in gate_cli:
             values["gate"]["rules"] = {**gate_file["rules"], **gate_cli["rules"]}
-        return Settings(values={k: v for k, v in values.items() if v},
-                        format=cli.format if cli.format is not None else self.format, source=self.source)
+        return Settings(
+            values={k: v for k, v in values.items() if v},
+            format=cli.format if cli.format is not None else self.format,
+            source=self.source,
+        )
 
     def _record(self, name: str) -> Any:
         return replace(RECORDS[name](), **self.values.get(name, {}))
@@ -154,8 +161,13 @@ def settings_of(**values: Any) -> Settings:
     return Settings(values=grouped)
 
 
-def parse_report_target(text: str, *, where: str = "`format`", base: Path | None = None,
-                        allowed: tuple[ReportFormat, ...] = tuple(ReportFormat)) -> ReportTarget:
+def parse_report_target(
+    text: str,
+    *,
+    where: str = "`format`",
+    base: Path | None = None,
+    allowed: tuple[ReportFormat, ...] = tuple(ReportFormat),
+) -> ReportTarget:
     """'junit' or 'junit=reports/gradcheck.xml' (a relative path is taken from ``base``)."""
     name, sep, path_text = text.partition("=")
     try:
@@ -196,8 +208,10 @@ def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Set
             raise ConfigError(f"config file {config} {what}")
         if config.stat().st_size == 0:
             # Valid TOML, but a file named explicitly is never meant to be empty (a failed write?).
-            raise ConfigError(f"config file {config} is empty",
-                              hint="add a [tool.gradcheck] table, or drop `config` to use the defaults")
+            raise ConfigError(
+                f"config file {config} is empty",
+                hint="add a [tool.gradcheck] table, or drop `config` to use the defaults",
+            )
         data = _read_toml(config)
         table = _gradcheck_table(data, config)
         if table is None:
@@ -431,8 +445,12 @@ def parse_settings(table: dict[str, Any], *, source: Path | None = None) -> Sett
     settings = Settings(values=values, format=report, source=source)
     # Validate rule names and thresholds now, so a bad file fails before any model is loaded.
     gate = settings.gate
-    configure(select=gate.select, ignore=gate.ignore, overrides=gate.rules,
-              name_of=lambda key: f"{TABLE}.{key.replace('_', '-')}")
+    configure(
+        select=gate.select,
+        ignore=gate.ignore,
+        overrides=gate.rules,
+        name_of=lambda key: f"{TABLE}.{key.replace('_', '-')}",
+    )
     return settings
 
 
@@ -457,7 +475,5 @@ def _parse_rules(table: dict[str, Any], where: str) -> dict[str, RuleOverride]:
                     f"{here}.{raw_key}: unknown key {raw_key!r}",
                     hint=f"a rule takes {', '.join(_RULE_KEYS)}",
                 )
-        rules[rule_key] = RuleOverride(
-            threshold=threshold, severity=severity, ignore_layers=ignore_layers
-        )
+        rules[rule_key] = RuleOverride(threshold=threshold, severity=severity, ignore_layers=ignore_layers)
     return rules

@@ -50,8 +50,9 @@ class MissingDependencyError(GradcheckError):
 
     def __init__(self, package: str, *, purpose: str, extra: str | None = None) -> None:
         install = f"pip install 'gradcheck-cli[{extra}]'" if extra else f"pip install {package}"
-        super().__init__(f"{purpose} needs the package '{package}', which is not installed",
-                         hint=f"install it with: {install}")
+        super().__init__(
+            f"{purpose} needs the package '{package}', which is not installed", hint=f"install it with: {install}"
+        )
         self.package = package
 
 

@@ -15,16 +15,17 @@ from gradcheck_cli.errors import GradcheckError
 def check_writable_output(path: Path, *, force: bool, source: Path | None = None) -> None:
     """Refuse to overwrite without `force`, and never overwrite the input itself."""
     if source is not None and path.exists() and source.exists() and path.resolve() == source.resolve():
-        raise GradcheckError(f"the output {path} is the input file; gradcheck never modifies its input",
-                             hint="choose another output path")
+        raise GradcheckError(
+            f"the output {path} is the input file; gradcheck never modifies its input",
+            hint="choose another output path",
+        )
     if path.exists() and not force:
         raise GradcheckError(f"{path} already exists", hint="pass `force` to overwrite it")
     if path.exists() and path.is_dir():
         raise GradcheckError(f"{path} is a directory", hint="give a file path for the output")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise GradcheckError(f"cannot write {path}: the directory {parent} does not exist",
-                             hint="create it first")
+        raise GradcheckError(f"cannot write {path}: the directory {parent} does not exist", hint="create it first")
 
 
 @contextlib.contextmanager
@@ -65,8 +66,10 @@ def publish(tmp: Path, path: Path) -> None:
 
 def write_error(path: Path, exc: OSError) -> GradcheckError:
     """The one-line error for a failed write (disk full, permission denied, ...)."""
-    return GradcheckError(f"could not write {path}: {exc.strerror or exc}",
-                          hint="check free disk space and permissions; nothing was written")
+    return GradcheckError(
+        f"could not write {path}: {exc.strerror or exc}",
+        hint="check free disk space and permissions; nothing was written",
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

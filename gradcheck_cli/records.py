@@ -26,12 +26,10 @@ class RowKind(Choice):
     OTHER = "other"  # any other module that owns parameters
 
 
-
 class Severity(Choice):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
-
 
     @property
     def rank(self) -> int:
@@ -239,7 +237,6 @@ class BaselineStatus(Choice):
     NEW = "new"  # not in the baseline
     WORSENED = "worsened"  # in the baseline, but its value moved further past the threshold
     UNCHANGED = "unchanged"  # in the baseline, no worse (within the tolerance)
-
 
 
 @dataclass(frozen=True)

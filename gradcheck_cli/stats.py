@@ -52,7 +52,8 @@ HISTOGRAM_MAX_DECADE = 4
 
 def histogram_edges() -> list[float]:
     """Bin edges, ascending; bin i holds values in (edges[i-1], edges[i]] (bin 0: up to edges[0])."""
-    steps = range(HISTOGRAM_MIN_DECADE * HISTOGRAM_BINS_PER_DECADE,
-                  HISTOGRAM_MAX_DECADE * HISTOGRAM_BINS_PER_DECADE + 1)
+    steps = range(
+        HISTOGRAM_MIN_DECADE * HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_MAX_DECADE * HISTOGRAM_BINS_PER_DECADE + 1
+    )
     positive = [10.0 ** (k / HISTOGRAM_BINS_PER_DECADE) for k in steps]
     return [-x for x in reversed(positive)] + positive

@@ -122,8 +122,10 @@ def main(out: Path = HERE) -> list[Path]:
 
     torch.manual_seed(SEED)
     healthy = relu_healthy()
-    torch.save({"epoch": 10, "model_state_dict": {f"module.{k}": v for k, v in healthy.state_dict().items()}},
-               out / "relu_healthy.ckpt")
+    torch.save(
+        {"epoch": 10, "model_state_dict": {f"module.{k}": v for k, v in healthy.state_dict().items()}},
+        out / "relu_healthy.ckpt",
+    )
     _export(healthy, example_vec, out / "relu_healthy.pt2")
     written += [out / "relu_healthy.ckpt", out / "relu_healthy.pt2"]
     return written

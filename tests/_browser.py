@@ -27,10 +27,20 @@ from typing import Any
 import pytest
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
-         "--disable-dev-shm-usage")  # containers often have a tiny /dev/shm
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--disable-dev-shm-usage",
+)  # containers often have a tiny /dev/shm
 START_TIMEOUT_S = 30.0
 REPLY_TIMEOUT_S = 30.0
 
@@ -113,8 +123,7 @@ class Page:
         return result["result"].get("value")
 
     def screenshot(self, width: int = 1280, height: int = 1600) -> bytes:
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 
     def errors(self) -> list[str]:
@@ -140,9 +149,17 @@ def chromium_page(executable: str) -> Iterator[Page]:
 
     with tempfile.TemporaryDirectory(prefix="gradcheck-chromium-") as profile:
         process = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "--remote-allow-origins=*", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                executable,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         socket = None
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -155,8 +172,9 @@ def chromium_page(executable: str) -> Iterator[Page]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
                 targets = json.load(response)
             target = next(t for t in targets if t.get("type") == "page")
-            socket = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=REPLY_TIMEOUT_S,
-                                                 suppress_origin=True)
+            socket = websocket.create_connection(
+                target["webSocketDebuggerUrl"], timeout=REPLY_TIMEOUT_S, suppress_origin=True
+            )
             page = Page(socket)
             for domain in ("Page", "Runtime", "Log", "Network"):
                 page.call(f"{domain}.enable")

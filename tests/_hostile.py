@@ -68,8 +68,10 @@ def hostile_files(directory: Path, marker: Path) -> dict[str, Path]:
         paths[name].write_bytes(data)
     paths.update(hostile_pt2_files(directory, marker))
     paths["torchscript_data_pkl.pt"] = _replace_members(
-        SAMPLES / "relu_dead.torchscript.pt", directory / "torchscript_data_pkl.pt",
-        {"/data.pkl": pickle.dumps(payload, protocol=2)})
+        SAMPLES / "relu_dead.torchscript.pt",
+        directory / "torchscript_data_pkl.pt",
+        {"/data.pkl": pickle.dumps(payload, protocol=2)},
+    )
     return paths
 
 
@@ -83,15 +85,16 @@ def hostile_pt2_files(directory: Path, marker: Path) -> dict[str, Path]:
     src = SAMPLES / "relu_healthy.pt2"
     out: dict[str, Path] = {}
     out["pt2_sample_inputs.pt2"] = _replace_members(
-        src, directory / "pt2_sample_inputs.pt2",
-        {"sample_inputs/model.pt": _torch_bytes(((payload,), {}))})
+        src, directory / "pt2_sample_inputs.pt2", {"sample_inputs/model.pt": _torch_bytes(((payload,), {}))}
+    )
     with zipfile.ZipFile(src) as archive:
         name = next(n for n in archive.namelist() if n.endswith("_weights_config.json"))
         config = json.loads(archive.read(name))
     first = next(iter(config["config"].values()))
     first["use_pickle"] = True
     out["pt2_pickled_weight.pt2"] = _replace_members(
-        src, directory / "pt2_pickled_weight.pt2",
-        {"_weights_config.json": json.dumps(config).encode(),
-         "/" + first["path_name"]: _torch_bytes(payload)})
+        src,
+        directory / "pt2_pickled_weight.pt2",
+        {"_weights_config.json": json.dumps(config).encode(), "/" + first["path_name"]: _torch_bytes(payload)},
+    )
     return out

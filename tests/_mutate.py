@@ -61,15 +61,24 @@ def _onnx_mlp(_: Path) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.2, "w1"),
-             numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32) * 0.3, "w2"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "b2")]
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
-             helper.make_node("Relu", ["h"], ["a"], name="relu1"),
-             helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.2, "w1"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32) * 0.3, "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["a"], name="relu1"),
+        helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -122,22 +131,44 @@ def _input_npz(_: Path) -> bytes:
 
 
 def _config(_: Path) -> bytes:
-    return (b'[tool.gradcheck]\nfail-on = "error"\nselect = ["GC1", "GC2"]\nignore = ["GC203"]\n\n'
-            b'[tool.gradcheck.rules]\ndead-relu = { threshold = 0.5, severity = "warning" }\n')
+    return (
+        b'[tool.gradcheck]\nfail-on = "error"\nselect = ["GC1", "GC2"]\nignore = ["GC203"]\n\n'
+        b'[tool.gradcheck.rules]\ndead-relu = { threshold = 0.5, severity = "warning" }\n'
+    )
 
 
 PT2 = str(SAMPLES / "relu_healthy.pt2")
 SEEDS: tuple[Seed, ...] = (
-    Seed("torch_zip_state_dict", "torch zip", ".pt", _sample("sigmoid_saturated.pt"),
-         ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":sigmoid_mlp")),
-    Seed("torch_zip_checkpoint", "torch zip", ".ckpt", _sample("relu_healthy.ckpt"),
-         ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp")),
-    Seed("torch_legacy_state_dict", "torch legacy", ".pt", _legacy_state_dict,
-         ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp")),
+    Seed(
+        "torch_zip_state_dict",
+        "torch zip",
+        ".pt",
+        _sample("sigmoid_saturated.pt"),
+        ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":sigmoid_mlp"),
+    ),
+    Seed(
+        "torch_zip_checkpoint",
+        "torch zip",
+        ".ckpt",
+        _sample("relu_healthy.ckpt"),
+        ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp"),
+    ),
+    Seed(
+        "torch_legacy_state_dict",
+        "torch legacy",
+        ".pt",
+        _legacy_state_dict,
+        ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp"),
+    ),
     Seed("torchscript", "TorchScript", ".pt", _sample("relu_dead.torchscript.pt"), ("inspect", "{file}")),
     Seed("exported_program", ".pt2", ".pt2", _sample("relu_healthy.pt2"), ("inspect", "{file}")),
-    Seed("safetensors", "safetensors", ".safetensors", _safetensors_mlp,
-         ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp")),
+    Seed(
+        "safetensors",
+        "safetensors",
+        ".safetensors",
+        _safetensors_mlp,
+        ("inspect", "{file}", "--arch", str(SAMPLES / "models.py") + ":relu_mlp"),
+    ),
     Seed("onnx", "ONNX", ".onnx", _onnx_mlp, ("inspect", "{file}")),
     Seed("input_pt", "probe input .pt", ".pt", _input_pt, ("inspect", PT2, "--input", "{file}")),
     Seed("input_npy", "probe input .npy", ".npy", _input_npy, ("inspect", PT2, "--input", "{file}")),
@@ -149,6 +180,7 @@ SEEDS_BY_NAME = {seed.name: seed for seed in SEEDS}
 
 
 # --- mutations: (seed bytes, n) -> bytes ------------------------------------------------------
+
 
 def truncate(data: bytes, n: int) -> bytes:
     """Cut at one of a few fractions of the length (n picks which), never the whole file."""
@@ -171,8 +203,8 @@ def random_bytes(data: bytes, n: int) -> bytes:
 
 
 def wrong_magic(data: bytes, n: int) -> bytes:
-    magic = (b"\x00\x00\x00\x00", b"GIF89a", b"\x7fELF", b"{\"a\":")[n % 4]
-    return magic + data[len(magic):]
+    magic = (b"\x00\x00\x00\x00", b"GIF89a", b"\x7fELF", b'{"a":')[n % 4]
+    return magic + data[len(magic) :]
 
 
 def empty(data: bytes, n: int) -> bytes:
@@ -180,7 +212,11 @@ def empty(data: bytes, n: int) -> bytes:
 
 
 MUTATIONS: dict[str, Callable[[bytes, int], bytes]] = {
-    "truncate": truncate, "flip": flip_bytes, "random": random_bytes, "wrong_magic": wrong_magic, "empty": empty,
+    "truncate": truncate,
+    "flip": flip_bytes,
+    "random": random_bytes,
+    "wrong_magic": wrong_magic,
+    "empty": empty,
 }
 
 

@@ -42,7 +42,7 @@ def validate_report(data: dict[str, Any]) -> None:
     jsonschema.Draft202012Validator(schema).validate(data)
 
 
-ARCH_SOURCE = textwrap.dedent('''
+ARCH_SOURCE = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -61,7 +61,7 @@ ARCH_SOURCE = textwrap.dedent('''
 
     def build(width=16, classes=4):
         return MLP(width, classes)
-''')
+""")
 
 
 @pytest.fixture

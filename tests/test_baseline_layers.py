@@ -21,8 +21,9 @@ def test_rows_round_trip_through_the_json_report(tmp_path: Path) -> None:
     rows = baseline_layers(target, "model.pt")
     assert rows is not None
     drawn = [(r.index, r.name, r.type, r.kind, r.output, r.output_grad_norm, r.dead, r.saturation) for r in rows]
-    assert drawn == [(r.index, r.name, r.type, r.kind, r.output, r.output_grad_norm, r.dead, r.saturation)
-                     for r in report.layers]
+    assert drawn == [
+        (r.index, r.name, r.type, r.kind, r.output, r.output_grad_norm, r.dead, r.saturation) for r in report.layers
+    ]
     # Matched by file name when the checkout moved; absent models have no rows to draw.
     assert baseline_layers(target, "/ci/checkout/other.pt") is not None
     assert baseline_layers(target, "missing.pt") is None

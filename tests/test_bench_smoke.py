@@ -20,9 +20,23 @@ import pytest
 from tests.conftest import ROOT
 
 # One per target of issue 9: adding or dropping a target must show up here.
-TARGET_IDS = ["probe-time-resnet50", "probe-time-bert", "probe-memory-resnet50", "probe-memory-bert",
-              "gpu-time-ratio", "onnx-stats-warm", "onnx-stats-cold", "onnx-lowering", "cli-help", "cli-usage-error",
-              "cli-inspect-first-sample", "fold-bn-state_dict", "fold-bn-pt2", "fold-bn-onnx", "reinit-resnet50"]
+TARGET_IDS = [
+    "probe-time-resnet50",
+    "probe-time-bert",
+    "probe-memory-resnet50",
+    "probe-memory-bert",
+    "gpu-time-ratio",
+    "onnx-stats-warm",
+    "onnx-stats-cold",
+    "onnx-lowering",
+    "cli-help",
+    "cli-usage-error",
+    "cli-inspect-first-sample",
+    "fold-bn-state_dict",
+    "fold-bn-pt2",
+    "fold-bn-onnx",
+    "reinit-resnet50",
+]
 
 
 def _bench_module(name: str) -> ModuleType:
@@ -57,8 +71,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torchvision")
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("bench")
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -120,8 +139,10 @@ def test_run_all_quick_keeps_each_benchmarks_output(quick_run: Path) -> None:
     rows: dict[str, Any] = {row["case"]: row for row in rewrite["rows"]}
     assert set(rows) == {"import torch", "fold-state_dict", "fold-pt2", "fold-onnx", "reinit-auto"}
     assert rows["fold-onnx"]["command"].startswith("gradcheck fold-bn resnet18.onnx -o")
-    assert rows["fold-onnx"]["median_minus_import_torch_s"] == rows["fold-onnx"]["median_s"] - rows["import torch"][
-        "median_s"]
+    assert (
+        rows["fold-onnx"]["median_minus_import_torch_s"]
+        == rows["fold-onnx"]["median_s"] - rows["import torch"]["median_s"]
+    )
     assert "| fold-onnx | `gradcheck fold-bn resnet18.onnx" in (quick_run / "rewrite_bench.md").read_text()
 
 
@@ -138,9 +159,19 @@ def test_summary_without_results_is_not_measured() -> None:
 def test_scaling_linearity_fit() -> None:
     run_all = _bench_module("run_all")
     # Probe time exactly proportional to parameters at batch 64, and to the batch at width 100.
-    time_rows = [{"model": f"mlp:{w}:2:{b}", "parameters": p, "probe_median_s": s, "bare_median_s": s / 2,
-                  "probe_range_s": [s, s], "bare_range_s": [s / 2, s / 2], "time_ratio_median": 2.0, "repeats": 1}
-                 for w, b, p, s in [(100, 64, 10**6, 1.0), (1000, 64, 10**8, 100.0), (100, 256, 10**6, 4.0)]]
+    time_rows = [
+        {
+            "model": f"mlp:{w}:2:{b}",
+            "parameters": p,
+            "probe_median_s": s,
+            "bare_median_s": s / 2,
+            "probe_range_s": [s, s],
+            "bare_range_s": [s / 2, s / 2],
+            "time_ratio_median": 2.0,
+            "repeats": 1,
+        }
+        for w, b, p, s in [(100, 64, 10**6, 1.0), (1000, 64, 10**8, 100.0), (100, 256, 10**6, 4.0)]
+    ]
     summary = run_all.scaling_summary({"time": time_rows, "memory": []})
     (sizes,), (batches,) = summary["fits"]["parameters"], summary["fits"]["batch"]
     assert sizes["batch"] == 64 and sizes["exponent"] == pytest.approx(1.0)

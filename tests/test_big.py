@@ -26,10 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "tests" / "_big_models.py"
 
 
-def _probe_file(module: nn.Module, inputs: Path, targets: Path | None, *, batch_size: int | None = None,
-                **options: Any) -> Report:
-    opts = ProbeOptions(inputs=InputOptions(input=inputs, batch_size=batch_size),
-                        loss=LossKind.MSE if targets is not None else LossKind.SUM, target=targets, **options)
+def _probe_file(
+    module: nn.Module, inputs: Path, targets: Path | None, *, batch_size: int | None = None, **options: Any
+) -> Report:
+    opts = ProbeOptions(
+        inputs=InputOptions(input=inputs, batch_size=batch_size),
+        loss=LossKind.MSE if targets is not None else LossKind.SUM,
+        target=targets,
+        **options,
+    )
     report = api.inspect_module(module, opts)
     validate_report(report.to_dict())
     return report
@@ -139,9 +144,15 @@ def test_safetensors_are_memory_mapped_and_equal_to_the_package_reader(tmp_path:
 
     from gradcheck_cli.model.stream import safetensors_mapped
 
-    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
-               "i64": torch.arange(6).reshape(2, 3), "b": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
-               "scalar": torch.tensor(2.5, dtype=torch.float64)}
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "b": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
     save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
     mapped = safetensors_mapped(tmp_path / "t.safetensors")
     expected = load_file(str(tmp_path / "t.safetensors"))
@@ -188,8 +199,9 @@ def test_a_model_too_big_even_for_the_lean_probe_is_refused_with_what_would_fit(
     assert "torchrun" in info.value.hint and "`memory_budget`" in info.value.hint
     # The largest gradient is what the lean probe adds: a budget a little above weights + that fits.
     largest = 256 * 256 * 4
-    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input_shape=((4, 256),)),
-                                                    memory_budget=weights + largest + 64 * 1024))
+    report = api.inspect_module(
+        model, ProbeOptions(inputs=InputOptions(input_shape=((4, 256),)), memory_budget=weights + largest + 64 * 1024)
+    )
     assert report.probe.batches == 1
 
 
@@ -240,8 +252,9 @@ def test_lean_probe_peak_stays_far_below_the_gradients_it_measures(tmp_path: Pat
     # the resident set follows live memory (with its dynamic threshold, blocks freed by the warm-up
     # stay resident and hide the growth of whatever reuses them).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                            cwd=ROOT, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     gradients = sum(p.numel() for p in Wide().parameters()) * 4
@@ -251,14 +264,22 @@ def test_lean_probe_peak_stays_far_below_the_gradients_it_measures(tmp_path: Pat
 
 def test_activation_checkpointing_gives_the_same_rows() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     probe = ProbeOptions(inputs=InputOptions(batch_size=2, seq_len=8))
     plain = api.inspect_module(model, probe)
-    checkpointed = api.inspect_module(model, ProbeOptions(inputs=InputOptions(batch_size=2, seq_len=8),
-                                                          activation_checkpointing=True))
+    checkpointed = api.inspect_module(
+        model, ProbeOptions(inputs=InputOptions(batch_size=2, seq_len=8), activation_checkpointing=True)
+    )
     assert not model.is_activation_checkpointing  # restored
     assert [r.name for r in plain.layers] == [r.name for r in checkpointed.layers]
     for a, b in zip(plain.layers, checkpointed.layers, strict=True):
@@ -272,8 +293,9 @@ def test_activation_checkpointing_needs_a_transformers_model() -> None:
     from gradcheck_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="activation_checkpointing"):
-        api.inspect_module(blocks_net(), ProbeOptions(inputs=InputOptions(input_shape=((4, 12),)),
-                                                      activation_checkpointing=True))
+        api.inspect_module(
+            blocks_net(), ProbeOptions(inputs=InputOptions(input_shape=((4, 12),)), activation_checkpointing=True)
+        )
 
 
 def test_torchrun_two_processes_give_the_rows_of_one(tmp_path: Path) -> None:
@@ -281,17 +303,47 @@ def test_torchrun_two_processes_give_the_rows_of_one(tmp_path: Path) -> None:
     merged report (written by rank 0 alone) has the rows and numbers of a single process."""
     pytest.importorskip("torch.distributed.fsdp")
     torch.save(blocks_net().state_dict(), tmp_path / "net.pt")
-    args = ["inspect", str(tmp_path / "net.pt"), "--arch", f"{MODELS}:blocks_net", "--input-shape", "10,12",
-            "--batches", "2", "--format", "json"]
+    args = [
+        "inspect",
+        str(tmp_path / "net.pt"),
+        "--arch",
+        f"{MODELS}:blocks_net",
+        "--input-shape",
+        "10,12",
+        "--batches",
+        "2",
+        "--format",
+        "json",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "gradcheck_cli", *args, "-o", str(tmp_path / "two.json")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "gradcheck_cli",
+            *args,
+            "-o",
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    one = api.inspect(tmp_path / "net.pt", load=api.LoadOptions(arch=f"{MODELS}:blocks_net"),
-                      probe=ProbeOptions(inputs=InputOptions(input_shape=((10, 12),), batches=2))).to_dict()
+    one = api.inspect(
+        tmp_path / "net.pt",
+        load=api.LoadOptions(arch=f"{MODELS}:blocks_net"),
+        probe=ProbeOptions(inputs=InputOptions(input_shape=((10, 12),), batches=2)),
+    ).to_dict()
     assert any("sharded with FSDP2 across 2 processes" in note for note in two["notes"])
     assert two["model"]["parameters"] == one["model"]["parameters"]
     assert two["probe"]["loss_value"] == pytest.approx(one["probe"]["loss_value"], rel=1e-5)
@@ -313,9 +365,23 @@ def test_torchrun_two_processes_give_the_rows_of_one(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_big_quick_runs(tmp_path: Path) -> None:
     """bench/big.py end to end on the tiny Llama configuration: generate, probe, bare step, table."""
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "big.py"), "--quick", "--workdir", str(tmp_path),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "big.py"),
+            "--quick",
+            "--workdir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "big_quick.json").read_text())
     assert rows[0]["probe"]["ok"] and rows[0]["bare"]["ok"]

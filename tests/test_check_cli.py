@@ -14,7 +14,7 @@ from torch import nn
 
 from tests.conftest import one_line_error, validate_report
 
-ARCH = textwrap.dedent('''
+ARCH = textwrap.dedent("""
     from torch import nn
 
     def mlp(depth=3, width=32):
@@ -22,7 +22,7 @@ ARCH = textwrap.dedent('''
         for i in range(depth):
             layers += [nn.Linear(16 if i == 0 else width, width), nn.ReLU()]
         return nn.Sequential(*layers, nn.Linear(width, 4))
-''')
+""")
 ARCH_ARGS = ("--arch", "arch.py:mlp", "--input-shape", "16,16")
 
 
@@ -107,19 +107,22 @@ def test_several_models_and_globs_one_summary(cli: Any, workdir: Path) -> None:
     assert summary == ["gradcheck: 2 models, 1 error, 0 warnings, 0 info: failed (1 finding(s) at or above error)"]
 
 
-@pytest.mark.parametrize("args", [
-    ("missing.pt",),  # load error
-    ("nothing-*.pt",),  # a glob that matches nothing
-    ("healthy.pt", "--select", "GC999"),
-    ("healthy.pt", "--ignore", "non-finite"),
-    ("healthy.pt", "--threshold", "dead-relu=2"),
-    ("healthy.pt", "--threshold", "dead-relu"),
-    ("healthy.pt", "--format", "pdf"),
-    ("healthy.pt", "--format", "json", "--format", "table"),  # two formats on stdout
-    ("healthy.pt", "--format", "junit=no/such/dir/x.xml"),
-    ("healthy.pt", "--config", "absent.toml"),
-    ("healthy.pt", "--baseline", "absent.json"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("missing.pt",),  # load error
+        ("nothing-*.pt",),  # a glob that matches nothing
+        ("healthy.pt", "--select", "GC999"),
+        ("healthy.pt", "--ignore", "non-finite"),
+        ("healthy.pt", "--threshold", "dead-relu=2"),
+        ("healthy.pt", "--threshold", "dead-relu"),
+        ("healthy.pt", "--format", "pdf"),
+        ("healthy.pt", "--format", "json", "--format", "table"),  # two formats on stdout
+        ("healthy.pt", "--format", "junit=no/such/dir/x.xml"),
+        ("healthy.pt", "--config", "absent.toml"),
+        ("healthy.pt", "--baseline", "absent.json"),
+    ],
+)
 def test_usage_config_and_load_errors_exit_2(cli: Any, workdir: Path, args: tuple[str, ...]) -> None:
     code, _, err = cli("check", *args, *ARCH_ARGS)
     assert code == 2, err
@@ -143,14 +146,16 @@ def test_one_broken_model_does_not_hide_the_others(cli: Any, workdir: Path) -> N
 
 
 def test_config_file_supplies_probe_options_and_cli_overrides_it(cli: Any, workdir: Path) -> None:
-    (workdir / "pyproject.toml").write_text(textwrap.dedent('''
+    (workdir / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [tool.gradcheck]
         arch = "arch.py:mlp"
         input-shape = "16,16"
 
         [tool.gradcheck.rules.dead-relu]
         threshold = 0.8
-    '''))
+    """)
+    )
     # The file alone is enough for a CI line; its threshold (0.8 > 75% dead) lets dead.pt pass.
     assert cli("check", "dead.pt")[0] == 0
     # A CLI flag beats the file.
@@ -192,8 +197,21 @@ def test_baseline_passes_unchanged_and_fails_worsened_or_new(cli: Any, workdir: 
 
 
 def test_several_formats_at_once(cli: Any, workdir: Path) -> None:
-    code, out, _ = cli("check", "dead.pt", *ARCH_ARGS, "--format", "github", "--format", "table",
-                       "--format", "junit=out.xml", "--format", "markdown=summary.md", "-f", "json=r.json")
+    code, out, _ = cli(
+        "check",
+        "dead.pt",
+        *ARCH_ARGS,
+        "--format",
+        "github",
+        "--format",
+        "table",
+        "--format",
+        "junit=out.xml",
+        "--format",
+        "markdown=summary.md",
+        "-f",
+        "json=r.json",
+    )
     assert code == 1
     assert out.startswith("::error file=dead.pt,title=GC101 dead-relu::3: 24 of 32 relu units")
     assert "GC101 dead-relu" in out.split("\n", 1)[1]  # the table follows the annotations
@@ -206,9 +224,11 @@ def test_help_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from gradcheck_cli.cli.app import main; sys.argv=['gradcheck','check','--help'];\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from gradcheck_cli.cli.app import main; sys.argv=['gradcheck','check','--help'];\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--fail-on" in done.stdout
@@ -217,7 +237,10 @@ def test_help_does_not_import_torch() -> None:
 def test_library_api_check_matches_the_cli(workdir: Path) -> None:
     from gradcheck_cli import api
 
-    report = api.check(workdir / "dead.pt", load=api.LoadOptions(arch="arch.py:mlp"),
-                       probe=api.ProbeOptions(inputs=api.InputOptions(input_shape=((16, 16),))))
+    report = api.check(
+        workdir / "dead.pt",
+        load=api.LoadOptions(arch="arch.py:mlp"),
+        probe=api.ProbeOptions(inputs=api.InputOptions(input_shape=((16, 16),))),
+    )
     assert [(f.code, f.layer, f.value) for f in report.findings] == [("GC101", "3", 0.75)]
     assert all(row.init is not None for row in report.layers if row.kind == "param")

@@ -28,18 +28,24 @@ def project(tmp_path: Path) -> Path:
     """A repository as the examples expect it: models/ and a [tool.gradcheck] table."""
     (tmp_path / "models").mkdir()
     (tmp_path / "arch.py").write_text(ARCH)
-    (tmp_path / "pyproject.toml").write_text(textwrap.dedent('''
+    (tmp_path / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [tool.gradcheck]
         arch = "arch.py:mlp"
         input-shape = "16,16"
-    '''))
+    """)
+    )
     save(he_mlp(), tmp_path / "models" / "healthy.pt")
     return tmp_path
 
 
 def _gradcheck_steps(workflow: dict[str, Any]) -> list[str]:
-    return [step["run"] for job in workflow["jobs"].values() for step in job["steps"]
-            if "gradcheck check" in step.get("run", "")]
+    return [
+        step["run"]
+        for job in workflow["jobs"].values()
+        for step in job["steps"]
+        if "gradcheck check" in step.get("run", "")
+    ]
 
 
 def test_workflow_command_runs_and_gates(project: Path) -> None:
@@ -53,8 +59,7 @@ def test_workflow_command_runs_and_gates(project: Path) -> None:
 
     save(kill_units(he_mlp(), 2, 30), project / "models" / "dead.pt")
     # One run (a subprocess costs a torch import); the passing case is the pre-commit test's.
-    done = subprocess.run(["bash", "-ec", command], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(["bash", "-ec", command], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     annotations = [line for line in done.stdout.splitlines() if line.startswith("::")]
     assert annotations and annotations[0].startswith("::error file=models/dead.pt,title=GC101 dead-relu::")
@@ -64,8 +69,7 @@ def test_workflow_command_runs_and_gates(project: Path) -> None:
     assert re.search(r"gradcheck: 2 models, 1 error, .*: failed", done.stderr)
 
 
-def test_pre_commit_hook_entry_gates_staged_models(cli: Any, project: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pre_commit_hook_entry_gates_staged_models(cli: Any, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (hook,) = yaml.safe_load(HOOKS.read_text())
     assert hook["id"] == "gradcheck-check" and hook["language"] == "python" and hook["pass_filenames"]
     entry = shlex.split(hook["entry"])

@@ -79,7 +79,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for child in sorted(graph[node]):
             if state.get(child) == 1:
-                return [*stack[stack.index(child):], child]
+                return [*stack[stack.index(child) :], child]
             if child not in state and (found := visit(child)) is not None:
                 return found
         stack.pop()
@@ -104,8 +104,11 @@ def test_the_cycle_finder_finds_a_circle() -> None:
 
 def test_nothing_beneath_the_facade_imports_it() -> None:
     graph = _import_graph()
-    importers = sorted(name for name, imported in graph.items() if "gradcheck_cli.api" in imported
-                       and not name.startswith("gradcheck_cli.cli"))
+    importers = sorted(
+        name
+        for name, imported in graph.items()
+        if "gradcheck_cli.api" in imported and not name.startswith("gradcheck_cli.cli")
+    )
     assert importers == []
 
 
@@ -116,19 +119,30 @@ def _flags() -> set[str]:
 
 
 def test_no_module_outside_cli_spells_a_flag() -> None:
-    flag = re.compile(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, _flags()), key=len, reverse=True))
-                      + r")(?![\w-])")
-    offenders = [f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
-                 for path in sorted(PACKAGE.rglob("*.py")) if path.relative_to(PACKAGE).parts[0] != "cli"
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if flag.search(line)]
+    flag = re.compile(
+        r"(?<![\w-])(" + "|".join(sorted(map(re.escape, _flags()), key=len, reverse=True)) + r")(?![\w-])"
+    )
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.relative_to(PACKAGE).parts[0] != "cli"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if flag.search(line)
+    ]
     assert offenders == [], "\n".join(offenders)
 
 
 def test_every_option_field_has_one_flag_and_one_config_key() -> None:
     internal = {"inputs", "rules", "lsuv_tolerance", "lsuv_max_iterations"}
-    for record in (records.LoadOptions, records.InputOptions, records.ProbeOptions, records.GateOptions,
-                   records.WriteOptions, records.FoldOptions, records.ReinitOptions):
+    for record in (
+        records.LoadOptions,
+        records.InputOptions,
+        records.ProbeOptions,
+        records.GateOptions,
+        records.WriteOptions,
+        records.FoldOptions,
+        records.ReinitOptions,
+    ):
         for item in fields(record):
             if item.name not in internal:
                 assert FLAG_OF_FIELD[item.name] == "--" + item.name.replace("_", "-"), item.name
@@ -179,8 +193,12 @@ def test_one_flag_means_one_thing_in_every_command() -> None:
     assert "--format" in spellings and spellings["--format"] == set(COMMANDS)
     assert "--fan" in spellings and "--mode" in spellings and "--fan" not in {"--mode"}
     # Every probe option is taken by every command that probes (reinit probes before and after).
-    for flag in (flag.name for group in ALL_GROUPS if group.title in ("Probe", "Probe inputs", "Loading", "Device")
-                 for flag in group.flags):
+    for flag in (
+        flag.name
+        for group in ALL_GROUPS
+        if group.title in ("Probe", "Probe inputs", "Loading", "Device")
+        for flag in group.flags
+    ):
         assert {"inspect", "check", "reinit"} <= spellings[flag], flag
 
 
@@ -193,28 +211,33 @@ def test_check_writes_its_json_report_with_o(cli: Any, workdir: Path) -> None:
     assert report["model"]["path"] == "healthy.pt" and report["findings"] == []
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (("--threshold", "dead-relu=2"), "error: --threshold dead-relu=2: 2.0 is outside (0, 1)"),
-    (("--select", "nope"), "error: --select: unknown rule 'nope'"),
-    (("--severity", "dead-relu=loud"), "error: --severity dead-relu=loud: 'loud' is not error, warning or info"),
-])
-def test_rule_flag_errors_name_the_flag_as_typed(cli: Any, workdir: Path, args: tuple[str, ...],
-                                                 expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--threshold", "dead-relu=2"), "error: --threshold dead-relu=2: 2.0 is outside (0, 1)"),
+        (("--select", "nope"), "error: --select: unknown rule 'nope'"),
+        (("--severity", "dead-relu=loud"), "error: --severity dead-relu=loud: 'loud' is not error, warning or info"),
+    ],
+)
+def test_rule_flag_errors_name_the_flag_as_typed(cli: Any, workdir: Path, args: tuple[str, ...], expected: str) -> None:
     code, _, err = cli("check", "healthy.pt", *ARCH_ARGS, *args)
     assert code == 2
     assert err.splitlines()[0] == expected
 
 
 def test_check_names_a_model_it_could_not_load_whatever_the_formats(cli: Any, workdir: Path) -> None:
-    code, out, err = cli("check", "missing.pt", "healthy.pt", *ARCH_ARGS,
-                         "--format", "json=r.json", "--format", "junit=r.xml")
+    code, out, err = cli(
+        "check", "missing.pt", "healthy.pt", *ARCH_ARGS, "--format", "json=r.json", "--format", "junit=r.xml"
+    )
     assert code == 2 and out == ""
     assert err.splitlines()[0] == "error: missing.pt: missing.pt: no such file (hint: check the path)"
 
 
 def test_config_report_directories_are_created(cli: Any, workdir: Path) -> None:
-    (workdir / "pyproject.toml").write_text('[tool.gradcheck]\narch = "arch.py:mlp"\ninput-shape = "16,16"\n'
-                                            'format = ["table", "junit=reports/deep/x.xml"]\n')
+    (workdir / "pyproject.toml").write_text(
+        '[tool.gradcheck]\narch = "arch.py:mlp"\ninput-shape = "16,16"\n'
+        'format = ["table", "junit=reports/deep/x.xml"]\n'
+    )
     code, _, err = cli("check", "healthy.pt")
     assert code == 0, err
     assert (workdir / "reports" / "deep" / "x.xml").read_text().startswith("<?xml")
@@ -239,7 +262,8 @@ def test_third_party_warnings_stay_off_the_console(cli: Any, workdir: Path) -> N
         "    def forward(self, x):\n"
         "        warnings.warn('a library talking', UserWarning)\n"
         "        return super().forward(x)\n"
-        "def build():\n    return torch.nn.Sequential(Noisy(16, 16), torch.nn.ReLU())\n")
+        "def build():\n    return torch.nn.Sequential(Noisy(16, 16), torch.nn.ReLU())\n"
+    )
     import torch
 
     torch.save(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).state_dict(), workdir / "n.pt")
@@ -250,8 +274,18 @@ def test_third_party_warnings_stay_off_the_console(cli: Any, workdir: Path) -> N
 
 # docs/architecture.md: each layer imports only from the layers below it (or itself).
 LAYERS = (
-    {"gradcheck_cli", "choice", "errors", "records", "options", "stats", "threads", "fsutil", "parameters",
-     "torch_util"},
+    {
+        "gradcheck_cli",
+        "choice",
+        "errors",
+        "records",
+        "options",
+        "stats",
+        "threads",
+        "fsutil",
+        "parameters",
+        "torch_util",
+    },
     {"model"},
     {"onnx"},
     {"probe"},
@@ -273,6 +307,10 @@ def test_each_layer_imports_only_from_below() -> None:
     def top(module: str) -> str:
         return module.split(".")[1] if "." in module else "gradcheck_cli"
 
-    upward = sorted(f"{a} -> {b}" for a, imported in _import_graph().items() for b in imported
-                    if _layer(b) > _layer(a) or {top(a), top(b)} == {"api", "render"})
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, imported in _import_graph().items()
+        for b in imported
+        if _layer(b) > _layer(a) or {top(a), top(b)} == {"api", "render"}
+    )
     assert upward == []

@@ -26,8 +26,21 @@ OLD_THEORY = "THEORY" + ".md"
 THEORY = Path("docs") / "theory.md"
 # A changelog records history and may name the file that docs/theory.md replaced.
 HISTORY = frozenset({"CHANGELOG.md"})
-SKIPPED_DIRS = frozenset({".git", ".venv", "venv", "node_modules", "__pycache__", ".mypy_cache",
-                          ".ruff_cache", ".pytest_cache", "build", "dist", ".hypothesis"})
+SKIPPED_DIRS = frozenset(
+    {
+        ".git",
+        ".venv",
+        "venv",
+        "node_modules",
+        "__pycache__",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".pytest_cache",
+        "build",
+        "dist",
+        ".hypothesis",
+    }
+)
 MAX_TEXT_BYTES = 2_000_000  # larger files are data (models, archives), not prose or code
 
 _CITATION = re.compile(r"theory\.md#([\w-]+)")
@@ -94,25 +107,35 @@ def anchors(markdown: str) -> set[str]:
 
 
 def old_theory_citations(root: Path) -> list[str]:
-    return [f"{path}:{number}" for path, text in text_files(root) if path.name not in HISTORY
-            for number, line in enumerate(text.splitlines(), start=1) if OLD_THEORY in line]
+    return [
+        f"{path}:{number}"
+        for path, text in text_files(root)
+        if path.name not in HISTORY
+        for number, line in enumerate(text.splitlines(), start=1)
+        if OLD_THEORY in line
+    ]
 
 
 def broken_theory_citations(root: Path) -> list[str]:
     """``file:line: #anchor`` for every theory.md#<anchor> citation without a matching heading."""
     theory = root / THEORY
     known = anchors(theory.read_text(encoding="utf-8")) if theory.is_file() else set()
-    return [f"{path}:{number}: #{anchor}"
-            for path, text in text_files(root)
-            for number, line in enumerate(text.splitlines(), start=1)
-            for anchor in _CITATION.findall(line) if anchor not in known]
+    return [
+        f"{path}:{number}: #{anchor}"
+        for path, text in text_files(root)
+        for number, line in enumerate(text.splitlines(), start=1)
+        for anchor in _CITATION.findall(line)
+        if anchor not in known
+    ]
 
 
 def markdown_files(root: Path) -> list[Path]:
     """The repository's own markdown: top-level files, docs/, and any folder's README."""
-    return sorted(path for path, _ in text_files(root)
-                  if path.suffix == ".md" and (len(path.parts) == 1 or path.parts[0] == "docs"
-                                               or path.name == "README.md"))
+    return sorted(
+        path
+        for path, _ in text_files(root)
+        if path.suffix == ".md" and (len(path.parts) == 1 or path.parts[0] == "docs" or path.name == "README.md")
+    )
 
 
 def link_targets(markdown: str) -> Iterator[tuple[int, str]]:
@@ -178,16 +201,21 @@ def test_relative_markdown_links_resolve() -> None:
 # --- the checkers, on planted faults ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("heading", "slug"), [
-    ("GC001 `non-finite`", "gc001-non-finite"),
-    ("GC103 `activation-variance-collapse` / GC104 `activation-variance-explosion`",
-     "gc103-activation-variance-collapse--gc104-activation-variance-explosion"),
-    ("`auto`: which activation follows a layer", "auto-which-activation-follows-a-layer"),
-    ("LSUV (Mishkin & Matas 2016)", "lsuv-mishkin--matas-2016"),
-    ("Floating-point tolerances", "floating-point-tolerances"),
-    ("Why a correct fold still differs by ~1e-6 in float32", "why-a-correct-fold-still-differs-by-1e-6-in-float32"),
-    ("See [the rules](rules.md)", "see-the-rules"),
-])
+@pytest.mark.parametrize(
+    ("heading", "slug"),
+    [
+        ("GC001 `non-finite`", "gc001-non-finite"),
+        (
+            "GC103 `activation-variance-collapse` / GC104 `activation-variance-explosion`",
+            "gc103-activation-variance-collapse--gc104-activation-variance-explosion",
+        ),
+        ("`auto`: which activation follows a layer", "auto-which-activation-follows-a-layer"),
+        ("LSUV (Mishkin & Matas 2016)", "lsuv-mishkin--matas-2016"),
+        ("Floating-point tolerances", "floating-point-tolerances"),
+        ("Why a correct fold still differs by ~1e-6 in float32", "why-a-correct-fold-still-differs-by-1e-6-in-float32"),
+        ("See [the rules](rules.md)", "see-the-rules"),
+    ],
+)
 def test_github_slugs(heading: str, slug: str) -> None:
     assert github_slug(heading) == slug
 
@@ -206,11 +234,14 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_old_citations_are_found_except_in_history(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "pkg/mod.py": f'"""Maths from {OLD_THEORY} section 2."""\n',
-        "CHANGELOG.md": f"- citations of {OLD_THEORY} now point to docs/theory.md\n",
-        "docs/theory.md": "# Theory\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "pkg/mod.py": f'"""Maths from {OLD_THEORY} section 2."""\n',
+            "CHANGELOG.md": f"- citations of {OLD_THEORY} now point to docs/theory.md\n",
+            "docs/theory.md": "# Theory\n",
+        },
+    )
     assert old_theory_citations(root) == ["pkg/mod.py:1"]
 
 
@@ -220,13 +251,15 @@ MISSING, FENCED = "no-such-section", "dead-relus"
 
 
 def test_missing_anchor_is_reported(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "docs/theory.md": "# Theory\n\n## Saturation\n\n```\n## Dead ReLUs\n```\n",
-        "pkg/mod.py": f"# cut-off: docs/theory.md#saturation\n# dead: docs/theory.md#{FENCED}\n",
-        "docs/rules.md": f"See [theory](theory.md#saturation) and [it](theory.md#{MISSING}).\n",
-    })
-    assert sorted(broken_theory_citations(root)) == [f"docs/rules.md:1: #{MISSING}",
-                                                     f"pkg/mod.py:2: #{FENCED}"]
+    root = _tree(
+        tmp_path,
+        {
+            "docs/theory.md": "# Theory\n\n## Saturation\n\n```\n## Dead ReLUs\n```\n",
+            "pkg/mod.py": f"# cut-off: docs/theory.md#saturation\n# dead: docs/theory.md#{FENCED}\n",
+            "docs/rules.md": f"See [theory](theory.md#saturation) and [it](theory.md#{MISSING}).\n",
+        },
+    )
+    assert sorted(broken_theory_citations(root)) == [f"docs/rules.md:1: #{MISSING}", f"pkg/mod.py:2: #{FENCED}"]
 
 
 def test_missing_theory_file_breaks_every_citation(tmp_path: Path) -> None:
@@ -235,19 +268,26 @@ def test_missing_theory_file_breaks_every_citation(tmp_path: Path) -> None:
 
 
 def test_broken_markdown_links_are_reported(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "README.md": ("See [ci](docs/ci.md), [gone](docs/gone.md), [rules](docs/rules.md#gc001-non-finite),\n"
-                      "[bad](docs/rules.md#gc999), [web](https://example.org/x.md), [self](#readme).\n"
-                      "`[not a link](nowhere.md)`\n\n    [indented code](nowhere.md)\n\n"
-                      "```\n[fenced](nowhere.md)\n```\n[ref]: docs/missing.md\n\n# README\n"),
-        "docs/ci.md": "# CI\n",
-        "docs/rules.md": "# Rules\n\n## GC001 `non-finite`\n",
-        "samples/README.md": "[up](../docs/ci.md) [broken](../nothing.py)\n",
-        "samples/notes.md": "[not checked: not a README](nothing.md)\n",
-    })
-    assert sorted(broken_links(root)) == sorted([
-        "README.md:1: docs/gone.md (no such file)",
-        "README.md:2: docs/rules.md#gc999 (no such heading)",
-        "README.md:10: docs/missing.md (no such file)",
-        "samples/README.md:1: ../nothing.py (no such file)",
-    ])
+    root = _tree(
+        tmp_path,
+        {
+            "README.md": (
+                "See [ci](docs/ci.md), [gone](docs/gone.md), [rules](docs/rules.md#gc001-non-finite),\n"
+                "[bad](docs/rules.md#gc999), [web](https://example.org/x.md), [self](#readme).\n"
+                "`[not a link](nowhere.md)`\n\n    [indented code](nowhere.md)\n\n"
+                "```\n[fenced](nowhere.md)\n```\n[ref]: docs/missing.md\n\n# README\n"
+            ),
+            "docs/ci.md": "# CI\n",
+            "docs/rules.md": "# Rules\n\n## GC001 `non-finite`\n",
+            "samples/README.md": "[up](../docs/ci.md) [broken](../nothing.py)\n",
+            "samples/notes.md": "[not checked: not a README](nothing.md)\n",
+        },
+    )
+    assert sorted(broken_links(root)) == sorted(
+        [
+            "README.md:1: docs/gone.md (no such file)",
+            "README.md:2: docs/rules.md#gc999 (no such heading)",
+            "README.md:10: docs/missing.md (no such file)",
+            "samples/README.md:1: ../nothing.py (no such file)",
+        ]
+    )

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-ARCH = '''
+ARCH = """
 from torch import nn
 
 def build(width=6):
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
                          nn.Conv2d(width, width, 3, groups=width), nn.BatchNorm2d(width), nn.ReLU(),
                          nn.ConvTranspose2d(width, 4, 2, stride=2), nn.BatchNorm2d(4))
-'''
+"""
 
 
 def build_model(width: int = 6) -> nn.Module:
@@ -51,17 +51,31 @@ def models(tmp_path: Path) -> dict[str, Path]:
     x = torch.randn(2, 3, 8, 8)
     arch = tmp_path / "arch.py"
     arch.write_text(ARCH)
-    paths = {"arch": arch, "state_dict": tmp_path / "weights.pt", "pt2": tmp_path / "model.pt2",
-             "onnx": tmp_path / "model.onnx", "pickle": tmp_path / "pickled.pt"}
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               paths["state_dict"])
+    paths = {
+        "arch": arch,
+        "state_dict": tmp_path / "weights.pt",
+        "pt2": tmp_path / "model.pt2",
+        "onnx": tmp_path / "model.onnx",
+        "pickle": tmp_path / "pickled.pt",
+    }
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, paths["state_dict"]
+    )
     torch.export.save(torch.export.export(model, (x,)), str(paths["pt2"]))
     torch.save(model, paths["pickle"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(paths["onnx"]), dynamo=False, input_names=["x"], output_names=["y"],
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x,),
+            str(paths["onnx"]),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
     return paths
 
 
@@ -75,7 +89,7 @@ def test_onnx_fold_writes_verified_model_and_json_report(cli: Any, models: dict[
     assert report["command"] == "fold-bn" and report["schema_version"]
     assert report["summary"] == {"folded": 3, "skipped": 0, "verified": True}
     assert report["before"]["batchnorms"] == 3 and report["after"]["batchnorms"] == 0
-    check, = report["verification"]["outputs"]
+    (check,) = report["verification"]["outputs"]
     assert check["max_abs_error"] <= check["tolerance"] and "onnxruntime" in report["verification"]["backend"]
     assert digest(source) == before
     folded = onnx.load(str(out))
@@ -108,8 +122,9 @@ def test_dry_run_writes_nothing(cli: Any, models: dict[str, Path], tmp_path: Pat
     assert set(tmp_path.iterdir()) == before
 
 
-def test_failed_verification_exits_1_and_writes_nothing(cli: Any, models: dict[str, Path], tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_exits_1_and_writes_nothing(
+    cli: Any, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gradcheck_cli.rewrite import onnx_fold
 
     real = onnx_fold.fold_after
@@ -141,8 +156,7 @@ def test_pt2_roundtrip_in_its_own_format(cli: Any, models: dict[str, Path], tmp_
     torch.testing.assert_close(program.module()(x), build_model()(x), rtol=1e-4, atol=1e-4)
 
 
-def test_state_dict_output_still_loads_into_the_architecture(cli: Any, models: dict[str, Path],
-                                                             tmp_path: Path) -> None:
+def test_state_dict_output_still_loads_into_the_architecture(cli: Any, models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "folded.pt"
     code, stdout, _ = cli("fold-bn", models["state_dict"], "--arch", f"{models['arch']}:build", "-o", out)
     assert code == 0, stdout
@@ -162,8 +176,18 @@ def test_state_dict_output_still_loads_into_the_architecture(cli: Any, models: d
 @pytest.mark.parametrize("target", ["torchscript", "onnx", "safetensors"])
 def test_other_output_formats(cli: Any, models: dict[str, Path], tmp_path: Path, target: str) -> None:
     out = tmp_path / f"folded.{target}"
-    code, stdout, _ = cli("fold-bn", models["state_dict"], "--arch", f"{models['arch']}:build", "-o", out,
-                          "--to", target, "--format", "json")
+    code, stdout, _ = cli(
+        "fold-bn",
+        models["state_dict"],
+        "--arch",
+        f"{models['arch']}:build",
+        "-o",
+        out,
+        "--to",
+        target,
+        "--format",
+        "json",
+    )
     assert code == 0, stdout
     report = json.loads(stdout)
     assert report["verification"]["outputs"][0]["max_abs_error"] <= report["verification"]["outputs"][0]["tolerance"]
@@ -198,15 +222,17 @@ def test_onnx_input_cannot_become_torch(cli: Any, models: dict[str, Path], tmp_p
 def test_benchmark_reports_latency(cli: Any, models: dict[str, Path]) -> None:
     code, stdout, _ = cli("fold-bn", models["onnx"], "--dry-run", "--benchmark", "3", "--format", "json")
     assert code == 0
-    latency, = json.loads(stdout)["latency"]
+    (latency,) = json.loads(stdout)["latency"]
     assert latency["runs"] == 3 and latency["before_ms"] > 0 and latency["after_ms"] > 0
     assert latency["speedup"] == pytest.approx(latency["before_ms"] / latency["after_ms"])
 
 
 def test_fold_help_imports_no_framework() -> None:
-    probe = ("import sys\nfrom gradcheck_cli.cli.app import main\nsys.argv=['gradcheck','fold-bn','--help']\n"
-             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-             "print('HEAVY=' + ','.join(m for m in ('torch','onnx','onnxruntime','numpy') if m in sys.modules))")
+    probe = (
+        "import sys\nfrom gradcheck_cli.cli.app import main\nsys.argv=['gradcheck','fold-bn','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY=' + ','.join(m for m in ('torch','onnx','onnxruntime','numpy') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "HEAVY=\n" in result.stdout, result.stdout + result.stderr
     assert "--to" in result.stdout and "--affine-standalone" in result.stdout
@@ -245,18 +271,35 @@ def test_table_rendering_shows_reasons_and_failures() -> None:
     )
 
     report = FoldReport(
-        model="m.onnx", input_format="onnx", output_format="onnx", method="onnx graph",
-        entries=(FoldEntry("bn1", True, Pattern.CONV_BN, "conv1", note="the layer got a bias"),
-                 FoldEntry("bn2", False, reason="the output of Conv 'c2' also feeds other nodes")),
-        before=Counts(100, 2, 10), after=Counts(96, 1, 9),
-        verification=Verification("onnxruntime (graph optimisations disabled)", 8, (
-            OutputCheck("y", "float32", 0.5, 0.25, 2.0, 2.4e-4, passed=False),)),
-        written=None)
+        model="m.onnx",
+        input_format="onnx",
+        output_format="onnx",
+        method="onnx graph",
+        entries=(
+            FoldEntry("bn1", True, Pattern.CONV_BN, "conv1", note="the layer got a bias"),
+            FoldEntry("bn2", False, reason="the output of Conv 'c2' also feeds other nodes"),
+        ),
+        before=Counts(100, 2, 10),
+        after=Counts(96, 1, 9),
+        verification=Verification(
+            "onnxruntime (graph optimisations disabled)",
+            8,
+            (OutputCheck("y", "float32", 0.5, 0.25, 2.0, 2.4e-4, passed=False),),
+        ),
+        written=None,
+    )
     buffer = StringIO()
     render_fold(report, Console(file=buffer, width=200, color_system=None))
     text = buffer.getvalue()
-    for expected in ("bn1", "conv-bn", "conv1", "the layer got a bias", "also feeds other nodes",
-                     "ABOVE TOLERANCE", "1 folded, 1 skipped; verification failed: nothing written"):
+    for expected in (
+        "bn1",
+        "conv-bn",
+        "conv1",
+        "the layer got a bias",
+        "also feeds other nodes",
+        "ABOVE TOLERANCE",
+        "1 folded, 1 skipped; verification failed: nothing written",
+    ):
         assert expected in text, expected
     data = json.loads(fold_json(report))
     assert data["summary"] == {"folded": 1, "skipped": 1, "verified": False}
@@ -265,8 +308,9 @@ def test_table_rendering_shows_reasons_and_failures() -> None:
 
 
 @pytest.mark.parametrize("extra, samples", [((), 2), (("--batch-size", "3"), 3)])
-def test_verification_batch_defaults_to_two_samples(cli: Any, models: dict[str, Path], extra: tuple[str, ...],
-                                                     samples: int) -> None:
+def test_verification_batch_defaults_to_two_samples(
+    cli: Any, models: dict[str, Path], extra: tuple[str, ...], samples: int
+) -> None:
     # Without --batch-size, fold-bn verifies on VERIFY_BATCH_SIZE samples (not the probe's 8);
     # an explicit size wins. The .pt2 keeps its own example batch (an export may fix it).
     from gradcheck_cli.rewrite.fold import VERIFY_BATCH_SIZE

@@ -33,19 +33,21 @@ def apply_bn(z: torch.Tensor, bn: dict[str, torch.Tensor | None], eps: float) ->
     return F.batch_norm(z, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, eps)
 
 
-conv_configs = st.fixed_dictionaries({
-    "dims": st.integers(1, 3),
-    "groups": st.sampled_from([1, 2, 3]),
-    "in_per_group": st.integers(1, 3),
-    "out_per_group": st.integers(1, 3),
-    "kernel": st.integers(1, 3),
-    "stride": st.integers(1, 2),
-    "dilation": st.integers(1, 2),
-    "padding": st.integers(0, 2),
-    "bias": st.booleans(),
-    "affine": st.booleans(),
-    "seed": st.integers(0, 2**16),
-})
+conv_configs = st.fixed_dictionaries(
+    {
+        "dims": st.integers(1, 3),
+        "groups": st.sampled_from([1, 2, 3]),
+        "in_per_group": st.integers(1, 3),
+        "out_per_group": st.integers(1, 3),
+        "kernel": st.integers(1, 3),
+        "stride": st.integers(1, 2),
+        "dilation": st.integers(1, 2),
+        "padding": st.integers(0, 2),
+        "bias": st.booleans(),
+        "affine": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -68,8 +70,12 @@ def test_fold_after_conv_and_conv_transpose_match_batch_norm(cfg: dict[str, int]
     torch.testing.assert_close(CONV[dims](x, new_w, new_b, **conv_kwargs), reference, rtol=1e-10, atol=1e-10)
 
     wt = torch.randn(c_in, c_out // groups, *kernel, generator=g, dtype=torch.float64)
-    t_kwargs = {"stride": cfg["stride"], "padding": min(cfg["padding"], cfg["kernel"] - 1) * cfg["dilation"] // 2,
-                "dilation": cfg["dilation"], "groups": groups}
+    t_kwargs = {
+        "stride": cfg["stride"],
+        "padding": min(cfg["padding"], cfg["kernel"] - 1) * cfg["dilation"] // 2,
+        "dilation": cfg["dilation"],
+        "groups": groups,
+    }
     reference_t = apply_bn(CONV_T[dims](x, wt, bias, **t_kwargs), bn, 1e-3)
     new_wt, new_bt = fold_after(wt, bias, affine, kind=LayerKind.CONV_TRANSPOSE, groups=groups)
     torch.testing.assert_close(CONV_T[dims](x, new_wt, new_bt, **t_kwargs), reference_t, rtol=1e-10, atol=1e-10)
@@ -168,8 +174,7 @@ def test_numpy_and_torch_inputs_give_the_same_bits() -> None:
 def test_bfloat16_weights_are_rounded_once_from_float64() -> None:
     g = torch.Generator().manual_seed(4)
     w = torch.randn(4, 2, 3, 3, generator=g).to(torch.bfloat16)
-    affine = bn_affine(running_mean=torch.randn(4, generator=g), running_var=torch.rand(4, generator=g) + 0.5,
-                       eps=1e-5)
+    affine = bn_affine(running_mean=torch.randn(4, generator=g), running_var=torch.rand(4, generator=g) + 0.5, eps=1e-5)
     new_w, new_b = fold_after(w, None, affine, kind=LayerKind.CONV)
     assert new_w.dtype == torch.bfloat16 and new_b.dtype == torch.bfloat16
     expected = (w.double() * torch.from_numpy(affine.scale).reshape(-1, 1, 1, 1)).to(torch.bfloat16)

@@ -30,11 +30,7 @@ def norm_act_modules(module: nn.Module) -> dict[str, str]:
     """BatchNormAct path -> class name of its activation, read from the unfolded model."""
     from timm.layers import BatchNormAct2d
 
-    return {
-        name: type(sub.act).__name__
-        for name, sub in module.named_modules()
-        if isinstance(sub, BatchNormAct2d)
-    }
+    return {name: type(sub.act).__name__ for name, sub in module.named_modules() if isinstance(sub, BatchNormAct2d)}
 
 
 def called_modules(graph_module: fx.GraphModule) -> set[str]:
@@ -47,9 +43,7 @@ def called_modules(graph_module: fx.GraphModule) -> set[str]:
     ("name", "expected"),
     [("efficientnet_b0", 49), ("mobilenetv3_large_100", 46), ("regnetx_002", 44)],
 )
-def test_timm_norm_act_networks_fold_every_batchnorm_and_keep_activations(
-    name: str, expected: int
-) -> None:
+def test_timm_norm_act_networks_fold_every_batchnorm_and_keep_activations(name: str, expected: int) -> None:
     model = randomise_bn(timm.create_model(name, pretrained=False))
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert batchnorms == expected  # independent count: the model is what the test assumes
@@ -162,8 +156,7 @@ def test_timm_frozen_norm_act_folds_and_keeps_activation() -> None:
 
     model = freeze_batch_norm_2d(randomise_bn(timm.create_model("regnetx_002")))
     model = randomise_frozen(model, seed=3)
-    frozen = {n: type(m.act).__name__ for n, m in model.named_modules()
-              if isinstance(m, FrozenBatchNormAct2d)}
+    frozen = {n: type(m.act).__name__ for n, m in model.named_modules() if isinstance(m, FrozenBatchNormAct2d)}
     assert len(frozen) == 44
     x = torch.randn(2, 3, 64, 64)
     result = fold_torch_module(model, example_args=(x,))
@@ -197,9 +190,7 @@ def test_shape_reads_do_not_block_a_fold() -> None:
 def test_scripted_norm_act_folds_on_structure() -> None:
     from timm.layers import BatchNormAct2d
 
-    model = randomise_bn(
-        nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), BatchNormAct2d(4, act_layer=nn.ReLU))
-    )
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), BatchNormAct2d(4, act_layer=nn.ReLU)))
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 8, 8)
     result = fold_torch_module(scripted, example_args=(x,))

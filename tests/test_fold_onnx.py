@@ -33,21 +33,38 @@ def f32(*shape: int, positive: bool = False) -> np.ndarray:
 
 
 def bn_initializers(prefix: str, channels: int) -> list[TensorProto]:
-    return [numpy_helper.from_array(f32(channels, positive=True), f"{prefix}_scale"),
-            numpy_helper.from_array(f32(channels), f"{prefix}_bias"),
-            numpy_helper.from_array(f32(channels) * 0.5, f"{prefix}_mean"),
-            numpy_helper.from_array(f32(channels, positive=True), f"{prefix}_var")]
+    return [
+        numpy_helper.from_array(f32(channels, positive=True), f"{prefix}_scale"),
+        numpy_helper.from_array(f32(channels), f"{prefix}_bias"),
+        numpy_helper.from_array(f32(channels) * 0.5, f"{prefix}_mean"),
+        numpy_helper.from_array(f32(channels, positive=True), f"{prefix}_var"),
+    ]
 
 
 def bn_node(prefix: str, x: str, y: str, eps: float = 1e-5) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [x, f"{prefix}_scale", f"{prefix}_bias", f"{prefix}_mean",
-                                                   f"{prefix}_var"], [y], name=prefix, epsilon=eps)
+    return helper.make_node(
+        "BatchNormalization",
+        [x, f"{prefix}_scale", f"{prefix}_bias", f"{prefix}_mean", f"{prefix}_var"],
+        [y],
+        name=prefix,
+        epsilon=eps,
+    )
 
 
-def make_model(nodes: list[onnx.NodeProto], initializers: list[TensorProto], x_shape: list[int],
-               y_shape: list[int] | None = None, opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializers)
+def make_model(
+    nodes: list[onnx.NodeProto],
+    initializers: list[TensorProto],
+    x_shape: list[int],
+    y_shape: list[int] | None = None,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     model.producer_name = "gradcheck-test"
@@ -81,17 +98,26 @@ def check_folded(model: onnx.ModelProto, x: np.ndarray, *, expect_left: int = 0,
 
 
 def test_conv_and_grouped_conv_transpose_then_bn() -> None:
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], group=2),
-             bn_node("bn1", "c1", "b1"),
-             helper.make_node("Relu", ["b1"], ["r1"]),
-             helper.make_node("ConvTranspose", ["r1", "w2", "cb2"], ["c2"], name="up", group=3, strides=[2, 2]),
-             bn_node("bn2", "c2", "y")]
-    inits = [numpy_helper.from_array(f32(6, 2, 3, 3), "w1"), numpy_helper.from_array(f32(6, 3, 2, 2), "w2"),
-             numpy_helper.from_array(f32(9), "cb2"), *bn_initializers("bn1", 6), *bn_initializers("bn2", 9)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], group=2),
+        bn_node("bn1", "c1", "b1"),
+        helper.make_node("Relu", ["b1"], ["r1"]),
+        helper.make_node("ConvTranspose", ["r1", "w2", "cb2"], ["c2"], name="up", group=3, strides=[2, 2]),
+        bn_node("bn2", "c2", "y"),
+    ]
+    inits = [
+        numpy_helper.from_array(f32(6, 2, 3, 3), "w1"),
+        numpy_helper.from_array(f32(6, 3, 2, 2), "w2"),
+        numpy_helper.from_array(f32(9), "cb2"),
+        *bn_initializers("bn1", 6),
+        *bn_initializers("bn2", 9),
+    ]
     model = make_model(nodes, inits, [2, 4, 7, 7])
     result = check_folded(model, f32(2, 4, 7, 7))
     assert [(e.batchnorm, e.pattern, e.layer) for e in result.entries] == [
-        ("bn1", Pattern.CONV_BN, "conv1"), ("bn2", Pattern.CONV_TRANSPOSE_BN, "up")]
+        ("bn1", Pattern.CONV_BN, "conv1"),
+        ("bn2", Pattern.CONV_TRANSPOSE_BN, "up"),
+    ]
     # The producer took over the BatchNorm's output name: the graph output is still 'y'.
     assert result.model.graph.node[-1].output[0] == "y"
     # Initializers the BatchNorms used are gone; nothing unused is left behind.
@@ -106,9 +132,10 @@ def test_gemm_then_bn_any_transpose_alpha_beta(trans_a: int, trans_b: int, with_
     a_shape = [5, 3] if trans_a else [3, 5]  # A' is (3, 5): batch 3, 5 features in
     b = f32(4, 5) if trans_b else f32(5, 4)
     inputs = ["x", "b"] + (["c"] if with_c else [])
-    nodes = [helper.make_node("Gemm", inputs, ["g"], name="gemm", transA=trans_a, transB=trans_b, alpha=0.7,
-                              beta=1.9),
-             bn_node("bn", "g", "y")]
+    nodes = [
+        helper.make_node("Gemm", inputs, ["g"], name="gemm", transA=trans_a, transB=trans_b, alpha=0.7, beta=1.9),
+        bn_node("bn", "g", "y"),
+    ]
     inits = [numpy_helper.from_array(b, "b"), *bn_initializers("bn", 4)]
     if with_c:
         inits.append(numpy_helper.from_array(f32(1, 4), "c"))
@@ -136,37 +163,51 @@ def test_matmul_on_rank3_input_is_declined() -> None:
 
 
 def test_bn_before_conv_gemm_matmul() -> None:
-    conv = make_model([bn_node("bn", "x", "n"), helper.make_node("Conv", ["n", "w"], ["y"], name="conv", group=2)],
-                      [numpy_helper.from_array(f32(4, 2, 3, 3), "w"), *bn_initializers("bn", 4)], [2, 4, 6, 6])
-    entry, = check_folded(conv, f32(2, 4, 6, 6)).entries
+    conv = make_model(
+        [bn_node("bn", "x", "n"), helper.make_node("Conv", ["n", "w"], ["y"], name="conv", group=2)],
+        [numpy_helper.from_array(f32(4, 2, 3, 3), "w"), *bn_initializers("bn", 4)],
+        [2, 4, 6, 6],
+    )
+    (entry,) = check_folded(conv, f32(2, 4, 6, 6)).entries
     assert entry.pattern is Pattern.BN_CONV
-    gemm = make_model([bn_node("bn", "x", "n"), helper.make_node("Gemm", ["n", "w", "c"], ["y"], name="gemm",
-                                                                 transB=1, alpha=1.5, beta=0.5)],
-                      [numpy_helper.from_array(f32(3, 5), "w"), numpy_helper.from_array(f32(3), "c"),
-                       *bn_initializers("bn", 5)], [4, 5])
+    gemm = make_model(
+        [
+            bn_node("bn", "x", "n"),
+            helper.make_node("Gemm", ["n", "w", "c"], ["y"], name="gemm", transB=1, alpha=1.5, beta=0.5),
+        ],
+        [numpy_helper.from_array(f32(3, 5), "w"), numpy_helper.from_array(f32(3), "c"), *bn_initializers("bn", 5)],
+        [4, 5],
+    )
     assert check_folded(gemm, f32(4, 5)).entries[0].pattern is Pattern.BN_LINEAR
-    matmul = make_model([bn_node("bn", "x", "n"), helper.make_node("MatMul", ["n", "w"], ["y"], name="mm")],
-                        [numpy_helper.from_array(f32(5, 3), "w"), *bn_initializers("bn", 5)], [4, 5])
+    matmul = make_model(
+        [bn_node("bn", "x", "n"), helper.make_node("MatMul", ["n", "w"], ["y"], name="mm")],
+        [numpy_helper.from_array(f32(5, 3), "w"), *bn_initializers("bn", 5)],
+        [4, 5],
+    )
     assert check_folded(matmul, f32(4, 5)).entries[0].pattern is Pattern.BN_LINEAR
 
 
 def test_bn_before_padded_conv_is_declined_and_affine_standalone_applies() -> None:
-    model = make_model([bn_node("bn", "x", "n"), helper.make_node("Conv", ["n", "w"], ["y"], name="conv",
-                                                                  pads=[1, 1, 1, 1])],
-                       [numpy_helper.from_array(f32(3, 4, 3, 3), "w"), *bn_initializers("bn", 4)], [2, 4, 6, 6])
-    entry, = check_folded(model, f32(2, 4, 6, 6), expect_left=1).entries
+    model = make_model(
+        [bn_node("bn", "x", "n"), helper.make_node("Conv", ["n", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [numpy_helper.from_array(f32(3, 4, 3, 3), "w"), *bn_initializers("bn", 4)],
+        [2, 4, 6, 6],
+    )
+    (entry,) = check_folded(model, f32(2, 4, 6, 6), expect_left=1).entries
     assert not entry.folded and "zeros" in (entry.reason or "")
-    entry, = check_folded(model, f32(2, 4, 6, 6), expect_left=0, affine=True).entries
+    (entry,) = check_folded(model, f32(2, 4, 6, 6), expect_left=0, affine=True).entries
     assert entry.folded and entry.pattern is Pattern.AFFINE
 
 
 def test_producer_with_two_consumers_is_not_folded_and_shared_weights_are_copied() -> None:
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
-             bn_node("bn1", "c1", "b1"),
-             helper.make_node("Add", ["b1", "c1"], ["s"]),  # c1 has two readers
-             helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"),  # w is shared with conv1
-             bn_node("bn2", "c2", "b2"),
-             helper.make_node("Add", ["s", "b2"], ["y"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
+        bn_node("bn1", "c1", "b1"),
+        helper.make_node("Add", ["b1", "c1"], ["s"]),  # c1 has two readers
+        helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"),  # w is shared with conv1
+        bn_node("bn2", "c2", "b2"),
+        helper.make_node("Add", ["s", "b2"], ["y"]),
+    ]
     w = f32(4, 3, 1, 1)
     inits = [numpy_helper.from_array(w, "w"), *bn_initializers("bn1", 4), *bn_initializers("bn2", 4)]
     result = check_folded(make_model(nodes, inits, [2, 3, 5, 5]), f32(2, 3, 5, 5), expect_left=1)
@@ -180,19 +221,22 @@ def test_producer_with_two_consumers_is_not_folded_and_shared_weights_are_copied
 
 
 def test_training_mode_and_runtime_parameters_are_skipped() -> None:
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["y"],
-                              name="bn", training_mode=1)]
-    model = make_model(nodes, [numpy_helper.from_array(f32(4, 3, 1, 1), "w"), *bn_initializers("bn", 4)],
-                       [2, 3, 4, 4], [2, 4, 4, 4])
-    entry, = fold_onnx_model(model).entries
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node(
+            "BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["y"], name="bn", training_mode=1
+        ),
+    ]
+    model = make_model(
+        nodes, [numpy_helper.from_array(f32(4, 3, 1, 1), "w"), *bn_initializers("bn", 4)], [2, 3, 4, 4], [2, 4, 4, 4]
+    )
+    (entry,) = fold_onnx_model(model).entries
     assert not entry.folded and "training_mode" in (entry.reason or "")
 
 
 def test_folding_twice_changes_nothing() -> None:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("bn", "c", "y")]
-    model = make_model(nodes, [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
-                       [1, 3, 6, 6])
+    model = make_model(nodes, [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)], [1, 3, 6, 6])
     once = fold_onnx_model(model).model
     twice = fold_onnx_model(once)
     assert twice.entries == [] and twice.model.SerializeToString() == once.SerializeToString()
@@ -203,11 +247,22 @@ def test_folding_twice_changes_nothing() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.fixed_dictionaries({
-    "dims": st.integers(1, 3), "groups": st.sampled_from([1, 2]), "per_group": st.integers(1, 3),
-    "kernel": st.integers(1, 3), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
-    "pad": st.integers(0, 1), "bias": st.booleans(), "transpose": st.booleans(), "seed": st.integers(0, 9999),
-}))
+@given(
+    st.fixed_dictionaries(
+        {
+            "dims": st.integers(1, 3),
+            "groups": st.sampled_from([1, 2]),
+            "per_group": st.integers(1, 3),
+            "kernel": st.integers(1, 3),
+            "stride": st.integers(1, 2),
+            "dilation": st.integers(1, 2),
+            "pad": st.integers(0, 1),
+            "bias": st.booleans(),
+            "transpose": st.booleans(),
+            "seed": st.integers(0, 9999),
+        }
+    )
+)
 def test_random_onnx_conv_bn_graphs(cfg: dict[str, Any]) -> None:
     rng = np.random.default_rng(cfg["seed"])
     dims, groups = cfg["dims"], cfg["groups"]
@@ -221,9 +276,19 @@ def test_random_onnx_conv_bn_graphs(cfg: dict[str, Any]) -> None:
         weight = rng.standard_normal((c_out, c_in // groups, *kernel)).astype(np.float32)
         op, attrs = "Conv", {"pads": [cfg["pad"]] * (2 * dims)}
     inputs = ["x", "w"] + (["b"] if cfg["bias"] else [])
-    nodes = [helper.make_node(op, inputs, ["c"], name="layer", group=groups, strides=[cfg["stride"]] * dims,
-                              dilations=[cfg["dilation"]] * dims, **attrs),
-             bn_node("bn", "c", "y", eps=1e-3)]
+    nodes = [
+        helper.make_node(
+            op,
+            inputs,
+            ["c"],
+            name="layer",
+            group=groups,
+            strides=[cfg["stride"]] * dims,
+            dilations=[cfg["dilation"]] * dims,
+            **attrs,
+        ),
+        bn_node("bn", "c", "y", eps=1e-3),
+    ]
     inits = [numpy_helper.from_array(weight, "w"), *bn_initializers("bn", c_out)]
     if cfg["bias"]:
         inits.append(numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"))
@@ -241,8 +306,14 @@ def test_torch_and_onnx_fold_the_same_weights_identically() -> None:
     from gradcheck_cli.rewrite.torch_fold import fold_torch_module
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(6 * 25, 5), nn.BatchNorm1d(5)).eval()
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 25, 5),
+        nn.BatchNorm1d(5),
+    ).eval()
     for bn in (model[1], model[5]):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
@@ -253,20 +324,28 @@ def test_torch_and_onnx_fold_the_same_weights_identically() -> None:
     assert isinstance(folded, fx.GraphModule)
     torch_tensors = {k: v.detach().numpy() for k, v in folded.state_dict().items()}
 
-    nodes = [helper.make_node("ConvTranspose", ["x", "w0"], ["c"], name="up", group=2),
-             bn_node("bn1", "c", "b"), helper.make_node("Relu", ["b"], ["r"]),
-             helper.make_node("Flatten", ["r"], ["f"], axis=1),
-             helper.make_node("Gemm", ["f", "w4", "b4"], ["g"], name="fc", transB=1),
-             bn_node("bn5", "g", "y", eps=model[5].eps)]
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w0"], ["c"], name="up", group=2),
+        bn_node("bn1", "c", "b"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w4", "b4"], ["g"], name="fc", transB=1),
+        bn_node("bn5", "g", "y", eps=model[5].eps),
+    ]
 
     def bn_inits(prefix: str, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> list[TensorProto]:
-        return [numpy_helper.from_array(t.detach().numpy(), f"{prefix}_{name}") for name, t in
-                (("scale", bn.weight), ("bias", bn.bias), ("mean", bn.running_mean), ("var", bn.running_var))]
+        return [
+            numpy_helper.from_array(t.detach().numpy(), f"{prefix}_{name}")
+            for name, t in (("scale", bn.weight), ("bias", bn.bias), ("mean", bn.running_mean), ("var", bn.running_var))
+        ]
 
-    inits = [numpy_helper.from_array(model[0].weight.detach().numpy(), "w0"),
-             numpy_helper.from_array(model[4].weight.detach().numpy(), "w4"),
-             numpy_helper.from_array(model[4].bias.detach().numpy(), "b4"),
-             *bn_inits("bn1", model[1]), *bn_inits("bn5", model[5])]
+    inits = [
+        numpy_helper.from_array(model[0].weight.detach().numpy(), "w0"),
+        numpy_helper.from_array(model[4].weight.detach().numpy(), "w4"),
+        numpy_helper.from_array(model[4].bias.detach().numpy(), "b4"),
+        *bn_inits("bn1", model[1]),
+        *bn_inits("bn5", model[5]),
+    ]
     onnx_model = fold_onnx_model(make_model(nodes, inits, [2, 4, 3, 3])).model
     onnx_tensors = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
     conv = next(n for n in onnx_model.graph.node if n.name == "up")
@@ -284,8 +363,16 @@ def test_torch_and_onnx_fold_the_same_weights_identically() -> None:
 def export_with_bn(model: torch.nn.Module, x: torch.Tensor, path: Path) -> onnx.ModelProto:
     with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated, and says so
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False, input_names=["x"], output_names=["y"])
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["x"],
+            output_names=["y"],
+        )
     return onnx.load(str(path))
 
 
@@ -293,9 +380,16 @@ def test_torch_exported_graph_with_bn_preserved(tmp_path: Path) -> None:
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.BatchNorm2d(4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2),
+        nn.BatchNorm2d(4),
+    ).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_()
@@ -307,8 +401,9 @@ def test_torch_exported_graph_with_bn_preserved(tmp_path: Path) -> None:
 
 def test_external_data_is_kept_next_to_the_output(tmp_path: Path) -> None:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("bn", "c", "y")]
-    model = make_model(nodes, [numpy_helper.from_array(f32(64, 3, 3, 3), "w"), *bn_initializers("bn", 64)],
-                       [1, 3, 6, 6])
+    model = make_model(
+        nodes, [numpy_helper.from_array(f32(64, 3, 3, 3), "w"), *bn_initializers("bn", 64)], [1, 3, 6, 6]
+    )
     source = tmp_path / "in" / "model.onnx"
     source.parent.mkdir()
     x = f32(1, 3, 6, 6)
@@ -369,15 +464,20 @@ def test_onnx_fold_command_never_imports_torch(tmp_path: Path) -> None:
     import sys
 
     conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
-    model = make_model([conv, bn_node("bn", "c", "y")],
-                       [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
-                       [1, 3, 6, 6], [1, 4, 6, 6])
+    model = make_model(
+        [conv, bn_node("bn", "c", "y")],
+        [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
+        [1, 3, 6, 6],
+        [1, 4, 6, 6],
+    )
     source, out = tmp_path / "m.onnx", tmp_path / "folded.onnx"
     onnx.save(model, str(source))
-    script = ("import sys\nfrom pathlib import Path\nfrom gradcheck_cli.rewrite.fold import fold_batchnorm\n"
-              f"report = fold_batchnorm(Path({str(source)!r}), out=Path({str(out)!r}))\n"
-              "assert report.verification.passed and report.written, report\n"
-              "print('torch' in sys.modules)\n")
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom gradcheck_cli.rewrite.fold import fold_batchnorm\n"
+        f"report = fold_batchnorm(Path({str(source)!r}), out=Path({str(out)!r}))\n"
+        "assert report.verification.passed and report.written, report\n"
+        "print('torch' in sys.modules)\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -388,9 +488,12 @@ def test_shape_inference_runs_only_for_folds_that_need_ranks() -> None:
     from gradcheck_cli.rewrite.onnx_fold import _GraphFolder
 
     conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
-    model = make_model([conv, bn_node("bn", "c", "y")],
-                       [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
-                       [1, 3, 6, 6], [1, 4, 4, 4])
+    model = make_model(
+        [conv, bn_node("bn", "c", "y")],
+        [numpy_helper.from_array(f32(4, 3, 3, 3), "w"), *bn_initializers("bn", 4)],
+        [1, 3, 6, 6],
+        [1, 4, 4, 4],
+    )
     folder = _GraphFolder(model)
     entries = folder.run(affine_standalone=False)
     assert [e.folded for e in entries] == [True]

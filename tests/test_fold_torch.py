@@ -76,25 +76,44 @@ CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.fixed_dictionaries({
-    "dims": st.integers(1, 3), "groups": st.sampled_from([1, 2]), "per_group": st.integers(1, 3),
-    "kernel": st.integers(1, 3), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
-    "padding": st.integers(0, 1), "bias": st.booleans(), "affine": st.booleans(), "transpose": st.booleans(),
-    "keep_structure": st.booleans(), "seed": st.integers(0, 10_000),
-}))
+@given(
+    st.fixed_dictionaries(
+        {
+            "dims": st.integers(1, 3),
+            "groups": st.sampled_from([1, 2]),
+            "per_group": st.integers(1, 3),
+            "kernel": st.integers(1, 3),
+            "stride": st.integers(1, 2),
+            "dilation": st.integers(1, 2),
+            "padding": st.integers(0, 1),
+            "bias": st.booleans(),
+            "affine": st.booleans(),
+            "transpose": st.booleans(),
+            "keep_structure": st.booleans(),
+            "seed": st.integers(0, 10_000),
+        }
+    )
+)
 def test_random_conv_bn_configurations_fold_exactly(cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg["seed"])
     dims, groups = cfg["dims"], cfg["groups"]
     channels = cfg["per_group"] * groups
     layer_cls = CONV_T[dims] if cfg["transpose"] else CONV[dims]
-    layer = layer_cls(channels, channels * 2, cfg["kernel"], stride=cfg["stride"], dilation=cfg["dilation"],
-                      padding=cfg["padding"] if not cfg["transpose"] else 0, groups=groups, bias=cfg["bias"])
-    model = randomise_bn(nn.Sequential(layer, BN[dims](channels * 2, affine=cfg["affine"]), nn.ReLU()),
-                         cfg["seed"])
+    layer = layer_cls(
+        channels,
+        channels * 2,
+        cfg["kernel"],
+        stride=cfg["stride"],
+        dilation=cfg["dilation"],
+        padding=cfg["padding"] if not cfg["transpose"] else 0,
+        groups=groups,
+        bias=cfg["bias"],
+    )
+    model = randomise_bn(nn.Sequential(layer, BN[dims](channels * 2, affine=cfg["affine"]), nn.ReLU()), cfg["seed"])
     x = torch.randn(2, channels, *([6] * dims))
     result = fold_torch_module(model, example_args=(x,), keep_structure=cfg["keep_structure"])
     assert_same_function(model, result.module, x)
-    entry, = result.entries
+    (entry,) = result.entries
     shift_needs_a_home = cfg["keep_structure"] and not cfg["bias"] and not cfg["affine"]
     assert entry.folded is not shift_needs_a_home
     if entry.folded:
@@ -161,12 +180,13 @@ def test_producer_with_two_consumers_is_not_folded() -> None:
 def test_bn_before_conv_without_padding_is_folded_and_with_padding_declined() -> None:
     unpadded = randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, groups=1)))
     padded = randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, padding=1)))
-    reflect = randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1, groups=3,
-                                                                        padding_mode="reflect")))
+    reflect = randomise_bn(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1, groups=3, padding_mode="reflect"))
+    )
     x = torch.randn(2, 3, 9, 9)
     for model, folded in ((unpadded, True), (padded, False), (reflect, True)):
         result = fold_torch_module(model, example_args=(x,))
-        entry, = result.entries
+        (entry,) = result.entries
         assert entry.folded is folded, entry
         if folded:
             assert entry.pattern is Pattern.BN_CONV
@@ -181,19 +201,19 @@ def test_linear_patterns_depend_on_rank() -> None:
     before = randomise_bn(nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5, bias=False)))
     for model, pattern in ((after, Pattern.LINEAR_BN), (before, Pattern.BN_LINEAR)):
         result = fold_torch_module(model, example_args=(x2,))
-        entry, = result.entries
+        (entry,) = result.entries
         assert entry.folded and entry.pattern is pattern
         assert_same_function(model, result.module, x2)
     # (N, C, L): BatchNorm1d normalises C, the Linear's features are L: not foldable.
     x3 = torch.randn(6, 5, 5)
     rank3 = randomise_bn(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))
-    entry, = fold_torch_module(rank3, example_args=(x3,)).entries
+    (entry,) = fold_torch_module(rank3, example_args=(x3,)).entries
     assert not entry.folded and "rank-3" in (entry.reason or "")
 
 
 def test_batchnorm_without_running_statistics_is_skipped() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
-    entry, = fold_torch_module(model, example_args=(torch.randn(2, 3, 8, 8),)).entries
+    (entry,) = fold_torch_module(model, example_args=(torch.randn(2, 3, 8, 8),)).entries
     assert not entry.folded and "running statistics" in (entry.reason or "")
 
 
@@ -209,8 +229,11 @@ def test_affine_standalone_rewrites_unfoldable_batchnorm() -> None:
 
 
 def test_folding_twice_changes_nothing_and_input_is_untouched() -> None:
-    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                                       nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model = randomise_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        )
+    )
     before = state_of(model)
     x = torch.randn(2, 3, 8, 8)
     once = fold_torch_module(model, example_args=(x,))
@@ -275,8 +298,15 @@ def test_torch_export_is_used_when_fx_fails() -> None:
 
 
 def test_exported_program_graph_is_folded() -> None:
-    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                       nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4)))
+    model = randomise_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2),
+            nn.BatchNorm2d(4),
+        )
+    )
     x = torch.randn(2, 3, 8, 8)
     program_module = torch.export.export(model, (x,)).module()
     result = fold_torch_module(program_module, example_args=(x,))
@@ -337,8 +367,11 @@ def foldable_after(module: nn.Module) -> set[str]:
     for node in traced.graph.nodes:
         if node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             producer = node.args[0]
-            if (producer.op == "call_module" and len(producer.users) == 1 and isinstance(
-                    traced.get_submodule(producer.target), (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))):
+            if (
+                producer.op == "call_module"
+                and len(producer.users) == 1
+                and isinstance(traced.get_submodule(producer.target), (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+            ):
                 found.add(node.target)
     return found
 
@@ -361,8 +394,7 @@ def test_torchvision_mobilenet_v3_small() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121", "resnet50",
-                                  "mobilenet_v3_large"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121", "resnet50", "mobilenet_v3_large"])
 def test_torchvision_architectures(name: str) -> None:
     check_torchvision(name, 64)
 
@@ -391,8 +423,9 @@ def test_tied_weights_and_shared_layers_are_not_folded() -> None:
 
 
 def test_structure_folding_twice_reports_already_folded_and_changes_nothing() -> None:
-    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, bias=False),
-                                       nn.BatchNorm2d(4)))
+    model = randomise_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4))
+    )
     x = torch.randn(2, 3, 8, 8)
     once = fold_torch_module(model, example_args=(x,), keep_structure=True)
     assert all(e.folded for e in once.entries)
@@ -406,8 +439,9 @@ def test_structure_folding_twice_reports_already_folded_and_changes_nothing() ->
 def test_graph_fold_shares_only_the_unchanged_parameters_with_the_input() -> None:
     # The graph pass copies the module but not its parameters: folded layers get new tensors,
     # the rest are the input's own objects, and the input keeps every value.
-    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                                       nn.Flatten(), nn.Linear(4 * 36, 5)))
+    model = randomise_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    )
     before = state_of(model)
     x = torch.randn(2, 3, 8, 8)
     result = fold_torch_module(model, example_args=(x,))

@@ -50,20 +50,50 @@ def golden(name: str, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden"
 
 
-def finding(code: str, layer: str | None, value: float | None, message: str, *,
-            severity: Severity | None = None, baseline: BaselineStatus | None = None) -> Finding:
+def finding(
+    code: str,
+    layer: str | None,
+    value: float | None,
+    message: str,
+    *,
+    severity: Severity | None = None,
+    baseline: BaselineStatus | None = None,
+) -> Finding:
     rule = RULES_BY_CODE[code]
-    return Finding(code=code, rule=rule.name, severity=severity or rule.severity, layer=layer, value=value,
-                   threshold=rule.threshold, message=message, advice=rule.advice, baseline=baseline)
+    return Finding(
+        code=code,
+        rule=rule.name,
+        severity=severity or rule.severity,
+        layer=layer,
+        value=value,
+        threshold=rule.threshold,
+        message=message,
+        advice=rule.advice,
+        baseline=baseline,
+    )
 
 
 def report(path: str, findings: tuple[Finding, ...]) -> Report:
-    probe = ProbeInfo(inputs=(InputSpec(name="x", shape=(8, 16), dtype="float32", source="synthesized"),),
-                      batch_size=8, batches=1, seed=0, loss="cross_entropy", loss_value=2.5, mode="eval",
-                      device="cpu", output="output", saturation_cutoff=0.05, method="hooks")
-    return Report(tool=ToolInfo(name="gradcheck", version="0.0.0-test"),
-                  model=ModelInfo(path=path, format="torch_zip", parameters=1234), probe=probe, layers=(),
-                  findings=findings)
+    probe = ProbeInfo(
+        inputs=(InputSpec(name="x", shape=(8, 16), dtype="float32", source="synthesized"),),
+        batch_size=8,
+        batches=1,
+        seed=0,
+        loss="cross_entropy",
+        loss_value=2.5,
+        mode="eval",
+        device="cpu",
+        output="output",
+        saturation_cutoff=0.05,
+        method="hooks",
+    )
+    return Report(
+        tool=ToolInfo(name="gradcheck", version="0.0.0-test"),
+        model=ModelInfo(path=path, format="torch_zip", parameters=1234),
+        probe=probe,
+        layers=(),
+        findings=findings,
+    )
 
 
 DEAD = finding("GC101", "body.1", 0.75, "48 of 64 relu units are dead (75%): zero for every probe sample")
@@ -74,21 +104,30 @@ PIPE = finding("GC001", "odd|name", 3.0, "a message with a | pipe, a 100% sign,\
 def scenario(name: str) -> GateResult:
     rules = configure()
     if name == "mixed":
-        outcomes = (ModelOutcome("models/dead.pt", report("models/dead.pt", (DEAD, INIT))),
-                    ModelOutcome("models/ok.pt", report("models/ok.pt", ())),
-                    ModelOutcome("models/broken.pt", error="models/broken.pt is not a model file",
-                                 hint="pass --arch for a state_dict"))
+        outcomes = (
+            ModelOutcome("models/dead.pt", report("models/dead.pt", (DEAD, INIT))),
+            ModelOutcome("models/ok.pt", report("models/ok.pt", ())),
+            ModelOutcome(
+                "models/broken.pt", error="models/broken.pt is not a model file", hint="pass --arch for a state_dict"
+            ),
+        )
         return GateResult(outcomes=outcomes, fail_on=Severity.ERROR, rules=rules)
     if name == "baseline":
-        found = (finding("GC101", "body.1", 0.75, DEAD.message, baseline=BaselineStatus.UNCHANGED),
-                 finding("GC101", "body.3", 0.9, "58 of 64 relu units are dead (90%)",
-                         baseline=BaselineStatus.NEW),
-                 finding("GC301", "body.0", 40.0, INIT.message, baseline=BaselineStatus.WORSENED))
-        return GateResult(outcomes=(ModelOutcome("dead.pt", report("dead.pt", found)),),
-                          fail_on=Severity.WARNING, rules=rules, baseline=True)
+        found = (
+            finding("GC101", "body.1", 0.75, DEAD.message, baseline=BaselineStatus.UNCHANGED),
+            finding("GC101", "body.3", 0.9, "58 of 64 relu units are dead (90%)", baseline=BaselineStatus.NEW),
+            finding("GC301", "body.0", 40.0, INIT.message, baseline=BaselineStatus.WORSENED),
+        )
+        return GateResult(
+            outcomes=(ModelOutcome("dead.pt", report("dead.pt", found)),),
+            fail_on=Severity.WARNING,
+            rules=rules,
+            baseline=True,
+        )
     if name == "escaping":
-        return GateResult(outcomes=(ModelOutcome("a,b:c.pt", report("a,b:c.pt", (PIPE,))),),
-                          fail_on=Severity.ERROR, rules=rules)
+        return GateResult(
+            outcomes=(ModelOutcome("a,b:c.pt", report("a,b:c.pt", (PIPE,))),), fail_on=Severity.ERROR, rules=rules
+        )
     raise AssertionError(name)
 
 
@@ -117,6 +156,7 @@ def test_golden(name: str, extension: str) -> None:
 
 
 # --- structure ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_junit_follows_the_common_schema(name: str) -> None:

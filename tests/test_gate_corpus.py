@@ -46,8 +46,18 @@ def test_synthetic_corpus_meets_the_targets(outcomes: list[Outcome]) -> None:
 
 def test_every_fault_kind_of_the_issue_is_in_the_corpus() -> None:
     faults = " ".join(c.fault or "" for c in synthetic_cases())
-    for kind in ("dead units", "before tanh", "before sigmoid", "before hardsigmoid", "NAN", "INF",
-                 "exploding", "vanishing", "old-style", "detached"):
+    for kind in (
+        "dead units",
+        "before tanh",
+        "before sigmoid",
+        "before hardsigmoid",
+        "NAN",
+        "INF",
+        "exploding",
+        "vanishing",
+        "old-style",
+        "detached",
+    ):
         assert kind in faults, kind
 
 

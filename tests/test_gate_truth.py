@@ -38,6 +38,7 @@ def image_probe(size: int = 64) -> ProbeOptions:
 
 # --- GC003: never trained (info) versus trained with frozen statistics (warning) -------------
 
+
 def _bn_mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
@@ -70,6 +71,7 @@ def test_trained_with_frozen_batchnorm_statistics_is_a_warning() -> None:
 
 # --- GC302: zero-initialised branches in any spelling ------------------------------------------
 
+
 class LoRALinear(nn.Module):
     """peft's spelling: base Linear plus lora_B(lora_A(x)) * alpha/r, with B = 0 at init."""
 
@@ -94,8 +96,11 @@ def _he(model: nn.Module) -> nn.Module:
 
 def test_lora_adapter_at_init_is_one_info_and_a_does_not_warn() -> None:
     torch.manual_seed(0)
-    model = _he(nn.Sequential(LoRALinear(IN_FEATURES, WIDTH), nn.ReLU(), LoRALinear(WIDTH, WIDTH), nn.ReLU(),
-                              nn.Linear(WIDTH, 10)))
+    model = _he(
+        nn.Sequential(
+            LoRALinear(IN_FEATURES, WIDTH), nn.ReLU(), LoRALinear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
+        )
+    )
     report = run(model)
     gates = [f for f in report.findings if f.code == "GC302"]
     assert len(gates) == 1 and gates[0].severity is Severity.INFO
@@ -131,8 +136,9 @@ class ReZeroBlock(nn.Module):
 
 def test_rezero_scalar_gate_in_functional_spelling() -> None:
     torch.manual_seed(0)
-    model = _he(nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), *[ReZeroBlock(WIDTH) for _ in range(3)],
-                              nn.Linear(WIDTH, 10)))
+    model = _he(
+        nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), *[ReZeroBlock(WIDTH) for _ in range(3)], nn.Linear(WIDTH, 10))
+    )
     report = run(model)
     assert of(report, "GC302") == [("1.alpha", Severity.INFO, 3.0)]
     assert "6 layer(s)" in next(f.message for f in report.findings if f.code == "GC302")
@@ -142,8 +148,11 @@ def test_rezero_scalar_gate_in_functional_spelling() -> None:
 def test_a_dead_branch_that_is_not_a_gate_still_warns() -> None:
     # Zero gradient with no zero parameter to explain it: a dead ReLU, GC203 must stay.
     torch.manual_seed(0)
-    model = _he(nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
-                              nn.Linear(WIDTH, 10)))
+    model = _he(
+        nn.Sequential(
+            nn.Linear(IN_FEATURES, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
+        )
+    )
     with torch.no_grad():
         model[2].bias.fill_(-1e3)
     report = run(model)
@@ -192,6 +201,7 @@ def test_dit_adaln_zero_is_a_zero_matrix_gate() -> None:
 
 # --- stock models at their libraries' default init (the issue's table) -------------------------
 
+
 def test_torchvision_resnet18_default_and_zero_init_residual() -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -216,8 +226,11 @@ def test_timm_resnet18_zero_init_last() -> None:
 def test_bert_and_gpt2_at_default_init() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=500))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=500
+        )
+    )
     report = check_module(bert, ProbeOptions())
     assert loud(report) == []
     rows = {r.name: r for r in report.layers}
@@ -242,7 +255,7 @@ def test_gpt2_conv1d_is_measured_like_a_linear_with_its_weight_transposed() -> N
     report = run(nn.Sequential(first, nn.ReLU(), second))
     scale = next(r.init for r in report.layers if r.name == "0")
     assert scale is not None and (scale.fan_in, scale.fan_out) == (IN_FEATURES, WIDTH)
-    (layer, _severity, value), = of(report, "GC301")
+    ((layer, _severity, value),) = of(report, "GC301")
     assert layer == "0" and value == pytest.approx(IN_FEATURES / 2, rel=0.15)  # the closer fan: fan_in
 
 
@@ -260,13 +273,18 @@ def test_he_fan_out_is_accepted_like_fan_in() -> None:
 
 # --- GC301 judges only weights at init, and says what decided ----------------------------------
 
+
 @pytest.mark.parametrize("draw", ["normal", "uniform", "orthogonal", "trunc_normal", "xavier"])
 def test_every_init_family_passes_the_iid_test(draw: str) -> None:
     torch.manual_seed(0)
     weight = torch.empty(256, 512)
-    {"normal": lambda w: nn.init.normal_(w, std=0.02), "uniform": lambda w: nn.init.uniform_(w, -0.1, 0.1),
-     "orthogonal": nn.init.orthogonal_, "trunc_normal": lambda w: nn.init.trunc_normal_(w, std=1.0),
-     "xavier": nn.init.xavier_uniform_}[draw](weight)
+    {
+        "normal": lambda w: nn.init.normal_(w, std=0.02),
+        "uniform": lambda w: nn.init.uniform_(w, -0.1, 0.1),
+        "orthogonal": nn.init.orthogonal_,
+        "trunc_normal": lambda w: nn.init.trunc_normal_(w, std=1.0),
+        "xavier": nn.init.xavier_uniform_,
+    }[draw](weight)
     verdict = weight_verdict(weight)
     assert verdict.at_init, verdict.evidence
 
@@ -289,8 +307,10 @@ def test_optimizer_state_in_the_checkpoint_means_trained(tmp_path: Path) -> None
     from gradcheck_cli import api
     from gradcheck_cli.gate.check import check_path
 
-    (tmp_path / "arch.py").write_text("from torch import nn\n\ndef mlp():\n"
-                                      "    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))\n")
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n\ndef mlp():\n"
+        "    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))\n"
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
     with torch.no_grad():
@@ -311,8 +331,10 @@ def test_optimizer_state_in_the_checkpoint_means_trained(tmp_path: Path) -> None
 def _mtcnn_onet() -> nn.Module:
     spec = importlib.util.find_spec("facenet_pytorch")  # locates the package without importing it
     if spec is None or spec.origin is None:
-        pytest.skip("facenet-pytorch is not installed (pip install --no-deps facenet-pytorch: its "
-                    "trained MTCNN weights ship inside the wheel)")
+        pytest.skip(
+            "facenet-pytorch is not installed (pip install --no-deps facenet-pytorch: its "
+            "trained MTCNN weights ship inside the wheel)"
+        )
     weights = Path(spec.origin).parent / "data" / "onet.pt"
     from bench.gate_corpus import ONet
 

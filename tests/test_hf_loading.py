@@ -24,8 +24,14 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BERT = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 64}
+BERT = {
+    "vocab_size": 120,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def _quiet() -> None:
@@ -137,8 +143,11 @@ def test_unknown_architecture_is_named_and_no_remote_code_runs(tmp_path: Path, c
     marker = tmp_path / "ran"
     (tmp_path / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(architectures=["CustomNetForCausalLM"], model_type="custom-net",
-                  auto_map={"AutoModelForCausalLM": "modeling_custom.CustomNetForCausalLM"})
+    config.update(
+        architectures=["CustomNetForCausalLM"],
+        model_type="custom-net",
+        auto_map={"AutoModelForCausalLM": "modeling_custom.CustomNetForCausalLM"},
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     code, _, err = cli("inspect", tmp_path)
     assert code == 2 and "Traceback" not in err
@@ -238,8 +247,11 @@ def inputs_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "GPT2LMHeadModel"])
 def test_input_shape_only_resizes_token_inputs(tmp_path: Path, cli: Any, cls_name: str) -> None:
-    config = BERT if cls_name.startswith("Bert") else {"vocab_size": 120, "n_embd": 32, "n_layer": 2, "n_head": 4,
-                                                       "n_positions": 64}
+    config = (
+        BERT
+        if cls_name.startswith("Bert")
+        else {"vocab_size": 120, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    )
     saved(cls_name, tmp_path, **config)
     for extra in ((), ("--input-dtype", "int64"), ("--input-dtype", "float32")):
         report = inspect_dir(cli, tmp_path, "--input-shape", "2,16", *extra)
@@ -257,8 +269,7 @@ def test_input_shape_ids_are_drawn_over_the_vocabulary(tmp_path: Path) -> None:
     from gradcheck_cli.probe.batch import InputOptions, probe_inputs
 
     model = saved("BertForMaskedLM", tmp_path, **BERT)
-    inputs = probe_inputs(model, InputOptions(input_shape=((2, 16),), input_dtype="int64"),
-                          device=torch.device("cpu"))
+    inputs = probe_inputs(model, InputOptions(input_shape=((2, 16),), input_dtype="int64"), device=torch.device("cpu"))
     batch = inputs.batches[0].kwargs
     assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (2, 16)
     # 32 draws over 120 ids: far more than 2 distinct values, all below the vocabulary size.
@@ -267,10 +278,21 @@ def test_input_shape_ids_are_drawn_over_the_vocabulary(tmp_path: Path) -> None:
 
 
 def test_clip_gets_both_modalities_and_its_own_loss(tmp_path: Path, cli: Any) -> None:
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64}
-    saved("CLIPModel", tmp_path, text_config={**BERT, "max_position_embeddings": 32, "eos_token_id": 2},
-          vision_config=vision, projection_dim=16)
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    }
+    saved(
+        "CLIPModel",
+        tmp_path,
+        text_config={**BERT, "max_position_embeddings": 32, "eos_token_id": 2},
+        vision_config=vision,
+        projection_dim=16,
+    )
     report = inspect_dir(cli, tmp_path)
     inputs = inputs_of(report)
     assert list(inputs) == ["input_ids", "attention_mask", "pixel_values"]
@@ -282,10 +304,25 @@ def test_clip_gets_both_modalities_and_its_own_loss(tmp_path: Path, cli: Any) ->
 
 
 def test_whisper_gets_its_fixed_number_of_mel_frames(tmp_path: Path, cli: Any) -> None:
-    saved("WhisperForConditionalGeneration", tmp_path, vocab_size=120, num_mel_bins=16, d_model=32,
-          encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-          encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=24, max_target_positions=32,
-          pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2)
+    saved(
+        "WhisperForConditionalGeneration",
+        tmp_path,
+        vocab_size=120,
+        num_mel_bins=16,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=24,
+        max_target_positions=32,
+        pad_token_id=0,
+        decoder_start_token_id=1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     report = inspect_dir(cli, tmp_path)
     inputs = inputs_of(report)
     assert inputs["input_features"]["shape"] == [8, 16, 48]  # 2 * max_source_positions frames
@@ -294,9 +331,19 @@ def test_whisper_gets_its_fixed_number_of_mel_frames(tmp_path: Path, cli: Any) -
 
 
 def test_wav2vec2_gets_raw_audio(tmp_path: Path, cli: Any) -> None:
-    saved("Wav2Vec2Model", tmp_path, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-          intermediate_size=64, conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2),
-          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    saved(
+        "Wav2Vec2Model",
+        tmp_path,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     report = inspect_dir(cli, tmp_path, "--seq-len", "12")
     values = inputs_of(report)["input_values"]
     # Receptive field 10 + 2 * 5 samples, hop 10: 12 frames need 20 + 11 * 10 samples.
@@ -306,9 +353,19 @@ def test_wav2vec2_gets_raw_audio(tmp_path: Path, cli: Any) -> None:
 
 
 def test_seq2seq_base_model_gets_decoder_inputs(tmp_path: Path, cli: Any) -> None:
-    saved("BartModel", tmp_path, vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=2,
-          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-          max_position_embeddings=64)
+    saved(
+        "BartModel",
+        tmp_path,
+        vocab_size=120,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
     report = inspect_dir(cli, tmp_path)
     assert {"input_ids", "attention_mask", "decoder_input_ids"} <= set(inputs_of(report))
     assert report["probe"]["loss"] == "mse"
@@ -390,8 +447,15 @@ def test_sweep_sources_cover_every_modality(tmp_path: Path) -> None:
     sources = _hf_sources()
     made = sources.hf_directories(tmp_path, quick=False)
     assert len(made) >= 30 and not sources.missing_architectures()
-    assert {m for _, m, _ in made} == {"text-encoder", "decoder", "seq2seq", "vision", "audio", "multimodal",
-                                       "state-space"}
+    assert {m for _, m, _ in made} == {
+        "text-encoder",
+        "decoder",
+        "seq2seq",
+        "vision",
+        "audio",
+        "multimodal",
+        "state-space",
+    }
     failed = []
     for name, _, directory in made:
         try:

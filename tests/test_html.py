@@ -149,8 +149,9 @@ def test_worst_case_500_rows_stay_under_the_documented_size() -> None:
     noise = random.Random(0)
     rows = []
     for index in range(500):
-        base = row(index, f"encoder.layers.{index // 4}.block.{index}.projection_with_a_long_name",
-                   dead=0.5, saturated=0.5)
+        base = row(
+            index, f"encoder.layers.{index // 4}.block.{index}.projection_with_a_long_name", dead=0.5, saturated=0.5
+        )
         output, gradient = (tuple(noise.randint(1, 10**6) for _ in range(BINS)) for _ in range(2))
         rows.append(replace(base, histograms=Histograms(output=output, output_grad=gradient)))
     findings = tuple(finding("GC101", r.name) for r in rows)
@@ -163,17 +164,40 @@ def test_gradient_through_time_is_drawn_for_recurrent_rows() -> None:
     from gradcheck_cli.records import DirectionTrace, GateStats, ThroughTime
 
     def trace(direction: str, norms: tuple[float, ...]) -> DirectionTrace:
-        return DirectionTrace(layer=0, direction=direction, steps=len(norms), grad_norms=norms, decay_rate=0.3,
-                              horizon=2, spectral_radius={"hh": 0.9}, gates={"input": GateStats(0.25, 0.5)})
+        return DirectionTrace(
+            layer=0,
+            direction=direction,
+            steps=len(norms),
+            grad_norms=norms,
+            decay_rate=0.3,
+            horizon=2,
+            spectral_radius={"hh": 0.9},
+            gates={"input": GateStats(0.25, 0.5)},
+        )
 
     rising = (0.0081, 0.027, 0.09, 0.3, 1.0)  # |dL/dh_t| grows towards the last step: it decays going back
-    measured = ThroughTime(ok=True, reason=None, max_abs_error=1e-7, tolerance=1e-5, horizon_fraction=0.1,
-                           directions=(trace("forward", rising), trace("reverse", rising[::-1])))
-    failed = ThroughTime(ok=False, reason="unrolled <cell> did not match", max_abs_error=None, tolerance=None,
-                         horizon_fraction=0.1, directions=())
+    measured = ThroughTime(
+        ok=True,
+        reason=None,
+        max_abs_error=1e-7,
+        tolerance=1e-5,
+        horizon_fraction=0.1,
+        directions=(trace("forward", rising), trace("reverse", rising[::-1])),
+    )
+    failed = ThroughTime(
+        ok=False,
+        reason="unrolled <cell> did not match",
+        max_abs_error=None,
+        tolerance=None,
+        horizon_fraction=0.1,
+        directions=(),
+    )
     report = mixed_report()
-    rows = (replace(report.layers[0], type="RNN", through_time=measured),
-            replace(report.layers[2], type="LSTM", through_time=failed), *report.layers[3:])
+    rows = (
+        replace(report.layers[0], type="RNN", through_time=measured),
+        replace(report.layers[2], type="LSTM", through_time=failed),
+        *report.layers[3:],
+    )
     page = render_html(replace(report, layers=rows))
     assert 'id="through-time"' in page
     curves = re.findall(r'<svg class="through-time".*?<polyline points="([^"]+)"', page)
@@ -224,10 +248,9 @@ def test_histograms_of_micro_batches_draw_the_same_picture() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
     def histograms(batch: int, batches: int) -> str:
-        probe = api.ProbeOptions(inputs=api.InputOptions(input_shape=((batch, 8),), batches=batches),
-                                 histograms=True)
+        probe = api.ProbeOptions(inputs=api.InputOptions(input_shape=((batch, 8),), batches=batches), histograms=True)
         page = render_html(api.inspect_module(model, probe, name="mlp"))
-        return page[page.index('<section id="histograms">'):]
+        return page[page.index('<section id="histograms">') :]
 
     one, four = histograms(32, 1), histograms(8, 4)
     assert one.count('class="hist"') == 6
@@ -245,8 +268,9 @@ def test_500_rows_stay_under_the_documented_size(deep_report: Report) -> None:
 
 def test_inspect_writes_html_with_histograms(cli: Any, tmp_path: Path) -> None:
     target = tmp_path / "report.html"
-    code, out, err = cli("inspect", SAMPLES / "sigmoid_saturated.pt", "--arch", f"{SAMPLES / 'models.py'}:sigmoid_mlp",
-                         "--html", target)
+    code, out, err = cli(
+        "inspect", SAMPLES / "sigmoid_saturated.pt", "--arch", f"{SAMPLES / 'models.py'}:sigmoid_mlp", "--html", target
+    )
     assert code == 0, err
     page = target.read_text(encoding="utf-8")
     _assert_self_contained(page)
@@ -268,12 +292,14 @@ def _column(page: Any, header: str) -> list[str | None]:
     return page.evaluate(
         "(() => { const t = document.getElementById('layer-table');"
         f" const i = Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent === {header!r});"
-        " return Array.from(t.tBodies[0].rows).map(r => r.cells[i].getAttribute('data-v')); })()")
+        " return Array.from(t.tBodies[0].rows).map(r => r.cells[i].getAttribute('data-v')); })()"
+    )
 
 
 def _click_header(page: Any, header: str) -> None:
-    page.evaluate(f"Array.from(document.querySelectorAll('#layer-table th')).find(c => c.textContent === {header!r})"
-                  ".click()")
+    page.evaluate(
+        f"Array.from(document.querySelectorAll('#layer-table th')).find(c => c.textContent === {header!r}).click()"
+    )
 
 
 def test_report_opens_sorts_and_renders_in_chromium(browser: Any, tmp_path: Path) -> None:
@@ -319,8 +345,9 @@ def test_500_row_report_is_paginated_in_chromium(browser: Any, deep_report: Repo
     browser.evaluate("location.hash = '#row-450'")
     assert "row-450" in browser.evaluate(visible)
     # The filter narrows the table to matching rows.
-    browser.evaluate("const f = document.getElementById('row-filter'); f.value = 'relu';"
-                     " f.dispatchEvent(new Event('input'))")
+    browser.evaluate(
+        "const f = document.getElementById('row-filter'); f.value = 'relu'; f.dispatchEvent(new Event('input'))"
+    )
     shown = browser.evaluate(visible)
     assert len(shown) == TABLE_PAGE_ROWS and all(int(r.split("-")[1]) % 2 == 1 for r in shown)
     # Histogram groups are collapsed unless they hold findings.

@@ -20,8 +20,9 @@ def test_table_output(cli: Any, mlp_state_dict: Path, arch_file: Path) -> None:
     assert "Diagnosis" in out or "No findings" in out
 
 
-def test_json_is_valid_and_byte_identical_for_a_seed(cli: Any, mlp_state_dict: Path, arch_file: Path,
-                                                     tmp_path: Path) -> None:
+def test_json_is_valid_and_byte_identical_for_a_seed(
+    cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path
+) -> None:
     args = ("inspect", mlp_state_dict, "--arch", f"{arch_file}:build", "--format", "json", "--seed", "7")
     code, first, _ = cli(*args)
     code2, second, _ = cli(*args)
@@ -37,8 +38,7 @@ def test_json_is_valid_and_byte_identical_for_a_seed(cli: Any, mlp_state_dict: P
     assert json.loads(target.read_text()) == data
 
 
-def test_functional_rows_are_named_after_the_calling_module(cli: Any, mlp_state_dict: Path,
-                                                             arch_file: Path) -> None:
+def test_functional_rows_are_named_after_the_calling_module(cli: Any, mlp_state_dict: Path, arch_file: Path) -> None:
     _, out, _ = cli("inspect", mlp_state_dict, "--arch", f"{arch_file}:build", "-f", "json")
     names = [layer["name"] for layer in json.loads(out)["layers"]]
     # Both relus are called from the root module's forward: the second call gets '#1'.
@@ -65,8 +65,9 @@ def test_input_file_npy_and_npz(cli: Any, mlp_state_dict: Path, arch_file: Path,
     torch.save(torch.from_numpy(x), tmp_path / "x.pt")
     outputs = []
     for name in ("x.npy", "x.npz", "x.pt"):
-        code, out, err = cli("inspect", mlp_state_dict, "--arch", f"{arch_file}:build", "-f", "json",
-                             "--input", tmp_path / name)
+        code, out, err = cli(
+            "inspect", mlp_state_dict, "--arch", f"{arch_file}:build", "-f", "json", "--input", tmp_path / name
+        )
         assert code == 0, err
         data = json.loads(out)
         assert data["probe"]["inputs"][0]["shape"] == [10, 8]
@@ -74,10 +75,23 @@ def test_input_file_npy_and_npz(cli: Any, mlp_state_dict: Path, arch_file: Path,
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-@pytest.mark.parametrize("case", ["missing", "random_bytes", "wrong_shape", "nan_weights", "no_arch",
-                                  "bad_kwargs", "pickle", "bad_device", "bad_shape_text"])
-def test_bad_inputs_exit_2_with_one_line(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path,
-                                         case: str) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "random_bytes",
+        "wrong_shape",
+        "nan_weights",
+        "no_arch",
+        "bad_kwargs",
+        "pickle",
+        "bad_device",
+        "bad_shape_text",
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(
+    cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path, case: str
+) -> None:
     arch = ("--arch", f"{arch_file}:build")
     if case == "missing":
         args: tuple[Any, ...] = (tmp_path / "absent.pt", *arch)
@@ -111,8 +125,7 @@ def test_bad_inputs_exit_2_with_one_line(cli: Any, mlp_state_dict: Path, arch_fi
     one_line_error(err)
 
 
-def test_nan_weights_can_be_probed_on_request(cli: Any, mlp_state_dict: Path, arch_file: Path,
-                                              tmp_path: Path) -> None:
+def test_nan_weights_can_be_probed_on_request(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path) -> None:
     sd = torch.load(mlp_state_dict)
     sd["fc2.weight"][:] = float("nan")
     path = tmp_path / "nan.pt"

@@ -29,8 +29,9 @@ def _same_weights(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model_state_dict", "model", "lightning", "ddp",
-                                  "compiled_ddp"])
+@pytest.mark.parametrize(
+    "wrap", ["plain", "state_dict", "model_state_dict", "model", "lightning", "ddp", "compiled_ddp"]
+)
 def test_state_dict_layouts(tmp_path: Path, arch_file: Path, wrap: str) -> None:
     torch.manual_seed(1)
     model = _build(arch_file)
@@ -41,8 +42,12 @@ def test_state_dict_layouts(tmp_path: Path, arch_file: Path, wrap: str) -> None:
         "model_state_dict": {"model_state_dict": sd, "optimizer_state_dict": {"lr": 0.1}},
         "model": {"model": sd, "args": "x"},
         # Lightning prefixes keys with the LightningModule attribute holding the network.
-        "lightning": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "pytorch-lightning_version": "2.4",
-                      "epoch": 1, "global_step": 10},
+        "lightning": {
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "pytorch-lightning_version": "2.4",
+            "epoch": 1,
+            "global_step": 10,
+        },
         "ddp": {f"module.{k}": v for k, v in sd.items()},
         "compiled_ddp": {f"module._orig_mod.{k}": v for k, v in sd.items()},
     }[wrap]
@@ -152,11 +157,14 @@ def test_state_dict_without_arch_says_what_to_pass(mlp_state_dict: Path) -> None
     assert "--arch" in (info.value.hint or "")
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", "is empty"),
-    (b"\x00\x01garbage that is no model at all", "unrecognised file format"),
-    (b"PK\x03\x04broken zip", "damaged"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "is empty"),
+        (b"\x00\x01garbage that is no model at all", "unrecognised file format"),
+        (b"PK\x03\x04broken zip", "damaged"),
+    ],
+)
 def test_bad_files(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
@@ -197,7 +205,7 @@ def test_best_key_prefix_prefers_the_match() -> None:
     assert best_key_prefix({"net.model.fc.weight": 0, "net.model.fc.bias": 0}, expected) == "net.model."
 
 
-RANDOM_BUFFER_ARCH = '''
+RANDOM_BUFFER_ARCH = """
 import torch
 from torch import nn
 
@@ -216,7 +224,7 @@ def build():
 
 def build_plain():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
-'''
+"""
 
 
 def test_arch_for_weights_skips_the_random_init_the_state_dict_replaces(tmp_path: Path) -> None:

@@ -67,8 +67,7 @@ class PaddleLikeNet(nn.Module):
 
 def const(name: str, value: Any) -> onnx.NodeProto:
     array = np.asarray(value)
-    return helper.make_node("Constant", [], [name], name=f"{name}.const",
-                            value=numpy_helper.from_array(array, name))
+    return helper.make_node("Constant", [], [name], name=f"{name}.const", value=numpy_helper.from_array(array, name))
 
 
 def f32(t: torch.Tensor) -> np.ndarray:
@@ -78,21 +77,46 @@ def f32(t: torch.Tensor) -> np.ndarray:
 def paddle_style(model: PaddleLikeNet, *, opset: int = 11) -> onnx.ModelProto:
     nodes = [
         const("conv1_weights", f32(model.conv1.weight)),
-        helper.make_node("Conv", ["x", "conv1_weights"], ["conv2d_0.tmp_0"], name="Conv@0", pads=[1, 1, 1, 1],
-                         kernel_shape=[3, 3], strides=[1, 1], group=1, dilations=[1, 1]),
+        helper.make_node(
+            "Conv",
+            ["x", "conv1_weights"],
+            ["conv2d_0.tmp_0"],
+            name="Conv@0",
+            pads=[1, 1, 1, 1],
+            kernel_shape=[3, 3],
+            strides=[1, 1],
+            group=1,
+            dilations=[1, 1],
+        ),
     ]
     for i, bn, x in ((1, model.bn1, "conv2d_0.tmp_0"), (2, model.bn2, "conv2d_1.tmp_1")):
         parts = {"scale": bn.weight, "offset": bn.bias, "mean": bn.running_mean, "variance": bn.running_var}
         nodes += [const(f"bn{i}_{k}", f32(v)) for k, v in parts.items()]
-        nodes.append(helper.make_node("BatchNormalization", [x] + [f"bn{i}_{k}" for k in parts],
-                                      [f"batch_norm_{i}.tmp_2"], name=f"BatchNormalization@{i}", epsilon=1e-5,
-                                      momentum=0.9))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [x] + [f"bn{i}_{k}" for k in parts],
+                [f"batch_norm_{i}.tmp_2"],
+                name=f"BatchNormalization@{i}",
+                epsilon=1e-5,
+                momentum=0.9,
+            )
+        )
         if i == 1:
             nodes += [
                 helper.make_node("Relu", ["batch_norm_1.tmp_2"], ["relu_0.tmp_0"], name="Relu@0"),
                 const("conv2_weights", f32(model.conv2.weight)),
-                helper.make_node("Conv", ["relu_0.tmp_0", "conv2_weights"], ["conv2d_1.tmp_0"], name="Conv@1",
-                                 pads=[1, 1, 1, 1], kernel_shape=[3, 3], strides=[2, 2], group=2, dilations=[1, 1]),
+                helper.make_node(
+                    "Conv",
+                    ["relu_0.tmp_0", "conv2_weights"],
+                    ["conv2d_1.tmp_0"],
+                    name="Conv@1",
+                    pads=[1, 1, 1, 1],
+                    kernel_shape=[3, 3],
+                    strides=[2, 2],
+                    group=2,
+                    dilations=[1, 1],
+                ),
                 const("conv2_offset", f32(model.conv2.bias)),
                 const("Constant@shape", np.array([1, -1, 1, 1], dtype=np.int64)),
                 helper.make_node("Reshape", ["conv2_offset", "Constant@shape"], ["conv2_offset.r"], name="Reshape@0"),
@@ -101,8 +125,9 @@ def paddle_style(model: PaddleLikeNet, *, opset: int = 11) -> onnx.ModelProto:
     nodes += [
         const("Constant@min", np.array(0.0, dtype=np.float32)),
         const("Constant@max", np.array(6.0, dtype=np.float32)),
-        helper.make_node("Clip", ["batch_norm_2.tmp_2", "Constant@min", "Constant@max"], ["relu6_0.tmp_0"],
-                         name="Clip@0"),
+        helper.make_node(
+            "Clip", ["batch_norm_2.tmp_2", "Constant@min", "Constant@max"], ["relu6_0.tmp_0"], name="Clip@0"
+        ),
         helper.make_node("GlobalAveragePool", ["relu6_0.tmp_0"], ["pool_0.tmp_0"], name="GlobalAveragePool@0"),
         helper.make_node("Flatten", ["pool_0.tmp_0"], ["flatten_0.tmp_0"], name="Flatten@0", axis=1),
         const("fc_0.w_0", f32(model.fc1.weight.T)),  # Paddle stores fc weights (in, out)
@@ -117,11 +142,12 @@ def paddle_style(model: PaddleLikeNet, *, opset: int = 11) -> onnx.ModelProto:
         helper.make_node("Add", ["fc_1.tmp_0", "fc_1.b_0"], ["save_infer_model/scale_0.tmp_0"], name="Add@2"),
     ]
     graph = helper.make_graph(
-        nodes, "paddle",
+        nodes,
+        "paddle",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
-        [helper.make_tensor_value_info("save_infer_model/scale_0.tmp_0", TensorProto.FLOAT, [-1, 4])])
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                                    producer_name="PaddlePaddle")
+        [helper.make_tensor_value_info("save_infer_model/scale_0.tmp_0", TensorProto.FLOAT, [-1, 4])],
+    )
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="PaddlePaddle")
     model_proto.ir_version = 7
     onnx.checker.check_model(model_proto)
     return model_proto
@@ -145,7 +171,8 @@ def test_the_hand_written_graph_computes_the_module(paddle: tuple[PaddleLikeNet,
 
 
 def test_constant_held_weights_are_parameters_with_the_pytorch_probe_gradients(
-        paddle: tuple[PaddleLikeNet, Path]) -> None:
+    paddle: tuple[PaddleLikeNet, Path],
+) -> None:
     model, path = paddle
     onnx_report = api.inspect(path, probe=OPTIONS)
     validate_report(onnx_report.to_dict())
@@ -153,13 +180,21 @@ def test_constant_held_weights_are_parameters_with_the_pytorch_probe_gradients(
     lowering = onnx_report.probe.lowering
     assert lowering is not None and lowering.ok, lowering
     assert [r.type for r in onnx_report.layers] == [
-        "Conv", "BatchNormalization", "Relu", "Conv", "BatchNormalization", "ReLU6", "MatMul", "Relu", "MatMul"]
+        "Conv",
+        "BatchNormalization",
+        "Relu",
+        "Conv",
+        "BatchNormalization",
+        "ReLU6",
+        "MatMul",
+        "Relu",
+        "MatMul",
+    ]
     assert_rows_match(list(onnx_report.layers), list(torch_report.layers))
     conv_rows = [r for r in onnx_report.layers if r.type == "Conv"]
     assert all(r.grad is not None and r.grad.norm is not None and r.grad.norm > 0 for r in conv_rows)
     assert conv_rows[1].params == 8 * 4 * 9 + 8  # the Reshape+Add bias belongs to its Conv
-    assert onnx_report.model.parameters == torch_report.model.parameters == sum(
-        p.numel() for p in model.parameters())
+    assert onnx_report.model.parameters == torch_report.model.parameters == sum(p.numel() for p in model.parameters())
     assert not any("does not depend on any parameter" in note for note in onnx_report.notes)
 
 
@@ -172,20 +207,19 @@ def test_gradient_norms_equal_torch_autograd_on_the_same_loss(paddle: tuple[Padd
     model, path = paddle
     report = api.inspect(path, probe=OPTIONS)
     inputs, _ = onnx_probe_inputs(onnx.load(str(path)), OPTIONS, torch.device("cpu"))
-    loss_fn = LossFunction(kind=OPTIONS.loss, total=inputs.total, seed=OPTIONS.inputs.seed,
-                           target_file=OPTIONS.target)
+    loss_fn = LossFunction(kind=OPTIONS.loss, total=inputs.total, seed=OPTIONS.inputs.seed, target_file=OPTIONS.target)
     model.zero_grad()
     for batch in inputs.batches:
         loss_fn(model(batch.kwargs["x"])).backward()
-    expected = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()
-                             if p.grad is not None))
-    got = math.sqrt(sum(r.grad.norm ** 2 for r in report.layers if r.grad is not None and r.grad.norm is not None))
+    expected = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+    got = math.sqrt(sum(r.grad.norm**2 for r in report.layers if r.grad is not None and r.grad.norm is not None))
     assert got == pytest.approx(expected, rel=1e-4)
     model.zero_grad()
 
 
-def test_fold_bn_folds_the_constant_held_batchnorms_and_verifies(paddle: tuple[PaddleLikeNet, Path],
-                                                                 tmp_path: Path) -> None:
+def test_fold_bn_folds_the_constant_held_batchnorms_and_verifies(
+    paddle: tuple[PaddleLikeNet, Path], tmp_path: Path
+) -> None:
     from gradcheck_cli.rewrite.fold import fold_batchnorm
 
     _, path = paddle
@@ -226,10 +260,12 @@ def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet
     result = reinit_onnx_model(model, options=ReinitOptions())
     assert [layer.name for layer in result.layers] == ["Conv@0", "Conv@1", "MatMul@0", "MatMul@1"]
     assert not [c for c in result.changes if not c.applied]
-    stored = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in result.model.graph.node
-              if n.op_type == "Constant"}
-    original = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                if n.op_type == "Constant"}
+    stored = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in result.model.graph.node if n.op_type == "Constant"
+    }
+    original = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"
+    }
     for record in result.layers:
         for tensor in record.tensors:
             assert stored[tensor.parameter].shape == original[tensor.parameter].shape
@@ -243,8 +279,7 @@ def test_reinit_sees_constant_and_transposed_weights(paddle: tuple[PaddleLikeNet
     assert not stored["conv2_offset"].any()
     for name in ("bn1_mean", "bn1_variance", "Constant@shape", "Constant@max"):  # untouched
         assert np.array_equal(stored[name], original[name])
-    ort.InferenceSession(result.model.SerializeToString()).run(
-        None, {"x": np.zeros((1, 3, 8, 8), dtype=np.float32)})
+    ort.InferenceSession(result.model.SerializeToString()).run(None, {"x": np.zeros((1, 3, 8, 8), dtype=np.float32)})
 
 
 def test_the_gate_scan_reads_constant_held_weights(tmp_path: Path) -> None:
@@ -259,13 +294,16 @@ def test_the_gate_scan_reads_constant_held_weights(tmp_path: Path) -> None:
     scan = scan_onnx(path)
     assert [(t.name, t.nan) for t in scan.nonfinite] == [("fc_0.w_0", 1)]
     assert [(b.module, b.nonpositive_var) for b in scan.batchnorms] == [
-        ("BatchNormalization@1", 0), ("BatchNormalization@2", 1)]
+        ("BatchNormalization@1", 0),
+        ("BatchNormalization@2", 1),
+    ]
     with pytest.raises(LoadError, match=r"Constant 'fc_0\.w_0' holds 1 NaN"):
         api.inspect(path, probe=OPTIONS)
 
 
-def test_a_negative_input_dim_is_dynamic_as_in_onnxruntime(paddle: tuple[PaddleLikeNet, Path], tmp_path: Path,
-                                                           cli: Any) -> None:
+def test_a_negative_input_dim_is_dynamic_as_in_onnxruntime(
+    paddle: tuple[PaddleLikeNet, Path], tmp_path: Path, cli: Any
+) -> None:
     _, path = paddle
     model = onnx.load(str(path))
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -302,8 +340,12 @@ def test_parameter_map_follows_plumbing_and_skips_configuration() -> None:
         const("half", np.array(0.5, dtype=np.float32)),  # a scalar constant
         helper.make_node("Mul", ["u", "half"], ["out"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+    )
     pmap = parameter_map(graph)
     assert pmap.parameters == ["w_flat", "gain"]
     use = pmap.uses["w_flat"][0]
@@ -319,12 +361,19 @@ def test_parameter_map_follows_plumbing_and_skips_configuration() -> None:
 
 def test_transpose_plumbing_maps_back_to_the_stored_layout() -> None:
     w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    nodes = [const("w", w), helper.make_node("Transpose", ["w"], ["wt"], perm=[2, 0, 1]),
-             helper.make_node("Unsqueeze", ["wt"], ["wu"], axes=[0]),
-             helper.make_node("Squeeze", ["wu"], ["ws"], axes=[0]),
-             helper.make_node("MatMul", ["x", "ws"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    nodes = [
+        const("w", w),
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[2, 0, 1]),
+        helper.make_node("Unsqueeze", ["wt"], ["wu"], axes=[0]),
+        helper.make_node("Squeeze", ["wu"], ["ws"], axes=[0]),
+        helper.make_node("MatMul", ["x", "ws"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     pmap = parameter_map(graph)
     seen = pmap.value("ws")
     assert seen is not None and seen.shape == (4, 2, 3)
@@ -335,13 +384,16 @@ def test_transpose_plumbing_maps_back_to_the_stored_layout() -> None:
 # ---- module paths ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "module"), [
-    ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
-    ("/layer1/layer1.0/downsample/downsample.0/Conv", "layer1.0.downsample.0"),
-    ("/features/features.0/features.0.0/Conv", "features.0.0"),
-    ("/fc/Gemm", "fc"),
-    ("/Flatten", ""),
-])
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
+        ("/layer1/layer1.0/downsample/downsample.0/Conv", "layer1.0.downsample.0"),
+        ("/features/features.0/features.0.0/Conv", "features.0.0"),
+        ("/fc/Gemm", "fc"),
+        ("/Flatten", ""),
+    ],
+)
 def test_legacy_names_give_module_paths(name: str, module: str) -> None:
     assert legacy_module_path(name) == module
 
@@ -366,8 +418,11 @@ def test_rows_take_the_module_paths_of_the_source_model(tmp_path: Path, dynamo: 
     options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),)))
     onnx_rows = api.inspect(path, probe=options).layers
     torch_rows = api.inspect_module(model, options).layers
-    assert [r.module for r in onnx_rows] == [r.module for r in torch_rows] == [
-        "stem.0", "stem.1", "stage.0.0", "stage.0.1", "head.1"]
+    assert (
+        [r.module for r in onnx_rows]
+        == [r.module for r in torch_rows]
+        == ["stem.0", "stem.1", "stage.0.0", "stage.0.1", "head.1"]
+    )
     assert all(r.kind is not RowKind.OTHER for r in onnx_rows)
     assert close(onnx_rows[0].output.mean, torch_rows[0].output.mean)
 
@@ -384,10 +439,16 @@ def test_a_layer_the_dynamo_exporter_fused_with_its_batchnorm_keeps_its_own_path
 def test_an_onnxruntime_failure_on_a_filled_free_dimension_names_it(tmp_path: Path, cli: Any) -> None:
     """A graph that runs only at 32x32 (an Add of a fixed-size map): with its free dimensions set
     to gradcheck's default, onnxruntime fails, and the hint says which sizes gradcheck chose."""
-    nodes = [const("bias_map", np.zeros((1, 3, 32, 32), dtype=np.float32)),
-             helper.make_node("Add", ["x", "bias_map"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    nodes = [
+        const("bias_map", np.zeros((1, 3, 32, 32), dtype=np.float32)),
+        helper.make_node("Add", ["x", "bias_map"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     path = tmp_path / "fixed_map.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     code, _, err = cli("inspect", str(path))

@@ -37,24 +37,47 @@ NEWEST_LEGACY_OPSET = 20  # the legacy exporter's newest
 NEWEST_DYNAMO_OPSET = 23
 
 
-def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, *, dynamo: bool, opset: int,
-           preserve_bn: bool = False, names: list[str] | None = None) -> Path:
+def export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    dynamo: bool,
+    opset: int,
+    preserve_bn: bool = False,
+    names: list[str] | None = None,
+) -> Path:
     """Export with the batch dimension dynamic, as users are told to."""
     names = names or [f"input_{i}" for i in range(len(args))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
             batch = torch.export.Dim("batch")
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
-                                        dynamic_shapes=tuple({0: batch} for _ in args), verbose=False)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                dynamic_shapes=tuple({0: batch} for _ in args),
+                verbose=False,
+            )
             assert program is not None
             program.save(str(path))
         else:
             extra: dict[str, Any] = {}
             if preserve_bn:
                 extra = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in names}, **extra)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                dynamic_axes={n: {0: "batch"} for n in names},
+                **extra,
+            )
     return path
 
 
@@ -73,7 +96,9 @@ def close(a: float | None, b: float | None, rel: float = 1e-4, abs_: float = 1e-
 
 def assert_rows_match(onnx_rows: list[LayerStats], torch_rows: list[LayerStats], *, grads: bool = True) -> None:
     assert [r.kind for r in onnx_rows] == [r.kind for r in torch_rows], (
-        [r.type for r in onnx_rows], [r.type for r in torch_rows])
+        [r.type for r in onnx_rows],
+        [r.type for r in torch_rows],
+    )
     assert [r.fn for r in onnx_rows] == [r.fn for r in torch_rows]
     for a, b in zip(onnx_rows, torch_rows, strict=True):
         where = f"{a.name} vs {b.name}"
@@ -130,9 +155,17 @@ class SmallCNN(nn.Module):
         super().__init__()
         torch.manual_seed(1)
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+            nn.BatchNorm2d(8),
+            nn.LeakyReLU(0.1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 5),
+        )
         with torch.no_grad():  # running statistics a trained model would have, not 0/1
             for module in self.body:
                 if isinstance(module, nn.BatchNorm2d):
@@ -169,8 +202,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 # ---- cross-checks against the PyTorch probe -------------------------------------------------
 
 
-@pytest.mark.parametrize("dynamo, opset", [(False, 13), (False, NEWEST_LEGACY_OPSET), (True, 18),
-                                           (True, NEWEST_DYNAMO_OPSET)])
+@pytest.mark.parametrize(
+    "dynamo, opset", [(False, 13), (False, NEWEST_LEGACY_OPSET), (True, 18), (True, NEWEST_DYNAMO_OPSET)]
+)
 def test_mlp_rows_match_the_pytorch_probe(exports: Callable[..., Path], dynamo: bool, opset: int) -> None:
     model = ActivationMLP().eval()
     path = exports("mlp", model, (torch.randn(2, 8),), dynamo=dynamo, opset=opset)
@@ -185,7 +219,14 @@ def test_mlp_rows_match_the_pytorch_probe(exports: Callable[..., Path], dynamo: 
     tanh = onnx_report.layers[3]
     assert tanh.saturation is not None and tanh.saturation.fraction > 0.3
     assert [r.fn for r in onnx_report.layers if r.kind is RowKind.ACTIVATION] == [
-        "relu", "tanh", "silu", "gelu", "hardswish", "relu6", "leaky_relu"]
+        "relu",
+        "tanh",
+        "silu",
+        "gelu",
+        "hardswish",
+        "relu6",
+        "leaky_relu",
+    ]
     assert close(onnx_report.probe.loss_value, torch_report.probe.loss_value)
     assert onnx_report.probe.method == "onnxruntime" and onnx_report.model.format == "onnx"
     assert onnx_report.model.parameters == torch_report.model.parameters
@@ -246,8 +287,16 @@ def test_torchvision_resnet18_dynamo_export(exports: Callable[..., Path]) -> Non
     assert_rows_match(pick, ref, grads=False)
 
 
-TORCHVISION_ZOO = ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x0_5", "googlenet",
-                   "regnet_y_400mf", "densenet121", "squeezenet1_0"]
+TORCHVISION_ZOO = [
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "regnet_y_400mf",
+    "densenet121",
+    "squeezenet1_0",
+]
 
 
 @pytest.mark.slow
@@ -282,11 +331,20 @@ class Recurrent(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("cell, dynamo", [
-    (nn.LSTM, False), (nn.GRU, False), (nn.RNN, False), (nn.LSTM, True),
-    pytest.param(nn.GRU, True, marks=pytest.mark.slow), pytest.param(nn.RNN, True, marks=pytest.mark.slow)])
-def test_recurrent_gradients_match_the_pytorch_probe(exports: Callable[..., Path], cell: type[nn.Module],
-                                                     dynamo: bool) -> None:
+@pytest.mark.parametrize(
+    "cell, dynamo",
+    [
+        (nn.LSTM, False),
+        (nn.GRU, False),
+        (nn.RNN, False),
+        (nn.LSTM, True),
+        pytest.param(nn.GRU, True, marks=pytest.mark.slow),
+        pytest.param(nn.RNN, True, marks=pytest.mark.slow),
+    ],
+)
+def test_recurrent_gradients_match_the_pytorch_probe(
+    exports: Callable[..., Path], cell: type[nn.Module], dynamo: bool
+) -> None:
     model = Recurrent(cell).eval()
     path = exports(cell.__name__, model, (torch.randn(2, 7, 6),), dynamo=dynamo, opset=14 if not dynamo else 18)
     options = ProbeOptions(inputs=InputOptions(input_shape=((4, 7, 6),)))
@@ -333,15 +391,29 @@ def randomised(model: nn.Module) -> nn.Module:
 
 def tiny_vit() -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=37, num_labels=3)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+    )
     return randomised(Logits(transformers.ViTForImageClassification(config)))
 
 
 def tiny_bert() -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return randomised(Logits(transformers.BertForSequenceClassification(config)))
 
 
@@ -350,8 +422,9 @@ def tiny_gpt2() -> nn.Module:
     # Untied output projection: the dynamo exporter folds lm_head's W^T into an initializer of its
     # own, which breaks the tie in the graph (see docs/onnx.md), so a tied model's total gradient
     # norm legitimately differs.
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                     use_cache=False, tie_word_embeddings=False)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False, tie_word_embeddings=False
+    )
     return randomised(Logits(transformers.GPT2LMHeadModel(config)))
 
 
@@ -397,8 +470,7 @@ def test_bert_token_inputs_get_the_vocabulary_range_and_gradients(exports: Calla
     params = [r for r in report.layers if r.kind is RowKind.PARAM]
     assert params and all(r.grad is not None and r.grad.norm for r in params)
     # The same probe batch through PyTorch (same draws: --input-range applies to every input).
-    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 16), (4, 16)), input_dtype="int64",
-                                               input_range=(0, 2)))
+    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 16), (4, 16)), input_dtype="int64", input_range=(0, 2)))
     onnx_report, torch_report = probe_both(model, path, options)
     assert close(onnx_report.probe.loss_value, torch_report.probe.loss_value)
     assert close(total_grad_norm(onnx_report), total_grad_norm(torch_report))
@@ -408,8 +480,9 @@ def test_bert_token_inputs_get_the_vocabulary_range_and_gradients(exports: Calla
 def test_gpt2_dynamo_export_with_tanh_gelu(exports: Callable[..., Path]) -> None:
     model = tiny_gpt2()  # the legacy exporter cannot export transformers' GPT-2 (aten::diff)
     path = exports("gpt2", model, (torch.randint(0, 100, (2, 16)),), dynamo=True, opset=18, names=["input_ids"])
-    options = ProbeOptions(inputs=InputOptions(input_shape=((4, 16),), input_dtype="int64", input_range=(0, 100)),
-                           loss="sum")  # type: ignore[arg-type]
+    options = ProbeOptions(
+        inputs=InputOptions(input_shape=((4, 16),), input_dtype="int64", input_range=(0, 100)), loss="sum"
+    )  # type: ignore[arg-type]
     onnx_report, torch_report = probe_both(model, path, options)
     assert onnx_report.probe.lowering is not None and onnx_report.probe.lowering.ok
     assert "decomposed activations recognised: gelu x2" in onnx_report.notes
@@ -421,12 +494,16 @@ def test_gpt2_dynamo_export_with_tanh_gelu(exports: Callable[..., Path]) -> None
 # ---- graph-level behaviour -----------------------------------------------------------------
 
 
-def tiny_graph(*nodes: onnx.NodeProto, inits: list[onnx.TensorProto], opset: int = 13,
-               input_shape: list[Any] | None = None) -> onnx.ModelProto:
-    graph = helper.make_graph(list(nodes), "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape or ["N", 4])],
-                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
-                              initializer=inits)
+def tiny_graph(
+    *nodes: onnx.NodeProto, inits: list[onnx.TensorProto], opset: int = 13, input_shape: list[Any] | None = None
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        list(nodes),
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape or ["N", 4])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -443,15 +520,17 @@ def unsupported_model(tmp_path: Path) -> Path:
         helper.make_node("Hardmax", ["a"], ["m"], name="hard", axis=-1),  # onnxruntime runs it; we do not
         helper.make_node("Mul", ["a", "m"], ["y0"], name="gate"),
         helper.make_node("Gemm", ["y0", "w2"], ["y"], name="fc2", transB=1),
-        inits=[weights("w1", 4, 4), weights("w2", 3, 4, seed=1)])
+        inits=[weights("w1", 4, 4), weights("w2", 3, 4, seed=1)],
+    )
     model.opset_import[0].version = 13
     path = tmp_path / "unsupported.onnx"
     onnx.save(model, str(path))
     return path
 
 
-def test_unsupported_op_gives_forward_statistics_and_null_gradients(unsupported_model: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsupported_op_gives_forward_statistics_and_null_gradients(
+    unsupported_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gradcheck_cli.onnx import ops
 
     monkeypatch.setitem(ops._REGISTRY, "Hardmax", [])  # as if the registry had no Hardmax
@@ -468,8 +547,9 @@ def test_unsupported_op_gives_forward_statistics_and_null_gradients(unsupported_
             assert row.grad.norm is None and row.grad.ratio is None and row.grad.weight_norm > 0
 
 
-def test_unsupported_op_through_the_cli_is_a_report_not_an_error(cli: Any, unsupported_model: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsupported_op_through_the_cli_is_a_report_not_an_error(
+    cli: Any, unsupported_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gradcheck_cli.onnx import ops
 
     monkeypatch.setitem(ops._REGISTRY, "Hardmax", [])
@@ -482,7 +562,8 @@ def test_unsupported_op_through_the_cli_is_a_report_not_an_error(cli: Any, unsup
 
 
 def test_a_lowering_that_disagrees_with_onnxruntime_nulls_gradients_and_names_the_op(
-        unsupported_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unsupported_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gradcheck_cli.onnx import ops
 
     relu = ops.lookup("Relu", 13)
@@ -545,8 +626,11 @@ def test_output_groups_respect_the_budget() -> None:
 
 
 def test_symbolic_dimensions_and_input_shape_errors(cli: Any, tmp_path: Path) -> None:
-    model = tiny_graph(helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
-                       inits=[weights("w", 4, 3)], input_shape=["batch", "seq", 4])
+    model = tiny_graph(
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
+        inits=[weights("w", 4, 3)],
+        input_shape=["batch", "seq", 4],
+    )
     path = tmp_path / "seq.onnx"
     onnx.save(model, str(path))
     report = api.inspect(path, probe=ProbeOptions(inputs=InputOptions(batch_size=3)))
@@ -565,14 +649,16 @@ def test_nonfinite_initializers_are_refused_unless_allowed(tmp_path: Path) -> No
     bad = weights("w", 4, 4)
     values = onnx.numpy_helper.to_array(bad).copy()
     values[0, 0] = np.nan
-    model = tiny_graph(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1),
-                       inits=[onnx.numpy_helper.from_array(values, "w")])
+    model = tiny_graph(
+        helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), inits=[onnx.numpy_helper.from_array(values, "w")]
+    )
     path = tmp_path / "nan.onnx"
     onnx.save(model, str(path))
     with pytest.raises(LoadError, match="NaN/Inf"):
         api.inspect(path)
-    report = api.inspect(path, load=api.LoadOptions(allow_nonfinite=True),
-                         probe=ProbeOptions(inputs=InputOptions(batch_size=2)))
+    report = api.inspect(
+        path, load=api.LoadOptions(allow_nonfinite=True), probe=ProbeOptions(inputs=InputOptions(batch_size=2))
+    )
     assert report.layers[0].output.nan > 0 and report.layers[0].output.mean is None
 
 
@@ -582,15 +668,19 @@ def test_check_command_gates_an_onnx_model(cli: Any, exports: Callable[..., Path
     code, out, err = cli("check", str(path), "--format", "json", "--batch-size", "16")
     assert code in (0, 1), err
     data = json.loads(out)
-    rows: Iterator[dict[str, Any]] = iter(data["models"][0]["report"]["layers"]) if "models" in data else iter(
-        data["layers"])
+    rows: Iterator[dict[str, Any]] = (
+        iter(data["models"][0]["report"]["layers"]) if "models" in data else iter(data["layers"])
+    )
     assert any(row["fn"] == "relu" for row in rows)
 
 
 def test_input_file_feeds_the_graph_by_position_or_name(tmp_path: Path) -> None:
     w = weights("w", 3, 4)
-    model = tiny_graph(helper.make_node("Gemm", ["x", "w"], ["h"], name="fc", transB=1),
-                       helper.make_node("Relu", ["h"], ["y"], name="act"), inits=[w])
+    model = tiny_graph(
+        helper.make_node("Gemm", ["x", "w"], ["h"], name="fc", transB=1),
+        helper.make_node("Relu", ["h"], ["y"], name="act"),
+        inits=[w],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     x = torch.randn(6, 4)

@@ -85,7 +85,8 @@ def test_fold_bn_folds_every_paddle_batchnorm_like_onnxslim_or_better(name: str)
     model = onnx.load(str(path))
     result = fold_onnx_model(model)
     assert count_batchnorms(model) > 0 and result.batchnorms_after == 0, [
-        e.reason for e in result.entries if not e.folded]
+        e.reason for e in result.entries if not e.folded
+    ]
     shape = SOURCES.INPUT_SHAPES[name]
     x = np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
     want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]

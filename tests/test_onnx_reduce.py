@@ -54,10 +54,13 @@ def _graph(opset: int) -> onnx.ModelProto:
         helper.make_node("Reshape", ["relu", "shape3"], ["relu3d"]),
         helper.make_node("Shape", ["x"], ["ints"]),
     ]
-    outputs = [helper.make_tensor_value_info("tanh64", f64, ["batch", 4, 5, 6]),
-               helper.make_tensor_value_info("ints", 7, [4])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, ["batch", 4, 5, 6])], outputs,
-                              initializer=inits)
+    outputs = [
+        helper.make_tensor_value_info("tanh64", f64, ["batch", 4, 5, 6]),
+        helper.make_tensor_value_info("ints", 7, [4]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", f, ["batch", 4, 5, 6])], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
     onnx.checker.check_model(model)
@@ -101,7 +104,8 @@ def test_in_graph_statistics_equal_numpy_float64(opset: int) -> None:
     assert set(reduced.stats) == set(values) - {"ints"}
     # The graph's own outputs come back unchanged with the statistics.
     assert float(reduced.outputs[0]["tanh64"].reshape(-1)[0]) == pytest.approx(
-        math.tanh(3 * float(feeds[0]["x"].reshape(-1)[0])))
+        math.tanh(3 * float(feeds[0]["x"].reshape(-1)[0]))
+    )
     for batch, feed in enumerate(feeds):
         exposed = _exposed(model, [v for v in values if v != "ints"], feed)
         for name, array in exposed.items():
@@ -136,17 +140,22 @@ def test_in_graph_statistics_equal_numpy_float64(opset: int) -> None:
 def test_large_mean_variance_survives_float32_summation() -> None:
     """One long row (rank 1): float32 summation loses the mean's last digits; the corrected
     two-pass formula must still give the variance to float32 accuracy."""
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Add", ["x", "big"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1 << 20])],
-        initializer=[numpy_helper.from_array(np.array(3e4, np.float32), "big")]),
-        opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Add", ["x", "big"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 20])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1 << 20])],
+            initializer=[numpy_helper.from_array(np.array(3e4, np.float32), "big")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model.ir_version = 8
     x = np.random.default_rng(0).uniform(-1, 1, 1 << 20).astype(np.float32)
     types = value_types(model, {"x": x.shape})
-    reduced = reduced_statistics_pass(model, ["y"], {"y": ValueRequest("y")}, types, [{"x": x}], opset=17,
-                                      cutoff=CUTOFF)
+    reduced = reduced_statistics_pass(
+        model, ["y"], {"y": ValueRequest("y")}, types, [{"x": x}], opset=17, cutoff=CUTOFF
+    )
     y = (x + np.float32(3e4)).astype(np.float64)
     got = reduced.stats["y"][0]
     assert got.mean == pytest.approx(y.mean(), rel=1e-9)
@@ -154,12 +163,19 @@ def test_large_mean_variance_survives_float32_summation() -> None:
 
 
 def test_nan_and_inf_values_go_the_exposed_way() -> None:
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Sqrt", ["x"], ["root"]), helper.make_node("Reciprocal", ["x"], ["inverse"]),
-         helper.make_node("Relu", ["x"], ["fine"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
-        [helper.make_tensor_value_info("fine", TensorProto.FLOAT, [4, 3])]),
-        opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("Sqrt", ["x"], ["root"]),
+                helper.make_node("Reciprocal", ["x"], ["inverse"]),
+                helper.make_node("Relu", ["x"], ["fine"]),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+            [helper.make_tensor_value_info("fine", TensorProto.FLOAT, [4, 3])],
+        ),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
     model.ir_version = 7
     x = np.abs(np.random.default_rng(0).standard_normal((4, 3))).astype(np.float32)
     clean = {"x": x}
@@ -177,17 +193,26 @@ def test_nan_and_inf_values_go_the_exposed_way() -> None:
 def _probe_model(tmp_path: Path, *, poison: bool) -> Path:
     """x -> MatMul(W) -> Relu -> MatMul(V) -> Sigmoid, with an optional Sqrt making NaN up front."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.standard_normal((5,)).astype(np.float32), "b"),
-             numpy_helper.from_array((rng.standard_normal((5, 3)) * 4).astype(np.float32), "V")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((5,)).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((5, 3)) * 4).astype(np.float32), "V"),
+    ]
     first = "root" if poison else "x"
     nodes = ([helper.make_node("Sqrt", ["x"], ["root"])] if poison else []) + [
-        helper.make_node("MatMul", [first, "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
-        helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "V"], ["o"]),
-        helper.make_node("Sigmoid", ["o"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-                              initializer=inits)
+        helper.make_node("MatMul", [first, "W"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "V"], ["o"]),
+        helper.make_node("Sigmoid", ["o"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
     path = tmp_path / f"m{int(poison)}.onnx"
@@ -209,7 +234,9 @@ def test_probe_reports_are_the_same_by_either_path(tmp_path: Path, poison: bool)
         for key in ("mean", "var", "min", "max"):
             x, y = getattr(a.output, key), getattr(b.output, key)
             assert (x is None) == (y is None) and (x is None or y is None or x == pytest.approx(y, rel=1e-5)), (
-                a.name, key)
+                a.name,
+                key,
+            )
         assert a.dead == b.dead and a.saturation == b.saturation and a.shape == b.shape
         assert a.reasons == b.reasons
     if poison:
@@ -249,9 +276,8 @@ def test_reductions_are_ordered_so_each_value_is_freed_early() -> None:
     del wants["ints"]
     types = value_types(model, {"x": SHAPE})
     reduced, _ = reduced_model(model, list(wants.values()), types, opset=17, cutoff=CUTOFF)
-    added = list(reduced.graph.node)[len(model.graph.node):]
-    consumed = [next(v for v in wants if v in node.input) for node in added
-                if any(v in node.input for v in wants)]
+    added = list(reduced.graph.node)[len(model.graph.node) :]
+    consumed = [next(v for v in wants if v in node.input) for node in added if any(v in node.input for v in wants)]
     producers = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
     order = [producers[v] for v in dict.fromkeys(consumed)]
     assert order == sorted(order, reverse=True)

@@ -38,8 +38,9 @@ def test_check_overlays_the_baseline(cli: Any, workdir: Path) -> None:
     model = "tanh_old_init.pt2"
     code, _, err = cli("check", model, "--isolated", "--exit-zero", "--format", "json=baseline.json")
     assert code == 0, err
-    code, _, err = cli("check", model, "--isolated", "--baseline", "baseline.json", "--plot", "flow.svg",
-                       "--html", "gate.html")
+    code, _, err = cli(
+        "check", model, "--isolated", "--baseline", "baseline.json", "--plot", "flow.svg", "--html", "gate.html"
+    )
     assert code == 0, err  # the findings are all in the baseline
     figure = (workdir / "flow.svg").read_text()
     assert "(baseline)" in figure and "(this run)" in figure

@@ -19,8 +19,12 @@ from tests.conftest import validate_report
 
 
 def probe(module: nn.Module, shape: tuple[int, ...], **kwargs: Any) -> Report:
-    inputs = InputOptions(input_shape=(shape,), batch_size=kwargs.pop("batch_size", None),
-                          batches=kwargs.pop("batches", 1), seed=kwargs.pop("seed", 0))
+    inputs = InputOptions(
+        input_shape=(shape,),
+        batch_size=kwargs.pop("batch_size", None),
+        batches=kwargs.pop("batches", 1),
+        seed=kwargs.pop("seed", 0),
+    )
     report = api.inspect_module(module, ProbeOptions(inputs=inputs, **kwargs))
     validate_report(report.to_dict())
     return report
@@ -119,8 +123,9 @@ def test_saturation_fraction_matches_the_derivative_formula(tmp_path: Path, fn: 
     inputs = tmp_path / "z.pt"
     torch.save(z, inputs)
     cutoff = 0.05
-    report = api.inspect_module(Scaled(fn, scale), ProbeOptions(
-        inputs=InputOptions(input=inputs), saturation_cutoff=cutoff, loss=LossKind.MSE))
+    report = api.inspect_module(
+        Scaled(fn, scale), ProbeOptions(inputs=InputOptions(input=inputs), saturation_cutoff=cutoff, loss=LossKind.MSE)
+    )
     act = rows(report, RowKind.ACTIVATION)[0]
     pre = scale * z.double()
     # Independent: derivative from the pre-activation, relative to the function's maximum.
@@ -196,8 +201,9 @@ def test_gradient_norms_match_independent_autograd(tmp_path: Path) -> None:
     y = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(10))
     torch.save(x, tmp_path / "x.pt")
     torch.save(y, tmp_path / "y.pt")
-    report = api.inspect_module(model, ProbeOptions(inputs=InputOptions(input=tmp_path / "x.pt", batch_size=5),
-                                                    target=tmp_path / "y.pt"))
+    report = api.inspect_module(
+        model, ProbeOptions(inputs=InputOptions(input=tmp_path / "x.pt", batch_size=5), target=tmp_path / "y.pt")
+    )
     # Independent computation: one batch, mean cross-entropy, retain_grad on every row output.
     reference = Net().eval()
     z1 = reference.fc1(x)
@@ -483,7 +489,7 @@ def test_a_tensor_reaching_two_rows_gives_each_its_own_values(scale_in_place: bo
     factor = 2.0 if scale_in_place else 1.0
     # fc's own row is measured before the in-place scaling; bn sees the scaled tensor.
     assert bn_input.mean == pytest.approx(factor * fc_row.mean, rel=1e-5, abs=1e-7)
-    assert bn_input.var == pytest.approx(factor ** 2 * fc_row.var, rel=1e-5)
+    assert bn_input.var == pytest.approx(factor**2 * fc_row.var, rel=1e-5)
     assert bn_input.max == pytest.approx(factor * fc_row.max, rel=1e-6)
 
 

@@ -63,7 +63,7 @@ def tanh_rnn(radius: float, input_scale: float = 0.05, hidden: int = 64) -> nn.R
 
 
 def test_fit_decay_on_a_geometric_sequence() -> None:
-    rate, horizon = fit_decay([0.7 ** k for k in range(30)])
+    rate, horizon = fit_decay([0.7**k for k in range(30)])
     assert rate == pytest.approx(0.7, rel=1e-9)
     assert horizon == 1 + int(math.log(0.01) / math.log(0.7))  # 0.7^k >= 0.01 for k <= 12
 
@@ -78,7 +78,7 @@ def test_tanh_rnn_decays_at_radius_times_mean_derivative() -> None:
     x = torch.randn(STEPS, 16, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden, _ = rnn(x)
-    mean_derivative = float((1 - hidden ** 2).mean())
+    mean_derivative = float((1 - hidden**2).mean())
     assert trace.decay_rate == pytest.approx(radius * mean_derivative, rel=0.1)
     # Many-to-one: the gradient is largest at the last step and falls geometrically before it.
     assert trace.grad_norms[-1] == max(trace.grad_norms)

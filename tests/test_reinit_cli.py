@@ -22,8 +22,9 @@ def dead_units(rows: list[dict[str, Any]]) -> int:
     return sum(row["dead"]["units"] for row in rows if row.get("dead"))
 
 
-def test_writes_a_reinitialised_state_dict_and_never_touches_the_input(cli: Any, mlp_state_dict: Path,
-                                                                       arch_file: Path, tmp_path: Path) -> None:
+def test_writes_a_reinitialised_state_dict_and_never_touches_the_input(
+    cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path
+) -> None:
     before = digest(mlp_state_dict)
     out = tmp_path / "fresh.pt"
     code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out)
@@ -40,8 +41,7 @@ def test_writes_a_reinitialised_state_dict_and_never_touches_the_input(cli: Any,
     assert not new["fc1.bias"].any()
 
 
-def test_refuses_to_overwrite_without_force(cli: Any, mlp_state_dict: Path, arch_file: Path,
-                                            tmp_path: Path) -> None:
+def test_refuses_to_overwrite_without_force(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "exists.pt"
     out.write_bytes(b"keep me")
     code, _, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out)
@@ -55,17 +55,28 @@ def test_refuses_to_overwrite_without_force(cli: Any, mlp_state_dict: Path, arch
 
 def test_refuses_to_write_over_its_input(cli: Any, mlp_state_dict: Path, arch_file: Path) -> None:
     before = digest(mlp_state_dict)
-    code, _, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", mlp_state_dict,
-                          "--force")
+    code, _, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", mlp_state_dict, "--force")
     assert code == 2 and "never modifies its input" in stderr
     assert digest(mlp_state_dict) == before
 
 
-def test_dry_run_writes_nothing_and_reports_json(cli: Any, mlp_state_dict: Path, arch_file: Path,
-                                                 tmp_path: Path) -> None:
+def test_dry_run_writes_nothing_and_reports_json(
+    cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "never.pt"
-    code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out,
-                               "--dry-run", "--format", "json", "--layers", "fc*")
+    code, stdout, stderr = cli(
+        "reinit",
+        mlp_state_dict,
+        "--arch",
+        f"{arch_file}:build",
+        "-o",
+        out,
+        "--dry-run",
+        "--format",
+        "json",
+        "--layers",
+        "fc*",
+    )
     assert code == 0, stderr
     assert not out.exists()
     data = json.loads(stdout)
@@ -76,13 +87,17 @@ def test_dry_run_writes_nothing_and_reports_json(cli: Any, mlp_state_dict: Path,
     assert data["before"] and data["after"]
 
 
-@pytest.mark.parametrize("args", [
-    ("--scheme", "orthogonal", "--distribution", "uniform"),
-    ("--layers", "no_such_layer*"),
-    ("--scheme", "bogus"),
-])
-def test_usage_errors_exit_2(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path,
-                             args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--scheme", "orthogonal", "--distribution", "uniform"),
+        ("--layers", "no_such_layer*"),
+        ("--scheme", "bogus"),
+    ],
+)
+def test_usage_errors_exit_2(
+    cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path, args: tuple[str, ...]
+) -> None:
     out = tmp_path / "o.pt"
     code, _, _ = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out, *args)
     assert code == 2
@@ -114,8 +129,20 @@ def test_reinit_revives_the_dead_relu_sample(cli: Any, tmp_path: Path) -> None:
 
 def test_lsuv_through_the_cli(cli: Any, mlp_state_dict: Path, arch_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "lsuv.pt"
-    code, stdout, stderr = cli("reinit", mlp_state_dict, "--arch", f"{arch_file}:build", "-o", out,
-                               "--scheme", "lsuv", "--format", "json", "--batch-size", "32")
+    code, stdout, stderr = cli(
+        "reinit",
+        mlp_state_dict,
+        "--arch",
+        f"{arch_file}:build",
+        "-o",
+        out,
+        "--scheme",
+        "lsuv",
+        "--format",
+        "json",
+        "--batch-size",
+        "32",
+    )
     assert code == 0, stderr
     data = json.loads(stdout)
     for layer in data["layers"]:
@@ -155,13 +182,15 @@ def test_reinit_help_imports_neither_torch_nor_onnx() -> None:
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "from typer.testing import CliRunner\n"
-            "from gradcheck_cli.cli.app import app\n"
-            "result = CliRunner().invoke(app, ['reinit', '--help'])\n"
-            "assert result.exit_code == 0, result.output\n"
-            "assert '--scheme' in result.output and '--recurrent' in result.output\n"
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))\n")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from gradcheck_cli.cli.app import app\n"
+        "result = CliRunner().invoke(app, ['reinit', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert '--scheme' in result.output and '--recurrent' in result.output\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
@@ -172,15 +201,27 @@ def test_safetensors_in_safetensors_out_with_untouched_tensors_bit_identical(cli
     if not sample.exists():
         pytest.skip("samples/cnn_batchnorm.safetensors is missing (run samples/make_samples.py)")
     out = tmp_path / "cnn.safetensors"
-    code, stdout, stderr = cli("reinit", sample, "--arch", f"{SAMPLES / 'models.py'}:small_cnn", "-o", out,
-                               "--layers", "conv2", "--format", "json")
+    code, stdout, stderr = cli(
+        "reinit",
+        sample,
+        "--arch",
+        f"{SAMPLES / 'models.py'}:small_cnn",
+        "-o",
+        out,
+        "--layers",
+        "conv2",
+        "--format",
+        "json",
+    )
     assert code == 0, stderr
     old, new = safetensors.load_file(str(sample)), safetensors.load_file(str(out))
     assert old.keys() == new.keys()
-    changed = {key for key in old if not torch.equal(old[key].view(-1).view(torch.uint8),
-                                                     new[key].view(-1).view(torch.uint8))}
-    assert changed == {"conv2.weight"} | ({"conv2.bias"} if old.get("conv2.bias") is not None
-                                          and old["conv2.bias"].any() else set())
+    changed = {
+        key for key in old if not torch.equal(old[key].view(-1).view(torch.uint8), new[key].view(-1).view(torch.uint8))
+    }
+    assert changed == {"conv2.weight"} | (
+        {"conv2.bias"} if old.get("conv2.bias") is not None and old["conv2.bias"].any() else set()
+    )
     data = json.loads(stdout)
     assert any("running statistics of bn2" in note for note in data["notes"])
 

@@ -66,23 +66,26 @@ def test_conv_fans_follow_theory_with_groups() -> None:
 
 def test_conv_transpose_fans_use_the_real_in_and_out_channels() -> None:
     # ConvTranspose2d(8 -> 12, 3x3, groups=4): weight (C_in=8, C_out/groups=3, 3, 3)
-    assert fans((8, 3, 3, 3), layout=WeightLayout.CONV_TRANSPOSE, groups=4) == Fans(fan_in=2 * 9,
-                                                                                  fan_out=12 * 9)
+    assert fans((8, 3, 3, 3), layout=WeightLayout.CONV_TRANSPOSE, groups=4) == Fans(fan_in=2 * 9, fan_out=12 * 9)
 
 
 def test_fans_agree_with_torch_for_conv_and_linear() -> None:
     torch = pytest.importorskip("torch")
     from torch.nn.init import _calculate_fan_in_and_fan_out
 
-    for shape, layout in (((10, 3), WeightLayout.OUT_IN), ((16, 2, 3, 3), WeightLayout.CONV),
-                          ((7, 5, 2, 3, 4), WeightLayout.CONV)):
+    for shape, layout in (
+        ((10, 3), WeightLayout.OUT_IN),
+        ((16, 2, 3, 3), WeightLayout.CONV),
+        ((7, 5, 2, 3, 4), WeightLayout.CONV),
+    ):
         theirs = _calculate_fan_in_and_fan_out(torch.empty(shape))
         ours = fans(shape, layout=layout)
         assert (ours.fan_in, ours.fan_out) == theirs
 
 
-@pytest.mark.parametrize(("module_kind", "groups"), [("conv", 1), ("conv", 4), ("conv_transpose", 1),
-                                                     ("conv_transpose", 4)])
+@pytest.mark.parametrize(
+    ("module_kind", "groups"), [("conv", 1), ("conv", 4), ("conv_transpose", 1), ("conv_transpose", 4)]
+)
 def test_fan_in_is_the_number_of_terms_each_output_sums(module_kind: str, groups: int) -> None:
     """Measured, not restated: Var(y) = fan_in·Var(w)·Var(x) at interior output positions."""
     torch = pytest.importorskip("torch")
@@ -113,7 +116,7 @@ def test_relu_family_gains_match_the_he_paper_and_torch() -> None:
     torch = pytest.importorskip("torch")
     assert he_gain(None) == pytest.approx(math.sqrt(2.0))
     for slope in (0.01, 0.2, 0.5):
-        assert he_gain(slope) == pytest.approx(math.sqrt(2.0 / (1.0 + slope ** 2)))
+        assert he_gain(slope) == pytest.approx(math.sqrt(2.0 / (1.0 + slope**2)))
         assert he_gain(slope) == pytest.approx(torch.nn.init.calculate_gain("leaky_relu", slope))
     assert activation_gain("tanh") == pytest.approx(torch.nn.init.calculate_gain("tanh"))
 
@@ -158,8 +161,7 @@ def test_default_modes() -> None:
 @pytest.mark.parametrize("scheme", [Scheme.HE, Scheme.GLOROT, Scheme.LECUN])
 @pytest.mark.parametrize("distribution", [Distribution.NORMAL, Distribution.UNIFORM])
 @pytest.mark.parametrize("mode", [FanMode.FAN_IN, FanMode.FAN_OUT, FanMode.FAN_AVG])
-def test_sample_variance_matches_the_formula(scheme: Scheme, distribution: Distribution,
-                                             mode: FanMode) -> None:
+def test_sample_variance_matches_the_formula(scheme: Scheme, distribution: Distribution, mode: FanMode) -> None:
     layer_fans = fans(SHAPE, layout=WeightLayout.CONV)
     gain = scheme_gain(scheme, "relu" if scheme is Scheme.HE else None)
     spec = random_spec(scheme, fans_=layer_fans, distribution=distribution, mode=mode, gain=gain)
@@ -167,24 +169,25 @@ def test_sample_variance_matches_the_formula(scheme: Scheme, distribution: Distr
     assert spec.variance == pytest.approx(expected, rel=1e-12)
     values = sample(SHAPE, spec, layer_rng(1, f"{scheme}-{distribution}-{mode}"))
     n = values.size
-    measured = float(np.mean(values ** 2))
+    measured = float(np.mean(values**2))
     assert abs(measured - expected) <= sample_variance_bound(expected, n, distribution)
     assert abs(float(values.mean())) <= Z * math.sqrt(expected / n)
     if distribution is Distribution.UNIFORM:
         bound = math.sqrt(3 * expected)
         assert float(np.abs(values).max()) <= bound
         assert float(np.abs(values).max()) >= 0.999 * bound
-    kurtosis = float(np.mean(values ** 4)) / measured ** 2
+    kurtosis = float(np.mean(values**4)) / measured**2
     assert kurtosis == pytest.approx(3.0 if distribution is Distribution.NORMAL else 1.8, abs=0.05)
 
 
 def test_the_variance_bound_rejects_a_wrong_fan() -> None:
     """The bound is tight enough to fail: fan_in vs fan_avg, and a missing ReLU gain."""
     layer_fans = fans(SHAPE, layout=WeightLayout.CONV)
-    spec = random_spec(Scheme.HE, fans_=layer_fans, distribution=Distribution.NORMAL,
-                       mode=FanMode.FAN_IN, gain=math.sqrt(2))
+    spec = random_spec(
+        Scheme.HE, fans_=layer_fans, distribution=Distribution.NORMAL, mode=FanMode.FAN_IN, gain=math.sqrt(2)
+    )
     values = sample(SHAPE, spec, layer_rng(2, "x"))
-    measured = float(np.mean(values ** 2))
+    measured = float(np.mean(values**2))
     for wrong in (2.0 / ((FAN_IN + FAN_OUT) / 2), 1.0 / FAN_IN, 2.0 / FAN_IN * 1.03):
         assert abs(measured - wrong) > sample_variance_bound(wrong, values.size, Distribution.NORMAL)
 
@@ -206,13 +209,13 @@ def test_orthogonal_rows_or_columns_are_orthonormal(shape: tuple[int, ...], gain
     gram = flat @ flat.T if rows <= cols else flat.T @ flat
     assert np.allclose(gram, np.eye(min(rows, cols)), atol=1e-10)
     spec = orthogonal_spec(shape, fans_=Fans(1, 1), gain=gain)
-    assert float(np.mean(values ** 2)) == pytest.approx(spec.variance, rel=1e-9)
+    assert float(np.mean(values**2)) == pytest.approx(spec.variance, rel=1e-9)
 
 
 def test_identity_blocks() -> None:
     values = identity_blocks((12, 3), block=3)
     for k in range(4):
-        assert np.array_equal(values[3 * k:3 * k + 3], np.eye(3))
+        assert np.array_equal(values[3 * k : 3 * k + 3], np.eye(3))
     with pytest.raises(ValueError):
         identity_blocks((10, 3), block=3)
 

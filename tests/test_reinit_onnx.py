@@ -43,12 +43,26 @@ def mlp_graph() -> onnx.ModelProto:
         helper.make_node("Sigmoid", ["g5"], ["a5"]),
         helper.make_node("Gemm", ["a5", "w_head"], ["y"], name="head", transB=1, alpha=2.0),
     ]
-    initializers = [init("w_relu", 64, 64), init("b_relu", 64), init("w_tanh", 64, 64), init("b_tanh", 64),
-                    init("w_selu", 64, 64), init("b_selu", 64), init("w_leaky", 64, 64),
-                    numpy_helper.from_array(np.array([4, 64], dtype=np.int64), name="shape"),
-                    init("w_sig", 64, 64), init("b_sig", 64), init("w_head", 8, 64)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], initializers)
+    initializers = [
+        init("w_relu", 64, 64),
+        init("b_relu", 64),
+        init("w_tanh", 64, 64),
+        init("b_tanh", 64),
+        init("w_selu", 64, 64),
+        init("b_selu", 64),
+        init("w_leaky", 64, 64),
+        numpy_helper.from_array(np.array([4, 64], dtype=np.int64), name="shape"),
+        init("w_sig", 64, 64),
+        init("b_sig", 64),
+        init("w_head", 8, 64),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -72,9 +86,14 @@ def test_auto_reads_the_following_activation_from_the_graph() -> None:
     result = reinit_onnx_model(model, options=ReinitOptions())
     assert model.SerializeToString() == original  # the input proto is not modified
     found = by_name(result.layers)
-    expected = {"relu_fc": ("he", "relu", math.sqrt(2 / 64)), "tanh_fc": ("glorot", "tanh", 5 / 3 / 8),
-                "selu_fc": ("lecun", "selu", 1 / 8), "leaky_fc": ("he", "leaky_relu", math.sqrt(2 / 1.04 / 64)),
-                "sigmoid_fc": ("glorot", "sigmoid", 1 / 8), "head": ("glorot", None, math.sqrt(2 / 72))}
+    expected = {
+        "relu_fc": ("he", "relu", math.sqrt(2 / 64)),
+        "tanh_fc": ("glorot", "tanh", 5 / 3 / 8),
+        "selu_fc": ("lecun", "selu", 1 / 8),
+        "leaky_fc": ("he", "leaky_relu", math.sqrt(2 / 1.04 / 64)),
+        "sigmoid_fc": ("glorot", "sigmoid", 1 / 8),
+        "head": ("glorot", None, math.sqrt(2 / 72)),
+    }
     for name, (scheme, activation, std) in expected.items():
         layer = found[name]
         assert (layer.scheme, layer.activation) == (scheme, activation), name
@@ -102,11 +121,18 @@ def test_only_selected_initializers_change_bit_for_bit() -> None:
 
 
 def test_shared_initializer_stays_one_tensor() -> None:
-    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="first", transB=1),
-             helper.make_node("Relu", ["h"], ["a"]),
-             helper.make_node("Gemm", ["a", "w"], ["y"], name="second", transB=1)]
-    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [init("w", 16, 16)])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"], name="first", transB=1),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "w"], ["y"], name="second", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [init("w", 16, 16)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = reinit_onnx_model(model, options=ReinitOptions())
     assert [t.name for t in result.model.graph.initializer] == ["w"]
@@ -117,16 +143,23 @@ def test_shared_initializer_stays_one_tensor() -> None:
 
 
 def test_conv_and_conv_transpose_with_groups() -> None:
-    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", group=2, pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["n"], name="bn"),
-             helper.make_node("Relu", ["n"], ["r"]),
-             helper.make_node("ConvTranspose", ["r", "wt"], ["y"], name="deconv", group=4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("ConvTranspose", ["r", "wt"], ["y"], name="deconv", group=4),
+    ]
     # Conv 4 -> 8 channels, groups 2: W (8, 2, 3, 3). ConvTranspose 8 -> 12, groups 4: W (8, 3, 3, 3).
     inits = [init("wc", 8, 2, 3, 3), init("bc", 8), init("wt", 8, 3, 3, 3)]
     inits += [numpy_helper.from_array(np.ones(8, np.float32), name=n) for n in ("s", "v")]
     inits += [numpy_helper.from_array(np.zeros(8, np.float32), name=n) for n in ("o", "m")]
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = reinit_onnx_model(model, options=ReinitOptions())
     conv, deconv = by_name(result.layers)["conv"], by_name(result.layers)["deconv"]
@@ -141,37 +174,49 @@ def test_conv_and_conv_transpose_with_groups() -> None:
 @pytest.mark.parametrize("recurrent", [RecurrentInit.ORTHOGONAL, RecurrentInit.IDENTITY])
 def test_recurrent_ops(op: str, gates: int, recurrent: RecurrentInit) -> None:
     hidden, features, dirs = 8, 5, 2
-    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], name="rnn", hidden_size=hidden,
-                            direction="bidirectional")
-    inits = [init("W", dirs, gates * hidden, features), init("R", dirs, gates * hidden, hidden),
-             init("B", dirs, 2 * gates * hidden)]
-    graph = helper.make_graph([node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, features])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], name="rnn", hidden_size=hidden, direction="bidirectional")
+    inits = [
+        init("W", dirs, gates * hidden, features),
+        init("R", dirs, gates * hidden, hidden),
+        init("B", dirs, 2 * gates * hidden),
+    ]
+    graph = helper.make_graph(
+        [node],
+        "rnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = reinit_onnx_model(model, options=ReinitOptions(recurrent=recurrent, forget_bias=True))
     new = arrays(result.model)
     for d in range(dirs):
         for g in range(gates):
-            block = new["R"][d, g * hidden:(g + 1) * hidden].astype(np.float64)
+            block = new["R"][d, g * hidden : (g + 1) * hidden].astype(np.float64)
             if recurrent is RecurrentInit.IDENTITY:
                 assert np.array_equal(block, np.eye(hidden))
             else:
                 assert np.allclose(block @ block.T, np.eye(hidden), atol=1e-5)
     expected_bias = np.zeros((dirs, 2 * gates * hidden), np.float32)
     if op == "LSTM":
-        expected_bias[:, 2 * hidden:3 * hidden] = 1.0  # ONNX gate order i, o, f, c: Wb forget block
+        expected_bias[:, 2 * hidden : 3 * hidden] = 1.0  # ONNX gate order i, o, f, c: Wb forget block
     assert np.array_equal(new["B"], expected_bias)
     assert result.layers[0].activation_source is ActivationSource.INTERNAL
     run(result.model, {"x": RNG.standard_normal((3, 2, features)).astype(np.float32)})
 
 
 def test_matmul_of_two_activations_is_not_a_layer_and_computed_weights_are_declined() -> None:
-    nodes = [helper.make_node("MatMul", ["x", "x_t"], ["s"], name="scores"),
-             helper.make_node("Transpose", ["x"], ["x_t"]),
-             helper.make_node("Conv", ["img", "computed_w"], ["c"], name="dyn_conv")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                           for n in ("x", "img", "computed_w")],
-                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "x_t"], ["s"], name="scores"),
+        helper.make_node("Transpose", ["x"], ["x_t"]),
+        helper.make_node("Conv", ["img", "computed_w"], ["c"], name="dyn_conv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "img", "computed_w")],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)],
+    )
     result = reinit_onnx_model(helper.make_model(graph), options=ReinitOptions())
     assert result.layers == []
     assert [c.target for c in result.changes if not c.applied] == ["dyn_conv"]

@@ -116,11 +116,21 @@ def lsuv_model(kind: str) -> tuple[nn.Module, list[ProbeBatch]]:
     """A seeded MLP (ReLU and tanh) or CNN (grouped convolution) with its probe batch."""
     torch.manual_seed(0)
     if kind == "mlp":
-        return (nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)),
-                batch(64, 32))
-    return (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 6 * 6, 10)),
-            batch(16, 3, 8, 8))
+        return (
+            nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)),
+            batch(64, 32),
+        )
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 6 * 6, 10),
+        ),
+        batch(16, 3, 8, 8),
+    )
 
 
 @pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
@@ -129,9 +139,13 @@ def test_lsuv_gives_every_layer_output_variance_1(model_kind: str) -> None:
     options = ReinitOptions(scheme=Scheme.LSUV)
     result = reinit_module(model, probe, options=options)
     outputs: dict[str, float] = {}
-    handles = [sub.register_forward_hook(
-        lambda _m, _i, out, name=name: outputs.__setitem__(name, float(out.double().var(unbiased=False))))
-        for name, sub in result.module.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))]
+    handles = [
+        sub.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, float(out.double().var(unbiased=False)))
+        )
+        for name, sub in result.module.named_modules()
+        if isinstance(sub, (nn.Linear, nn.Conv2d))
+    ]
     try:
         with torch.no_grad():
             result.module(*probe[0].args)
@@ -177,10 +191,14 @@ class FunctionalActs(ModuleActs):
         return self.head(x)
 
 
-EXPECTED = {"relu_fc": ("he", "relu", math.sqrt(2 / 64)), "tanh_fc": ("glorot", "tanh", 5 / 3 / math.sqrt(64)),
-            "selu_fc": ("lecun", "selu", math.sqrt(1 / 64)),
-            "leaky_fc": ("he", "leaky_relu", math.sqrt(2 / (1.04 * 64))),
-            "sigmoid_fc": ("glorot", "sigmoid", math.sqrt(1 / 64)), "head": ("glorot", None, math.sqrt(2 / 72))}
+EXPECTED = {
+    "relu_fc": ("he", "relu", math.sqrt(2 / 64)),
+    "tanh_fc": ("glorot", "tanh", 5 / 3 / math.sqrt(64)),
+    "selu_fc": ("lecun", "selu", math.sqrt(1 / 64)),
+    "leaky_fc": ("he", "leaky_relu", math.sqrt(2 / (1.04 * 64))),
+    "sigmoid_fc": ("glorot", "sigmoid", math.sqrt(1 / 64)),
+    "head": ("glorot", None, math.sqrt(2 / 72)),
+}
 
 
 def check_auto(layers: list[LayerInit], *, source: ActivationSource) -> None:
@@ -208,8 +226,7 @@ def test_auto_on_a_torch_export_program(cls: type[nn.Module]) -> None:
     model = cls().eval()
     program = torch.export.export(model, (torch.randn(4, 64),))
     result = reinit_module(program.module(), batch(4, 64), options=ReinitOptions())
-    check_auto([layer for layer in result.layers if layer.name in EXPECTED],
-               source=ActivationSource.EXECUTION)
+    check_auto([layer for layer in result.layers if layer.name in EXPECTED], source=ActivationSource.EXECUTION)
 
 
 @pytest.mark.parametrize("cls", [ModuleActs, FunctionalActs])
@@ -224,12 +241,14 @@ def test_auto_on_torchscript_reads_the_scripted_graph(cls: type[nn.Module]) -> N
 @pytest.mark.parametrize("distribution", [Distribution.NORMAL, Distribution.UNIFORM])
 @pytest.mark.parametrize("mode", [FanMode.FAN_IN, FanMode.FAN_OUT, FanMode.FAN_AVG])
 @pytest.mark.parametrize("scheme", [Scheme.HE, Scheme.GLOROT, Scheme.LECUN])
-def test_written_conv_weights_have_the_formula_variance(scheme: Scheme, distribution: Distribution,
-                                                        mode: FanMode) -> None:
+def test_written_conv_weights_have_the_formula_variance(
+    scheme: Scheme, distribution: Distribution, mode: FanMode
+) -> None:
     """Through the whole pass, after the cast to the layer's dtype (float32)."""
     model = nn.Sequential(nn.Conv2d(128, 256, 3), nn.ReLU())
-    result = reinit_module(model, batch(1, 128, 5, 5),
-                           options=ReinitOptions(scheme=scheme, distribution=distribution, fan=mode))
+    result = reinit_module(
+        model, batch(1, 128, 5, 5), options=ReinitOptions(scheme=scheme, distribution=distribution, fan=mode)
+    )
     fan = {FanMode.FAN_IN: 128 * 9, FanMode.FAN_OUT: 256 * 9, FanMode.FAN_AVG: (128 + 256) * 9 / 2}[mode]
     expected = (2.0 if scheme is Scheme.HE else 1.0) / fan
     weight = result.module[0].weight.detach().double()  # type: ignore[index]
@@ -327,14 +346,14 @@ def test_recurrent_weights(cls: Any, recurrent: RecurrentInit) -> None:
     for name, value in params.items():
         if name.startswith("weight_hh"):
             for g in range(gates):
-                block = value[g * hidden:(g + 1) * hidden].detach().double()
+                block = value[g * hidden : (g + 1) * hidden].detach().double()
                 if recurrent is RecurrentInit.IDENTITY:
                     assert torch.equal(block, torch.eye(hidden, dtype=torch.float64))
                 else:
                     assert torch.allclose(block @ block.T, torch.eye(hidden, dtype=torch.float64), atol=1e-5)
         elif name.startswith("bias_ih") and cls is nn.LSTM:
             expected = torch.zeros(4 * hidden)
-            expected[hidden:2 * hidden] = 1.0  # PyTorch gate order i, f, g, o
+            expected[hidden : 2 * hidden] = 1.0  # PyTorch gate order i, f, g, o
             assert torch.equal(value.detach(), expected)
         elif name.startswith("bias"):
             assert not value.any()

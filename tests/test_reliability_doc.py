@@ -29,8 +29,10 @@ def expected_figures() -> dict[str, int]:
         "hostile probe files (--input/--target, zip and legacy), all refused": 2 * len(pickle_tests.PROBE_FLAGS),
         "loaders covered (seed files)": len(SEEDS),
         "mutated files, deterministic matrix": len(malformed.MATRIX),
-        "special files (directory, symlink loop, FIFO, socket, devices, unreadable) x seeds":
-            len(malformed.SPECIAL_FILES) * len(SEEDS),
+        "special files (directory, symlink loop, FIFO, socket, devices, unreadable) x seeds": len(
+            malformed.SPECIAL_FILES
+        )
+        * len(SEEDS),
         "fuzz cases, loaders, default run": malformed.FUZZ_LOADER_EXAMPLES,
         "fuzz cases, CLI end to end, default run": malformed.FUZZ_CLI_EXAMPLES,
         "fuzz cases, loaders, nightly (-m slow)": malformed.FUZZ_LOADER_EXAMPLES * malformed.FUZZ_NIGHTLY_FACTOR,
@@ -57,8 +59,12 @@ def test_figures_match_the_tests() -> None:
 
 def test_named_tests_exist() -> None:
     text = DOC.read_text(encoding="utf-8")
-    modules = {"test_reliability_pickle": pickle_tests, "test_reliability_malformed": malformed,
-               "test_reliability_writes": writes, "test_reliability_resources": resources}
+    modules = {
+        "test_reliability_pickle": pickle_tests,
+        "test_reliability_malformed": malformed,
+        "test_reliability_writes": writes,
+        "test_reliability_resources": resources,
+    }
     named = re.findall(r"`(test_reliability_\w+)\.py::(test_\w+)`", text)
     assert named, "RELIABILITY.md names no test"
     for module, test in named:

@@ -33,8 +33,17 @@ MAY_STAY_VALID = {("*", "flip"), ("config_toml", "truncate")}
 FUZZ_LOADER_EXAMPLES = 500
 FUZZ_CLI_EXAMPLES = 100
 FUZZ_NIGHTLY_FACTOR = 10
-SPECIAL_FILES = ("directory", "symlink_loop", "dangling_symlink", "fifo", "socket", "dev_zero", "dev_null",
-                 "unreadable_simulated", "unreadable_chmod")
+SPECIAL_FILES = (
+    "directory",
+    "symlink_loop",
+    "dangling_symlink",
+    "fifo",
+    "socket",
+    "dev_zero",
+    "dev_null",
+    "unreadable_simulated",
+    "unreadable_chmod",
+)
 
 MATRIX = [(seed.name, mutation, n) for seed in SEEDS for mutation, count in VARIANTS.items() for n in range(count)]
 
@@ -76,8 +85,9 @@ def test_seed_is_valid(cli: Any, seed_bytes: dict[str, bytes], seed_name: str, t
 
 
 @pytest.mark.parametrize(("seed_name", "mutation", "n"), MATRIX)
-def test_mutated_file(cli: Any, seed_bytes: dict[str, bytes], seed_name: str, mutation: str, n: int,
-                      tmp_path: Path) -> None:
+def test_mutated_file(
+    cli: Any, seed_bytes: dict[str, bytes], seed_name: str, mutation: str, n: int, tmp_path: Path
+) -> None:
     seed = SEEDS_BY_NAME[seed_name]
     path = tmp_path / f"mutated{seed.suffix}"
     path.write_bytes(MUTATIONS[mutation](seed_bytes[seed_name], n))
@@ -118,8 +128,9 @@ def _special(kind: str, tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(Path, "open", denied)
     elif kind == "unreadable_chmod":
         if os.geteuid() == 0:
-            pytest.skip("running as root: chmod 000 does not stop root from reading "
-                        "(unreadable_simulated covers the same path)")
+            pytest.skip(
+                "running as root: chmod 000 does not stop root from reading (unreadable_simulated covers the same path)"
+            )
         path.write_bytes(b"\x80\x02}q\x00.")
         path.chmod(0)
     return path
@@ -136,6 +147,7 @@ def test_special_file(cli: Any, seed_name: str, kind: str, tmp_path: Path, monke
 
 
 # --- fuzz ---------------------------------------------------------------------------------------
+
 
 def _examples(default: int) -> int:
     text = os.environ.get("GRADCHECK_FUZZ_EXAMPLES")
@@ -156,8 +168,12 @@ OPERATIONS = ("overwrite", "insert", "delete", "cut", "flip", "magic", "header")
 
 def mutations(seeds: dict[str, bytes]) -> st.SearchStrategy[Mutation]:
     """A seed and how to mutate it (kept small, so that a failing case prints in a few lines)."""
-    return st.tuples(st.sampled_from(sorted(seeds)), st.sampled_from(OPERATIONS),
-                     st.floats(0, 1, exclude_max=True), st.binary(min_size=1, max_size=16))
+    return st.tuples(
+        st.sampled_from(sorted(seeds)),
+        st.sampled_from(OPERATIONS),
+        st.floats(0, 1, exclude_max=True),
+        st.binary(min_size=1, max_size=16),
+    )
 
 
 def apply(case: Mutation, data: bytes) -> bytes:
@@ -167,11 +183,11 @@ def apply(case: Mutation, data: bytes) -> bytes:
     limit = min(len(data) - 1, 63) if op == "header" else len(data) - 1
     position = int(where * (limit + 1))
     if op in ("overwrite", "header"):
-        return data[:position] + chunk + data[position + len(chunk):]
+        return data[:position] + chunk + data[position + len(chunk) :]
     if op == "insert":
         return data[:position] + chunk + data[position:]
     if op == "delete":
-        return data[:position] + data[position + len(chunk):]
+        return data[:position] + data[position + len(chunk) :]
     if op == "cut":
         return data[:position]
     n = int.from_bytes(chunk, "little")
@@ -201,8 +217,9 @@ def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *
 
     ran: list[str] = []
 
-    @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, derandomize=fixed, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=mutations(seed_bytes))
     def run(case: Mutation) -> None:
         ran.append(case[1])
@@ -224,8 +241,9 @@ def _fuzz_loaders(seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *
 def _fuzz_cli(cli: Any, seed_bytes: dict[str, bytes], tmp_path: Path, examples: int, *, fixed: bool = True) -> None:
     ran: list[str] = []
 
-    @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, derandomize=fixed, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=mutations(seed_bytes))
     def run(case: Mutation) -> None:
         ran.append(case[1])

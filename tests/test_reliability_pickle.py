@@ -12,9 +12,18 @@ from tests._hostile import SAMPLES, Payload, _torch_bytes, hostile_files
 from tests.conftest import one_line_error
 
 COMMANDS = ("inspect", "check", "fold-bn", "reinit")
-KINDS = ("top_level_zip.pt", "nested_in_dict_zip.pt", "nested_state_dict_zip.ckpt", "top_level_legacy.pt",
-         "nested_in_dict_legacy.pt", "bare_pickle.pkl", "bare_pickle_protocol5.pkl", "pt2_sample_inputs.pt2",
-         "pt2_pickled_weight.pt2", "torchscript_data_pkl.pt")
+KINDS = (
+    "top_level_zip.pt",
+    "nested_in_dict_zip.pt",
+    "nested_state_dict_zip.ckpt",
+    "top_level_legacy.pt",
+    "nested_in_dict_legacy.pt",
+    "bare_pickle.pkl",
+    "bare_pickle_protocol5.pkl",
+    "pt2_sample_inputs.pt2",
+    "pt2_pickled_weight.pt2",
+    "torchscript_data_pkl.pt",
+)
 SAFE_ALTERNATIVES = ("state_dict", "safetensors", ".pt2")
 
 
@@ -47,8 +56,9 @@ def _assert_refused(command: str, result: tuple[int, str, str], tmp_path: Path) 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("command", COMMANDS)
-def test_payload_model_refused_by_every_command(cli: Any, hostile: tuple[dict[str, Path], Path], kind: str,
-                                                command: str, tmp_path: Path) -> None:
+def test_payload_model_refused_by_every_command(
+    cli: Any, hostile: tuple[dict[str, Path], Path], kind: str, command: str, tmp_path: Path
+) -> None:
     files, marker = hostile
     text = _assert_refused(command, cli(*_argv(command, files[kind], tmp_path)), tmp_path)
     assert not marker.exists(), f"{kind}: the payload ran under `gradcheck {command}`"
@@ -78,14 +88,16 @@ def test_payload_probe_file_refused(cli: Any, tmp_path: Path, flag: str, legacy:
     probe_file.write_bytes(_torch_bytes({"x": torch.zeros(8, 64), "y": Payload(marker)}, legacy=legacy))
     model = SAMPLES / ("cnn_batchnorm.pt2" if command == "fold-bn" else "relu_healthy.pt2")
     # Even with --trust-pickle: it covers the model file, never probe inputs.
-    text = _assert_refused(command, cli(*_argv(command, model, tmp_path, flag, str(probe_file), "--trust-pickle")),
-                           tmp_path)
+    text = _assert_refused(
+        command, cli(*_argv(command, model, tmp_path, flag, str(probe_file), "--trust-pickle")), tmp_path
+    )
     assert not marker.exists()
     assert "would run code" in " ".join(text.split()), text
 
 
-@pytest.mark.parametrize("kind", ["nested_in_dict_zip.pt", "top_level_legacy.pt", "pt2_sample_inputs.pt2",
-                                  "pt2_pickled_weight.pt2"])
+@pytest.mark.parametrize(
+    "kind", ["nested_in_dict_zip.pt", "top_level_legacy.pt", "pt2_sample_inputs.pt2", "pt2_pickled_weight.pt2"]
+)
 def test_payload_is_live_with_trust_flag(cli: Any, tmp_path: Path, kind: str) -> None:
     """The control: with --trust-pickle the same file does run its payload, so the refusals above
     are what kept the marker away (not a payload that never worked)."""

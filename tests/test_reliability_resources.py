@@ -44,6 +44,7 @@ def _refused(cli: Any, argv: list[str], *needles: str) -> str:
 
 # --- ONNX ------------------------------------------------------------------------------------------
 
+
 def _huge_input(model: Any) -> None:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].Clear()
@@ -65,11 +66,16 @@ def _cycle(model: Any) -> None:
 
 
 @pytest.mark.parametrize("command", ["inspect", "check", "reinit", "fold-bn"])
-@pytest.mark.parametrize(("edit", "needle"), [(_huge_input, "more than gradcheck will allocate"),
-                                              (_lying_initializer, "but holds"),
-                                              (_negative_dim, "negative dimension"),
-                                              (_cycle, "cycle")],
-                         ids=["huge-input", "size-mismatch", "negative-dim", "cycle"])
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (_huge_input, "more than gradcheck will allocate"),
+        (_lying_initializer, "but holds"),
+        (_negative_dim, "negative dimension"),
+        (_cycle, "cycle"),
+    ],
+    ids=["huge-input", "size-mismatch", "negative-dim", "cycle"],
+)
 def test_onnx_declarations_refused(cli: Any, tmp_path: Path, command: str, edit: Any, needle: str) -> None:
     path = _onnx(tmp_path, edit)
     argv = [command, str(path)] + (["-o", str(tmp_path / "out.onnx")] if command in ("reinit", "fold-bn") else [])
@@ -121,8 +127,9 @@ def _external(tmp_path: Path, location: str, *, length: int | None = None, offse
     return _onnx(tmp_path, edit)
 
 
-@pytest.mark.parametrize("location", ["/dev/zero", "../outside.bin", "/etc/passwd", "link_to_dev_zero",
-                                      "fifo.bin", "."])
+@pytest.mark.parametrize(
+    "location", ["/dev/zero", "../outside.bin", "/etc/passwd", "link_to_dev_zero", "fifo.bin", "."]
+)
 def test_onnx_external_data_outside_or_special_refused(cli: Any, tmp_path: Path, location: str) -> None:
     (tmp_path.parent / "outside.bin").write_bytes(b"\0" * 4096)
     os.symlink("/dev/zero", tmp_path / "link_to_dev_zero")
@@ -144,6 +151,7 @@ def test_onnx_external_data_length_mismatch_and_overrun_refused(cli: Any, tmp_pa
 
 
 # --- other formats -------------------------------------------------------------------------------
+
 
 def test_npy_declaring_terabytes_refused_before_allocating(cli: Any, tmp_path: Path) -> None:
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }"
@@ -200,6 +208,7 @@ def test_torch_storage_declaring_more_than_its_data_refused(cli: Any, tmp_path: 
 
 # --- the memory estimate -------------------------------------------------------------------------
 
+
 def test_memory_estimate_counts_weights_inputs_and_activations() -> None:
     import torch
 
@@ -242,8 +251,15 @@ def test_weights_already_in_memory_count_against_a_budget_but_not_against_availa
     from gradcheck_cli.errors import ProbeError
     from gradcheck_cli.probe.budget import MemoryEstimate, micro_batch_that_fits, over_limit
 
-    estimate = MemoryEstimate(parameters=1000, gradients=1000, inputs_per_sample=10, activations_per_sample=40,
-                              batch_size=8, measured=True, resident=1000)
+    estimate = MemoryEstimate(
+        parameters=1000,
+        gradients=1000,
+        inputs_per_sample=10,
+        activations_per_sample=40,
+        batch_size=8,
+        measured=True,
+        resident=1000,
+    )
     # The whole probe: 2000 + 8 x 50 = 2400 bytes; what it still has to allocate: 1400.
     assert micro_batch_that_fits(estimate, available=1400) is None
     assert micro_batch_that_fits(estimate, available=1300) == 6  # (1300 - 1000 gradients) // 50
@@ -255,8 +271,9 @@ def test_weights_already_in_memory_count_against_a_budget_but_not_against_availa
         micro_batch_that_fits(estimate, available=1000)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("4GiB", 4 * 1024**3), ("512MB", 512 * 1000**2), ("1.5k", 1500),
-                                                ("2048", 2048)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("4GiB", 4 * 1024**3), ("512MB", 512 * 1000**2), ("1.5k", 1500), ("2048", 2048)]
+)
 def test_parse_memory_budget(text: str, expected: int) -> None:
     from gradcheck_cli.probe.budget import parse_memory_budget
 
@@ -376,14 +393,19 @@ def test_nan_weights_are_a_check_finding(cli: Any, numeric: dict[str, Path]) -> 
     assert "--allow-nonfinite" in stderr
 
 
-@pytest.mark.parametrize(("model", "arch", "extra"), [
-    ("mlp", "mlp", ("--input", "nan_input")),
-    ("mlp", "mlp", ("--input", "inf_input")),
-    ("overflow", "overflow", ("--input-shape", "8,8")),
-    ("sqrtneg", "sqrtneg", ("--input-shape", "8,8")),
-], ids=["nan-input", "inf-input", "overflowing-activations", "nan-activations-and-gradients"])
-def test_nonfinite_values_are_findings_not_crashes(cli: Any, numeric: dict[str, Path], model: str, arch: str,
-                                                   extra: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("model", "arch", "extra"),
+    [
+        ("mlp", "mlp", ("--input", "nan_input")),
+        ("mlp", "mlp", ("--input", "inf_input")),
+        ("overflow", "overflow", ("--input-shape", "8,8")),
+        ("sqrtneg", "sqrtneg", ("--input-shape", "8,8")),
+    ],
+    ids=["nan-input", "inf-input", "overflowing-activations", "nan-activations-and-gradients"],
+)
+def test_nonfinite_values_are_findings_not_crashes(
+    cli: Any, numeric: dict[str, Path], model: str, arch: str, extra: tuple[str, str]
+) -> None:
     flag, value = extra
     value = str(numeric[value]) if value in numeric else value
     code, stdout, stderr = cli("check", str(numeric[model]), *_arch(numeric, arch), flag, value, "--format", "json")
@@ -396,13 +418,18 @@ def test_nonfinite_values_are_findings_not_crashes(cli: Any, numeric: dict[str, 
     assert "Traceback" not in stderr
 
 
-@pytest.mark.parametrize(("model", "extra", "needle"), [
-    ("mlp", ("--input", "empty_input"), "zero samples"),
-    ("mlp", ("--input", "zero_width_input"), "forward pass failed"),
-    ("intout", ("--input-shape", "8,8"), "floating-point"),
-], ids=["zero-size-batch", "zero-size-features", "integer-output"])
-def test_degenerate_inputs_and_outputs_are_clear_errors(cli: Any, numeric: dict[str, Path], model: str,
-                                                         extra: tuple[str, str], needle: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "extra", "needle"),
+    [
+        ("mlp", ("--input", "empty_input"), "zero samples"),
+        ("mlp", ("--input", "zero_width_input"), "forward pass failed"),
+        ("intout", ("--input-shape", "8,8"), "floating-point"),
+    ],
+    ids=["zero-size-batch", "zero-size-features", "integer-output"],
+)
+def test_degenerate_inputs_and_outputs_are_clear_errors(
+    cli: Any, numeric: dict[str, Path], model: str, extra: tuple[str, str], needle: str
+) -> None:
     flag, value = extra
     value = str(numeric[value]) if value in numeric else value
     _refused(cli, ["inspect", str(numeric[model]), *_arch(numeric, model), flag, value], needle)

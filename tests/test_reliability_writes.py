@@ -60,10 +60,12 @@ def _leftovers(directory: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in keep)
 
 
-@pytest.mark.parametrize(("command", "sample", "extra", "suffix"), REWRITES,
-                         ids=[f"{c}-{s}" for c, s, _, _ in REWRITES])
-def test_input_never_modified(cli: Any, tmp_path: Path, command: str, sample: str, extra: tuple[str, ...],
-                              suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "sample", "extra", "suffix"), REWRITES, ids=[f"{c}-{s}" for c, s, _, _ in REWRITES]
+)
+def test_input_never_modified(
+    cli: Any, tmp_path: Path, command: str, sample: str, extra: tuple[str, ...], suffix: str
+) -> None:
     src = _input_copy(tmp_path, sample)
     before, mtime = _digest(src), src.stat().st_mtime_ns
     out = tmp_path / f"out{suffix}"
@@ -115,17 +117,33 @@ def _raise(err: int) -> Any:
 # Where a write can fail: creating the scratch directory that holds the temporary file (every
 # writer makes one beside the output, so that the file carries its final name: fsutil.atomic_path),
 # flushing the file, or renaming it into place.
-FAULTS = [("tempfile.mkdtemp", errno.EACCES), ("os.fsync", errno.ENOSPC),
-          ("os.replace", errno.ENOSPC), ("os.replace", errno.EACCES)]
+FAULTS = [
+    ("tempfile.mkdtemp", errno.EACCES),
+    ("os.fsync", errno.ENOSPC),
+    ("os.replace", errno.ENOSPC),
+    ("os.replace", errno.EACCES),
+]
 
 
 FAULT_CASES = [(*rewrite, where, err) for rewrite in REWRITES for where, err in FAULTS]
 
 
-@pytest.mark.parametrize(("command", "sample", "extra", "suffix", "where", "err"), FAULT_CASES,
-                         ids=[f"{c}-{s}-{w}-{errno.errorcode[e]}" for c, s, _, _, w, e in FAULT_CASES])
-def test_failed_write_leaves_nothing(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str,
-                                     sample: str, extra: tuple[str, ...], suffix: str, where: str, err: int) -> None:
+@pytest.mark.parametrize(
+    ("command", "sample", "extra", "suffix", "where", "err"),
+    FAULT_CASES,
+    ids=[f"{c}-{s}-{w}-{errno.errorcode[e]}" for c, s, _, _, w, e in FAULT_CASES],
+)
+def test_failed_write_leaves_nothing(
+    cli: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    sample: str,
+    extra: tuple[str, ...],
+    suffix: str,
+    where: str,
+    err: int,
+) -> None:
     src = _input_copy(tmp_path, sample)
     before = _digest(src)
     out_dir = tmp_path / "out"
@@ -183,8 +201,13 @@ def _env() -> dict[str, str]:
 def _kill_mid_write(script: str, out: Path, rng: random.Random, *, wait_ready: bool) -> bool:
     """Start a writer, SIGKILL it at a random moment after its temporary file appeared; return
     whether the kill landed mid-write (no output yet). The output must never be partial."""
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(out)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         if wait_ready:
             assert proc.stdout is not None
@@ -250,8 +273,10 @@ def test_concurrent_writers_never_corrupt(tmp_path: Path) -> None:
     for trial in range(CONCURRENT_TRIALS):
         out = tmp_path / f"trial{trial}" / "model.bin"
         out.parent.mkdir()
-        procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(out), fill], env=_env())
-                 for fill in ("a", "b")]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(out), fill], env=_env())
+            for fill in ("a", "b")
+        ]
         assert [p.wait(timeout=120) for p in procs] == [0, 0]
         assert _digest(out) in whole, "two writers interleaved into one file"
         assert _leftovers(out.parent, {"model.bin"}) == []
@@ -260,9 +285,16 @@ def test_concurrent_writers_never_corrupt(tmp_path: Path) -> None:
 def test_concurrent_reinit_commands_leave_a_loadable_file(tmp_path: Path) -> None:
     src = _input_copy(tmp_path, "relu_healthy.pt2")
     out = tmp_path / "out.pt2"
-    procs = [subprocess.Popen([sys.executable, "-m", "gradcheck_cli", "reinit", str(src), "-o", str(out), "--force",
-                               "--seed", str(seed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gradcheck_cli", "reinit", str(src), "-o", str(out), "--force", "--seed", str(seed)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     from gradcheck_cli.model.torch_load import model_from_path

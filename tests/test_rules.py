@@ -40,6 +40,7 @@ def findings(report: Report, code: str) -> list[tuple[str | None, float | None]]
 
 # --- the catalogue ------------------------------------------------------------------------------
 
+
 def test_codes_and_names_are_unique_kebab_case_and_documented() -> None:
     assert len({r.code for r in RULES}) == len(RULES)
     assert len({r.name for r in RULES}) == len(RULES)
@@ -53,11 +54,16 @@ def test_codes_and_names_are_unique_kebab_case_and_documented() -> None:
 def test_existing_codes_keep_their_meaning() -> None:
     # Codes are a contract with users' configs: these were released with `inspect`.
     assert {r.code: r.name for r in RULES if r.code in {"GC001", "GC101", "GC102", "GC201", "GC202"}} == {
-        "GC001": "non-finite", "GC101": "dead-relu", "GC102": "saturated-activation",
-        "GC201": "vanishing-gradient", "GC202": "exploding-gradient"}
+        "GC001": "non-finite",
+        "GC101": "dead-relu",
+        "GC102": "saturated-activation",
+        "GC201": "vanishing-gradient",
+        "GC202": "exploding-gradient",
+    }
 
 
 # --- silent on the healthy model ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("depth", [2, 4, 8])
 def test_healthy_he_relu_mlp_has_no_findings(depth: int) -> None:
@@ -65,6 +71,7 @@ def test_healthy_he_relu_mlp_has_no_findings(depth: int) -> None:
 
 
 # --- each rule fires --------------------------------------------------------------------------
+
 
 def test_dead_relu_names_the_relu_after_the_dead_layer() -> None:
     report = run(with_dead_layer(he_relu_mlp(4), 4))  # Linear #3 is index 4, its ReLU index 5
@@ -121,12 +128,13 @@ def test_activation_variance_ratio_is_gain_squared_per_layer(gain: float, code: 
     # Orthogonal weights scale the norm by exactly `gain`, so over the 7 layers between the first
     # and the last output the variance ratio is gain**14.
     report = run(linear_stack(8, gain=gain), loss=LossKind.MSE)
-    (layer, value), = findings(report, code)
+    ((layer, value),) = findings(report, code)
     assert layer == "7"
-    assert value == pytest.approx(gain ** 14, rel=0.02)
+    assert value == pytest.approx(gain**14, rel=0.02)
 
 
 # --- non-finite: the first producer -------------------------------------------------------------
+
 
 def test_non_finite_names_the_first_producer_in_the_middle_of_a_deep_net() -> None:
     model = he_relu_mlp(8)
@@ -170,10 +178,10 @@ def test_non_finite_gradient_names_the_layer_whose_backward_produced_it() -> Non
 
 # --- checkpoint scan: BatchNorm -----------------------------------------------------------------
 
+
 def _bn_mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.ReLU(),
-                          nn.Linear(WIDTH, 10))
+    model = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
     return model
 
 
@@ -211,6 +219,7 @@ def test_batchnorm_with_trained_statistics_is_silent() -> None:
 
 
 # --- init-scale -------------------------------------------------------------------------------
+
 
 class _InitZoo(nn.Module):
     """One layer per scheme, each initialised with torch.nn.init as its activation requires."""
@@ -252,9 +261,15 @@ class _InitZoo(nn.Module):
 def test_init_scale_is_one_for_torch_init_with_the_following_activation() -> None:
     report = run(_InitZoo())
     scales = {row.name: row.init for row in report.layers if row.init is not None}
-    expected = {"relu_in": ("he", "relu"), "relu": ("he", "relu"), "leaky": ("he", "leaky_relu"),
-                "tanh": ("glorot", "tanh"), "sigmoid": ("glorot", "sigmoid"),
-                "selu": ("lecun", "selu"), "head": ("glorot", None)}
+    expected = {
+        "relu_in": ("he", "relu"),
+        "relu": ("he", "relu"),
+        "leaky": ("he", "leaky_relu"),
+        "tanh": ("glorot", "tanh"),
+        "sigmoid": ("glorot", "sigmoid"),
+        "selu": ("lecun", "selu"),
+        "head": ("glorot", None),
+    }
     assert set(scales) == set(expected)
     for name, (scheme, activation) in expected.items():
         scale = scales[name]
@@ -272,7 +287,7 @@ def test_init_scale_flags_standard_normal_weights() -> None:
     with torch.no_grad():
         model[2].weight.normal_(0.0, 1.0)
     report = run(model)
-    (layer, value), = findings(report, "GC301")
+    ((layer, value),) = findings(report, "GC301")
     # He prescribes Var(w) = 2/fan_in = 2/64; N(0, 1) has variance 1: ratio fan_in/2 = 32.
     assert layer == "2"
     assert value == pytest.approx(WIDTH / 2, rel=0.1)
@@ -284,11 +299,12 @@ def test_init_scale_flags_the_old_uniform_default_before_relu() -> None:
     with torch.no_grad():
         bound = 1 / math.sqrt(WIDTH)
         model[2].weight.uniform_(-bound, bound)
-    (layer, value), = findings(run(model), "GC301")
+    ((layer, value),) = findings(run(model), "GC301")
     assert layer == "2" and value == pytest.approx(1 / 6, rel=0.1)
 
 
 # --- configuration of rules -------------------------------------------------------------------
+
 
 def test_ignore_layer_globs_are_per_rule() -> None:
     rules = configure(overrides={"dead-relu": RuleOverride(ignore_layers=("5",))})
@@ -313,14 +329,17 @@ def test_select_by_prefix_and_name_keeps_non_finite() -> None:
     assert {r.code for r in resolve("gc10")} == {"GC101", "GC102", "GC103", "GC104"}
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"ignore": ["non-finite"]}, "cannot be ignored"),
-    ({"select": ["no-such-rule"]}, "unknown rule"),
-    ({"overrides": {"dead-relu": RuleOverride(threshold=1.5)}}, "outside (0, 1)"),
-    ({"overrides": {"GC001": RuleOverride(severity=Severity.WARNING)}}, "always an error"),
-    ({"overrides": {"GC002": RuleOverride(threshold=1.0)}}, "takes no threshold"),
-    ({"overrides": {"GC1": RuleOverride(threshold=0.1)}}, "one rule"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ignore": ["non-finite"]}, "cannot be ignored"),
+        ({"select": ["no-such-rule"]}, "unknown rule"),
+        ({"overrides": {"dead-relu": RuleOverride(threshold=1.5)}}, "outside (0, 1)"),
+        ({"overrides": {"GC001": RuleOverride(severity=Severity.WARNING)}}, "always an error"),
+        ({"overrides": {"GC002": RuleOverride(threshold=1.0)}}, "takes no threshold"),
+        ({"overrides": {"GC1": RuleOverride(threshold=0.1)}}, "one rule"),
+    ],
+)
 def test_bad_rule_configuration_is_a_config_error(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         configure(**kwargs)  # type: ignore[arg-type]

@@ -14,8 +14,9 @@ import torch
 
 from tests.conftest import ROOT, SAMPLES, validate_report
 
-COMMANDS = [line.strip() for line in (SAMPLES / "README.md").read_text().splitlines()
-            if line.strip().startswith("gradcheck ")]
+COMMANDS = [
+    line.strip() for line in (SAMPLES / "README.md").read_text().splitlines() if line.strip().startswith("gradcheck ")
+]
 
 
 def run_json(cli: Any, command: str) -> dict[str, Any]:

@@ -31,14 +31,14 @@ def test_one_character_per_row_with_marks_for_nan_zero_and_findings() -> None:
     assert all(len(line) <= 60 for line in text.splitlines())
     variance = _line(text, "var ")
     start = variance.index(" ", 18) + 1  # label (8) + space + low value (9) + space
-    cells = variance[start:start + 6]
+    cells = variance[start : start + 6]
     # Rows: fc1 4.0, relu() 1.5, fc2 0.04, relu()#1 exactly 0, fc3 NaN, sigmoid() 0.2.
     assert cells[3] == "·" and cells[4] == "!"
     assert cells[0] == SPARK_LEVELS[-1] and cells[2] == SPARK_LEVELS[0]
     assert SPARK_LEVELS.index(cells[0]) > SPARK_LEVELS.index(cells[1]) > SPARK_LEVELS.index(cells[5])
     assert variance.rstrip().endswith("4") and "0.04" in variance  # the range, at either end
     findings = _line(text, "findings")
-    assert findings[start:start + 6] == " E E W"  # the model-level finding has no column
+    assert findings[start : start + 6] == " E E W"  # the model-level finding has no column
 
 
 def test_a_deep_model_is_folded_into_the_width() -> None:

@@ -29,31 +29,24 @@ def small_net() -> nn.Module:
 
 def pooled_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
-    ).eval()
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
 
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("programs")
     x = torch.randn(2, 3, 16, 16)
-    paths = {"static": root / "static.pt2", "dynamic": root / "dynamic.pt2",
-             "traced": root / "traced.pt"}
+    paths = {"static": root / "static.pt2", "dynamic": root / "dynamic.pt2", "traced": root / "traced.pt"}
     torch.export.save(torch.export.export(small_net(), (x,)), paths["static"])
     batch = torch.export.Dim("batch", min=1, max=64)
-    torch.export.save(
-        torch.export.export(pooled_net(), (x,), dynamic_shapes=({0: batch},)), paths["dynamic"]
-    )
+    torch.export.save(torch.export.export(pooled_net(), (x,), dynamic_shapes=({0: batch},)), paths["dynamic"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(small_net(), x), paths["traced"])
     return paths
 
 
-def test_static_program_is_probed_at_its_exported_shape_with_a_note(
-    cli: Any, programs: dict[str, Path]
-) -> None:
+def test_static_program_is_probed_at_its_exported_shape_with_a_note(cli: Any, programs: dict[str, Path]) -> None:
     code, out, err = cli("inspect", programs["static"], "-f", "json")
     assert code == 0, err
     report = json.loads(out)
@@ -77,9 +70,7 @@ def test_static_program_refuses_another_shape_in_one_line(
     assert "Guard failed" not in err
 
 
-def test_fold_and_reinit_refuse_the_same_way(
-    cli: Any, programs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_fold_and_reinit_refuse_the_same_way(cli: Any, programs: dict[str, Path], tmp_path: Path) -> None:
     code, _, err = cli("fold-bn", programs["static"], "--input-shape", "4,3,16,16", "--dry-run")
     assert code == 2 and "(2, 3, 16, 16)" in err
     one_line_error(err)
@@ -89,9 +80,7 @@ def test_fold_and_reinit_refuse_the_same_way(
     assert not (tmp_path / "r.pt2").exists()
 
 
-def test_dynamic_batch_is_accepted_within_its_range_only(
-    cli: Any, programs: dict[str, Path]
-) -> None:
+def test_dynamic_batch_is_accepted_within_its_range_only(cli: Any, programs: dict[str, Path]) -> None:
     code, out, err = cli("inspect", programs["dynamic"], "--input-shape", "8,3,16,16", "-f", "json")
     assert code == 0, err
     report = json.loads(out)

@@ -10,13 +10,16 @@ from gradcheck_cli import api
 from gradcheck_cli.threads import SMALL_MODEL_PARAMETERS, probe_thread_count
 
 
-@pytest.mark.parametrize("parameters, current, device_type, expected", [
-    (100_000, 8, "cpu", 1),
-    (SMALL_MODEL_PARAMETERS, 8, "cpu", 1),
-    (SMALL_MODEL_PARAMETERS + 1, 8, "cpu", 8),  # a larger model keeps the pool
-    (100_000, 8, "cuda", 8),  # the GPU does the work; CPU threads are left alone
-    (100_000, 1, "cpu", 1),
-])
+@pytest.mark.parametrize(
+    "parameters, current, device_type, expected",
+    [
+        (100_000, 8, "cpu", 1),
+        (SMALL_MODEL_PARAMETERS, 8, "cpu", 1),
+        (SMALL_MODEL_PARAMETERS + 1, 8, "cpu", 8),  # a larger model keeps the pool
+        (100_000, 8, "cuda", 8),  # the GPU does the work; CPU threads are left alone
+        (100_000, 1, "cpu", 1),
+    ],
+)
 def test_probe_thread_count(parameters: int, current: int, device_type: str, expected: int) -> None:
     assert probe_thread_count(parameters, current, device_type=device_type) == expected
 

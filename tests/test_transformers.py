@@ -84,7 +84,8 @@ def test_layernorm_input_statistics_are_its_input() -> None:
     ids = torch.randint(0, 120, (8, 16), generator=torch.Generator().manual_seed(0))
     captured: dict[str, torch.Tensor] = {}
     handle = model.embeddings.LayerNorm.register_forward_hook(
-        lambda m, args, out: captured.setdefault("x", args[0].detach()))
+        lambda m, args, out: captured.setdefault("x", args[0].detach())
+    )
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     handle.remove()
@@ -147,8 +148,16 @@ def test_arch_spec_with_config_next_to_the_weights(tmp_path: Path, cli: Any) -> 
     model = bert("BertModel")
     model.config.to_json_file(str(tmp_path / "config.json"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights.safetensors"))
-    code, out, err = cli("inspect", tmp_path / "weights.safetensors", "--arch", "transformers:BertModel",
-                         "--format", "json", "--loss", "mse")
+    code, out, err = cli(
+        "inspect",
+        tmp_path / "weights.safetensors",
+        "--arch",
+        "transformers:BertModel",
+        "--format",
+        "json",
+        "--loss",
+        "mse",
+    )
     assert code == 0, err
     assert json.loads(out)["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     code, _, err = cli("inspect", tmp_path / "weights.safetensors", "--arch", "transformers:NoSuchModel")
@@ -158,8 +167,9 @@ def test_arch_spec_with_config_next_to_the_weights(tmp_path: Path, cli: Any) -> 
 @pytest.mark.parametrize("head", ["T5ForConditionalGeneration", "T5Model"])
 def test_t5_encoder_decoder(head: str) -> None:
     torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                   decoder_start_token_id=0, pad_token_id=0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0
+    )
     report = probe(getattr(transformers, head)(config))
     names = [s.name for s in report.probe.inputs]
     if head == "T5Model":
@@ -170,4 +180,8 @@ def test_t5_encoder_decoder(head: str) -> None:
     # Encoder self-attention, decoder self-attention and cross-attention, in each of two layers.
     assert sum(1 for r in report.layers if r.fn == "attention") == 6
     assert [r.name for r in report.layers if r.type == "T5Block"] == [
-        "encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+        "encoder.block.0",
+        "encoder.block.1",
+        "decoder.block.0",
+        "decoder.block.1",
+    ]

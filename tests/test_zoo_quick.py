@@ -32,9 +32,21 @@ zoo = _zoo()
 def test_quick_sweep_runs_every_category_through_the_cli(tmp_path: Path) -> None:
     out, work = tmp_path / "results", tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "zoo.py"), "--quick", "--out", str(out),
-         "--workdir", str(work), "--timeout", "240"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "zoo.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--workdir",
+            str(work),
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = (out / "zoo_quick.md").read_text()

@@ -31,13 +31,19 @@ if TYPE_CHECKING:
     from gradcheck_cli.config import Settings
     from gradcheck_cli.gate.check import GateResult
 
-ModelsArg = Annotated[list[str], typer.Argument(
-    help="Model files or globs (quoted globs are expanded by gradcheck, '**' included).", show_default=False,
-    metavar="MODEL...")]
+ModelsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Model files or globs (quoted globs are expanded by gradcheck, '**' included).",
+        show_default=False,
+        metavar="MODEL...",
+    ),
+]
 
 
-@command(opt.LOAD, opt.INPUTS, opt.DEVICE, opt.PROBE, opt.RULES, opt.GATE, opt.CONFIG, opt.REPORT, opt.PICTURES,
-         opt.DEBUG)
+@command(
+    opt.LOAD, opt.INPUTS, opt.DEVICE, opt.PROBE, opt.RULES, opt.GATE, opt.CONFIG, opt.REPORT, opt.PICTURES, opt.DEBUG
+)
 def check(models: ModelsArg, output: ReportOutput = None, *, given: Given) -> None:
     """Gate CI on gradient health: probe each model, apply the rules, and exit 1 on findings at or
     above --fail-on. Settings come from [tool.gradcheck] in pyproject.toml; flags override."""
@@ -57,12 +63,16 @@ def check(models: ModelsArg, output: ReportOutput = None, *, given: Given) -> No
     result = _run(chosen, paths, debug=bool(given.get("debug")), histograms=html is not None)
     if not is_rank_zero():  # under torchrun, rank 0 alone writes the merged reports and exits on them
         raise typer.Exit(EXIT_OK)
-    write_reports(targets, table=lambda console: render_check(result, console), documents={
-        ReportFormat.JSON: lambda: render_check_json(result.outcomes),
-        ReportFormat.MARKDOWN: lambda: render_markdown(result),
-        ReportFormat.JUNIT: lambda: render_junit(result),
-        ReportFormat.GITHUB: lambda: render_github(result),
-    })
+    write_reports(
+        targets,
+        table=lambda console: render_check(result, console),
+        documents={
+            ReportFormat.JSON: lambda: render_check_json(result.outcomes),
+            ReportFormat.MARKDOWN: lambda: render_markdown(result),
+            ReportFormat.JUNIT: lambda: render_junit(result),
+            ReportFormat.GITHUB: lambda: render_github(result),
+        },
+    )
     _write_pictures(result, plot=plot, html=html, baseline=chosen.gate.baseline)
     for outcome in result.outcomes:
         if outcome.error is not None:  # on stderr whatever the formats: a person must see why
@@ -126,8 +136,11 @@ def _run(chosen: Settings, paths: list[Path], *, debug: bool, histograms: bool =
             # One broken model must not hide the others' findings: record it, go on, exit 2.
             if debug:
                 traceback.print_exc()
-            outcomes.append(ModelOutcome(path=str(path), error=flag_text(exc.message),
-                                         hint=flag_text(exc.hint) if exc.hint else None))
+            outcomes.append(
+                ModelOutcome(
+                    path=str(path), error=flag_text(exc.message), hint=flag_text(exc.hint) if exc.hint else None
+                )
+            )
     return GateResult(outcomes=tuple(outcomes), fail_on=gate.fail_on, rules=rules, baseline=accepted is not None)
 
 
@@ -145,5 +158,11 @@ def _write_pictures(result: GateResult, *, plot: Path | None, html: Path | None,
         if outcome.report is None:
             continue  # a model that could not be probed has nothing to draw (its error is reported)
         before = baseline_layers(baseline, outcome.path) if baseline is not None else None
-        write_visual_outputs(outcome.report, plot=plot_path, html=html_path, before=before,
-                             before_label="baseline", after_label="this run")
+        write_visual_outputs(
+            outcome.report,
+            plot=plot_path,
+            html=html_path,
+            before=before,
+            before_label="baseline",
+            after_label="this run",
+        )

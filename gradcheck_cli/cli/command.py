@@ -19,16 +19,38 @@ import typer
 from gradcheck_cli.cli.common import user_errors
 from gradcheck_cli.cli.options import Flag, Group
 
-ModelArg = Annotated[Path, typer.Argument(
-    help="Model file: .pt2, TorchScript, torch.save checkpoint, safetensors, ONNX, or a transformers "
-    "model directory (detected from the content).", show_default=False, metavar="MODEL")]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Model file: .pt2, TorchScript, torch.save checkpoint, safetensors, ONNX, or a transformers "
+        "model directory (detected from the content).",
+        show_default=False,
+        metavar="MODEL",
+    ),
+]
 
-ReportOutput = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Also write the JSON report to this file (as --format json=FILE).", metavar="FILE",
-    show_default=False, rich_help_panel="Report")]
-ModelOutput = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Where to write the rewritten model; its extension chooses the format unless --to "
-    "does.", metavar="FILE", show_default=False, rich_help_panel="Writing")]
+ReportOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Also write the JSON report to this file (as --format json=FILE).",
+        metavar="FILE",
+        show_default=False,
+        rich_help_panel="Report",
+    ),
+]
+ModelOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Where to write the rewritten model; its extension chooses the format unless --to does.",
+        metavar="FILE",
+        show_default=False,
+        rich_help_panel="Writing",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -44,13 +66,21 @@ class Given:
 
 def _parameter(flag: Flag, group: Group) -> inspect.Parameter:
     names = (flag.name, flag.short) if flag.short else (flag.name,)
-    info = typer.Option(*names, help=flag.help_text(), metavar=flag.metavar, show_default=False,
-                        rich_help_panel=group.title, min=flag.minimum)
+    info = typer.Option(
+        *names,
+        help=flag.help_text(),
+        metavar=flag.metavar,
+        show_default=False,
+        rich_help_panel=group.title,
+        min=flag.minimum,
+    )
     if flag.is_flag:
-        return inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=False,
-                                 annotation=Annotated[bool, info])
-    return inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[flag.kind | None, info])
+        return inspect.Parameter(
+            flag.field, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, info]
+        )
+    return inspect.Parameter(
+        flag.field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[flag.kind | None, info]
+    )
 
 
 # Libraries that talk through logging; gradcheck's own messages are findings, notes and errors.

@@ -65,8 +65,7 @@ def user_errors(debug: bool) -> Iterator[None]:
     except MemoryError:
         if debug:
             traceback.print_exc()
-        raise fail("out of memory while running the model",
-                   "use a smaller --batch-size with more --batches") from None
+        raise fail("out of memory while running the model", "use a smaller --batch-size with more --batches") from None
 
 
 def settings(given: Given) -> Settings:
@@ -78,8 +77,13 @@ def settings(given: Given) -> Settings:
     return file_settings.merged(settings_of(**{k: v for k, v in given.values.items() if k in configurable}))
 
 
-def report_targets(given: Given, output: Path | None, *, allowed: tuple[ReportFormat, ...],
-                   configured: tuple[ReportTarget, ...] | None = None) -> tuple[ReportTarget, ...]:
+def report_targets(
+    given: Given,
+    output: Path | None,
+    *,
+    allowed: tuple[ReportFormat, ...],
+    configured: tuple[ReportTarget, ...] | None = None,
+) -> tuple[ReportTarget, ...]:
     """Where each report goes: ``--format FMT[=PATH]`` (or the config's list), table on stdout when
     neither names one, plus the JSON report in ``-o``. Refused before any model runs: a document
     format on stdout beside another format there (it would garble both)."""
@@ -94,8 +98,9 @@ def report_targets(given: Given, output: Path | None, *, allowed: tuple[ReportFo
         for target in targets:
             parent = target.path.parent if target.path is not None else None
             if parent is not None and str(parent) and not parent.is_dir():
-                raise UsageError(f"cannot write {target.path}: the directory {parent} does not exist",
-                                 hint="create it first")
+                raise UsageError(
+                    f"cannot write {target.path}: the directory {parent} does not exist", hint="create it first"
+                )
     else:
         targets = configured if configured else (ReportTarget(ReportFormat.TABLE),)
     if output is not None:
@@ -103,8 +108,10 @@ def report_targets(given: Given, output: Path | None, *, allowed: tuple[ReportFo
     to_stdout = [t.format for t in targets if t.path is None]
     documents = [f for f in to_stdout if f is not ReportFormat.TABLE and f is not ReportFormat.GITHUB]
     if documents and len(to_stdout) > 1:
-        raise UsageError(f"{documents[0]} on stdout cannot share it with {len(to_stdout) - 1} other format(s)",
-                         hint=f"write it to a file: --format {documents[0]}=PATH")
+        raise UsageError(
+            f"{documents[0]} on stdout cannot share it with {len(to_stdout) - 1} other format(s)",
+            hint=f"write it to a file: --format {documents[0]}=PATH",
+        )
     return targets
 
 
@@ -121,8 +128,12 @@ def write_text(text: str, output: Path | None) -> None:
     atomic_write_text(output, text)
 
 
-def write_reports(targets: tuple[ReportTarget, ...], *, table: Callable[[Console], None],
-                  documents: Mapping[ReportFormat, Callable[[], str]]) -> None:
+def write_reports(
+    targets: tuple[ReportTarget, ...],
+    *,
+    table: Callable[[Console], None],
+    documents: Mapping[ReportFormat, Callable[[], str]],
+) -> None:
     """Render each target: the table to a console (stdout's, or one writing the file), every other
     format as text (``documents`` holds a renderer for each format the command allows)."""
     from io import StringIO
@@ -152,7 +163,11 @@ def with_flag_notes(report: R) -> R:
     typed = replace(report, notes=tuple(flag_text(note) for note in notes))  # type: ignore[type-var]
     findings = getattr(typed, "findings", None)
     if findings:
-        typed = replace(typed, findings=tuple(  # type: ignore[type-var]
-            replace(f, message=flag_text(f.message), advice=flag_text(f.advice) if f.advice else f.advice)
-            for f in findings))
+        typed = replace(
+            typed,
+            findings=tuple(  # type: ignore[type-var]
+                replace(f, message=flag_text(f.message), advice=flag_text(f.advice) if f.advice else f.advice)
+                for f in findings
+            ),
+        )
     return typed

@@ -30,9 +30,11 @@ def fold_bn(model: ModelArg, output: ModelOutput = None, *, given: Given) -> Non
     chosen = settings(given)
     targets = report_targets(given, None, allowed=(ReportFormat.TABLE, ReportFormat.JSON))
     write = WriteOptions(**{k: v for k, v in given.values.items() if k in ("to", "dry_run", "force")})
-    report = fold_batchnorm(model, out=output, options=chosen.fold, load=chosen.load, probe=chosen.probe,
-                            write=write)
+    report = fold_batchnorm(model, out=output, options=chosen.fold, load=chosen.load, probe=chosen.probe, write=write)
     report = with_flag_notes(report)
-    write_reports(targets, table=lambda console: render_fold(report, console),
-                  documents={ReportFormat.JSON: lambda: fold_json(report)})
+    write_reports(
+        targets,
+        table=lambda console: render_fold(report, console),
+        documents={ReportFormat.JSON: lambda: fold_json(report)},
+    )
     raise typer.Exit(EXIT_OK if report.verification.passed else EXIT_FINDINGS)

@@ -20,8 +20,7 @@ _NON_BREAKING_HYPHEN = "\u2011"
 class HelpFormatter(_Formatter):  # type: ignore[misc]
     def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
         start = len(self.buffer)
-        super().write_dl([(term, text.replace("-", _NON_BREAKING_HYPHEN)) for term, text in rows],
-                         col_max, col_spacing)
+        super().write_dl([(term, text.replace("-", _NON_BREAKING_HYPHEN)) for term, text in rows], col_max, col_spacing)
         self.buffer[start:] = [part.replace(_NON_BREAKING_HYPHEN, "-") for part in self.buffer[start:]]
 
 

@@ -38,7 +38,10 @@ def inspect(model: ModelArg, output: ReportOutput = None, *, given: Given) -> No
     if not is_rank_zero():
         raise typer.Exit(EXIT_OK)  # under torchrun, rank 0 alone writes the merged report
     report = with_flag_notes(report)
-    write_reports(targets, table=lambda console: render_inspect(report, console),
-                  documents={ReportFormat.JSON: lambda: render_json(report)})
+    write_reports(
+        targets,
+        table=lambda console: render_inspect(report, console),
+        documents={ReportFormat.JSON: lambda: render_json(report)},
+    )
     write_visual_outputs(report, plot=plot, html=html)
     raise typer.Exit(EXIT_OK)

@@ -97,10 +97,12 @@ def parse_json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON: {exc.msg} at position {exc.pos}",
-                         hint='pass a JSON object, e.g. --arch-kwargs \'{"depth": 8}\'') from None
+        raise UsageError(
+            f"--arch-kwargs is not valid JSON: {exc.msg} at position {exc.pos}",
+            hint="pass a JSON object, e.g. --arch-kwargs '{\"depth\": 8}'",
+        ) from None
     if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object", hint='e.g. --arch-kwargs \'{"depth": 8}\'')
+        raise UsageError("--arch-kwargs must be a JSON object", hint="e.g. --arch-kwargs '{\"depth\": 8}'")
     return value
 
 
@@ -112,8 +114,10 @@ def _shapes(texts: list[str]) -> tuple[tuple[int, ...], ...]:
 
 def _cutoff(value: float) -> float:
     if not 0 < value < 1:
-        raise UsageError(f"--saturation-cutoff {value} must be between 0 and 1",
-                         hint="e.g. 0.01: saturated means a derivative below 1% of its maximum")
+        raise UsageError(
+            f"--saturation-cutoff {value} must be between 0 and 1",
+            hint="e.g. 0.01: saturated means a derivative below 1% of its maximum",
+        )
     return value
 
 
@@ -170,125 +174,296 @@ def _rule_overrides(given: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-LOAD = Group("Loading", (
-    Flag("arch", str, "Architecture for a state_dict or safetensors file: pkg.module:callable, "
-         "path/file.py:callable (runs that file), torchvision:<name>, timm:<name>, transformers:<Class>.",
-         metavar="SPEC"),
-    Flag("arch_kwargs", str, "JSON object of keyword arguments for --arch.", metavar="JSON",
-         convert=parse_json_object),
-    Flag("non_strict", bool, "Load a state_dict even if keys are missing or unexpected."),
-    Flag("trust_pickle", bool, "Allow full unpickling (a pickled nn.Module). Unpickling runs code from the "
-         "file: only for files you trust."),
-    Flag("allow_nonfinite", bool, "Probe a model whose weights hold NaN/Inf instead of refusing it."),
-))
+LOAD = Group(
+    "Loading",
+    (
+        Flag(
+            "arch",
+            str,
+            "Architecture for a state_dict or safetensors file: pkg.module:callable, "
+            "path/file.py:callable (runs that file), torchvision:<name>, timm:<name>, transformers:<Class>.",
+            metavar="SPEC",
+        ),
+        Flag(
+            "arch_kwargs",
+            str,
+            "JSON object of keyword arguments for --arch.",
+            metavar="JSON",
+            convert=parse_json_object,
+        ),
+        Flag("non_strict", bool, "Load a state_dict even if keys are missing or unexpected."),
+        Flag(
+            "trust_pickle",
+            bool,
+            "Allow full unpickling (a pickled nn.Module). Unpickling runs code from the "
+            "file: only for files you trust.",
+        ),
+        Flag("allow_nonfinite", bool, "Probe a model whose weights hold NaN/Inf instead of refusing it."),
+    ),
+)
 
-INPUTS = Group("Probe inputs", (
-    Flag("input", Path, "Probe inputs: .pt (tensor, tuple or dict of tensors), .npy or .npz.", metavar="FILE"),
-    Flag("input_shape", list[str], "Shape of a synthesised input, batch first, e.g. 8,3,224,224. Repeat for "
-         "several inputs.", metavar="SHAPE", convert=_shapes),
-    Flag("input_dtype", str, "dtype of synthesised inputs (float32, int64, ...).", metavar="DTYPE"),
-    Flag("input_range", str, "LOW,HIGH of synthesised inputs (integers: HIGH exclusive, e.g. token ids "
-         "0,30522).", metavar="LOW,HIGH", convert=parse_range),
-    Flag("batch_size", int, "Samples per micro-batch (default 8, or the inputs' own).", metavar="N", minimum=1),
-    Flag("batches", int, "Number of micro-batches; statistics are merged exactly.", metavar="N", minimum=1,
-         record=InputOptions),
-    Flag("seed", int, "Seed for inputs, targets, dropout and new weights.", metavar="N", record=InputOptions),
-    Flag("seq_len", int, "Sequence length of synthesised token inputs (transformers models; default 16).",
-         metavar="N", minimum=1),
-))
+INPUTS = Group(
+    "Probe inputs",
+    (
+        Flag("input", Path, "Probe inputs: .pt (tensor, tuple or dict of tensors), .npy or .npz.", metavar="FILE"),
+        Flag(
+            "input_shape",
+            list[str],
+            "Shape of a synthesised input, batch first, e.g. 8,3,224,224. Repeat for several inputs.",
+            metavar="SHAPE",
+            convert=_shapes,
+        ),
+        Flag("input_dtype", str, "dtype of synthesised inputs (float32, int64, ...).", metavar="DTYPE"),
+        Flag(
+            "input_range",
+            str,
+            "LOW,HIGH of synthesised inputs (integers: HIGH exclusive, e.g. token ids 0,30522).",
+            metavar="LOW,HIGH",
+            convert=parse_range,
+        ),
+        Flag("batch_size", int, "Samples per micro-batch (default 8, or the inputs' own).", metavar="N", minimum=1),
+        Flag(
+            "batches",
+            int,
+            "Number of micro-batches; statistics are merged exactly.",
+            metavar="N",
+            minimum=1,
+            record=InputOptions,
+        ),
+        Flag("seed", int, "Seed for inputs, targets, dropout and new weights.", metavar="N", record=InputOptions),
+        Flag(
+            "seq_len",
+            int,
+            "Sequence length of synthesised token inputs (transformers models; default 16).",
+            metavar="N",
+            minimum=1,
+        ),
+    ),
+)
 
-DEVICE = Group("Device", (
-    Flag("device", str, "cpu, cuda, cuda:N or auto (a model too big for one GPU is placed across the visible "
-         "GPUs).", metavar="DEVICE", record=ProbeOptions),
-))
+DEVICE = Group(
+    "Device",
+    (
+        Flag(
+            "device",
+            str,
+            "cpu, cuda, cuda:N or auto (a model too big for one GPU is placed across the visible GPUs).",
+            metavar="DEVICE",
+            record=ProbeOptions,
+        ),
+    ),
+)
 
-PROBE = Group("Probe", (
-    Flag("loss", LossKind, "Scalar to differentiate: auto = the model's own loss where it has one, "
-         "cross_entropy for (N, C) logits against seeded random labels, else mse against a seeded N(0,1) "
-         "target.", record=ProbeOptions),
-    Flag("target", Path, "Real targets (labels or tensors) for the loss, one per probe sample.", metavar="FILE"),
-    Flag("mode", Mode, "eval (exact micro-batching, no dropout noise, BatchNorm running stats as deployed) "
-         "or train (batch statistics and dropout, as training sees them).", record=ProbeOptions),
-    Flag("model_output", str, "Which output the loss uses when the model returns several: an index or a key "
-         "(default: 'logits' if present, else the first tensor).", metavar="KEY"),
-    Flag("saturation_cutoff", float, "Saturated = local derivative below this fraction of its maximum.",
-         metavar="FRACTION", convert=_cutoff, record=ProbeOptions),
-    Flag("histograms", bool, "Add fixed-bin histograms of every row's output and output gradient to the JSON."),
-    Flag("memory_budget", str, "Keep the probe within this much memory (e.g. 4GiB): a batch estimated to need "
-         "more runs in micro-batches that fit (statistics merge exactly).", metavar="SIZE", convert=_memory),
-    Flag("activation_checkpointing", bool, "transformers models: recompute each block's activations during "
-         "backward (the model's own gradient checkpointing) instead of keeping them, for long sequences."),
-))
+PROBE = Group(
+    "Probe",
+    (
+        Flag(
+            "loss",
+            LossKind,
+            "Scalar to differentiate: auto = the model's own loss where it has one, "
+            "cross_entropy for (N, C) logits against seeded random labels, else mse against a seeded N(0,1) "
+            "target.",
+            record=ProbeOptions,
+        ),
+        Flag("target", Path, "Real targets (labels or tensors) for the loss, one per probe sample.", metavar="FILE"),
+        Flag(
+            "mode",
+            Mode,
+            "eval (exact micro-batching, no dropout noise, BatchNorm running stats as deployed) "
+            "or train (batch statistics and dropout, as training sees them).",
+            record=ProbeOptions,
+        ),
+        Flag(
+            "model_output",
+            str,
+            "Which output the loss uses when the model returns several: an index or a key "
+            "(default: 'logits' if present, else the first tensor).",
+            metavar="KEY",
+        ),
+        Flag(
+            "saturation_cutoff",
+            float,
+            "Saturated = local derivative below this fraction of its maximum.",
+            metavar="FRACTION",
+            convert=_cutoff,
+            record=ProbeOptions,
+        ),
+        Flag("histograms", bool, "Add fixed-bin histograms of every row's output and output gradient to the JSON."),
+        Flag(
+            "memory_budget",
+            str,
+            "Keep the probe within this much memory (e.g. 4GiB): a batch estimated to need "
+            "more runs in micro-batches that fit (statistics merge exactly).",
+            metavar="SIZE",
+            convert=_memory,
+        ),
+        Flag(
+            "activation_checkpointing",
+            bool,
+            "transformers models: recompute each block's activations during "
+            "backward (the model's own gradient checkpointing) instead of keeping them, for long sequences.",
+        ),
+    ),
+)
 
-RULES = Group("Rules", (
-    Flag("select", list[str], "Rules to run: codes, code prefixes (GC2) or names, comma-separated or repeated. "
-         "Replaces the config's list. GC001 non-finite always runs.", metavar="RULES", convert=split_list),
-    Flag("ignore", list[str], "Rules to skip (added to the config's list).", metavar="RULES", convert=split_list),
-    Flag("threshold", list[str], "RULE=VALUE, e.g. dead-relu=0.3. Repeatable.", metavar="RULE=VALUE"),
-    Flag("severity", list[str], "RULE=LEVEL, e.g. init-scale=error. Repeatable.", metavar="RULE=LEVEL"),
-), finish=_rule_overrides)
+RULES = Group(
+    "Rules",
+    (
+        Flag(
+            "select",
+            list[str],
+            "Rules to run: codes, code prefixes (GC2) or names, comma-separated or repeated. "
+            "Replaces the config's list. GC001 non-finite always runs.",
+            metavar="RULES",
+            convert=split_list,
+        ),
+        Flag("ignore", list[str], "Rules to skip (added to the config's list).", metavar="RULES", convert=split_list),
+        Flag("threshold", list[str], "RULE=VALUE, e.g. dead-relu=0.3. Repeatable.", metavar="RULE=VALUE"),
+        Flag("severity", list[str], "RULE=LEVEL, e.g. init-scale=error. Repeatable.", metavar="RULE=LEVEL"),
+    ),
+    finish=_rule_overrides,
+)
 
-GATE = Group("Gate", (
-    Flag("fail_on", Severity, "Exit 1 when a finding at or above this severity is found.", record=GateOptions),
-    Flag("exit_zero", bool, "Report findings but exit 0 (errors loading a model still exit 2)."),
-    Flag("baseline", Path, "JSON report of an earlier run (--format json=FILE): fail only on findings that "
-         "are new or worse than there.", metavar="FILE"),
-    Flag("baseline_tolerance", float, "Relative change a baseline finding's value may make before it counts "
-         "as worsened.", metavar="FRACTION", minimum=0.0, record=GateOptions),
-))
+GATE = Group(
+    "Gate",
+    (
+        Flag("fail_on", Severity, "Exit 1 when a finding at or above this severity is found.", record=GateOptions),
+        Flag("exit_zero", bool, "Report findings but exit 0 (errors loading a model still exit 2)."),
+        Flag(
+            "baseline",
+            Path,
+            "JSON report of an earlier run (--format json=FILE): fail only on findings that "
+            "are new or worse than there.",
+            metavar="FILE",
+        ),
+        Flag(
+            "baseline_tolerance",
+            float,
+            "Relative change a baseline finding's value may make before it counts as worsened.",
+            metavar="FRACTION",
+            minimum=0.0,
+            record=GateOptions,
+        ),
+    ),
+)
 
-WRITE = Group("Writing", (
-    Flag("to", WriteFormat, "Format of the written model: pt2, torchscript, state_dict, safetensors, pickle or "
-         "onnx (default: from the -o extension: .pt2, .onnx, .safetensors, .pt/.pth/.ckpt; else the input's "
-         "format). state_dict/safetensors keep the architecture; pickle only for inputs loaded with "
-         "--trust-pickle.", metavar="FORMAT"),
-    Flag("dry_run", bool, "Report what would change; write nothing."),
-    Flag("force", bool, "Overwrite an existing output file."),
-))
+WRITE = Group(
+    "Writing",
+    (
+        Flag(
+            "to",
+            WriteFormat,
+            "Format of the written model: pt2, torchscript, state_dict, safetensors, pickle or "
+            "onnx (default: from the -o extension: .pt2, .onnx, .safetensors, .pt/.pth/.ckpt; else the input's "
+            "format). state_dict/safetensors keep the architecture; pickle only for inputs loaded with "
+            "--trust-pickle.",
+            metavar="FORMAT",
+        ),
+        Flag("dry_run", bool, "Report what would change; write nothing."),
+        Flag("force", bool, "Overwrite an existing output file."),
+    ),
+)
 
-FOLD = Group("Fold", (
-    Flag("affine_standalone", bool, "Rewrite a BatchNorm that has no foldable neighbour as a plain "
-         "per-channel multiply-add."),
-    Flag("benchmark", int, "Also time inference before and after: median of N runs (0: off).", metavar="N",
-         minimum=0, record=FoldOptions),
-))
+FOLD = Group(
+    "Fold",
+    (
+        Flag(
+            "affine_standalone",
+            bool,
+            "Rewrite a BatchNorm that has no foldable neighbour as a plain per-channel multiply-add.",
+        ),
+        Flag(
+            "benchmark",
+            int,
+            "Also time inference before and after: median of N runs (0: off).",
+            metavar="N",
+            minimum=0,
+            record=FoldOptions,
+        ),
+    ),
+)
 
-REINIT = Group("Reinit", (
-    Flag("scheme", Scheme, "auto: per layer from the activation that follows it (He after the ReLU family, "
-         "LeCun after SELU, Glorot after tanh/sigmoid/none); lsuv: orthogonal, then each layer's output "
-         "variance set to 1 on the probe batch.", record=ReinitOptions),
-    Flag("distribution", Distribution, "Draw from a normal or a uniform distribution of the same variance "
-         "(default: normal)."),
-    Flag("fan", FanMode, "Fan the variance is divided by (default: fan_avg for glorot, else fan_in)."),
-    Flag("layers", list[str], "Only layers whose name (module path, or ONNX node name) matches this glob; "
-         "repeatable.", metavar="GLOB", convert=tuple),
-    Flag("recurrent", RecurrentInit, "Recurrent weights of RNN/LSTM/GRU: orthogonal, or identity (IRNN).",
-         record=ReinitOptions),
-    Flag("forget_bias", bool, "Set the LSTM forget-gate bias to 1."),
-    Flag("reset_norm", bool, "Also reset normalisation layers: affine to (1, 0), running statistics to (0, 1)."),
-))
+REINIT = Group(
+    "Reinit",
+    (
+        Flag(
+            "scheme",
+            Scheme,
+            "auto: per layer from the activation that follows it (He after the ReLU family, "
+            "LeCun after SELU, Glorot after tanh/sigmoid/none); lsuv: orthogonal, then each layer's output "
+            "variance set to 1 on the probe batch.",
+            record=ReinitOptions,
+        ),
+        Flag(
+            "distribution",
+            Distribution,
+            "Draw from a normal or a uniform distribution of the same variance (default: normal).",
+        ),
+        Flag("fan", FanMode, "Fan the variance is divided by (default: fan_avg for glorot, else fan_in)."),
+        Flag(
+            "layers",
+            list[str],
+            "Only layers whose name (module path, or ONNX node name) matches this glob; repeatable.",
+            metavar="GLOB",
+            convert=tuple,
+        ),
+        Flag(
+            "recurrent",
+            RecurrentInit,
+            "Recurrent weights of RNN/LSTM/GRU: orthogonal, or identity (IRNN).",
+            record=ReinitOptions,
+        ),
+        Flag("forget_bias", bool, "Set the LSTM forget-gate bias to 1."),
+        Flag("reset_norm", bool, "Also reset normalisation layers: affine to (1, 0), running statistics to (0, 1)."),
+    ),
+)
 
-CONFIG = Group("Config", (
-    Flag("config", Path, "Config file (pyproject.toml or a file holding the [tool.gradcheck] keys). Default: "
-         "the nearest pyproject.toml with [tool.gradcheck], searched upward.", metavar="FILE"),
-    Flag("isolated", bool, "Ignore every config file."),
-))
+CONFIG = Group(
+    "Config",
+    (
+        Flag(
+            "config",
+            Path,
+            "Config file (pyproject.toml or a file holding the [tool.gradcheck] keys). Default: "
+            "the nearest pyproject.toml with [tool.gradcheck], searched upward.",
+            metavar="FILE",
+        ),
+        Flag("isolated", bool, "Ignore every config file."),
+    ),
+)
 
-REPORT = Group("Report", (
-    Flag("format", list[str], "FMT or FMT=PATH; repeat for several at once. Without PATH it goes to stdout, "
-         "where json (and markdown, junit) must be alone. [default: table]", metavar="FMT[=PATH]", short="-f"),
-))
+REPORT = Group(
+    "Report",
+    (
+        Flag(
+            "format",
+            list[str],
+            "FMT or FMT=PATH; repeat for several at once. Without PATH it goes to stdout, "
+            "where json (and markdown, junit) must be alone. [default: table]",
+            metavar="FMT[=PATH]",
+            short="-f",
+        ),
+    ),
+)
 
-_PLOT = Flag("plot", Path, "Also draw the gradient-flow figure (variance, |dL/dy|, dead/saturated over depth) "
-             "to FILE.png or FILE.svg. Needs matplotlib: pip install 'gradcheck-cli[plot]'.", metavar="FILE")
-_HTML = Flag("html", Path, "Also write a self-contained HTML report (summary, findings, sortable table, depth "
-             "chart, per-layer histograms) to FILE; turns --histograms on.", metavar="FILE")
+_PLOT = Flag(
+    "plot",
+    Path,
+    "Also draw the gradient-flow figure (variance, |dL/dy|, dead/saturated over depth) "
+    "to FILE.png or FILE.svg. Needs matplotlib: pip install 'gradcheck-cli[plot]'.",
+    metavar="FILE",
+)
+_HTML = Flag(
+    "html",
+    Path,
+    "Also write a self-contained HTML report (summary, findings, sortable table, depth "
+    "chart, per-layer histograms) to FILE; turns --histograms on.",
+    metavar="FILE",
+)
 PICTURES = Group("Pictures", (_PLOT, _HTML))
 PLOT = Group("Pictures", (_PLOT,))
 
-DEBUG = Group("Debugging", (
-    Flag("debug", bool, "Show tracebacks for errors."),
-))
+DEBUG = Group("Debugging", (Flag("debug", bool, "Show tracebacks for errors."),))
 
 ALL_GROUPS = (LOAD, INPUTS, DEVICE, PROBE, RULES, GATE, WRITE, FOLD, REINIT, CONFIG, REPORT, PICTURES, DEBUG)
 

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from gradcheck_cli.rewrite.reinit_records import ReinitReport
 
 
-@command(opt.WRITE, opt.REINIT, opt.LOAD, opt.INPUTS, opt.DEVICE, opt.PROBE, opt.CONFIG, opt.REPORT,
-         opt.PICTURES, opt.DEBUG)
+@command(
+    opt.WRITE, opt.REINIT, opt.LOAD, opt.INPUTS, opt.DEVICE, opt.PROBE, opt.CONFIG, opt.REPORT, opt.PICTURES, opt.DEBUG
+)
 def reinit(model: ModelArg, output: ModelOutput = None, *, given: Given) -> None:
     """Re-initialise a model's layers and show the probe before and after.
 
@@ -42,14 +43,19 @@ def reinit(model: ModelArg, output: ModelOutput = None, *, given: Given) -> None
     report = with_flag_notes(report)
     shown = report
     if report.written:
-        sys.stderr.write(f"warning: unsafe rewrite: {output} holds re-initialised weights; the trained "
-                         f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n")
+        sys.stderr.write(
+            f"warning: unsafe rewrite: {output} holds re-initialised weights; the trained "
+            f"values of {len(report.layers)} layer(s) were discarded ({model} is unchanged)\n"
+        )
         # The warning says what the report's note says: the table need not repeat it (the JSON keeps it).
         shown = replace(report, notes=tuple(note for note in report.notes if note != UNSAFE_NOTE))
     if plot is not None:
         _write_plot(report, plot)
-    write_reports(targets, table=lambda console: render_reinit(shown, console),
-                  documents={ReportFormat.JSON: lambda: reinit_json(report)})
+    write_reports(
+        targets,
+        table=lambda console: render_reinit(shown, console),
+        documents={ReportFormat.JSON: lambda: reinit_json(report)},
+    )
     raise typer.Exit(EXIT_OK)
 
 
@@ -58,7 +64,8 @@ def _write_plot(report: ReinitReport, plot: Path) -> None:
     from gradcheck_cli.render.plot import write_comparison
 
     if report.before is None or report.after is None:
-        sys.stderr.write(f"warning: --plot {plot} not written: this model was not probed before and after "
-                         "(see the notes)\n")
+        sys.stderr.write(
+            f"warning: --plot {plot} not written: this model was not probed before and after (see the notes)\n"
+        )
         return
     write_comparison(report.before, report.after, plot)

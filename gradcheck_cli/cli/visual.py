@@ -28,9 +28,15 @@ def check_visual_outputs(*, plot: Path | None, html: Path | None) -> None:
         check_writable_output(html, force=True)
 
 
-def write_visual_outputs(report: Report, *, plot: Path | None, html: Path | None,
-                         before: Report | Sequence[LayerStats] | None = None, before_label: str = "before",
-                         after_label: str = "after") -> None:
+def write_visual_outputs(
+    report: Report,
+    *,
+    plot: Path | None,
+    html: Path | None,
+    before: Report | Sequence[LayerStats] | None = None,
+    before_label: str = "before",
+    after_label: str = "after",
+) -> None:
     """Write the figure and the HTML report; with ``before``, both overlay it under ``report``."""
     from gradcheck_cli.fsutil import atomic_write_text
 

@@ -100,11 +100,7 @@ def compare(
             status = BaselineStatus.NEW
         else:
             old = candidates.pop(0)
-            status = (
-                BaselineStatus.WORSENED
-                if _worse(finding, old, tolerance)
-                else BaselineStatus.UNCHANGED
-            )
+            status = BaselineStatus.WORSENED if _worse(finding, old, tolerance) else BaselineStatus.UNCHANGED
         out.append(replace(finding, baseline=status))
     return tuple(out)
 

@@ -37,9 +37,10 @@ def baseline_layers(path: Path, model_path: str) -> tuple[LayerStats, ...] | Non
     try:
         return tuple(_layer(row) for row in chosen["layers"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise LoadError(f"baseline {path}: a layer row of {model_path} cannot be read ({exc!r})",
-                        hint="write the baseline with this gradcheck version: gradcheck check MODEL "
-                        "`format` json=FILE") from None
+        raise LoadError(
+            f"baseline {path}: a layer row of {model_path} cannot be read ({exc!r})",
+            hint="write the baseline with this gradcheck version: gradcheck check MODEL `format` json=FILE",
+        ) from None
 
 
 def _layer(row: dict[str, Any]) -> LayerStats:
@@ -47,17 +48,29 @@ def _layer(row: dict[str, Any]) -> LayerStats:
     dead = row.get("dead")
     saturation = row.get("saturation")
     return LayerStats(
-        index=int(row["index"]), name=str(row["name"]), type=str(row["type"]), kind=RowKind(row["kind"]),
-        module=str(row.get("module", "")), shape=tuple(int(d) for d in row.get("shape", ())),
-        output=OutputStats(count=int(output.get("count", 0)), mean=_number(output.get("mean")),
-                           var=_number(output.get("var")), min=_number(output.get("min")),
-                           max=_number(output.get("max")), nan=int(output.get("nan", 0)),
-                           inf=int(output.get("inf", 0))),
-        output_grad_norm=_number(row.get("output_grad_norm")), fn=row.get("fn"),
+        index=int(row["index"]),
+        name=str(row["name"]),
+        type=str(row["type"]),
+        kind=RowKind(row["kind"]),
+        module=str(row.get("module", "")),
+        shape=tuple(int(d) for d in row.get("shape", ())),
+        output=OutputStats(
+            count=int(output.get("count", 0)),
+            mean=_number(output.get("mean")),
+            var=_number(output.get("var")),
+            min=_number(output.get("min")),
+            max=_number(output.get("max")),
+            nan=int(output.get("nan", 0)),
+            inf=int(output.get("inf", 0)),
+        ),
+        output_grad_norm=_number(row.get("output_grad_norm")),
+        fn=row.get("fn"),
         dead=DeadUnits(units=int(dead["units"]), total=int(dead["total"]), axis=int(dead.get("axis", 1)))
-        if dead else None,
+        if dead
+        else None,
         saturation=Saturation(fraction=float(saturation["fraction"]), cutoff=float(saturation["cutoff"]))
-        if saturation else None,
+        if saturation
+        else None,
     )
 
 

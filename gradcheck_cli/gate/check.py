@@ -73,8 +73,16 @@ def check_path(
 ) -> Report:
     """What ``gradcheck check`` computes for one model: :func:`diagnose` with NaN/Inf weights
     allowed (they are a finding here, not a load error)."""
-    return diagnose(path, load=replace(load or LoadOptions(), allow_nonfinite=True), probe=probe, rules=rules,
-                    baseline=baseline, use_baseline=use_baseline, tolerance=tolerance, progress=progress)
+    return diagnose(
+        path,
+        load=replace(load or LoadOptions(), allow_nonfinite=True),
+        probe=probe,
+        rules=rules,
+        baseline=baseline,
+        use_baseline=use_baseline,
+        tolerance=tolerance,
+        progress=progress,
+    )
 
 
 def check_module(
@@ -91,8 +99,9 @@ def check_module(
     return _checked(loaded_module(module, name=name), probe or ProbeOptions(), rules, progress)
 
 
-def _checked_onnx(path: Path, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None, *,
-                  allow_nonfinite: bool) -> Report:
+def _checked_onnx(
+    path: Path, probe: ProbeOptions, rules: Iterable[Rule], progress: Progress | None, *, allow_nonfinite: bool
+) -> Report:
     """ONNX: the initializers are scanned, the graph probed; init-scale is not measured (the
     weight layouts of Gemm/MatMul/Conv nodes are not mapped to layers yet)."""
     from gradcheck_cli.gate.scan import scan_onnx
@@ -123,8 +132,9 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
     if world_size() > 1:
         # Under torchrun the probe left the weights sharded across the processes: the evidence that
         # reads whole weights or runs the model again is not gathered, and the report says so.
-        unsharded = ("under torchrun, the init-scale, zero-initialised-branch and detached-branch evidence "
-                     "is not gathered")
+        unsharded = (
+            "under torchrun, the init-scale, zero-initialised-branch and detached-branch evidence is not gathered"
+        )
         report = replace(report, notes=(*report.notes, unsharded))
         return replace(report, findings=evaluate(report, active, scan=scan))
     report, judged = with_init_scales(report, loaded.module, scan=scan)

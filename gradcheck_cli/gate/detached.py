@@ -29,8 +29,7 @@ def find_detached(loaded: LoadedModel, probe: ProbeOptions, report: Report) -> f
     """Names of the parameter rows the loss depends on although they received no gradient."""
     base = report.probe.loss_value
     suspects = [
-        row for row in report.layers
-        if row.kind is RowKind.PARAM and row.grad is not None and row.grad.norm is None
+        row for row in report.layers if row.kind is RowKind.PARAM and row.grad is not None and row.grad.norm is None
     ]
     if base is None or not suspects or len(suspects) > MAX_TRIED:
         return frozenset()

@@ -96,17 +96,22 @@ def weight_verdict(weight: torch.Tensor, *, out_dim: int = 0) -> WeightVerdict:
         excess = float((centred**4).mean()) / (var * var) - 3.0
         tol = max(0.25, _Z * math.sqrt(24.0 / n))
         if not -1.2 - tol <= excess <= tol:
-            return WeightVerdict(False, f"weights are not an init draw: excess kurtosis {excess:.2f} "
-                                        "(an init family gives -1.2 to 0)")
+            return WeightVerdict(
+                False, f"weights are not an init draw: excess kurtosis {excess:.2f} (an init family gives -1.2 to 0)"
+            )
         mean_z = float(flat.mean()) / math.sqrt(var / n)
         if abs(mean_z) > _Z:
-            return WeightVerdict(False, f"weights are not an init draw: their mean is {mean_z:.1f} "
-                                        "standard errors from 0")
+            return WeightVerdict(
+                False, f"weights are not an init draw: their mean is {mean_z:.1f} standard errors from 0"
+            )
         for label, rows in (("output unit", matrix), ("input", matrix.T)):
             spread = _variance_spread(rows, var, excess)
             if spread is not None and spread[0] > spread[1]:
-                return WeightVerdict(False, f"weights are not an init draw: per-{label} variances "
-                                            f"spread {spread[0]:.1f} times what an i.i.d. draw gives")
+                return WeightVerdict(
+                    False,
+                    f"weights are not an init draw: per-{label} variances "
+                    f"spread {spread[0]:.1f} times what an i.i.d. draw gives",
+                )
     return WeightVerdict(True, f"weights pass the i.i.d. init test (excess kurtosis {excess:.2f})")
 
 
@@ -280,12 +285,16 @@ def _structural_reason(
     if id(weight) in embedded:
         return f"the weight is tied to the embedding '{embedded[id(weight)]}', whose init convention it follows"
     if _gate_branch(rows, index):
-        return ("a channel-attention gate branch (pooled 1x1 input, a sigmoid gate within one more layer): "
-                "its scale sets how open the gate starts and does not compound with depth")
+        return (
+            "a channel-attention gate branch (pooled 1x1 input, a sigmoid gate within one more layer): "
+            "its scale sets how open the gate starts and does not compound with depth"
+        )
     norm = following_norm(rows, index)
     if norm is not None:
-        return (f"its output reaches the normalisation '{norm.name}' through no saturating nonlinearity: "
-                "the norm resets the scale, so it does not compound with depth")
+        return (
+            f"its output reaches the normalisation '{norm.name}' through no saturating nonlinearity: "
+            "the norm resets the scale, so it does not compound with depth"
+        )
     return None
 
 

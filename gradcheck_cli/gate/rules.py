@@ -38,7 +38,6 @@ class Worse(Choice):
     AWAY = "away"  # further from 1 on a log scale (a ratio that should be ~1)
 
 
-
 @dataclass(frozen=True)
 class Evidence:
     """What the rules read about one model."""
@@ -129,8 +128,7 @@ def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             rule,
             tensor.name,
             float(tensor.nan + tensor.inf),
-            f"checkpoint tensor '{tensor.name}' holds {tensor.nan} NaN and {tensor.inf} Inf "
-            f"of {tensor.count} values",
+            f"checkpoint tensor '{tensor.name}' holds {tensor.nan} NaN and {tensor.inf} Inf of {tensor.count} values",
             advice="restore a checkpoint from before training diverged; lower the learning "
             "rate and clip gradients by norm when training resumes",
         )
@@ -153,8 +151,7 @@ def _non_finite(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bad_grad = [
         index
         for index, row in enumerate(rows)
-        if _nonfinite_float(row.output_grad_norm)
-        or (row.grad is not None and _nonfinite_float(row.grad.norm))
+        if _nonfinite_float(row.output_grad_norm) or (row.grad is not None and _nonfinite_float(row.grad.norm))
     ]
     if bad_grad:
         # Backward runs in reverse execution order, so the last bad row is where the NaN enters.
@@ -223,8 +220,7 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             f"{len(fresh)} BatchNorm layer(s) ({names}) hold the defaults of a fresh module "
             "(gamma constant, beta 0, running mean 0, var 1, no batch tracked): the model has "
             "not been trained yet",
-            advice="nothing to fix before training; after training, save the state_dict with "
-            "its running statistics",
+            advice="nothing to fix before training; after training, save the state_dict with its running statistics",
             severity=Severity.INFO,
         )
 
@@ -367,11 +363,7 @@ def _gradient_ratio(evidence: Evidence) -> tuple[LayerStats, LayerStats, float] 
 
 
 def _global_norm(rows: Iterable[LayerStats]) -> float:
-    norms = [
-        r.grad.norm
-        for r in rows
-        if r.grad is not None and r.grad.norm is not None and math.isfinite(r.grad.norm)
-    ]
+    norms = [r.grad.norm for r in rows if r.grad is not None and r.grad.norm is not None and math.isfinite(r.grad.norm)]
     return math.sqrt(sum(n * n for n in norms))
 
 
@@ -432,8 +424,7 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
                 None,
                 "no gradient reaches this layer although the loss depends on it (changing its "
                 "weights moves the loss): it is detached from the graph and never learns",
-                advice="remove the .detach() / torch.no_grad() / .data on the path from this "
-                "layer to the loss",
+                advice="remove the .detach() / torch.no_grad() / .data on the path from this layer to the loss",
             )
     for row in _param_rows(evidence):
         assert row.grad is not None and row.grad.norm is not None
@@ -456,7 +447,11 @@ def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     # large on any image net.)
     index = {id(r): i for i, r in enumerate(evidence.report.layers)}
     large = [
-        r for r in rows if r.grad is not None and r.grad.norm is not None and r.grad.norm > bound
+        r
+        for r in rows
+        if r.grad is not None
+        and r.grad.norm is not None
+        and r.grad.norm > bound
         and following_norm(evidence.report.layers, index[id(r)]) is None
     ]
     if not large:
@@ -494,11 +489,18 @@ def _head(report: Report) -> set[str]:
     if not params:
         return set()
     norms = [i for i, r in enumerate(rows) if r.kind is RowKind.NORM]
-    body_end = norms[-1] if norms else max(
-        (i for i, r in enumerate(rows)
-         if (r.kind is RowKind.PARAM and r.type not in _DENSE)
-         or (r.kind is RowKind.ACTIVATION and r.attention is not None)),
-        default=None,
+    body_end = (
+        norms[-1]
+        if norms
+        else max(
+            (
+                i
+                for i, r in enumerate(rows)
+                if (r.kind is RowKind.PARAM and r.type not in _DENSE)
+                or (r.kind is RowKind.ACTIVATION and r.attention is not None)
+            ),
+            default=None,
+        )
     )
     head = {params[-1].module}
     if body_end is not None:
@@ -525,9 +527,7 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             continue
         if row.module in head and ratio < 1.0:
             continue
-        after = (
-            f"followed by {init.activation}" if init.activation else "with no activation after it"
-        )
+        after = f"followed by {init.activation}" if init.activation else "with no activation after it"
         judged = evidence.init.get(row.name)
         mode = f" with {judged.mode}" if judged is not None else ""
         fan = f"fan_in={init.fan_in}, fan_out={init.fan_out}"
@@ -594,9 +594,13 @@ def _short_horizon(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         # A sequence shorter than the bound cannot show a longer horizon; judge only longer ones.
         last = trace.grad_norms[-1 if trace.direction == "forward" else 0] if trace.grad_norms else 0.0
         if trace.steps > bound and last > 0 and trace.horizon < bound:
-            yield _finding(rule, _where(row, trace), float(trace.horizon),
-                           f"|dL/dh_t| falls below {fraction:g} of its last-step value within {trace.horizon} of "
-                           f"{trace.steps} steps (per-step rate {trace.decay_rate or 0:.3g})")
+            yield _finding(
+                rule,
+                _where(row, trace),
+                float(trace.horizon),
+                f"|dL/dh_t| falls below {fraction:g} of its last-step value within {trace.horizon} of "
+                f"{trace.steps} steps (per-step rate {trace.decay_rate or 0:.3g})",
+            )
 
 
 def _exploding_in_time(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -604,9 +608,13 @@ def _exploding_in_time(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     for row, trace in _recurrent(evidence.report):
         if trace.decay_rate is not None and trace.decay_rate > bound:
             radius = max(trace.spectral_radius.values(), default=0.0)
-            yield _finding(rule, _where(row, trace), trace.decay_rate,
-                           f"|dL/dh_t| grows by x{trace.decay_rate:.3g} per step back in time "
-                           f"(largest recurrent spectral radius {radius:.3g})")
+            yield _finding(
+                rule,
+                _where(row, trace),
+                trace.decay_rate,
+                f"|dL/dh_t| grows by x{trace.decay_rate:.3g} per step back in time "
+                f"(largest recurrent spectral radius {radius:.3g})",
+            )
 
 
 def _saturated_gates(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -614,9 +622,12 @@ def _saturated_gates(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     for row, trace in _recurrent(evidence.report):
         for gate, stats in trace.gates.items():
             if stats.saturation > bound:
-                yield _finding(rule, f"{_where(row, trace)} {gate} gate", stats.saturation,
-                               f"{stats.saturation:.0%} of the {gate} gate's values are saturated "
-                               f"(mean {stats.mean:.3g})")
+                yield _finding(
+                    rule,
+                    f"{_where(row, trace)} {gate} gate",
+                    stats.saturation,
+                    f"{stats.saturation:.0%} of the {gate} gate's values are saturated (mean {stats.mean:.3g})",
+                )
 
 
 _UNIT = (0.0, 1.0)
@@ -652,8 +663,7 @@ RULES: tuple[Rule, ...] = (
         "batchnorm-never-updated",
         Severity.WARNING,
         None,
-        "a BatchNorm whose running statistics were never updated (num_batches_tracked == 0, "
-        "defaults)",
+        "a BatchNorm whose running statistics were never updated (num_batches_tracked == 0, defaults)",
         "the model was never trained in train mode, or the statistics were not saved: recompute "
         "them "
         "in train mode under torch.no_grad() over training batches, then save the state_dict again",
@@ -725,8 +735,7 @@ RULES: tuple[Rule, ...] = (
         Severity.ERROR,
         1e3,
         "first-to-last ratio of the relative gradient |dL/dW|/|W| above the threshold",
-        "clip gradients by norm, use a smaller init scale, add normalisation layers or residual "
-        "connections",
+        "clip gradients by norm, use a smaller init scale, add normalisation layers or residual connections",
         _exploding,
         threshold_range=(1.0, math.inf),
     ),
@@ -758,10 +767,8 @@ RULES: tuple[Rule, ...] = (
         "init-scale",
         Severity.WARNING,
         3.0,
-        "weight variance over what He/Glorot/LeCun prescribes for the activation that follows, "
-        "outside [1/k, k]",
-        f"re-initialise the layer for the activation that follows it (gradcheck reinit {flag_of('scheme')} "
-        "auto)",
+        "weight variance over what He/Glorot/LeCun prescribes for the activation that follows, outside [1/k, k]",
+        f"re-initialise the layer for the activation that follows it (gradcheck reinit {flag_of('scheme')} auto)",
         _init_scale,
         worse=Worse.AWAY,
         threshold_range=(1.0, math.inf),
@@ -824,11 +831,7 @@ def resolve(selector: str) -> tuple[Rule, ...]:
     if text in RULES_BY_NAME:
         return (RULES_BY_NAME[text],)
     upper = text.upper()
-    matched = (
-        tuple(rule for rule in RULES if rule.code.startswith(upper))
-        if upper.startswith("GC")
-        else ()
-    )
+    matched = tuple(rule for rule in RULES if rule.code.startswith(upper)) if upper.startswith("GC") else ()
     if not matched:
         known = ", ".join(f"{r.code} {r.name}" for r in RULES)
         raise ConfigError(f"unknown rule {selector!r}", hint=f"known rules: {known}")
@@ -939,7 +942,5 @@ def evaluate(
     return tuple(findings)
 
 
-def with_findings(
-    report: Report, rules: Iterable[Rule] = RULES, *, scan: CheckpointScan | None = None
-) -> Report:
+def with_findings(report: Report, rules: Iterable[Rule] = RULES, *, scan: CheckpointScan | None = None) -> Report:
     return replace(report, findings=evaluate(report, rules, scan=scan))

@@ -69,7 +69,6 @@ class GateKind(Choice):
     ZERO_MATRIX = "zero-matrix"  # a Linear/Conv weight (and bias) at 0: LoRA B, DiT adaLN-zero
 
 
-
 @dataclass(frozen=True)
 class ZeroParameter:
     """A parameter that is exactly zero everywhere and multiplies something (not a bias): the
@@ -98,10 +97,28 @@ class CheckpointScan:
 
 
 # Checkpoint keys that a training loop writes next to the weights (lower case, exact).
-TRAINING_KEYS = frozenset({"optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt",
-                           "scheduler", "lr_scheduler", "scheduler_state_dict", "scaler", "epoch",
-                           "epochs", "step", "global_step", "iteration", "iter", "best_acc1",
-                           "best_loss", "train_loss"})
+TRAINING_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizer_state_dict",
+        "optim",
+        "optimizer_state",
+        "opt",
+        "scheduler",
+        "lr_scheduler",
+        "scheduler_state_dict",
+        "scaler",
+        "epoch",
+        "epochs",
+        "step",
+        "global_step",
+        "iteration",
+        "iter",
+        "best_acc1",
+        "best_loss",
+        "train_loss",
+    }
+)
 
 
 def training_keys(checkpoint: Mapping[str, Any] | None) -> tuple[str, ...]:
@@ -213,8 +230,12 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
                         default_affine=_default_affine(owner.weight, owner.bias),
                     )
                 )
-    return CheckpointScan(nonfinite=tuple(nonfinite), batchnorms=tuple(batchnorms),
-                          zero_parameters=zero_parameters(module), training_keys=training_keys(checkpoint))
+    return CheckpointScan(
+        nonfinite=tuple(nonfinite),
+        batchnorms=tuple(batchnorms),
+        zero_parameters=zero_parameters(module),
+        training_keys=training_keys(checkpoint),
+    )
 
 
 def _default_affine(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:

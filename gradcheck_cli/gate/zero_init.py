@@ -56,8 +56,7 @@ def find_branches(
     small = {
         row.name: row.module
         for row in report.layers
-        if row.kind is RowKind.PARAM and row.grad is not None and row.grad.norm is not None
-        and row.grad.norm < bound
+        if row.kind is RowKind.PARAM and row.grad is not None and row.grad.norm is not None and row.grad.norm < bound
     }
     if not candidates or not small:
         return ZeroInitBranches()
@@ -72,9 +71,7 @@ def find_branches(
         gate = _nearest(candidates, small[name])
         behind.setdefault(gate.name, []).append(name)
     gates = tuple(c for c in candidates if c.name in behind)
-    return ZeroInitBranches(
-        gates=gates, gated=frozenset(reopened), behind={k: tuple(v) for k, v in behind.items()}
-    )
+    return ZeroInitBranches(gates=gates, gated=frozenset(reopened), behind={k: tuple(v) for k, v in behind.items()})
 
 
 def _nearest(candidates: tuple[ZeroParameter, ...], module: str) -> ZeroParameter:

@@ -31,10 +31,12 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"`arch_kwargs` is not valid JSON: {exc.msg} at position {exc.pos}",
-                         hint='pass a JSON object, e.g. `arch_kwargs` \'{"depth": 8}\'') from exc
+        raise UsageError(
+            f"`arch_kwargs` is not valid JSON: {exc.msg} at position {exc.pos}",
+            hint="pass a JSON object, e.g. `arch_kwargs` '{\"depth\": 8}'",
+        ) from exc
     if not isinstance(value, dict):
-        raise UsageError("`arch_kwargs` must be a JSON object", hint='e.g. `arch_kwargs` \'{"depth": 8}\'')
+        raise UsageError("`arch_kwargs` must be a JSON object", hint="e.g. `arch_kwargs` '{\"depth\": 8}'")
     return value
 
 
@@ -71,10 +73,18 @@ def build_arch_for_weights(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 
 # In-place random fills: the torch.nn.init functions (which dispatch through __torch_function__
 # themselves) and the Tensor methods they and hand-written initialisers call.
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-                   "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_")
-_TENSOR_FILLS = ("uniform_", "normal_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_",
-                 "bernoulli_")
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+    "sparse_",
+)
+_TENSOR_FILLS = ("uniform_", "normal_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_", "bernoulli_")
 
 
 @contextlib.contextmanager
@@ -104,8 +114,10 @@ _INIT_WRAPPER_MODULES = ("torch.nn.init", "transformers.initialization")
 
 
 def _is_wrapped_init(func: Any) -> bool:
-    return (getattr(func, "__module__", None) in _INIT_WRAPPER_MODULES
-            and getattr(func, "__name__", None) in _INIT_FUNCTIONS)
+    return (
+        getattr(func, "__module__", None) in _INIT_WRAPPER_MODULES
+        and getattr(func, "__name__", None) in _INIT_FUNCTIONS
+    )
 
 
 def _all_overwritten_by_state_dict(module: nn.Module, filled: list[torch.Tensor]) -> bool:
@@ -114,8 +126,11 @@ def _all_overwritten_by_state_dict(module: nn.Module, filled: list[torch.Tensor]
     whole: set[tuple[int, int]] = set()
     for tensor in module.state_dict(keep_vars=True).values():
         storage = tensor.untyped_storage()
-        if tensor.storage_offset() == 0 and tensor.is_contiguous() and \
-                tensor.numel() * tensor.element_size() == storage.nbytes():
+        if (
+            tensor.storage_offset() == 0
+            and tensor.is_contiguous()
+            and tensor.numel() * tensor.element_size() == storage.nbytes()
+        ):
             whole.add((storage.data_ptr(), storage.nbytes()))
     for tensor in filled:
         storage = tensor.untyped_storage()
@@ -131,22 +146,30 @@ def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         module = factory(**kwargs)
     except TypeError as exc:
-        raise LoadError(f"`arch` {spec} could not be called with {kwargs or 'no arguments'}: {exc}",
-                        hint="check `arch_kwargs` against the callable's signature") from exc
+        raise LoadError(
+            f"`arch` {spec} could not be called with {kwargs or 'no arguments'}: {exc}",
+            hint="check `arch_kwargs` against the callable's signature",
+        ) from exc
     except Exception as exc:  # the user's own code failed; report it, not our stack
-        raise LoadError(f"`arch` {spec} raised {type(exc).__name__}: {exc}",
-                        hint="run the callable by hand to debug it, or pass `debug`") from exc
+        raise LoadError(
+            f"`arch` {spec} raised {type(exc).__name__}: {exc}",
+            hint="run the callable by hand to debug it, or pass `debug`",
+        ) from exc
     if not isinstance(module, nn.Module):
-        raise LoadError(f"`arch` {spec} returned {type(module).__name__}, not a torch.nn.Module",
-                        hint="point `arch` at a function or class that builds the model")
+        raise LoadError(
+            f"`arch` {spec} returned {type(module).__name__}, not a torch.nn.Module",
+            hint="point `arch` at a function or class that builds the model",
+        )
     return module
 
 
 def resolve_factory(spec: str) -> Any:
     prefix, sep, name = spec.partition(":")
     if not sep or not prefix or not name:
-        raise UsageError(f"`arch` {spec!r} is not of the form MODULE:CALLABLE",
-                         hint="e.g. `arch` mypkg.models:build, `arch` models.py:Net, `arch` torchvision:resnet18")
+        raise UsageError(
+            f"`arch` {spec!r} is not of the form MODULE:CALLABLE",
+            hint="e.g. `arch` mypkg.models:build, `arch` models.py:Net, `arch` torchvision:resnet18",
+        )
     if prefix == "torchvision":
         return _torchvision_factory(name)
     if prefix == "timm":
@@ -159,13 +182,14 @@ def resolve_factory(spec: str) -> Any:
         try:
             module = importlib.import_module(prefix)
         except ImportError as exc:
-            raise LoadError(f"`arch`: cannot import module '{prefix}': {exc}",
-                            hint="install the package, or point `arch` at a .py file") from exc
+            raise LoadError(
+                f"`arch`: cannot import module '{prefix}': {exc}",
+                hint="install the package, or point `arch` at a .py file",
+            ) from exc
     target: Any = module
     for part in name.split("."):
         if not hasattr(target, part):
-            raise LoadError(f"`arch`: '{prefix}' has no attribute '{name}'",
-                            hint="check the name after the colon")
+            raise LoadError(f"`arch`: '{prefix}' has no attribute '{name}'", hint="check the name after the colon")
         target = getattr(target, part)
     if not callable(target):
         raise LoadError(f"`arch`: '{spec}' is not callable", hint="name a function or class")
@@ -190,8 +214,10 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise LoadError(f"`arch`: importing {path} raised {type(exc).__name__}: {exc}",
-                        hint="fix the file, or pass `debug` for the traceback") from exc
+        raise LoadError(
+            f"`arch`: importing {path} raised {type(exc).__name__}: {exc}",
+            hint="fix the file, or pass `debug` for the traceback",
+        ) from exc
     return module
 
 
@@ -199,12 +225,10 @@ def _torchvision_factory(name: str) -> Any:
     try:
         import torchvision.models
     except ImportError as exc:
-        raise MissingDependencyError("torchvision", purpose=f"`arch` torchvision:{name}",
-                                     extra="vision") from exc
+        raise MissingDependencyError("torchvision", purpose=f"`arch` torchvision:{name}", extra="vision") from exc
     available = set(torchvision.models.list_models())
     if name not in available:
-        raise LoadError(f"torchvision has no model '{name}'",
-                        hint="see torchvision.models.list_models() for the names")
+        raise LoadError(f"torchvision has no model '{name}'", hint="see torchvision.models.list_models() for the names")
 
     def build(**kwargs: Any) -> Any:
         kwargs.setdefault("weights", None)  # never download: the checkpoint supplies the weights
@@ -241,9 +265,11 @@ def _transformers_factory(name: str) -> Any:
     def build(**kwargs: Any) -> Any:
         config_path = kwargs.pop("config", None)
         if config_path is None:
-            raise LoadError(f"`arch` transformers:{name} needs a config",
-                            hint="put config.json next to the weights, pass the model directory, or "
-                            "`arch_kwargs` '{\"config\": \"path/to/config.json\"}'")
+            raise LoadError(
+                f"`arch` transformers:{name} needs a config",
+                hint="put config.json next to the weights, pass the model directory, or "
+                '`arch_kwargs` \'{"config": "path/to/config.json"}\'',
+            )
         path = Path(config_path)
         return cls(config_for(cls, path / "config.json" if path.is_dir() else path, kwargs))
 

@@ -23,7 +23,6 @@ class ModelFormat(Choice):
     ONNX = "onnx"
     TRANSFORMERS_DIRECTORY = "transformers_directory"  # config.json + weights (safetensors, sharded too)
 
-
     @property
     def description(self) -> str:
         return _DESCRIPTIONS[self]
@@ -56,8 +55,10 @@ def detect_format(path: Path) -> ModelFormat:
     if path.is_dir():
         if (path / "config.json").is_file():
             return ModelFormat.TRANSFORMERS_DIRECTORY
-        raise LoadError(f"{path} is a directory, not a model file",
-                        hint="pass the model file inside it (or a transformers directory with config.json)")
+        raise LoadError(
+            f"{path} is a directory, not a model file",
+            hint="pass the model file inside it (or a transformers directory with config.json)",
+        )
     check_regular_file(path, what="model file")
     try:
         with path.open("rb") as handle:
@@ -86,13 +87,13 @@ def check_regular_file(path: Path, *, what: str) -> None:
         dangling = " (a symbolic link to a missing file)" if path.is_symlink() else ""
         raise LoadError(f"{path}: no such file{dangling}", hint="check the path") from None
     except OSError as exc:  # ELOOP (symlink loop), ENAMETOOLONG, EACCES on a directory on the way
-        raise LoadError(f"{path}: cannot be opened ({exc.strerror or exc})",
-                        hint="check the path and its symbolic links") from None
+        raise LoadError(
+            f"{path}: cannot be opened ({exc.strerror or exc})", hint="check the path and its symbolic links"
+        ) from None
     if stat.S_ISDIR(info.st_mode):
         raise LoadError(f"{path} is a directory, not a {what}", hint=f"pass the {what} inside it")
     if not stat.S_ISREG(info.st_mode):
-        raise LoadError(f"{path} is not a regular file (a device, pipe or socket)",
-                        hint=f"pass a {what} saved on disk")
+        raise LoadError(f"{path} is not a regular file (a device, pipe or socket)", hint=f"pass a {what} saved on disk")
 
 
 def _classify_zip(path: Path) -> ModelFormat:

@@ -43,8 +43,9 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # torch.compile). transformers strips its own base-model prefix ("bert.", "model.") itself.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-PICKLE_HINT = ("convert it to safetensors (save_pretrained writes model.safetensors), or pass "
-               "`trust_pickle` if you trust the file")
+PICKLE_HINT = (
+    "convert it to safetensors (save_pretrained writes model.safetensors), or pass `trust_pickle` if you trust the file"
+)
 
 
 def is_transformers_spec(arch: str | None) -> bool:
@@ -67,14 +68,20 @@ def model_class(name: str, *, where: str | None = None) -> Any:
     """
     transformers = _transformers()
     cls = getattr(transformers, name, None) if name.isidentifier() else None
-    if cls is None or not isinstance(cls, type) or not hasattr(cls, "config_class") or \
-            not hasattr(cls, "from_pretrained"):
+    if (
+        cls is None
+        or not isinstance(cls, type)
+        or not hasattr(cls, "config_class")
+        or not hasattr(cls, "from_pretrained")
+    ):
         source = f"{where} names" if where else "`arch` names"
-        raise LoadError(f"{source} the architecture '{name}', which the installed transformers "
-                        f"{transformers.__version__} has no model class for",
-                        hint="gradcheck never runs code shipped with a model (trust_remote_code); upgrade "
-                        "transformers if it added the model since, or set `arch` to transformers:<ModelClass> "
-                        "with a class it has, e.g. BertModel")
+        raise LoadError(
+            f"{source} the architecture '{name}', which the installed transformers "
+            f"{transformers.__version__} has no model class for",
+            hint="gradcheck never runs code shipped with a model (trust_remote_code); upgrade "
+            "transformers if it added the model since, or set `arch` to transformers:<ModelClass> "
+            "with a class it has, e.g. BertModel",
+        )
     return cls
 
 
@@ -93,9 +100,11 @@ def architecture_from_config(config_path: Path) -> str:
         base = getattr(auto, "MODEL_MAPPING_NAMES", {}).get(model_type)
         if isinstance(base, str):
             return base
-    raise UsageError(f"{config_path} names no architecture ('architectures' is missing and its "
-                     f"model_type {model_type!r} is not one transformers knows)",
-                     hint="set `arch` to transformers:<ModelClass>, e.g. transformers:BertModel")
+    raise UsageError(
+        f"{config_path} names no architecture ('architectures' is missing and its "
+        f"model_type {model_type!r} is not one transformers knows)",
+        hint="set `arch` to transformers:<ModelClass>, e.g. transformers:BertModel",
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -111,14 +120,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 def config_for(cls: Any, config_path: Path, overrides: Mapping[str, Any]) -> Any:
     """The model's config read from ``config_path``, with ``overrides`` (from ``arch_kwargs``) set on it."""
     if not config_path.is_file():
-        raise LoadError(f"`arch` transformers:{cls.__name__}: no config file at {config_path}",
-                        hint="check the path")
+        raise LoadError(f"`arch` transformers:{cls.__name__}: no config file at {config_path}", hint="check the path")
     try:
         with quiet_transformers():
             config = cls.config_class.from_json_file(str(config_path))
     except Exception as exc:
-        raise LoadError(f"{config_path} is not a valid {cls.config_class.__name__} file: {first_line(exc)}",
-                        hint="check the JSON") from exc
+        raise LoadError(
+            f"{config_path} is not a valid {cls.config_class.__name__} file: {first_line(exc)}", hint="check the JSON"
+        ) from exc
     with quiet_transformers():
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -141,23 +150,32 @@ def model_from_directory(
     config_path = config_path / "config.json" if config_path.is_dir() else config_path
     if is_transformers_spec(arch):
         assert arch is not None
-        cls = model_class(arch[len(PREFIX):])
+        cls = model_class(arch[len(PREFIX) :])
     elif arch is not None:
-        raise UsageError(f"`arch` {arch} cannot load {directory}: a transformers directory is loaded by a "
-                         "transformers model class",
-                         hint="set `arch` to transformers:<ModelClass> or leave it unset; to load the weights into "
-                         "your own architecture, give the weights file inside the directory instead")
+        raise UsageError(
+            f"`arch` {arch} cannot load {directory}: a transformers directory is loaded by a transformers model class",
+            hint="set `arch` to transformers:<ModelClass> or leave it unset; to load the weights into "
+            "your own architecture, give the weights file inside the directory instead",
+        )
     else:
         cls = model_class(architecture_from_config(config_file), where=str(config_file))
     weights = _weight_files(directory)
     pickled = [path for path in weights if path.suffix == ".bin"]
     config = config_for(cls, config_path, overrides)
-    model, info = _from_pretrained(cls, str(directory), config=config, state_dict=None,
-                                   trust_pickle=trust_pickle, what=str(pickled[0] if pickled else directory))
-    loaded = LoadedModel(path=directory, format=ModelFormat.TRANSFORMERS_DIRECTORY,
-                         module=_checked(model, info, strict=strict, source=str(directory),
-                                         arch=f"{PREFIX}{cls.__name__}").to(device),
-                         arch=f"{PREFIX}{cls.__name__}")
+    model, info = _from_pretrained(
+        cls,
+        str(directory),
+        config=config,
+        state_dict=None,
+        trust_pickle=trust_pickle,
+        what=str(pickled[0] if pickled else directory),
+    )
+    loaded = LoadedModel(
+        path=directory,
+        format=ModelFormat.TRANSFORMERS_DIRECTORY,
+        module=_checked(model, info, strict=strict, source=str(directory), arch=f"{PREFIX}{cls.__name__}").to(device),
+        arch=f"{PREFIX}{cls.__name__}",
+    )
     loaded.notes.extend(_loading_notes(info, strict=strict))
     return loaded
 
@@ -176,22 +194,29 @@ def model_from_state_dict(
 ) -> LoadedModel:
     """A state_dict file with ``arch`` ``transformers:<Class>``: the config comes from ``arch_kwargs``
     (``config``, filled in from config.json next to the weights), the loading from ``from_pretrained``."""
-    cls = model_class(arch[len(PREFIX):])
+    cls = model_class(arch[len(PREFIX) :])
     overrides = dict(arch_kwargs or {})
     config_path = overrides.pop("config", None)
     if config_path is None:
-        raise LoadError(f"`arch` {arch} needs a config",
-                        hint="put config.json next to the weights, pass the model directory, or "
-                        "`arch_kwargs` {\"config\": \"path/to/config.json\"}")
+        raise LoadError(
+            f"`arch` {arch} needs a config",
+            hint="put config.json next to the weights, pass the model directory, or "
+            '`arch_kwargs` {"config": "path/to/config.json"}',
+        )
     resolved = Path(config_path)
     config = config_for(cls, resolved / "config.json" if resolved.is_dir() else resolved, overrides)
     prefix = next((p for p in _WRAPPER_PREFIXES if state_dict and all(k.startswith(p) for k in state_dict)), "")
-    stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
-    model, info = _from_pretrained(cls, None, config=config, state_dict=stripped, trust_pickle=False,
-                                   what=str(path))
-    loaded = LoadedModel(path=path, format=fmt,
-                         module=_checked(model, info, strict=strict, source=str(path), arch=arch).to(device),
-                         arch=arch, state_dict_path=key_path, key_prefix=prefix, checkpoint=checkpoint)
+    stripped = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    model, info = _from_pretrained(cls, None, config=config, state_dict=stripped, trust_pickle=False, what=str(path))
+    loaded = LoadedModel(
+        path=path,
+        format=fmt,
+        module=_checked(model, info, strict=strict, source=str(path), arch=arch).to(device),
+        arch=arch,
+        state_dict_path=key_path,
+        key_prefix=prefix,
+        checkpoint=checkpoint,
+    )
     loaded.notes.extend(_loading_notes(info, strict=strict))
     if prefix:
         loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")
@@ -216,16 +241,23 @@ def _weight_files(directory: Path) -> list[Path]:
             # of a snapshot directory as a link into its blob store.
             shard_name = Path(shard)
             if shard_name.is_absolute() or ".." in shard_name.parts or not shard_name.parts:
-                raise LoadError(f"{index} points outside the model directory ({shard})",
-                                hint="shards must lie in the model's own directory")
+                raise LoadError(
+                    f"{index} points outside the model directory ({shard})",
+                    hint="shards must lie in the model's own directory",
+                )
             shard_path = directory / shard_name
             if not shard_path.is_file():
-                raise LoadError(f"{index} lists the shard {shard}, which is missing",
-                                hint="copy every shard into the model directory")
+                raise LoadError(
+                    f"{index} lists the shard {shard}, which is missing",
+                    hint="copy every shard into the model directory",
+                )
             shards.append(shard_path)
         return shards
-    raise LoadError(f"{directory} has a config.json but no weights (model.safetensors, sharded safetensors "
-                    "with model.safetensors.index.json, or pytorch_model.bin)", hint="add the weights file")
+    raise LoadError(
+        f"{directory} has a config.json but no weights (model.safetensors, sharded safetensors "
+        "with model.safetensors.index.json, or pytorch_model.bin)",
+        hint="add the weights file",
+    )
 
 
 def _loading_kwargs(cls: Any, *, trust_pickle: bool) -> dict[str, Any]:
@@ -251,8 +283,15 @@ def _version(text: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: dict[str, torch.Tensor] | None,
-                     trust_pickle: bool, what: str) -> tuple[nn.Module, dict[str, Any]]:
+def _from_pretrained(
+    cls: Any,
+    source: str | None,
+    *,
+    config: Any,
+    state_dict: dict[str, torch.Tensor] | None,
+    trust_pickle: bool,
+    what: str,
+) -> tuple[nn.Module, dict[str, Any]]:
     from gradcheck_cli.model.weights_only import forced_weights_only
 
     kwargs = _loading_kwargs(cls, trust_pickle=trust_pickle)
@@ -267,12 +306,19 @@ def _from_pretrained(cls: Any, source: str | None, *, config: Any, state_dict: d
             found = re.search(r"GLOBAL ([\w.]+)", text)
             raise UntrustedPickleError(
                 f"{what} holds pickled Python objects{f' ({found.group(1)})' if found else ''}; loading it "
-                "would run code from the file, so gradcheck refused", hint=PICKLE_HINT) from exc
-        mismatch = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\))"
-                              r".*?shape in current model is (torch.Size\(\[[\d, ]*\]\))", text)
+                "would run code from the file, so gradcheck refused",
+                hint=PICKLE_HINT,
+            ) from exc
+        mismatch = re.findall(
+            r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\))"
+            r".*?shape in current model is (torch.Size\(\[[\d, ]*\]\))",
+            text,
+        )
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatch[:3]) or first_line(exc)
-        raise LoadError(f"{what}: transformers could not load {cls.__name__} from it: {detail}",
-                        hint="check the config against the weights (or `arch` and `arch_kwargs`)") from exc
+        raise LoadError(
+            f"{what}: transformers could not load {cls.__name__} from it: {detail}",
+            hint="check the config against the weights (or `arch` and `arch_kwargs`)",
+        ) from exc
     return model, dict(info)
 
 
@@ -292,9 +338,12 @@ def _chain_text(exc: BaseException) -> str:
 def _problems(info: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
     missing = sorted(str(k) for k in info.get("missing_keys") or ())
     unexpected = sorted(str(k) for k in info.get("unexpected_keys") or ())
-    mismatched = sorted(f"{item[0]} (file {tuple(item[1])}, model {tuple(item[2])})"
-                        if isinstance(item, tuple) and len(item) == 3 else str(item)
-                        for item in info.get("mismatched_keys") or ())
+    mismatched = sorted(
+        f"{item[0]} (file {tuple(item[1])}, model {tuple(item[2])})"
+        if isinstance(item, tuple) and len(item) == 3
+        else str(item)
+        for item in info.get("mismatched_keys") or ()
+    )
     return missing, unexpected, mismatched
 
 
@@ -316,9 +365,11 @@ def _checked(model: nn.Module, info: Mapping[str, Any], *, strict: bool, source:
     harmless (legacy buffers, tied weights), so what remains is a real mismatch."""
     parts = _mismatch_parts(info)
     if strict and parts:
-        raise LoadError(f"{source}: the weights do not match {arch}: " + ", ".join(parts) + " keys",
-                        hint="check the config (or `arch` and `arch_kwargs`), or set `non_strict` to load "
-                        "what matches (the rest keeps its random initialisation)")
+        raise LoadError(
+            f"{source}: the weights do not match {arch}: " + ", ".join(parts) + " keys",
+            hint="check the config (or `arch` and `arch_kwargs`), or set `non_strict` to load "
+            "what matches (the rest keeps its random initialisation)",
+        )
     return model
 
 
@@ -356,7 +407,6 @@ def _few(keys: list[str], limit: int = 3) -> str:
     return shown + (", ..." if len(keys) > limit else "")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Inputs the model declares
 
@@ -388,14 +438,20 @@ DEFAULT_IMAGE = 224
 
 # Mapping tables (transformers.models.auto.modeling_auto) of heads that compute a loss from
 # token `labels` shaped like their input ids; the suffixes catch heads missing from the tables.
-_LABELLED_TABLES = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-                    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES")
+_LABELLED_TABLES = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+)
 _LABELLED_SUFFIXES = ("LMHeadModel", "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration")
 
 
 def is_transformers_model(module: object) -> bool:
-    return any(base.__name__ == "PreTrainedModel" for base in type(module).__mro__) and \
-        getattr(module, "config", None) is not None
+    return (
+        any(base.__name__ == "PreTrainedModel" for base in type(module).__mro__)
+        and getattr(module, "config", None) is not None
+    )
 
 
 def _labelled_heads() -> set[str]:
@@ -491,8 +547,12 @@ def _audio_samples(config: Any, frames: int) -> int:
     """Raw-audio samples that the convolutional feature encoder turns into ``frames`` frames
     (Wav2Vec2 and kin), or one second at the config's sampling rate when it has no such encoder."""
     kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
-    if isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple)) and kernels and \
-            len(kernels) == len(strides):
+    if (
+        isinstance(kernels, (list, tuple))
+        and isinstance(strides, (list, tuple))
+        and kernels
+        and len(kernels) == len(strides)
+    ):
         receptive, hop = 1, 1
         for kernel, stride in zip(kernels, strides, strict=True):
             receptive += (int(kernel) - 1) * hop
@@ -551,16 +611,22 @@ def declared_inputs(
     def tokens(name: str) -> None:
         nonlocal seq
         if vocab is None:
-            raise UsageError(f"cannot synthesise {name}: the model declares no vocabulary size",
-                             hint="give the inputs in a file (`input`)")
+            raise UsageError(
+                f"cannot synthesise {name}: the model declares no vocabulary size",
+                hint="give the inputs in a file (`input`)",
+            )
         limit = _position_limit(text, "max_position_embeddings", "n_positions", "max_target_positions")
         shape = shape_for((batch, seq))
         if len(shape) != 2:
-            raise UsageError(f"`input_shape` {','.join(map(str, shape))} does not fit {name}, "
-                             "token ids of shape (batch, sequence)", hint="e.g. 8,16")
+            raise UsageError(
+                f"`input_shape` {','.join(map(str, shape))} does not fit {name}, token ids of shape (batch, sequence)",
+                hint="e.g. 8,16",
+            )
         if limit is not None and shape[1] > limit:
-            raise UsageError(f"`seq_len` {shape[1]} exceeds the model's maximum of {limit} positions",
-                             hint=f"use a `seq_len` of {limit} or less")
+            raise UsageError(
+                f"`seq_len` {shape[1]} exceeds the model's maximum of {limit} positions",
+                hint=f"use a `seq_len` of {limit} or less",
+            )
         inputs.append(DeclaredInput(name, shape, "ids", vocab))
 
     for name in names:
@@ -596,18 +662,22 @@ def declared_inputs(
         label_vocab = _label_vocabulary(module, vocab) if vocab is not None else None
         if label_vocab is not None:
             if getattr(config, "is_encoder_decoder", False) or main != "input_ids":
-                limit = _position_limit(_sub(config, "decoder"), "max_target_positions",
-                                        "max_position_embeddings", "n_positions")
+                limit = _position_limit(
+                    _sub(config, "decoder"), "max_target_positions", "max_position_embeddings", "n_positions"
+                )
                 length = min(seq, limit) if limit else seq
                 inputs.append(DeclaredInput("labels", (main_batch, length), "ids", label_vocab))
             else:
                 inputs.append(DeclaredInput("labels", token_inputs["input_ids"].shape, "ids", label_vocab))
             model_loss = True
-    elif getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in accepted and \
-            "decoder_input_ids" not in token_inputs and vocab is not None:
+    elif (
+        getattr(config, "is_encoder_decoder", False)
+        and "decoder_input_ids" in accepted
+        and "decoder_input_ids" not in token_inputs
+        and vocab is not None
+    ):
         limit = _position_limit(_sub(config, "decoder"), "max_target_positions", "max_position_embeddings")
-        inputs.append(DeclaredInput("decoder_input_ids", (main_batch, min(seq, limit) if limit else seq), "ids",
-                                    vocab))
+        inputs.append(DeclaredInput("decoder_input_ids", (main_batch, min(seq, limit) if limit else seq), "ids", vocab))
     if given:
         notes.append(f"{len(given)} `input_shape` value(s) beyond the model's {len(inputs)} inputs were ignored")
     return Declaration(tuple(inputs), constants, model_loss, tuple(notes))

@@ -18,8 +18,14 @@ def load_model(path: Path, options: LoadOptions | None = None, *, device: str = 
     from gradcheck_cli.model.torch_load import model_from_path
 
     options = options or LoadOptions()
-    loaded = model_from_path(path, arch=options.arch, arch_kwargs=dict(options.arch_kwargs or {}) or None,
-                             strict=not options.non_strict, trust_pickle=options.trust_pickle, device=device)
+    loaded = model_from_path(
+        path,
+        arch=options.arch,
+        arch_kwargs=dict(options.arch_kwargs or {}) or None,
+        strict=not options.non_strict,
+        trust_pickle=options.trust_pickle,
+        device=device,
+    )
     if not options.allow_nonfinite:
         check_finite_weights(loaded)
     return loaded
@@ -37,6 +43,7 @@ def check_finite_weights(loaded: LoadedModel) -> None:
         low, high = torch.aminmax(tensor.detach())
         if not bool(torch.isfinite(low) & torch.isfinite(high)):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise LoadError(f"{loaded.path}: '{name}' holds {bad} NaN/Inf value(s) of {tensor.numel()}",
-                            hint="restore a checkpoint from before training diverged, or set "
-                            "`allow_nonfinite` to probe it anyway")
+            raise LoadError(
+                f"{loaded.path}: '{name}' holds {bad} NaN/Inf value(s) of {tensor.numel()}",
+                hint="restore a checkpoint from before training diverged, or set `allow_nonfinite` to probe it anyway",
+            )

@@ -48,8 +48,9 @@ def onnx_model_and_bytes(path: Path) -> tuple[onnx.ModelProto, bytes | None]:
         raw = path.read_bytes()
         model = onnx.load_from_string(raw)
     except OSError as exc:
-        raise LoadError(f"{path} could not be read: {exc.strerror or exc}", hint="check the path and "
-                        "its permissions") from exc
+        raise LoadError(
+            f"{path} could not be read: {exc.strerror or exc}", hint="check the path and its permissions"
+        ) from exc
     except Exception as exc:
         raise _parse_error(path, exc) from exc
     external = _check_and_complete(model, path, load_external_data=True)
@@ -85,8 +86,10 @@ def _check_and_complete(model: onnx.ModelProto, path: Path, *, load_external_dat
             )
     bad = _first_non_utf8_string(model)
     if bad is not None:
-        raise LoadError(f"{path}: the field '{bad}' is not valid UTF-8 text (ONNX names are strings)",
-                        hint="the file is damaged; export it again")
+        raise LoadError(
+            f"{path}: the field '{bad}' is not valid UTF-8 text (ONNX names are strings)",
+            hint="the file is damaged; export it again",
+        )
     check_declared_sizes(model, path, base)
     if locations and load_external_data:
         try:
@@ -138,8 +141,10 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
 
     for tensor in _all_tensors(model):
         if any(d < 0 for d in tensor.dims):
-            raise LoadError(f"{path}: tensor '{tensor.name}' declares a negative dimension {list(tensor.dims)}",
-                            hint="the model is damaged or crafted; export it again")
+            raise LoadError(
+                f"{path}: tensor '{tensor.name}' declares a negative dimension {list(tensor.dims)}",
+                hint="the model is damaged or crafted; export it again",
+            )
         numel = math.prod(tensor.dims)
         itemsize = _ITEMSIZE.get(tensor.data_type)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -148,24 +153,33 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
                 offset = int(entries.get("offset", "0") or 0)
                 length = int(entries["length"]) if entries.get("length") else None
             except ValueError as exc:
-                raise LoadError(f"{path}: tensor '{tensor.name}' has an invalid external-data offset or length",
-                                hint="the model is damaged or crafted; export it again") from exc
+                raise LoadError(
+                    f"{path}: tensor '{tensor.name}' has an invalid external-data offset or length",
+                    hint="the model is damaged or crafted; export it again",
+                ) from exc
             declared = numel * itemsize if itemsize is not None else None
             if length is not None and declared is not None and length != declared:
-                raise LoadError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
-                                f"({declared} bytes) but its external data is {length} bytes",
-                                hint="the model and its data file do not match; export it again")
+                raise LoadError(
+                    f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
+                    f"({declared} bytes) but its external data is {length} bytes",
+                    hint="the model and its data file do not match; export it again",
+                )
             needed = length if length is not None else declared
             data_file = base / entries.get("location", "")
             if needed is not None and data_file.is_file() and offset + needed > data_file.stat().st_size:
-                raise LoadError(f"{path}: tensor '{tensor.name}' reads {needed} bytes at offset {offset} of "
-                                f"'{entries.get('location')}', past its end ({data_file.stat().st_size} bytes)",
-                                hint="the data file is truncated or belongs to another model")
+                raise LoadError(
+                    f"{path}: tensor '{tensor.name}' reads {needed} bytes at offset {offset} of "
+                    f"'{entries.get('location')}', past its end ({data_file.stat().st_size} bytes)",
+                    hint="the data file is truncated or belongs to another model",
+                )
             continue
         stored = _stored_elements(tensor, itemsize)
         if stored is not None and stored != numel:
-            raise LoadError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} ({numel} values) "
-                            f"but holds {stored}", hint="the model is damaged or crafted; export it again")
+            raise LoadError(
+                f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} ({numel} values) "
+                f"but holds {stored}",
+                hint="the model is damaged or crafted; export it again",
+            )
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
         # A negative dim_value on an input is a dynamic dimension, as onnxruntime reads it
@@ -173,17 +187,23 @@ def check_declared_sizes(model: onnx.ModelProto, path: Path, base: Path) -> None
         # dimension (above) stays refused: a stored tensor has a size.
         static = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value > 0]
         if math.prod(static) > MAX_INPUT_ELEMENTS:
-            raise LoadError(f"{path}: input '{value.name}' declares shape {static} ({math.prod(static)} values), "
-                            f"more than gradcheck will allocate for a probe ({MAX_INPUT_ELEMENTS})",
-                            hint="export the model with a dynamic batch dimension and pass `input_shape`")
+            raise LoadError(
+                f"{path}: input '{value.name}' declares shape {static} ({math.prod(static)} values), "
+                f"more than gradcheck will allocate for a probe ({MAX_INPUT_ELEMENTS})",
+                hint="export the model with a dynamic batch dimension and pass `input_shape`",
+            )
     depth = _subgraph_depth(model.graph)
     if depth > MAX_SUBGRAPH_DEPTH:
-        raise LoadError(f"{path}: subgraphs nest {depth} levels deep (at most {MAX_SUBGRAPH_DEPTH} are read)",
-                        hint="the model is damaged or crafted")
+        raise LoadError(
+            f"{path}: subgraphs nest {depth} levels deep (at most {MAX_SUBGRAPH_DEPTH} are read)",
+            hint="the model is damaged or crafted",
+        )
     cycle = _cycle_node(model.graph)
     if cycle is not None:
-        raise LoadError(f"{path}: the graph has a cycle through node '{cycle}'; an ONNX graph must be acyclic",
-                        hint="the model is damaged or crafted; export it again")
+        raise LoadError(
+            f"{path}: the graph has a cycle through node '{cycle}'; an ONNX graph must be acyclic",
+            hint="the model is damaged or crafted; export it again",
+        )
 
 
 # Bytes per element of the fixed-size ONNX data types (strings and 4-bit types are not checked).
@@ -195,8 +215,13 @@ def _stored_elements(tensor: onnx.TensorProto, itemsize: int | None) -> int | No
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data) // itemsize if itemsize else None
     # Typed fields; complex values take two floats, float16/bfloat16/bool/int8.. sit in int32_data.
-    for field, per_value in (("float_data", 1), ("double_data", 1), ("int64_data", 1), ("uint64_data", 1),
-                             ("int32_data", 1)):
+    for field, per_value in (
+        ("float_data", 1),
+        ("double_data", 1),
+        ("int64_data", 1),
+        ("uint64_data", 1),
+        ("int32_data", 1),
+    ):
         values = len(getattr(tensor, field))
         if values:
             if tensor.data_type in (14, 15) and field in ("float_data", "double_data"):
@@ -296,8 +321,9 @@ def onnx_model_to_path(
     """
     import onnx
 
-    use_external = (serialized is None and model.ByteSize() > _PROTOBUF_LIMIT) if external_data is None \
-        else external_data
+    use_external = (
+        (serialized is None and model.ByteSize() > _PROTOBUF_LIMIT) if external_data is None else external_data
+    )
     parent = out.parent if str(out.parent) else Path(".")
     if not use_external:
         data = model.SerializeToString() if serialized is None else serialized
@@ -371,7 +397,6 @@ def opset_of(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return 0
-
 
 
 def numpy_of(tensor: onnx.TensorProto) -> Any:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-
 def dynamic_export_hint(position: int, axis: int, size: int) -> str:
     """How to export the program so that dimension ``axis`` of input ``position`` may vary."""
     name = "batch" if axis == 0 else f"dim{axis}"

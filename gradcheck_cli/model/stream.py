@@ -26,9 +26,20 @@ if TYPE_CHECKING:
     import torch
 
 # safetensors dtype names (the format's spec) to torch dtype attribute names.
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -89,8 +100,13 @@ def _validated(header: dict[str, object], data_size: int) -> dict[str, tuple[tor
         dtype_name = _DTYPES.get(str(info.get("dtype")))
         dtype = getattr(torch, dtype_name, None) if dtype_name else None
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or not isinstance(offsets, list) \
-                or len(offsets) != 2 or not all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets]):
+        if (
+            not isinstance(dtype, torch.dtype)
+            or not isinstance(shape, list)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets])
+        ):
             raise NotMappable(f"entry {name!r} is not one this reader maps")
         begin, end = offsets
         numel = 1

@@ -26,8 +26,18 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Keys under which training scripts commonly nest the state_dict, most specific first.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
-                   "model_ema", "ema", "weights", "params")
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_ema",
+    "ema",
+    "weights",
+    "params",
+)
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning attributes.
 KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
 
@@ -48,8 +58,7 @@ def parse_device(device: str) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"`device` {device!r} is not a device torch knows",
-                         hint="use cpu, cuda or cuda:N") from exc
+        raise UsageError(f"`device` {device!r} is not a device torch knows", hint="use cpu, cuda or cuda:N") from exc
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,8 +67,10 @@ def resolve_device(device: str) -> torch.device:
 
     resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("`device` cuda was asked for, but CUDA is not available here",
-                         hint="run on the cpu `device`, or on a machine with a GPU and a CUDA build of torch")
+        raise UsageError(
+            "`device` cuda was asked for, but CUDA is not available here",
+            hint="run on the cpu `device`, or on a machine with a GPU and a CUDA build of torch",
+        )
     if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
         # Under torchrun each process has its own GPU: loading every rank's copy onto cuda:0 would
         # put them all on one device before FSDP shards them.
@@ -81,23 +92,42 @@ def model_from_path(
     spread = device == "auto" and _gpu_count() > 1
     target = resolve_device("cpu" if spread else device)
     if fmt is ModelFormat.ONNX:
-        raise LoadError(f"{path} is {fmt.description}; this command needs a PyTorch model here",
-                        hint="probing ONNX graphs is not available yet in this version of gradcheck")
+        raise LoadError(
+            f"{path} is {fmt.description}; this command needs a PyTorch model here",
+            hint="probing ONNX graphs is not available yet in this version of gradcheck",
+        )
     if fmt is ModelFormat.TRANSFORMERS_DIRECTORY:
         from gradcheck_cli.model.hf import model_from_directory
 
-        return model_from_directory(path, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
-                                    trust_pickle=trust_pickle, device=target)
+        return model_from_directory(
+            path, arch=arch, arch_kwargs=arch_kwargs, strict=strict, trust_pickle=trust_pickle, device=target
+        )
     elif fmt is ModelFormat.EXPORTED_PROGRAM:
         loaded = exported_program_from_path(path, target, trust_pickle=trust_pickle)
     elif fmt is ModelFormat.TORCHSCRIPT:
         loaded = torchscript_from_path(path, target)
     elif fmt is ModelFormat.SAFETENSORS:
-        loaded = _with_arch(path, fmt, _safetensors_state_dict(path), {}, (), arch,
-                            _with_config(arch, arch_kwargs, path.parent), strict, target)
+        loaded = _with_arch(
+            path,
+            fmt,
+            _safetensors_state_dict(path),
+            {},
+            (),
+            arch,
+            _with_config(arch, arch_kwargs, path.parent),
+            strict,
+            target,
+        )
     else:
-        loaded = _from_pickle_container(path, fmt, arch=arch, arch_kwargs=_with_config(arch, arch_kwargs, path.parent),
-                                        strict=strict, trust_pickle=trust_pickle, device=target)
+        loaded = _from_pickle_container(
+            path,
+            fmt,
+            arch=arch,
+            arch_kwargs=_with_config(arch, arch_kwargs, path.parent),
+            strict=strict,
+            trust_pickle=trust_pickle,
+            device=target,
+        )
     if arch is not None and loaded.arch is None:
         loaded.notes.append(f"`arch` {arch} was ignored: {fmt.description} carries its own architecture")
     if spread:
@@ -141,10 +171,13 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
             raise UntrustedPickleError(
                 f"{path} is {ModelFormat.EXPORTED_PROGRAM.description} whose archive holds pickled Python "
                 "objects (in its sample inputs or constants); loading them would run code from the file, "
-                "so gradcheck refused", hint=TRUST_HINT) from exc
-        raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but could not "
-                        f"be loaded: {first_line(exc)}",
-                        hint="re-export it with torch.export.save from this torch version") from exc
+                "so gradcheck refused",
+                hint=TRUST_HINT,
+            ) from exc
+        raise LoadError(
+            f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but could not be loaded: {first_line(exc)}",
+            hint="re-export it with torch.export.save from this torch version",
+        ) from exc
     example_args: tuple[torch.Tensor, ...] | None = None
     example_kwargs: dict[str, torch.Tensor] | None = None
     stored = program.example_inputs
@@ -156,9 +189,15 @@ def exported_program_from_path(path: Path, device: torch.device, *, trust_pickle
     module.to(device)
     declared = program_inputs(module)
     note = static_note(declared) if declared else None
-    return LoadedModel(path=path, format=ModelFormat.EXPORTED_PROGRAM, module=module,
-                       exported=program, example_args=example_args, example_kwargs=example_kwargs,
-                       notes=[note] if note else [])
+    return LoadedModel(
+        path=path,
+        format=ModelFormat.EXPORTED_PROGRAM,
+        module=module,
+        exported=program,
+        example_args=example_args,
+        example_kwargs=example_kwargs,
+        notes=[note] if note else [],
+    )
 
 
 # torch.export.load unpickles parts of a .pt2 archive with weights_only=False: tensors marked
@@ -180,13 +219,17 @@ def _refuse_pickled_pt2_payloads(path: Path) -> None:
                 if not name.endswith(("_weights_config.json", "_constants_config.json")):
                     continue
                 if archive.getinfo(name).file_size > 64 * 1024 * 1024:
-                    raise LoadError(f"{path}: its payload table {name} is implausibly large",
-                                    hint="the archive is damaged or crafted; re-export it with torch.export.save")
+                    raise LoadError(
+                        f"{path}: its payload table {name} is implausibly large",
+                        hint="the archive is damaged or crafted; re-export it with torch.export.save",
+                    )
                 config = json.loads(archive.read(name))
                 entries = config.get("config", {}) if isinstance(config, dict) else None
                 if not isinstance(entries, dict):
-                    raise LoadError(f"{path}: its payload table {name} is not a JSON object",
-                                    hint="the archive is damaged; re-export it with torch.export.save")
+                    raise LoadError(
+                        f"{path}: its payload table {name} is not a JSON object",
+                        hint="the archive is damaged; re-export it with torch.export.save",
+                    )
                 for fqn, meta in entries.items():
                     pickled = not isinstance(meta, dict) or bool(meta.get("use_pickle"))
                     where = meta.get("path_name", "") if isinstance(meta, dict) else ""
@@ -194,11 +237,15 @@ def _refuse_pickled_pt2_payloads(path: Path) -> None:
                         raise UntrustedPickleError(
                             f"{path} is {ModelFormat.EXPORTED_PROGRAM.description} whose entry '{fqn}' is a "
                             "pickled Python object; loading it would run code from the file, so gradcheck "
-                            "refused", hint=TRUST_HINT)
+                            "refused",
+                            hint=TRUST_HINT,
+                        )
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError, EOFError, NotImplementedError) as exc:
-        raise LoadError(f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
-                        f"could not be read: {first_line(exc)}",
-                        hint="the file is probably truncated or damaged; export it again") from exc
+        raise LoadError(
+            f"{path} looks like {ModelFormat.EXPORTED_PROGRAM.description} but its archive "
+            f"could not be read: {first_line(exc)}",
+            hint="the file is probably truncated or damaged; export it again",
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -227,9 +274,10 @@ def torchscript_from_path(path: Path, device: torch.device) -> LoadedModel:
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
-        raise LoadError(f"{path} looks like {ModelFormat.TORCHSCRIPT.description} but could not be "
-                        f"loaded: {first_line(exc)}",
-                        hint="the archive may be damaged, or saved by an incompatible torch") from exc
+        raise LoadError(
+            f"{path} looks like {ModelFormat.TORCHSCRIPT.description} but could not be loaded: {first_line(exc)}",
+            hint="the archive may be damaged, or saved by an incompatible torch",
+        ) from exc
     return LoadedModel(path=path, format=ModelFormat.TORCHSCRIPT, module=module)
 
 
@@ -257,13 +305,14 @@ def _safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ImportError as exc:
         from gradcheck_cli.errors import MissingDependencyError
 
-        raise MissingDependencyError("safetensors", purpose="reading safetensors files",
-                                     extra="safetensors") from exc
+        raise MissingDependencyError("safetensors", purpose="reading safetensors files", extra="safetensors") from exc
     try:
         return dict(load_file(str(path)))
     except Exception as exc:
-        raise LoadError(f"{path} looks like {ModelFormat.SAFETENSORS.description} but could not be "
-                        f"read: {first_line(exc)}", hint="the file may be truncated or damaged") from exc
+        raise LoadError(
+            f"{path} looks like {ModelFormat.SAFETENSORS.description} but could not be read: {first_line(exc)}",
+            hint="the file may be truncated or damaged",
+        ) from exc
 
 
 def _from_pickle_container(
@@ -286,21 +335,27 @@ def _from_pickle_container(
         obj.to(device)
         return LoadedModel(path=path, format=fmt, module=obj, trusted_pickle=True)
     if isinstance(obj, Mapping) and not obj:
-        raise LoadError(f"{path} is {fmt.description} holding an empty dict: no weights at all",
-                        hint="save the model's state_dict after building the model (a model without "
-                        "parameters has no gradients to check)")
+        raise LoadError(
+            f"{path} is {fmt.description} holding an empty dict: no weights at all",
+            hint="save the model's state_dict after building the model (a model without "
+            "parameters has no gradients to check)",
+        )
     if isinstance(obj, Mapping):
         found = find_state_dict(obj)
         if found is None:
             keys = ", ".join(sorted(str(k) for k in obj)[:8])
-            raise LoadError(f"{path} is {fmt.description} holding a dict without tensors gradcheck "
-                            f"recognises as a state_dict (top-level keys: {keys})",
-                            hint="save the model's state_dict, or nest it under 'state_dict'")
+            raise LoadError(
+                f"{path} is {fmt.description} holding a dict without tensors gradcheck "
+                f"recognises as a state_dict (top-level keys: {keys})",
+                hint="save the model's state_dict, or nest it under 'state_dict'",
+            )
         key_path, state_dict = found
         checkpoint = dict(obj) if key_path else None
         return _with_arch(path, fmt, state_dict, checkpoint, key_path, arch, arch_kwargs, strict, device)
-    raise LoadError(f"{path} is {fmt.description} holding a {type(obj).__name__}, not a model or "
-                    "a state_dict", hint="save the model's state_dict, or a torch.export program")
+    raise LoadError(
+        f"{path} is {fmt.description} holding a {type(obj).__name__}, not a model or a state_dict",
+        hint="save the model's state_dict, or a torch.export program",
+    )
 
 
 def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: torch.device) -> Any:
@@ -323,17 +378,22 @@ def _torch_load(path: Path, fmt: ModelFormat, *, trust_pickle: bool, device: tor
             raise UntrustedPickleError(
                 f"{path} is {fmt.description} that holds pickled Python objects{what}; loading it "
                 "would run code from the file, so gradcheck refused",
-                hint=TRUST_HINT) from exc
-        raise LoadError(f"{path} is {fmt.description} that could not be unpickled: {first_line(exc)}",
-                        hint="the file is probably damaged or truncated") from exc
+                hint=TRUST_HINT,
+            ) from exc
+        raise LoadError(
+            f"{path} is {fmt.description} that could not be unpickled: {first_line(exc)}",
+            hint="the file is probably damaged or truncated",
+        ) from exc
     except (AttributeError, ModuleNotFoundError) as exc:
-        raise LoadError(f"{path} holds a pickled module whose class cannot be imported here: "
-                        f"{first_line(exc)}",
-                        hint="make the defining module importable (PYTHONPATH), or save a state_dict "
-                        "and pass `arch`") from exc
+        raise LoadError(
+            f"{path} holds a pickled module whose class cannot be imported here: {first_line(exc)}",
+            hint="make the defining module importable (PYTHONPATH), or save a state_dict and pass `arch`",
+        ) from exc
     except Exception as exc:
-        raise LoadError(f"{path} looks like {fmt.description} but could not be loaded: "
-                        f"{first_line(exc)}", hint="the file is probably damaged or truncated") from exc
+        raise LoadError(
+            f"{path} looks like {fmt.description} but could not be loaded: {first_line(exc)}",
+            hint="the file is probably damaged or truncated",
+        ) from exc
 
 
 def find_state_dict(obj: Mapping[Any, Any]) -> tuple[tuple[str, ...], dict[str, torch.Tensor]] | None:
@@ -363,9 +423,11 @@ def _with_metadata(tensors: dict[str, Any], source: Mapping[Any, Any], prefix: s
         return tensors
     result: Any = collections.OrderedDict(tensors)
     stem = prefix.rstrip(".")
-    result._metadata = {("" if key == stem else key[len(prefix):]): value
-                        for key, value in metadata.items()
-                        if not prefix or key == stem or key.startswith(prefix)}
+    result._metadata = {
+        ("" if key == stem else key[len(prefix) :]): value
+        for key, value in metadata.items()
+        if not prefix or key == stem or key.startswith(prefix)
+    }
     return result  # type: ignore[no-any-return]
 
 
@@ -384,19 +446,31 @@ def _with_arch(
     if arch is not None and arch.startswith("transformers:"):
         from gradcheck_cli.model.hf import model_from_state_dict
 
-        return model_from_state_dict(path, fmt, state_dict, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
-                                     device=device, checkpoint=checkpoint, key_path=key_path)
+        return model_from_state_dict(
+            path,
+            fmt,
+            state_dict,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            strict=strict,
+            device=device,
+            checkpoint=checkpoint,
+            key_path=key_path,
+        )
     if arch is None:
-        raise UsageError(f"{path} is {fmt.description} holding a state_dict{where} with "
-                         f"{len(state_dict)} tensors, but no architecture",
-                         hint="pass `arch` MODULE:CALLABLE (e.g. `arch` model.py:build or "
-                         "`arch` torchvision:resnet18) to build the model the weights belong to")
+        raise UsageError(
+            f"{path} is {fmt.description} holding a state_dict{where} with "
+            f"{len(state_dict)} tensors, but no architecture",
+            hint="pass `arch` MODULE:CALLABLE (e.g. `arch` model.py:build or "
+            "`arch` torchvision:resnet18) to build the model the weights belong to",
+        )
     # Strict loading overwrites every parameter and persistent buffer (or fails): no need to draw
     # random initial values for them first.
     module = build_arch_for_weights(arch, arch_kwargs or {}) if strict else build_arch(arch, arch_kwargs or {})
     prefix = best_key_prefix(state_dict, set(module.state_dict()))
-    renamed = _with_metadata({key[len(prefix):]: value for key, value in state_dict.items()
-                              if key.startswith(prefix)}, state_dict, prefix)
+    renamed = _with_metadata(
+        {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}, state_dict, prefix
+    )
     dropped = len(state_dict) - len(renamed)
     half = half_precision_of(renamed)
     assign = strict and not dropped and _assignable(module, renamed, half)
@@ -406,11 +480,16 @@ def _with_arch(
     try:
         result = module.load_state_dict(renamed, strict=False, assign=assign)
     except (RuntimeError, ValueError) as exc:  # ValueError: a module's own _load_from_state_dict
-        mismatches = re.findall(r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
-                                r"shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(exc))
+        mismatches = re.findall(
+            r"size mismatch for ([\w.]+): .*?shape (torch.Size\(\[[\d, ]*\]\)).*?"
+            r"shape in current model is (torch.Size\(\[[\d, ]*\]\))",
+            str(exc),
+        )
         detail = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in mismatches[:3]) or first_line(exc)
-        raise LoadError(f"{path}: the weights do not fit `arch` {arch}: {detail}",
-                        hint="check `arch` and `arch_kwargs` (e.g. widths, number of classes)") from exc
+        raise LoadError(
+            f"{path}: the weights do not fit `arch` {arch}: {detail}",
+            hint="check `arch` and `arch_kwargs` (e.g. widths, number of classes)",
+        ) from exc
     if assign:
         _retie(module, tied, renamed)
         if half is not None:
@@ -424,13 +503,24 @@ def _with_arch(
             parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
         if dropped:
             parts.append(f"{dropped} without the '{prefix}' prefix")
-        raise LoadError(f"{path}: the state_dict does not match `arch` {arch}: " + ", ".join(parts) + " keys",
-                        hint="check `arch` and `arch_kwargs`, or pass `non_strict` to load what matches")
-    loaded = LoadedModel(path=path, format=fmt, module=module.to(device), arch=arch,
-                         state_dict_path=key_path, key_prefix=prefix, checkpoint=checkpoint)
+        raise LoadError(
+            f"{path}: the state_dict does not match `arch` {arch}: " + ", ".join(parts) + " keys",
+            hint="check `arch` and `arch_kwargs`, or pass `non_strict` to load what matches",
+        )
+    loaded = LoadedModel(
+        path=path,
+        format=fmt,
+        module=module.to(device),
+        arch=arch,
+        state_dict_path=key_path,
+        key_prefix=prefix,
+        checkpoint=checkpoint,
+    )
     if missing or unexpected:
-        loaded.notes.append(f"`non_strict`: {len(missing)} missing and {len(unexpected)} unexpected keys "
-                            f"ignored (missing: {_few(missing)}; unexpected: {_few(unexpected)})")
+        loaded.notes.append(
+            f"`non_strict`: {len(missing)} missing and {len(unexpected)} unexpected keys "
+            f"ignored (missing: {_few(missing)}; unexpected: {_few(unexpected)})"
+        )
     if prefix:
         loaded.notes.append(f"stripped the key prefix '{prefix}' from the state_dict")
     return loaded
@@ -514,7 +604,7 @@ def best_key_prefix(state_dict: Mapping[str, Any], expected: set[str]) -> str:
     """The wrapper prefix (possibly repeated, e.g. 'module.model.') whose removal best matches."""
 
     def overlap(prefix: str) -> int:
-        return sum(1 for key in state_dict if key.startswith(prefix) and key[len(prefix):] in expected)
+        return sum(1 for key in state_dict if key.startswith(prefix) and key[len(prefix) :] in expected)
 
     best, best_score = "", overlap("")
     frontier = [""]
@@ -522,7 +612,7 @@ def best_key_prefix(state_dict: Mapping[str, Any], expected: set[str]) -> str:
         next_frontier = []
         for base in frontier:
             candidates = set(KEY_PREFIXES)
-            firsts = {key[len(base):].split(".", 1)[0] for key in state_dict if key.startswith(base)}
+            firsts = {key[len(base) :].split(".", 1)[0] for key in state_dict if key.startswith(base)}
             if len(firsts) == 1:
                 candidates.add(next(iter(firsts)) + ".")
             for candidate in sorted(candidates):
@@ -539,7 +629,6 @@ def best_key_prefix(state_dict: Mapping[str, Any], expected: set[str]) -> str:
 def _few(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (", ..." if len(keys) > limit else "")
-
 
 
 def module_of(loaded: LoadedModel) -> nn.Module:

@@ -114,9 +114,7 @@ def input_dims(
     return dims
 
 
-def writes_state_dict(
-    loaded: LoadedModel, fmt: ModelFormat | None, *, state_dict_only: bool | None = None
-) -> bool:
+def writes_state_dict(loaded: LoadedModel, fmt: ModelFormat | None, *, state_dict_only: bool | None = None) -> bool:
     """True when ``save_model`` would write only tensors (so the module's class must not change)."""
     target = fmt or loaded.format
     if target is ModelFormat.SAFETENSORS:
@@ -125,8 +123,7 @@ def writes_state_dict(
         if state_dict_only is not None:
             if not state_dict_only and not _writes_pickled_module(loaded):
                 raise UsageError(
-                    "a pickled module is only written for a pickled module loaded with "
-                    "`trust_pickle`",
+                    "a pickled module is only written for a pickled module loaded with `trust_pickle`",
                     hint="write a state_dict, .pt2 or TorchScript instead",
                 )
             return state_dict_only
@@ -188,8 +185,10 @@ def _save_exported_program(
                 hint="choose another output format with `to` (e.g. torchscript or state_dict)",
             ) from static_exc
         batch = int(example[0].shape[0]) if example and example[0].dim() else 1
-        notes = (f"the program was written with a static batch of {batch}: torch.export could not make "
-                 f"the batch dimension dynamic ({first_line(exc)})",)
+        notes = (
+            f"the program was written with a static batch of {batch}: torch.export could not make "
+            f"the batch dimension dynamic ({first_line(exc)})",
+        )
     with atomic_path(out) as tmp:
         torch.export.save(program, str(tmp))
     return notes
@@ -207,7 +206,7 @@ def _at_least_two(
 
     names = list(kwargs or {})
     tensors = [grown(t, d) for t, d in zip((*args, *(kwargs or {}).values()), dims, strict=True)]
-    return tuple(tensors[: len(args)]), dict(zip(names, tensors[len(args):], strict=True)) or kwargs
+    return tuple(tensors[: len(args)]), dict(zip(names, tensors[len(args) :], strict=True)) or kwargs
 
 
 def _export(
@@ -274,17 +273,13 @@ def _save_safetensors(module: nn.Module, out: Path) -> None:
     except ImportError as exc:
         from gradcheck_cli.errors import MissingDependencyError
 
-        raise MissingDependencyError(
-            "safetensors", purpose="writing safetensors files", extra="safetensors"
-        ) from exc
+        raise MissingDependencyError("safetensors", purpose="writing safetensors files", extra="safetensors") from exc
     tensors = _state_dict_of(module)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
 
 
-def _save_torch_pickle(
-    loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool, pickle_module: bool
-) -> None:
+def _save_torch_pickle(loaded: LoadedModel, module: nn.Module, out: Path, *, legacy: bool, pickle_module: bool) -> None:
     import torch
 
     payload: Any
@@ -297,9 +292,7 @@ def _save_torch_pickle(
         torch.save(payload, str(tmp), _use_new_zipfile_serialization=not legacy)
 
 
-def _nest(
-    checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state: dict[str, Any]
-) -> Any:
+def _nest(checkpoint: Mapping[str, Any] | None, key_path: tuple[str, ...], state: dict[str, Any]) -> Any:
     """Put ``state`` back where the state_dict sat; every other entry of the checkpoint is kept."""
     if checkpoint is None or not key_path:
         return state
@@ -394,8 +387,11 @@ def _input_names(
 ) -> list[str]:
     """Graph input names: the forward's parameter names where it has them, then the keywords."""
     try:
-        parameters = [p for p in inspect.signature(module.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        parameters = [
+            p
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         parameters = []
     positional = [parameters[i].name if i < len(parameters) else f"input_{i}" for i in range(len(args))]
@@ -419,4 +415,3 @@ def _eval(module: nn.Module) -> nn.Module:
     with contextlib.suppress(NotImplementedError):
         module.eval()
     return module
-

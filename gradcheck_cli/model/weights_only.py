@@ -16,8 +16,7 @@ def forced_weights_only(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    saved = {key: os.environ.get(key) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved = {key: os.environ.get(key) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:

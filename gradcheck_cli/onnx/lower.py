@@ -109,9 +109,16 @@ class _Step:
 class LoweredGraph:
     """An ONNX graph as a torch callable over its initializers."""
 
-    def __init__(self, model: onnx.ModelProto, *, opset: int, trainable: set[str],
-                 device: torch.device, leaves: dict[str, str] | None = None,
-                 uses: dict[tuple[int, int], str] | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        *,
+        opset: int,
+        trainable: set[str],
+        device: torch.device,
+        leaves: dict[str, str] | None = None,
+        uses: dict[tuple[int, int], str] | None = None,
+    ) -> None:
         """``trainable`` names the leaves that get gradients. ``leaves`` adds leaves that copy an
         initializer under another key, and ``uses`` routes a (node, input slot) of the main
         graph to such a key, so one shared initializer can be several independent parameters."""
@@ -134,8 +141,9 @@ class LoweredGraph:
         aliases.update(leaves or {})
         # Parameters an exporter stored as Constant nodes (Paddle2ONNX) become leaves too, and
         # their Constant nodes are skipped so that the graph reads the leaf.
-        constant_nodes = {node.output[0]: node for node in model.graph.node
-                          if node.op_type == "Constant" and node.output}
+        constant_nodes = {
+            node.output[0]: node for node in model.graph.node if node.op_type == "Constant" and node.output
+        }
         for source in set(aliases.values()) - set(values):
             array = constant_array(constant_nodes[source]) if source in constant_nodes else None
             if array is None:
@@ -155,8 +163,11 @@ class LoweredGraph:
                     last_use[name] = position
         self.steps = [_Step(node, decode_attributes(node)) for node in model.graph.node]
         for step in self.steps:
-            step.skip = step.node.op_type == "Constant" and bool(step.node.output) and (
-                step.node.output[0] in self.parameters or step.node.output[0] in self.constants)
+            step.skip = (
+                step.node.op_type == "Constant"
+                and bool(step.node.output)
+                and (step.node.output[0] in self.parameters or step.node.output[0] in self.constants)
+            )
         for name, position in last_use.items():
             if name not in keep and name not in self.parameters and name not in self.constants:
                 self.steps[position].release.append(name)
@@ -172,8 +183,14 @@ class LoweredGraph:
                 env.pop(name, None)
         return {o.name: env[o.name] for o in self.graph.output}
 
-    def _run_node(self, node: onnx.NodeProto, attrs: dict[str, Any], env: dict[str, torch.Tensor],
-                  watch: Watch | None, position: int | None = None) -> None:
+    def _run_node(
+        self,
+        node: onnx.NodeProto,
+        attrs: dict[str, Any],
+        env: dict[str, torch.Tensor],
+        watch: Watch | None,
+        position: int | None = None,
+    ) -> None:
         label = node_label(node)
         if node.domain not in _DEFAULT_DOMAINS:
             raise LoweringError(f"{node.domain}::{node.op_type}", label, "operator domain not supported")
@@ -181,17 +198,25 @@ class LoweredGraph:
         if entry is None:
             raise LoweringError(node.op_type, label, f"not supported at opset {self.opset}")
         try:
-            inputs = [env[self.uses.get((position, slot), name)] if name else None
-                      for slot, name in enumerate(node.input)] if position is not None else [
-                      env[name] if name else None for name in node.input]
+            inputs = (
+                [env[self.uses.get((position, slot), name)] if name else None for slot, name in enumerate(node.input)]
+                if position is not None
+                else [env[name] if name else None for name in node.input]
+            )
         except KeyError as exc:
             raise LoweringError(node.op_type, label, f"input {exc} is not available") from exc
 
         def run_subgraph(graph: onnx.GraphProto, bound: list[torch.Tensor | None]) -> list[torch.Tensor]:
             return self._run_subgraph(graph, bound, env, watch)
 
-        call = OpCall(op_type=node.op_type, inputs=inputs, attrs=attrs, opset=self.opset,
-                      num_outputs=len(node.output), run_subgraph=run_subgraph)
+        call = OpCall(
+            op_type=node.op_type,
+            inputs=inputs,
+            attrs=attrs,
+            opset=self.opset,
+            num_outputs=len(node.output),
+            run_subgraph=run_subgraph,
+        )
         try:
             outputs = entry.impl(call)
         except LoweringError:
@@ -205,8 +230,13 @@ class LoweredGraph:
                 if watch is not None:
                     watch(name, value)
 
-    def _run_subgraph(self, graph: onnx.GraphProto, bound: list[torch.Tensor | None],
-                      outer: dict[str, torch.Tensor], watch: Watch | None) -> list[torch.Tensor]:
+    def _run_subgraph(
+        self,
+        graph: onnx.GraphProto,
+        bound: list[torch.Tensor | None],
+        outer: dict[str, torch.Tensor],
+        watch: Watch | None,
+    ) -> list[torch.Tensor]:
         import torch
         from onnx import numpy_helper
 

@@ -100,8 +100,18 @@ def supported_ops() -> dict[str, list[int]]:
 # ---- helpers -------------------------------------------------------------------------------
 
 # ONNX TensorProto element types to torch dtype names.
-ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-               10: "float16", 11: "float64", 16: "bfloat16"}
+ONNX_DTYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
+}
 
 
 def torch_dtype(elem_type: int) -> torch.dtype:
@@ -208,9 +218,20 @@ def _register_unary() -> None:
     import torch
 
     table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs,
-        "Reciprocal": torch.reciprocal, "Erf": torch.erf, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid,
-        "Relu": torch.relu, "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Atan": torch.atan,
+        "Sqrt": torch.sqrt,
+        "Exp": torch.exp,
+        "Log": torch.log,
+        "Neg": torch.neg,
+        "Abs": torch.abs,
+        "Reciprocal": torch.reciprocal,
+        "Erf": torch.erf,
+        "Tanh": torch.tanh,
+        "Sigmoid": torch.sigmoid,
+        "Relu": torch.relu,
+        "Sin": torch.sin,
+        "Cos": torch.cos,
+        "Tan": torch.tan,
+        "Atan": torch.atan,
         "Softsign": lambda x: x / (1 + x.abs()),
         "Softplus": lambda x: torch.nn.functional.softplus(x),
         "Mish": lambda x: x * torch.tanh(torch.nn.functional.softplus(x)),
@@ -219,8 +240,13 @@ def _register_unary() -> None:
     for name, fn in table.items():
         _unary(name, fn)
     piecewise: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round, "Sign": torch.sign,
-        "IsNaN": torch.isnan, "Not": torch.logical_not}
+        "Floor": torch.floor,
+        "Ceil": torch.ceil,
+        "Round": torch.round,
+        "Sign": torch.sign,
+        "IsNaN": torch.isnan,
+        "Not": torch.logical_not,
+    }
     for name, fn in piecewise.items():
         _unary(name, fn, differentiable=False)
 
@@ -254,9 +280,17 @@ def _compare(name: str, fn_name: str) -> None:
     op(name, differentiable=False)(impl)
 
 
-for _name, _fn in {"Equal": "eq", "Less": "lt", "Greater": "gt", "LessOrEqual": "le",
-                   "GreaterOrEqual": "ge", "And": "logical_and", "Or": "logical_or",
-                   "Xor": "logical_xor", "BitwiseAnd": "bitwise_and"}.items():
+for _name, _fn in {
+    "Equal": "eq",
+    "Less": "lt",
+    "Greater": "gt",
+    "LessOrEqual": "le",
+    "GreaterOrEqual": "ge",
+    "And": "logical_and",
+    "Or": "logical_or",
+    "Xor": "logical_xor",
+    "BitwiseAnd": "bitwise_and",
+}.items():
     _compare(_name, _fn)
 
 
@@ -562,12 +596,18 @@ def slice_attr(call: OpCall) -> Values:  # opset 1-9: starts/ends/axes are attri
 def slice_(call: OpCall) -> Values:
     axes = call.input(3)
     steps = call.input(4)
-    return _slice(call.required(0), ints(call.required(1)), ints(call.required(2)),
-                  ints(axes) if axes is not None else None, ints(steps) if steps is not None else None)
+    return _slice(
+        call.required(0),
+        ints(call.required(1)),
+        ints(call.required(2)),
+        ints(axes) if axes is not None else None,
+        ints(steps) if steps is not None else None,
+    )
 
 
-def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int] | None,
-           steps: list[int] | None) -> Values:
+def _slice(
+    x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int] | None, steps: list[int] | None
+) -> Values:
     import torch
 
     axes = list(range(len(starts))) if axes is None else [_axis(int(a), x.dim()) for a in axes]
@@ -601,7 +641,7 @@ def gather(call: OpCall) -> Values:
     axis = _axis(int(call.attr("axis", 0)), x.dim())
     flat = _wrap_indices(indices, x.shape[axis]).reshape(-1)
     picked = x.index_select(axis, flat)
-    return _one(picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])))
+    return _one(picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])))
 
 
 @op("GatherElements")
@@ -706,8 +746,7 @@ def pad(call: OpCall) -> Values:
     if not padded_axes:
         return _one(x)
     # F.pad lists (begin, end) from the last axis backwards, down to the first padded one.
-    torch_pads = [v for axis in range(x.dim() - 1, min(padded_axes) - 1, -1)
-                  for v in per_axis.get(axis, (0, 0))]
+    torch_pads = [v for axis in range(x.dim() - 1, min(padded_axes) - 1, -1) for v in per_axis.get(axis, (0, 0))]
     mode = call.attr("mode", "constant")
     torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
     if torch_mode is None:
@@ -750,8 +789,9 @@ def _register_reductions() -> None:
         # ReduceSum takes its axes as an input from opset 13, the others from opset 18.
         until = 13 if name == "ReduceSum" else 18
 
-        def impl(call: OpCall, fn: Callable[[torch.Tensor, list[int], bool], torch.Tensor] = fn,
-                 until: int = until) -> Values:
+        def impl(
+            call: OpCall, fn: Callable[[torch.Tensor, list[int], bool], torch.Tensor] = fn, until: int = until
+        ) -> Values:
             return _reduce(call, until, fn)
 
         op(name)(impl)
@@ -831,8 +871,9 @@ def einsum(call: OpCall) -> Values:
 # ---- convolution and pooling ----------------------------------------------------------------
 
 
-def _same_pads(in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-               dilations: Sequence[int], upper: bool) -> list[int]:
+def _same_pads(
+    in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], upper: bool
+) -> list[int]:
     """SAME_UPPER/SAME_LOWER padding: output = ceil(input / stride); the odd pixel goes at the
     end (UPPER) or the beginning (LOWER)."""
     begins, ends = [], []
@@ -845,8 +886,9 @@ def _same_pads(in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence
     return begins + ends
 
 
-def _conv_pads(call: OpCall, in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-               dilations: Sequence[int]) -> list[int]:
+def _conv_pads(
+    call: OpCall, in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     auto_pad = call.attr("auto_pad", "NOTSET")
     n = len(kernel)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -1026,15 +1068,18 @@ def batch_norm(call: OpCall) -> Values:
     y = y * _channel_view(scale, x.dim()) + _channel_view(bias, x.dim())
     running_mean = mean * momentum + batch_mean * (1 - momentum)
     running_var = var * momentum + batch_var * (1 - momentum)
-    return [y, running_mean, running_var][:max(1, call.num_outputs)]
+    return [y, running_mean, running_var][: max(1, call.num_outputs)]
 
 
 @op("InstanceNormalization")
 def instance_norm(call: OpCall) -> Values:
     import torch.nn.functional as F
 
-    return _one(F.instance_norm(call.required(0), weight=call.required(1), bias=call.required(2),
-                                eps=float(call.attr("epsilon", 1e-5))))
+    return _one(
+        F.instance_norm(
+            call.required(0), weight=call.required(1), bias=call.required(2), eps=float(call.attr("epsilon", 1e-5))
+        )
+    )
 
 
 @op("LayerNormalization", since=17)
@@ -1050,7 +1095,7 @@ def layer_norm(call: OpCall) -> Values:
     y = (x - mean) * inv_std * scale
     if bias is not None:
         y = y + bias
-    return [y, mean, inv_std][:max(1, call.num_outputs)]
+    return [y, mean, inv_std][: max(1, call.num_outputs)]
 
 
 @op("RMSNormalization", since=23)
@@ -1090,7 +1135,7 @@ def dropout(call: OpCall) -> Values:
     # Inference semantics (what onnxruntime runs unless training_mode is true): the identity.
     if call.opset >= 12 and call.input(2) is not None and bool(call.required(2).item()):
         raise OpError("Dropout with training_mode=true is random; it cannot be compared with onnxruntime")
-    return [x, torch.ones_like(x, dtype=torch.bool)][:max(1, call.num_outputs)]
+    return [x, torch.ones_like(x, dtype=torch.bool)][: max(1, call.num_outputs)]
 
 
 # ---- recurrent layers (ONNX layout: W [dirs, gates*H, I], R [dirs, gates*H, H], B [dirs, 2*gates*H])
@@ -1100,14 +1145,18 @@ def _activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch
 
     table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+        "Sigmoid": torch.sigmoid,
+        "Tanh": torch.tanh,
+        "Relu": torch.relu,
+    }
     if name not in table:
         raise OpError(f"recurrent activation {name!r} is not supported")
     return table[name]
 
 
-def _recurrent(call: OpCall, gates: int, default_acts: list[str],
-               step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> Values:
+def _recurrent(
+    call: OpCall, gates: int, default_acts: list[str], step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+) -> Values:
     import torch
 
     x, w, r = call.required(0), call.required(1), call.required(2)
@@ -1135,13 +1184,14 @@ def _recurrent(call: OpCall, gates: int, default_acts: list[str],
         bias = b[d] if b is not None else torch.zeros(2 * gates * hidden, dtype=x.dtype, device=x.device)
         h = h0[d] if h0 is not None else torch.zeros(batch, hidden, dtype=x.dtype, device=x.device)
         c = c0[d] if c0 is not None else torch.zeros(batch, hidden, dtype=x.dtype, device=x.device)
-        fns = [_activation_fn(a) for a in acts[d * len(default_acts):(d + 1) * len(default_acts)]]
+        fns = [_activation_fn(a) for a in acts[d * len(default_acts) : (d + 1) * len(default_acts)]]
         # The input projection of every step at once: one matmul instead of ``seq``.
-        projected = x @ w[d].T + bias[:gates * hidden]
+        projected = x @ w[d].T + bias[: gates * hidden]
         outputs = [torch.empty(0)] * seq
-        for t in (range(seq - 1, -1, -1) if reverse else range(seq)):
-            h, c_next = step(projected[t], h, c, r[d], bias[gates * hidden:], fns, clip,
-                             peep[d] if peep is not None else None, call)
+        for t in range(seq - 1, -1, -1) if reverse else range(seq):
+            h, c_next = step(
+                projected[t], h, c, r[d], bias[gates * hidden :], fns, clip, peep[d] if peep is not None else None, call
+            )
             c = c_next if c_next is not None else c
             outputs[t] = h
         ys.append(torch.stack(outputs))
@@ -1151,16 +1201,24 @@ def _recurrent(call: OpCall, gates: int, default_acts: list[str],
     y_h, y_c = torch.stack(hs), torch.stack(cs)
     if layout == 1:
         y, y_h, y_c = y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)
-    return [y, y_h, y_c][:max(1, call.num_outputs)]
+    return [y, y_h, y_c][: max(1, call.num_outputs)]
 
 
 def _clipped(t: torch.Tensor, clip: float | None) -> torch.Tensor:
     return t if clip is None else t.clamp(-float(clip), float(clip))
 
 
-def _lstm_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rb: torch.Tensor,
-               fns: list[Callable[[torch.Tensor], torch.Tensor]], clip: float | None,
-               peep: torch.Tensor | None, call: OpCall) -> tuple[torch.Tensor, torch.Tensor]:
+def _lstm_step(
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    r: torch.Tensor,
+    rb: torch.Tensor,
+    fns: list[Callable[[torch.Tensor], torch.Tensor]],
+    clip: float | None,
+    peep: torch.Tensor | None,
+    call: OpCall,
+) -> tuple[torch.Tensor, torch.Tensor]:
     f, g, hf = fns
     i_, o_, f_, c_ = _clipped(xw + h @ r.T + rb, clip).chunk(4, dim=-1)  # gate order i, o, f, c
     if peep is not None:
@@ -1173,9 +1231,17 @@ def _lstm_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tens
     return f(o_) * hf(c_new), c_new
 
 
-def _gru_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rb: torch.Tensor,
-              fns: list[Callable[[torch.Tensor], torch.Tensor]], clip: float | None,
-              peep: torch.Tensor | None, call: OpCall) -> tuple[torch.Tensor, None]:
+def _gru_step(
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    r: torch.Tensor,
+    rb: torch.Tensor,
+    fns: list[Callable[[torch.Tensor], torch.Tensor]],
+    clip: float | None,
+    peep: torch.Tensor | None,
+    call: OpCall,
+) -> tuple[torch.Tensor, None]:
     f, g = fns
     hidden = h.shape[-1]
     xz, xr, xh = xw.split(hidden, dim=-1)  # gate order z, r, h
@@ -1190,9 +1256,17 @@ def _gru_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tenso
     return (1 - z) * candidate + z * h, None
 
 
-def _rnn_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rb: torch.Tensor,
-              fns: list[Callable[[torch.Tensor], torch.Tensor]], clip: float | None,
-              peep: torch.Tensor | None, call: OpCall) -> tuple[torch.Tensor, None]:
+def _rnn_step(
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    r: torch.Tensor,
+    rb: torch.Tensor,
+    fns: list[Callable[[torch.Tensor], torch.Tensor]],
+    clip: float | None,
+    peep: torch.Tensor | None,
+    call: OpCall,
+) -> tuple[torch.Tensor, None]:
     return fns[0](_clipped(xw + h @ r.T + rb, clip)), None
 
 
@@ -1245,8 +1319,8 @@ def loop(call: OpCall) -> Values:
             raise OpError("Loop without a trip count or condition never ends")
         outputs = call.run_subgraph(body, [torch.tensor(i, dtype=torch.int64), torch.tensor(keep_going), *carried])
         keep_going = bool(outputs[0].item())
-        carried = list(outputs[1:1 + len(carried)])
-        scan_values = outputs[1 + len(carried):]
+        carried = list(outputs[1 : 1 + len(carried)])
+        scan_values = outputs[1 + len(carried) :]
         if not scans:
             scans = [[] for _ in scan_values]
         for store, value in zip(scans, scan_values, strict=False):
@@ -1254,7 +1328,6 @@ def loop(call: OpCall) -> Values:
         i += 1
     stacked = [torch.stack(values) for values in scans]
     return [*carried, *stacked]
-
 
 
 # ---- resampling and rearrangement -----------------------------------------------------------
@@ -1291,8 +1364,10 @@ def resize(call: OpCall) -> Values:
         raise OpError("Resize needs scales or sizes")
     if mode == "nearest":
         if transform != "asymmetric" or call.attr("nearest_mode", "round_prefer_floor") != "floor":
-            raise OpError(f"Resize nearest with {transform}/{call.attr('nearest_mode', 'round_prefer_floor')} "
-                          "is not supported (asymmetric/floor is)")
+            raise OpError(
+                f"Resize nearest with {transform}/{call.attr('nearest_mode', 'round_prefer_floor')} "
+                "is not supported (asymmetric/floor is)"
+            )
         return _one(F.interpolate(x, mode="nearest", **keyword))
     torch_mode = {"linear": ["linear", "bilinear", "trilinear"][spatial - 1], "cubic": "bicubic"}.get(mode)
     if torch_mode is None or (mode == "cubic" and (spatial != 2 or float(call.attr("cubic_coeff_a", -0.75)) != -0.75)):
@@ -1329,5 +1404,12 @@ def space_to_depth(call: OpCall) -> Values:
 def lrn(call: OpCall) -> Values:
     import torch.nn.functional as F
 
-    return _one(F.local_response_norm(call.required(0), int(call.attr("size")), alpha=float(call.attr("alpha", 1e-4)),
-                                      beta=float(call.attr("beta", 0.75)), k=float(call.attr("bias", 1.0))))
+    return _one(
+        F.local_response_norm(
+            call.required(0),
+            int(call.attr("size")),
+            alpha=float(call.attr("alpha", 1e-4)),
+            beta=float(call.attr("beta", 0.75)),
+            k=float(call.attr("bias", 1.0)),
+        )
+    )

@@ -51,7 +51,6 @@ def value_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     input shapes (empty when inference fails)."""
     import onnx
 
-
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
     for value in concrete.graph.input:
@@ -79,8 +78,11 @@ def value_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 
 def sizes_of(types: dict[str, ValueType]) -> dict[str, int]:
     """Bytes of every value whose dimensions are all known."""
-    return {name: math.prod(t.dims) * _ITEM_SIZE.get(t.elem_type, 4) for name, t in types.items()
-            if t.dims is not None and all(d >= 0 for d in t.dims)}
+    return {
+        name: math.prod(t.dims) * _ITEM_SIZE.get(t.elem_type, 4)
+        for name, t in types.items()
+        if t.dims is not None and all(d >= 0 for d in t.dims)
+    }
 
 
 def value_sizes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -168,8 +170,10 @@ def session_for(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ProbeError(f"onnxruntime could not load the graph: {text}",
-                         hint="check the model with `python -m onnx.checker` or re-export it") from exc
+        raise ProbeError(
+            f"onnxruntime could not load the graph: {text}",
+            hint="check the model with `python -m onnx.checker` or re-export it",
+        ) from exc
 
 
 def _as_torch(value: Any) -> torch.Tensor:
@@ -185,9 +189,17 @@ def _as_torch(value: Any) -> torch.Tensor:
     return tensor
 
 
-def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequence[dict[str, Any]],
-                    record: Record, *, sizes: dict[str, int], budget: int | None,
-                    end_batch: Callable[[], None], progress: Callable[[], None] | None = None) -> OrtPass:
+def statistics_pass(
+    model: onnx.ModelProto,
+    values: Sequence[str],
+    feeds: Sequence[dict[str, Any]],
+    record: Record,
+    *,
+    sizes: dict[str, int],
+    budget: int | None,
+    end_batch: Callable[[], None],
+    progress: Callable[[], None] | None = None,
+) -> OrtPass:
     """Run every micro-batch once per group, handing each value to ``record`` as it arrives.
 
     ``end_batch`` is called after each (group, micro-batch) run so the caller can fold the
@@ -211,8 +223,10 @@ def statistics_pass(model: onnx.ModelProto, values: Sequence[str], feeds: Sequen
                 outputs: list[Any] = list(session.run_with_ort_values(wanted, ort_feed))
             except Exception as exc:
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
-                                 hint="check the probe inputs with `input_shape`/`input_dtype`") from exc
+                raise ProbeError(
+                    f"onnxruntime failed on the probe batch: {text}",
+                    hint="check the probe inputs with `input_shape`/`input_dtype`",
+                ) from exc
             kept: dict[str, torch.Tensor] = {}
             for position, name in enumerate(wanted):
                 tensor = _as_torch(outputs[position])

@@ -30,17 +30,45 @@ if TYPE_CHECKING:
 
 # Input slots that hold parameters, for ops where other float inputs are not parameters.
 PARAM_SLOTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "BatchNormalization": (1, 2), "LayerNormalization": (1, 2),
-    "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2), "RMSNormalization": (1,),
-    "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3), "Gather": (0,), "PRelu": (1,),
-    "Gemm": (0, 1, 2), "MatMul": (0, 1), "Einsum": tuple(range(16)),
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2),
+    "RMSNormalization": (1,),
+    "LSTM": (1, 2, 3, 7),
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
+    "Gather": (0,),
+    "PRelu": (1,),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "Einsum": tuple(range(16)),
 }
 # Inputs that configure an op rather than feed it data: never parameters, whatever their type.
 CONFIG_SLOTS: dict[str, tuple[int, ...]] = {
-    "Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Reshape": (1,),
-    "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,), "Range": (0, 1, 2),
-    "TopK": (1,), "Dropout": (1, 2), "Where": (0,), "Pow": (1,), "Unsqueeze": (1,), "Squeeze": (1,),
-    "ReduceMean": (1,), "ReduceSum": (1,), "Split": (1,), "OneHot": (1, 2), "CumSum": (1,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Pad": (1, 2, 3),
+    "Clip": (1, 2),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Slice": (1, 2, 3, 4),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "TopK": (1,),
+    "Dropout": (1, 2),
+    "Where": (0,),
+    "Pow": (1,),
+    "Unsqueeze": (1,),
+    "Squeeze": (1,),
+    "ReduceMean": (1,),
+    "ReduceSum": (1,),
+    "Split": (1,),
+    "OneHot": (1, 2),
+    "CumSum": (1,),
 }
 # Ops whose every float input is data, so that a non-scalar constant operand is a learned tensor
 # (a per-channel scale or a bias the exporter kept out of the layer).
@@ -256,8 +284,7 @@ def _uses(pmap: ParameterMap, source: Source) -> list[Use]:
             path: list[int] = []
             # Follow single-consumer plumbing on the data input only: a Reshape's shape input is
             # configuration, not a weight on its way to a layer.
-            while (pmap.graph.node[owner].op_type in PLUMBING and owner_slot == 0
-                   and len(path) < _MAX_HOPS):
+            while pmap.graph.node[owner].op_type in PLUMBING and owner_slot == 0 and len(path) < _MAX_HOPS:
                 following = _only_consumer(pmap, pmap.graph.node[owner].output[0])
                 if following is None:
                     break
@@ -265,8 +292,17 @@ def _uses(pmap: ParameterMap, source: Source) -> list[Use]:
                 value = pmap.graph.node[owner].output[0]
                 owner = following
                 owner_slot = list(pmap.graph.node[owner].input).index(value)
-            uses.append(Use(source.name, position, slot, owner, owner_slot, tuple(path),
-                            _is_parameter(pmap, source, owner, owner_slot)))
+            uses.append(
+                Use(
+                    source.name,
+                    position,
+                    slot,
+                    owner,
+                    owner_slot,
+                    tuple(path),
+                    _is_parameter(pmap, source, owner, owner_slot),
+                )
+            )
     return uses
 
 

@@ -18,13 +18,30 @@ if TYPE_CHECKING:
 
 # Single ONNX ops that are activations, by the probe's normalised names (probe/activations.py).
 DIRECT_ACTIVATIONS = {
-    "Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "Selu": "selu",
-    "Celu": "celu", "Gelu": "gelu", "Mish": "mish", "HardSwish": "hardswish", "Sigmoid": "sigmoid",
-    "Tanh": "tanh", "HardSigmoid": "hardsigmoid", "Softsign": "softsign", "Softplus": "softplus",
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "Elu": "elu",
+    "Selu": "selu",
+    "Celu": "celu",
+    "Gelu": "gelu",
+    "Mish": "mish",
+    "HardSwish": "hardswish",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "HardSigmoid": "hardsigmoid",
+    "Softsign": "softsign",
+    "Softplus": "softplus",
 }
 # How a recognised function is shown in the row's ``type`` when it spans several nodes.
-PATTERN_TYPES = {"silu": "SiLU", "hardswish": "HardSwish", "gelu": "GELU", "relu6": "ReLU6",
-                 "hardtanh": "Hardtanh", "relu": "Relu"}
+PATTERN_TYPES = {
+    "silu": "SiLU",
+    "hardswish": "HardSwish",
+    "gelu": "GELU",
+    "relu6": "ReLU6",
+    "hardtanh": "Hardtanh",
+    "relu": "Relu",
+}
 
 _CONST_TOLERANCE = 1e-4
 
@@ -223,8 +240,12 @@ def _gelu_tail(index: GraphIndex, core_position: int, x: str, helpers: list[int]
             seen_x = True
         elif _close(index.scalar(other), 0.5):
             seen_half = True
-        elif (half_x is not None and half_x.op_type == "Mul" and x in half_x.input
-              and _close(index.scalar(_other_operand(half_x, x) or ""), 0.5)):
+        elif (
+            half_x is not None
+            and half_x.op_type == "Mul"
+            and x in half_x.input
+            and _close(index.scalar(_other_operand(half_x, x) or ""), 0.5)
+        ):
             seen_x = seen_half = True
             absorbed.append(index.producer[other])
         else:
@@ -256,8 +277,9 @@ def recognise_activations(index: GraphIndex) -> list[Activation]:
             if hard is not None:
                 gate = index.node(hard[0])
                 if _close(_attr(gate, "alpha", 0.2), 1 / 6) and _close(_attr(gate, "beta", 0.5), 0.5):
-                    found[position] = Activation("hardswish", position, node.output[0], hard[1], (hard[0],),
-                                                 pattern=True)
+                    found[position] = Activation(
+                        "hardswish", position, node.output[0], hard[1], (hard[0],), pattern=True
+                    )
                     absorbed.add(hard[0])
         elif node.op_type == "Clip":
             low, high, known = _clip_bounds(index, node)
@@ -268,8 +290,14 @@ def recognise_activations(index: GraphIndex) -> list[Activation]:
             elif _close(low, 0.0) and high is None:
                 found[position] = Activation("relu", position, node.output[0], node.input[0], pattern=True)
             elif low is not None and high is not None:
-                found[position] = Activation("hardtanh", position, node.output[0], node.input[0],
-                                             params={"min_val": low, "max_val": high}, pattern=True)
+                found[position] = Activation(
+                    "hardtanh",
+                    position,
+                    node.output[0],
+                    node.input[0],
+                    params={"min_val": low, "max_val": high},
+                    pattern=True,
+                )
     for position, node in enumerate(index.graph.node):
         fn = DIRECT_ACTIVATIONS.get(node.op_type)
         if fn is not None and position not in absorbed and position not in found and node.output:

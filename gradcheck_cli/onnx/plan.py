@@ -28,12 +28,25 @@ if TYPE_CHECKING:
     import onnx
 
 PARAM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LSTM", "GRU", "RNN", "Einsum"})
-NORM_OPS = frozenset({"BatchNormalization", "LayerNormalization", "InstanceNormalization",
-                      "GroupNormalization", "RMSNormalization"})
+NORM_OPS = frozenset(
+    {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "RMSNormalization"}
+)
 # Producers whose outputs are laid out (N, C, ...): a following activation's units are channels.
-_CHANNEL_FIRST_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization",
-                                "GroupNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
-                                "LpPool", "Resize", "Upsample"})
+_CHANNEL_FIRST_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "LpPool",
+        "Resize",
+        "Upsample",
+    }
+)
 
 
 @dataclass
@@ -270,8 +283,15 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
             kind, output = RowKind.OTHER, node.output[0]
         else:
             continue
-        row = RowPlan(name=_unique(node_label(node), taken), type=node.op_type, kind=kind, node=position,
-                      output=output, module=_scope(node), params=owned)
+        row = RowPlan(
+            name=_unique(node_label(node), taken),
+            type=node.op_type,
+            kind=kind,
+            node=position,
+            output=output,
+            module=_scope(node),
+            params=owned,
+        )
         if activation is not None:
             if activation.pattern:
                 recognised[activation.fn] = recognised.get(activation.fn, 0) + 1
@@ -283,5 +303,11 @@ def plan_rows(graph: onnx.GraphProto) -> GraphPlan:
         elif kind is RowKind.ACTIVATION:  # attention, as the PyTorch probe reports it
             row.fn, row.attention = "attention", True
         rows.append(row)
-    return GraphPlan(rows=rows, trainable=params.trainable, recognised=recognised, leaves=params.leaves,
-                     uses=params.uses, numel=params.numel)
+    return GraphPlan(
+        rows=rows,
+        trainable=params.trainable,
+        recognised=recognised,
+        leaves=params.leaves,
+        uses=params.uses,
+        numel=params.numel,
+    )

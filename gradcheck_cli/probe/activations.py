@@ -13,34 +13,72 @@ if TYPE_CHECKING:
     import torch
 
 # Normalised names of functions whose unit dies when its output is exactly zero everywhere.
-RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu", "selu", "celu",
-                         "gelu", "silu", "mish", "hardswish"})
+RELU_FAMILY = frozenset(
+    {"relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish"}
+)
 # Functions with a bounded derivative that vanishes away from the origin.
-SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "softplus",
-                        "logsigmoid"})
+SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "softplus", "logsigmoid"})
 ACTIVATIONS = RELU_FAMILY | SATURATING
 
 # nn.Module classes that are activations, by class name (also TorchScript's original_name).
 MODULE_ACTIVATIONS: dict[str, str] = {
-    "ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "RReLU": "rrelu", "PReLU": "prelu",
-    "ELU": "elu", "SELU": "selu", "CELU": "celu", "GELU": "gelu", "SiLU": "silu", "Mish": "mish",
-    "Hardswish": "hardswish", "Sigmoid": "sigmoid", "Tanh": "tanh", "Hardtanh": "hardtanh",
-    "Hardsigmoid": "hardsigmoid", "Softsign": "softsign", "Softplus": "softplus",
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "LeakyReLU": "leaky_relu",
+    "RReLU": "rrelu",
+    "PReLU": "prelu",
+    "ELU": "elu",
+    "SELU": "selu",
+    "CELU": "celu",
+    "GELU": "gelu",
+    "SiLU": "silu",
+    "Mish": "mish",
+    "Hardswish": "hardswish",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Hardtanh": "hardtanh",
+    "Hardsigmoid": "hardsigmoid",
+    "Softsign": "softsign",
+    "Softplus": "softplus",
     "LogSigmoid": "logsigmoid",
     # transformers' activation modules (some compute GELU from tanh/erf by hand inside).
-    "GELUActivation": "gelu", "NewGELUActivation": "gelu", "FastGELUActivation": "gelu",
-    "QuickGELUActivation": "gelu", "GELUTanh": "gelu", "PytorchGELUTanh": "gelu", "AccurateGELUActivation": "gelu",
-    "SiLUActivation": "silu", "MishActivation": "mish", "ReLUSquaredActivation": "relu",
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu",
+    "FastGELUActivation": "gelu",
+    "QuickGELUActivation": "gelu",
+    "GELUTanh": "gelu",
+    "PytorchGELUTanh": "gelu",
+    "AccurateGELUActivation": "gelu",
+    "SiLUActivation": "silu",
+    "MishActivation": "mish",
+    "ReLUSquaredActivation": "relu",
 }
 
 # Function (or aten op) names, without a trailing '_' for in-place variants.
 _FUNCTION_NAMES = {
-    "relu": "relu", "relu6": "relu6", "leaky_relu": "leaky_relu", "rrelu": "rrelu",
-    "rrelu_with_noise": "rrelu", "prelu": "prelu", "_prelu_kernel": "prelu", "elu": "elu",
-    "selu": "selu", "celu": "celu", "gelu": "gelu", "silu": "silu", "mish": "mish",
-    "hardswish": "hardswish", "sigmoid": "sigmoid", "expit": "sigmoid", "tanh": "tanh",
-    "hardtanh": "hardtanh", "hardsigmoid": "hardsigmoid", "softsign": "softsign",
-    "softplus": "softplus", "logsigmoid": "logsigmoid", "log_sigmoid": "logsigmoid",
+    "relu": "relu",
+    "relu6": "relu6",
+    "leaky_relu": "leaky_relu",
+    "rrelu": "rrelu",
+    "rrelu_with_noise": "rrelu",
+    "prelu": "prelu",
+    "_prelu_kernel": "prelu",
+    "elu": "elu",
+    "selu": "selu",
+    "celu": "celu",
+    "gelu": "gelu",
+    "silu": "silu",
+    "mish": "mish",
+    "hardswish": "hardswish",
+    "sigmoid": "sigmoid",
+    "expit": "sigmoid",
+    "tanh": "tanh",
+    "hardtanh": "hardtanh",
+    "hardsigmoid": "hardsigmoid",
+    "softsign": "softsign",
+    "softplus": "softplus",
+    "logsigmoid": "logsigmoid",
+    "log_sigmoid": "logsigmoid",
     "log_sigmoid_forward": "logsigmoid",
 }
 
@@ -100,8 +138,10 @@ def call_parameters(fn: str, func: Any, args: tuple[Any, ...], kwargs: dict[str,
 
 def module_parameters(fn: str, module: Any) -> dict[str, float]:
     if fn in {"hardtanh", "relu6"}:
-        return {"min_val": float(getattr(module, "min_val", 0.0 if fn == "relu6" else -1.0)),
-                "max_val": float(getattr(module, "max_val", 6.0 if fn == "relu6" else 1.0))}
+        return {
+            "min_val": float(getattr(module, "min_val", 0.0 if fn == "relu6" else -1.0)),
+            "max_val": float(getattr(module, "max_val", 6.0 if fn == "relu6" else 1.0)),
+        }
     if fn == "softplus":
         return {"beta": float(getattr(module, "beta", 1.0))}
     return {}

@@ -29,10 +29,21 @@ DEFAULT_SEQ_LEN = 16
 SPATIAL_CANDIDATES = (32, 28, 64, 224)
 
 DTYPES = {
-    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
-    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
-    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16",
-    "int8": "int8", "uint8": "uint8", "bool": "bool",
+    "float32": "float32",
+    "float": "float32",
+    "float64": "float64",
+    "double": "float64",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "int64": "int64",
+    "long": "int64",
+    "int32": "int32",
+    "int": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "bool": "bool",
 }
 
 
@@ -69,11 +80,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError as exc:
-        raise UsageError(f"`input_shape` {text!r} is not a list of integers",
-                         hint="e.g. `input_shape` 8,3,224,224 (batch first)") from exc
+        raise UsageError(
+            f"`input_shape` {text!r} is not a list of integers", hint="e.g. `input_shape` 8,3,224,224 (batch first)"
+        ) from exc
     if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"`input_shape` {text!r} must list positive sizes",
-                         hint="e.g. `input_shape` 8,3,224,224 (batch first)")
+        raise UsageError(
+            f"`input_shape` {text!r} must list positive sizes", hint="e.g. `input_shape` 8,3,224,224 (batch first)"
+        )
     return shape
 
 
@@ -82,8 +95,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
     key = DTYPES.get(name.lower().removeprefix("torch."))
     if key is None:
-        raise UsageError(f"`input_dtype` {name!r} is not a dtype gradcheck knows",
-                         hint="use one of " + ", ".join(sorted(set(DTYPES.values()))))
+        raise UsageError(
+            f"`input_dtype` {name!r} is not a dtype gradcheck knows",
+            hint="use one of " + ", ".join(sorted(set(DTYPES.values()))),
+        )
     dtype: torch.dtype = getattr(torch, key)
     return dtype
 
@@ -97,8 +112,7 @@ def probe_inputs(
     example_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> ProbeInputs:
     """Build the probe's micro-batches, in the order of precedence file > shapes > inferred."""
-    inputs = _probe_inputs(module, options, device=device, example_args=example_args,
-                           example_kwargs=example_kwargs)
+    inputs = _probe_inputs(module, options, device=device, example_args=example_args, example_kwargs=example_kwargs)
     # An exported program refuses shapes it was not exported for; say so before running it.
     check_inputs(module, inputs.batches[0].args, inputs.batches[0].kwargs)
     return inputs
@@ -135,16 +149,18 @@ def _probe_inputs(
     if example_args or example_kwargs:
         args = example_args or ()
         kwargs = example_kwargs or {}
-        shapes = [(_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options))
-                  for t in args]
-        kw = [(name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
-              for name, t in kwargs.items()]
+        shapes = [(_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)) for t in args]
+        kw = [
+            (name, (_with_batch(tuple(t.shape), options.batch_size), t.dtype, _range_of(t, options)))
+            for name, t in kwargs.items()
+        ]
         return synthesise(shapes, tuple(kw), options, generator, device, source="example")
     return _inferred(module, options, generator, device)
 
 
-def _transformers_inputs(module: nn.Module, options: InputOptions, generator: torch.Generator,
-                         device: torch.device) -> ProbeInputs | None:
+def _transformers_inputs(
+    module: nn.Module, options: InputOptions, generator: torch.Generator, device: torch.device
+) -> ProbeInputs | None:
     """The inputs a transformers model declares for itself (gradcheck_cli.model.hf), drawn: token
     ids over its vocabulary, masks of ones, N(0, 1) floats (or ``input_range``) in the model's dtype."""
     import torch
@@ -153,8 +169,12 @@ def _transformers_inputs(module: nn.Module, options: InputOptions, generator: to
 
     if not is_transformers_model(module):
         return None
-    declaration = declared_inputs(module, batch=options.batch_size, seq_len=options.seq_len,
-                                  shapes=tuple(_with_batch(s, options.batch_size) for s in options.input_shape))
+    declaration = declared_inputs(
+        module,
+        batch=options.batch_size,
+        seq_len=options.seq_len,
+        shapes=tuple(_with_batch(s, options.batch_size) for s in options.input_shape),
+    )
     if declaration is None:
         return None
     float_dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
@@ -198,8 +218,9 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _draw(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None,
-          generator: torch.Generator) -> torch.Tensor:
+def _draw(
+    shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None, generator: torch.Generator
+) -> torch.Tensor:
     import torch
 
     if dtype.is_floating_point or dtype.is_complex:
@@ -211,8 +232,10 @@ def _draw(shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, 
         return torch.randint(0, 2, shape, generator=generator).bool()
     low, high = value_range if value_range is not None else (0, 2)
     if int(high) <= int(low):
-        raise UsageError(f"`input_range` {low},{high} is empty for integer inputs",
-                         hint="the upper bound is exclusive: e.g. `input_range` 0,1000")
+        raise UsageError(
+            f"`input_range` {low},{high} is empty for integer inputs",
+            hint="the upper bound is exclusive: e.g. `input_range` 0,1000",
+        )
     return torch.randint(int(low), int(high), shape, generator=generator, dtype=dtype)
 
 
@@ -233,8 +256,9 @@ def synthesise(
     # as `batch_size` 32).
     count = options.batches
 
-    def whole(shape: tuple[int, ...], dtype: torch.dtype,
-              value_range: tuple[float, float] | None) -> list[torch.Tensor]:
+    def whole(
+        shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None
+    ) -> list[torch.Tensor]:
         if not shape:
             return [_draw(shape, dtype, value_range, generator).to(device) for _ in range(count)]
         drawn = _draw((shape[0] * count, *shape[1:]), dtype, value_range, generator)
@@ -242,35 +266,46 @@ def synthesise(
 
     arg_parts = [whole(s, d, r) for s, d, r in positional]
     kwarg_parts = {name: whole(s, d, r) for name, (s, d, r) in keyword}
-    batches = [ProbeBatch(tuple(parts[i] for parts in arg_parts),
-                          {name: parts[i] for name, parts in kwarg_parts.items()}) for i in range(count)]
+    batches = [
+        ProbeBatch(tuple(parts[i] for parts in arg_parts), {name: parts[i] for name, parts in kwarg_parts.items()})
+        for i in range(count)
+    ]
     specs = [_spec(f"input_{i}", s, d, r, source) for i, (s, d, r) in enumerate(positional)]
     specs += [_spec(name, s, d, r, source) for name, (s, d, r) in keyword]
     first = positional[0][0] if positional else keyword[0][1][0]
     return ProbeInputs(batches, tuple(specs), batch_size=first[0] if first else 1)
 
 
-def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None,
-          source: str) -> InputSpec:
+def _spec(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, value_range: tuple[float, float] | None, source: str
+) -> InputSpec:
     is_int = not (dtype.is_floating_point or dtype.is_complex)
     if is_int and value_range is None:
         value_range = (0, 2)
-    return InputSpec(name=name, shape=shape, dtype=str(dtype).removeprefix("torch."), source=source,
-                     low=value_range[0] if (is_int and value_range) else None,
-                     high=value_range[1] if (is_int and value_range) else None)
+    return InputSpec(
+        name=name,
+        shape=shape,
+        dtype=str(dtype).removeprefix("torch."),
+        source=source,
+        low=value_range[0] if (is_int and value_range) else None,
+        high=value_range[1] if (is_int and value_range) else None,
+    )
 
 
-def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generator,
-              device: torch.device) -> ProbeInputs:
+def _inferred(
+    module: nn.Module, options: InputOptions, generator: torch.Generator, device: torch.device
+) -> ProbeInputs:
     import torch
 
     batch = options.batch_size or DEFAULT_BATCH_SIZE
     dtype = parse_dtype(options.input_dtype) if options.input_dtype else _float_dtype(module)
     first = _first_input_layer(module)
     if first is None:
-        raise ProbeError("cannot infer the probe input shape: the model has no Conv, Linear, Embedding "
-                         "or recurrent layer to read it from",
-                         hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE")
+        raise ProbeError(
+            "cannot infer the probe input shape: the model has no Conv, Linear, Embedding "
+            "or recurrent layer to read it from",
+            hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE",
+        )
     name, kind, weight_shape, extra = first
     candidates: list[tuple[tuple[int, ...], torch.dtype, tuple[float, float] | None]]
     shape: tuple[int, ...]
@@ -288,22 +323,21 @@ def _inferred(module: nn.Module, options: InputOptions, generator: torch.Generat
         candidates = [(shape, dtype, options.input_range)]
     else:  # conv with `extra` spatial dims
         channels = weight_shape[1] * int(extra[1])
-        candidates = [((batch, channels) + (side,) * int(extra[0]), dtype, options.input_range)
-                      for side in SPATIAL_CANDIDATES]
+        candidates = [
+            ((batch, channels) + (side,) * int(extra[0]), dtype, options.input_range) for side in SPATIAL_CANDIDATES
+        ]
     errors = []
     for shape, cand_dtype, value_range in candidates:
         batch_dim = 1 if kind == "rnn" and not extra[1] else 0
         trial = tuple(1 if i == batch_dim else d for i, d in enumerate(shape))
         problem = _try_forward(module, _draw(trial, cand_dtype, value_range, torch.Generator()).to(device))
         if problem is None:
-            return synthesise([(shape, cand_dtype, value_range)], (), options, generator, device,
-                               source="synthesized")
+            return synthesise([(shape, cand_dtype, value_range)], (), options, generator, device, source="synthesized")
         errors.append(f"{tuple(shape)}: {problem}")
-    raise ProbeError(f"cannot infer the probe input shape from the first layer '{name}'; tried "
-                     + "; ".join(errors),
-                     hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE")
-
-
+    raise ProbeError(
+        f"cannot infer the probe input shape from the first layer '{name}'; tried " + "; ".join(errors),
+        hint="pass `input_shape` (e.g. `input_shape` 8,3,224,224) or `input` FILE",
+    )
 
 
 def _first_input_layer(module: nn.Module) -> tuple[str, str, tuple[int, ...], tuple[Any, ...]] | None:
@@ -346,21 +380,36 @@ def inputs_from_file(options: InputOptions, device: torch.device) -> ProbeInputs
         raise LoadError(f"`input` {path} holds no tensors", hint="save a tensor, a tuple or a dict of tensors")
     sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
     if len(sizes) != 1 or -1 in sizes:
-        raise LoadError(f"`input` {path}: every input needs the same leading (batch) dimension, got "
-                        f"shapes {[tuple(t.shape) for t in tensors]}", hint="stack the samples along dim 0")
+        raise LoadError(
+            f"`input` {path}: every input needs the same leading (batch) dimension, got "
+            f"shapes {[tuple(t.shape) for t in tensors]}",
+            hint="stack the samples along dim 0",
+        )
     total = sizes.pop()
     if total == 0:
-        raise LoadError(f"`input` {path} holds zero samples (shapes {[tuple(t.shape) for t in tensors]})",
-                        hint="save at least one sample along dim 0")
+        raise LoadError(
+            f"`input` {path} holds zero samples (shapes {[tuple(t.shape) for t in tensors]})",
+            hint="save at least one sample along dim 0",
+        )
     batch = min(options.batch_size or total, total)
     batches = []
     for start in range(0, total, batch):
-        batches.append(ProbeBatch(tuple(t[start:start + batch].to(device) for t in args),
-                                  {k: v[start:start + batch].to(device) for k, v in kwargs.items()}))
-    specs = [InputSpec(name=f"input_{i}", shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."),
-                       source="file") for i, t in enumerate(args)]
-    specs += [InputSpec(name=k, shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."),
-                        source="file") for k, t in kwargs.items()]
+        batches.append(
+            ProbeBatch(
+                tuple(t[start : start + batch].to(device) for t in args),
+                {k: v[start : start + batch].to(device) for k, v in kwargs.items()},
+            )
+        )
+    specs = [
+        InputSpec(
+            name=f"input_{i}", shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."), source="file"
+        )
+        for i, t in enumerate(args)
+    ]
+    specs += [
+        InputSpec(name=k, shape=(batch, *t.shape[1:]), dtype=str(t.dtype).removeprefix("torch."), source="file")
+        for k, t in kwargs.items()
+    ]
     return ProbeInputs(batches, tuple(specs), batch_size=batch)
 
 
@@ -385,8 +434,7 @@ def read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tens
         with path.open("rb") as handle:
             head = handle.read(8)
     except OSError as exc:
-        raise LoadError(f"{flag} {path}: cannot be read ({exc.strerror or exc})",
-                        hint="check its permissions") from exc
+        raise LoadError(f"{flag} {path}: cannot be read ({exc.strerror or exc})", hint="check its permissions") from exc
     if not head:
         raise LoadError(f"{flag} {path} is empty", hint="the file was probably not written completely")
     try:
@@ -412,24 +460,31 @@ def read_input_file(path: Path, flag: str = "`input`") -> tuple[tuple[torch.Tens
             raise UntrustedPickleError(
                 f"{flag} {path} holds pickled Python objects, not only tensors; unpickling them would run "
                 "code from the file, so gradcheck refused (`trust_pickle` does not apply to probe files)",
-                hint="save plain tensors (torch.save(tensor, f)), or use .npy/.npz") from exc
-        raise LoadError(f"{flag} {path} could not be read: {first_line(exc)}",
-                        hint="the file is probably truncated or damaged") from exc
+                hint="save plain tensors (torch.save(tensor, f)), or use .npy/.npz",
+            ) from exc
+        raise LoadError(
+            f"{flag} {path} could not be read: {first_line(exc)}", hint="the file is probably truncated or damaged"
+        ) from exc
     except MemoryError as exc:
-        raise LoadError(f"{flag} {path} declares more data than fits in memory",
-                        hint="the file is damaged or crafted; save the inputs again") from exc
+        raise LoadError(
+            f"{flag} {path} declares more data than fits in memory",
+            hint="the file is damaged or crafted; save the inputs again",
+        ) from exc
     except Exception as exc:
-        raise LoadError(f"{flag} {path} could not be read: {first_line(exc)}",
-                        hint="use a .pt file of a tensor, tuple or dict of tensors, or .npy/.npz") from exc
+        raise LoadError(
+            f"{flag} {path} could not be read: {first_line(exc)}",
+            hint="use a .pt file of a tensor, tuple or dict of tensors, or .npy/.npz",
+        ) from exc
     if isinstance(obj, torch.Tensor):
         return (obj,), {}
     if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):
         return tuple(obj), {}
     if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return (), dict(obj)
-    raise LoadError(f"{flag} {path} holds a {type(obj).__name__}, not tensors",
-                    hint="save a tensor, a tuple/list of tensors, or a dict of name -> tensor")
-
+    raise LoadError(
+        f"{flag} {path} holds a {type(obj).__name__}, not tensors",
+        hint="save a tensor, a tuple/list of tensors, or a dict of name -> tensor",
+    )
 
 
 def _npy_declared_bytes(handle: Any) -> int:
@@ -454,12 +509,16 @@ def _check_npy_header(path: Path, flag: str) -> None:
         try:
             declared = _npy_declared_bytes(handle)
         except ValueError as exc:
-            raise LoadError(f"{flag} {path}: invalid .npy header: {first_line(exc)}",
-                            hint="the file is damaged; save the inputs again") from exc
+            raise LoadError(
+                f"{flag} {path}: invalid .npy header: {first_line(exc)}",
+                hint="the file is damaged; save the inputs again",
+            ) from exc
         available = path.stat().st_size - handle.tell()
     if declared > available:
-        raise LoadError(f"{flag} {path}: the .npy header declares {declared} bytes of data but the file "
-                        f"holds {available}", hint="the file is truncated or crafted; save the inputs again")
+        raise LoadError(
+            f"{flag} {path}: the .npy header declares {declared} bytes of data but the file holds {available}",
+            hint="the file is truncated or crafted; save the inputs again",
+        )
 
 
 def _check_npz_members(path: Path, flag: str) -> None:
@@ -469,12 +528,16 @@ def _check_npz_members(path: Path, flag: str) -> None:
                 try:
                     declared = _npy_declared_bytes(member)
                 except ValueError as exc:
-                    raise LoadError(f"{flag} {path}: member {info.filename} has an invalid .npy header: "
-                                    f"{first_line(exc)}", hint="the file is damaged; save the inputs again") from exc
+                    raise LoadError(
+                        f"{flag} {path}: member {info.filename} has an invalid .npy header: {first_line(exc)}",
+                        hint="the file is damaged; save the inputs again",
+                    ) from exc
             if declared > info.file_size:
-                raise LoadError(f"{flag} {path}: member {info.filename} declares {declared} bytes of data but "
-                                f"holds {info.file_size}",
-                                hint="the file is truncated or crafted; save the inputs again")
+                raise LoadError(
+                    f"{flag} {path}: member {info.filename} declares {declared} bytes of data but "
+                    f"holds {info.file_size}",
+                    hint="the file is truncated or crafted; save the inputs again",
+                )
 
 
 def _is_npz(path: Path) -> bool:

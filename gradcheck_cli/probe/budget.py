@@ -29,8 +29,22 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 
 
 def parse_memory_budget(text: str) -> int:
@@ -86,9 +100,14 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
-                          kwargs: dict[str, torch.Tensor] | None = None, *, measure: bool = True,
-                          micro_batches: int = 1) -> MemoryEstimate:
+def estimate_probe_memory(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    kwargs: dict[str, torch.Tensor] | None = None,
+    *,
+    measure: bool = True,
+    micro_batches: int = 1,
+) -> MemoryEstimate:
     """Estimate the probe of ``module`` on one micro-batch ``args``/``kwargs`` (batch first), run as
     one of ``micro_batches``.
 
@@ -110,9 +129,15 @@ def estimate_probe_memory(module: nn.Module, args: tuple[torch.Tensor, ...],
             measured = True
         except Exception:  # the estimate is advisory: an unhookable model is estimated without it
             activations = 0
-    return MemoryEstimate(parameters=parameters, gradients=gradients, inputs_per_sample=inputs_per_sample,
-                          activations_per_sample=2 * activations, batch_size=batch_size, measured=measured,
-                          micro_batches=micro_batches)
+    return MemoryEstimate(
+        parameters=parameters,
+        gradients=gradients,
+        inputs_per_sample=inputs_per_sample,
+        activations_per_sample=2 * activations,
+        batch_size=batch_size,
+        measured=measured,
+        micro_batches=micro_batches,
+    )
 
 
 def gradient_bytes(module: nn.Module, micro_batches: int) -> int:
@@ -124,8 +149,9 @@ def gradient_bytes(module: nn.Module, micro_batches: int) -> int:
     return max(sizes.values()) if micro_batches <= 1 else sum(sizes.values())
 
 
-def _activation_bytes_one_sample(module: nn.Module, args: tuple[torch.Tensor, ...],
-                                 kwargs: dict[str, torch.Tensor]) -> int:
+def _activation_bytes_one_sample(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]
+) -> int:
     import torch
 
     total = 0
@@ -134,8 +160,11 @@ def _activation_bytes_one_sample(module: nn.Module, args: tuple[torch.Tensor, ..
         nonlocal total
         total += _nbytes(output)
 
-    handles = [sub.register_forward_hook(hook) for sub in module.modules()
-               if not any(True for _ in sub.children()) and not isinstance(sub, torch.jit.ScriptModule)]
+    handles = [
+        sub.register_forward_hook(hook)
+        for sub in module.modules()
+        if not any(True for _ in sub.children()) and not isinstance(sub, torch.jit.ScriptModule)
+    ]
     was_training = module.training
     try:
         module.eval()
@@ -175,8 +204,10 @@ def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
 
 def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """cgroup v2 memory.max - memory.current, or v1 limit - usage; None when unlimited or unknown."""
-    for limit_name, usage_name in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_name, usage_name in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit_text = (root / limit_name).read_text().strip()
             usage = int((root / usage_name).read_text().strip())
@@ -188,16 +219,19 @@ def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
-def _limits(estimate: MemoryEstimate, budget: int | None,
-            available: int | None) -> list[tuple[int, str, int, int]]:
+def _limits(estimate: MemoryEstimate, budget: int | None, available: int | None) -> list[tuple[int, str, int, int]]:
     """(limit, its name, what the probe needs against it, the part of that independent of the batch)."""
     checks = [(budget, "`memory_budget`", 0), (available, "available memory", estimate.resident)]
-    return [(limit, what, estimate.total - resident, estimate.fixed - resident)
-            for limit, what, resident in checks if limit is not None]
+    return [
+        (limit, what, estimate.total - resident, estimate.fixed - resident)
+        for limit, what, resident in checks
+        if limit is not None
+    ]
 
 
-def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None,
-                          available: int | None = None) -> int | None:
+def micro_batch_that_fits(
+    estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None
+) -> int | None:
     """None when the estimate fits ``budget`` (the user's) and ``available`` (the machine's);
     else the largest micro-batch size that does. Raises :class:`ProbeError` when not even one
     sample fits. None for either limit means no limit."""
@@ -208,17 +242,20 @@ def micro_batch_that_fits(estimate: MemoryEstimate, *, budget: int | None = None
         needs = f"the probe needs about {_human(need)} for a micro-batch of {estimate.batch_size}"
         if fixed >= limit:
             held = "the largest gradient" if estimate.micro_batches <= 1 else "their gradients"
-            raise ProbeError(f"{needs}; the weights and {held} alone take {_human(fixed)}, more "
-                             f"than the {_human(limit)} of {what}",
-                             hint="run on a device with more memory, or shard the weights across processes "
-                             "(torchrun --nproc-per-node N: each holds 1/N of them), or raise `memory_budget`")
+            raise ProbeError(
+                f"{needs}; the weights and {held} alone take {_human(fixed)}, more than the {_human(limit)} of {what}",
+                hint="run on a device with more memory, or shard the weights across processes "
+                "(torchrun --nproc-per-node N: each holds 1/N of them), or raise `memory_budget`",
+            )
         fits = (limit - fixed) // max(estimate.per_sample, 1)
         if fits < 1:
-            raise ProbeError(f"{needs}; even a micro-batch of 1 needs about "
-                             f"{_human(fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
-                             hint="shorten the sequences (`seq_len`: activations grow with it), turn on "
-                             "`activation_checkpointing` (transformers models), run on a device with more "
-                             "memory, or raise `memory_budget`")
+            raise ProbeError(
+                f"{needs}; even a micro-batch of 1 needs about "
+                f"{_human(fixed + estimate.per_sample)}, more than the {_human(limit)} of {what}",
+                hint="shorten the sequences (`seq_len`: activations grow with it), turn on "
+                "`activation_checkpointing` (transformers models), run on a device with more "
+                "memory, or raise `memory_budget`",
+            )
         smallest = int(fits) if smallest is None else min(smallest, int(fits))
     return smallest
 
@@ -227,21 +264,27 @@ def over_limit(estimate: MemoryEstimate, *, budget: int | None = None, available
     """Which limit the estimate exceeds (the tightest), in words, for the note that says why the
     probe split."""
     limit, what, need, _ = max(_limits(estimate, budget, available), key=lambda check: check[2] - check[0])
-    return (f"about {_human(need)} for a micro-batch of {estimate.batch_size}, more than the "
-            f"{_human(limit)} of {what}")
+    return f"about {_human(need)} for a micro-batch of {estimate.batch_size}, more than the {_human(limit)} of {what}"
 
 
-def check_memory_budget(estimate: MemoryEstimate, *, budget: int | None = None, available: int | None = None,
-                        total_samples: int | None = None) -> None:
+def check_memory_budget(
+    estimate: MemoryEstimate,
+    *,
+    budget: int | None = None,
+    available: int | None = None,
+    total_samples: int | None = None,
+) -> None:
     """Raise :class:`ProbeError` when the estimate exceeds ``budget`` or ``available``, with the
     micro-batch split that would fit (for callers that cannot split by themselves)."""
     fits = micro_batch_that_fits(estimate, budget=budget, available=available)
     if fits is None:
         return
     samples = total_samples or estimate.batch_size
-    raise ProbeError(f"the probe needs {over_limit(estimate, budget=budget, available=available)}",
-                     hint=f"micro-batch it: `batch_size` {fits} `batches` {math.ceil(samples / fits)} "
-                     "(statistics are merged exactly)")
+    raise ProbeError(
+        f"the probe needs {over_limit(estimate, budget=budget, available=available)}",
+        hint=f"micro-batch it: `batch_size` {fits} `batches` {math.ceil(samples / fits)} "
+        "(statistics are merged exactly)",
+    )
 
 
 def _human(n: int) -> str:

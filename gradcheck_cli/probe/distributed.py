@@ -71,8 +71,10 @@ def join_ranks(device: torch.device) -> Ranks | None:
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise UsageError("WORLD_SIZE > 1, but this torch build has no torch.distributed",
-                         hint="run a single process, or install a torch build with distributed support")
+        raise UsageError(
+            "WORLD_SIZE > 1, but this torch build has no torch.distributed",
+            hint="run a single process, or install a torch build with distributed support",
+        )
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -113,15 +115,19 @@ def local_share(batch: ProbeBatch, ranks: Ranks) -> tuple[ProbeBatch, int]:
 
     n = batch.size
     start, end = ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world
-    return (ProbeBatch(tuple(a[start:end] for a in batch.args), {k: v[start:end] for k, v in batch.kwargs.items()}),
-            start)
+    return (
+        ProbeBatch(tuple(a[start:end] for a in batch.args), {k: v[start:end] for k, v in batch.kwargs.items()}),
+        start,
+    )
 
 
 def check_shares(batches: Sequence[ProbeBatch], ranks: Ranks) -> None:
     smallest = min(batch.size for batch in batches)
     if smallest < ranks.world:
-        raise UsageError(f"a micro-batch of {smallest} samples cannot be split across {ranks.world} processes",
-                         hint=f"set `batch_size` to at least {ranks.world}, or start fewer processes")
+        raise UsageError(
+            f"a micro-batch of {smallest} samples cannot be split across {ranks.world} processes",
+            hint=f"set `batch_size` to at least {ranks.world}, or start fewer processes",
+        )
 
 
 def sum_across(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
@@ -167,12 +173,23 @@ _TENSORS_ADDED = ("hist_output", "hist_grad", "attention_entropy", "attention_sa
 def _state(row: Row) -> dict[str, Any]:
     m = row.moments
     state: dict[str, Any] = {key: getattr(row, key) for key in (*_ADDED, *_ANY)}
-    state.update(attributes={"type": row.type, "kind": row.kind, "module": row.module, "fn": row.fn,
-                             "fn_params": row.fn_params, "channel_first": row.channel_first},
-                 moments=(m.count, m.mean, m.m2, m.minimum, m.maximum), shape=row.shape,
-                 skip_reason=row.skip_reason, axis=row.axis, attention_keys=row.attention_keys,
-                 alive=None if row.alive is None else row.alive.cpu(),
-                 input=None if row.input_row is None else _state(row.input_row))
+    state.update(
+        attributes={
+            "type": row.type,
+            "kind": row.kind,
+            "module": row.module,
+            "fn": row.fn,
+            "fn_params": row.fn_params,
+            "channel_first": row.channel_first,
+        },
+        moments=(m.count, m.mean, m.m2, m.minimum, m.maximum),
+        shape=row.shape,
+        skip_reason=row.skip_reason,
+        axis=row.axis,
+        attention_keys=row.attention_keys,
+        alive=None if row.alive is None else row.alive.cpu(),
+        input=None if row.input_row is None else _state(row.input_row),
+    )
     for key in _TENSORS_ADDED:
         value = getattr(row, key)
         state[key] = None if value is None else value.cpu()

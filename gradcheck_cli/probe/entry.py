@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from gradcheck_cli.probe.run import Progress
 
 
-def inspect_path(path: Path, *, load: LoadOptions | None = None, probe: ProbeOptions | None = None,
-                 progress: Progress | None = None) -> Report:
+def inspect_path(
+    path: Path, *, load: LoadOptions | None = None, probe: ProbeOptions | None = None, progress: Progress | None = None
+) -> Report:
     """Load ``path`` and probe it: one row per layer and activation call, in execution order."""
     from gradcheck_cli.model.formats import is_onnx
     from gradcheck_cli.model.load import load_model
@@ -39,8 +40,9 @@ def inspect_path(path: Path, *, load: LoadOptions | None = None, probe: ProbeOpt
     return inspect_loaded(load_model(path, load, device=probe.device), probe, progress=progress)
 
 
-def inspect_onnx(path: Path, *, probe: ProbeOptions | None = None, allow_nonfinite: bool = False,
-                 progress: Progress | None = None) -> Report:
+def inspect_onnx(
+    path: Path, *, probe: ProbeOptions | None = None, allow_nonfinite: bool = False, progress: Progress | None = None
+) -> Report:
     """Probe an ONNX model: activation statistics from onnxruntime on the real graph, gradients
     from gradcheck's torch lowering of it (checked against onnxruntime; see ``probe.lowering``)."""
     from gradcheck_cli.probe.onnx_probe import run_onnx_probe
@@ -48,8 +50,9 @@ def inspect_onnx(path: Path, *, probe: ProbeOptions | None = None, allow_nonfini
     return run_onnx_probe(path, probe or ProbeOptions(), progress=progress, allow_nonfinite=allow_nonfinite)
 
 
-def inspect_loaded(loaded: LoadedModel, probe: ProbeOptions | None = None, *,
-                   progress: Progress | None = None) -> Report:
+def inspect_loaded(
+    loaded: LoadedModel, probe: ProbeOptions | None = None, *, progress: Progress | None = None
+) -> Report:
     """Probe an already loaded model."""
     from gradcheck_cli.model.torch_load import resolve_device
     from gradcheck_cli.probe.run import run_probe
@@ -69,7 +72,8 @@ def loaded_module(module: nn.Module, *, name: str = "<module>") -> LoadedModel:
     return LoadedModel(path=Path(name), format=ModelFormat.TORCH_ZIP, module=module)
 
 
-def inspect_module(module: nn.Module, probe: ProbeOptions | None = None, *, name: str = "<module>",
-                   progress: Progress | None = None) -> Report:
+def inspect_module(
+    module: nn.Module, probe: ProbeOptions | None = None, *, name: str = "<module>", progress: Progress | None = None
+) -> Report:
     """Probe an in-memory ``nn.Module``; its mode, gradients and buffers are restored afterwards."""
     return inspect_loaded(loaded_module(module, name=name), probe, progress=progress)

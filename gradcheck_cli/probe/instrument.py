@@ -108,7 +108,8 @@ class EagerInstrument:
                 if kind_name in RECURRENT_TYPES and isinstance(module, torch.nn.RNNBase):
                     # Before the statistics hook, so that it sees (and hooks) the unrolled output.
                     unroller = self.unrollers.setdefault(
-                        path, RecurrentUnroller(module, kind_name, self.recorder.saturation_cutoff))
+                        path, RecurrentUnroller(module, kind_name, self.recorder.saturation_cutoff)
+                    )
                     handles.append(module.register_forward_hook(unroller))
                 handles.append(module.register_forward_hook(self._pop(path, module)))
             yield
@@ -158,7 +159,11 @@ class EagerInstrument:
                 return
             name = self.calls.name(path or "<root>")
             row = self.recorder.row(
-                name, type=kind_name, kind=row_kind(kind_name), module=path, fn=fn,
+                name,
+                type=kind_name,
+                kind=row_kind(kind_name),
+                module=path,
+                fn=fn,
                 fn_params=module_parameters(fn, module) if fn else {},
                 channel_first=self.channel_first,
             )
@@ -173,8 +178,7 @@ class EagerInstrument:
 
         return hook
 
-    def on_function(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-                    result: Any) -> None:
+    def on_function(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, result: Any) -> None:
         if self.recording:
             return
         fn = activation_of_call(func, args, kwargs)
@@ -192,9 +196,15 @@ class EagerInstrument:
         if tensor is None:
             return
         name = self.calls.name(function_row_name(path, fn))
-        row = self.recorder.row(name, type=function_name(func) or fn, kind=RowKind.ACTIVATION,
-                                module=path, fn=fn, fn_params=call_parameters(fn, func, args, kwargs),
-                                channel_first=self.channel_first)
+        row = self.recorder.row(
+            name,
+            type=function_name(func) or fn,
+            kind=RowKind.ACTIVATION,
+            module=path,
+            fn=fn,
+            fn_params=call_parameters(fn, func, args, kwargs),
+            channel_first=self.channel_first,
+        )
         with self._recording():
             self.recorder.record_output(row, tensor)
 
@@ -204,8 +214,9 @@ class EagerInstrument:
         if tensor is None:
             return
         name = self.calls.name(function_row_name(path, "attention"))
-        row = self.recorder.row(name, type=function_name(func) or "attention", kind=RowKind.ACTIVATION,
-                                module=path, fn="attention")
+        row = self.recorder.row(
+            name, type=function_name(func) or "attention", kind=RowKind.ACTIVATION, module=path, fn="attention"
+        )
         with self._recording():
             self.recorder.record_output(row, tensor)
             self.recorder.record_attention(row, probs)
@@ -244,8 +255,9 @@ def is_block(module: nn.Module, parent: nn.Module | None) -> bool:
     return type_name(module).endswith(("Layer", "Block"))
 
 
-def attention_probabilities(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any,
-                            stack: Sequence[tuple[str, Any]]) -> torch.Tensor | None:
+def attention_probabilities(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any, stack: Sequence[tuple[str, Any]]
+) -> torch.Tensor | None:
     """Attention probabilities of a call, or None: a softmax over the keys inside an attention
     module, or the probabilities a fused scaled_dot_product_attention computed and did not return."""
     import math
@@ -254,11 +266,11 @@ def attention_probabilities(func: Any, args: tuple[Any, ...], kwargs: dict[str, 
 
     name = function_name(func)
     if name == "softmax":
-        inside_attention = any("att" in path.rsplit(".", 1)[-1].lower() or "att" in type_name(m).lower()
-                               for path, m in stack[-3:])
+        inside_attention = any(
+            "att" in path.rsplit(".", 1)[-1].lower() or "att" in type_name(m).lower() for path, m in stack[-3:]
+        )
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if (inside_attention and isinstance(result, torch.Tensor) and result.dim() == 4
-                and dim in (-1, 3)):
+        if inside_attention and isinstance(result, torch.Tensor) and result.dim() == 4 and dim in (-1, 3):
             return result
         return None
     if name != "scaled_dot_product_attention" or len(args) < 2:
@@ -297,8 +309,9 @@ def _activation_mode_class() -> type:
             super().__init__()
             self.instrument = instrument
 
-        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                               kwargs: dict[str, Any] | None = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
             result = func(*args, **(kwargs or {}))
             self.instrument.on_function(func, args, kwargs, result)
             return result
@@ -384,9 +397,16 @@ def plan_graph(gm: fx.GraphModule) -> dict[fx.Node, _PlannedRow]:
             else:
                 module = owner[0] if owner is not None else ""
                 name, type_str = calls.name(function_row_name(module, fn)), fn
-            plan[node] = _PlannedRow(name, type_str, RowKind.ACTIVATION, module, fn,
-                                     call_parameters(fn, node.target, args, dict(node.kwargs)),
-                                     channel_first, ())
+            plan[node] = _PlannedRow(
+                name,
+                type_str,
+                RowKind.ACTIVATION,
+                module,
+                fn,
+                call_parameters(fn, node.target, args, dict(node.kwargs)),
+                channel_first,
+                (),
+            )
             continue
         if owner is None or last_of.get(owner[0]) is not node:
             continue
@@ -395,8 +415,7 @@ def plan_graph(gm: fx.GraphModule) -> dict[fx.Node, _PlannedRow]:
         if not own and not is_norm(type_str):
             continue
         if isinstance(value, torch.Tensor) or value is None or isinstance(value, (tuple, list)):
-            plan[node] = _PlannedRow(calls.name(path), type_str, row_kind(type_str), path, None, {},
-                                     channel_first, own)
+            plan[node] = _PlannedRow(calls.name(path), type_str, row_kind(type_str), path, None, {}, channel_first, own)
             channel_first = is_channel_first(type_str)
     return plan
 
@@ -413,7 +432,8 @@ class GraphInstrument:
         self.current: fx.Node | None = None
         parameters = dict(gm.named_parameters())
         self.row_params: dict[str, Sequence[torch.Tensor]] = {
-            row.name: [parameters[p] for p in row.params] for row in self.plan.values() if row.params}
+            row.name: [parameters[p] for p in row.params] for row in self.plan.values() if row.params
+        }
 
     def failing_layer(self) -> str | None:
         node = self.current
@@ -458,9 +478,15 @@ class GraphInstrument:
         tensor = first_tensor(result)
         if tensor is None:
             return
-        row: Row = self.recorder.row(planned.name, type=planned.type, kind=planned.kind,
-                                     module=planned.module, fn=planned.fn, fn_params=planned.fn_params,
-                                     channel_first=planned.channel_first)
+        row: Row = self.recorder.row(
+            planned.name,
+            type=planned.type,
+            kind=planned.kind,
+            module=planned.module,
+            fn=planned.fn,
+            fn_params=planned.fn_params,
+            channel_first=planned.channel_first,
+        )
         self.recorder.record_output(row, tensor)
 
 

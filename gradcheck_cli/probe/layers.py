@@ -5,24 +5,66 @@ from __future__ import annotations
 from gradcheck_cli.probe.activations import MODULE_ACTIVATIONS
 from gradcheck_cli.records import RowKind
 
-_PARAM_TYPES = {"Bilinear", "Embedding", "EmbeddingBag", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell",
-                "GRUCell", "MultiheadAttention", "Conv1D"}
+_PARAM_TYPES = {
+    "Bilinear",
+    "Embedding",
+    "EmbeddingBag",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "MultiheadAttention",
+    "Conv1D",
+}
 # Layers whose output is laid out channel-first, so a following activation's units are dim 1.
-_CHANNEL_FIRST_PREFIXES = ("Conv", "ConvTranspose", "BatchNorm", "InstanceNorm", "GroupNorm",
-                           "SyncBatchNorm", "FrozenBatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
-                           "AdaptiveMaxPool", "LocalResponseNorm")
+_CHANNEL_FIRST_PREFIXES = (
+    "Conv",
+    "ConvTranspose",
+    "BatchNorm",
+    "InstanceNorm",
+    "GroupNorm",
+    "SyncBatchNorm",
+    "FrozenBatchNorm",
+    "MaxPool",
+    "AvgPool",
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+    "LocalResponseNorm",
+)
 
 # aten op names (graph path) to the module type a row is reported as.
 OP_TYPES = {
-    "linear": "Linear", "addmm": "Linear", "matmul": "Linear", "mm": "Linear", "bmm": "Linear",
-    "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d", "convolution": "Conv",
-    "_convolution": "Conv", "conv_transpose1d": "ConvTranspose1d",
-    "conv_transpose2d": "ConvTranspose2d", "conv_transpose3d": "ConvTranspose3d",
-    "batch_norm": "BatchNorm", "_native_batch_norm_legit_no_training": "BatchNorm",
-    "native_batch_norm": "BatchNorm", "layer_norm": "LayerNorm", "native_layer_norm": "LayerNorm",
-    "group_norm": "GroupNorm", "native_group_norm": "GroupNorm", "instance_norm": "InstanceNorm",
-    "rms_norm": "RMSNorm", "embedding": "Embedding", "lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN",
-    "rnn_relu": "RNN", "prelu": "PReLU", "_prelu_kernel": "PReLU",
+    "linear": "Linear",
+    "addmm": "Linear",
+    "matmul": "Linear",
+    "mm": "Linear",
+    "bmm": "Linear",
+    "conv1d": "Conv1d",
+    "conv2d": "Conv2d",
+    "conv3d": "Conv3d",
+    "convolution": "Conv",
+    "_convolution": "Conv",
+    "conv_transpose1d": "ConvTranspose1d",
+    "conv_transpose2d": "ConvTranspose2d",
+    "conv_transpose3d": "ConvTranspose3d",
+    "batch_norm": "BatchNorm",
+    "_native_batch_norm_legit_no_training": "BatchNorm",
+    "native_batch_norm": "BatchNorm",
+    "layer_norm": "LayerNorm",
+    "native_layer_norm": "LayerNorm",
+    "group_norm": "GroupNorm",
+    "native_group_norm": "GroupNorm",
+    "instance_norm": "InstanceNorm",
+    "rms_norm": "RMSNorm",
+    "embedding": "Embedding",
+    "lstm": "LSTM",
+    "gru": "GRU",
+    "rnn_tanh": "RNN",
+    "rnn_relu": "RNN",
+    "prelu": "PReLU",
+    "_prelu_kernel": "PReLU",
 }
 
 

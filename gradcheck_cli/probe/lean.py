@@ -77,8 +77,9 @@ class GradientReducer:
             return  # later micro-batches still add to this gradient
         with torch.no_grad():
             grad = local_tensor(parameter.grad.detach())
-            self.sum_squares[id(parameter)] = sum_of_squares(grad) if grad.numel() else torch.zeros(
-                (), dtype=torch.float64, device=grad.device)
+            self.sum_squares[id(parameter)] = (
+                sum_of_squares(grad) if grad.numel() else torch.zeros((), dtype=torch.float64, device=grad.device)
+            )
             self.largest_gradient = max(self.largest_gradient, grad.numel() * grad.element_size())
         parameter.grad = None
 

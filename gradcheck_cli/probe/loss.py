@@ -26,8 +26,9 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
 
     if isinstance(output, torch.Tensor):
         if selector not in (None, "0"):
-            raise UsageError(f"`model_output` {selector!r}: the model returns a single tensor",
-                             hint="drop `model_output`")
+            raise UsageError(
+                f"`model_output` {selector!r}: the model returns a single tensor", hint="drop `model_output`"
+            )
         return output, "output"
     if isinstance(output, dict) or hasattr(output, "keys"):
         mapping = {str(k): v for k, v in output.items()}
@@ -40,8 +41,10 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
         else:
             key = selector if selector in tensors else None
         if key is None:
-            raise UsageError(f"`model_output` {selector!r} does not name a tensor output of the model",
-                             hint=f"the model returns: {', '.join(tensors) or 'no tensors'}")
+            raise UsageError(
+                f"`model_output` {selector!r} does not name a tensor output of the model",
+                hint=f"the model returns: {', '.join(tensors) or 'no tensors'}",
+            )
         return tensors[key], f"output[{key!r}]"
     if isinstance(output, (tuple, list)):
         if selector is None:
@@ -52,10 +55,14 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
             item = output[int(selector)]
             if isinstance(item, torch.Tensor):
                 return item, f"output[{int(selector)}]"
-        raise UsageError(f"`model_output` {selector!r} does not pick a tensor among the model's "
-                         f"{len(output)} outputs", hint="pass the index of a tensor output")
-    raise ProbeError(f"the model returned a {type(output).__name__}, not a tensor",
-                     hint="wrap the model so that it returns a tensor (or a tuple/dict of tensors)")
+        raise UsageError(
+            f"`model_output` {selector!r} does not pick a tensor among the model's {len(output)} outputs",
+            hint="pass the index of a tensor output",
+        )
+    raise ProbeError(
+        f"the model returned a {type(output).__name__}, not a tensor",
+        hint="wrap the model so that it returns a tensor (or a tuple/dict of tensors)",
+    )
 
 
 def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
@@ -65,8 +72,10 @@ def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
 
     loss = output.get("loss") if hasattr(output, "get") else getattr(output, "loss", None)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ProbeError("the model was given labels but returned no scalar 'loss'",
-                         hint="use `loss` cross_entropy or mse to compute the loss from its output")
+        raise ProbeError(
+            "the model was given labels but returned no scalar 'loss'",
+            hint="use `loss` cross_entropy or mse to compute the loss from its output",
+        )
     return loss * (batch_size / total)
 
 
@@ -96,11 +105,15 @@ class LossFunction:
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
 
         if not output.dtype.is_floating_point:
-            raise ProbeError(f"the model output has dtype {output.dtype}; a loss needs floating-point "
-                             "outputs", hint="pick a float output with `model_output`")
+            raise ProbeError(
+                f"the model output has dtype {output.dtype}; a loss needs floating-point outputs",
+                hint="pick a float output with `model_output`",
+            )
         if not output.requires_grad:
-            raise ProbeError("the model output does not depend on any parameter, so there is no "
-                             "gradient to measure", hint="check that the model has trainable parameters")
+            raise ProbeError(
+                "the model output does not depend on any parameter, so there is no gradient to measure",
+                hint="check that the model has trainable parameters",
+            )
         kind = resolve_loss(self.kind, output)
         self.kind = kind
         n = int(output.shape[0]) if output.dim() else 1
@@ -111,10 +124,12 @@ class LossFunction:
             return self._loss(kind, output, targets)
         except (RuntimeError, ValueError, IndexError) as exc:  # the user's targets do not fit
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise LoadError(f"`target` {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
-                            f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",
-                            hint="cross_entropy needs integer class labels of shape (N,); mse needs targets "
-                            "shaped like the output; or pick another `loss`") from exc
+            raise LoadError(
+                f"`target` {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
+                f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",
+                hint="cross_entropy needs integer class labels of shape (N,); mse needs targets "
+                "shaped like the output; or pick another `loss`",
+            ) from exc
 
     def _loss(self, kind: LossKind, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -135,11 +150,13 @@ class LossFunction:
             return torch.zeros(())
         if self._targets is None:
             self._targets = self._load_or_draw(kind, output)
-        chunk = self._targets[self._offset:self._offset + n]
+        chunk = self._targets[self._offset : self._offset + n]
         self._offset += n
         if chunk.shape[0] != n:
-            raise LoadError(f"`target` holds {self._targets.shape[0]} samples, fewer than the probe's "
-                            f"{self.total}", hint="give one target per probe sample")
+            raise LoadError(
+                f"`target` holds {self._targets.shape[0]} samples, fewer than the probe's {self.total}",
+                hint="give one target per probe sample",
+            )
         return chunk.to(output.device)
 
     def _load_or_draw(self, kind: LossKind, output: torch.Tensor) -> torch.Tensor:
@@ -151,8 +168,10 @@ class LossFunction:
             if kind is LossKind.CROSS_ENTROPY:
                 return targets.long()
             if tuple(targets.shape[1:]) != sample_shape:
-                raise LoadError(f"`target` has per-sample shape {tuple(targets.shape[1:])}, the output "
-                                f"{sample_shape}", hint="targets must match the selected output")
+                raise LoadError(
+                    f"`target` has per-sample shape {tuple(targets.shape[1:])}, the output {sample_shape}",
+                    hint="targets must match the selected output",
+                )
             return targets.float()
         generator = torch.Generator().manual_seed(self.seed + 1_000_003)
         if kind is LossKind.CROSS_ENTROPY:
@@ -168,7 +187,9 @@ def _read_target(path: Path) -> torch.Tensor:
     args, kwargs = read_input_file(path, "`target`")
     tensors = list(args) + list(kwargs.values())
     if len(tensors) != 1:
-        raise LoadError(f"`target` {path} must hold exactly one tensor, found {len(tensors)}",
-                        hint="save one tensor of labels or targets")
+        raise LoadError(
+            f"`target` {path} must hold exactly one tensor, found {len(tensors)}",
+            hint="save one tensor of labels or targets",
+        )
     target: torch.Tensor = tensors[0]
     return target

@@ -96,8 +96,9 @@ def _index_range(model: onnx.ModelProto, name: str) -> tuple[float, float] | Non
     return None
 
 
-def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
-                      device: torch.device) -> tuple[ProbeInputs, list[str]]:
+def onnx_probe_inputs(
+    model: onnx.ModelProto, options: ProbeOptions, device: torch.device
+) -> tuple[ProbeInputs, list[str]]:
     """The probe's micro-batches for the graph's inputs, drawn exactly as the PyTorch probe
     draws them (same generator, same order), and notes on what was filled in."""
     import torch
@@ -123,9 +124,11 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
     notes: list[str] = []
     for graph_input in wanted:
         if 0 in graph_input.dims:
-            raise ProbeError(f"graph input '{graph_input.name}' declares a dimension of size 0 (axis "
-                             f"{graph_input.dims.index(0)}); onnxruntime runs it only on empty tensors",
-                             hint="export the model with a dynamic (symbolic or -1) dimension there")
+            raise ProbeError(
+                f"graph input '{graph_input.name}' declares a dimension of size 0 (axis "
+                f"{graph_input.dims.index(0)}); onnxruntime runs it only on empty tensors",
+                hint="export the model with a dynamic (symbolic or -1) dimension there",
+            )
     if inputs_options.input is not None:
         loaded = inputs_from_file(inputs_options, device)
         batches = []
@@ -134,24 +137,31 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
             named.update(batch.kwargs)
             missing = [w.name for w in wanted if w.name not in named]
             if missing:
-                raise UsageError(f"`input` does not provide the graph input(s) {', '.join(missing)}",
-                                 hint="save a tuple in graph-input order or a dict keyed by input name")
+                raise UsageError(
+                    f"`input` does not provide the graph input(s) {', '.join(missing)}",
+                    hint="save a tuple in graph-input order or a dict keyed by input name",
+                )
             batches.append(ProbeBatch((), named))
-        specs = tuple(replace(s, name=w.name) if s.name.startswith("input_") else s
-                      for s, w in zip(loaded.specs, wanted, strict=False))
+        specs = tuple(
+            replace(s, name=w.name) if s.name.startswith("input_") else s
+            for s, w in zip(loaded.specs, wanted, strict=False)
+        )
         return ProbeInputs(batches, specs, loaded.batch_size), notes
     if len(inputs_options.input_shape) > len(wanted):
-        raise UsageError(f"`input_shape` given {len(inputs_options.input_shape)} times, but the graph has "
-                         f"{len(wanted)} input(s): {', '.join(w.name for w in wanted)}",
-                         hint="give one `input_shape` per graph input, in order")
+        raise UsageError(
+            f"`input_shape` given {len(inputs_options.input_shape)} times, but the graph has "
+            f"{len(wanted)} input(s): {', '.join(w.name for w in wanted)}",
+            hint="give one `input_shape` per graph input, in order",
+        )
     batch_size = inputs_options.batch_size or DEFAULT_BATCH_SIZE
     positional = []
     for number, graph_input in enumerate(wanted):
         try:
             dtype = torch_dtype(graph_input.elem_type)
         except OpError as exc:
-            raise ProbeError(f"graph input '{graph_input.name}': {exc}",
-                             hint="gradcheck feeds float, integer and bool inputs") from exc
+            raise ProbeError(
+                f"graph input '{graph_input.name}': {exc}", hint="gradcheck feeds float, integer and bool inputs"
+            ) from exc
         if inputs_options.input_dtype and dtype.is_floating_point:
             dtype = parse_dtype(inputs_options.input_dtype)
         if number < len(inputs_options.input_shape):
@@ -169,8 +179,9 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
                 notes.append(f"input '{graph_input.name}' is all ones (an attention mask that masks nothing)")
         positional.append((shape, dtype, value_range))
     generator = torch.Generator().manual_seed(inputs_options.seed)
-    drawn = synthesise(positional, (), inputs_options, generator, device,
-                        source="file" if inputs_options.input else "synthesized")
+    drawn = synthesise(
+        positional, (), inputs_options, generator, device, source="file" if inputs_options.input else "synthesized"
+    )
     batches = [ProbeBatch((), {w.name: t for w, t in zip(wanted, batch.args, strict=False)}) for batch in drawn.batches]
     specs = tuple(replace(spec, name=w.name) for spec, w in zip(drawn.specs, wanted, strict=False))
     return ProbeInputs(batches, specs, drawn.batch_size), notes
@@ -179,11 +190,14 @@ def onnx_probe_inputs(model: onnx.ModelProto, options: ProbeOptions,
 def _check_fixed_dims(graph_input: GraphInput, shape: tuple[int, ...]) -> None:
     declared = "(" + ", ".join("?" if d is None else str(d) for d in graph_input.dims) + ")"
     fits = len(shape) == len(graph_input.dims) and all(
-        d is None or d == s for d, s in zip(graph_input.dims, shape, strict=False))
+        d is None or d == s for d, s in zip(graph_input.dims, shape, strict=False)
+    )
     if graph_input.dims and not fits:
-        raise UsageError(f"`input_shape` {','.join(map(str, shape))} does not fit graph input "
-                         f"'{graph_input.name}', declared as {declared} ('?' is free)",
-                         hint="re-export with dynamic axes to probe other sizes, or match the declared shape")
+        raise UsageError(
+            f"`input_shape` {','.join(map(str, shape))} does not fit graph input "
+            f"'{graph_input.name}', declared as {declared} ('?' is free)",
+            hint="re-export with dynamic axes to probe other sizes, or match the declared shape",
+        )
 
 
 def _filled_shape(graph_input: GraphInput, batch_size: int, notes: list[str]) -> tuple[int, ...]:
@@ -195,11 +209,14 @@ def _filled_shape(graph_input: GraphInput, batch_size: int, notes: list[str]) ->
             if axis > 0:
                 filled.append(axis)
     if dims and graph_input.dims[0] is not None and batch_size != dims[0]:
-        notes.append(f"input '{graph_input.name}' has a fixed batch dimension of {dims[0]}; `batch_size` "
-                     "does not apply to it")
+        notes.append(
+            f"input '{graph_input.name}' has a fixed batch dimension of {dims[0]}; `batch_size` does not apply to it"
+        )
     if filled:
-        notes.append(f"input '{graph_input.name}': symbolic dimension(s) {filled} set to "
-                     f"{DEFAULT_SYMBOLIC_DIM} (set them with `input_shape`)")
+        notes.append(
+            f"input '{graph_input.name}': symbolic dimension(s) {filled} set to "
+            f"{DEFAULT_SYMBOLIC_DIM} (set them with `input_shape`)"
+        )
     return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
 
@@ -223,14 +240,21 @@ def check_finite_initializers(model: onnx.ModelProto, path: Path) -> None:
         finite = np.isfinite(values)
         if not finite.all():
             what = "initializer" if source.node is None else "Constant"
-            raise LoadError(f"{path}: {what} '{name}' holds {int((~finite).sum())} NaN/Inf value(s) of "
-                            f"{values.size}", hint="restore a model from before training diverged, or pass "
-                            "`allow_nonfinite` to probe it anyway")
+            raise LoadError(
+                f"{path}: {what} '{name}' holds {int((~finite).sum())} NaN/Inf value(s) of {values.size}",
+                hint="restore a model from before training diverged, or pass `allow_nonfinite` to probe it anyway",
+            )
 
 
-def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | None = None,
-                   allow_nonfinite: bool = False, group_budget: int | None = None,
-                   in_graph: bool = True) -> Report:
+def run_onnx_probe(
+    path: Path,
+    options: ProbeOptions,
+    *,
+    progress: Progress | None = None,
+    allow_nonfinite: bool = False,
+    group_budget: int | None = None,
+    in_graph: bool = True,
+) -> Report:
     """Probe the ONNX model at ``path``: forward statistics from onnxruntime, gradients from the
     torch lowering, checked against each other on every micro-batch.
 
@@ -324,8 +348,9 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
         group_count = max(1, len(output_groups([v for v in exposed if v not in graph_outputs], sizes, budget)))
         total_steps[1] = len(inputs.batches) * (group_count + 1 + (reference is not None))
         try:
-            ort_pass = statistics_pass(model, exposed, feeds, record, sizes=sizes, budget=budget,
-                                       end_batch=recorder.end_batch, progress=step)
+            ort_pass = statistics_pass(
+                model, exposed, feeds, record, sizes=sizes, budget=budget, end_batch=recorder.end_batch, progress=step
+            )
         except ProbeError as exc:
             # A size gradcheck chose for a free dimension is the likeliest cause (PaddleOCR's
             # detector needs sides that are multiples of 32): say which, and how to set them.
@@ -339,32 +364,57 @@ def run_onnx_probe(path: Path, options: ProbeOptions, *, progress: Progress | No
             reference = ort_pass.outputs
     loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs)
 
-    lowering, grads = _lowered_gradients(model, opset, plan, inputs, reference, options, device, recorder,
-                                         by_value, step, sizes, budget)
+    lowering, grads = _lowered_gradients(
+        model, opset, plan, inputs, reference, options, device, recorder, by_value, step, sizes, budget
+    )
     if not lowering.ok:
         notes.append(f"gradients not reported: {lowering.reason}")
     param_grads, param_counts = grads
-    layers = recorder.layer_stats(param_grads, param_counts,
-                                  gradient_reason=None if lowering.ok else f"gradients not reported: {lowering.reason}")
+    layers = recorder.layer_stats(
+        param_grads, param_counts, gradient_reason=None if lowering.ok else f"gradients not reported: {lowering.reason}"
+    )
     summary = uncomputed_note(layers)
     if summary:
         notes.append(summary)
     if not layers:
         notes.append("no node produced a row: the graph has no parameters, normalisations or activations")
     probe = ProbeInfo(
-        inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches), seed=options.inputs.seed,
-        loss=loss_kind, loss_value=loss_value, mode="as-exported", device=str(device), output=output_label,
-        saturation_cutoff=options.saturation_cutoff, method="onnxruntime", lowering=lowering)
+        inputs=inputs.specs,
+        batch_size=inputs.batch_size,
+        batches=len(inputs.batches),
+        seed=options.inputs.seed,
+        loss=loss_kind,
+        loss_value=loss_value,
+        mode="as-exported",
+        device=str(device),
+        output=output_label,
+        saturation_cutoff=options.saturation_cutoff,
+        method="onnxruntime",
+        lowering=lowering,
+    )
     parameters = onnx_parameter_count(plan)
-    return Report(tool=ToolInfo(name="gradcheck", version=__version__),
-                  model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
-                  probe=probe, layers=tuple(layers), notes=tuple(notes),
-                  histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+    return Report(
+        tool=ToolInfo(name="gradcheck", version=__version__),
+        model=ModelInfo(path=str(path), format="onnx", parameters=parameters),
+        probe=probe,
+        layers=tuple(layers),
+        notes=tuple(notes),
+        histogram_edges=tuple(histogram_edges()) if options.histograms else None,
+    )
 
 
-def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values: list[str],
-                     types: dict[str, ValueType], feeds: list[dict[str, Any]], options: ProbeOptions,
-                     recorder: Recorder, rows: dict[str, Row], attention: set[str]) -> ReducedPass:
+def _reduce_in_graph(
+    model: onnx.ModelProto,
+    opset: int,
+    plan: GraphPlan,
+    values: list[str],
+    types: dict[str, ValueType],
+    feeds: list[dict[str, Any]],
+    options: ProbeOptions,
+    recorder: Recorder,
+    rows: dict[str, Row],
+    attention: set[str],
+) -> ReducedPass:
     """Statistics of every reducible value from one run per micro-batch of the graph with reduction
     nodes added; the values left in ``exposed`` (attention probabilities, NaN/Inf, unknown rank)
     are for the caller's exposing path."""
@@ -395,8 +445,9 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
             wants.setdefault(p.input, ValueRequest(p.input))
             norm_inputs.setdefault(p.input, []).append(rows[p.name])
     reducible = [v for v in values if v not in whole]
-    reduced = reduced_statistics_pass(model, reducible, wants, types, feeds, opset=opset,
-                                      cutoff=options.saturation_cutoff)
+    reduced = reduced_statistics_pass(
+        model, reducible, wants, types, feeds, opset=opset, cutoff=options.saturation_cutoff
+    )
     reduced.exposed += [v for v in values if v in whole]
     for value, reason in reduced.skipped.items():
         for row, _, _ in by_value.get(value, []):
@@ -414,18 +465,25 @@ def _reduce_in_graph(model: onnx.ModelProto, opset: int, plan: GraphPlan, values
 
 
 def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:
-    return recorder.row(plan.name, type=plan.type, kind=plan.kind, module=plan.module, fn=plan.fn,
-                        fn_params=plan.fn_params, channel_first=plan.channel_first,
-                        param_names=tuple(plan.params))
+    return recorder.row(
+        plan.name,
+        type=plan.type,
+        kind=plan.kind,
+        module=plan.module,
+        fn=plan.fn,
+        fn_params=plan.fn_params,
+        channel_first=plan.channel_first,
+        param_names=tuple(plan.params),
+    )
 
 
-def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOptions,
-                    inputs: ProbeInputs) -> tuple[float | None, str, str]:
+def _reference_loss(
+    reference: list[dict[str, torch.Tensor]], options: ProbeOptions, inputs: ProbeInputs
+) -> tuple[float | None, str, str]:
     """The probe loss on onnxruntime's outputs (the real graph), with the PyTorch probe's rules."""
     from gradcheck_cli.probe.loss import LossFunction, select_output
 
-    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target)
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed, target_file=options.target)
     total = 0.0
     label = "output"
     for outputs in reference:
@@ -436,10 +494,20 @@ def _reference_loss(reference: list[dict[str, torch.Tensor]], options: ProbeOpti
     return (total if math.isfinite(total) else None), label, str(loss_fn.kind)
 
 
-def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inputs: ProbeInputs,
-                       reference: list[dict[str, torch.Tensor]], options: ProbeOptions, device: torch.device,
-                       recorder: Recorder, by_value: dict[str, list[Row]], step: Callable[[], None],
-                       sizes: dict[str, int], budget: int | None) -> tuple[LoweringCheck, ParamGrads]:
+def _lowered_gradients(
+    model: onnx.ModelProto,
+    opset: int,
+    plan: GraphPlan,
+    inputs: ProbeInputs,
+    reference: list[dict[str, torch.Tensor]],
+    options: ProbeOptions,
+    device: torch.device,
+    recorder: Recorder,
+    by_value: dict[str, list[Row]],
+    step: Callable[[], None],
+    sizes: dict[str, int],
+    budget: int | None,
+) -> tuple[LoweringCheck, ParamGrads]:
     """Forward and backward through the lowering; null gradients (with the reason) when the
     lowering cannot run the graph or disagrees with onnxruntime."""
     import torch
@@ -449,8 +517,9 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     from gradcheck_cli.probe.run import parameter_gradients
 
     missing = unsupported_ops(model, opset)
-    lowered = LoweredGraph(model, opset=opset, trainable=plan.trainable, device=device, leaves=plan.leaves,
-                           uses=plan.uses)
+    lowered = LoweredGraph(
+        model, opset=opset, trainable=plan.trainable, device=device, leaves=plan.leaves, uses=plan.uses
+    )
     row_params = {p.name: [lowered.parameters[n] for n in p.params] for p in plan.rows if p.params}
     tolerance: float | None = None
 
@@ -462,13 +531,16 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
             for t in tensors:
                 t.grad = None
         grads, counts = parameter_gradients(row_params)
-        return (LoweringCheck(ok=False, max_abs_error=error, tolerance=tolerance, unsupported_ops=tuple(missing),
-                              reason=reason), ({k: (None, w) for k, (_, w) in grads.items()}, counts))
+        return (
+            LoweringCheck(
+                ok=False, max_abs_error=error, tolerance=tolerance, unsupported_ops=tuple(missing), reason=reason
+            ),
+            ({k: (None, w) for k, (_, w) in grads.items()}, counts),
+        )
 
     if missing:
         return failed(f"the lowering does not support {', '.join(missing)}")
-    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target)
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed, target_file=options.target)
     worst = (0.0, math.inf)  # (error, allowed) of the output closest to its tolerance
 
     def watch(name: str, value: torch.Tensor) -> None:
@@ -489,8 +561,11 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
                     if error > allowed:
                         tolerance = allowed
                         culprit = _first_divergent_row(model, plan, lowered, batch.kwargs, sizes, budget)
-                        return failed(f"the lowered forward differs from onnxruntime at output '{name}' by "
-                                      f"{error:.3g} (tolerance {allowed:.3g}){culprit}", error)
+                        return failed(
+                            f"the lowered forward differs from onnxruntime at output '{name}' by "
+                            f"{error:.3g} (tolerance {allowed:.3g}){culprit}",
+                            error,
+                        )
                     if error * worst[1] >= worst[0] * allowed:  # error/allowed, without dividing by 0
                         worst = (error, allowed)
                 selected, _ = select_output(outputs, options.model_output)
@@ -507,8 +582,13 @@ def _lowered_gradients(model: onnx.ModelProto, opset: int, plan: GraphPlan, inpu
     for tensors in row_params.values():
         for t in tensors:
             t.grad = None
-    return LoweringCheck(ok=True, max_abs_error=worst[0], tolerance=worst[1] if math.isfinite(worst[1]) else None,
-                         unsupported_ops=(), reason=None), (grads, counts)
+    return LoweringCheck(
+        ok=True,
+        max_abs_error=worst[0],
+        tolerance=worst[1] if math.isfinite(worst[1]) else None,
+        unsupported_ops=(),
+        reason=None,
+    ), (grads, counts)
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -531,8 +611,14 @@ def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return error, LOWERING_ATOL + LOWERING_RTOL * scale
 
 
-def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, feeds: dict[str, torch.Tensor],
-                         sizes: dict[str, int], budget: int | None) -> str:
+def _first_divergent_row(
+    model: onnx.ModelProto,
+    plan: GraphPlan,
+    lowered: Any,
+    feeds: dict[str, torch.Tensor],
+    sizes: dict[str, int],
+    budget: int | None,
+) -> str:
     """Name the first row (in node order) whose lowered value differs from onnxruntime's on this
     micro-batch, so the report says which op to look at. Runs only when the outputs disagree;
     values are compared group by group, so memory stays bounded as in the statistics pass."""
@@ -547,8 +633,9 @@ def _first_divergent_row(model: onnx.ModelProto, plan: GraphPlan, lowered: Any, 
         wanted = set(group)
         kept: dict[str, torch.Tensor] = {}
 
-        def keep(name: str, value: torch.Tensor, wanted: set[str] = wanted,
-                 kept: dict[str, torch.Tensor] = kept) -> None:
+        def keep(
+            name: str, value: torch.Tensor, wanted: set[str] = wanted, kept: dict[str, torch.Tensor] = kept
+        ) -> None:
             if name in wanted:
                 kept[name] = value.detach().cpu()
 

@@ -50,8 +50,17 @@ FLOAT, FLOAT16, DOUBLE, BFLOAT16 = 1, 10, 11, 16
 _FLOATS = {FLOAT, FLOAT16, DOUBLE, BFLOAT16}
 # ONNX element types that are neither floating nor reducible: integers and bool (skipped, as the
 # torch path skips them), by the name torch gives them, for the row's reason.
-_NOT_FLOAT = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-              12: "uint32", 13: "uint64"}
+_NOT_FLOAT = {
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    12: "uint32",
+    13: "uint64",
+}
 _PREFIX = "gradcheck_reduce"
 
 # A saturating function and the parameters that move its saturation region (sorted pairs).
@@ -106,8 +115,9 @@ def saturation_spec(fn: str, params: dict[str, float]) -> SaturationSpec:
     return fn, tuple(sorted(params.items()))
 
 
-def requests_for(values: Sequence[str], types: dict[str, ValueType], initializers: set[str],
-                 wants: dict[str, ValueRequest]) -> tuple[list[ValueRequest], list[str], dict[str, str]]:
+def requests_for(
+    values: Sequence[str], types: dict[str, ValueType], initializers: set[str], wants: dict[str, ValueRequest]
+) -> tuple[list[ValueRequest], list[str], dict[str, str]]:
     """Split ``values`` into in-graph requests, values for the old path, and skipped values."""
     reducible: list[ValueRequest] = []
     exposed: list[str] = []
@@ -119,8 +129,12 @@ def requests_for(values: Sequence[str], types: dict[str, ValueType], initializer
             exposed.append(name)
         elif value_type.elem_type in _NOT_FLOAT:
             skipped[name] = f"the output is {_NOT_FLOAT[value_type.elem_type]}, not floating point"
-        elif (value_type.elem_type not in _FLOATS or value_type.dims is None or 0 in value_type.dims
-              or any(axis >= max(len(value_type.dims), 1) for axis in request.unit_axes)):
+        elif (
+            value_type.elem_type not in _FLOATS
+            or value_type.dims is None
+            or 0 in value_type.dims
+            or any(axis >= max(len(value_type.dims), 1) for axis in request.unit_axes)
+        ):
             exposed.append(name)
         else:
             reducible.append(request)
@@ -233,8 +247,15 @@ MAX_ROW = 2048
 MIN_ROW = 64  # shorter rows would return most of the tensor
 
 
-def reduced_model(model: onnx.ModelProto, requests: Sequence[ValueRequest], types: dict[str, ValueType], *,
-                  opset: int, cutoff: float, centred: bool = False) -> tuple[onnx.ModelProto, dict[str, _Outputs]]:
+def reduced_model(
+    model: onnx.ModelProto,
+    requests: Sequence[ValueRequest],
+    types: dict[str, ValueType],
+    *,
+    opset: int,
+    cutoff: float,
+    centred: bool = False,
+) -> tuple[onnx.ModelProto, dict[str, _Outputs]]:
     """A copy of ``model`` whose only outputs are its own plus the reductions of each request.
 
     Each value is reduced, and its buffer free for reuse, as soon as the node that produces it
@@ -280,8 +301,9 @@ def reduced_model(model: onnx.ModelProto, requests: Sequence[ValueRequest], type
     return reduced, names
 
 
-def _reduce_value(builder: _Builder, request: ValueRequest, value_type: ValueType, cutoff: float, *,
-                  centred: bool) -> _Outputs:
+def _reduce_value(
+    builder: _Builder, request: ValueRequest, value_type: ValueType, cutoff: float, *, centred: bool
+) -> _Outputs:
     assert value_type.dims is not None
     rank = len(value_type.dims)
     x = request.name
@@ -306,20 +328,29 @@ def _reduce_value(builder: _Builder, request: ValueRequest, value_type: ValueTyp
     if centred:
         shift = builder.reduce("ReduceMean", rows, [1], "mean", keepdims=1)
         deviations = builder.node("Sub", [rows, shift], "centred")
-    out = _Outputs(shape=builder.node("Shape", [request.name], "shape"), shift=shift,
-                   total=builder.reduce("ReduceSum", deviations, [1], "total"),
-                   squares=builder.reduce("ReduceSumSquare", deviations, [1], "squares"))
+    out = _Outputs(
+        shape=builder.node("Shape", [request.name], "shape"),
+        shift=shift,
+        total=builder.reduce("ReduceSum", deviations, [1], "total"),
+        squares=builder.reduce("ReduceSumSquare", deviations, [1], "squares"),
+    )
     if centred:  # the second pass for values whose mean dwarfs their spread: moments only
         return out
     for axis in sorted(request.unit_axes):
         if axis == rank - 1:  # (rest, units): reduce the columns
             columns = flat(max(rank - 1, 0))
-            out.units[axis] = (builder.reduce("ReduceMin", columns, [0], "unit_min"),
-                               builder.reduce("ReduceMax", columns, [0], "unit_max"), True)
+            out.units[axis] = (
+                builder.reduce("ReduceMin", columns, [0], "unit_min"),
+                builder.reduce("ReduceMax", columns, [0], "unit_max"),
+                True,
+            )
         else:  # (leading x units, rest): reduce the rows, finish per unit on the host
             blocks = flat(axis + 1)
-            out.units[axis] = (builder.reduce("ReduceMin", blocks, [1], "row_min"),
-                               builder.reduce("ReduceMax", blocks, [1], "row_max"), False)
+            out.units[axis] = (
+                builder.reduce("ReduceMin", blocks, [1], "row_min"),
+                builder.reduce("ReduceMax", blocks, [1], "row_max"),
+                False,
+            )
     if not out.units:
         out.low = builder.reduce("ReduceMin", rows, None, "min")
         out.high = builder.reduce("ReduceMax", rows, None, "max")
@@ -358,8 +389,17 @@ def _finish(out: _Outputs, arrays: dict[str, np.ndarray]) -> ValueStats | None:
     if not (math.isfinite(minimum) and math.isfinite(maximum)):
         return None
     saturated = {spec: int(arrays[name].astype(np.int64).sum()) for spec, name in out.saturated.items()}
-    return ValueStats(shape=shape, count=count, mean=mean, m2=m2, minimum=minimum, maximum=maximum,
-                      unit_extremes=units, saturated=saturated, cancelled=cancelled)
+    return ValueStats(
+        shape=shape,
+        count=count,
+        mean=mean,
+        m2=m2,
+        minimum=minimum,
+        maximum=maximum,
+        unit_extremes=units,
+        saturated=saturated,
+        cancelled=cancelled,
+    )
 
 
 def _moments(out: _Outputs, arrays: dict[str, np.ndarray], count: int) -> tuple[float, float, bool] | None:
@@ -407,9 +447,16 @@ def session_options(ort: Any) -> Any:
     return options
 
 
-def reduced_statistics_pass(model: onnx.ModelProto, values: Sequence[str], wants: dict[str, ValueRequest],
-                            types: dict[str, ValueType], feeds: Sequence[dict[str, Any]], *, opset: int,
-                            cutoff: float) -> ReducedPass:
+def reduced_statistics_pass(
+    model: onnx.ModelProto,
+    values: Sequence[str],
+    wants: dict[str, ValueRequest],
+    types: dict[str, ValueType],
+    feeds: Sequence[dict[str, Any]],
+    *,
+    opset: int,
+    cutoff: float,
+) -> ReducedPass:
     """One session, one run per micro-batch: the graph outputs plus every reducible value's statistics."""
     import onnxruntime as ort
     import torch
@@ -424,8 +471,10 @@ def reduced_statistics_pass(model: onnx.ModelProto, values: Sequence[str], wants
         session = ort.InferenceSession(data, session_options(ort), providers=["CPUExecutionProvider"])
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ProbeError(f"onnxruntime could not load the graph: {text}",
-                         hint="check the model with `python -m onnx.checker` or re-export it") from exc
+        raise ProbeError(
+            f"onnxruntime could not load the graph: {text}",
+            hint="check the model with `python -m onnx.checker` or re-export it",
+        ) from exc
     del data
     graph_outputs = [o.name for o in model.graph.output]
     per_batch: list[dict[str, Any]] = []
@@ -436,8 +485,10 @@ def reduced_statistics_pass(model: onnx.ModelProto, values: Sequence[str], wants
             arrays = dict(zip(output_names, session.run(output_names, feed), strict=True))
         except Exception as exc:
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ProbeError(f"onnxruntime failed on the probe batch: {text}",
-                             hint="check the probe inputs with `input_shape`/`input_dtype`") from exc
+            raise ProbeError(
+                f"onnxruntime failed on the probe batch: {text}",
+                hint="check the probe inputs with `input_shape`/`input_dtype`",
+            ) from exc
         per_batch.append({name: torch.from_numpy(arrays[name]) for name in graph_outputs})
         for name, out in names.items():
             finished = _finish(out, arrays)
@@ -449,15 +500,23 @@ def reduced_statistics_pass(model: onnx.ModelProto, values: Sequence[str], wants
         del stats[name]
     cancelled = [name for name, per_batch in stats.items() if any(s.cancelled for s in per_batch)]
     if cancelled:
-        _centred_moments(model, [r for r in requests if r.name in cancelled], types, feeds, stats,
-                         opset=opset, cutoff=cutoff)
+        _centred_moments(
+            model, [r for r in requests if r.name in cancelled], types, feeds, stats, opset=opset, cutoff=cutoff
+        )
     exposed += [name for name in values if name in nonfinite]
     return ReducedPass(outputs=per_batch, stats=stats, exposed=exposed, skipped=skipped)
 
 
-def _centred_moments(model: onnx.ModelProto, requests: Sequence[ValueRequest], types: dict[str, ValueType],
-                     feeds: Sequence[dict[str, Any]], stats: dict[str, list[ValueStats]], *, opset: int,
-                     cutoff: float) -> None:
+def _centred_moments(
+    model: onnx.ModelProto,
+    requests: Sequence[ValueRequest],
+    types: dict[str, ValueType],
+    feeds: Sequence[dict[str, Any]],
+    stats: dict[str, list[ValueStats]],
+    *,
+    opset: int,
+    cutoff: float,
+) -> None:
     """Replace the moments of ``requests`` by centred ones, from one more run per micro-batch:
     each row is centred on its own float32 mean before its squares are summed (a mean of 1e4
     with a spread of 1 is the case this is for)."""
@@ -468,8 +527,9 @@ def _centred_moments(model: onnx.ModelProto, requests: Sequence[ValueRequest], t
     reduced, names = reduced_model(model, requests, types, opset=opset, cutoff=cutoff, centred=True)
     output_names = [o.name for o in reduced.graph.output]
     try:
-        session = ort.InferenceSession(reduced.SerializeToString(), session_options(ort),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            reduced.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"]
+        )
         runs = [session.run(output_names, feed) for feed in feeds]
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

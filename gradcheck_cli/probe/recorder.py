@@ -113,8 +113,12 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
     """
     import torch
 
-    if (values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.is_contiguous()
-            and values.data_ptr() % 64 == 0):
+    if (
+        values.device.type == "cpu"
+        and values.dtype in (torch.float32, torch.float64)
+        and values.is_contiguous()
+        and values.data_ptr() % 64 == 0
+    ):
         flat = values.reshape(-1)
         return torch.dot(flat, flat).to(torch.float64)
     accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
@@ -133,8 +137,7 @@ def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
         flat = values.reshape(-1)
         whole = flat.numel() // _NORM_ROW * _NORM_ROW
         native = _native_rows(values) and whole >= _NATIVE_ROWS * _NORM_ROW
-        rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1,
-                                        dtype=None if native else accumulate)
+        rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1, dtype=None if native else accumulate)
         total: torch.Tensor = rows.to(torch.float64).square().sum()
         if whole < flat.numel():
             total = total + torch.linalg.vector_norm(flat[whole:], dtype=accumulate).to(torch.float64).square()
@@ -263,8 +266,9 @@ class Recorder:
             saturated = (top * (1 - top) < self.saturation_cutoff * 0.25).sum()
             per_head = entropy.sum(dim=(0, 2))
             row.attention_entropy = per_head if row.attention_entropy is None else row.attention_entropy + per_head
-            row.attention_saturated = (saturated if row.attention_saturated is None
-                                       else row.attention_saturated + saturated)
+            row.attention_saturated = (
+                saturated if row.attention_saturated is None else row.attention_saturated + saturated
+            )
             row.attention_rows += int(entropy.numel())
             row.attention_keys = int(p.shape[-1])
 
@@ -294,8 +298,7 @@ class Recorder:
             if self.histograms:
                 if reduced.histogram is None:
                     reduced.histogram = self._histogram(y.reshape(-1), reduced.n_nan)
-                row.hist_output = (reduced.histogram if row.hist_output is None
-                                   else row.hist_output + reduced.histogram)
+                row.hist_output = reduced.histogram if row.hist_output is None else row.hist_output + reduced.histogram
             if axis is not None:
                 low, high = reduced.per_unit[axis]
                 nonzero = (low != 0) | (high != 0)
@@ -345,8 +348,9 @@ class Recorder:
             counts = torch.stack([y.numel() - n_nan - n_inf, n_nan, n_inf]).to(torch.float64)
         moments = torch.stack([mean, var * y.numel(), low, high]).to(torch.float64)
         vector = torch.cat([counts[:1], moments, counts[1:]])
-        return _Reduced(source=weakref.ref(output), version=output._version, vector=vector, n_nan=n_nan,
-                        per_unit=per_unit)
+        return _Reduced(
+            source=weakref.ref(output), version=output._version, vector=vector, n_nan=n_nan, per_unit=per_unit
+        )
 
     def _watch_gradient(self, row: Row, output: torch.Tensor) -> None:
         """One gradient hook per tensor, whichever rows share it: its norm is computed once."""
@@ -407,7 +411,7 @@ class Recorder:
                 row.has_grad = True
                 offset += 1
                 continue
-            chunk = values[offset:offset + 8]
+            chunk = values[offset : offset + 8]
             offset += 8
             n_finite = int(chunk[_COUNT])
             row.nan += int(chunk[_NAN])
@@ -418,10 +422,13 @@ class Recorder:
             else:
                 row.moments.count += n_finite
 
-    def layer_stats(self, param_grads: dict[str, tuple[float | None, float]],
-                    param_counts: dict[str, int],
-                    through_time: dict[str, ThroughTime] | None = None,
-                    gradient_reason: str | None = None) -> list[LayerStats]:
+    def layer_stats(
+        self,
+        param_grads: dict[str, tuple[float | None, float]],
+        param_counts: dict[str, int],
+        through_time: dict[str, ThroughTime] | None = None,
+        gradient_reason: str | None = None,
+    ) -> list[LayerStats]:
         """Finished rows; ``param_grads`` maps a row name to (grad norm, weight norm).
 
         ``gradient_reason`` explains every missing gradient at once (e.g. an ONNX lowering that
@@ -434,14 +441,18 @@ class Recorder:
             dead = None
             if row.fn in RELU_FAMILY and row.alive is not None:
                 alive = row.alive.cpu()
-                dead = DeadUnits(units=int((~alive).sum()), total=int(alive.numel()),
-                                 axis=row.axis if len(row.shape) <= 2 or row.axis == 1 else -1)
+                dead = DeadUnits(
+                    units=int((~alive).sum()),
+                    total=int(alive.numel()),
+                    axis=row.axis if len(row.shape) <= 2 or row.axis == 1 else -1,
+                )
             saturation = None
             if row.fn in SATURATING and total:
                 saturation = Saturation(fraction=row.saturated / total, cutoff=self.saturation_cutoff)
             elif row.attention_rows and row.attention_saturated is not None:
-                saturation = Saturation(fraction=float(row.attention_saturated) / row.attention_rows,
-                                        cutoff=self.saturation_cutoff)
+                saturation = Saturation(
+                    fraction=float(row.attention_saturated) / row.attention_rows, cutoff=self.saturation_cutoff
+                )
             grad = None
             if row.name in param_grads:
                 grad_norm, weight_norm = param_grads[row.name]
@@ -451,26 +462,41 @@ class Recorder:
             if self.histograms and (row.hist_output is not None or row.hist_grad is not None):
                 histogram = Histograms(
                     output=tuple(int(c) for c in row.hist_output.tolist()) if row.hist_output is not None else None,
-                    output_grad=tuple(int(c) for c in row.hist_grad.tolist()) if row.hist_grad is not None else None)
+                    output_grad=tuple(int(c) for c in row.hist_grad.tolist()) if row.hist_grad is not None else None,
+                )
             reasons: dict[str, str] = {}
             if not row.seen_output:
                 reasons["output"] = row.skip_reason or "the row produced no tensor output"
             if not row.has_grad:
                 reasons["output_grad_norm"] = gradient_reason or (
-                    "no gradient reached this output: the loss does not depend on it" if row.wants_grad
-                    else "the output does not require a gradient: nothing trainable feeds it")
+                    "no gradient reached this output: the loss does not depend on it"
+                    if row.wants_grad
+                    else "the output does not require a gradient: nothing trainable feeds it"
+                )
             if grad is not None and grad.norm is None:
                 reasons["grad"] = gradient_reason or "the row's parameters received no gradient"
-            out.append(LayerStats(
-                index=len(out), name=row.name, type=row.type, kind=row.kind, module=row.module,
-                shape=row.shape, output=output,
-                output_grad_norm=math.sqrt(row.grad_sumsq) if row.has_grad else None,
-                fn=row.fn, dead=dead, saturation=saturation, grad=grad,
-                params=param_counts.get(row.name, 0), histograms=histogram,
-                through_time=(through_time or {}).get(row.name),
-                input=_output_stats(row.input_row) if row.input_row is not None else None,
-                attention=_attention_stats(row), reasons=reasons,
-            ))
+            out.append(
+                LayerStats(
+                    index=len(out),
+                    name=row.name,
+                    type=row.type,
+                    kind=row.kind,
+                    module=row.module,
+                    shape=row.shape,
+                    output=output,
+                    output_grad_norm=math.sqrt(row.grad_sumsq) if row.has_grad else None,
+                    fn=row.fn,
+                    dead=dead,
+                    saturation=saturation,
+                    grad=grad,
+                    params=param_counts.get(row.name, 0),
+                    histograms=histogram,
+                    through_time=(through_time or {}).get(row.name),
+                    input=_output_stats(row.input_row) if row.input_row is not None else None,
+                    attention=_attention_stats(row),
+                    reasons=reasons,
+                )
+            )
         return out
 
 
@@ -482,7 +508,8 @@ def _output_stats(row: Row) -> OutputStats:
         var=row.moments.variance if clean else None,
         min=row.moments.minimum if clean else None,
         max=row.moments.maximum if clean else None,
-        nan=row.nan, inf=row.inf,
+        nan=row.nan,
+        inf=row.inf,
     )
 
 
@@ -500,5 +527,4 @@ def uncomputed_note(layers: list[LayerStats]) -> str | None:
     count = sum(1 for row in layers if row.reasons)
     if not count:
         return None
-    return (f"{count} of {len(layers)} rows have values that could not be computed (null); "
-            "each row's `reasons` says why")
+    return f"{count} of {len(layers)} rows have values that could not be computed (null); each row's `reasons` says why"

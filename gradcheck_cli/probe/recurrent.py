@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 # The horizon is the number of steps back from the last step over which |dL/dh_t| stays at or
 # above this fraction of its value at the last step.
 HORIZON_FRACTION = 0.01
-GATE_NAMES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new"),
-              "RNN": ("hidden",)}
+GATE_NAMES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new"), "RNN": ("hidden",)}
 RECURRENT_TYPES = frozenset(GATE_NAMES)
 
 
@@ -115,16 +114,19 @@ class RecurrentUnroller:
         self.trace.max_abs_error = max(self.trace.max_abs_error, error)
         self.trace.tolerance = _tolerance(reference)
         if not error <= self.trace.tolerance:
-            self.trace.declined = (f"the unrolled equations differ from the fused layer by {error:.3g} "
-                                   f"(tolerance {self.trace.tolerance:.3g}); through-time data withheld")
+            self.trace.declined = (
+                f"the unrolled equations differ from the fused layer by {error:.3g} "
+                f"(tolerance {self.trace.tolerance:.3g}); through-time data withheld"
+            )
             for direction in self.trace.directions:
                 direction.pending.clear()
             return None
         self._commit()
         return (rebuilt, finals)
 
-    def _unroll(self, sequence: torch.Tensor, hx: Any, lengths: torch.Tensor | None,
-                unbatched: bool) -> tuple[torch.Tensor, Any]:
+    def _unroll(
+        self, sequence: torch.Tensor, hx: Any, lengths: torch.Tensor | None, unbatched: bool
+    ) -> tuple[torch.Tensor, Any]:
         import torch
 
         m = self.module
@@ -148,8 +150,11 @@ class RecurrentUnroller:
         layer_input = sequence
         final_h, final_c = [], []
         if not self.trace.directions:
-            self.trace.directions = [_Direction(layer=index, direction="forward" if d == 0 else "reverse")
-                                     for index in range(layers) for d in range(dirs)]
+            self.trace.directions = [
+                _Direction(layer=index, direction="forward" if d == 0 else "reverse")
+                for index in range(layers)
+                for d in range(dirs)
+            ]
         for layer in range(layers):
             outputs = []
             for d in range(dirs):
@@ -159,9 +164,9 @@ class RecurrentUnroller:
                 b_hh = getattr(m, "bias_hh" + suffix, None) if m.bias else None
                 index = layer * dirs + d
                 record = self.trace.directions[index]
-                hs, h_last, c_last = self._run_direction(layer_input, w_ih, w_hh, b_ih, b_hh,
-                                                          h0[index], c0[index], mask, reverse=d == 1,
-                                                          record=record)
+                hs, h_last, c_last = self._run_direction(
+                    layer_input, w_ih, w_hh, b_ih, b_hh, h0[index], c0[index], mask, reverse=d == 1, record=record
+                )
                 outputs.append(hs)
                 final_h.append(h_last)
                 final_c.append(c_last)
@@ -174,10 +179,20 @@ class RecurrentUnroller:
             layer_input = layer_input * mask
         return layer_input, ((h_n, c_n) if self.kind == "LSTM" else h_n)
 
-    def _run_direction(self, xs: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                       b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, h: torch.Tensor, c: torch.Tensor,
-                       mask: torch.Tensor | None, *, reverse: bool,
-                       record: _Direction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run_direction(
+        self,
+        xs: torch.Tensor,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor | None,
+        b_hh: torch.Tensor | None,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        reverse: bool,
+        record: _Direction,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch
         import torch.nn.functional as F
 
@@ -195,8 +210,10 @@ class RecurrentUnroller:
                 i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                 c_new = f * c + i * g
                 h_new = o * torch.tanh(c_new)
-                self._gates(record, {"input": (i, "sigmoid"), "forget": (f, "sigmoid"), "cell": (g, "tanh"),
-                                     "output": (o, "sigmoid")})
+                self._gates(
+                    record,
+                    {"input": (i, "sigmoid"), "forget": (f, "sigmoid"), "cell": (g, "tanh"), "output": (o, "sigmoid")},
+                )
             elif self.kind == "GRU":
                 x_r, x_z, x_n = projected[t].chunk(3, dim=-1)
                 h_r, h_z, h_n = recurrent.chunk(3, dim=-1)
@@ -257,7 +274,7 @@ def _repack(out_seq: torch.Tensor, like: Any) -> Any:
     from torch.nn.utils.rnn import PackedSequence
 
     ordered = out_seq if like.sorted_indices is None else out_seq.index_select(1, like.sorted_indices)
-    chunks = [ordered[t, :int(size)] for t, size in enumerate(like.batch_sizes)]
+    chunks = [ordered[t, : int(size)] for t, size in enumerate(like.batch_sizes)]
     return PackedSequence(torch.cat(chunks), like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 

@@ -72,10 +72,16 @@ def run_probe(loaded: LoadedModel, options: ProbeOptions, *, progress: Progress 
             ranks.close()
 
 
-def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device, ranks: Ranks | None,
-               progress: Progress | None) -> Report:
-    inputs = probe_inputs(loaded.module, options.inputs, device=device,
-                          example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+def _run_probe(
+    loaded: LoadedModel, options: ProbeOptions, device: torch.device, ranks: Ranks | None, progress: Progress | None
+) -> Report:
+    inputs = probe_inputs(
+        loaded.module,
+        options.inputs,
+        device=device,
+        example_args=loaded.example_args,
+        example_kwargs=loaded.example_kwargs,
+    )
     if ranks is None:
         inputs, split_note = _fit_memory(loaded.module, inputs, options)
     else:
@@ -83,9 +89,11 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
         split_note = None
         check_shares(inputs.batches, ranks)
     if not any(p.dtype.is_floating_point for p in loaded.module.parameters()):
-        raise ProbeError("the model has no floating-point parameters, so its output does not depend on any "
-                         "parameter: there is no gradient to measure",
-                         hint="probe a model with trainable layers (a bare activation has nothing to train)")
+        raise ProbeError(
+            "the model has no floating-point parameters, so its output does not depend on any "
+            "parameter: there is no gradient to measure",
+            hint="probe a model with trainable layers (a bare activation has nothing to train)",
+        )
     module, instrument_kind, notes = _runnable(loaded, options, inputs.batches[0])
     notes.extend(inputs.notes)
     if split_note:
@@ -95,22 +103,30 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
         notes.append(dtype_note)
     if ranks is not None:
         if instrument_kind != "eager":
-            raise UsageError("under torchrun, only eager PyTorch models can be sharded",
-                             hint="probe exported programs and TorchScript archives in one process")
+            raise UsageError(
+                "under torchrun, only eager PyTorch models can be sharded",
+                hint="probe exported programs and TorchScript archives in one process",
+            )
         shard_model(module, ranks)
-        notes.append(f"sharded with FSDP2 across {ranks.world} processes; each ran its share of every "
-                     "micro-batch and the statistics were merged exactly")
+        notes.append(
+            f"sharded with FSDP2 across {ranks.world} processes; each ran its share of every "
+            "micro-batch and the statistics were merged exactly"
+        )
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
     instrument: EagerInstrument | GraphInstrument = (
-        GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder))
-    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed,
-                           target_file=options.target)
+        GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder)
+    )
+    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed, target_file=options.target)
     reducer = GradientReducer(module.parameters(), batches=len(inputs.batches))
     loss_total = 0.0
     output_label = "output"
     offset = 0
-    with _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed), \
-            instrument.attached(), reducer.attached(), _checkpointing(module, options.activation_checkpointing):
+    with (
+        _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed),
+        instrument.attached(),
+        reducer.attached(),
+        _checkpointing(module, options.activation_checkpointing),
+    ):
         for index, whole in enumerate(inputs.batches):
             batch, start = (whole, 0) if ranks is None else local_share(whole, ranks)
             loss_fn.seek(offset + start)
@@ -126,8 +142,11 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                     loss_fn.kind = LossKind.MODEL
                 else:
                     if options.loss is LossKind.MODEL:
-                        raise UsageError("`loss` model needs a model that computes its own loss from labels "
-                                         "(a transformers LM head)", hint="use `loss` auto, cross_entropy or mse")
+                        raise UsageError(
+                            "`loss` model needs a model that computes its own loss from labels "
+                            "(a transformers LM head)",
+                            hint="use `loss` auto, cross_entropy or mse",
+                        )
                     selected, output_label = select_output(output, options.model_output)
                     loss = loss_fn(selected)
                     del selected
@@ -138,21 +157,25 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
                     with instrument.paused():
                         loss.backward()
                 except RuntimeError as exc:
-                    raise ProbeError(f"the backward pass failed: {first_line(exc)}",
-                                     hint="pass `debug` for the traceback") from exc
+                    raise ProbeError(
+                        f"the backward pass failed: {first_line(exc)}", hint="pass `debug` for the traceback"
+                    ) from exc
                 reducer.end_backward()
                 loss_total += float(loss.detach())
                 del loss
                 if watched and not _any_input_gradient(watched):
-                    notes.append("the loss does not depend on the model's inputs: every gradient with respect to "
-                                 "them is zero (a model that ignores its input, or an output cut off from it)")
+                    notes.append(
+                        "the loss does not depend on the model's inputs: every gradient with respect to "
+                        "them is zero (a model that ignores its input, or an output cut off from it)"
+                    )
                 recorder.end_batch()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
         param_grads, param_counts = parameter_gradients(instrument.row_params, reducer, ranks)
     if ranks is not None:
-        merge_rows(recorder, ranks, [local_share(b, ranks)[0].size for b in inputs.batches],
-                   [b.size for b in inputs.batches])
+        merge_rows(
+            recorder, ranks, [local_share(b, ranks)[0].size for b in inputs.batches], [b.size for b in inputs.batches]
+        )
         loss_total = float(sum_across(_float64(loss_total), ranks))
     traces = through_time_records(instrument.unrollers) if isinstance(instrument, EagerInstrument) else {}
 
@@ -163,23 +186,37 @@ def _run_probe(loaded: LoadedModel, options: ProbeOptions, device: torch.device,
     if summary:
         notes.append(summary)
     if not layers:
-        notes.append("no layer produced a row: the model has no parameters or activation calls "
-                     "that the probe could see")
+        notes.append(
+            "no layer produced a row: the model has no parameters or activation calls that the probe could see"
+        )
     probe = ProbeInfo(
-        inputs=inputs.specs, batch_size=inputs.batch_size, batches=len(inputs.batches),
-        seed=options.inputs.seed, loss=str(loss_fn.kind),
+        inputs=inputs.specs,
+        batch_size=inputs.batch_size,
+        batches=len(inputs.batches),
+        seed=options.inputs.seed,
+        loss=str(loss_fn.kind),
         loss_value=loss_total if math.isfinite(loss_total) else None,
         mode=str(options.mode) if instrument_kind == "eager" else "as-exported",
-        device=str(device), output=output_label, saturation_cutoff=options.saturation_cutoff,
+        device=str(device),
+        output=output_label,
+        saturation_cutoff=options.saturation_cutoff,
         method=instrument.method,
     )
-    model = ModelInfo(path=str(loaded.path), format=str(loaded.format),
-                      parameters=module_parameter_count(loaded.module) if ranks is None
-                      else int(sum_across(_float64(sum(local_tensor(p).numel() for p in module.parameters())),
-                                          ranks)))
-    return Report(tool=ToolInfo(name="gradcheck", version=__version__), model=model, probe=probe,
-                  layers=tuple(layers), notes=tuple(loaded.notes + notes),
-                  histogram_edges=tuple(histogram_edges()) if options.histograms else None)
+    model = ModelInfo(
+        path=str(loaded.path),
+        format=str(loaded.format),
+        parameters=module_parameter_count(loaded.module)
+        if ranks is None
+        else int(sum_across(_float64(sum(local_tensor(p).numel() for p in module.parameters())), ranks)),
+    )
+    return Report(
+        tool=ToolInfo(name="gradcheck", version=__version__),
+        model=model,
+        probe=probe,
+        layers=tuple(layers),
+        notes=tuple(loaded.notes + notes),
+        histogram_edges=tuple(histogram_edges()) if options.histograms else None,
+    )
 
 
 def _float64(value: float) -> torch.Tensor:
@@ -194,8 +231,10 @@ def _dtype_note(module: nn.Module) -> str | None:
     if not dtypes or dtypes == {_float32()}:
         return None
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-    return (f"ran in {names}: the weights' own precision, as deployed (a half-precision checkpoint is not "
-            "upcast); statistics are accumulated in float32, sums of squares combined in float64")
+    return (
+        f"ran in {names}: the weights' own precision, as deployed (a half-precision checkpoint is not "
+        "upcast); statistics are accumulated in float32, sums of squares combined in float64"
+    )
 
 
 def _float32() -> torch.dtype:
@@ -215,19 +254,24 @@ def _checkpointing(module: nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     # transformers 5 names it activation checkpointing; 4.x gradient checkpointing.
-    names = (("activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing"),
-             ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing"))
+    names = (
+        ("activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing"),
+        ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing"),
+    )
     found = next((n for n in names if callable(getattr(module, n[0], None))), None)
     if found is None:
-        raise UsageError("`activation_checkpointing` needs a transformers model (one that can checkpoint its "
-                         "own blocks)", hint="leave it off for other models, or lower `batch_size`")
+        raise UsageError(
+            "`activation_checkpointing` needs a transformers model (one that can checkpoint its own blocks)",
+            hint="leave it off for other models, or lower `batch_size`",
+        )
     enable, disable, state = (getattr(module, name) for name in found)
     was = bool(state)
     try:
         enable({"use_reentrant": False})
     except ValueError as exc:  # the model class does not support it
-        raise UsageError(f"`activation_checkpointing`: {first_line(exc)}",
-                         hint="leave it off for this model, or lower `batch_size`") from exc
+        raise UsageError(
+            f"`activation_checkpointing`: {first_line(exc)}", hint="leave it off for this model, or lower `batch_size`"
+        ) from exc
     try:
         yield
     finally:
@@ -279,11 +323,14 @@ def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -
     # Sizing the activations costs a one-sample forward: pay it when a budget is set, or when the
     # gradients and inputs alone (the weights are already in memory) take a good share of the
     # memory there is.
-    estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=False,
-                                                         micro_batches=count), resident=resident)
+    estimate = dataclasses.replace(
+        estimate_probe_memory(module, first.args, first.kwargs, measure=False, micro_batches=count), resident=resident
+    )
     if options.memory_budget is not None or (available is not None and 4 * (estimate.total - resident) > available):
-        estimate = dataclasses.replace(estimate_probe_memory(module, first.args, first.kwargs, measure=True,
-                                                             micro_batches=count), resident=resident)
+        estimate = dataclasses.replace(
+            estimate_probe_memory(module, first.args, first.kwargs, measure=True, micro_batches=count),
+            resident=resident,
+        )
     fits = micro_batch_that_fits(estimate, budget=options.memory_budget, available=available)
     if fits is None or max(batch.size for batch in inputs.batches) <= fits:
         return inputs, None
@@ -292,21 +339,35 @@ def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -
         fits = micro_batch_that_fits(split, budget=options.memory_budget, available=available)
         if fits is None:  # cannot happen: more gradients held never fit better
             return inputs, None
-    batches = [ProbeBatch(tuple(a[start:start + fits] for a in batch.args),
-                          {k: v[start:start + fits] for k, v in batch.kwargs.items()})
-               for batch in inputs.batches for start in range(0, batch.size, fits)]
-    note = (f"split into {len(batches)} micro-batches of at most {fits} samples to fit memory: the probe needs "
-            f"{over_limit(estimate, budget=options.memory_budget, available=available)}; statistics are merged "
-            "exactly" + (" (BatchNorm in train mode normalises each micro-batch with its own statistics)"
-                         if options.mode is Mode.TRAIN else ""))
+    batches = [
+        ProbeBatch(
+            tuple(a[start : start + fits] for a in batch.args),
+            {k: v[start : start + fits] for k, v in batch.kwargs.items()},
+        )
+        for batch in inputs.batches
+        for start in range(0, batch.size, fits)
+    ]
+    note = (
+        f"split into {len(batches)} micro-batches of at most {fits} samples to fit memory: the probe needs "
+        f"{over_limit(estimate, budget=options.memory_budget, available=available)}; statistics are merged "
+        "exactly"
+        + (
+            " (BatchNorm in train mode normalises each micro-batch with its own statistics)"
+            if options.mode is Mode.TRAIN
+            else ""
+        )
+    )
     return dataclasses.replace(inputs, batches=batches, batch_size=fits), note
 
 
 def _resident_bytes(module: nn.Module, device: torch.device) -> int:
     """Bytes of the module's parameters and buffers already on ``device``."""
     tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors
-               if t.device.type == device.type and (device.index is None or t.device.index == device.index))
+    return sum(
+        t.numel() * t.element_size()
+        for t in tensors
+        if t.device.type == device.type and (device.index is None or t.device.index == device.index)
+    )
 
 
 def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) -> tuple[Any, str, list[str]]:
@@ -323,8 +384,7 @@ def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) ->
     return loaded.module, "eager", notes
 
 
-def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch,
-                       notes: list[str]) -> nn.Module:
+def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch, notes: list[str]) -> nn.Module:
     """TorchScript has no hooks; convert it to an exported program to see inside it."""
     import warnings
 
@@ -339,15 +399,19 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
             warnings.simplefilter("ignore")
             program = TS2EPConverter(script, sample.args, sample.kwargs or None).convert()
     except Exception as exc:
-        raise ProbeError(f"the TorchScript archive could not be converted into a graph the probe can "
-                         f"instrument: {first_line(exc)}",
-                         hint="export the model with torch.export (.pt2) or save a state_dict and pass `arch`") from exc
+        raise ProbeError(
+            f"the TorchScript archive could not be converted into a graph the probe can instrument: {first_line(exc)}",
+            hint="export the model with torch.export (.pt2) or save a state_dict and pass `arch`",
+        ) from exc
     _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
-    notes.append("TorchScript was converted to an exported program to instrument it: activation rows "
-                 "are named by function, since scripted module boundaries are not kept")
+    notes.append(
+        "TorchScript was converted to an exported program to instrument it: activation rows "
+        "are named by function, since scripted module boundaries are not kept"
+    )
     # Read by the graph plan for the rows' type names (the converted graph knows only ops).
-    object.__setattr__(program_module, "gradcheck_module_types",
-                       {path: type_name(sub) for path, sub in script.named_modules() if path})
+    object.__setattr__(
+        program_module, "gradcheck_module_types", {path: type_name(sub) for path, sub in script.named_modules() if path}
+    )
     return program_module
 
 
@@ -422,8 +486,9 @@ def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> It
                         buffer.copy_(saved_buffers[name])
 
 
-def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...], kwargs: dict[str, Any],
-             inputs: ProbeInputs) -> Any:
+def _forward(
+    instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: ProbeInputs
+) -> Any:
     try:
         return instrument.forward(args, {**kwargs, **inputs.constants})
     except GradcheckError:
@@ -432,13 +497,15 @@ def _forward(instrument: EagerInstrument | GraphInstrument, args: tuple[Any, ...
         where = instrument.failing_layer()
         shapes = ", ".join(f"{s.name} {tuple(s.shape)} {s.dtype}" for s in inputs.specs)
         place = f" in {where}" if where else ""
-        raise ProbeError(f"the forward pass failed{place}: {first_line(exc)}",
-                         hint=f"check the probe inputs ({shapes}); set them with `input_shape`, "
-                         "`input_dtype` or `input`") from exc
+        raise ProbeError(
+            f"the forward pass failed{place}: {first_line(exc)}",
+            hint=f"check the probe inputs ({shapes}); set them with `input_shape`, `input_dtype` or `input`",
+        ) from exc
 
 
 def parameter_gradients(
-    row_params: Mapping[str, Sequence[torch.Tensor]], reducer: GradientReducer | None = None,
+    row_params: Mapping[str, Sequence[torch.Tensor]],
+    reducer: GradientReducer | None = None,
     ranks: Ranks | None = None,
 ) -> tuple[dict[str, tuple[float | None, float]], dict[str, int]]:
     """(grad norm, weight norm) per row, from the sums of squares the reducer took as gradients
@@ -454,16 +521,19 @@ def parameter_gradients(
         for name in names:
             tensors = row_params[name]
             zero = torch.zeros((), dtype=torch.float64, device=local_tensor(tensors[0]).device)
-            weight_sq = sum((sum_of_squares(local_tensor(p.detach())) if p.numel() else zero for p in tensors),
-                            zero)
-            grads = ([g for g in (reducer.gradient_sum_squares(p) for p in tensors) if g is not None]
-                     if reducer is not None else [sum_of_squares(p.grad) for p in tensors if p.grad is not None])
+            weight_sq = sum((sum_of_squares(local_tensor(p.detach())) if p.numel() else zero for p in tensors), zero)
+            grads = (
+                [g for g in (reducer.gradient_sum_squares(p) for p in tensors) if g is not None]
+                if reducer is not None
+                else [sum_of_squares(p.grad) for p in tensors if p.grad is not None]
+            )
             grad_sq = sum((g.to(zero.device) for g in grads), zero)
             has_grad = torch.tensor(1.0 if grads else 0.0, dtype=torch.float64, device=zero.device)
             stacked.append(torch.stack([grad_sq, weight_sq, has_grad]))
         table = torch.stack([s.cpu() for s in stacked])
-        counts_local = torch.tensor([float(sum(local_tensor(p).numel() for p in row_params[name])) for name in names],
-                                    dtype=torch.float64)
+        counts_local = torch.tensor(
+            [float(sum(local_tensor(p).numel() for p in row_params[name])) for name in names], dtype=torch.float64
+        )
         if ranks is not None:
             table = sum_across(table, ranks)
             counts_local = sum_across(counts_local, ranks)
@@ -492,20 +562,37 @@ def through_time_records(unrollers: Mapping[str, RecurrentUnroller]) -> dict[str
             # Steps back from the last processed step: the end of time going forward, t = 0 in reverse.
             backwards = list(reversed(norms)) if record.direction == "forward" else list(norms)
             rate, horizon = fit_decay(backwards)
-            gates = {name: GateStats(saturation=record.gate_saturated[name] / record.gate_count[name],
-                                     mean=record.gate_sum[name] / record.gate_count[name])
-                     for name in record.gate_count if record.gate_count[name]}
-            directions.append(DirectionTrace(
-                layer=record.layer, direction=record.direction, steps=record.steps, grad_norms=norms,
-                decay_rate=rate, horizon=horizon,
-                spectral_radius=spectral_radii(unroller.module, trace.kind, record.layer,
-                                               record.direction == "reverse"),
-                gates=gates))
+            gates = {
+                name: GateStats(
+                    saturation=record.gate_saturated[name] / record.gate_count[name],
+                    mean=record.gate_sum[name] / record.gate_count[name],
+                )
+                for name in record.gate_count
+                if record.gate_count[name]
+            }
+            directions.append(
+                DirectionTrace(
+                    layer=record.layer,
+                    direction=record.direction,
+                    steps=record.steps,
+                    grad_norms=norms,
+                    decay_rate=rate,
+                    horizon=horizon,
+                    spectral_radius=spectral_radii(
+                        unroller.module, trace.kind, record.layer, record.direction == "reverse"
+                    ),
+                    gates=gates,
+                )
+            )
         ok = trace.declined is None
         out[path or "<root>"] = ThroughTime(
-            ok=ok, reason=trace.declined, max_abs_error=trace.max_abs_error if trace.directions else None,
-            tolerance=trace.tolerance or None, horizon_fraction=HORIZON_FRACTION,
-            directions=tuple(directions) if ok else ())
+            ok=ok,
+            reason=trace.declined,
+            max_abs_error=trace.max_abs_error if trace.directions else None,
+            tolerance=trace.tolerance or None,
+            horizon_fraction=HORIZON_FRACTION,
+            directions=tuple(directions) if ok else (),
+        )
     return out
 
 
@@ -534,9 +621,24 @@ def cell_loop_traces(layers: list[LayerStats], model: nn.Module) -> list[LayerSt
         except AttributeError:
             radius = {}
         replaced[rows[0].name] = ThroughTime(
-            ok=True, reason=None, max_abs_error=None, tolerance=None, horizon_fraction=HORIZON_FRACTION,
-            directions=(DirectionTrace(layer=0, direction="forward", steps=len(rows), grad_norms=norms,
-                                       decay_rate=rate, horizon=horizon, spectral_radius=radius, gates={}),))
-    return [dataclasses.replace(row, through_time=replaced[row.name]) if row.name in replaced else row
-            for row in layers]
-
+            ok=True,
+            reason=None,
+            max_abs_error=None,
+            tolerance=None,
+            horizon_fraction=HORIZON_FRACTION,
+            directions=(
+                DirectionTrace(
+                    layer=0,
+                    direction="forward",
+                    steps=len(rows),
+                    grad_norms=norms,
+                    decay_rate=rate,
+                    horizon=horizon,
+                    spectral_radius=radius,
+                    gates={},
+                ),
+            ),
+        )
+    return [
+        dataclasses.replace(row, through_time=replaced[row.name]) if row.name in replaced else row for row in layers
+    ]

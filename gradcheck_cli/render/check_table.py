@@ -52,9 +52,7 @@ def render_check(result: GateResult, console: Console) -> None:
     """Findings of every model; the summary line is the CLI's (it goes to stderr)."""
     for outcome in result.outcomes:
         if outcome.error is not None:
-            console.print(
-                Text(f"{outcome.path}: could not be checked: {outcome.error}", style="bold red")
-            )
+            console.print(Text(f"{outcome.path}: could not be checked: {outcome.error}", style="bold red"))
             if outcome.hint:
                 console.print(Text(f"  hint: {outcome.hint}", style="dim"))
             continue
@@ -62,9 +60,7 @@ def render_check(result: GateResult, console: Console) -> None:
         if not count:
             console.print(Text(f"{outcome.path}: no findings", style="green"))
             continue
-        console.print(
-            Text(f"{outcome.path}: {count} finding{'s' if count != 1 else ''}", style="bold")
-        )
+        console.print(Text(f"{outcome.path}: {count} finding{'s' if count != 1 else ''}", style="bold"))
         console.print(findings_table(result, outcome))
         for line in _advice(outcome.findings):
             console.print(line)

@@ -38,8 +38,7 @@ def render_fold(report: FoldReport, console: Console) -> None:
         Text.assemble(
             ("fold-bn ", "bold"),
             report.model,
-            f"  ({report.input_format} -> "
-            f"{report.output_format}, BatchNorms found by {report.method})",
+            f"  ({report.input_format} -> {report.output_format}, BatchNorms found by {report.method})",
         )
     )
     entries = Table(title="BatchNorms", title_justify="left", show_lines=False)
@@ -84,8 +83,11 @@ def render_fold(report: FoldReport, console: Console) -> None:
     verification = report.verification
     checks = Table(
         title=f"Verification: {verification.backend}, {verification.samples} samples"
-        + (f", at batch sizes {' and '.join(map(str, verification.batch_sizes))}"
-           if len(verification.batch_sizes) > 1 else ""),
+        + (
+            f", at batch sizes {' and '.join(map(str, verification.batch_sizes))}"
+            if len(verification.batch_sizes) > 1
+            else ""
+        ),
         title_justify="left",
     )
     for column in ("output", "dtype", "max abs error", "max rel error", "tolerance (abs)", ""):
@@ -97,9 +99,7 @@ def render_fold(report: FoldReport, console: Console) -> None:
             _sci(check.max_abs_error),
             _sci(check.max_rel_error),
             _sci(check.tolerance),
-            Text("ok", style="green")
-            if check.passed
-            else Text("ABOVE TOLERANCE", style="bold red"),
+            Text("ok", style="green") if check.passed else Text("ABOVE TOLERANCE", style="bold red"),
         )
     console.print(checks)
     for note in report.notes:

@@ -40,8 +40,7 @@ def render_github(result: GateResult) -> str:
         if outcome.error is not None:
             hint = f" ({outcome.hint})" if outcome.hint else ""
             lines.append(
-                f"::error file={escape_property(outcome.path)},title=gradcheck::"
-                f"{escape_data(outcome.error + hint)}"
+                f"::error file={escape_property(outcome.path)},title=gradcheck::{escape_data(outcome.error + hint)}"
             )
         lines += [_annotation(outcome.path, f) for f in outcome.findings]
     return "".join(line + "\n" for line in lines)

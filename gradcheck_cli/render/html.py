@@ -49,8 +49,13 @@ _XOf = Callable[[int], float]
 _YOf = Callable[[float], float]
 
 
-def render_html(report: Report, *, compare_with: Report | Sequence[LayerStats] | None = None,
-                compare_label: str = "baseline", title: str | None = None) -> str:
+def render_html(
+    report: Report,
+    *,
+    compare_with: Report | Sequence[LayerStats] | None = None,
+    compare_label: str = "baseline",
+    title: str | None = None,
+) -> str:
     """The whole document. ``compare_with``: an earlier run drawn under this one in the depth chart."""
     rows_by_name: dict[str, LayerStats] = {}
     for row in report.layers:
@@ -68,12 +73,14 @@ def render_html(report: Report, *, compare_with: Report | Sequence[LayerStats] |
         _through_time_section(report),
     ]
     body = "\n".join(section for section in sections if section)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            # An empty data: icon keeps the browser from requesting /favicon.ico (a network access).
-            f"<link rel=\"icon\" href=\"data:,\">\n"
-            f"<title>{_e(heading)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{_e(heading)}</h1>\n{body}\n<script>{_JS}</script>\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        # An empty data: icon keeps the browser from requesting /favicon.ico (a network access).
+        f'<link rel="icon" href="data:,">\n'
+        f"<title>{_e(heading)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_e(heading)}</h1>\n{body}\n<script>{_JS}</script>\n</body>\n</html>\n"
+    )
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -113,34 +120,41 @@ def _findings_by_layer(report: Report) -> dict[str, list[Finding]]:
 
 def _summary(report: Report) -> str:
     model, probe = report.model, report.probe
-    inputs = "; ".join(f"{spec.name}: {'×'.join(str(d) for d in spec.shape)} {spec.dtype} ({spec.source})"
-                       for spec in probe.inputs)
+    inputs = "; ".join(
+        f"{spec.name}: {'×'.join(str(d) for d in spec.shape)} {spec.dtype} ({spec.source})" for spec in probe.inputs
+    )
     counts = {severity: sum(1 for f in report.findings if f.severity is severity) for severity in _SEVERITY_ORDER}
-    badges = " ".join(f"<span class=\"badge sev-{s.value}\">{counts[s]} {s.value}</span>" for s in _SEVERITY_ORDER)
+    badges = " ".join(f'<span class="badge sev-{s.value}">{counts[s]} {s.value}</span>' for s in _SEVERITY_ORDER)
     facts = [
         ("model", f"{model.path} ({model.format}, {model.parameters:,} parameters)"),
         ("rows", f"{len(report.layers)} (layers and activation calls, in execution order)"),
         ("findings", badges),
         ("probe inputs", inputs),
-        ("probe", f"{probe.batches} micro-batch(es) of {probe.batch_size} · seed {probe.seed} · mode {probe.mode} · "
-                  f"{probe.device} · instrumented by {probe.method}"),
+        (
+            "probe",
+            f"{probe.batches} micro-batch(es) of {probe.batch_size} · seed {probe.seed} · mode {probe.mode} · "
+            f"{probe.device} · instrumented by {probe.method}",
+        ),
         ("loss", f"{probe.loss} on {probe.output} = {fmt(probe.loss_value)}"),
         ("saturation cut-off", f"derivative below {probe.saturation_cutoff:g} × its maximum"),
         ("tool", f"{report.tool.name} {report.tool.version} · report schema {report.schema_version}"),
     ]
-    items = "\n".join(f"<dt>{_e(name)}</dt><dd>{value if name == 'findings' else _e(value)}</dd>"
-                      for name, value in facts)
+    items = "\n".join(
+        f"<dt>{_e(name)}</dt><dd>{value if name == 'findings' else _e(value)}</dd>" for name, value in facts
+    )
     notes = "".join(f"<li>{_e(note)}</li>" for note in report.notes)
-    notes_html = f"<h3>Notes</h3><ul class=\"notes\">{notes}</ul>" if notes else ""
-    return f"<section id=\"summary\"><h2>Summary</h2><dl class=\"facts\">\n{items}\n</dl>{notes_html}</section>"
+    notes_html = f'<h3>Notes</h3><ul class="notes">{notes}</ul>' if notes else ""
+    return f'<section id="summary"><h2>Summary</h2><dl class="facts">\n{items}\n</dl>{notes_html}</section>'
 
 
 def _findings(report: Report, rows_by_name: dict[str, LayerStats]) -> str:
     """One entry per rule, most severe first: where it starts, its message and fix once, then every
     layer it concerns (collapsed), so that 300 findings on a deep model stay a short list."""
     if not report.findings:
-        return ("<section id=\"findings\"><h2>Findings</h2><p class=\"ok\">No findings: the rules found no "
-                "non-finite values, dead or saturated layers, or vanishing or exploding gradients.</p></section>")
+        return (
+            '<section id="findings"><h2>Findings</h2><p class="ok">No findings: the rules found no '
+            "non-finite values, dead or saturated layers, or vanishing or exploding gradients.</p></section>"
+        )
     by_rule: dict[str, list[Finding]] = {}
     for finding in report.findings:
         by_rule.setdefault(finding.code, []).append(finding)
@@ -149,16 +163,20 @@ def _findings(report: Report, rows_by_name: dict[str, LayerStats]) -> str:
         first = findings[0]
         severity = _worst(findings) or first.severity
         more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""
-        layers = "".join(f"<li>{_where(f, rows_by_name)}{_value(f)}: {_e(f.message)}{_baseline(f)}</li>"
-                         for f in findings)
+        layers = "".join(
+            f"<li>{_where(f, rows_by_name)}{_value(f)}: {_e(f.message)}{_baseline(f)}</li>" for f in findings
+        )
         items.append(
-            f"<li class=\"finding sev-{severity.value}\" data-code=\"{_e(first.code)}\">"
-            f"<span class=\"badge sev-{severity.value}\">{severity.value}</span> <b>{_e(first.code)} {_e(first.rule)}"
+            f'<li class="finding sev-{severity.value}" data-code="{_e(first.code)}">'
+            f'<span class="badge sev-{severity.value}">{severity.value}</span> <b>{_e(first.code)} {_e(first.rule)}'
             f"</b>: starts at {_where(first, rows_by_name)}{more}<div>{_e(first.message)}{_value(first)}</div>"
-            f"<div class=\"advice\">fix: {_e(first.advice)}</div><details><summary>{len(findings)} finding(s)"
-            f"</summary><ul class=\"finding-rows\">{layers}</ul></details></li>")
-    return (f"<section id=\"findings\"><h2>Findings ({len(report.findings)})</h2>"
-            f"<ul class=\"findings\">{''.join(items)}</ul></section>")
+            f'<div class="advice">fix: {_e(first.advice)}</div><details><summary>{len(findings)} finding(s)'
+            f'</summary><ul class="finding-rows">{layers}</ul></details></li>'
+        )
+    return (
+        f'<section id="findings"><h2>Findings ({len(report.findings)})</h2>'
+        f'<ul class="findings">{"".join(items)}</ul></section>'
+    )
 
 
 def _where(finding: Finding, rows_by_name: dict[str, LayerStats]) -> str:
@@ -166,7 +184,7 @@ def _where(finding: Finding, rows_by_name: dict[str, LayerStats]) -> str:
         return "the model"
     row = rows_by_name.get(finding.layer)
     name = _e(finding.layer)
-    return name if row is None else f"<a href=\"#{_row_anchor(row)}\" class=\"row-link\">{name}</a>"
+    return name if row is None else f'<a href="#{_row_anchor(row)}" class="row-link">{name}</a>'
 
 
 def _value(finding: Finding) -> str:
@@ -175,7 +193,7 @@ def _value(finding: Finding) -> str:
 
 
 def _baseline(finding: Finding) -> str:
-    return "" if finding.baseline is None else f" <span class=\"badge\">{_e(finding.baseline.value)}</span>"
+    return "" if finding.baseline is None else f' <span class="badge">{_e(finding.baseline.value)}</span>'
 
 
 # ---------------------------------------------------------------- depth chart (SVG)
@@ -199,15 +217,16 @@ class _Panel:
 def _depth_section(report: Report, earlier: tuple[LayerStats, ...] | None, earlier_label: str) -> str:
     if not report.layers:
         return ""
-    legend = ("<p class=\"legend\"><span class=\"key var\"></span> activation variance · <span class=\"key grad\">"
-              "</span> |dL/dy| · solid: layer outputs, dotted: activation outputs · <span class=\"key dead\"></span> "
-              "dead · <span class=\"key sat\"></span> saturated · shaded: findings · × at the top: NaN/Inf output · "
-              "tick at the floor: exactly 0")
+    legend = (
+        '<p class="legend"><span class="key var"></span> activation variance · <span class="key grad">'
+        '</span> |dL/dy| · solid: layer outputs, dotted: activation outputs · <span class="key dead"></span> '
+        'dead · <span class="key sat"></span> saturated · shaded: findings · × at the top: NaN/Inf output · '
+        "tick at the floor: exactly 0"
+    )
     if earlier is not None:
         legend += f" · dashed, faint: {_e(earlier_label)}"
     legend += "</p>"
-    return (f"<section id=\"depth\"><h2>Gradient flow over depth</h2>{legend}"
-            f"{depth_chart_svg(report, earlier)}</section>")
+    return f'<section id="depth"><h2>Gradient flow over depth</h2>{legend}{depth_chart_svg(report, earlier)}</section>'
 
 
 def depth_chart_svg(report: Report, earlier: Sequence[LayerStats] | None = None) -> str:
@@ -216,9 +235,11 @@ def depth_chart_svg(report: Report, earlier: Sequence[LayerStats] | None = None)
     count = len(rows)
     plot_width = _CHART_WIDTH - _PLOT_LEFT - _PLOT_RIGHT
     step = plot_width / max(count, 1)
-    panels = [_Panel("activation variance (log)", 18, _PANEL_HEIGHT),
-              _Panel("|dL/dy| (log)", 18 + _PANEL_HEIGHT + _PANEL_GAP, _PANEL_HEIGHT),
-              _Panel("dead / saturated fraction", 18 + 2 * (_PANEL_HEIGHT + _PANEL_GAP), _BAR_PANEL_HEIGHT)]
+    panels = [
+        _Panel("activation variance (log)", 18, _PANEL_HEIGHT),
+        _Panel("|dL/dy| (log)", 18 + _PANEL_HEIGHT + _PANEL_GAP, _PANEL_HEIGHT),
+        _Panel("dead / saturated fraction", 18 + 2 * (_PANEL_HEIGHT + _PANEL_GAP), _BAR_PANEL_HEIGHT),
+    ]
     height = panels[-1].top + panels[-1].height + 34
     position = {(row.name, row.type): i for i, row in enumerate(rows)}
 
@@ -234,10 +255,12 @@ def depth_chart_svg(report: Report, earlier: Sequence[LayerStats] | None = None)
             continue
         codes = ", ".join(sorted({f.code for f in by_layer[row.name]}))
         # One band through all three panels (not one per panel): a deep model has hundreds of these.
-        parts.append(f"<rect class=\"finding-span\" x=\"{x_of(i) - step / 2:.1f}\" y=\"{panels[0].top}\" "
-                     f"width=\"{max(step, 1.0):.1f}\" height=\"{panels[-1].top + panels[-1].height - panels[0].top}\" "
-                     f"fill=\"{_SEVERITY_FILL[severity]}\" fill-opacity=\"0.15\">"
-                     f"<title>#{row.index} {_e(row.name)}: {_e(codes)}</title></rect>")
+        parts.append(
+            f'<rect class="finding-span" x="{x_of(i) - step / 2:.1f}" y="{panels[0].top}" '
+            f'width="{max(step, 1.0):.1f}" height="{panels[-1].top + panels[-1].height - panels[0].top}" '
+            f'fill="{_SEVERITY_FILL[severity]}" fill-opacity="0.15">'
+            f"<title>#{row.index} {_e(row.name)}: {_e(codes)}</title></rect>"
+        )
     runs: list[tuple[Sequence[tuple[int, LayerStats]], bool]] = []
     if earlier is not None:
         runs.append(([(position[(r.name, r.type)], r) for r in earlier if (r.name, r.type) in position], True))
@@ -247,8 +270,10 @@ def depth_chart_svg(report: Report, earlier: Sequence[LayerStats] | None = None)
         positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
         parts.append(_panel_frame(panel, plot_width))
         if not positive:
-            parts.append(f"<text x=\"{_PLOT_LEFT + 8}\" y=\"{panel.top + panel.height / 2}\" class=\"muted\">"
-                         f"no positive values to draw on a log scale</text>")
+            parts.append(
+                f'<text x="{_PLOT_LEFT + 8}" y="{panel.top + panel.height / 2}" class="muted">'
+                f"no positive values to draw on a log scale</text>"
+            )
             continue
         low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
         if high == low:
@@ -261,24 +286,26 @@ def depth_chart_svg(report: Report, earlier: Sequence[LayerStats] | None = None)
         for run, faint in runs:
             for group_is_activation in (False, True):
                 points = [(i, r) for i, r in run if (r.kind is RowKind.ACTIVATION) == group_is_activation]
-                parts.append(_polyline(points, metric, x_of, y_of, colour, faint=faint,
-                                       dotted=group_is_activation))
+                parts.append(_polyline(points, metric, x_of, y_of, colour, faint=faint, dotted=group_is_activation))
             parts.append(_nonfinite_marks(run, x_of, panel, faint=faint))
             parts.append(_zero_marks(run, metric, x_of, panel, colour, faint=faint))
     parts.append(_panel_frame(panels[2], plot_width))
     parts.append(_fraction_bars(runs, x_of, step, panels[2]))
     for panel in panels:
-        parts.append(f"<text x=\"{_PLOT_LEFT}\" y=\"{panel.top - 5}\" class=\"panel-title\">{_e(panel.title)}</text>")
+        parts.append(f'<text x="{_PLOT_LEFT}" y="{panel.top - 5}" class="panel-title">{_e(panel.title)}</text>')
     parts.append(_row_ticks(count, x_of, panels[-1].top + panels[-1].height))
-    parts.append(f"<text x=\"{_PLOT_LEFT + plot_width / 2}\" y=\"{height - 6}\" text-anchor=\"middle\" class=\"muted\">"
-                 f"depth: row # in execution order (0 … {count - 1})</text>")
-    return (f"<svg class=\"depth-chart\" viewBox=\"0 0 {_CHART_WIDTH} {height:.0f}\" role=\"img\" "
-            f"aria-label=\"gradient flow over depth\">{''.join(parts)}</svg>")
+    parts.append(
+        f'<text x="{_PLOT_LEFT + plot_width / 2}" y="{height - 6}" text-anchor="middle" class="muted">'
+        f"depth: row # in execution order (0 … {count - 1})</text>"
+    )
+    return (
+        f'<svg class="depth-chart" viewBox="0 0 {_CHART_WIDTH} {height:.0f}" role="img" '
+        f'aria-label="gradient flow over depth">{"".join(parts)}</svg>'
+    )
 
 
 def _panel_frame(panel: _Panel, plot_width: float) -> str:
-    return (f"<rect class=\"frame\" x=\"{_PLOT_LEFT}\" y=\"{panel.top}\" width=\"{plot_width}\" "
-            f"height=\"{panel.height}\"/>")
+    return f'<rect class="frame" x="{_PLOT_LEFT}" y="{panel.top}" width="{plot_width}" height="{panel.height}"/>'
 
 
 def _log_ticks(panel: _Panel, low: int, high: int) -> str:
@@ -287,14 +314,24 @@ def _log_ticks(panel: _Panel, low: int, high: int) -> str:
     ticks = []
     for decade in range(low, high + 1, stride):
         y = panel.top + panel.height * (1 - (decade - low) / (high - low))
-        ticks.append(f"<line class=\"grid\" x1=\"{_PLOT_LEFT}\" x2=\"{_CHART_WIDTH - _PLOT_RIGHT}\" y1=\"{y:.1f}\" "
-                     f"y2=\"{y:.1f}\"/><text x=\"{_PLOT_LEFT - 4}\" y=\"{y + 4:.1f}\" text-anchor=\"end\" "
-                     f"class=\"tick\">1e{decade}</text>")
+        ticks.append(
+            f'<line class="grid" x1="{_PLOT_LEFT}" x2="{_CHART_WIDTH - _PLOT_RIGHT}" y1="{y:.1f}" '
+            f'y2="{y:.1f}"/><text x="{_PLOT_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end" '
+            f'class="tick">1e{decade}</text>'
+        )
     return "".join(ticks)
 
 
-def _polyline(points: Sequence[tuple[int, LayerStats]], metric: str, x_of: _XOf, y_of: _YOf, colour: str, *,
-              faint: bool, dotted: bool) -> str:
+def _polyline(
+    points: Sequence[tuple[int, LayerStats]],
+    metric: str,
+    x_of: _XOf,
+    y_of: _YOf,
+    colour: str,
+    *,
+    faint: bool,
+    dotted: bool,
+) -> str:
     """A line through the positive values; a missing or zero value breaks it (log scale)."""
     segments: list[list[str]] = [[]]
     dots: list[str] = []
@@ -306,15 +343,23 @@ def _polyline(points: Sequence[tuple[int, LayerStats]], metric: str, x_of: _XOf,
         x, y = x_of(i), y_of(value)
         segments[-1].append(f"{x:.1f},{y:.1f}")
         if not faint:
-            dots.append(f"<circle cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"2.2\"><title>#{row.index} {_e(row.name)}: "
-                        f"{fmt(value)}</title></circle>")
-    dash = " stroke-dasharray=\"5 3\"" if faint else (" stroke-dasharray=\"2 2\"" if dotted else "")
-    opacity = " stroke-opacity=\"0.45\"" if faint else ""
-    lines = "".join(f"<polyline points=\"{' '.join(segment)}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.4\""
-                    f"{dash}{opacity}/>" for segment in segments if len(segment) > 1)
-    singles = "".join(f"<circle cx=\"{segment[0].split(',')[0]}\" cy=\"{segment[0].split(',')[1]}\" r=\"1.6\" "
-                      f"fill=\"{colour}\"/>" for segment in segments if len(segment) == 1 and faint)
-    return f"{lines}{singles}<g fill=\"{colour}\">{''.join(dots)}</g>" if dots else f"{lines}{singles}"
+            dots.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2"><title>#{row.index} {_e(row.name)}: '
+                f"{fmt(value)}</title></circle>"
+            )
+    dash = ' stroke-dasharray="5 3"' if faint else (' stroke-dasharray="2 2"' if dotted else "")
+    opacity = ' stroke-opacity="0.45"' if faint else ""
+    lines = "".join(
+        f'<polyline points="{" ".join(segment)}" fill="none" stroke="{colour}" stroke-width="1.4"{dash}{opacity}/>'
+        for segment in segments
+        if len(segment) > 1
+    )
+    singles = "".join(
+        f'<circle cx="{segment[0].split(",")[0]}" cy="{segment[0].split(",")[1]}" r="1.6" fill="{colour}"/>'
+        for segment in segments
+        if len(segment) == 1 and faint
+    )
+    return f'{lines}{singles}<g fill="{colour}">{"".join(dots)}</g>' if dots else f"{lines}{singles}"
 
 
 def _nonfinite_marks(run: Sequence[tuple[int, LayerStats]], x_of: _XOf, panel: _Panel, *, faint: bool) -> str:
@@ -322,23 +367,29 @@ def _nonfinite_marks(run: Sequence[tuple[int, LayerStats]], x_of: _XOf, panel: _
     opacity = ' opacity="0.5"' if faint else ""
     for i, row in run:
         if row.output.nan or row.output.inf:
-            marks.append(f"<text x=\"{x_of(i):.1f}\" y=\"{panel.top + 12}\" text-anchor=\"middle\" "
-                         f"class=\"nonfinite\"{opacity}>×<title>#{row.index} {_e(row.name)}: "
-                         f"{row.output.nan} NaN, {row.output.inf} Inf</title></text>")
+            marks.append(
+                f'<text x="{x_of(i):.1f}" y="{panel.top + 12}" text-anchor="middle" '
+                f'class="nonfinite"{opacity}>×<title>#{row.index} {_e(row.name)}: '
+                f"{row.output.nan} NaN, {row.output.inf} Inf</title></text>"
+            )
     return "".join(marks)
 
 
-def _zero_marks(run: Sequence[tuple[int, LayerStats]], metric: str, x_of: _XOf, panel: _Panel, colour: str, *,
-                faint: bool) -> str:
+def _zero_marks(
+    run: Sequence[tuple[int, LayerStats]], metric: str, x_of: _XOf, panel: _Panel, colour: str, *, faint: bool
+) -> str:
     """Exact zeros (an all-dead layer, a gradient that vanished to 0) have no place on a log axis:
     a tick rising from the panel's floor marks each, all in one path."""
     bottom = panel.top + panel.height
-    ticks = "".join(f"M{x_of(i):.1f} {bottom}v-7" for i, row in run
-                    if (row.output.var if metric == "var" else row.output_grad_norm) == 0)
+    ticks = "".join(
+        f"M{x_of(i):.1f} {bottom}v-7"
+        for i, row in run
+        if (row.output.var if metric == "var" else row.output_grad_norm) == 0
+    )
     if not ticks:
         return ""
-    opacity = " stroke-opacity=\"0.45\"" if faint else ""
-    return f"<path class=\"zero-marks\" d=\"{ticks}\" stroke=\"{colour}\" stroke-width=\"2\"{opacity}/>"
+    opacity = ' stroke-opacity="0.45"' if faint else ""
+    return f'<path class="zero-marks" d="{ticks}" stroke="{colour}" stroke-width="2"{opacity}/>'
 
 
 def _row_ticks(count: int, x_of: _XOf, bottom: float) -> str:
@@ -348,57 +399,86 @@ def _row_ticks(count: int, x_of: _XOf, bottom: float) -> str:
     raw = max(1, count // 10)
     magnitude = 10 ** (len(str(raw)) - 1)
     stride = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    return "".join(f"<text x=\"{x_of(i):.1f}\" y=\"{bottom + 12:.1f}\" text-anchor=\"middle\" class=\"tick\">{i}"
-                   f"</text>" for i in range(0, count, stride))
+    return "".join(
+        f'<text x="{x_of(i):.1f}" y="{bottom + 12:.1f}" text-anchor="middle" class="tick">{i}</text>'
+        for i in range(0, count, stride)
+    )
 
 
-def _fraction_bars(runs: Sequence[tuple[Sequence[tuple[int, LayerStats]], bool]], x_of: _XOf, step: float,
-                   panel: _Panel) -> str:
+def _fraction_bars(
+    runs: Sequence[tuple[Sequence[tuple[int, LayerStats]], bool]], x_of: _XOf, step: float, panel: _Panel
+) -> str:
     slot = step * 0.8 / (2 * len(runs))
     bars = []
     for order, (run, faint) in enumerate(runs):
         opacity = ' fill-opacity="0.45"' if faint else ""
         for which, colour in ((0, "#7f7f7f"), (1, "#9467bd")):
             for i, row in run:
-                fraction = (row.dead.fraction if row.dead is not None else None) if which == 0 else \
-                    (row.saturation.fraction if row.saturation is not None else None)
+                fraction = (
+                    (row.dead.fraction if row.dead is not None else None)
+                    if which == 0
+                    else (row.saturation.fraction if row.saturation is not None else None)
+                )
                 if not fraction:
                     continue
                 x = x_of(i) - step * 0.4 + slot * (2 * order + which)
                 h = panel.height * min(fraction, 1.0)
                 name = "dead" if which == 0 else "saturated"
-                bars.append(f"<rect x=\"{x:.1f}\" y=\"{panel.top + panel.height - h:.1f}\" "
-                            f"width=\"{max(slot, 0.8):.1f}\" height=\"{h:.1f}\" fill=\"{colour}\"{opacity}>"
-                            f"<title>#{row.index}: {fraction:.0%} {name}</title></rect>")
+                bars.append(
+                    f'<rect x="{x:.1f}" y="{panel.top + panel.height - h:.1f}" '
+                    f'width="{max(slot, 0.8):.1f}" height="{h:.1f}" fill="{colour}"{opacity}>'
+                    f"<title>#{row.index}: {fraction:.0%} {name}</title></rect>"
+                )
     return "".join(bars)
 
 
 # ---------------------------------------------------------------- the table
 
-_COLUMNS = ("#", "layer", "type", "module", "mean", "var", "min", "max", "dead", "sat", "|dL/dy|", "|dL/dW|",
-            "|dL/dW|/|W|", "findings")
+_COLUMNS = (
+    "#",
+    "layer",
+    "type",
+    "module",
+    "mean",
+    "var",
+    "min",
+    "max",
+    "dead",
+    "sat",
+    "|dL/dy|",
+    "|dL/dW|",
+    "|dL/dW|/|W|",
+    "findings",
+)
 _NUMERIC = {"#", "mean", "var", "min", "max", "dead", "sat", "|dL/dy|", "|dL/dW|", "|dL/dW|/|W|"}
 
 
 def _table(report: Report) -> str:
     by_layer = _findings_by_layer(report)
-    header = "".join(f"<th data-type=\"{'num' if name in _NUMERIC else 'text'}\" tabindex=\"0\" "
-                     f"title=\"sort by {_e(name)}\">{_e(name)}</th>" for name in _COLUMNS)
+    header = "".join(
+        f'<th data-type="{"num" if name in _NUMERIC else "text"}" tabindex="0" '
+        f'title="sort by {_e(name)}">{_e(name)}</th>'
+        for name in _COLUMNS
+    )
     body = "\n".join(_table_row(row, by_layer.get(row.name, [])) for row in report.layers)
-    controls = (f"<div class=\"controls\"><input type=\"search\" id=\"row-filter\" placeholder=\"filter by name, type, "
-                f"module or rule\" aria-label=\"filter rows\"> <label><input type=\"checkbox\" id=\"only-findings\"> "
-                f"rows with findings only</label> <label>rows per page <select id=\"page-size\"><option>50</option>"
-                f"<option selected>{TABLE_PAGE_ROWS}</option><option>250</option><option value=\"0\">all</option>"
-                f"</select></label> <span class=\"pager\"><button type=\"button\" id=\"prev-page\">‹ previous</button> "
-                f"<span id=\"page-info\"></span> <button type=\"button\" id=\"next-page\">next ›</button></span></div>")
-    return (f"<section id=\"layers\"><h2>Layers</h2><p class=\"muted\">Click a column header to sort (again to "
-            f"reverse). Values are over the whole probe; — means undefined (non-finite output).</p>{controls}"
-            f"<div class=\"table-wrap\"><table id=\"layer-table\"><thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n"
-            f"</tbody></table></div></section>")
+    controls = (
+        f'<div class="controls"><input type="search" id="row-filter" placeholder="filter by name, type, '
+        f'module or rule" aria-label="filter rows"> <label><input type="checkbox" id="only-findings"> '
+        f'rows with findings only</label> <label>rows per page <select id="page-size"><option>50</option>'
+        f'<option selected>{TABLE_PAGE_ROWS}</option><option>250</option><option value="0">all</option>'
+        f'</select></label> <span class="pager"><button type="button" id="prev-page">‹ previous</button> '
+        f'<span id="page-info"></span> <button type="button" id="next-page">next ›</button></span></div>'
+    )
+    return (
+        f'<section id="layers"><h2>Layers</h2><p class="muted">Click a column header to sort (again to '
+        f"reverse). Values are over the whole probe; — means undefined (non-finite output).</p>{controls}"
+        f'<div class="table-wrap"><table id="layer-table"><thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n'
+        f"</tbody></table></div></section>"
+    )
 
 
 def _cell(text: str, sort: str | None = None, css: str | None = None) -> str:
-    attributes = (f" data-v=\"{sort}\"" if sort is not None else "") + (f" class=\"{css}\"" if css else "")
+    attributes = (f' data-v="{sort}"' if sort is not None else "") + (f' class="{css}"' if css else "")
     return f"<td{attributes}>{_e(text)}</td>"
 
 
@@ -406,7 +486,7 @@ def _table_row(row: LayerStats, findings: Sequence[Finding]) -> str:
     out = row.output
     nonfinite = out.nan + out.inf
     severity = _worst(findings)
-    css = f" class=\"sev-{severity.value}\"" if severity else (" class=\"sev-error\"" if nonfinite else "")
+    css = f' class="sev-{severity.value}"' if severity else (' class="sev-error"' if nonfinite else "")
     type_text = row.type if row.fn is None or row.fn == row.type else f"{row.type} ({row.fn})"
     dead = row.dead.fraction if row.dead is not None else None
     sat = row.saturation.fraction if row.saturation is not None else None
@@ -428,7 +508,7 @@ def _table_row(row: LayerStats, findings: Sequence[Finding]) -> str:
         _cell(fmt(ratio) if row.grad is not None else "", _sort_value(ratio)),
         _cell(" ".join(sorted({f.code for f in findings}))),
     ]
-    return f"<tr id=\"{_row_anchor(row)}\"{css}>{''.join(cells)}</tr>"
+    return f'<tr id="{_row_anchor(row)}"{css}>{"".join(cells)}</tr>'
 
 
 # ---------------------------------------------------------------- histograms
@@ -441,37 +521,49 @@ def _histogram_section(report: Report) -> str:
     edges = report.histogram_edges
     rows = [row for row in report.layers if row.histograms is not None]
     if edges is None or not rows:
-        return ("<section id=\"histograms\"><h2>Histograms</h2><p class=\"muted\">Not collected: run with "
-                f"<code>{flag_of('histograms')}</code> (on by default with <code>{flag_of('html')}</code>)."
-                "</p></section>")
+        return (
+            '<section id="histograms"><h2>Histograms</h2><p class="muted">Not collected: run with '
+            f"<code>{flag_of('histograms')}</code> (on by default with <code>{flag_of('html')}</code>)."
+            "</p></section>"
+        )
     bins = len(edges) + 1
     by_layer = _findings_by_layer(report)
     axis = _histogram_axis(edges)
     groups = []
     for start in range(0, len(rows), HISTOGRAM_GROUP_ROWS):
-        chunk = rows[start:start + HISTOGRAM_GROUP_ROWS]
+        chunk = rows[start : start + HISTOGRAM_GROUP_ROWS]
         severity = _worst(f for row in chunk for f in by_layer.get(row.name, ()))
-        flag = f" <span class=\"badge sev-{severity.value}\">findings</span>" if severity else ""
+        flag = f' <span class="badge sev-{severity.value}">findings</span>' if severity else ""
         cards = "".join(_histogram_card(row, bins, by_layer.get(row.name, [])) for row in chunk)
-        summary = (f"rows {chunk[0].index}–{chunk[-1].index}: {_e(chunk[0].name or '(root)')} … "
-                   f"{_e(chunk[-1].name or '(root)')}{flag}")
+        summary = (
+            f"rows {chunk[0].index}–{chunk[-1].index}: {_e(chunk[0].name or '(root)')} … "
+            f"{_e(chunk[-1].name or '(root)')}{flag}"
+        )
         # Groups holding findings start open: they are what a reader came for.
-        groups.append(f"<details class=\"hist-group\"{' open' if severity else ''}><summary>{summary}</summary>"
-                      f"<div class=\"cards\">{cards}</div></details>")
-    explanation = ("<p class=\"muted\">Counts per fixed bin over the whole probe (every micro-batch), on a "
-                   "symmetric-log axis: four bins per decade from 1e-8 to 1e4 on each side, the centre bin for "
-                   "|x| ≤ 1e-8 (exact zeros land there), overflow bins at both ends. Bar height ∝ √count, so that "
-                   "a spike of zeros does not flatten the rest. Output in blue, dL/dOutput in green.</p>")
-    overview = ("<h3>Over depth</h3><p class=\"muted\">Each column is one row's histogram (rows in execution "
-                "order, left to right; values from -1e4 at the bottom to 1e4 at the top), shaded by √(count / the "
-                "column's largest count): the distributions of Glorot &amp; Bengio's figures, for every layer at "
-                "once. Grey columns have no histogram.</p>"
-                + depth_heatmap_svg(report.layers, edges, output=True)
-                + depth_heatmap_svg(report.layers, edges, output=False)
-                + "<h3>Per layer</h3>")
-    return (f"<section id=\"histograms\"><h2>Histograms ({len(rows)} rows)</h2>{explanation}{overview}"
-            f"<svg width=\"0\" height=\"0\" style=\"position:absolute\" aria-hidden=\"true\"><defs>{axis}</defs></svg>"
-            f"{''.join(groups)}</section>")
+        groups.append(
+            f'<details class="hist-group"{" open" if severity else ""}><summary>{summary}</summary>'
+            f'<div class="cards">{cards}</div></details>'
+        )
+    explanation = (
+        '<p class="muted">Counts per fixed bin over the whole probe (every micro-batch), on a '
+        "symmetric-log axis: four bins per decade from 1e-8 to 1e4 on each side, the centre bin for "
+        "|x| ≤ 1e-8 (exact zeros land there), overflow bins at both ends. Bar height ∝ √count, so that "
+        "a spike of zeros does not flatten the rest. Output in blue, dL/dOutput in green.</p>"
+    )
+    overview = (
+        '<h3>Over depth</h3><p class="muted">Each column is one row\'s histogram (rows in execution '
+        "order, left to right; values from -1e4 at the bottom to 1e4 at the top), shaded by √(count / the "
+        "column's largest count): the distributions of Glorot &amp; Bengio's figures, for every layer at "
+        "once. Grey columns have no histogram.</p>"
+        + depth_heatmap_svg(report.layers, edges, output=True)
+        + depth_heatmap_svg(report.layers, edges, output=False)
+        + "<h3>Per layer</h3>"
+    )
+    return (
+        f'<section id="histograms"><h2>Histograms ({len(rows)} rows)</h2>{explanation}{overview}'
+        f'<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs>{axis}</defs></svg>'
+        f"{''.join(groups)}</section>"
+    )
 
 
 _HEATMAP_HEIGHT = 160
@@ -521,20 +613,21 @@ def depth_heatmap_svg(rows: Sequence[LayerStats], edges: Sequence[float], *, out
     for value, label in ((1e4, "1e4"), (1.0, "1"), (1e-4, "1e-4"), (-1e-4, "-1e-4"), (-1.0, "-1"), (-1e4, "-1e4")):
         if value in edges:
             y = y_at_edge(list(edges).index(value))
-            ticks.append(f"<text x=\"{_PLOT_LEFT - 4}\" y=\"{y + 4:.1f}\" text-anchor=\"end\" class=\"tick\">{label}"
-                         f"</text>")
+            ticks.append(f'<text x="{_PLOT_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
     centre = top_y + (bins - bins // 2 - 0.5) / bins * _HEATMAP_HEIGHT
-    ticks.append(f"<text x=\"{_PLOT_LEFT - 4}\" y=\"{centre + 4:.1f}\" text-anchor=\"end\" class=\"tick\">0</text>")
+    ticks.append(f'<text x="{_PLOT_LEFT - 4}" y="{centre + 4:.1f}" text-anchor="end" class="tick">0</text>')
     bottom = top_y + _HEATMAP_HEIGHT
     row_ticks = _row_ticks(len(columns), lambda i: _PLOT_LEFT + step * (i + 0.5), bottom)
     title = "output" if output else "dL/dOutput"
-    return (f"<svg class=\"heatmap\" viewBox=\"0 0 {_CHART_WIDTH} {bottom + 18:.0f}\" role=\"img\">"
-            f"<title>{title} histograms over depth</title>"
-            f"<text x=\"{_PLOT_LEFT}\" y=\"{top_y - 4}\" class=\"panel-title\">{title}</text>"
-            f"<image x=\"{_PLOT_LEFT}\" y=\"{top_y}\" width=\"{plot_width}\" height=\"{_HEATMAP_HEIGHT}\" "
-            f"preserveAspectRatio=\"none\" href=\"data:image/png;base64,{image}\"/>"
-            f"<rect class=\"frame\" x=\"{_PLOT_LEFT}\" y=\"{top_y}\" width=\"{plot_width}\" "
-            f"height=\"{_HEATMAP_HEIGHT}\"/>{''.join(ticks)}{row_ticks}</svg>")
+    return (
+        f'<svg class="heatmap" viewBox="0 0 {_CHART_WIDTH} {bottom + 18:.0f}" role="img">'
+        f"<title>{title} histograms over depth</title>"
+        f'<text x="{_PLOT_LEFT}" y="{top_y - 4}" class="panel-title">{title}</text>'
+        f'<image x="{_PLOT_LEFT}" y="{top_y}" width="{plot_width}" height="{_HEATMAP_HEIGHT}" '
+        f'preserveAspectRatio="none" href="data:image/png;base64,{image}"/>'
+        f'<rect class="frame" x="{_PLOT_LEFT}" y="{top_y}" width="{plot_width}" '
+        f'height="{_HEATMAP_HEIGHT}"/>{"".join(ticks)}{row_ticks}</svg>'
+    )
 
 
 def _tint(colour: tuple[int, int, int], shade: float) -> tuple[int, int, int]:
@@ -552,8 +645,13 @@ def png_indexed(width: int, height: int, scanlines: bytes, palette: Sequence[tup
 
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8 bits, palette, no interlace
     colours = b"".join(bytes(entry) for entry in palette)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", colours)
-            + chunk(b"IDAT", zlib.compress(scanlines, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", colours)
+        + chunk(b"IDAT", zlib.compress(scanlines, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _histogram_axis(edges: Sequence[float]) -> str:
@@ -565,13 +663,19 @@ def _histogram_axis(edges: Sequence[float]) -> str:
         # Bin i covers (edges[i-1], edges[i]]: the tick sits at the right end of the bin whose edge is the value.
         if value in edges:
             x = (edges.index(value) + 1) * width
-            marks.append(f"<line x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"{_HIST_HEIGHT}\" y2=\"{_HIST_HEIGHT + 3}\"/>"
-                         f"<text x=\"{x:.1f}\" y=\"{_HIST_HEIGHT + 11}\" text-anchor=\"middle\">{label}</text>")
+            marks.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_HIST_HEIGHT}" y2="{_HIST_HEIGHT + 3}"/>'
+                f'<text x="{x:.1f}" y="{_HIST_HEIGHT + 11}" text-anchor="middle">{label}</text>'
+            )
     centre = (bins // 2 + 0.5) * width
-    marks.append(f"<line x1=\"{centre:.1f}\" x2=\"{centre:.1f}\" y1=\"{_HIST_HEIGHT}\" y2=\"{_HIST_HEIGHT + 3}\"/>"
-                 f"<text x=\"{centre:.1f}\" y=\"{_HIST_HEIGHT + 11}\" text-anchor=\"middle\">0</text>")
-    return (f"<g id=\"hist-axis\" class=\"hist-axis\"><line x1=\"0\" x2=\"{_HIST_WIDTH}\" y1=\"{_HIST_HEIGHT}\" "
-            f"y2=\"{_HIST_HEIGHT}\"/>{''.join(marks)}</g>")
+    marks.append(
+        f'<line x1="{centre:.1f}" x2="{centre:.1f}" y1="{_HIST_HEIGHT}" y2="{_HIST_HEIGHT + 3}"/>'
+        f'<text x="{centre:.1f}" y="{_HIST_HEIGHT + 11}" text-anchor="middle">0</text>'
+    )
+    return (
+        f'<g id="hist-axis" class="hist-axis"><line x1="0" x2="{_HIST_WIDTH}" y1="{_HIST_HEIGHT}" '
+        f'y2="{_HIST_HEIGHT}"/>{"".join(marks)}</g>'
+    )
 
 
 def histogram_svg(counts: Sequence[int], *, colour: str, label: str) -> str:
@@ -584,7 +688,7 @@ def histogram_svg(counts: Sequence[int], *, colour: str, label: str) -> str:
     bins = len(counts)
     top = max(counts) if counts else 0
     if top <= 0:
-        shape = f"<text x=\"4\" y=\"{_HIST_HEIGHT / 2}\" class=\"muted\">no finite values</text>"
+        shape = f'<text x="4" y="{_HIST_HEIGHT / 2}" class="muted">no finite values</text>'
     else:
         scale = _HIST_HEIGHT / math.sqrt(top)
         # Whole pixels (the card is 44 px high); a bin that holds anything is at least 1 px high, so
@@ -600,10 +704,12 @@ def histogram_svg(counts: Sequence[int], *, colour: str, label: str) -> str:
             run_top, run_length = value, 1
         steps.append(f"V{run_top}h{run_length}")
         outline = f"M0 {_HIST_HEIGHT}{''.join(steps)}V{_HIST_HEIGHT}z"
-        shape = (f"<path transform=\"scale({_HIST_WIDTH / bins:.5f} 1)\" d=\"{outline}\" fill=\"{colour}\"/>")
+        shape = f'<path transform="scale({_HIST_WIDTH / bins:.5f} 1)" d="{outline}" fill="{colour}"/>'
     # The <title> is the chart's accessible name and its tooltip (no aria-label: it would repeat it).
-    return (f"<svg class=\"hist\" viewBox=\"0 0 {_HIST_WIDTH} {_HIST_HEIGHT + 13}\" role=\"img\">"
-            f"<title>{_e(label)}</title><use href=\"#hist-axis\"/>{shape}</svg>")
+    return (
+        f'<svg class="hist" viewBox="0 0 {_HIST_WIDTH} {_HIST_HEIGHT + 13}" role="img">'
+        f'<title>{_e(label)}</title><use href="#hist-axis"/>{shape}</svg>'
+    )
 
 
 def _histogram_card(row: LayerStats, bins: int, findings: Sequence[Finding]) -> str:
@@ -611,20 +717,24 @@ def _histogram_card(row: LayerStats, bins: int, findings: Sequence[Finding]) -> 
     assert histograms is not None
     name = row.name or "(root)"
     parts = []
-    for counts, colour, what in ((histograms.output, "#1f77b4", "output"),
-                                 (histograms.output_grad, "#2ca02c", "dL/dOutput")):
+    for counts, colour, what in (
+        (histograms.output, "#1f77b4", "output"),
+        (histograms.output_grad, "#2ca02c", "dL/dOutput"),
+    ):
         if counts is None:
-            parts.append(f"<div class=\"muted\">{what}: not collected</div>")
+            parts.append(f'<div class="muted">{what}: not collected</div>')
         elif len(counts) != bins:
-            parts.append(f"<div class=\"muted\">{what}: {len(counts)} counts for {bins} bins (not drawn)</div>")
+            parts.append(f'<div class="muted">{what}: {len(counts)} counts for {bins} bins (not drawn)</div>')
         else:
             parts.append(histogram_svg(counts, colour=colour, label=f"#{row.index} {what}: {sum(counts):,} values"))
     codes = " ".join(sorted({f.code for f in findings}))
     severity = _worst(findings)
     css = f" sev-{severity.value}" if severity else ""
-    return (f"<figure class=\"card{css}\"><figcaption><a href=\"#{_row_anchor(row)}\" class=\"row-link\">"
-            f"#{row.index} {_e(name)}</a> <span class=\"muted\">{_e(row.type)}</span> {_e(codes)}</figcaption>"
-            f"{''.join(parts)}</figure>")
+    return (
+        f'<figure class="card{css}"><figcaption><a href="#{_row_anchor(row)}" class="row-link">'
+        f'#{row.index} {_e(name)}</a> <span class="muted">{_e(row.type)}</span> {_e(codes)}</figcaption>'
+        f"{''.join(parts)}</figure>"
+    )
 
 
 # ---------------------------------------------------------------- gradient through time
@@ -638,41 +748,56 @@ def _through_time_section(report: Report) -> str:
         through_time = row.through_time
         if through_time is None:
             continue
-        heading = (f"#{row.index} {_e(row.name)} <span class=\"muted\">{_e(row.type)}</span>")
+        heading = f'#{row.index} {_e(row.name)} <span class="muted">{_e(row.type)}</span>'
         if not through_time.ok:
-            cards.append(f"<figure class=\"card wide\"><figcaption>{heading}</figcaption><p class=\"muted\">"
-                         f"not measured: {_e(through_time.reason or 'no reason given')}</p></figure>")
+            cards.append(
+                f'<figure class="card wide"><figcaption>{heading}</figcaption><p class="muted">'
+                f"not measured: {_e(through_time.reason or 'no reason given')}</p></figure>"
+            )
             continue
         for trace in through_time.directions:
-            cards.append(f"<figure class=\"card wide\"><figcaption>{heading} · layer {trace.layer} "
-                         f"{_e(trace.direction)}</figcaption>{through_time_svg(trace.grad_norms)}"
-                         f"<div class=\"muted\">{_trace_facts(trace, through_time.horizon_fraction)}</div></figure>")
+            cards.append(
+                f'<figure class="card wide"><figcaption>{heading} · layer {trace.layer} '
+                f"{_e(trace.direction)}</figcaption>{through_time_svg(trace.grad_norms)}"
+                f'<div class="muted">{_trace_facts(trace, through_time.horizon_fraction)}</div></figure>'
+            )
     if not cards:
         return ""  # no recurrent layer: the section would only be noise
-    return (f"<section id=\"through-time\"><h2>Gradient through time</h2><p class=\"muted\">‖dL/dh<sub>t</sub>‖ "
-            f"per time step t (log scale), summed over the probe: how far back from the last step the gradient "
-            f"reaches (gradcheck's docs/theory.md#gradient-through-time).</p>"
-            f"<div class=\"cards\">{''.join(cards)}</div></section>")
+    return (
+        f'<section id="through-time"><h2>Gradient through time</h2><p class="muted">‖dL/dh<sub>t</sub>‖ '
+        f"per time step t (log scale), summed over the probe: how far back from the last step the gradient "
+        f"reaches (gradcheck's docs/theory.md#gradient-through-time).</p>"
+        f'<div class="cards">{"".join(cards)}</div></section>'
+    )
 
 
 def _trace_facts(trace: DirectionTrace, horizon_fraction: float) -> str:
-    facts = [f"{trace.steps} steps",
-             f"decay per step {fmt(trace.decay_rate)}",
-             f"horizon {trace.horizon} step(s) (≥ {horizon_fraction:g} × the last step's norm)"]
+    facts = [
+        f"{trace.steps} steps",
+        f"decay per step {fmt(trace.decay_rate)}",
+        f"horizon {trace.horizon} step(s) (≥ {horizon_fraction:g} × the last step's norm)",
+    ]
     if trace.spectral_radius:
-        facts.append("spectral radius of W_hh " + ", ".join(f"{_e(gate)} {fmt(value)}"
-                                                            for gate, value in trace.spectral_radius.items()))
+        facts.append(
+            "spectral radius of W_hh "
+            + ", ".join(f"{_e(gate)} {fmt(value)}" for gate, value in trace.spectral_radius.items())
+        )
     if trace.gates:
-        facts.append("gates " + ", ".join(f"{_e(gate)}: {stats.saturation:.0%} saturated, mean {fmt(stats.mean)}"
-                                          for gate, stats in trace.gates.items()))
-    return " · ".join(f"<span class=\"fact\">{fact}</span>" for fact in facts)
+        facts.append(
+            "gates "
+            + ", ".join(
+                f"{_e(gate)}: {stats.saturation:.0%} saturated, mean {fmt(stats.mean)}"
+                for gate, stats in trace.gates.items()
+            )
+        )
+    return " · ".join(f'<span class="fact">{fact}</span>' for fact in facts)
 
 
 def through_time_svg(norms: Sequence[float | None]) -> str:
     width, height, left = 420.0, 120.0, 46.0
     positive = [v for v in norms if v is not None and v > 0 and math.isfinite(v)]
     if not positive:
-        return "<p class=\"muted\">no positive norms to draw</p>"
+        return '<p class="muted">no positive norms to draw</p>'
     low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
     if high == low:
         high += 1
@@ -689,17 +814,24 @@ def through_time_svg(norms: Sequence[float | None]) -> str:
         y = 6 + (height - 24) * (1 - (math.log10(value) - low) / (high - low))
         points.append(f"{x:.1f},{y:.1f}")
     # Dots too when there are few points: a lone point (one step reached) is otherwise invisible.
-    dots = "".join(f"<circle cx=\"{p.split(',')[0]}\" cy=\"{p.split(',')[1]}\" r=\"1.8\" fill=\"#2ca02c\"/>"
-                   for p in points) if len(points) <= 60 else ""
-    zero_marks = (f"<path d=\"{''.join(zeros)}\" stroke=\"#2ca02c\" stroke-width=\"1.5\"/>") if zeros else ""
-    labels = (f"<text x=\"{left - 4}\" y=\"12\" text-anchor=\"end\" class=\"tick\">1e{high}</text>"
-              f"<text x=\"{left - 4}\" y=\"{height - 16}\" text-anchor=\"end\" class=\"tick\">1e{low}</text>"
-              f"<text x=\"{left}\" y=\"{height - 3}\" class=\"tick\">t = 0</text>"
-              f"<text x=\"{width - 6}\" y=\"{height - 3}\" text-anchor=\"end\" class=\"tick\">t = {steps - 1}</text>")
-    return (f"<svg class=\"through-time\" viewBox=\"0 0 {width:.0f} {height:.0f}\" role=\"img\" "
-            f"aria-label=\"gradient norm per time step\"><rect class=\"frame\" x=\"{left}\" y=\"6\" "
-            f"width=\"{plot}\" height=\"{height - 24}\"/>{labels}<polyline points=\"{' '.join(points)}\" "
-            f"fill=\"none\" stroke=\"#2ca02c\" stroke-width=\"1.5\"/>{dots}{zero_marks}</svg>")
+    dots = (
+        "".join(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="1.8" fill="#2ca02c"/>' for p in points)
+        if len(points) <= 60
+        else ""
+    )
+    zero_marks = (f'<path d="{"".join(zeros)}" stroke="#2ca02c" stroke-width="1.5"/>') if zeros else ""
+    labels = (
+        f'<text x="{left - 4}" y="12" text-anchor="end" class="tick">1e{high}</text>'
+        f'<text x="{left - 4}" y="{height - 16}" text-anchor="end" class="tick">1e{low}</text>'
+        f'<text x="{left}" y="{height - 3}" class="tick">t = 0</text>'
+        f'<text x="{width - 6}" y="{height - 3}" text-anchor="end" class="tick">t = {steps - 1}</text>'
+    )
+    return (
+        f'<svg class="through-time" viewBox="0 0 {width:.0f} {height:.0f}" role="img" '
+        f'aria-label="gradient norm per time step"><rect class="frame" x="{left}" y="6" '
+        f'width="{plot}" height="{height - 24}"/>{labels}<polyline points="{" ".join(points)}" '
+        f'fill="none" stroke="#2ca02c" stroke-width="1.5"/>{dots}{zero_marks}</svg>'
+    )
 
 
 # ---------------------------------------------------------------- inline CSS and JS

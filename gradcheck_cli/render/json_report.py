@@ -29,8 +29,13 @@ def render_check_json(outcomes: Sequence[ModelOutcome]) -> str:
         if outcome.report is not None:
             documents.append(outcome.report.to_dict())
         else:
-            documents.append({"schema_version": SCHEMA_VERSION, "model": {"path": outcome.path},
-                              "error": {"message": outcome.error, "hint": outcome.hint}})
+            documents.append(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "model": {"path": outcome.path},
+                    "error": {"message": outcome.error, "hint": outcome.hint},
+                }
+            )
     if len(documents) == 1:
         return dumps(documents[0])
     return json.dumps(documents, indent=2, allow_nan=False, ensure_ascii=False) + "\n"

@@ -55,15 +55,15 @@ class PlotFormat(Choice):
     SVG = "svg"
 
 
-
 def plot_format(path: Path) -> PlotFormat:
     """The figure format ``path`` asks for, by its suffix; refused before any model runs."""
     suffix = path.suffix.lower().lstrip(".")
     try:
         return PlotFormat(suffix)
     except ValueError:
-        raise UsageError(f"`plot` {path}: the file name must end in .png or .svg",
-                         hint=f"e.g. `plot` {path.with_suffix('.png')}") from None
+        raise UsageError(
+            f"`plot` {path}: the file name must end in .png or .svg", hint=f"e.g. `plot` {path.with_suffix('.png')}"
+        ) from None
 
 
 def require_matplotlib() -> None:
@@ -95,8 +95,14 @@ def gradient_flow_figure(report: Report) -> Figure:
     return figure
 
 
-def comparison_figure(before: Report | Sequence[LayerStats], after: Report | Sequence[LayerStats], *,
-                      before_label: str = "before", after_label: str = "after", title: str | None = None) -> Figure:
+def comparison_figure(
+    before: Report | Sequence[LayerStats],
+    after: Report | Sequence[LayerStats],
+    *,
+    before_label: str = "before",
+    after_label: str = "after",
+    title: str | None = None,
+) -> Figure:
     """Before and after overlaid (reinit's plot, or check's plot with a baseline).
 
     Either side may be a report or just its rows (``ReinitReport.before``/``.after``). Rows are
@@ -113,8 +119,14 @@ def write_gradient_flow(report: Report, path: Path) -> None:
     save_figure(gradient_flow_figure(report), path)
 
 
-def write_comparison(before: Report | Sequence[LayerStats], after: Report | Sequence[LayerStats], path: Path, *,
-                     before_label: str = "before", after_label: str = "after") -> None:
+def write_comparison(
+    before: Report | Sequence[LayerStats],
+    after: Report | Sequence[LayerStats],
+    path: Path,
+    *,
+    before_label: str = "before",
+    after_label: str = "after",
+) -> None:
     save_figure(comparison_figure(before, after, before_label=before_label, after_label=after_label), path)
 
 
@@ -147,7 +159,8 @@ def depth_figure(series: Sequence[PlotSeries]) -> Figure:
     width = min(26.0, max(11.0, 6.0 + 0.12 * count))
     figure = Figure(figsize=(width, 8.5), layout="constrained")
     variance_axes, gradient_axes, fraction_axes = figure.subplots(
-        3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]})
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]}
+    )
     positions = _positions(primary.layers)
     overlay = len(series) > 1
     for order, run in enumerate(series):
@@ -157,12 +170,26 @@ def depth_figure(series: Sequence[PlotSeries]) -> Figure:
         # Layers and activation calls alternate in most models (Linear, relu, Linear, ...); one line
         # each keeps the depth trend readable instead of a zigzag between the two.
         for group, group_rows in _row_groups(rows):
-            _log_line(variance_axes, group_rows, [row.output.var for _, row in group_rows], colour=VARIANCE_COLOUR,
-                      label=f"variance, {group}{suffix}", earlier=earlier, group=group,
-                      gid=f"variance-{group}-{order}")
-            _log_line(gradient_axes, group_rows, [row.output_grad_norm for _, row in group_rows],
-                      colour=GRADIENT_COLOUR, label=f"|dL/dy|, {group}{suffix}", earlier=earlier, group=group,
-                      gid=f"gradient-{group}-{order}")
+            _log_line(
+                variance_axes,
+                group_rows,
+                [row.output.var for _, row in group_rows],
+                colour=VARIANCE_COLOUR,
+                label=f"variance, {group}{suffix}",
+                earlier=earlier,
+                group=group,
+                gid=f"variance-{group}-{order}",
+            )
+            _log_line(
+                gradient_axes,
+                group_rows,
+                [row.output_grad_norm for _, row in group_rows],
+                colour=GRADIENT_COLOUR,
+                label=f"|dL/dy|, {group}{suffix}",
+                earlier=earlier,
+                group=group,
+                gid=f"gradient-{group}-{order}",
+            )
         _fraction_bars(fraction_axes, rows, order=order, runs=len(series), earlier=earlier, suffix=suffix)
         _nonfinite_marks((variance_axes, gradient_axes), rows, earlier=earlier, order=order)
     _finding_marks((variance_axes, gradient_axes, fraction_axes), primary, positions)
@@ -183,8 +210,7 @@ def depth_figure(series: Sequence[PlotSeries]) -> Figure:
     fraction_axes.set_xlabel("depth: report row # in execution order")
     if count <= MAX_NAMED_TICKS:
         fraction_axes.set_xticks(range(count))
-        fraction_axes.set_xticklabels([row.name or "(root)" for row in primary.layers], rotation=90,
-                                      fontsize="x-small")
+        fraction_axes.set_xticklabels([row.name or "(root)" for row in primary.layers], rotation=90, fontsize="x-small")
     else:
         fraction_axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=20))
     return figure
@@ -223,8 +249,17 @@ def _row_groups(rows: Sequence[tuple[int, LayerStats]]) -> list[tuple[str, list[
     return [(name, items) for name, items in ((LAYER_GROUP, layers), (ACTIVATION_GROUP, activations)) if items]
 
 
-def _log_line(axes: Axes, rows: Sequence[tuple[int, LayerStats]], values: Sequence[float | None], *,
-              colour: str, label: str, earlier: bool, group: str, gid: str) -> None:
+def _log_line(
+    axes: Axes,
+    rows: Sequence[tuple[int, LayerStats]],
+    values: Sequence[float | None],
+    *,
+    colour: str,
+    label: str,
+    earlier: bool,
+    group: str,
+    gid: str,
+) -> None:
     """A line over the positive values; zeros (an all-dead layer) are marked at the panel's floor,
     since a log axis cannot show them; missing values (non-finite outputs) leave a gap."""
     from matplotlib.transforms import blended_transform_factory
@@ -235,9 +270,18 @@ def _log_line(axes: Axes, rows: Sequence[tuple[int, LayerStats]], values: Sequen
     linestyle = "--" if earlier else ("-" if group == LAYER_GROUP else ":")
     # Markers help on a few rows and clutter hundreds: they shrink with the row count.
     size = 4.0 if len(xs) <= 60 else (2.0 if len(xs) <= 200 else 0.0)
-    (line,) = axes.plot(xs, ys, color=colour, label=label, marker=marker, markersize=size, linewidth=1.2,
-                        linestyle=linestyle, alpha=0.55 if earlier else 1.0,
-                        markerfacecolor="none" if earlier else colour)
+    (line,) = axes.plot(
+        xs,
+        ys,
+        color=colour,
+        label=label,
+        marker=marker,
+        markersize=size,
+        linewidth=1.2,
+        linestyle=linestyle,
+        alpha=0.55 if earlier else 1.0,
+        markerfacecolor="none" if earlier else colour,
+    )
     line.set_gid(gid)
     zeros = [x for x, value in zip(xs, values, strict=True) if value == 0]
     if zeros:
@@ -245,32 +289,50 @@ def _log_line(axes: Axes, rows: Sequence[tuple[int, LayerStats]], values: Sequen
         zero_label = f"exactly 0{' (earlier)' if earlier else ''}"
         if zero_label in axes.get_legend_handles_labels()[1]:
             zero_label = "_nolegend_"  # one legend entry for the zeros of both lines
-        marks = axes.scatter(zeros, [0.02] * len(zeros), transform=floor, marker="v", color=colour,
-                             alpha=0.6 if earlier else 1.0, label=zero_label, zorder=3)
+        marks = axes.scatter(
+            zeros,
+            [0.02] * len(zeros),
+            transform=floor,
+            marker="v",
+            color=colour,
+            alpha=0.6 if earlier else 1.0,
+            label=zero_label,
+            zorder=3,
+        )
         marks.set_gid(f"{gid}-zero")
 
 
-def _fraction_bars(axes: Axes, rows: Sequence[tuple[int, LayerStats]], *, order: int, runs: int, earlier: bool,
-                   suffix: str) -> None:
+def _fraction_bars(
+    axes: Axes, rows: Sequence[tuple[int, LayerStats]], *, order: int, runs: int, earlier: bool, suffix: str
+) -> None:
     # Dead and saturated bars sit side by side in each row's slot, one pair per run.
     slot = 0.8 / (2 * runs)
     dead = [(x, row.dead.fraction) for x, row in rows if row.dead is not None]
     saturated = [(x, row.saturation.fraction) for x, row in rows if row.saturation is not None]
     hatch = "//" if earlier else None
     alpha = 0.5 if earlier else 0.9
-    for which, (points, colour, name) in enumerate(((dead, DEAD_COLOUR, "dead"),
-                                                    (saturated, SATURATED_COLOUR, "saturated"))):
+    for which, (points, colour, name) in enumerate(
+        ((dead, DEAD_COLOUR, "dead"), (saturated, SATURATED_COLOUR, "saturated"))
+    ):
         if not points:
             continue  # no such rows in this run: no empty legend entry either
         offset = -0.4 + slot * (2 * order + which) + slot / 2
-        bars = axes.bar([x + offset for x, _ in points], [value for _, value in points], width=slot,
-                        color=colour, alpha=alpha, hatch=hatch, label=f"{name}{suffix}")
+        bars = axes.bar(
+            [x + offset for x, _ in points],
+            [value for _, value in points],
+            width=slot,
+            color=colour,
+            alpha=alpha,
+            hatch=hatch,
+            label=f"{name}{suffix}",
+        )
         for patch in bars.patches:
             patch.set_gid(f"{name}-{order}")
 
 
-def _nonfinite_marks(panels: Sequence[Axes], rows: Sequence[tuple[int, LayerStats]], *, earlier: bool,
-                     order: int) -> None:
+def _nonfinite_marks(
+    panels: Sequence[Axes], rows: Sequence[tuple[int, LayerStats]], *, earlier: bool, order: int
+) -> None:
     """Rows whose output held NaN/Inf have no variance to draw: an x at the top of both line panels."""
     from matplotlib.transforms import blended_transform_factory
 
@@ -279,9 +341,16 @@ def _nonfinite_marks(panels: Sequence[Axes], rows: Sequence[tuple[int, LayerStat
         return
     for axes in panels:
         top = blended_transform_factory(axes.transData, axes.transAxes)
-        marks = axes.scatter(xs, [0.97] * len(xs), transform=top, marker="x", color=NONFINITE_COLOUR,
-                             alpha=0.5 if earlier else 1.0, label="NaN/Inf output" + (" (earlier)" if earlier else ""),
-                             zorder=4)
+        marks = axes.scatter(
+            xs,
+            [0.97] * len(xs),
+            transform=top,
+            marker="x",
+            color=NONFINITE_COLOUR,
+            alpha=0.5 if earlier else 1.0,
+            label="NaN/Inf output" + (" (earlier)" if earlier else ""),
+            zorder=4,
+        )
         marks.set_gid(f"nonfinite-{order}")
 
 
@@ -305,11 +374,20 @@ def _finding_marks(panels: Sequence[Axes], run: PlotSeries, positions: dict[tupl
             labelled.add(finding.code)
             stacked = labels_at.get(x // slot, 0)
             labels_at[x // slot] = stacked + 1
-            text = panels[0].annotate(finding.code, xy=(x, 1.0), xycoords=("data", "axes fraction"),
-                                      xytext=(0, 2 + 9 * stacked), textcoords="offset points", ha="center",
-                                      va="bottom",
-                                      fontsize="x-small", color=colour, annotation_clip=False)
+            text = panels[0].annotate(
+                finding.code,
+                xy=(x, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, 2 + 9 * stacked),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize="x-small",
+                color=colour,
+                annotation_clip=False,
+            )
             text.set_gid(f"finding-label-{finding.code}")
             # A legend entry per rule names it in full; the label above the panel stays short.
-            panels[-1].fill_between([], [], color=colour, alpha=0.3,
-                                    label=f"{finding.code} {finding.rule} ({finding.severity.value})")
+            panels[-1].fill_between(
+                [], [], color=colour, alpha=0.3, label=f"{finding.code} {finding.rule} ({finding.severity.value})"
+            )

@@ -41,10 +41,21 @@ def changes_table(report: ReinitReport) -> Table:
             lsuv = f"{layer.lsuv.iterations} it, var {fmt(layer.lsuv.variance)}"
             if not layer.lsuv.converged:
                 lsuv += " (not converged)"
-        source = "" if layer.activation_source.value in ("execution", "graph") else \
-            f" ({layer.activation_source.value.replace('_', ' ')})"
-        table.add_row(layer.name or "(root)", layer.type, (layer.activation or "—") + source, layer.scheme,
-                      fmt(weight.measured_std) if weight else "", fans, lsuv, layer.reason)
+        source = (
+            ""
+            if layer.activation_source.value in ("execution", "graph")
+            else f" ({layer.activation_source.value.replace('_', ' ')})"
+        )
+        table.add_row(
+            layer.name or "(root)",
+            layer.type,
+            (layer.activation or "—") + source,
+            layer.scheme,
+            fmt(weight.measured_std) if weight else "",
+            fans,
+            lsuv,
+            layer.reason,
+        )
     return table
 
 
@@ -62,10 +73,14 @@ def comparison_table(before: tuple[LayerStats, ...], after: tuple[LayerStats, ..
         new = later.get((row.name, row.type))
         if new is None:
             continue
-        table.add_row(row.name, row.type if row.fn is None or row.fn == row.type else f"{row.type} ({row.fn})",
-                      _pair(row.output.var, new.output.var),
-                      _pair(row.output_grad_norm, new.output_grad_norm),
-                      _pair_text(_dead(row), _dead(new)), _pair_text(_saturated(row), _saturated(new)))
+        table.add_row(
+            row.name,
+            row.type if row.fn is None or row.fn == row.type else f"{row.type} ({row.fn})",
+            _pair(row.output.var, new.output.var),
+            _pair(row.output_grad_norm, new.output_grad_norm),
+            _pair_text(_dead(row), _dead(new)),
+            _pair_text(_saturated(row), _saturated(new)),
+        )
     return table
 
 

@@ -51,9 +51,11 @@ def layer_table(report: Report) -> Table:
     model = report.model
     probe = report.probe
     shapes = ", ".join("x".join(str(d) for d in spec.shape) + f" {spec.dtype}" for spec in probe.inputs)
-    title = (f"{model.path} · {model.format} · {model.parameters:,} parameters\n"
-             f"probe: {shapes} × {probe.batches} batch(es) · loss {probe.loss} on {probe.output} · "
-             f"mode {probe.mode} · seed {probe.seed} · {probe.device}")
+    title = (
+        f"{model.path} · {model.format} · {model.parameters:,} parameters\n"
+        f"probe: {shapes} × {probe.batches} batch(es) · loss {probe.loss} on {probe.output} · "
+        f"mode {probe.mode} · seed {probe.seed} · {probe.device}"
+    )
     table = Table(title=title, title_justify="left", header_style="bold", expand=False, pad_edge=False)
     table.add_column("#", justify="right", style="dim")
     table.add_column("layer", overflow="fold", min_width=8)
@@ -75,12 +77,18 @@ def layer_table(report: Report) -> Table:
         style = _STYLE[severity] if severity is not None else ("bold red" if nonfinite else None)
         type_cell = row.type if row.fn is None or row.fn == row.type else f"{row.type} ({row.fn})"
         table.add_row(
-            str(row.index), row.name, type_cell,
+            str(row.index),
+            row.name,
+            type_cell,
             fmt(out.mean) if not nonfinite else f"{out.nan} NaN",
             fmt(out.var) if not nonfinite else f"{out.inf} Inf",
-            fmt(out.min), fmt(out.max), _dead_cell(row), _sat_cell(row),
+            fmt(out.min),
+            fmt(out.max),
+            _dead_cell(row),
+            _sat_cell(row),
             fmt(row.output_grad_norm),
-            fmt(row.grad.norm) if row.grad else "", fmt(row.grad.ratio) if row.grad else "",
+            fmt(row.grad.norm) if row.grad else "",
+            fmt(row.grad.ratio) if row.grad else "",
             style=style,
         )
     return table
@@ -89,8 +97,11 @@ def layer_table(report: Report) -> Table:
 def diagnosis(report: Report) -> RenderableType:
     """What is wrong, where it starts, what to do: one entry per rule that fired."""
     if not report.findings:
-        return Text("No findings: the default rules found no non-finite values, dead or saturated "
-                    "layers, or vanishing or exploding gradients.", style="green")
+        return Text(
+            "No findings: the default rules found no non-finite values, dead or saturated "
+            "layers, or vanishing or exploding gradients.",
+            style="green",
+        )
     by_rule: OrderedDict[str, list[Finding]] = OrderedDict()
     for finding in report.findings:
         by_rule.setdefault(finding.code, []).append(finding)
@@ -131,21 +142,32 @@ class DepthSparklines:
         if not rows or cells < 8:
             return  # too narrow for a readable line: the table above says it all
         per_cell = math.ceil(len(rows) / cells)
-        groups = [rows[start:start + per_cell] for start in range(0, len(rows), per_cell)]
+        groups = [rows[start : start + per_cell] for start in range(0, len(rows), per_cell)]
         heading = f"depth: rows 0–{len(rows) - 1} left to right, log scale"
         if per_cell > 1:
             heading += f", {per_cell} rows/char"
         yield Text(heading, style="bold", no_wrap=True, overflow="ellipsis")
-        yield _spark_line("var", [[row.output.var for row in group] for group in groups],
-                          [_nonfinite(group) for group in groups], style="blue", value_width=value_width)
-        yield _spark_line("|dL/dy|", [[row.output_grad_norm for row in group] for group in groups],
-                          [_nonfinite(group) for group in groups], style="green", value_width=value_width)
+        yield _spark_line(
+            "var",
+            [[row.output.var for row in group] for group in groups],
+            [_nonfinite(group) for group in groups],
+            style="blue",
+            value_width=value_width,
+        )
+        yield _spark_line(
+            "|dL/dy|",
+            [[row.output_grad_norm for row in group] for group in groups],
+            [_nonfinite(group) for group in groups],
+            style="green",
+            value_width=value_width,
+        )
         health = _row_health(self.report)
         if health:
             line = Text(f"{'findings':<{_SPARK_LABEL_WIDTH}} {'':>{value_width}} ")
             for group in groups:
-                worst = max((health[row.name] for row in group if row.name in health), key=lambda s: s.rank,
-                            default=None)
+                worst = max(
+                    (health[row.name] for row in group if row.name in health), key=lambda s: s.rank, default=None
+                )
                 line.append(_SEVERITY_MARK[worst] if worst else " ", style=_STYLE[worst] if worst else "")
             yield line
 
@@ -154,8 +176,9 @@ def _nonfinite(group: Sequence[LayerStats]) -> bool:
     return any(row.output.nan or row.output.inf for row in group)
 
 
-def _spark_line(label: str, groups: Sequence[Sequence[float | None]], nonfinite: Sequence[bool], *, style: str,
-                value_width: int) -> Text:
+def _spark_line(
+    label: str, groups: Sequence[Sequence[float | None]], nonfinite: Sequence[bool], *, style: str, value_width: int
+) -> Text:
     """One sparkline: '!' where an output held NaN/Inf, '·' where there is nothing to draw on a log
     scale (a zero or missing value), else a block whose height is the value's place between the
     smallest and largest positive value shown at either end."""
@@ -168,7 +191,7 @@ def _spark_line(label: str, groups: Sequence[Sequence[float | None]], nonfinite:
     present = [value for value in logs if value is not None]
     low, high = (min(present), max(present)) if present else (0.0, 0.0)
     line = Text(f"{label:<{_SPARK_LABEL_WIDTH}} ")
-    line.append(f"{fmt(10 ** low) if present else '':>{value_width}} ", style="dim")
+    line.append(f"{fmt(10**low) if present else '':>{value_width}} ", style="dim")
     for log_value, broken in zip(logs, nonfinite, strict=True):
         if broken:
             line.append("!", style="bold red")
@@ -176,10 +199,13 @@ def _spark_line(label: str, groups: Sequence[Sequence[float | None]], nonfinite:
             line.append("·", style="dim")
         else:
             # All values equal: a flat line at mid height, not one that reads as "vanished".
-            level = len(SPARK_LEVELS) // 2 - 1 if high == low else \
-                round((log_value - low) / (high - low) * (len(SPARK_LEVELS) - 1))
+            level = (
+                len(SPARK_LEVELS) // 2 - 1
+                if high == low
+                else round((log_value - low) / (high - low) * (len(SPARK_LEVELS) - 1))
+            )
             line.append(SPARK_LEVELS[level], style=style)
-    line.append(f" {fmt(10 ** high) if present else ''}", style="dim")
+    line.append(f" {fmt(10**high) if present else ''}", style="dim")
     return line
 
 
@@ -202,14 +228,19 @@ class ThroughTimeView:
                 continue
             for trace in tt.directions:
                 rate = "—" if trace.decay_rate is None else f"{trace.decay_rate:.3g}"
-                yield Text(f"  {row.name} layer {trace.layer} {trace.direction}: rate {rate}/step back, "
-                           f"horizon {trace.horizon}/{trace.steps} steps", no_wrap=True, overflow="ellipsis")
+                yield Text(
+                    f"  {row.name} layer {trace.layer} {trace.direction}: rate {rate}/step back, "
+                    f"horizon {trace.horizon}/{trace.steps} steps",
+                    no_wrap=True,
+                    overflow="ellipsis",
+                )
                 cells = max(options.max_width - (_SPARK_LABEL_WIDTH + 2 * 9 + 3), 8)
                 norms = list(trace.grad_norms)
                 per_cell = max(1, math.ceil(len(norms) / cells))
-                groups = [norms[start:start + per_cell] for start in range(0, len(norms), per_cell)]
-                yield _spark_line("|dL/dh|", [list(g) for g in groups], [False] * len(groups), style="magenta",
-                                  value_width=9)
+                groups = [norms[start : start + per_cell] for start in range(0, len(norms), per_cell)]
+                yield _spark_line(
+                    "|dL/dh|", [list(g) for g in groups], [False] * len(groups), style="magenta", value_width=9
+                )
 
 
 def render_inspect(report: Report, console: Console) -> None:

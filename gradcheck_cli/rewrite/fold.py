@@ -168,9 +168,7 @@ def _fold_onnx(
     )
 
 
-def _onnx_latency(
-    original: onnx.ModelProto, folded: onnx.ModelProto, feed: dict[str, Any], runs: int
-) -> Latency:
+def _onnx_latency(original: onnx.ModelProto, folded: onnx.ModelProto, feed: dict[str, Any], runs: int) -> Latency:
     from gradcheck_cli.rewrite.verify import median_ms
 
     # Latency is measured with onnxruntime's default optimisations, as deployed; only the
@@ -187,9 +185,7 @@ def _default_ort_session(model: onnx.ModelProto) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +227,7 @@ def _fold_torch(
 
     probe = probe_inputs(
         loaded.module,
-        _verification_inputs(options, fixed_batch=loaded.example_args is not None
-                             or loaded.example_kwargs is not None),
+        _verification_inputs(options, fixed_batch=loaded.example_args is not None or loaded.example_kwargs is not None),
         device=torch.device(device),
         example_args=loaded.example_args,
         example_kwargs=loaded.example_kwargs,
@@ -299,8 +294,7 @@ def _verification_inputs(options: InputOptions, *, fixed_batch: bool) -> InputOp
     """
     from dataclasses import replace
 
-    if (options.batch_size is not None or options.input is not None or options.input_shape
-            or fixed_batch):
+    if options.batch_size is not None or options.input is not None or options.input_shape or fixed_batch:
         return options
     return replace(options, batch_size=VERIFY_BATCH_SIZE)
 

@@ -47,7 +47,6 @@ class LayerKind(Choice):
     LINEAR = "linear"  # (out, in): y = x·Wᵀ + b
 
 
-
 @dataclass(frozen=True)
 class ChannelAffine:
     """A BatchNorm in eval mode as ``scale·z + shift`` per channel (numpy float64 vectors)."""
@@ -146,9 +145,7 @@ def fold_before(
     return _like(new_w, weight), _like(new_b, weight)
 
 
-def affine_for_rank(
-    affine: ChannelAffine, *, rank: int, dtype: Any, channel_axis: int = 1
-) -> tuple[Array, Array]:
+def affine_for_rank(affine: ChannelAffine, *, rank: int, dtype: Any, channel_axis: int = 1) -> tuple[Array, Array]:
     """(scale, shift) shaped to broadcast over a rank-``rank`` tensor along ``channel_axis``.
 
     ``dtype`` is a numpy dtype (numpy arrays back) or a torch dtype (CPU tensors back).
@@ -190,10 +187,7 @@ def _out_channels(w: Array, *, kind: LayerKind, groups: int) -> int:
 
 def _check_channels(affine: ChannelAffine, expected: int, side: str) -> None:
     if affine.scale.size != expected:
-        raise ValueError(
-            f"BatchNorm has {affine.scale.size} channels but the layer has {expected} "
-            f"{side} channels"
-        )
+        raise ValueError(f"BatchNorm has {affine.scale.size} channels but the layer has {expected} {side} channels")
 
 
 # numpy has no bfloat16: such tensors are widened to float32 (exactly) before the maths.

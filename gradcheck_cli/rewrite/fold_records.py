@@ -20,7 +20,6 @@ class Pattern(Choice):
     AFFINE = "bn-affine"  # a BN left alone, rewritten as a per-channel multiply-add
 
 
-
 @dataclass(frozen=True)
 class FoldEntry:
     """One BatchNorm: folded into ``layer`` by ``pattern``, or left alone with ``reason``."""
@@ -85,9 +84,7 @@ class FoldReport:
     model: str
     input_format: str
     output_format: str
-    method: (
-        str  # how the BatchNorms were found: torch.fx, torch.export, module structure, onnx graph
-    )
+    method: str  # how the BatchNorms were found: torch.fx, torch.export, module structure, onnx graph
     entries: tuple[FoldEntry, ...]
     before: Counts
     after: Counts

@@ -48,12 +48,12 @@ class WeightLayout(Choice):
     CONV_TRANSPOSE = "conv_transpose"  # (C_in, C_out/groups, k...)
 
 
-
 # Activation families, by the normalised names the probe uses (probe/activations.py).
 # He after the whole ReLU family: the smooth members are ReLU-like (identity for large positive
 # inputs, ~0 for negative ones), so ReLU's second-moment halving is the right first-order model.
-HE_ACTIVATIONS = frozenset({"relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu", "celu", "gelu",
-                            "silu", "mish", "hardswish", "softplus"})
+HE_ACTIVATIONS = frozenset(
+    {"relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu", "celu", "gelu", "silu", "mish", "hardswish", "softplus"}
+)
 LECUN_ACTIVATIONS = frozenset({"selu"})
 # Symmetric or squashing functions, and "no activation" (None): Glorot.
 TANH_GAIN = 5.0 / 3.0
@@ -161,24 +161,24 @@ class InitSpec:
         return uniform_bound(self.std) if self.distribution is Distribution.UNIFORM else None
 
 
-def random_spec(scheme: Scheme, *, fans_: Fans, distribution: Distribution, mode: FanMode,
-                gain: float) -> InitSpec:
+def random_spec(scheme: Scheme, *, fans_: Fans, distribution: Distribution, mode: FanMode, gain: float) -> InitSpec:
     """He, Glorot or LeCun: ``Var(w) = gain² / fan(mode)``."""
     if scheme not in (Scheme.HE, Scheme.GLOROT, Scheme.LECUN):
         raise ValueError(f"{scheme} is not a random-variance scheme")
     fan = fans_.pick(mode)
     if fan <= 0:
         raise ValueError(f"{mode} is zero for this weight; it has no entries to initialise")
-    return InitSpec(scheme=scheme, distribution=distribution, mode=mode, gain=gain, fans=fans_,
-                    std=gain / math.sqrt(fan))
+    return InitSpec(
+        scheme=scheme, distribution=distribution, mode=mode, gain=gain, fans=fans_, std=gain / math.sqrt(fan)
+    )
 
 
-def orthogonal_spec(shape: Sequence[int], *, fans_: Fans, gain: float,
-                    scheme: Scheme = Scheme.ORTHOGONAL) -> InitSpec:
+def orthogonal_spec(shape: Sequence[int], *, fans_: Fans, gain: float, scheme: Scheme = Scheme.ORTHOGONAL) -> InitSpec:
     """A (semi-)orthogonal matrix over (shape[0], rest) has mean square gain²/max(rows, cols)."""
     rows, cols = _matrix_shape(shape)
-    return InitSpec(scheme=scheme, distribution=None, mode=None, gain=gain, fans=fans_,
-                    std=gain / math.sqrt(max(rows, cols)))
+    return InitSpec(
+        scheme=scheme, distribution=None, mode=None, gain=gain, fans=fans_, std=gain / math.sqrt(max(rows, cols))
+    )
 
 
 def uniform_bound(std: float) -> float:

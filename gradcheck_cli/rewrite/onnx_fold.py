@@ -253,8 +253,13 @@ class _GraphFolder:
         # Cast/Transpose/Reshape/Unsqueeze/Squeeze in front of stored weights (the plumbing of the
         # parameter map): see through those, evaluating them on the stored values.
         producer = self._producer(name)
-        if (producer is None or producer.domain not in _DEFAULT_DOMAINS or producer.op_type not in PLUMBING
-                or producer.op_type == "CastLike" or not producer.input):
+        if (
+            producer is None
+            or producer.domain not in _DEFAULT_DOMAINS
+            or producer.op_type not in PLUMBING
+            or producer.op_type == "CastLike"
+            or not producer.input
+        ):
             return None
         if self._is_graph_input(producer.input[0]):
             return None
@@ -281,8 +286,9 @@ class _GraphFolder:
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
-    def _replace_conv_parameters(self, conv: onnx.NodeProto, new_w: np.ndarray[Any, Any],
-                                 new_b: np.ndarray[Any, Any]) -> bool:
+    def _replace_conv_parameters(
+        self, conv: onnx.NodeProto, new_w: np.ndarray[Any, Any], new_b: np.ndarray[Any, Any]
+    ) -> bool:
         """Point a Conv/ConvTranspose at fresh weight and bias initializers (adding the bias input when it
         had none) and retire the old ones; initializers shared with other nodes are never mutated.
         Returns whether the layer already had a bias."""
@@ -413,15 +419,9 @@ class _GraphFolder:
             "MatMul",
             "Add",
         ):
-            return (
-                f"its input comes from {producer.op_type} '{label}', not a "
-                "Conv/ConvTranspose/Gemm/MatMul"
-            )
+            return f"its input comes from {producer.op_type} '{label}', not a Conv/ConvTranspose/Gemm/MatMul"
         if not self._single_consumer(x, bn.node):
-            return (
-                f"the output of {producer.op_type} '{label}' also feeds other nodes or is a "
-                "graph output"
-            )
+            return f"the output of {producer.op_type} '{label}' also feeds other nodes or is a graph output"
         try:
             if producer.op_type in ("Conv", "ConvTranspose"):
                 return self._after_conv(bn, producer)
@@ -449,11 +449,7 @@ class _GraphFolder:
         if isinstance(weight, str):
             return weight
         bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        if (
-            len(conv.input) > 2
-            and conv.input[2]
-            and (bias is None or self._is_graph_input(conv.input[2]))
-        ):
+        if len(conv.input) > 2 and conv.input[2] and (bias is None or self._is_graph_input(conv.input[2])):
             return f"the bias of '{conv.name or conv.op_type}' is not a constant"
         kind = LayerKind.CONV if conv.op_type == "Conv" else LayerKind.CONV_TRANSPOSE
         new_w, new_b = fold_after(
@@ -490,24 +486,33 @@ class _GraphFolder:
         if isinstance(weight, str):
             return weight
         padded = (1,) * (weight.ndim - value.ndim) + tuple(value.shape)
-        if (value.ndim > weight.ndim or padded[1] != bn.channels
-                or any(d != 1 for axis, d in enumerate(padded) if axis != 1)):
+        if (
+            value.ndim > weight.ndim
+            or padded[1] != bn.channels
+            or any(d != 1 for axis, d in enumerate(padded) if axis != 1)
+        ):
             return f"Add '{add.name}' does not add a per-channel bias to {conv.op_type} '{label}'"
         bias = self._const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         if len(conv.input) > 2 and conv.input[2] and (bias is None or self._is_graph_input(conv.input[2])):
             return f"the bias of '{label}' is not a constant"
         total = value.reshape(-1).astype(np.float64) + (0.0 if bias is None else bias.astype(np.float64))
         kind = LayerKind.CONV if conv.op_type == "Conv" else LayerKind.CONV_TRANSPOSE
-        new_w, new_b = fold_after(weight, total.astype(weight.dtype), bn.affine, kind=kind,
-                                  groups=int(_attr(conv, "group", 1)))
+        new_w, new_b = fold_after(
+            weight, total.astype(weight.dtype), bn.affine, kind=kind, groups=int(_attr(conv, "group", 1))
+        )
         self._replace_conv_parameters(conv, new_w, new_b)
         self.removed.add(id(add))
         self.dropped_names.add(add.output[0])
         self._retire(other)
         self._take_output(conv, bn)
         pattern = Pattern.CONV_BN if kind is LayerKind.CONV else Pattern.CONV_TRANSPOSE_BN
-        return FoldEntry(bn.name, folded=True, pattern=pattern, layer=conv.name or conv.output[0],
-                         note=f"with the bias Add '{add.name or add.output[0]}' that followed it")
+        return FoldEntry(
+            bn.name,
+            folded=True,
+            pattern=pattern,
+            layer=conv.name or conv.output[0],
+            note=f"with the bias Add '{add.name or add.output[0]}' that followed it",
+        )
 
     def _gemm_bias(self, gemm: onnx.NodeProto, out_features: int) -> tuple[Any, str] | str:
         """beta·C as a per-output-feature vector (None: no C); str: why C cannot be folded into."""
@@ -532,9 +537,7 @@ class _GraphFolder:
         trans_b = bool(_attr(gemm, "transB", 0))
         return (weight if trans_b else weight.T), trans_b
 
-    def _set_gemm(
-        self, gemm: onnx.NodeProto, linear_weight: Any, trans_b: bool, bias: Any, old_c: str
-    ) -> None:
+    def _set_gemm(self, gemm: onnx.NodeProto, linear_weight: Any, trans_b: bool, bias: Any, old_c: str) -> None:
         import numpy as np
 
         old_b = gemm.input[1]
@@ -582,9 +585,7 @@ class _GraphFolder:
         if isinstance(weight, str):
             return weight
         if weight_index != 1 or weight.ndim != 2:
-            return (
-                f"MatMul '{matmul.name}' does not multiply by a constant rank-2 weight on the right"
-            )
+            return f"MatMul '{matmul.name}' does not multiply by a constant rank-2 weight on the right"
         rank = self.ranks.get(matmul.input[data_index])
         if rank != 2:
             return (
@@ -593,9 +594,7 @@ class _GraphFolder:
             )
         return weight
 
-    def _after_matmul(
-        self, bn: _Bn, matmul: onnx.NodeProto, add: onnx.NodeProto | None
-    ) -> FoldEntry | str:
+    def _after_matmul(self, bn: _Bn, matmul: onnx.NodeProto, add: onnx.NodeProto | None) -> FoldEntry | str:
         weight = self._matmul_weight(matmul, 0)
         if isinstance(weight, str):
             return weight
@@ -654,8 +653,11 @@ class _GraphFolder:
 
     def _after_add(self, bn: _Bn, add: onnx.NodeProto) -> FoldEntry | str:
         producers = [self._producer(name) for name in add.input]
-        convs = [p for p in producers if p is not None and p.op_type in ("Conv", "ConvTranspose")
-                 and p.domain in _DEFAULT_DOMAINS]
+        convs = [
+            p
+            for p in producers
+            if p is not None and p.op_type in ("Conv", "ConvTranspose") and p.domain in _DEFAULT_DOMAINS
+        ]
         if len(convs) == 1 and len(add.input) == 2:
             return self._after_conv_bias(bn, convs[0], add)
         matmuls = [p for p in producers if p is not None and p.op_type == "MatMul"]
@@ -737,10 +739,7 @@ class _GraphFolder:
         import numpy as np
 
         if int(_attr(gemm, "transA", 0)):
-            return (
-                f"Gemm '{gemm.name}' has transA=1: the BatchNorm channel is its batch axis, "
-                "not the contraction axis"
-            )
+            return f"Gemm '{gemm.name}' has transA=1: the BatchNorm channel is its batch axis, not the contraction axis"
         found = self._gemm_weight(gemm)
         if isinstance(found, str):
             return found
@@ -750,26 +749,20 @@ class _GraphFolder:
             return c
         c_vector, old_c = c
         alpha = float(_attr(gemm, "alpha", 1.0))
-        new_w, shift_through = fold_before(
-            linear_weight, None, bn.affine, kind=LayerKind.LINEAR
-        )
+        new_w, shift_through = fold_before(linear_weight, None, bn.affine, kind=LayerKind.LINEAR)
         # Y = alpha·(s·A + t)·W^T + c = alpha·A·(W·s)^T + (alpha·W·t + c)
         bias = alpha * np.asarray(shift_through, dtype=np.float64)
         if c_vector is not None:
             bias = bias + c_vector
         self._set_gemm(gemm, new_w, trans_b, bias.astype(linear_weight.dtype), old_c)
         self._bypass(bn, gemm)
-        return FoldEntry(
-            bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=gemm.name or gemm.output[0]
-        )
+        return FoldEntry(bn.name, folded=True, pattern=Pattern.BN_LINEAR, layer=gemm.name or gemm.output[0])
 
     def _before_matmul(self, bn: _Bn, matmul: onnx.NodeProto) -> FoldEntry | str:
         weight = self._matmul_weight(matmul, 0)
         if isinstance(weight, str):
             return weight
-        new_w, new_b = fold_before(
-            weight.T, None, bn.affine, kind=LayerKind.LINEAR
-        )
+        new_w, new_b = fold_before(weight.T, None, bn.affine, kind=LayerKind.LINEAR)
         old_w = matmul.input[1]
         matmul.input[1] = self._add_initializer(f"{old_w}_bnfold", new_w.T.copy())
         self._retire(old_w)
@@ -791,9 +784,7 @@ class _GraphFolder:
             return None
         scale_value = self._const(bn.node.input[1])
         assert scale_value is not None
-        scale, shift = affine_for_rank(
-            bn.affine, rank=rank - 1, dtype=scale_value.dtype, channel_axis=0
-        )
+        scale, shift = affine_for_rank(bn.affine, rank=rank - 1, dtype=scale_value.dtype, channel_axis=0)
         base = bn.node.name or bn.node.output[0]
         scale_name = self._add_initializer(f"{base}_affine_scale", scale)
         shift_name = self._add_initializer(f"{base}_affine_shift", shift)
@@ -851,11 +842,7 @@ class _GraphFolder:
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
         produced = {o for n in live for o in n.output} | {i.name for i in self.graph.input}
-        stale = [
-            v
-            for v in self.graph.value_info
-            if v.name in self.dropped_names and v.name not in produced
-        ]
+        stale = [v for v in self.graph.value_info if v.name in self.dropped_names and v.name not in produced]
         for value in stale:
             self.graph.value_info.remove(value)
 
@@ -867,4 +854,3 @@ class _GraphFolder:
             used.update(names)
         used.update(self.graph_outputs)
         return used
-

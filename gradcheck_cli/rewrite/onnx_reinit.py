@@ -42,9 +42,20 @@ if TYPE_CHECKING:
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "RNN", "LSTM", "GRU"})
 # ONNX op -> the probe's normalised activation name.
 ACTIVATION_OPS = {
-    "Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "Celu": "celu",
-    "Selu": "selu", "Gelu": "gelu", "Mish": "mish", "HardSwish": "hardswish", "Softplus": "softplus",
-    "ThresholdedRelu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "HardSigmoid": "hardsigmoid",
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "Elu": "elu",
+    "Celu": "celu",
+    "Selu": "selu",
+    "Gelu": "gelu",
+    "Mish": "mish",
+    "HardSwish": "hardswish",
+    "Softplus": "softplus",
+    "ThresholdedRelu": "relu",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "HardSigmoid": "hardsigmoid",
     "Softsign": "softsign",
 }
 # Recurrent ops: gate count, and where ONNX puts the LSTM forget gate (gate order i, o, f, c).
@@ -93,8 +104,9 @@ def find_layers(graph: onnx.GraphProto, pmap: ParameterMap | None = None) -> tup
         paths: dict[str, tuple[int, ...]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
 
-        def stored(value: str, paths: dict[str, tuple[int, ...]] = paths,
-                   shapes: dict[str, tuple[int, ...]] = shapes) -> str | None:
+        def stored(
+            value: str, paths: dict[str, tuple[int, ...]] = paths, shapes: dict[str, tuple[int, ...]] = shapes
+        ) -> str | None:
             found = pmap.trace(value) if value else None
             if found is None:
                 return None
@@ -106,9 +118,16 @@ def find_layers(graph: onnx.GraphProto, pmap: ParameterMap | None = None) -> tup
         weight = stored(node.input[1] if len(node.input) > 1 else "")
         if weight is None:
             if node.op_type != "MatMul" or (node.input and pmap.trace(node.input[0]) is not None):
-                declined.append(Change(name, "reinit", node.op_type, applied=False,
-                                       reason="its weight is computed in the graph, not stored as an "
-                                       "initializer or constant; left as it was"))
+                declined.append(
+                    Change(
+                        name,
+                        "reinit",
+                        node.op_type,
+                        applied=False,
+                        reason="its weight is computed in the graph, not stored as an "
+                        "initializer or constant; left as it was",
+                    )
+                )
             continue  # a MatMul of two activations (attention scores) is no layer
         attrs = _attributes(node)
         bias = stored(node.input[2]) if len(node.input) > 2 and node.op_type != "MatMul" else None
@@ -117,35 +136,69 @@ def find_layers(graph: onnx.GraphProto, pmap: ParameterMap | None = None) -> tup
             bias = stored(separate) if separate else None
         common: dict[str, Any] = {"paths": paths, "shapes": shapes}
         if node.op_type == "Conv":
-            layer = OnnxLayer(name, node.op_type, index, weight, bias, WeightLayout.CONV,
-                              groups=int(attrs.get("group", 1)), **common)
+            layer = OnnxLayer(
+                name, node.op_type, index, weight, bias, WeightLayout.CONV, groups=int(attrs.get("group", 1)), **common
+            )
         elif node.op_type == "ConvTranspose":
-            layer = OnnxLayer(name, node.op_type, index, weight, bias, WeightLayout.CONV_TRANSPOSE,
-                              groups=int(attrs.get("group", 1)), **common)
+            layer = OnnxLayer(
+                name,
+                node.op_type,
+                index,
+                weight,
+                bias,
+                WeightLayout.CONV_TRANSPOSE,
+                groups=int(attrs.get("group", 1)),
+                **common,
+            )
         elif node.op_type == "Gemm":
             layout = WeightLayout.OUT_IN if int(attrs.get("transB", 0)) else WeightLayout.IN_OUT
-            layer = OnnxLayer(name, node.op_type, index, weight, bias, layout,
-                              scale=float(attrs.get("alpha", 1.0)), **common)
+            layer = OnnxLayer(
+                name, node.op_type, index, weight, bias, layout, scale=float(attrs.get("alpha", 1.0)), **common
+            )
         elif node.op_type == "MatMul":
             bias_value = _matmul_bias(node, graph, consumers, pmap)
-            layer = OnnxLayer(name, node.op_type, index, weight, stored(bias_value) if bias_value else None,
-                              WeightLayout.IN_OUT, **common)
+            layer = OnnxLayer(
+                name,
+                node.op_type,
+                index,
+                weight,
+                stored(bias_value) if bias_value else None,
+                WeightLayout.IN_OUT,
+                **common,
+            )
         else:
             recurrent = stored(node.input[2]) if len(node.input) > 2 else None
             rnn_bias = stored(node.input[3]) if len(node.input) > 3 else None
             if recurrent is None or "hidden_size" not in attrs:
-                declined.append(Change(name, "reinit", node.op_type, applied=False,
-                                       reason="its recurrent weight R is not stored in the graph (or "
-                                       "hidden_size is missing); left as it was"))
+                declined.append(
+                    Change(
+                        name,
+                        "reinit",
+                        node.op_type,
+                        applied=False,
+                        reason="its recurrent weight R is not stored in the graph (or "
+                        "hidden_size is missing); left as it was",
+                    )
+                )
                 continue
-            layer = OnnxLayer(name, node.op_type, index, weight, rnn_bias, WeightLayout.OUT_IN,
-                              recurrent=recurrent, hidden=int(attrs["hidden_size"]), **common)
+            layer = OnnxLayer(
+                name,
+                node.op_type,
+                index,
+                weight,
+                rnn_bias,
+                WeightLayout.OUT_IN,
+                recurrent=recurrent,
+                hidden=int(attrs["hidden_size"]),
+                **common,
+            )
         layers.append(layer)
     return layers, declined
 
 
-def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]],
-                 pmap: ParameterMap) -> str | None:
+def _matmul_bias(
+    node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]], pmap: ParameterMap
+) -> str | None:
     """The bias of x @ W + b: a following Add whose other operand is a stored 1-D tensor."""
     users = consumers.get(node.output[0], [])
     if len(users) != 1:
@@ -161,8 +214,9 @@ def _matmul_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[s
     return None
 
 
-def _conv_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]],
-               pmap: ParameterMap) -> str | None:
+def _conv_bias(
+    node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str, list[int]], pmap: ParameterMap
+) -> str | None:
     """The bias Paddle2ONNX writes after a bias-less Conv: Conv -> Add(b), ``b`` a stored tensor
     that varies along the channel axis only, such as (1, C, 1, 1)."""
     users = consumers.get(node.output[0], [])
@@ -177,8 +231,9 @@ def _conv_bias(node: onnx.NodeProto, graph: onnx.GraphProto, consumers: dict[str
     return str(other[0]) if all(d == 1 for axis, d in enumerate(shape) if axis != 1) else None
 
 
-def following_activation(graph: onnx.GraphProto, layer: OnnxLayer,
-                         consumers: dict[str, list[int]]) -> tuple[str | None, float | None]:
+def following_activation(
+    graph: onnx.GraphProto, layer: OnnxLayer, consumers: dict[str, list[int]]
+) -> tuple[str | None, float | None]:
     """The first activation reached from the layer's output before any other layer (BFS)."""
     if layer.op in _GATES:
         return _recurrent_activation(graph.node[layer.node_index]), None
@@ -298,17 +353,27 @@ def _unsupported(layer: OnnxLayer, tensors: dict[str, onnx.TensorProto]) -> str 
     return None
 
 
-def _init_layer(layer: OnnxLayer, activation: str | None, slope: float | None, source: ActivationSource,
-                tensors: dict[str, onnx.TensorProto], sharers: dict[str, list[str]], done: dict[str, str],
-                options: ReinitOptions, pmap: ParameterMap) -> LayerInit:
+def _init_layer(
+    layer: OnnxLayer,
+    activation: str | None,
+    slope: float | None,
+    source: ActivationSource,
+    tensors: dict[str, onnx.TensorProto],
+    sharers: dict[str, list[str]],
+    done: dict[str, str],
+    options: ReinitOptions,
+    pmap: ParameterMap,
+) -> LayerInit:
     shape = layer.shapes[layer.weight]
     layer_fans = fans(shape, layout=layer.layout, groups=layer.groups)
     plan = plan_weight(options, shape=shape, fans_=layer_fans, activation=activation, slope=slope)
     written: list[TensorInit] = []
     reason = plan.reason
     if layer.weight in done:
-        reason = (f"shares its weight {layer.weight} with {done[layer.weight]}, which was initialised "
-                  "first (one tensor, still shared)")
+        reason = (
+            f"shares its weight {layer.weight} with {done[layer.weight]}, which was initialised "
+            "first (one tensor, still shared)"
+        )
     else:
         values = sample(shape, plan.spec, layer_rng(options.seed, layer.weight))
         if layer.scale not in (0.0, 1.0):  # Gemm computes alpha·A·B: store B so that alpha·B has the std
@@ -321,20 +386,32 @@ def _init_layer(layer: OnnxLayer, activation: str | None, slope: float | None, s
     return LayerInit(layer.name, layer.op, str(plan.scheme), reason, activation, source, tuple(written))
 
 
-def _init_recurrent(layer: OnnxLayer, activation: str | None, source: ActivationSource,
-                    tensors: dict[str, onnx.TensorProto], sharers: dict[str, list[str]], done: dict[str, str],
-                    options: ReinitOptions, pmap: ParameterMap) -> LayerInit:
+def _init_recurrent(
+    layer: OnnxLayer,
+    activation: str | None,
+    source: ActivationSource,
+    tensors: dict[str, onnx.TensorProto],
+    sharers: dict[str, list[str]],
+    done: dict[str, str],
+    options: ReinitOptions,
+    pmap: ParameterMap,
+) -> LayerInit:
     """W [dirs, gates·H, in] by the scheme per gate block; R [dirs, gates·H, H] orthogonal or I."""
     import numpy as np
 
     gates, hidden = _GATES[layer.op], layer.hidden
     w_dims = layer.shapes[layer.weight]
     directions, in_features = w_dims[0], w_dims[2]
-    plan = plan_weight(options, shape=(hidden, in_features), fans_=Fans(in_features, hidden),
-                       activation=activation, slope=None)
+    plan = plan_weight(
+        options, shape=(hidden, in_features), fans_=Fans(in_features, hidden), activation=activation, slope=None
+    )
     rng = layer_rng(options.seed, layer.weight)
-    w = np.stack([np.concatenate([sample((hidden, in_features), plan.spec, rng) for _ in range(gates)])
-                  for _ in range(directions)])
+    w = np.stack(
+        [
+            np.concatenate([sample((hidden, in_features), plan.spec, rng) for _ in range(gates)])
+            for _ in range(directions)
+        ]
+    )
     w = _as_stored(pmap, layer, layer.weight, w)
     written = [_write(tensors[layer.weight], w, plan.spec, sharers, layer.name, done)]
     assert layer.recurrent is not None
@@ -343,12 +420,15 @@ def _init_recurrent(layer: OnnxLayer, activation: str | None, source: Activation
         r = np.stack([identity_blocks((gates * hidden, hidden), block=hidden) for _ in range(directions)])
         r = _as_stored(pmap, layer, layer.recurrent, r)
         hh_spec = InitSpec(Scheme.ORTHOGONAL, None, None, 1.0, hh_fans, std=1.0 / float(np.sqrt(hidden)))
-        written.append(_write(tensors[layer.recurrent], r, hh_spec, sharers, layer.name, done,
-                              label="identity"))
+        written.append(_write(tensors[layer.recurrent], r, hh_spec, sharers, layer.name, done, label="identity"))
     else:
         rng_r = layer_rng(options.seed, layer.recurrent)
-        r = np.stack([np.concatenate([orthogonal((hidden, hidden), gain=1.0, rng=rng_r) for _ in range(gates)])
-                      for _ in range(directions)])
+        r = np.stack(
+            [
+                np.concatenate([orthogonal((hidden, hidden), gain=1.0, rng=rng_r) for _ in range(gates)])
+                for _ in range(directions)
+            ]
+        )
         r = _as_stored(pmap, layer, layer.recurrent, r)
         hh_spec = orthogonal_spec((hidden, hidden), fans_=hh_fans, gain=1.0)
         written.append(_write(tensors[layer.recurrent], r, hh_spec, sharers, layer.name, done))
@@ -362,9 +442,16 @@ def _init_recurrent(layer: OnnxLayer, activation: str | None, source: Activation
     return LayerInit(layer.name, layer.op, str(plan.scheme), reason, activation, source, tuple(written))
 
 
-def _write(tensor: onnx.TensorProto, values: npt.NDArray[np.float64], spec: InitSpec,
-           sharers: dict[str, list[str]], layer: str, done: dict[str, str], *,
-           label: str | None = None) -> TensorInit:
+def _write(
+    tensor: onnx.TensorProto,
+    values: npt.NDArray[np.float64],
+    spec: InitSpec,
+    sharers: dict[str, list[str]],
+    layer: str,
+    done: dict[str, str],
+    *,
+    label: str | None = None,
+) -> TensorInit:
     import numpy as np
     from onnx import numpy_helper
 
@@ -373,17 +460,29 @@ def _write(tensor: onnx.TensorProto, values: npt.NDArray[np.float64], spec: Init
     tensor.CopyFrom(fresh)  # also drops any external-data reference: the values are inline now
     done.setdefault(tensor.name, layer)
     stored = numpy_helper.to_array(tensor).astype(np.float64)
-    return TensorInit(parameter=tensor.name, shape=tuple(int(d) for d in tensor.dims), dtype=dtype,
-                      scheme=label or str(spec.scheme), std=spec.std,
-                      measured_std=float(np.sqrt(np.mean(stored ** 2))) if stored.size else 0.0,
-                      distribution=str(spec.distribution) if spec.distribution else None,
-                      mode=str(spec.mode) if spec.mode else None, gain=spec.gain,
-                      fan_in=spec.fans.fan_in, fan_out=spec.fans.fan_out,
-                      shared_with=tuple(n for n in sharers.get(tensor.name, []) if n != layer))
+    return TensorInit(
+        parameter=tensor.name,
+        shape=tuple(int(d) for d in tensor.dims),
+        dtype=dtype,
+        scheme=label or str(spec.scheme),
+        std=spec.std,
+        measured_std=float(np.sqrt(np.mean(stored**2))) if stored.size else 0.0,
+        distribution=str(spec.distribution) if spec.distribution else None,
+        mode=str(spec.mode) if spec.mode else None,
+        gain=spec.gain,
+        fan_in=spec.fans.fan_in,
+        fan_out=spec.fans.fan_out,
+        shared_with=tuple(n for n in sharers.get(tensor.name, []) if n != layer),
+    )
 
 
-def _constant(tensor: onnx.TensorProto, forget: tuple[int, int] | None, sharers: dict[str, list[str]],
-              layer: str, done: dict[str, str]) -> TensorInit:
+def _constant(
+    tensor: onnx.TensorProto,
+    forget: tuple[int, int] | None,
+    sharers: dict[str, list[str]],
+    layer: str,
+    done: dict[str, str],
+) -> TensorInit:
     """Zero a bias; for an ONNX LSTM with the flag, set the forget-gate block of Wb to 1."""
     import numpy as np
     from onnx import numpy_helper
@@ -392,13 +491,18 @@ def _constant(tensor: onnx.TensorProto, forget: tuple[int, int] | None, sharers:
     values = np.zeros(dims, dtype=np.float64)
     if forget is not None:
         block, hidden = forget
-        values[..., block * hidden:(block + 1) * hidden] = 1.0  # Wb half; Rb stays 0: total 1
+        values[..., block * hidden : (block + 1) * hidden] = 1.0  # Wb half; Rb stays 0: total 1
     tensor.CopyFrom(numpy_helper.from_array(values.astype(_FLOAT_TYPES[tensor.data_type]), name=tensor.name))
     done.setdefault(tensor.name, layer)
-    return TensorInit(parameter=tensor.name, shape=dims, dtype=_FLOAT_TYPES[tensor.data_type],
-                      scheme="zeros, forget gate 1" if forget else "zeros", std=0.0,
-                      measured_std=float(np.sqrt(np.mean(values ** 2))) if values.size else 0.0,
-                      shared_with=tuple(n for n in sharers.get(tensor.name, []) if n != layer))
+    return TensorInit(
+        parameter=tensor.name,
+        shape=dims,
+        dtype=_FLOAT_TYPES[tensor.data_type],
+        scheme="zeros, forget gate 1" if forget else "zeros",
+        std=0.0,
+        measured_std=float(np.sqrt(np.mean(values**2))) if values.size else 0.0,
+        shared_with=tuple(n for n in sharers.get(tensor.name, []) if n != layer),
+    )
 
 
 def verify_untouched(original: onnx.ModelProto, new: onnx.ModelProto, changed: set[str]) -> None:
@@ -406,17 +510,21 @@ def verify_untouched(original: onnx.ModelProto, new: onnx.ModelProto, changed: s
     before = _stored_by_name(original)
     after = _stored_by_name(new)
     if list(before) != list(after) or len(original.graph.node) != len(new.graph.node):
-        raise GradcheckError("internal error: the re-initialised ONNX graph lost or gained tensors",
-                             hint="please report this; nothing was written")
+        raise GradcheckError(
+            "internal error: the re-initialised ONNX graph lost or gained tensors",
+            hint="please report this; nothing was written",
+        )
     for name, old in before.items():
         fresh = after[name]
         if name in changed:
             if (tuple(old.dims), old.data_type) != (tuple(fresh.dims), fresh.data_type):
-                raise GradcheckError(f"internal error: {name} changed shape or type",
-                                     hint="please report this; nothing was written")
+                raise GradcheckError(
+                    f"internal error: {name} changed shape or type", hint="please report this; nothing was written"
+                )
         elif _without_name(old) != _without_name(fresh):
-            raise GradcheckError(f"internal error: {name} was not selected but changed",
-                                 hint="please report this; nothing was written")
+            raise GradcheckError(
+                f"internal error: {name} was not selected but changed", hint="please report this; nothing was written"
+            )
 
 
 def _stored_by_name(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from gradcheck_cli.model.handle import LoadedModel
     from gradcheck_cli.probe.batch import ProbeInputs
 
-UNSAFE_NOTE = ("reinit is an unsafe rewrite: it discards the trained values of every re-initialised "
-               "layer; the input file was not modified")
+UNSAFE_NOTE = (
+    "reinit is an unsafe rewrite: it discards the trained values of every re-initialised "
+    "layer; the input file was not modified"
+)
 
 
 def reinit(
@@ -66,13 +68,31 @@ def reinit(
     written_as = written_format(out, write.to, input_format=fmt)
     if fmt is ModelFormat.ONNX:
         return _reinit_onnx(path, out=out, options=options, probe=probe, dry_run=dry_run, compare=compare)
-    return _reinit_torch(path, fmt, out=out, written_as=written_as, options=options, load=load, probe=probe,
-                         dry_run=dry_run, compare=compare)
+    return _reinit_torch(
+        path,
+        fmt,
+        out=out,
+        written_as=written_as,
+        options=options,
+        load=load,
+        probe=probe,
+        dry_run=dry_run,
+        compare=compare,
+    )
 
 
-def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, written_as: WrittenFormat,
-                  options: ReinitOptions, load: LoadOptions | None, probe: ProbeOptions, dry_run: bool,
-                  compare: bool) -> ReinitReport:
+def _reinit_torch(
+    path: Path,
+    fmt: ModelFormat,
+    *,
+    out: Path | None,
+    written_as: WrittenFormat,
+    options: ReinitOptions,
+    load: LoadOptions | None,
+    probe: ProbeOptions,
+    dry_run: bool,
+    compare: bool,
+) -> ReinitReport:
     from gradcheck_cli.model.load import load_model
     from gradcheck_cli.model.torch_load import resolve_device
     from gradcheck_cli.probe.batch import probe_inputs
@@ -82,8 +102,13 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, written_as:
     load_options = load or LoadOptions()
     loaded = load_model(path, load_options, device=probe.device)
     check_writable_as(loaded, written_as, None if dry_run else out)
-    inputs = probe_inputs(loaded.module, probe.inputs, device=resolve_device(probe.device),
-                          example_args=loaded.example_args, example_kwargs=loaded.example_kwargs)
+    inputs = probe_inputs(
+        loaded.module,
+        probe.inputs,
+        device=resolve_device(probe.device),
+        example_args=loaded.example_args,
+        example_kwargs=loaded.example_kwargs,
+    )
     # The probe's own micro-batches drive tracing and LSUV, so both see exactly what the report shows.
     probe = _with_known_shapes(loaded, probe, inputs)
     before = _probe(loaded, probe) if compare else None
@@ -94,8 +119,9 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, written_as:
     verification: Verification | None = None
     if not dry_run:
         assert out is not None
-        verification, reloaded, written_notes = _write_verified(loaded, result.module, out, written_as, inputs,
-                                                                load_options, probe.device)
+        verification, reloaded, written_notes = _write_verified(
+            loaded, result.module, out, written_as, inputs, load_options, probe.device
+        )
         notes += written_notes
         written = True
         if compare:
@@ -103,17 +129,29 @@ def _reinit_torch(path: Path, fmt: ModelFormat, *, out: Path | None, written_as:
                 after = _probe(reloaded, probe)
             else:  # ONNX written from PyTorch: the probe stays in torch, so the rows compare
                 after = _probe(_in_memory(loaded, result.module), probe)
-                notes.append("the after-probe ran on the re-initialised model in torch; the written ONNX file was "
-                             "checked against it")
+                notes.append(
+                    "the after-probe ran on the re-initialised model in torch; the written ONNX file was "
+                    "checked against it"
+                )
     elif compare:
         after = _probe(_in_memory(loaded, result.module), probe)
     if not result.layers:
         notes.append("no layer was re-initialised" + (" (check `layers`)" if options.layers else ""))
-    return ReinitReport(model=str(path), format=str(fmt), output=None if out is None else str(out),
-                        written=written, scheme=str(options.scheme), seed=options.seed,
-                        layers=tuple(result.layers), changes=tuple(result.changes), before=before,
-                        after=after, notes=tuple(dict.fromkeys(notes)), output_format=str(written_as.format),
-                        verification=verification)
+    return ReinitReport(
+        model=str(path),
+        format=str(fmt),
+        output=None if out is None else str(out),
+        written=written,
+        scheme=str(options.scheme),
+        seed=options.seed,
+        layers=tuple(result.layers),
+        changes=tuple(result.changes),
+        before=before,
+        after=after,
+        notes=tuple(dict.fromkeys(notes)),
+        output_format=str(written_as.format),
+        verification=verification,
+    )
 
 
 def _in_memory(loaded: LoadedModel, module: nn.Module) -> LoadedModel:
@@ -122,9 +160,15 @@ def _in_memory(loaded: LoadedModel, module: nn.Module) -> LoadedModel:
     return in_memory
 
 
-def _write_verified(loaded: LoadedModel, module: nn.Module, out: Path, written_as: WrittenFormat,
-                    inputs: ProbeInputs, load_options: LoadOptions,
-                    device: str) -> tuple[Verification, LoadedModel | None, list[str]]:
+def _write_verified(
+    loaded: LoadedModel,
+    module: nn.Module,
+    out: Path,
+    written_as: WrittenFormat,
+    inputs: ProbeInputs,
+    load_options: LoadOptions,
+    device: str,
+) -> tuple[Verification, LoadedModel | None, list[str]]:
     """Write ``module`` to ``out``, checked against itself in memory at two batch sizes.
 
     Re-initialised weights leave nothing to compare with the input, but the file must still be
@@ -142,8 +186,16 @@ def _write_verified(loaded: LoadedModel, module: nn.Module, out: Path, written_a
         written = write_onnx_verified(loaded, module, out, plan, against="the re-initialised model")
     else:
         arch_kwargs = dict(load_options.arch_kwargs) if load_options.arch_kwargs else None
-        written = write_torch_verified(loaded, module, out, written_as, plan, arch_kwargs=arch_kwargs,
-                                       device=device, what="the re-initialised model")
+        written = write_torch_verified(
+            loaded,
+            module,
+            out,
+            written_as,
+            plan,
+            arch_kwargs=arch_kwargs,
+            device=device,
+            what="the re-initialised model",
+        )
     if written.path is None:
         worst = max(written.verification.outputs, key=lambda check: check.max_rel_error)
         raise VerificationError(
@@ -170,19 +222,30 @@ def _with_known_shapes(loaded: LoadedModel, probe: ProbeOptions, inputs: ProbeIn
     from gradcheck_cli.probe.batch import probe_inputs
 
     options = probe.inputs
-    if (options.input is not None or options.input_shape or loaded.example_args is not None
-            or loaded.example_kwargs is not None or any(batch.kwargs for batch in inputs.batches)):
+    if (
+        options.input is not None
+        or options.input_shape
+        or loaded.example_args is not None
+        or loaded.example_kwargs is not None
+        or any(batch.kwargs for batch in inputs.batches)
+    ):
         return probe
     first = inputs.batches[0]
     shapes = tuple(tuple(int(d) for d in arg.shape) for arg in first.args)
     known = replace(probe, inputs=replace(options, input_shape=shapes, batch_size=None))
     again = probe_inputs(loaded.module, known.inputs, device=resolve_device(probe.device))
-    same = (again.specs == inputs.specs and again.batch_size == inputs.batch_size
-            and again.model_loss == inputs.model_loss
-            and len(again.batches) == len(inputs.batches)
-            and all(len(a.args) == len(b.args) and not a.kwargs
-                    and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.args, b.args, strict=True))
-                    for a, b in zip(again.batches, inputs.batches, strict=True)))
+    same = (
+        again.specs == inputs.specs
+        and again.batch_size == inputs.batch_size
+        and again.model_loss == inputs.model_loss
+        and len(again.batches) == len(inputs.batches)
+        and all(
+            len(a.args) == len(b.args)
+            and not a.kwargs
+            and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.args, b.args, strict=True))
+            for a, b in zip(again.batches, inputs.batches, strict=True)
+        )
+    )
     return known if same else probe
 
 
@@ -192,15 +255,18 @@ def _probe(loaded: LoadedModel, probe: ProbeOptions) -> tuple[LayerStats, ...]:
     return inspect_model(loaded, probe).layers
 
 
-def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe: ProbeOptions, dry_run: bool,
-                 compare: bool) -> ReinitReport:
+def _reinit_onnx(
+    path: Path, *, out: Path | None, options: ReinitOptions, probe: ProbeOptions, dry_run: bool, compare: bool
+) -> ReinitReport:
     from gradcheck_cli.model.onnx_load import onnx_model_from_path, onnx_model_to_path
     from gradcheck_cli.rewrite.onnx_reinit import reinit_onnx_model
 
     if options.scheme is Scheme.LSUV:
-        raise UsageError("`scheme` lsuv is not available for ONNX models in this version: it needs each "
-                         "layer's output on the probe batch",
-                         hint="run it on the PyTorch model and export again, or use `scheme` orthogonal")
+        raise UsageError(
+            "`scheme` lsuv is not available for ONNX models in this version: it needs each "
+            "layer's output on the probe batch",
+            hint="run it on the PyTorch model and export again, or use `scheme` orthogonal",
+        )
     model = onnx_model_from_path(path)
     result = reinit_onnx_model(model, options=options)
     notes = [UNSAFE_NOTE, *result.notes]
@@ -219,11 +285,20 @@ def _reinit_onnx(path: Path, *, out: Path | None, options: ReinitOptions, probe:
             staged = Path(scratch) / "reinit.onnx"
             onnx_model_to_path(result.model, staged)
             after = _probe_onnx(staged, probe, notes)
-    return ReinitReport(model=str(path), format=str(ModelFormat.ONNX),
-                        output=None if out is None else str(out), written=written,
-                        scheme=str(options.scheme), seed=options.seed, layers=tuple(result.layers),
-                        changes=tuple(result.changes), before=before, after=after,
-                        notes=tuple(dict.fromkeys(notes)), output_format=str(ModelFormat.ONNX))
+    return ReinitReport(
+        model=str(path),
+        format=str(ModelFormat.ONNX),
+        output=None if out is None else str(out),
+        written=written,
+        scheme=str(options.scheme),
+        seed=options.seed,
+        layers=tuple(result.layers),
+        changes=tuple(result.changes),
+        before=before,
+        after=after,
+        notes=tuple(dict.fromkeys(notes)),
+        output_format=str(ModelFormat.ONNX),
+    )
 
 
 def _probe_onnx(path: Path, probe: ProbeOptions, notes: list[str]) -> tuple[LayerStats, ...] | None:

@@ -22,12 +22,17 @@ from gradcheck_cli.rewrite.init_math import (
 def validate(options: ReinitOptions) -> None:
     """Refuse option combinations that would silently do nothing."""
     if options.scheme in (Scheme.ORTHOGONAL, Scheme.LSUV):
-        given = [f"`{name}` {value}" for name, value in
-                 (("distribution", options.distribution), ("fan", options.fan)) if value is not None]
+        given = [
+            f"`{name}` {value}"
+            for name, value in (("distribution", options.distribution), ("fan", options.fan))
+            if value is not None
+        ]
         if given:
-            raise UsageError(f"{' and '.join(given)} has no effect with `scheme` {options.scheme}: "
-                             "orthogonal matrices have no distribution or fan mode",
-                             hint="drop the option, or choose the scheme he, glorot, lecun or auto")
+            raise UsageError(
+                f"{' and '.join(given)} has no effect with `scheme` {options.scheme}: "
+                "orthogonal matrices have no distribution or fan mode",
+                hint="drop the option, or choose the scheme he, glorot, lecun or auto",
+            )
     if not 0 < options.lsuv_tolerance < 1:
         raise UsageError(f"the LSUV tolerance must be in (0, 1), got {options.lsuv_tolerance}")
     if options.lsuv_max_iterations < 1:
@@ -41,8 +46,9 @@ class WeightPlan:
     reason: str
 
 
-def plan_weight(options: ReinitOptions, *, shape: Sequence[int], fans_: Fans, activation: str | None,
-                slope: float | None) -> WeightPlan:
+def plan_weight(
+    options: ReinitOptions, *, shape: Sequence[int], fans_: Fans, activation: str | None, slope: float | None
+) -> WeightPlan:
     """The scheme, distribution and std one weight gets, and why."""
     if options.scheme is Scheme.AUTO:
         scheme, reason = auto_scheme(activation)
@@ -69,8 +75,10 @@ def select(names: Iterable[str], globs: Sequence[str]) -> set[str]:
         matched = {name for name in all_names if fnmatch.fnmatchcase(name, glob)}
         if not matched:
             shown = ", ".join(all_names[:8]) + (", ..." if len(all_names) > 8 else "")
-            raise UsageError(f"`layers` {glob!r} matches no layer that reinit can re-initialise",
-                             hint=f"layer names are module paths, e.g. {shown or '(none found)'}")
+            raise UsageError(
+                f"`layers` {glob!r} matches no layer that reinit can re-initialise",
+                hint=f"layer names are module paths, e.g. {shown or '(none found)'}",
+            )
         chosen |= matched
     return chosen
 

@@ -23,7 +23,6 @@ class ActivationSource(Choice):
     NOT_EXECUTED = "not_executed"  # the layer did not run on the probe batch
 
 
-
 @dataclass(frozen=True)
 class TensorInit:
     """One tensor that received new values."""

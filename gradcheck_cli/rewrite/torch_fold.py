@@ -97,8 +97,7 @@ def fold_torch_module(
         if frozen:
             # torch.export inlines them into plain multiply-adds, which carry no statistics.
             notes.append(
-                f"{frozen} frozen BatchNorm(s) became plain arithmetic in the torch.export graph "
-                "and were not folded"
+                f"{frozen} frozen BatchNorm(s) became plain arithmetic in the torch.export graph and were not folded"
             )
     if graph_module is None:
         if shared:  # the structure fallback folds in place
@@ -128,9 +127,7 @@ def fold_torch_module(
         target = source
     else:
         applier = _GraphApplier(graph_module)
-    entries = _fold_graph(
-        graph_module, applier, affine_standalone=affine_standalone and not keep_structure
-    )
+    entries = _fold_graph(graph_module, applier, affine_standalone=affine_standalone and not keep_structure)
     if affine_standalone and keep_structure:
         notes.append(
             "`affine_standalone` does not apply to state_dict/safetensors output: the "
@@ -145,9 +142,7 @@ def fold_torch_module(
         after_bn = before_bn - sum(1 for e in entries if e.folded and e.note is None)
     else:
         after_nodes, after_bn = count_nodes(graph_module), count_batchnorms(graph_module)
-    return TorchFoldResult(
-        target, entries, method, notes, before_bn, after_bn, before_nodes, after_nodes
-    )
+    return TorchFoldResult(target, entries, method, notes, before_bn, after_bn, before_nodes, after_nodes)
 
 
 def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
@@ -202,10 +197,7 @@ def _trace(
         assert isinstance(exported, fx.GraphModule)
         return exported, METHOD_EXPORT
     except Exception as exc:
-        notes.append(
-            f"torch.export could not trace the model either ({first_line(exc)}); "
-            "folded on module structure"
-        )
+        notes.append(f"torch.export could not trace the model either ({first_line(exc)}); folded on module structure")
     return None, METHOD_STRUCTURE
 
 
@@ -237,9 +229,7 @@ def _is_aten_graph(graph_module: fx.GraphModule) -> bool:
     return any(isinstance(node.target, torch._ops.OpOverload) for node in graph_module.graph.nodes)
 
 
-def _propagate_shapes(
-    graph_module: fx.GraphModule, args: tuple[torch.Tensor, ...], notes: list[str]
-) -> None:
+def _propagate_shapes(graph_module: fx.GraphModule, args: tuple[torch.Tensor, ...], notes: list[str]) -> None:
     """Record each node's output shape (node.meta['tensor_meta']): ranks decide BN1d folds."""
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
@@ -250,8 +240,7 @@ def _propagate_shapes(
             ShapeProp(graph_module).propagate(*args)
     except Exception as exc:
         notes.append(
-            f"shape propagation failed ({first_line(exc)}); BatchNorm1d folds that need the "
-            "tensor rank are skipped"
+            f"shape propagation failed ({first_line(exc)}); BatchNorm1d folds that need the tensor rank are skipped"
         )
 
 
@@ -470,15 +459,10 @@ def _layer_of(graph_module: fx.GraphModule, node: fx.Node) -> _Layer | str | Non
         for cls, module_kind in _layer_module_classes().items():
             if isinstance(sub, cls):
                 if type(sub).forward is not cls.forward:
-                    return (
-                        f"{type(sub).__name__} overrides forward(); its weights may not act "
-                        "linearly"
-                    )
+                    return f"{type(sub).__name__} overrides forward(); its weights may not act linearly"
                 bias = getattr(sub, "bias", None)
                 padding = getattr(sub, "padding", 0)
-                zero_padded = (
-                    _has_zero_padding(padding) and getattr(sub, "padding_mode", "zeros") == "zeros"
-                )
+                zero_padded = _has_zero_padding(padding) and getattr(sub, "padding_mode", "zeros") == "zeros"
                 return _Layer(
                     node,
                     str(node.target),
@@ -553,10 +537,7 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
             return f"{type(sub).__name__} overrides forward(); it may not be a plain BatchNorm"
         bn: Any = sub
         if bn.running_mean is None or bn.running_var is None:
-            return (
-                "no running statistics (track_running_stats=False): it normalises with batch "
-                "statistics"
-            )
+            return "no running statistics (track_running_stats=False): it normalises with batch statistics"
         target = str(node.target)
         return _Norm(
             node,
@@ -600,11 +581,7 @@ def _norm_of(graph_module: fx.GraphModule, node: fx.Node) -> _Norm | str | None:
     paths = [_attr_path(arguments.get(key)) for key in ("running_mean", "running_var")]
     weight, bias = arguments.get("weight"), arguments.get("bias")
     weight_path, bias_path = _attr_path(weight), _attr_path(bias)
-    if (
-        None in paths
-        or (weight is not None and weight_path is None)
-        or (bias is not None and bias_path is None)
-    ):
+    if None in paths or (weight is not None and weight_path is None) or (bias is not None and bias_path is None):
         return "its statistics or affine parameters are computed at run time"
     source = arguments.get("input")
     if not isinstance(source, _fx_node()):
@@ -694,9 +671,7 @@ def _has_zero_padding(padding: Any) -> bool:
 # The pass
 
 
-def _fold_graph(
-    graph_module: fx.GraphModule, applier: _Applier, *, affine_standalone: bool
-) -> list[FoldEntry]:
+def _fold_graph(graph_module: fx.GraphModule, applier: _Applier, *, affine_standalone: bool) -> list[FoldEntry]:
     entries: dict[str, FoldEntry] = {}
     norms: list[_Norm] = []
     for node in list(graph_module.graph.nodes):
@@ -743,9 +718,7 @@ def _norm_precondition(norm: _Norm, module_calls: Counter[str]) -> str | None:
     if norm.training:
         return "it runs in training mode in the graph (batch statistics); folding is for eval mode"
     if norm.module_target is not None and module_calls[norm.module_target] > 1:
-        return (
-            f"the BatchNorm module is called {module_calls[norm.module_target]} times in the graph"
-        )
+        return f"the BatchNorm module is called {module_calls[norm.module_target]} times in the graph"
     return None
 
 
@@ -766,9 +739,7 @@ def _layer_precondition(
     tensor_names: Counter[int],
 ) -> str | None:
     if layer.module_target is not None and module_calls[layer.module_target] > 1:
-        return (
-            f"'{layer.name}' is called {module_calls[layer.module_target]} times (shared weights)"
-        )
+        return f"'{layer.name}' is called {module_calls[layer.module_target]} times (shared weights)"
     assert layer.weight_path is not None
     weight = _get_tensor(graph_module, layer.weight_path)
     if tensor_names[id(weight)] > 1:
@@ -776,11 +747,7 @@ def _layer_precondition(
     if layer.bias_path is not None and tensor_names[id(_get_tensor(graph_module, layer.bias_path))] > 1:
         return f"the bias of '{layer.name}' is tied to another parameter"
     if layer.module_target is None:
-        readers = [
-            n
-            for n in graph_module.graph.nodes
-            if n.op == "get_attr" and n.target == layer.weight_path
-        ]
+        readers = [n for n in graph_module.graph.nodes if n.op == "get_attr" and n.target == layer.weight_path]
         if sum(len(n.users) for n in readers) > 1:
             return f"the weight of '{layer.name}' is also read by other nodes"
     if not weight.dtype.is_floating_point:
@@ -810,10 +777,7 @@ def _try_after(
     if layer.kind is LayerKind.LINEAR:
         rank = _rank(norm.node)
         if rank is None:
-            return (
-                "BatchNorm after a Linear: the tensor rank is unknown, so the channel axis "
-                "cannot be checked"
-            )
+            return "BatchNorm after a Linear: the tensor rank is unknown, so the channel axis cannot be checked"
         if rank != 2:
             return (
                 f"BatchNorm1d on a rank-{rank} Linear output normalises dim 1, while the Linear's "
@@ -827,9 +791,7 @@ def _try_after(
     outcome = _apply_safely(applier.fold_after, norm, layer)
     if outcome.startswith("!"):
         return outcome[1:]
-    return FoldEntry(
-        norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None
-    )
+    return FoldEntry(norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None)
 
 
 def _try_before(
@@ -840,10 +802,7 @@ def _try_before(
     tensor_names: Counter[int],
 ) -> FoldEntry | str:
     if norm.tail:
-        return (
-            "its activation comes between it and the next layer, so it can only fold into "
-            "the layer before it"
-        )
+        return "its activation comes between it and the next layer, so it can only fold into the layer before it"
     users = _value_readers(norm.node)
     if len(users) != 1:
         return f"its output feeds {len(users)} nodes, so it cannot be folded into the next layer"
@@ -879,9 +838,7 @@ def _try_before(
     if outcome.startswith("!"):
         return outcome[1:]
     pattern = Pattern.BN_LINEAR if layer.kind is LayerKind.LINEAR else Pattern.BN_CONV
-    return FoldEntry(
-        norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None
-    )
+    return FoldEntry(norm.name, folded=True, pattern=pattern, layer=layer.name, note=outcome or None)
 
 
 # Reads of a tensor's metadata, not of its values: a fold keeps shapes and dtypes, so these do
@@ -971,9 +928,7 @@ class _GraphApplier(_Applier):
         root = self.graph_module
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
-        new_weight, new_bias = fold_after(
-            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
-        )
+        new_weight, new_bias = fold_after(weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups)
         note = self._write_layer(layer, new_weight, new_bias)
         self._remove_norm(norm, replacement=layer.node)
         return note
@@ -983,9 +938,7 @@ class _GraphApplier(_Applier):
         root = self.graph_module
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
-        new_weight, new_bias = fold_before(
-            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
-        )
+        new_weight, new_bias = fold_before(weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups)
         note = self._write_layer(layer, new_weight, new_bias)
         self._remove_norm(norm, replacement=norm.input)
         return note
@@ -1070,9 +1023,7 @@ class _GraphApplier(_Applier):
                     value = graph.call_module(tail_path, (value,))
             replacement = value
         norm.node.replace_all_uses_with(replacement)
-        readers = [
-            arg for call in norm.calls for arg in call.all_input_nodes if arg.op == "get_attr"
-        ]
+        readers = [arg for call in norm.calls for arg in call.all_input_nodes if arg.op == "get_attr"]
         for call in norm.calls:
             graph.erase_node(call)
         for reader in readers:
@@ -1144,9 +1095,7 @@ class _StructureApplier(_Applier):
         if state == "shift" and bias is None:
             return "!already folded: only its shift is left, and the layer has no bias to take it"
         affine = _affine_of(root, norm)
-        new_weight, new_bias = fold_after(
-            weight, bias, affine, kind=layer.kind, groups=layer.groups
-        )
+        new_weight, new_bias = fold_after(weight, bias, affine, kind=layer.kind, groups=layer.groups)
         if bias is None and norm.bias_path is None:
             return (
                 "!the layer has no bias and the BatchNorm no beta, so the shift has nowhere to go "
@@ -1158,9 +1107,7 @@ class _StructureApplier(_Applier):
             _set_identity(root, norm, shift=None)
             return ""
         _set_identity(root, norm, shift=new_bias)
-        return (
-            "the layer has no bias: the shift stays in the BatchNorm (mean 0, var 1-eps, gamma 1)"
-        )
+        return "the layer has no bias: the shift stays in the BatchNorm (mean 0, var 1-eps, gamma 1)"
 
     def fold_before(self, norm: _NormTensors, layer: _LayerTensors) -> str:
         assert layer.weight_path is not None
@@ -1168,13 +1115,8 @@ class _StructureApplier(_Applier):
         weight = _get_tensor(root, layer.weight_path)
         bias = _get_tensor(root, layer.bias_path) if layer.bias_path else None
         if bias is None:
-            return (
-                "!the next layer has no bias to absorb the shift, and the architecture must "
-                "not change"
-            )
-        new_weight, new_bias = fold_before(
-            weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups
-        )
+            return "!the next layer has no bias to absorb the shift, and the architecture must not change"
+        new_weight, new_bias = fold_before(weight, bias, _affine_of(root, norm), kind=layer.kind, groups=layer.groups)
         _copy_into(weight, new_weight)
         _copy_into(bias, new_bias)
         _set_identity(root, norm, shift=None)
@@ -1270,8 +1212,7 @@ def _fold_by_structure(
                 FoldEntry(
                     name,
                     folded=False,
-                    reason="no Conv/ConvTranspose/Linear found directly before it "
-                    "with no other reader of its output",
+                    reason="no Conv/ConvTranspose/Linear found directly before it with no other reader of its output",
                 )
             )
     applier = _StructureApplier(module)
@@ -1289,9 +1230,7 @@ def _fold_by_structure(
             name=bn_name,
             mean_path=f"{bn_name}.running_mean",
             var_path=f"{bn_name}.running_var",
-            weight_path=f"{bn_name}.weight"
-            if getattr(bn_module, "weight", None) is not None
-            else None,
+            weight_path=f"{bn_name}.weight" if getattr(bn_module, "weight", None) is not None else None,
             bias_path=f"{bn_name}.bias" if getattr(bn_module, "bias", None) is not None else None,
             eps=float(bn_module.eps),
         )
@@ -1300,9 +1239,7 @@ def _fold_by_structure(
             kind=kind,
             groups=int(getattr(layer_module, "groups", 1)),
             weight_path=f"{layer_name}.weight",
-            bias_path=f"{layer_name}.bias"
-            if getattr(layer_module, "bias", None) is not None
-            else None,
+            bias_path=f"{layer_name}.bias" if getattr(layer_module, "bias", None) is not None else None,
         )
         outcome = applier.fold_after(norm, layer)
         if outcome.startswith("!"):
@@ -1313,12 +1250,8 @@ def _fold_by_structure(
             LayerKind.CONV_TRANSPOSE: Pattern.CONV_TRANSPOSE_BN,
             LayerKind.LINEAR: Pattern.LINEAR_BN,
         }[kind]
-        entries.append(
-            FoldEntry(bn_name, folded=True, pattern=pattern, layer=layer_name, note=outcome or None)
-        )
+        entries.append(FoldEntry(bn_name, folded=True, pattern=pattern, layer=layer_name, note=outcome or None))
     return entries
-
-
 
 
 def _pairs_by_name(module: nn.Module) -> list[tuple[str, str, str | None]]:
@@ -1368,9 +1301,7 @@ def _pairs_by_dataflow(
     in_module_call: list[str] = []
 
     class CountReaders(TorchFunctionMode):
-        def __torch_function__(
-            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-        ) -> Any:
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             result = func(*args, **(kwargs or {}))
             # Only operations that produce tensors count as readers; .shape, .dim() do not.
             if isinstance(result, torch.Tensor) or (
@@ -1403,9 +1334,7 @@ def _pairs_by_dataflow(
     handles = []
     try:
         for name, sub in module.named_modules():
-            is_layer = any(
-                isinstance(sub, cls) and type(sub).forward is cls.forward for cls in layer_classes
-            )
+            is_layer = any(isinstance(sub, cls) and type(sub).forward is cls.forward for cls in layer_classes)
             # A fused norm-act or frozen BatchNorm set to an identity is an identity followed
             # by its own drop/act: the same structure fold is exact for it.
             is_bn = is_batchnorm_module(sub) and _known_forward(sub)
@@ -1433,10 +1362,7 @@ def _pairs_by_dataflow(
         elif call_counts[layer_name] > 1 or call_counts[bn_name] > 1:
             reason = "the layer or the BatchNorm is called more than once per forward pass"
         elif layer_type == "Linear" and rank != 2:
-            reason = (
-                f"BatchNorm1d on a rank-{rank} Linear output: not a per-feature affine of "
-                "the Linear"
-            )
+            reason = f"BatchNorm1d on a rank-{rank} Linear output: not a per-feature affine of the Linear"
         pairs.append((layer_name, bn_name, reason))
     return pairs
 
@@ -1477,11 +1403,7 @@ def count_batchnorms(module: nn.Module) -> int:
             ):
                 count += 1
         return count
-    return sum(
-        1
-        for _, sub in module.named_modules()
-        if is_batchnorm_module(sub) and not _is_identity_bn(sub)
-    )
+    return sum(1 for _, sub in module.named_modules() if is_batchnorm_module(sub) and not _is_identity_bn(sub))
 
 
 def _is_identity_bn(module: nn.Module) -> bool:
@@ -1510,10 +1432,5 @@ def count_nodes(module: nn.Module) -> int:
     from torch import fx
 
     if isinstance(module, fx.GraphModule):
-        return sum(
-            1
-            for node in module.graph.nodes
-            if node.op in ("call_module", "call_function", "call_method")
-        )
+        return sum(1 for node in module.graph.nodes if node.op in ("call_module", "call_function", "call_method"))
     return sum(1 for _ in module.modules())
-

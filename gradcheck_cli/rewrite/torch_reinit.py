@@ -60,12 +60,14 @@ class LayerRole(Choice):
     RECURRENT = "recurrent"
     NORM = "norm"
 
-
     @property
     def layout(self) -> WeightLayout:
-        return {LayerRole.DENSE: WeightLayout.OUT_IN, LayerRole.DENSE_IN_OUT: WeightLayout.IN_OUT,
-                LayerRole.CONV: WeightLayout.CONV, LayerRole.CONV_TRANSPOSE: WeightLayout.CONV_TRANSPOSE,
-                }.get(self, WeightLayout.OUT_IN)
+        return {
+            LayerRole.DENSE: WeightLayout.OUT_IN,
+            LayerRole.DENSE_IN_OUT: WeightLayout.IN_OUT,
+            LayerRole.CONV: WeightLayout.CONV,
+            LayerRole.CONV_TRANSPOSE: WeightLayout.CONV_TRANSPOSE,
+        }.get(self, WeightLayout.OUT_IN)
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,32 @@ _RECURRENT_PARAM = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _RECURRENT_TYPES = {"RNN": None, "LSTM": 4, "GRU": 3}
 _CONV_TYPE = re.compile(r"^(Conv|LazyConv)([123])d$")
 _CONV_TRANSPOSE_TYPE = re.compile(r"^(ConvTranspose|LazyConvTranspose)([123])d$")
-_NORM_OPS = frozenset({"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
-                       "_native_batch_norm_legit_no_training", "layer_norm", "native_layer_norm",
-                       "group_norm", "native_group_norm", "instance_norm", "rms_norm"})
+_NORM_OPS = frozenset(
+    {
+        "batch_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "layer_norm",
+        "native_layer_norm",
+        "group_norm",
+        "native_group_norm",
+        "instance_norm",
+        "rms_norm",
+    }
+)
 _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_OP_TYPES = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d",
-             "conv_transpose1d": "ConvTranspose1d", "conv_transpose2d": "ConvTranspose2d",
-             "conv_transpose3d": "ConvTranspose3d", "matmul": "MatMul", "mm": "MatMul"}
+_OP_TYPES = {
+    "linear": "Linear",
+    "conv1d": "Conv1d",
+    "conv2d": "Conv2d",
+    "conv3d": "Conv3d",
+    "conv_transpose1d": "ConvTranspose1d",
+    "conv_transpose2d": "ConvTranspose2d",
+    "conv_transpose3d": "ConvTranspose3d",
+    "matmul": "MatMul",
+    "mm": "MatMul",
+}
 
 
 # --------------------------------------------------------------------------- discovery
@@ -154,15 +175,33 @@ def find_layers(module: nn.Module, trace: ExecutionTrace | None) -> tuple[list[T
         elif (kind == "Linear" or isinstance(sub, nn.Linear)) and "weight" in direct:
             layer = TorchLayer(path, kind, LayerRole.DENSE, f"{prefix}weight", _bias(prefix, direct))
         elif _CONV_TYPE.match(kind) and "weight" in direct:
-            layer = TorchLayer(path, kind, LayerRole.CONV, f"{prefix}weight", _bias(prefix, direct),
-                               groups=int(getattr(sub, "groups", 1)))
+            layer = TorchLayer(
+                path,
+                kind,
+                LayerRole.CONV,
+                f"{prefix}weight",
+                _bias(prefix, direct),
+                groups=int(getattr(sub, "groups", 1)),
+            )
         elif _CONV_TRANSPOSE_TYPE.match(kind) and "weight" in direct:
-            layer = TorchLayer(path, kind, LayerRole.CONV_TRANSPOSE, f"{prefix}weight",
-                               _bias(prefix, direct), groups=int(getattr(sub, "groups", 1)))
+            layer = TorchLayer(
+                path,
+                kind,
+                LayerRole.CONV_TRANSPOSE,
+                f"{prefix}weight",
+                _bias(prefix, direct),
+                groups=int(getattr(sub, "groups", 1)),
+            )
         elif "Norm" in kind and kind != "RMSNorm" and (direct or _has_running_stats(sub)):
             buffers = tuple(f"{prefix}{b}" for b in _NORM_BUFFERS if _has_buffer(sub, b))
-            layer = TorchLayer(path, kind, LayerRole.NORM, f"{prefix}weight" if "weight" in direct else None,
-                               _bias(prefix, direct), buffers=buffers)
+            layer = TorchLayer(
+                path,
+                kind,
+                LayerRole.NORM,
+                f"{prefix}weight" if "weight" in direct else None,
+                _bias(prefix, direct),
+                buffers=buffers,
+            )
         elif direct:
             unknown.append((path, kind, [prefix + n for n in direct]))
         if layer is not None:
@@ -184,11 +223,17 @@ def find_layers(module: nn.Module, trace: ExecutionTrace | None) -> tuple[list[T
     for path, kind, names in unknown:
         left = [n for n in names if n not in covered]
         if left:
-            declined.append(Change(target=path or "(root)", action="reinit", detail=", ".join(left),
-                                   applied=False,
-                                   reason=f"{kind}: no initialisation rule for this layer type "
-                                   "(reinit handles Linear, Conv, ConvTranspose, RNN/LSTM/GRU and "
-                                   "normalisation layers); left as it was"))
+            declined.append(
+                Change(
+                    target=path or "(root)",
+                    action="reinit",
+                    detail=", ".join(left),
+                    applied=False,
+                    reason=f"{kind}: no initialisation rule for this layer type "
+                    "(reinit handles Linear, Conv, ConvTranspose, RNN/LSTM/GRU and "
+                    "normalisation layers); left as it was",
+                )
+            )
     return layers, declined
 
 
@@ -200,10 +245,14 @@ def _recurrent_layer(path: str, kind: str, sub: nn.Module, direct: list[str]) ->
         match = _RECURRENT_PARAM.match(name)
         if match and match.group(1) == "weight" and match.group(2) == "ih":
             suffix = f"l{match.group(3)}{match.group(4) or ''}"
-            cells.append(RecurrentCell(
-                weight_ih=prefix + name, weight_hh=f"{prefix}weight_hh_{suffix}",
-                bias_ih=f"{prefix}bias_ih_{suffix}" if f"bias_ih_{suffix}" in params else None,
-                bias_hh=f"{prefix}bias_hh_{suffix}" if f"bias_hh_{suffix}" in params else None))
+            cells.append(
+                RecurrentCell(
+                    weight_ih=prefix + name,
+                    weight_hh=f"{prefix}weight_hh_{suffix}",
+                    bias_ih=f"{prefix}bias_ih_{suffix}" if f"bias_ih_{suffix}" in params else None,
+                    bias_hh=f"{prefix}bias_hh_{suffix}" if f"bias_hh_{suffix}" in params else None,
+                )
+            )
     first_hh = params[cells[0].weight_hh.removeprefix(prefix)]
     hidden = int(getattr(sub, "hidden_size", first_hh.shape[1]))
     gates = int(first_hh.shape[0]) // hidden
@@ -211,8 +260,9 @@ def _recurrent_layer(path: str, kind: str, sub: nn.Module, direct: list[str]) ->
         kind = {1: "RNN", 3: "GRU", 4: "LSTM"}.get(gates, kind)
     nonlinearity = str(getattr(sub, "nonlinearity", "tanh")) if gates == 1 else "sigmoid"
     # LSTM with proj_size has a fifth tensor per cell, weight_hr; declined by the caller.
-    return TorchLayer(path, kind, LayerRole.RECURRENT, None, cells=tuple(cells), gates=gates,
-                      hidden=hidden, nonlinearity=nonlinearity)
+    return TorchLayer(
+        path, kind, LayerRole.RECURRENT, None, cells=tuple(cells), gates=gates, hidden=hidden, nonlinearity=nonlinearity
+    )
 
 
 def _bias(prefix: str, direct: list[str]) -> str | None:
@@ -276,15 +326,27 @@ def _weighted_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if name == "linear":
         return LayerRole.DENSE, _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias"), 1
     if name in ("conv1d", "conv2d", "conv3d"):
-        return (LayerRole.CONV, _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias"),
-                int(_arg(args, kwargs, 6, "groups", 1)))
+        return (
+            LayerRole.CONV,
+            _arg(args, kwargs, 1, "weight"),
+            _arg(args, kwargs, 2, "bias"),
+            int(_arg(args, kwargs, 6, "groups", 1)),
+        )
     if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
-        return (LayerRole.CONV_TRANSPOSE, _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias"),
-                int(_arg(args, kwargs, 6, "groups", 1)))
+        return (
+            LayerRole.CONV_TRANSPOSE,
+            _arg(args, kwargs, 1, "weight"),
+            _arg(args, kwargs, 2, "bias"),
+            int(_arg(args, kwargs, 6, "groups", 1)),
+        )
     if name in ("convolution", "_convolution"):
         transposed = bool(_arg(args, kwargs, 6, "transposed", False))
-        return (LayerRole.CONV_TRANSPOSE if transposed else LayerRole.CONV, _arg(args, kwargs, 1, "weight"),
-                _arg(args, kwargs, 2, "bias"), int(_arg(args, kwargs, 8, "groups", 1)))
+        return (
+            LayerRole.CONV_TRANSPOSE if transposed else LayerRole.CONV,
+            _arg(args, kwargs, 1, "weight"),
+            _arg(args, kwargs, 2, "bias"),
+            int(_arg(args, kwargs, 8, "groups", 1)),
+        )
     if name in ("matmul", "mm"):
         return LayerRole.DENSE_IN_OUT, _arg(args, kwargs, 1, "other"), None, 1
     return None
@@ -374,8 +436,9 @@ def _mode_class() -> type:
             super().__init__()
             self.recorder = recorder
 
-        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                               kwargs: dict[str, Any] | None = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
             kwargs = kwargs or {}
             output = func(*args, **kwargs)
             self.recorder.observe(func, args, kwargs, output)
@@ -398,9 +461,10 @@ def _inference_forward(module: nn.Module, doing: str) -> Iterator[None]:
     except _Captured:
         raise
     except Exception as exc:
-        raise ProbeError(f"the model failed on the probe batch while reinit {doing}: "
-                         f"{type(exc).__name__}: {first_line(exc)}",
-                         hint="check `input_shape`/`input`; pass `debug` for the traceback") from exc
+        raise ProbeError(
+            f"the model failed on the probe batch while reinit {doing}: {type(exc).__name__}: {first_line(exc)}",
+            hint="check `input_shape`/`input`; pass `debug` for the traceback",
+        ) from exc
     finally:
         if switched:
             set_training(module, was_training)
@@ -417,21 +481,21 @@ def _run(module: nn.Module, batches: list[ProbeBatch], recorder: _FlowRecorder) 
     return None
 
 
-def _run_intercepted(module: nn.Module, batch: ProbeBatch,
-                     intercept: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]) -> None:
+def _run_intercepted(
+    module: nn.Module, batch: ProbeBatch, intercept: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
+) -> None:
     """One forward pass with every torch call made by ``intercept(func, args, kwargs)``; eval mode
     and no_grad, training flag restored (as :func:`_run`)."""
     from torch.overrides import TorchFunctionMode
 
     class Intercept(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                               kwargs: dict[str, Any] | None = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
             return intercept(func, args, kwargs or {})
 
     with _inference_forward(module, "rescaled it (LSUV)"), Intercept():
         module(*batch.args, **batch.kwargs)
-
-
 
 
 def trace_execution(module: nn.Module, batches: list[ProbeBatch]) -> ExecutionTrace:
@@ -441,9 +505,19 @@ def trace_execution(module: nn.Module, batches: list[ProbeBatch]) -> ExecutionTr
     return recorder.trace
 
 
-_SCRIPT_LAYER_OPS = frozenset({"aten::linear", "aten::conv1d", "aten::conv2d", "aten::conv3d",
-                               "aten::conv_transpose1d", "aten::conv_transpose2d",
-                               "aten::conv_transpose3d", "aten::_convolution", "aten::convolution"})
+_SCRIPT_LAYER_OPS = frozenset(
+    {
+        "aten::linear",
+        "aten::conv1d",
+        "aten::conv2d",
+        "aten::conv3d",
+        "aten::conv_transpose1d",
+        "aten::conv_transpose2d",
+        "aten::conv_transpose3d",
+        "aten::_convolution",
+        "aten::convolution",
+    }
+)
 
 
 def following_in_torchscript(module: nn.Module) -> dict[str, Following]:
@@ -541,7 +615,7 @@ def following_by_module_order(module: nn.Module, layers: list[TorchLayer]) -> di
         if name not in layer_names:
             continue
         found: tuple[str | None, float | None] = (None, None)
-        for later_name, later in leaves[index + 1:]:
+        for later_name, later in leaves[index + 1 :]:
             fn = MODULE_ACTIVATIONS.get(type_name(later))
             if fn is not None:
                 found = (fn, _module_slope(fn, later))
@@ -563,8 +637,7 @@ def _module_slope(fn: str, sub: nn.Module) -> float | None:
     return None
 
 
-def _following(layer: TorchLayer, trace: ExecutionTrace | None,
-               by_order: dict[str, Following]) -> Following:
+def _following(layer: TorchLayer, trace: ExecutionTrace | None, by_order: dict[str, Following]) -> Following:
     if layer.role is LayerRole.RECURRENT:
         return Following(layer.nonlinearity, None, ActivationSource.INTERNAL)
     if trace is not None and trace.ran and layer.weight is not None:
@@ -595,16 +668,22 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
     if trace is None:
         by_order = following_by_module_order(module, layers)
         in_graph = following_in_torchscript(module) if scripted else {}
-        by_order.update({layer.name: in_graph[layer.weight] for layer in layers
-                         if layer.weight is not None and layer.weight in in_graph})
+        by_order.update(
+            {
+                layer.name: in_graph[layer.weight]
+                for layer in layers
+                if layer.weight is not None and layer.weight in in_graph
+            }
+        )
     selectable = [layer for layer in layers if layer.role is not LayerRole.NORM or options.reset_norm]
     chosen = select([layer.name for layer in selectable], options.layers)
     declined = [change for change in declined if matches_any(change.target, options.layers)]
     if options.scheme is Scheme.LSUV and scripted:
-        raise UsageError("`scheme` lsuv needs to observe each layer's output on the probe batch, which "
-                         "a TorchScript module does not allow",
-                         hint="load the model as a state_dict with `arch` (or as a .pt2 program), or "
-                         "use `scheme` orthogonal")
+        raise UsageError(
+            "`scheme` lsuv needs to observe each layer's output on the probe batch, which "
+            "a TorchScript module does not allow",
+            hint="load the model as a state_dict with `arch` (or as a .pt2 program), or use `scheme` orthogonal",
+        )
     if trace is not None:
         # Execution order: LSUV rescales in it, and the report reads top to bottom like the model.
         layers.sort(key=lambda layer: trace.order.get(_first_weight(layer) or "", len(trace.order)))
@@ -628,21 +707,30 @@ def reinit_module(module: nn.Module, batches: list[ProbeBatch], *, options: Rein
         records.append(record)
         shared = [n for t in record.tensors for n in t.shared_with]
         detail = ", ".join(f"{t.parameter}: {t.scheme} std {t.std:.4g}" for t in record.tensors)
-        changes.append(Change(layer.name, f"reinit:{record.scheme}", detail + (
-            f" (shared with {', '.join(shared)})" if shared else "")))
+        changes.append(
+            Change(
+                layer.name,
+                f"reinit:{record.scheme}",
+                detail + (f" (shared with {', '.join(shared)})" if shared else ""),
+            )
+        )
         if trace is not None and layer.weight and not options.reset_norm:
             stale_norms.extend(sorted(trace.norms_after.get(layer.weight, set()) & _norms_with_stats(layers)))
     if stale_norms:
         names = ", ".join(dict.fromkeys(norm.removesuffix(".weight") for norm in stale_norms))
-        notes.append(f"the running statistics of {names} were measured on the outputs of the old weights; "
-                     "pass `reset_norm` to reset them to (0, 1), or recompute them on data before using "
-                     "the model in eval mode")
+        notes.append(
+            f"the running statistics of {names} were measured on the outputs of the old weights; "
+            "pass `reset_norm` to reset them to (0, 1), or recompute them on data before using "
+            "the model in eval mode"
+        )
     if options.scheme is Scheme.LSUV:
         records = _lsuv(new, batches, records, layers, options)
     if any(record.activation_source is ActivationSource.MODULE_ORDER for record in records):
-        notes.append("TorchScript: for some layers the following activation could not be read from "
-                     "the graph and was taken from module definition order instead; save the model as "
-                     "a state_dict with `arch` or as a .pt2 program for exact data flow")
+        notes.append(
+            "TorchScript: for some layers the following activation could not be read from "
+            "the graph and was taken from module definition order instead; save the model as "
+            "a state_dict with `arch` or as a .pt2 program for exact data flow"
+        )
     verify_untouched(module, new, {t.parameter for r in records for t in r.tensors}, aliases)
     return TorchReinitResult(module=new, layers=records, changes=changes, notes=_unique(notes))
 
@@ -652,8 +740,11 @@ def _first_weight(layer: TorchLayer) -> str | None:
 
 
 def _norms_with_stats(layers: list[TorchLayer]) -> set[str]:
-    return {layer.weight for layer in layers
-            if layer.role is LayerRole.NORM and layer.weight and any("running_var" in b for b in layer.buffers)}
+    return {
+        layer.weight
+        for layer in layers
+        if layer.role is LayerRole.NORM and layer.weight and any("running_var" in b for b in layer.buffers)
+    }
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -697,21 +788,32 @@ def _unsupported(layer: TorchLayer, params: dict[str, torch.Tensor]) -> str | No
     return None
 
 
-def _apply(layer: TorchLayer, following: Following, params: dict[str, torch.Tensor],
-           aliases: dict[str, tuple[str, ...]], done: dict[int, str], options: ReinitOptions) -> LayerInit:
+def _apply(
+    layer: TorchLayer,
+    following: Following,
+    params: dict[str, torch.Tensor],
+    aliases: dict[str, tuple[str, ...]],
+    done: dict[int, str],
+    options: ReinitOptions,
+) -> LayerInit:
     if layer.role is LayerRole.NORM:
         tensors = _reset_norm(layer, params, aliases, done)
-        return LayerInit(layer.name, layer.type, "reset",
-                         "normalisation reset asked for: affine (1, 0), running stats (0, 1)",
-                         None, ActivationSource.INTERNAL, tuple(tensors))
+        return LayerInit(
+            layer.name,
+            layer.type,
+            "reset",
+            "normalisation reset asked for: affine (1, 0), running stats (0, 1)",
+            None,
+            ActivationSource.INTERNAL,
+            tuple(tensors),
+        )
     if layer.role is LayerRole.RECURRENT:
         return _init_recurrent(layer, following, params, aliases, done, options)
     assert layer.weight is not None
     weight = params[layer.weight]
     shape = tuple(weight.shape)
     layer_fans = fans(shape, layout=layer.role.layout, groups=layer.groups)
-    plan = plan_weight(options, shape=shape, fans_=layer_fans, activation=following.activation,
-                       slope=following.slope)
+    plan = plan_weight(options, shape=shape, fans_=layer_fans, activation=following.activation, slope=following.slope)
     tensors = []
     already = done.get(id(weight))
     if already is None:
@@ -724,13 +826,19 @@ def _apply(layer: TorchLayer, following: Following, params: dict[str, torch.Tens
         reason = f"shares its weight with {already}, which was initialised first (one tensor, still shared)"
     if layer.bias is not None:
         tensors.append(_zero(layer.bias, params, aliases, done))
-    return LayerInit(layer.name, layer.type, str(plan.scheme), reason, following.activation,
-                     following.source, tuple(tensors))
+    return LayerInit(
+        layer.name, layer.type, str(plan.scheme), reason, following.activation, following.source, tuple(tensors)
+    )
 
 
-def _init_recurrent(layer: TorchLayer, following: Following, params: dict[str, torch.Tensor],
-                    aliases: dict[str, tuple[str, ...]], done: dict[int, str],
-                    options: ReinitOptions) -> LayerInit:
+def _init_recurrent(
+    layer: TorchLayer,
+    following: Following,
+    params: dict[str, torch.Tensor],
+    aliases: dict[str, tuple[str, ...]],
+    done: dict[int, str],
+    options: ReinitOptions,
+) -> LayerInit:
     """Input weights by the scheme, gate block by gate block; recurrent weights orthogonal or I."""
     import numpy as np
 
@@ -741,8 +849,9 @@ def _init_recurrent(layer: TorchLayer, following: Following, params: dict[str, t
         w_ih = params[cell.weight_ih]
         in_features = int(w_ih.shape[1])
         block_fans = Fans(fan_in=in_features, fan_out=layer.hidden)
-        plan = plan_weight(options, shape=(layer.hidden, in_features), fans_=block_fans,
-                           activation=following.activation, slope=None)
+        plan = plan_weight(
+            options, shape=(layer.hidden, in_features), fans_=block_fans, activation=following.activation, slope=None
+        )
         scheme, reason = plan.scheme, plan.reason
         rng = layer_rng(options.seed, cell.weight_ih)
         blocks = [sample((layer.hidden, in_features), plan.spec, rng) for _ in range(layer.gates)]
@@ -751,14 +860,21 @@ def _init_recurrent(layer: TorchLayer, following: Following, params: dict[str, t
         hh_fans = Fans(fan_in=int(w_hh.shape[1]), fan_out=layer.hidden)
         if options.recurrent is RecurrentInit.IDENTITY:
             values = identity_blocks(tuple(w_hh.shape), block=layer.hidden)
-            hh_spec = InitSpec(scheme=Scheme.ORTHOGONAL, distribution=None, mode=None, gain=1.0,
-                               fans=hh_fans, std=1.0 / np.sqrt(layer.hidden))
+            hh_spec = InitSpec(
+                scheme=Scheme.ORTHOGONAL,
+                distribution=None,
+                mode=None,
+                gain=1.0,
+                fans=hh_fans,
+                std=1.0 / np.sqrt(layer.hidden),
+            )
             tensors.append(_write(cell.weight_hh, values, hh_spec, params, aliases, done, label="identity"))
         else:
             hh_spec = orthogonal_spec((layer.hidden, layer.hidden), fans_=hh_fans, gain=1.0)
             rng_hh = layer_rng(options.seed, cell.weight_hh)
-            values = np.concatenate([orthogonal((layer.hidden, layer.hidden), gain=1.0, rng=rng_hh)
-                                     for _ in range(layer.gates)])
+            values = np.concatenate(
+                [orthogonal((layer.hidden, layer.hidden), gain=1.0, rng=rng_hh) for _ in range(layer.gates)]
+            )
             tensors.append(_write(cell.weight_hh, values, hh_spec, params, aliases, done))
         for bias in (cell.bias_ih, cell.bias_hh):
             if bias is None:
@@ -772,12 +888,21 @@ def _init_recurrent(layer: TorchLayer, following: Following, params: dict[str, t
     reason += f"; recurrent weights {options.recurrent}"
     if options.forget_bias and layer.gates == 4:
         reason += "; forget-gate bias 1"
-    return LayerInit(layer.name, layer.type, str(scheme), reason, following.activation, following.source,
-                     tuple(tensors))
+    return LayerInit(
+        layer.name, layer.type, str(scheme), reason, following.activation, following.source, tuple(tensors)
+    )
 
 
-def _write(name: str, values: npt.NDArray[np.float64], spec: InitSpec, params: dict[str, torch.Tensor],
-           aliases: dict[str, tuple[str, ...]], done: dict[int, str], *, label: str | None = None) -> TensorInit:
+def _write(
+    name: str,
+    values: npt.NDArray[np.float64],
+    spec: InitSpec,
+    params: dict[str, torch.Tensor],
+    aliases: dict[str, tuple[str, ...]],
+    done: dict[int, str],
+    *,
+    label: str | None = None,
+) -> TensorInit:
     import torch
 
     target = params[name]
@@ -786,26 +911,44 @@ def _write(name: str, values: npt.NDArray[np.float64], spec: InitSpec, params: d
         # alias of it) is kept.
         target.copy_(torch.from_numpy(values))
     done.setdefault(id(target), name)
-    return TensorInit(parameter=name, shape=tuple(target.shape), dtype=_dtype(target),
-                      scheme=label or str(spec.scheme), std=spec.std, measured_std=_rms(target),
-                      distribution=str(spec.distribution) if spec.distribution else None,
-                      mode=str(spec.mode) if spec.mode else None, gain=spec.gain,
-                      fan_in=spec.fans.fan_in, fan_out=spec.fans.fan_out,
-                      shared_with=tuple(a for a in aliases.get(name, ()) if a != name))
+    return TensorInit(
+        parameter=name,
+        shape=tuple(target.shape),
+        dtype=_dtype(target),
+        scheme=label or str(spec.scheme),
+        std=spec.std,
+        measured_std=_rms(target),
+        distribution=str(spec.distribution) if spec.distribution else None,
+        mode=str(spec.mode) if spec.mode else None,
+        gain=spec.gain,
+        fan_in=spec.fans.fan_in,
+        fan_out=spec.fans.fan_out,
+        shared_with=tuple(a for a in aliases.get(name, ()) if a != name),
+    )
 
 
-def _zero(name: str, params: dict[str, torch.Tensor], aliases: dict[str, tuple[str, ...]],
-          done: dict[int, str], value: float = 0.0) -> TensorInit:
+def _zero(
+    name: str,
+    params: dict[str, torch.Tensor],
+    aliases: dict[str, tuple[str, ...]],
+    done: dict[int, str],
+    value: float = 0.0,
+) -> TensorInit:
     import torch
 
     target = params[name]
     with torch.no_grad():
         target.fill_(value)
     done.setdefault(id(target), name)
-    return TensorInit(parameter=name, shape=tuple(target.shape), dtype=_dtype(target),
-                      scheme="zeros" if value == 0 else "ones" if value == 1 else f"constant {value:g}",
-                      std=0.0, measured_std=_rms(target),
-                      shared_with=tuple(a for a in aliases.get(name, ()) if a != name))
+    return TensorInit(
+        parameter=name,
+        shape=tuple(target.shape),
+        dtype=_dtype(target),
+        scheme="zeros" if value == 0 else "ones" if value == 1 else f"constant {value:g}",
+        std=0.0,
+        measured_std=_rms(target),
+        shared_with=tuple(a for a in aliases.get(name, ()) if a != name),
+    )
 
 
 def _forget_bias(name: str, hidden: int, params: dict[str, torch.Tensor], done: dict[int, str]) -> TensorInit:
@@ -814,14 +957,21 @@ def _forget_bias(name: str, hidden: int, params: dict[str, torch.Tensor], done: 
     target = params[name]
     with torch.no_grad():
         target.zero_()
-        target[hidden:2 * hidden] = 1.0
+        target[hidden : 2 * hidden] = 1.0
     done.setdefault(id(target), name)
-    return TensorInit(parameter=name, shape=tuple(target.shape), dtype=_dtype(target),
-                      scheme="zeros, forget gate 1", std=0.0, measured_std=_rms(target))
+    return TensorInit(
+        parameter=name,
+        shape=tuple(target.shape),
+        dtype=_dtype(target),
+        scheme="zeros, forget gate 1",
+        std=0.0,
+        measured_std=_rms(target),
+    )
 
 
-def _reset_norm(layer: TorchLayer, params: dict[str, torch.Tensor], aliases: dict[str, tuple[str, ...]],
-                done: dict[int, str]) -> list[TensorInit]:
+def _reset_norm(
+    layer: TorchLayer, params: dict[str, torch.Tensor], aliases: dict[str, tuple[str, ...]], done: dict[int, str]
+) -> list[TensorInit]:
     tensors = []
     if layer.weight is not None:
         tensors.append(_zero(layer.weight, params, aliases, done, value=1.0))
@@ -852,8 +1002,13 @@ def _rms(tensor: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- LSUV
 
 
-def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit], layers: list[TorchLayer],
-          options: ReinitOptions) -> list[LayerInit]:
+def _lsuv(
+    module: nn.Module,
+    batches: list[ProbeBatch],
+    records: list[LayerInit],
+    layers: list[TorchLayer],
+    options: ReinitOptions,
+) -> list[LayerInit]:
     """Rescale each layer, in execution order, until its output variance is 1 (Mishkin & Matas 2016).
 
     The orthogonal start is already in place. Biases are zero, so one rescale is exact for a plain
@@ -863,17 +1018,28 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
     """
     by_name = {layer.name: layer for layer in layers}
     params = _tensors_by_name(module)
-    rescalable = [by_name[r.name].weight for r in records
-                  if by_name[r.name].role not in (LayerRole.RECURRENT, LayerRole.NORM) and by_name[r.name].weight]
-    measured = _lsuv_in_one_pass(module, batches, [w for w in rescalable if w is not None], params, options) \
-        if len(batches) == 1 else None
+    rescalable = [
+        by_name[r.name].weight
+        for r in records
+        if by_name[r.name].role not in (LayerRole.RECURRENT, LayerRole.NORM) and by_name[r.name].weight
+    ]
+    measured = (
+        _lsuv_in_one_pass(module, batches, [w for w in rescalable if w is not None], params, options)
+        if len(batches) == 1
+        else None
+    )
     updated: list[LayerInit] = []
     for record in records:
         layer = by_name[record.name]
         if layer.role is LayerRole.RECURRENT:
-            updated.append(_replace(record, reason=record.reason + "; LSUV keeps the orthogonal start "
-                                    "here: a gated recurrent output is bounded and cannot be scaled "
-                                    "to variance 1"))
+            updated.append(
+                _replace(
+                    record,
+                    reason=record.reason + "; LSUV keeps the orthogonal start "
+                    "here: a gated recurrent output is bounded and cannot be scaled "
+                    "to variance 1",
+                )
+            )
             continue
         if layer.role is LayerRole.NORM or layer.weight is None:
             updated.append(record)
@@ -887,18 +1053,32 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
             reason = record.reason + "; LSUV: the layer did not run on the probe batch, kept orthogonal"
             updated.append(_replace(record, reason=reason))
             continue
-        step = LsuvStep(iterations=rescales, initial_variance=initial, variance=variance,
-                        converged=abs(variance - 1.0) <= options.lsuv_tolerance)
+        step = LsuvStep(
+            iterations=rescales,
+            initial_variance=initial,
+            variance=variance,
+            converged=abs(variance - 1.0) <= options.lsuv_tolerance,
+        )
         tensors = list(record.tensors)
         if tensors and tensors[0].parameter == layer.weight:
             first = tensors[0]
-            tensors[0] = TensorInit(first.parameter, first.shape, first.dtype, "lsuv",
-                                    std=first.std * (1.0 / initial) ** 0.5 if initial > 0 else first.std,
-                                    measured_std=_rms(weight), gain=first.gain, fan_in=first.fan_in,
-                                    fan_out=first.fan_out, shared_with=first.shared_with)
-        reason = record.reason + ("" if step.converged else
-                                  f"; LSUV did not reach variance 1 ± {options.lsuv_tolerance} in "
-                                  f"{options.lsuv_max_iterations} rescales")
+            tensors[0] = TensorInit(
+                first.parameter,
+                first.shape,
+                first.dtype,
+                "lsuv",
+                std=first.std * (1.0 / initial) ** 0.5 if initial > 0 else first.std,
+                measured_std=_rms(weight),
+                gain=first.gain,
+                fan_in=first.fan_in,
+                fan_out=first.fan_out,
+                shared_with=first.shared_with,
+            )
+        reason = record.reason + (
+            ""
+            if step.converged
+            else f"; LSUV did not reach variance 1 ± {options.lsuv_tolerance} in {options.lsuv_max_iterations} rescales"
+        )
         if initial == 0:
             reason += "; its output is constant on the probe batch, so it cannot be rescaled"
         updated.append(_replace(record, reason=reason, tensors=tuple(tensors), lsuv=step))
@@ -906,22 +1086,29 @@ def _lsuv(module: nn.Module, batches: list[ProbeBatch], records: list[LayerInit]
 
 
 def _needs_rescale(variance: float | None, rescales: int, options: ReinitOptions) -> bool:
-    return (variance is not None and variance > 0 and abs(variance - 1.0) > options.lsuv_tolerance
-            and rescales < options.lsuv_max_iterations)
+    return (
+        variance is not None
+        and variance > 0
+        and abs(variance - 1.0) > options.lsuv_tolerance
+        and rescales < options.lsuv_max_iterations
+    )
 
 
-def _lsuv_by_truncated_forwards(module: nn.Module, batches: list[ProbeBatch], name: str, weight: torch.Tensor,
-                                options: ReinitOptions) -> tuple[float | None, float | None, int]:
+def _lsuv_by_truncated_forwards(
+    module: nn.Module, batches: list[ProbeBatch], name: str, weight: torch.Tensor, options: ReinitOptions
+) -> tuple[float | None, float | None, int]:
     """One layer: a forward pass up to its op per measurement (every micro-batch each time)."""
 
     initial = _output_variance(module, batches, name)
-    variance, rescales = _rescale_to_unit_variance(weight, initial, lambda: _output_variance(module, batches, name),
-                                                   options)
+    variance, rescales = _rescale_to_unit_variance(
+        weight, initial, lambda: _output_variance(module, batches, name), options
+    )
     return initial, variance, rescales
 
 
-def _rescale_to_unit_variance(weight: torch.Tensor, variance: float | None, remeasure: Callable[[], float | None],
-                              options: ReinitOptions) -> tuple[float | None, int]:
+def _rescale_to_unit_variance(
+    weight: torch.Tensor, variance: float | None, remeasure: Callable[[], float | None], options: ReinitOptions
+) -> tuple[float | None, int]:
     """LSUV's loop for one layer: scale ``weight`` by 1/sqrt(variance) and measure the layer's output
     again until its variance is within tolerance (or the rescale limit): (final variance, rescales)."""
     import torch
@@ -936,9 +1123,13 @@ def _rescale_to_unit_variance(weight: torch.Tensor, variance: float | None, reme
     return variance, rescales
 
 
-def _lsuv_in_one_pass(module: nn.Module, batches: list[ProbeBatch], weights: list[str],
-                      params: dict[str, torch.Tensor], options: ReinitOptions,
-                      ) -> dict[str, tuple[float, float, int]]:
+def _lsuv_in_one_pass(
+    module: nn.Module,
+    batches: list[ProbeBatch],
+    weights: list[str],
+    params: dict[str, torch.Tensor],
+    options: ReinitOptions,
+) -> dict[str, tuple[float, float, int]]:
     """Every layer in a single forward pass (one probe micro-batch): (initial, final variance, rescales).
 
     The truncated-forward loop runs the model from its input up to each layer once per
@@ -1025,8 +1216,9 @@ def _output_variance(module: nn.Module, batches: list[ProbeBatch], weight: str) 
 # --------------------------------------------------------------------------- verification
 
 
-def verify_untouched(original: nn.Module, new: nn.Module, changed: set[str],
-                     aliases: dict[str, tuple[str, ...]]) -> None:
+def verify_untouched(
+    original: nn.Module, new: nn.Module, changed: set[str], aliases: dict[str, tuple[str, ...]]
+) -> None:
     """Every tensor reinit did not choose is bit-identical; shapes, dtypes, devices and ties kept.
 
     A failure here is a bug in gradcheck, not a user error: nothing is written.
@@ -1035,20 +1227,27 @@ def verify_untouched(original: nn.Module, new: nn.Module, changed: set[str],
     before = _tensors_by_name(original)
     after = _tensors_by_name(new)
     if before.keys() != after.keys():
-        raise GradcheckError("internal error: the re-initialised copy has different tensors than the model",
-                             hint="please report this; nothing was written")
+        raise GradcheckError(
+            "internal error: the re-initialised copy has different tensors than the model",
+            hint="please report this; nothing was written",
+        )
     for name, old in before.items():
         fresh = after[name]
         if (old.shape, old.dtype, old.device) != (fresh.shape, fresh.dtype, fresh.device):
-            raise GradcheckError(f"internal error: {name} changed shape, dtype or device",
-                                 hint="please report this; nothing was written")
+            raise GradcheckError(
+                f"internal error: {name} changed shape, dtype or device", hint="please report this; nothing was written"
+            )
         if name not in changed_all and not _same_bits(old, fresh):
-            raise GradcheckError(f"internal error: {name} was not selected but its values changed",
-                                 hint="please report this; nothing was written")
+            raise GradcheckError(
+                f"internal error: {name} was not selected but its values changed",
+                hint="please report this; nothing was written",
+            )
     ties_before = _tie_groups(original)
     if ties_before != _tie_groups(new):
-        raise GradcheckError("internal error: tied weights are no longer shared in the copy",
-                             hint="please report this; nothing was written")
+        raise GradcheckError(
+            "internal error: tied weights are no longer shared in the copy",
+            hint="please report this; nothing was written",
+        )
 
 
 def _tie_groups(module: nn.Module) -> set[tuple[str, ...]]:
@@ -1061,11 +1260,20 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     # Compare bytes, not values: NaN != NaN, and -0.0 == 0.0, would both mislead torch.equal.
-    return bool(torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
-                            b.detach().contiguous().reshape(-1).view(torch.uint8)))
-
+    return bool(
+        torch.equal(
+            a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8)
+        )
+    )
 
 
 # Re-exported for the facade's type hints.
-__all__ = ["ExecutionTrace", "TorchLayer", "TorchReinitResult", "find_layers", "reinit_module",
-           "trace_execution", "verify_untouched"]
+__all__ = [
+    "ExecutionTrace",
+    "TorchLayer",
+    "TorchReinitResult",
+    "find_layers",
+    "reinit_module",
+    "trace_execution",
+    "verify_untouched",
+]

@@ -183,11 +183,7 @@ def torch_outputs(module: nn.Module, batches: Sequence[ProbeBatch]) -> Reference
     for index in range(len(names)):
         parts = [outputs[index][1] for outputs in per_batch]
         dtypes.append(str(parts[0].dtype).removeprefix("torch."))
-        joined = (
-            torch.cat([p.reshape(1, -1) if p.dim() == 0 else p for p in parts])
-            if len(parts) > 1
-            else parts[0]
-        )
+        joined = torch.cat([p.reshape(1, -1) if p.dim() == 0 else p for p in parts]) if len(parts) > 1 else parts[0]
         if joined.dtype == torch.bfloat16:
             joined = joined.float()
         arrays.append(np.asarray(joined.detach().cpu().numpy()))
@@ -200,11 +196,7 @@ def _flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]
     if isinstance(value, torch.Tensor):
         return [(prefix, value)]
     if isinstance(value, Mapping):
-        return [
-            item
-            for key, inner in value.items()
-            for item in _flatten_outputs(inner, f"{prefix}.{key}")
-        ]
+        return [item for key, inner in value.items() for item in _flatten_outputs(inner, f"{prefix}.{key}")]
     if isinstance(value, (list, tuple)):
         fields = getattr(value, "_fields", None)
         labels = list(fields) if fields else [str(i) for i in range(len(value))]
@@ -234,7 +226,10 @@ class TorchPlan:
 
 
 def torch_plan(
-    original: nn.Module, batches: list[ProbeBatch], *, batch_range: tuple[int, int | None] | None = (0, None),
+    original: nn.Module,
+    batches: list[ProbeBatch],
+    *,
+    batch_range: tuple[int, int | None] | None = (0, None),
     static_reason: str | None = None,
 ) -> TorchPlan:
     """The probe batches and a second batch size for ``original`` (see the module docstring).
@@ -255,8 +250,10 @@ def torch_plan(
     try:
         reference = torch_outputs(original, [second])
     except ProbeError as exc:
-        plan.notes.append(f"verified at batch size {size} only: the original model does not run at batch size "
-                          f"{other} ({exc.message.removeprefix('the model failed on the probe batch: ')})")
+        plan.notes.append(
+            f"verified at batch size {size} only: the original model does not run at batch size "
+            f"{other} ({exc.message.removeprefix('the model failed on the probe batch: ')})"
+        )
         return plan
     plan.groups.append([second])
     plan.references.append(reference)
@@ -277,8 +274,9 @@ def plan_for(loaded: LoadedModel, batches: list[ProbeBatch], *, reference: nn.Mo
         return torch_plan(module, batches)
     dims = program_dims(loaded.exported)
     if dims is None:
-        return torch_plan(module, batches, batch_range=None,
-                          static_reason="the input program's inputs are not all tensors")
+        return torch_plan(
+            module, batches, batch_range=None, static_reason="the input program's inputs are not all tensors"
+        )
     return torch_plan(module, batches, batch_range=batch_range(dims), static_reason=why_no_batch(dims))
 
 
@@ -290,8 +288,9 @@ def as_written(plan: TorchPlan, saved: Saved) -> TorchPlan:
     """
     checked = TorchPlan(plan.groups, plan.references, [*plan.notes, *saved.notes])
     if saved.static_batch and len(plan.groups) > 1:
-        return checked.without_second(f"verified at batch size {plan.sizes[0]} only: the file was written with "
-                                      "a static batch")
+        return checked.without_second(
+            f"verified at batch size {plan.sizes[0]} only: the file was written with a static batch"
+        )
     return checked
 
 
@@ -312,8 +311,7 @@ def verify_torch_plan(rewritten: nn.Module, plan: TorchPlan, *, backend: str, wh
             raise fails_at(what, group[0].size, plan.sizes[0], exc.message) from exc
         checks.append(compare_outputs(names, ref, new, dtypes=dtypes))
     # The second size repeats the probe's samples: the distinct samples are the probe batches'.
-    return Verification(backend, sum(b.size for b in plan.groups[0]), merge_checks(checks),
-                        batch_sizes=plan.sizes)
+    return Verification(backend, sum(b.size for b in plan.groups[0]), merge_checks(checks), batch_sizes=plan.sizes)
 
 
 def fails_at(what: str, size: int, first: int, message: str) -> VerificationError:
@@ -375,8 +373,17 @@ def merge_checks(per_size: Sequence[tuple[OutputCheck, ...]]) -> tuple[OutputChe
         scale = max(c.scale for c in checks)
         tolerance = max(c.tolerance for c in checks)
         passed = all(c.passed for c in checks) and worst.max_abs_error <= tolerance
-        merged.append(OutputCheck(worst.name, worst.dtype, worst.max_abs_error,
-                                  worst.max_abs_error / (scale if scale > 0 else 1.0), scale, tolerance, passed))
+        merged.append(
+            OutputCheck(
+                worst.name,
+                worst.dtype,
+                worst.max_abs_error,
+                worst.max_abs_error / (scale if scale > 0 else 1.0),
+                scale,
+                tolerance,
+                passed,
+            )
+        )
     return tuple(merged)
 
 
@@ -466,8 +473,10 @@ def verify_onnx(
         except ProbeError as exc:
             if size == first:
                 raise
-            reasons.append(f"verified at batch size {first} only: the original graph does not run at batch "
-                           f"size {size} ({exc.message.split(': ', 1)[-1]})")
+            reasons.append(
+                f"verified at batch size {first} only: the original graph does not run at batch "
+                f"size {size} ({exc.message.split(': ', 1)[-1]})"
+            )
             break
         try:
             new_names, new, _ = onnx_outputs(rewritten, group)
@@ -518,16 +527,13 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
             )
         total = int(next(iter(feed.values())).shape[0])
         step = min(batch_size or total, total)
-        return [
-            {k: v[start : start + step] for k, v in feed.items()} for start in range(0, total, step)
-        ]
+        return [{k: v[start : start + step] for k, v in feed.items()} for start in range(0, total, step)]
     generator = np.random.default_rng(options.seed)
     shapes: list[tuple[int, ...]] = []
     if options.input_shape:
         if len(options.input_shape) != len(inputs):
             raise UsageError(
-                f"the graph has {len(inputs)} inputs but {len(options.input_shape)} "
-                "`input_shape` were given",
+                f"the graph has {len(inputs)} inputs but {len(options.input_shape)} `input_shape` were given",
                 hint="give one `input_shape` per graph input",
             )
         shapes = [tuple(s) for s in options.input_shape]
@@ -560,9 +566,7 @@ def onnx_probe_feeds(model: onnx.ModelProto, options: InputOptions) -> list[dict
     return feeds
 
 
-def _draw(
-    generator: Any, shape: tuple[int, ...], dtype_name: str, value_range: tuple[float, float] | None
-) -> Any:
+def _draw(generator: Any, shape: tuple[int, ...], dtype_name: str, value_range: tuple[float, float] | None) -> Any:
     import numpy as np
 
     if dtype_name in ("float32", "float64", "float16"):
@@ -590,4 +594,3 @@ def median_ms(run: Callable[[], Any], *, runs: int, warmup: int = 2) -> float:
         run()
         samples.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(samples)
-

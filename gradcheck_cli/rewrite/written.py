@@ -146,8 +146,7 @@ def write_onnx_verified(
     ) as scratch:
         staged = Path(scratch) / "export.onnx"
         dims = input_dims(loaded, first.args, first.kwargs)
-        export_onnx(module, staged, first.args, first.kwargs, dims=dims,
-                    output_names=torch_outputs(module, [first])[0])
+        export_onnx(module, staged, first.args, first.kwargs, dims=dims, output_names=torch_outputs(module, [first])[0])
         exported = onnx_model_from_path(staged)
         # The export was asked for a dynamic batch wherever the plan has a second size (the plan
         # follows the input's own dimensions): it must run there, whatever the graph declares.
