@@ -9,7 +9,6 @@ the values given on the command line, keyed by field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -91,19 +90,10 @@ def parse_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def parse_json_object(text: str) -> dict[str, Any]:
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"--arch-kwargs is not valid JSON: {exc.msg} at position {exc.pos}",
-            hint="pass a JSON object, e.g. --arch-kwargs '{\"depth\": 8}'",
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object", hint="e.g. --arch-kwargs '{\"depth\": 8}'")
-    return value
+def _arch_kwargs(text: str) -> dict[str, Any]:
+    from gradcheck_cli.model.arch import parse_arch_kwargs
+
+    return parse_arch_kwargs(text)
 
 
 def _shapes(texts: list[str]) -> tuple[tuple[int, ...], ...]:
@@ -189,7 +179,7 @@ LOAD = Group(
             str,
             "JSON object of keyword arguments for --arch.",
             metavar="JSON",
-            convert=parse_json_object,
+            convert=_arch_kwargs,
         ),
         Flag("non_strict", bool, "Load a state_dict even if keys are missing or unexpected."),
         Flag(
