@@ -241,8 +241,12 @@ def test_memory_budget_refuses_with_a_micro_batch_that_fits() -> None:
     budget = estimate.fixed + 8 * estimate.per_sample
     with pytest.raises(ProbeError) as caught:
         check_memory_budget(estimate, budget=budget, total_samples=64)
-    assert "--memory-budget" in caught.value.message
-    assert caught.value.hint == "micro-batch it: --batch-size 8 --batches 8 (statistics are merged exactly)"
+    from gradcheck_cli.cli.common import flag_text  # what the CLI prints: fields spelled as flags
+
+    assert "--memory-budget" in flag_text(caught.value.message)
+    assert flag_text(caught.value.hint or "") == (
+        "micro-batch it: --batch-size 8 --batches 8 (statistics are merged exactly)"
+    )
     with pytest.raises(ProbeError, match="weights and the largest gradient alone"):
         check_memory_budget(estimate, available=estimate.fixed // 2)
 
