@@ -59,6 +59,9 @@ class Ranks:
         import torch.distributed as dist
 
         if self.owns_group and dist.is_initialized():
+            # Every rank leaves together: a rank that tears gloo down while another still waits on
+            # it aborts the other process ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
 
 
