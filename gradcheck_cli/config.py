@@ -325,15 +325,17 @@ def _shapes(value: Any, key: str) -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
-def _input_range(value: Any, key: str) -> tuple[float, float]:
+def parse_input_range(value: Any, key: str) -> tuple[float, float]:
+    """'LOW,HIGH' (from a flag or the file) or [LOW, HIGH] (from the file); ``key`` names where it
+    came from in the error."""
     if isinstance(value, str):
         parts = value.split(",")
-        if len(parts) != 2:
-            raise ConfigError(f"{key}: expected 'LOW,HIGH', got {value!r}")
         try:
-            return float(parts[0]), float(parts[1])
+            if len(parts) == 2:
+                return float(parts[0]), float(parts[1])
         except ValueError:
-            raise ConfigError(f"{key}: expected 'LOW,HIGH', got {value!r}") from None
+            pass
+        raise ConfigError(f"{key}: expected 'LOW,HIGH', got {value!r}", hint="e.g. 0,30522 for token ids")
     pair = _typed(value, list, key, "'LOW,HIGH' or [LOW, HIGH]")
     if len(pair) != 2:
         raise ConfigError(f"{key}: expected [LOW, HIGH], got {value!r}")
@@ -386,7 +388,7 @@ def _parsers(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "input": lambda v, k: _relative(base, _typed(v, str, k, "a path")),
         "input_shape": _shapes,
         "input_dtype": _string("a dtype name"),
-        "input_range": _input_range,
+        "input_range": parse_input_range,
         "batch_size": _positive_int,
         "batches": _positive_int,
         "seed": lambda v, k: _typed(v, int, k, "an integer"),

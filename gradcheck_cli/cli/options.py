@@ -82,12 +82,9 @@ def _default(record: type[Any], name: str) -> str | None:
 
 
 def parse_range(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        low, high = (float(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"--input-range {text!r} is not LOW,HIGH", hint="e.g. --input-range 0,30522") from None
-    return low, high
+    from gradcheck_cli.config import parse_input_range
+
+    return parse_input_range(text, "--input-range")
 
 
 def _arch_kwargs(text: str) -> dict[str, Any]:
