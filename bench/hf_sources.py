@@ -314,25 +314,31 @@ def missing_architectures() -> list[str]:
 def hf_directories(workdir: Path, *, quick: bool) -> list[tuple[str, str, Path]]:
     """(architecture, modality, directory) for each architecture of the installed transformers,
     saved under ``workdir`` (reused when already there)."""
+    import transformers
+
+    chosen = [a for a in ARCHITECTURES if not quick or a[0] in QUICK]
+    return [
+        (name, modality, hf_directory(workdir, name)) for name, modality, _ in chosen if hasattr(transformers, name)
+    ]
+
+
+def hf_directory(workdir: Path, name: str) -> Path:
+    """The directory of one architecture, written by ``save_pretrained`` under ``workdir`` the
+    first time it is asked for (seeded: the same weights every time)."""
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    chosen = [a for a in ARCHITECTURES if not quick or a[0] in QUICK]
-    made: list[tuple[str, str, Path]] = []
-    for name, modality, kwargs in chosen:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            continue
-        directory = workdir / name
-        if not (directory / "config.json").is_file():
-            torch.manual_seed(0)
-            model = cls(cls.config_class(**kwargs))
-            model.save_pretrained(str(directory))
-        made.append((name, modality, directory))
-    return made
+    kwargs = next(k for n, _, k in ARCHITECTURES if n == name)
+    directory = workdir / name
+    if not (directory / "config.json").is_file():
+        cls = getattr(transformers, name)
+        torch.manual_seed(0)
+        model = cls(cls.config_class(**kwargs))
+        model.save_pretrained(str(directory))
+    return directory
 
 
 def main() -> int:

@@ -78,6 +78,11 @@ class LossKind(Choice):
     AUTO = "auto"  # model for transformers LM heads, cross_entropy for (N, C) float logits, mse otherwise
     CROSS_ENTROPY = "cross_entropy"  # against seeded random labels in [0, C)
     MSE = "mse"  # against a seeded N(0, 1) target of the output's shape
+    # Binary cross-entropy on probabilities against seeded targets in [0, 1]: auto for an output
+    # that comes straight from a sigmoid (a detector's map, a multi-label head), the loss such
+    # outputs are trained with; its gradient at the sigmoid's input is p - y, which a confident
+    # (saturated) output does not shrink, where mse's is (p - y) p (1 - p).
+    BCE = "bce"
     SUM = "sum"  # the plain sum of the output: gradient 1 everywhere
     MODEL = "model"  # the model's own loss (a transformers LM head against seeded random labels)
 
@@ -85,10 +90,20 @@ class LossKind(Choice):
 class Mode(Choice):
     """Eval by default: samples are then independent of each other, so micro-batching is exact,
     there is no dropout noise, and BatchNorm uses the running statistics the checkpoint ships
-    (which is what deployment runs). Train shows batch statistics and dropout as training sees them."""
+    (which is what deployment runs). Train shows batch statistics and dropout as training sees them.
+    Batch-stats is eval except that BatchNorm normalises with the batch's statistics: what a
+    never-trained model needs (its running statistics are the defaults), without the randomness
+    of dropout and stochastic depth, which can drop a whole block for every sample of a small
+    probe batch."""
 
     EVAL = "eval"
     TRAIN = "train"
+    BATCH_STATS = "batch-stats"
+
+    @property
+    def batch_statistics(self) -> bool:
+        """Whether BatchNorm normalises with the batch's statistics (and updates its running ones)."""
+        return self is not Mode.EVAL
 
 
 class ReportFormat(Choice):

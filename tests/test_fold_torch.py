@@ -295,6 +295,26 @@ def test_torch_export_is_used_when_fx_fails() -> None:
     assert result.method == METHOD_EXPORT
     assert result.entries[0].folded
     assert_same_function(model, result.module, x)
+    # The exported graph keeps its batch dynamic: the folded model runs at another batch size
+    # (transformers' ResNet and MobileNetV2 take this path).
+    other = torch.randn(5, 3, 8, 8)
+    assert_same_function(model, result.module, other)
+
+
+class BatchFixer(FxHostile):
+    """Code that fixes the batch size: torch.export cannot keep it dynamic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).reshape(2, -1)
+
+
+def test_a_model_that_fixes_its_batch_is_exported_at_that_batch_with_a_note() -> None:
+    model = randomise_bn(BatchFixer())
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_torch_module(model, example_args=(x,))
+    assert result.method == METHOD_EXPORT and result.entries[0].folded
+    assert any("fixed the batch at 2" in note for note in result.notes)
+    assert_same_function(model, result.module, x)
 
 
 def test_exported_program_graph_is_folded() -> None:

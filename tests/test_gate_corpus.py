@@ -122,3 +122,18 @@ def test_command_line_writes_json_and_diffs_it(tmp_path: Path, capsys: pytest.Ca
     capsys.readouterr()
     main(["--quick", "--only", "^synthetic/he|^fault/nan", "--diff", str(out)])
     assert "no change" in capsys.readouterr().out
+
+
+def test_faults_injected_into_a_real_architecture_are_found_at_their_layer() -> None:
+    pytest.importorskip("torchvision")
+    from bench.gate_corpus import _nan_in_middle, _negative_running_var, run_case, torchvision_cases
+
+    (resnet,) = [c for c in torchvision_cases(quick=True) if c.name == "torchvision/resnet18"]
+    for inject in (_nan_in_middle(float("nan")), _negative_running_var):
+        rules = frozenset({"GC001", "GC002"})
+        case = Case(f"fault/{resnet.name}", "torchvision", resnet.build, resnet.probe, "injected", rules, None, inject)
+        outcome = run_case(case)
+        assert outcome.error is None and outcome.injected_at
+        assert outcome.detected and outcome.localised, (outcome.injected_at, outcome.loud[:3])
+        # Located by the chosen layer, not by a fixed list: the same findings elsewhere do not count.
+        assert not Outcome(case, outcome.findings, injected_at="fc").localised

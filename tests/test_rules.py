@@ -295,12 +295,18 @@ def test_init_scale_flags_standard_normal_weights() -> None:
 
 def test_init_scale_flags_the_old_uniform_default_before_relu() -> None:
     # docs/theory.md#variance-through-a-layer: U[-1/sqrt(n), 1/sqrt(n)] has n·Var(w) = 1/3, i.e. 1/6 of He's 2/n.
-    model = he_relu_mlp(2)
+    model = he_relu_mlp(3)
+    bound = 1 / math.sqrt(WIDTH)
     with torch.no_grad():
-        bound = 1 / math.sqrt(WIDTH)
         model[2].weight.uniform_(-bound, bound)
-    ((layer, value),) = findings(run(model), "GC301")
-    assert layer == "2" and value == pytest.approx(1 / 6, rel=0.1)
+    # One small layer scales the signal once (by 1/6 in variance): it does not compound.
+    assert findings(run(model), "GC301") == []
+    with torch.no_grad():
+        model[4].weight.uniform_(-bound, bound)
+    # Two in a row shrink it by 1/36: both are flagged.
+    flagged = findings(run(model), "GC301")
+    assert [layer for layer, _ in flagged] == ["2", "4"]
+    assert all(value == pytest.approx(1 / 6, rel=0.15) for _, value in flagged)
 
 
 # --- configuration of rules -------------------------------------------------------------------

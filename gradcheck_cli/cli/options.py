@@ -248,16 +248,17 @@ PROBE = Group(
             "loss",
             LossKind,
             "Scalar to differentiate: auto = the model's own loss where it has one, "
-            "cross_entropy for (N, C) logits against seeded random labels, else mse against a seeded N(0,1) "
-            "target.",
+            "cross_entropy for (N, C) logits against seeded random labels, bce for an output that comes "
+            "straight from a sigmoid (targets in [0, 1]), else mse against a seeded N(0,1) target.",
             record=ProbeOptions,
         ),
         Flag("target", Path, "Real targets (labels or tensors) for the loss, one per probe sample.", metavar="FILE"),
         Flag(
             "mode",
             Mode,
-            "eval (exact micro-batching, no dropout noise, BatchNorm running stats as deployed) "
-            "or train (batch statistics and dropout, as training sees them).",
+            "eval (exact micro-batching, no dropout noise, BatchNorm running stats as deployed), "
+            "train (batch statistics and dropout, as training sees them) or batch-stats (eval, "
+            "but BatchNorm uses batch statistics: a never-trained model without dropout noise).",
             record=ProbeOptions,
         ),
         Flag(

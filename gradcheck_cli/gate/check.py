@@ -145,18 +145,20 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
 
 
 def _probe_for(scan: CheckpointScan, probe: ProbeOptions) -> tuple[ProbeOptions, str | None]:
-    """Train mode for a model that was never trained: eval-mode BatchNorm with fresh statistics
-    (mean 0, var 1) is the identity, so an eval probe would measure an unnormalised network that
-    nobody trains or deploys (the gradients of a depthwise MobileNet vanish there); training
-    normalises with batch statistics, and that is what the gradients must be judged on."""
+    """Batch statistics for a model that was never trained: eval-mode BatchNorm with fresh
+    statistics (mean 0, var 1) is the identity, so an eval probe would measure an unnormalised
+    network that nobody trains or deploys (the gradients of a depthwise MobileNet vanish there);
+    training normalises with batch statistics, and that is what the gradients must be judged on.
+    Dropout and stochastic depth stay off: on a small probe batch they can drop a whole block."""
     from gradcheck_cli.options import Mode
 
     fresh = scan.batchnorms and all(bn.never_updated and bn.default_affine for bn in scan.batchnorms)
     if probe.mode is not Mode.EVAL or not fresh:
         return probe, None
-    return replace(probe, mode=Mode.TRAIN), (
-        "probed in train mode: every BatchNorm holds a fresh module's defaults (the model was never "
-        "trained), and eval-mode BatchNorm with default statistics is the identity, which no one trains"
+    return replace(probe, mode=Mode.BATCH_STATS), (
+        "probed with batch statistics (`mode` batch-stats): every BatchNorm holds a fresh module's defaults "
+        "(the model was never trained), and eval-mode BatchNorm with default statistics is the identity, "
+        "which no one trains; dropout and stochastic depth stay off, as in eval"
     )
 
 

@@ -53,7 +53,10 @@ _SCALE_BREAKING = SATURATING | {"selu"}
 # of projections, which run in parallel (q, k, v) but follow each other in execution order.
 # Further away the scale compounds through the nonlinearities as in a plain net.
 _MAX_STAGES_TO_NORM = 2
-_MAX_MAPS_TO_NORM = 8
+# Linear maps with no activation between them multiply their scales, but q/k/v projections and
+# the convolutions of parallel branches (CoaT's multi-scale blocks) follow each other in execution
+# order without feeding each other: the bound is generous for that reason.
+_MAX_MAPS_TO_NORM = 16
 # Tolerances of the i.i.d. test, in standard errors: wide, because a false "trained" only
 # silences a warning while a trained layer judged as an init is a false alarm.
 _Z = 6.0
@@ -152,12 +155,34 @@ def following_activation(rows: tuple[LayerStats, ...], index: int) -> LayerStats
     return None
 
 
-def following_norm(rows: tuple[LayerStats, ...], index: int) -> LayerStats | None:
+def carries_batch(shape: tuple[int, ...], batch: int) -> bool:
+    """Whether a row's output has a sample dimension: batch-first (or windows x batch, as Swin
+    splits images) or sequence-first. A row without one was computed from parameters and
+    constants only (Swin V2's position-bias MLP on its coordinate table, ConViT's sigmoid of a
+    gating parameter): it is not on the signal's path. With one sample the test cannot tell, and
+    every row counts as carrying it."""
+    if batch <= 1 or not shape:
+        return True
+    return shape[0] % batch == 0 or (len(shape) > 1 and shape[1] == batch)
+
+
+def following_norm(rows: tuple[LayerStats, ...], index: int, *, batch: int = 1) -> LayerStats | None:
     """The normalisation row that row ``index``'s output reaches through scale-preserving rows
     only (linear maps, attention, the ReLU family and GELU/SiLU, which are positively homogeneous
-    or linear near 0) within two nonlinear stages, or None."""
+    or linear near 0) within two nonlinear stages, or None.
+
+    Rows off the signal's path are passed over: rows without a sample dimension (see
+    :func:`carries_batch`), and further calls of a module the walk already went through (a
+    block applied to several scales or branches runs its calls one after another, each on its
+    own input)."""
     maps = stages = 0
+    passed = {rows[index].module}
     for row in rows[index + 1 :]:
+        if not carries_batch(row.shape, batch):
+            continue
+        if row.kind is not RowKind.NORM and row.module in passed and row.module:
+            continue
+        passed.add(row.module)
         if row.kind is RowKind.NORM:
             return row
         if row.kind is RowKind.ACTIVATION:
@@ -225,7 +250,7 @@ def with_init_scales(
         weight = getattr(layer, "weight", None)
         if shape is None or not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
             continue  # embeddings, recurrent and attention weights follow other conventions
-        reason = _structural_reason(report.layers, index, weight, embedded)
+        reason = _structural_reason(report.layers, index, weight, embedded, batch=report.probe.batch_size)
         if reason is not None:
             rows[index] = replace(row, reasons={**row.reasons, "init": reason})
             continue
@@ -271,7 +296,7 @@ def _layout(layer: nn.Module | None) -> tuple[WeightLayout, int, int] | None:
 
 
 def _structural_reason(
-    rows: tuple[LayerStats, ...], index: int, weight: torch.Tensor, embedded: dict[int, str]
+    rows: tuple[LayerStats, ...], index: int, weight: torch.Tensor, embedded: dict[int, str], *, batch: int
 ) -> str | None:
     """Why row ``index``'s init scale is not judged whatever its values (None: it may be)."""
     import torch
@@ -284,12 +309,18 @@ def _structural_reason(
         return "the weight is all zero: a zero-initialised branch (GC302), not a scale"
     if id(weight) in embedded:
         return f"the weight is tied to the embedding '{embedded[id(weight)]}', whose init convention it follows"
+    if not carries_batch(rows[index].shape, batch):
+        return (
+            f"its output {rows[index].shape} has no sample dimension: the layer maps a table of constants "
+            "(a position-bias MLP on coordinates, a gate computed from parameters), not the signal, so its "
+            "scale does not compound with depth"
+        )
     if _gate_branch(rows, index):
         return (
             "a channel-attention gate branch (pooled 1x1 input, a sigmoid gate within one more layer): "
             "its scale sets how open the gate starts and does not compound with depth"
         )
-    norm = following_norm(rows, index)
+    norm = following_norm(rows, index, batch=batch)
     if norm is not None:
         return (
             f"its output reaches the normalisation '{norm.name}' through no saturating nonlinearity: "

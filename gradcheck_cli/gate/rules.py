@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.gate.init_scale import following_norm
+from gradcheck_cli.gate.init_scale import following_activation, following_norm, model_trained_evidence
 from gradcheck_cli.gate.scan import CheckpointScan, GateKind
 from gradcheck_cli.gate.zero_init import ZeroInitBranches
 from gradcheck_cli.options import RuleOverride, flag_of
@@ -235,18 +235,57 @@ def _dead(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     "dead" on a small probe by chance. The count must exceed threshold·n by two binomial
     standard deviations (sqrt(n/4)); a layer whose units all died always does once n > 4."""
     bound = _bound(rule)
-    for row in evidence.report.layers:
+    silent = _silent_on_noise(evidence)
+    for row in _dead_rows(evidence, bound):
         dead = row.dead
-        if dead is None or not dead.total or evidence.by_design(row):
-            continue
-        if dead.units > bound * dead.total + math.sqrt(dead.total / 4.0) * 2.0:
+        assert dead is not None
+        message = (
+            f"{dead.units} of {dead.total} {row.fn} units are dead ({dead.fraction:.0%}): zero for every probe sample"
+        )
+        if silent is None:
+            yield _finding(rule, row.name, dead.fraction, message)
+        else:
             yield _finding(
                 rule,
                 row.name,
                 dead.fraction,
-                f"{dead.units} of {dead.total} {row.fn} units are dead "
-                f"({dead.fraction:.0%}): zero for every probe sample",
+                f"{message}; {silent}",
+                advice=f"probe with real samples ({flag_of('input')} FILE) before changing anything",
+                severity=Severity.INFO,
             )
+
+
+# GC101's and GC102's default shares: the dead units and saturated gates GC203 looks behind.
+_DEAD_SHARE = 0.5
+_SATURATED_SHARE = 0.5
+
+
+def _dead_rows(evidence: Evidence, bound: float) -> list[LayerStats]:
+    """Rows with more than ``bound`` of their units dead, beyond chance (see :func:`_dead`)."""
+    return [
+        row
+        for row in evidence.report.layers
+        if row.dead is not None
+        and row.dead.total
+        and not evidence.by_design(row)
+        and row.dead.units > bound * row.dead.total + math.sqrt(row.dead.total / 4.0) * 2.0
+    ]
+
+
+def _silent_on_noise(evidence: Evidence) -> str | None:
+    """Why dead units are information rather than a fault: a trained model probed on synthetic
+    inputs. Its units answer to features of its data, which noise may never show (a text
+    detector's head stays off on noise, where there is no text); at init the same units are on
+    or off by their random weights alone, so there a dead unit is a fault whatever the input.
+    None when the finding stands."""
+    trained = model_trained_evidence(evidence.scan)
+    inputs = evidence.report.probe.inputs
+    if trained is None or not inputs or any(spec.source != "synthesized" for spec in inputs):
+        return None
+    return (
+        f"the model is trained ({trained}) and the probe's inputs are synthetic: a trained unit may "
+        f"answer only to its data; pass {flag_of('input')} with real samples to judge it"
+    )
 
 
 def _spread_attention(row: LayerStats) -> bool:
@@ -261,10 +300,50 @@ def _spread_attention(row: LayerStats) -> bool:
     return sum(attention.entropy) / len(attention.entropy) >= 0.5 * attention.max_entropy
 
 
+# One-sided activations: their flat side is a unit near zero (a softened dead unit), not a squashed
+# signal, and Mamba-style models parameterise a positive step size with softplus on that side by
+# design (dt initialised in [0.001, 0.1]). Their saturation is measured and reported, not judged.
+_ONE_SIDED = frozenset({"softplus", "logsigmoid"})
+
+
+def _channel_gate(row: LayerStats) -> bool:
+    """A sigmoid/hardsigmoid with one value per channel (output (N, C, 1, ...)): a channel gate
+    (squeeze-excitation) that multiplies the signal. The signal's gradient passes through the
+    multiplication, not through the gate's derivative, so a saturated gate (a channel fully on or
+    off, as trained SE blocks often are) does not block it; only the gate's own layers stop
+    learning."""
+    shape = row.shape
+    return row.fn in _GATE_FUNCTIONS and len(shape) >= 3 and shape[1] > 1 and all(d == 1 for d in shape[2:])
+
+
+_GATE_FUNCTIONS = frozenset({"sigmoid", "hardsigmoid"})
+
+
+def _in_saturated_gate(rows: tuple[LayerStats, ...], index: int) -> bool:
+    """Row ``index`` is a layer of a channel gate's branch (pooled, one value per channel, up to
+    the gate) and the gate is saturated for most of its outputs."""
+    for row in rows[index:]:
+        if len(row.shape) < 3 or any(d != 1 for d in row.shape[2:]):
+            return False
+        if _channel_gate(row):
+            return row.saturation is not None and row.saturation.fraction > _SATURATED_SHARE
+    return False
+
+
+def _output_under_bce(report: Report) -> str | None:
+    """The row whose sigmoid output the probe's binary cross-entropy reads: its gradient at the
+    sigmoid's input is p - y, so the output's saturation does not shrink it."""
+    if report.probe.loss != "bce":
+        return None
+    last = next((r for r in reversed(report.layers) if r.kind is not RowKind.OTHER), None)
+    return last.name if last is not None and last.fn == "sigmoid" else None
+
+
 def _saturated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     bound = _bound(rule)
+    read_by_bce = _output_under_bce(evidence.report)
     for row in evidence.report.layers:
-        if _spread_attention(row):
+        if _spread_attention(row) or row.fn in _ONE_SIDED or _channel_gate(row) or row.name == read_by_bce:
             continue
         if row.saturation is not None and row.saturation.fraction > bound:
             yield _finding(
@@ -350,12 +429,41 @@ def _param_rows(evidence: Evidence) -> list[LayerStats]:
     ]
 
 
+def _attention_projections(report: Report) -> set[str]:
+    """Parameter rows that feed a spread-out attention (see :func:`_spread_attention`) through
+    linear maps only: its query, key and value projections. While the attention is spread over
+    the keys, the query and key projections receive a gradient of second order in the init scale
+    (dL/dWq sums the keys' deviations times the values' deviations from their means, both small
+    at a small init); it grows once the values differ. That is by design, not a layer that does
+    not learn."""
+    found: set[str] = set()
+    pending: list[str] = []
+    for row in report.layers:
+        if row.kind is RowKind.PARAM:
+            pending.append(row.name)
+        elif row.attention is not None:
+            if _spread_attention(row):
+                found.update(pending)
+            pending = []
+        elif row.kind in (RowKind.ACTIVATION, RowKind.NORM):
+            pending = []
+    return found
+
+
 def _gradient_ratio(evidence: Evidence) -> tuple[LayerStats, LayerStats, float] | None:
-    """Relative gradient size (|grad W|/|W|) of the first parameter layer over the last."""
-    rows = _param_rows(evidence)
+    """Relative gradient size (|grad W|/|W|) of the first parameter layer over the last; the
+    first is the first layer outside a spread-out attention's projections (their gradient is
+    second order at init, see :func:`_attention_projections`)."""
+    projections = _attention_projections(evidence.report)
+    rows = [r for r in _param_rows(evidence) if r.name not in projections] or _param_rows(evidence)
     if len(rows) < 2:
         return None
-    first, last = rows[0], rows[-1]
+    # The last layer of the body, not the head: a head's weights are small by choice (std 0.01
+    # classifiers, a language model's head tied to its std-0.02 embedding), which inflates its
+    # relative gradient |dL/dW|/|W| by the same factor without the body's gradient vanishing.
+    head = _head(evidence.report)
+    body = [r for r in rows if r.module not in head]
+    first, last = rows[0], (body[-1] if len(body) >= 2 else rows[-1])
     assert first.grad is not None and last.grad is not None
     if first.grad.ratio is None or not last.grad.ratio:
         return None
@@ -398,7 +506,8 @@ def _exploding(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     # A first layer that feeds a normalisation is scale-invariant: a large relative step only
     # grows |W| and so shrinks the next ones (Arora, Li & Lyu 2018), as for GC204.
     layers = evidence.report.layers
-    if following_norm(layers, next(i for i, r in enumerate(layers) if r is first)) is not None:
+    first_index = next(i for i, r in enumerate(layers) if r is first)
+    if following_norm(layers, first_index, batch=evidence.report.probe.batch_size) is not None:
         return
     if ratio > _bound(rule):
         total = _global_norm(_param_rows(evidence))
@@ -426,9 +535,21 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
                 "weights moves the loss): it is detached from the graph and never learns",
                 advice="remove the .detach() / torch.no_grad() / .data on the path from this layer to the loss",
             )
+    projections = _attention_projections(evidence.report)
+    # Behind units a trained model keeps silent on synthetic inputs, and in the branch of a channel
+    # gate it holds fully open or shut there, no gradient arrives (GC101 says why that is
+    # information about the inputs, not a fault of the model).
+    on_noise = _silent_on_noise(evidence) is not None
+    silenced = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)} if on_noise else set()
+    rows = evidence.report.layers
+    index = {id(r): i for i, r in enumerate(rows)}
     for row in _param_rows(evidence):
         assert row.grad is not None and row.grad.norm is not None
-        if row.grad.norm < bound:
+        if on_noise:
+            after = following_activation(rows, index[id(row)])
+            if (after is not None and after.name in silenced) or _in_saturated_gate(rows, index[id(row)]):
+                continue
+        if row.grad.norm < bound and row.name not in projections:
             yield _finding(
                 rule,
                 row.name,
@@ -452,7 +573,7 @@ def _large_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         if r.grad is not None
         and r.grad.norm is not None
         and r.grad.norm > bound
-        and following_norm(evidence.report.layers, index[id(r)]) is None
+        and following_norm(evidence.report.layers, index[id(r)], batch=evidence.report.probe.batch_size) is None
     ]
     if not large:
         return
@@ -481,9 +602,10 @@ def _head(report: Report) -> set[str]:
     """Modules of the classifier head: the output layer, and the layers after the body's last
     normalisation (or, in a network without one, after its last conv, embedding or attention
     row). A head is initialised small on purpose (torchvision's std 0.01, timm's std 0.02 and
-    head_init_scale) so that predictions start near uniform; a small scale there does not
-    compound into the body's signal. A network that is dense all the way has no head but its
-    output layer: its layers' scales compound."""
+    head_init_scale) so that predictions start near uniform, or large (torchvision's Inception v3
+    draws its classifier with std 0.1) so that they start confident; either way the scale sets
+    the output's spread and does not compound into the body's signal. A network that is dense all
+    the way has no head but its output layer: its layers' scales compound."""
     rows = report.layers
     params = [r for r in rows if r.kind is RowKind.PARAM]
     if not params:
@@ -515,9 +637,25 @@ _SCHEME_ADVICE = {
 }
 
 
+def _compounding_small(report: Report, k: float) -> set[str]:
+    """Rows judged smaller than prescribed that share an un-normalised run (the rows between two
+    normalisations) with another such row: there the shortfalls multiply. A single small layer
+    scales the signal once, and sets the next layers' input scale rather than shrinking it with
+    depth (WavLM's gated position bias, a state-space model's projection before its softplus);
+    before a saturating activation it is the unsaturated side."""
+    runs: list[list[str]] = [[]]
+    for row in report.layers:
+        if row.kind is RowKind.NORM:
+            runs.append([])
+        elif row.init is not None and math.isfinite(row.init.measured_var) and row.init.ratio < 1.0 / k:
+            runs[-1].append(row.name)
+    return {name for run in runs if len(run) > 1 for name in run}
+
+
 def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     k = _bound(rule)
     head = _head(evidence.report)
+    compounding = _compounding_small(evidence.report, k)
     for row in evidence.report.layers:
         init = row.init
         if init is None or not math.isfinite(init.measured_var):
@@ -525,7 +663,7 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
         ratio = init.ratio
         if 1.0 / k <= ratio <= k:
             continue
-        if row.module in head and ratio < 1.0:
+        if row.module in head or (ratio < 1.0 / k and row.name not in compounding):
             continue
         after = f"followed by {init.activation}" if init.activation else "with no activation after it"
         judged = evidence.init.get(row.name)
@@ -673,7 +811,7 @@ RULES: tuple[Rule, ...] = (
         "GC101",
         "dead-relu",
         Severity.ERROR,
-        0.5,
+        _DEAD_SHARE,
         "share of a ReLU-family layer's units that are zero for every probe sample",
         f"re-initialise with He init (gradcheck reinit {flag_of('scheme')} he), lower the learning rate, or "
         "use "
@@ -685,7 +823,7 @@ RULES: tuple[Rule, ...] = (
         "GC102",
         "saturated-activation",
         Severity.ERROR,
-        0.5,
+        _SATURATED_SHARE,
         "share of a sigmoid/tanh-family layer's outputs whose derivative has all but vanished",
         f"use Glorot init for tanh/sigmoid layers (gradcheck reinit {flag_of('scheme')} glorot), add "
         "normalisation "

@@ -49,6 +49,8 @@ MODULE_ACTIVATIONS: dict[str, str] = {
     "GELUTanh": "gelu",
     "PytorchGELUTanh": "gelu",
     "AccurateGELUActivation": "gelu",
+    "ClippedGELUActivation": "gelu",
+    "BloomGelu": "gelu",  # BLOOM's tanh-approximated GELU, written out inside the module
     "SiLUActivation": "silu",
     "MishActivation": "mish",
     "ReLUSquaredActivation": "relu",

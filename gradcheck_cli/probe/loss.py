@@ -33,13 +33,7 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
     if isinstance(output, dict) or hasattr(output, "keys"):
         mapping = {str(k): v for k, v in output.items()}
         tensors = {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
-        if selector is None:
-            key = "logits" if "logits" in tensors else next(iter(tensors), None)
-        elif selector.isdigit() and selector not in tensors:
-            keys = list(tensors)
-            key = keys[int(selector)] if int(selector) < len(keys) else None
-        else:
-            key = selector if selector in tensors else None
+        key = selected_key(list(tensors), selector)
         if key is None:
             raise UsageError(
                 f"`model_output` {selector!r} does not name a tensor output of the model",
@@ -65,6 +59,16 @@ def select_output(output: Any, selector: str | None) -> tuple[torch.Tensor, str]
     )
 
 
+def selected_key(keys: list[str], selector: str | None) -> str | None:
+    """Which of a mapping's tensor outputs the loss is taken from: `model_output` (a key or an
+    index), else 'logits', else the first."""
+    if selector is None:
+        return "logits" if "logits" in keys else next(iter(keys), None)
+    if selector.isdigit() and selector not in keys:
+        return keys[int(selector)] if int(selector) < len(keys) else None
+    return selector if selector in keys else None
+
+
 def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
     """The loss a transformers head computed (a mean over this micro-batch's tokens), weighted so
     that equal micro-batches sum to the mean over the whole probe."""
@@ -79,9 +83,17 @@ def model_loss(output: Any, batch_size: int, total: int) -> torch.Tensor:
     return loss * (batch_size / total)
 
 
-def resolve_loss(kind: LossKind, output: torch.Tensor) -> LossKind:
+def from_sigmoid(output: torch.Tensor) -> bool:
+    """Whether autograd recorded ``output`` as a sigmoid's result (eager, exported and lowered ONNX
+    graphs alike)."""
+    return output.grad_fn is not None and type(output.grad_fn).__name__.startswith("SigmoidBackward")
+
+
+def resolve_loss(kind: LossKind, output: torch.Tensor, *, sigmoid_output: bool = False) -> LossKind:
     if kind is not LossKind.AUTO:
         return kind
+    if sigmoid_output or from_sigmoid(output):
+        return LossKind.BCE
     if output.dim() == 2 and output.shape[1] >= 2 and output.dtype.is_floating_point:
         return LossKind.CROSS_ENTROPY
     return LossKind.MSE
@@ -95,6 +107,9 @@ class LossFunction:
     total: int
     seed: int
     target_file: Path | None = None
+    # The output is a sigmoid's, known from the graph where autograd cannot tell (onnxruntime's
+    # outputs, which the ONNX probe's reference loss is computed on).
+    sigmoid_output: bool = False
     _targets: torch.Tensor | None = None
     _offset: int = 0
 
@@ -114,7 +129,7 @@ class LossFunction:
                 "the model output does not depend on any parameter, so there is no gradient to measure",
                 hint="check that the model has trainable parameters",
             )
-        kind = resolve_loss(self.kind, output)
+        kind = resolve_loss(self.kind, output, sigmoid_output=self.sigmoid_output)
         self.kind = kind
         n = int(output.shape[0]) if output.dim() else 1
         targets = self._take(kind, output, n)
@@ -127,7 +142,7 @@ class LossFunction:
             raise LoadError(
                 f"`target` {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
                 f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",
-                hint="cross_entropy needs integer class labels of shape (N,); mse needs targets "
+                hint="cross_entropy needs integer class labels of shape (N,); mse and bce need targets "
                 "shaped like the output; or pick another `loss`",
             ) from exc
 
@@ -141,6 +156,23 @@ class LossFunction:
         if kind is LossKind.MSE:
             per_sample = output[0].numel() if output.dim() else 1
             return (output.float() - targets).pow(2).sum() / (self.total * per_sample)
+        if kind is LossKind.BCE:
+            per_sample = output[0].numel() if output.dim() else 1
+            probabilities = output.float()
+            # NaN passes: a non-finite output is a finding of the probe, not a wrong loss.
+            if bool(((probabilities < 0) | (probabilities > 1)).any()):
+                raise UsageError(
+                    "`loss` bce needs probabilities in [0, 1]; the output leaves that range",
+                    hint="use `loss` mse, or pick a probability output with `model_output`",
+                )
+            # Written out rather than F.binary_cross_entropy, which refuses NaN; logs are clamped at
+            # -100 as torch's is, so a probability of exactly 0 or 1 gives a finite loss.
+            import torch
+
+            log_p = torch.log(probabilities).clamp(min=-100.0)
+            log_q = torch.log1p(-probabilities).clamp(min=-100.0)
+            summed = -(targets * log_p + (1.0 - targets) * log_q).sum()
+            return summed / (self.total * per_sample)
         return output.float().sum() / self.total
 
     def _take(self, kind: LossKind, output: torch.Tensor, n: int) -> torch.Tensor:
@@ -177,6 +209,8 @@ class LossFunction:
         if kind is LossKind.CROSS_ENTROPY:
             classes = int(output.shape[1])
             return torch.randint(0, classes, (self.total, *output.shape[2:]), generator=generator)
+        if kind is LossKind.BCE:
+            return torch.rand((self.total, *sample_shape), generator=generator)
         return torch.randn((self.total, *sample_shape), generator=generator)
 
 

@@ -288,8 +288,8 @@ def run_onnx_probe(
     inputs, notes = onnx_probe_inputs(model, options, device)
     if requested.type != "cpu":
         notes.append(f"`device` {options.device} ignored: the ONNX probe runs on the CPU")
-    if options.mode is Mode.TRAIN:
-        notes.append("`mode` train ignored: an ONNX graph runs as exported")
+    if options.mode is not Mode.EVAL:
+        notes.append(f"`mode` {options.mode} ignored: an ONNX graph runs as exported")
     if opset < 11:
         notes.append(f"opset {opset} is older than 11, the oldest gradcheck tests against")
     plan = plan_rows(model.graph)
@@ -362,7 +362,7 @@ def run_onnx_probe(
             notes.append(f"onnxruntime statistics taken in {ort_pass.groups} groups of outputs to bound memory")
         if reference is None:
             reference = ort_pass.outputs
-    loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs)
+    loss_value, output_label, loss_kind = _reference_loss(reference, options, inputs, model)
 
     lowering, grads = _lowered_gradients(
         model, opset, plan, inputs, reference, options, device, recorder, by_value, step, sizes, budget
@@ -477,13 +477,27 @@ def _recorder_row(recorder: Recorder, plan: RowPlan) -> Row:
     )
 
 
+def _sigmoid_output(model: onnx.ModelProto, options: ProbeOptions) -> bool:
+    """Whether the output the loss is taken from is a Sigmoid node's (see ``LossKind.BCE``)."""
+    from gradcheck_cli.probe.loss import selected_key
+
+    name = selected_key([o.name for o in model.graph.output], options.model_output)
+    return any(node.op_type == "Sigmoid" and name in node.output for node in model.graph.node)
+
+
 def _reference_loss(
-    reference: list[dict[str, torch.Tensor]], options: ProbeOptions, inputs: ProbeInputs
+    reference: list[dict[str, torch.Tensor]], options: ProbeOptions, inputs: ProbeInputs, model: onnx.ModelProto
 ) -> tuple[float | None, str, str]:
     """The probe loss on onnxruntime's outputs (the real graph), with the PyTorch probe's rules."""
     from gradcheck_cli.probe.loss import LossFunction, select_output
 
-    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed, target_file=options.target)
+    loss_fn = LossFunction(
+        kind=options.loss,
+        total=inputs.total,
+        seed=options.inputs.seed,
+        target_file=options.target,
+        sigmoid_output=_sigmoid_output(model, options),
+    )
     total = 0.0
     label = "output"
     for outputs in reference:
@@ -540,7 +554,13 @@ def _lowered_gradients(
 
     if missing:
         return failed(f"the lowering does not support {', '.join(missing)}")
-    loss_fn = LossFunction(kind=options.loss, total=inputs.total, seed=options.inputs.seed, target_file=options.target)
+    loss_fn = LossFunction(
+        kind=options.loss,
+        total=inputs.total,
+        seed=options.inputs.seed,
+        target_file=options.target,
+        sigmoid_output=_sigmoid_output(model, options),
+    )
     worst = (0.0, math.inf)  # (error, allowed) of the output closest to its tolerance
 
     def watch(name: str, value: torch.Tensor) -> None:

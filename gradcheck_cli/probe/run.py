@@ -352,8 +352,8 @@ def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -
         f"{over_limit(estimate, budget=options.memory_budget, available=available)}; statistics are merged "
         "exactly"
         + (
-            " (BatchNorm in train mode normalises each micro-batch with its own statistics)"
-            if options.mode is Mode.TRAIN
+            " (BatchNorm with batch statistics normalises each micro-batch with its own)"
+            if options.mode.batch_statistics
             else ""
         )
     )
@@ -376,8 +376,8 @@ def _runnable(loaded: LoadedModel, options: ProbeOptions, sample: ProbeBatch) ->
 
     notes: list[str] = []
     if loaded.format is ModelFormat.EXPORTED_PROGRAM:
-        if options.mode is Mode.TRAIN:
-            notes.append("`mode` train ignored: an exported program runs in the mode it was exported in")
+        if options.mode is not Mode.EVAL:
+            notes.append(f"`mode` {options.mode} ignored: an exported program runs in the mode it was exported in")
         return loaded.module, "graph", notes
     if isinstance(loaded.module, torch.jit.ScriptModule):
         return _torchscript_graph(loaded, options, sample, notes), "graph", notes
@@ -393,7 +393,7 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
 
     script = loaded.module
     assert isinstance(script, torch.jit.ScriptModule)
-    script.train(options.mode is Mode.TRAIN)
+    script.train(options.mode.batch_statistics)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -454,6 +454,18 @@ def _collector_paused() -> Iterator[None]:
             gc.collect(0)
 
 
+def _set_mode(module: nn.Module, mode: Mode) -> None:
+    """Train or eval throughout; for batch-stats, eval except the BatchNorms (InstanceNorm with
+    running statistics too: the same base class), which normalise with the batch's statistics."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    module.train(mode is Mode.TRAIN)
+    if mode is Mode.BATCH_STATS:
+        for m in module.modules():
+            if isinstance(m, _NormBase):
+                m.train(True)
+
+
 @contextlib.contextmanager
 def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> Iterator[None]:
     import torch
@@ -462,13 +474,13 @@ def _probe_state(module: nn.Module, mode: Mode, set_mode: bool, seed: int) -> It
     params = [p for p in module.parameters() if p.dtype.is_floating_point or p.dtype.is_complex]
     saved_requires = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
-    saved_buffers = {name: b.detach().clone() for name, b in module.named_buffers()} if mode is Mode.TRAIN else {}
+    saved_buffers = {name: b.detach().clone() for name, b in module.named_buffers()} if mode.batch_statistics else {}
     try:
         for p in params:
             p.grad = None
             p.requires_grad_(True)
         if set_mode:
-            module.train(mode is Mode.TRAIN)
+            _set_mode(module, mode)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(seed)
             yield

@@ -190,15 +190,39 @@ def _trace(
     except Exception as exc:
         notes.append(f"torch.fx could not trace the model ({first_line(exc)}); used torch.export")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(module, args, kwargs or {})
-        exported = program.module()
-        assert isinstance(exported, fx.GraphModule)
-        return exported, METHOD_EXPORT
+        return _export_graph(module, args, kwargs, notes), METHOD_EXPORT
     except Exception as exc:
         notes.append(f"torch.export could not trace the model either ({first_line(exc)}); folded on module structure")
     return None, METHOD_STRUCTURE
+
+
+def _export_graph(
+    module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor] | None, notes: list[str]
+) -> fx.GraphModule:
+    """The module as a torch.export graph whose batch dimension stays dynamic (the folded graph is
+    what gets written, and it must run at every batch size the original runs at); a model whose
+    code fixes its batch is exported at the example's batch, with a note."""
+    import torch
+    from torch import fx
+
+    from gradcheck_cli.model.dynamic import batch_dims, export_dynamic_shapes
+
+    def export(dynamic: Any) -> fx.GraphModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(module, args, kwargs or {}, dynamic_shapes=dynamic).module()
+        assert isinstance(exported, fx.GraphModule)
+        return exported
+
+    try:
+        return export(export_dynamic_shapes(module, args, kwargs, batch_dims(args, kwargs)))
+    except Exception as exc:
+        graph = export(None)
+        batch = int(args[0].shape[0]) if args and args[0].dim() else 1
+        notes.append(
+            f"torch.export fixed the batch at {batch} ({first_line(exc)}): the folded graph runs at that batch only"
+        )
+        return graph
 
 
 def _symbolic_trace(module: nn.Module) -> fx.GraphModule:

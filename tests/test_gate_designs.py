@@ -1,0 +1,222 @@
+"""Designs the gate must not mistake for faults: batch statistics without dropout for a model that
+was never trained, layers off the signal's path, a block run on several scales, and classifier
+heads initialised large on purpose. Each test also shows the fault the design resembles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradcheck_cli import api
+from gradcheck_cli.options import InputOptions, Mode, ProbeOptions
+from gradcheck_cli.records import Report, Severity
+from tests._check_models import IN_FEATURES, WIDTH, run
+
+
+def loud(report: Report) -> list[tuple[str, str | None]]:
+    return [(f.code, f.layer) for f in report.findings if f.severity.rank >= Severity.WARNING.rank]
+
+
+class DropAlways(nn.Module):
+    """Stochastic depth at its worst: in training the branch's output is multiplied by a mask that
+    is zero for every sample (timm's drop_path with every draw dropped)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(x.shape[0], 1) if self.training else torch.ones(x.shape[0], 1)
+        return x + self.branch(x) * mask
+
+
+def _dropped_block_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+    return nn.Sequential(
+        nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.ReLU(), DropAlways(branch), nn.Linear(WIDTH, 10)
+    )
+
+
+def _probe(mode: Mode) -> ProbeOptions:
+    return ProbeOptions(inputs=InputOptions(input_shape=((32, IN_FEATURES),), seed=0), mode=mode)
+
+
+def test_batch_stats_mode_normalises_with_the_batch_and_keeps_dropout_off() -> None:
+    model = _dropped_block_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = api.inspect_module(model, _probe(Mode.BATCH_STATS))
+    train = api.inspect_module(model, _probe(Mode.TRAIN))
+    evaluated = api.inspect_module(model, _probe(Mode.EVAL))
+    norm = {r.name: r for r in stats.layers}["1"]
+    # Batch statistics: each channel has mean 0 and variance 1 over the batch (beta 0, gamma 1).
+    assert abs(norm.output.mean) < 1e-5 and abs(norm.output.var - 1.0) < 0.05
+    eval_norm = {r.name: r for r in evaluated.layers}["1"]
+    assert abs(eval_norm.output.var - 1.0) > 0.2  # default running statistics: the identity
+    branch = {r.name: r for r in stats.layers}["3.branch.0"]
+    assert branch.grad is not None and branch.grad.norm is not None and branch.grad.norm > 0
+    dropped = {r.name: r for r in train.layers}["3.branch.0"]
+    assert dropped.grad is not None and dropped.grad.norm == 0.0  # train mode: the block is dropped
+    assert stats.probe.mode == "batch-stats"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # running stats restored
+
+
+def test_a_never_trained_model_is_gated_with_batch_statistics_not_train_mode() -> None:
+    # Under full train mode the dropped block's layers get exactly zero gradient: GC203 on a
+    # healthy model (what EfficientNet-B4's stochastic depth did on a two-sample probe).
+    report = run(_dropped_block_net(), batch_size=32)
+    assert loud(report) == []
+    assert report.probe.mode == "batch-stats"
+    assert any("batch-stats" in note for note in report.notes)
+    train = api.check_module(_dropped_block_net(), _probe(Mode.TRAIN))
+    assert ("GC203", "3.branch.0") in loud(train)
+
+
+class PositionBiasAttention(nn.Module):
+    """Swin V2's continuous position bias (an MLP on a coordinate table) and ConViT's gate (a
+    sigmoid of a parameter), around projections at the transformers' std 0.02."""
+
+    def __init__(self, width: int, tokens: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.bias_mlp = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.gate = nn.Parameter(torch.ones(1))
+        coords = torch.stack(torch.meshgrid(torch.arange(tokens), torch.arange(tokens), indexing="ij"), -1)
+        self.register_buffer("table", (coords.float() - coords.float().mean()).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        bias = self.bias_mlp(self.table).squeeze(-1)  # (1, tokens, tokens): no sample dimension
+        logits = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias
+        gate = torch.sigmoid(self.gate)
+        return self.proj(gate * torch.softmax(logits, dim=-1) @ v)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, blocks: int = 3, width: int = 32, tokens: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(IN_FEATURES, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.attn = nn.ModuleList(PositionBiasAttention(width, tokens) for _ in range(blocks))
+        self.final = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for norm, attn in zip(self.norms, self.attn, strict=True):
+            x = x + attn(norm(x))
+        return self.head(self.final(x).mean(1))
+
+
+def test_position_bias_tables_and_parameter_gates_are_off_the_signal_path() -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    report = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((2, 8, IN_FEATURES),), seed=0)))
+    assert [code for code, _ in loud(report)] == []
+    rows = {r.name: r for r in report.layers}
+    assert "no sample dimension" in rows["attn.0.bias_mlp.0"].reasons["init"]
+    assert "normalisation" in rows["attn.0.qkv"].reasons["init"]
+    # With one sample the test cannot tell a table from the signal: the MLP is judged, and at std
+    # 0.02 it is far below He/Glorot.
+    single = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((1, 8, IN_FEATURES),), seed=0)))
+    assert ("GC301", "attn.0.bias_mlp.0") in loud(single)
+
+
+class MultiScaleBlock(nn.Module):
+    """CoaT's parallel blocks: one MLP run on three scales one after the other, then each scale's
+    own norm. In execution order the MLP's first call passes three GELUs before a norm."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
+        for fc in (self.fc1, self.fc2):
+            nn.init.trunc_normal_(fc.weight, std=0.02)
+
+    def forward(self, scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        mixed = [x + self.fc2(self.act(self.fc1(x))) for x in scales]
+        return [norm(x) for norm, x in zip(self.norms, mixed, strict=True)]
+
+
+class MultiScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(IN_FEATURES, 32)
+        self.blocks = nn.ModuleList(MultiScaleBlock() for _ in range(2))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = [self.embed(x), self.embed(x[:, ::2]), self.embed(x[:, ::4])]
+        for block in self.blocks:
+            scales = block(scales)
+        return self.head(torch.cat(scales, 1).mean(1))
+
+
+def test_a_block_run_on_several_scales_is_bounded_by_each_scales_norm() -> None:
+    torch.manual_seed(0)
+    report = api.check_module(
+        MultiScaleNet(), ProbeOptions(inputs=InputOptions(input_shape=((2, 8, IN_FEATURES),), seed=0))
+    )
+    assert loud(report) == []
+    rows = {r.name: r for r in report.layers}
+    assert "normalisation 'blocks.0.norms.0'" in rows["blocks.0.fc1"].reasons["init"]
+
+
+def test_a_large_classifier_head_is_a_choice_but_a_large_body_layer_is_not() -> None:
+    # Inception v3's classifier: std 0.1 on 2048 -> 1000, where every fan prescribes at most
+    # 1/1000 (here 512 -> 1000: variance 0.01 is over 5 times the closest fan's 1/512).
+    torch.manual_seed(0)
+    wide = 512
+    body = [nn.Linear(IN_FEATURES, wide), nn.ReLU(), nn.Linear(wide, wide), nn.ReLU()]
+    for layer in body[::2]:
+        assert isinstance(layer, nn.Linear)
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    head = nn.Linear(wide, 1000)
+    nn.init.normal_(head.weight, std=0.1)
+    report = run(nn.Sequential(*body, head))
+    assert loud(report) == []
+    scale = {r.name: r for r in report.layers}["4"].init
+    assert scale is not None and scale.ratio > 3.0  # measured, and over the bound: exempt as a head
+    with torch.no_grad():
+        body[2].weight.mul_(4.0)  # a body layer 16 times He's variance: compounds with depth
+    assert ("GC301", "2") in loud(run(nn.Sequential(*body, head)))
+
+
+def _trained_with_dead_units() -> nn.Sequential:
+    """A trained network (its BatchNorm statistics moved) whose second ReLU's units are off for
+    every sample of standard-normal noise: their BatchNorm shifts them far below zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+    norm = model[1]
+    assert isinstance(norm, nn.BatchNorm1d)
+    with torch.no_grad():
+        norm.running_mean.normal_(0.0, 0.3)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.num_batches_tracked.fill_(1000)
+        norm.bias[: WIDTH * 3 // 4].fill_(-50.0)
+    return model.eval()
+
+
+def test_dead_units_of_a_trained_model_on_synthetic_inputs_are_information(tmp_path: Path) -> None:
+    report = run(_trained_with_dead_units())
+    dead = [f for f in report.findings if f.code == "GC101"]
+    assert [(f.layer, f.severity) for f in dead] == [("2", Severity.INFO)]
+    assert "trained" in dead[0].message and "--input" in dead[0].message
+    assert loud(report) == []
+    # Real samples (a file) judge the same units: the finding is an error again.
+    samples = tmp_path / "samples.npy"
+    np.save(samples, torch.randn(32, IN_FEATURES).numpy())
+    real = api.check_module(_trained_with_dead_units(), ProbeOptions(inputs=InputOptions(input=samples, seed=0)))
+    assert ("GC101", "2") in loud(real)
+    # At init the same units are a fault whatever the input.
+    fresh = _trained_with_dead_units()
+    fresh[1].reset_running_stats()
+    assert ("GC101", "2") in loud(run(fresh))
