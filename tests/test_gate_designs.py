@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -220,3 +221,35 @@ def test_dead_units_of_a_trained_model_on_synthetic_inputs_are_information(tmp_p
     fresh = _trained_with_dead_units()
     fresh[1].reset_running_stats()
     assert ("GC101", "2") in loud(run(fresh))
+
+
+def _hf_model(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from bench.hf_sources import ARCHITECTURES
+
+    kwargs = next(k for n, _, k in ARCHITECTURES if n == name)
+    cls = getattr(transformers, name)
+    torch.manual_seed(0)
+    model: nn.Module = cls(cls.config_class(**kwargs))
+    return model
+
+
+def test_attention_projections_at_a_small_init_are_not_a_vanishing_gradient() -> None:
+    report = api.check_module(_hf_model("BartForConditionalGeneration"), ProbeOptions())
+    assert loud(report) == []
+    rows = {r.name: r for r in report.layers}
+    query = rows["model.encoder.layers.0.self_attn.q_proj"]
+    # The design the rules recognise: a gradient of second order, below GC203's absolute bound.
+    assert query.grad is not None and query.grad.norm is not None and query.grad.norm < 1e-7
+    attention = next(r for r in report.layers if r.attention is not None)
+    assert attention.attention is not None
+    entropy = sum(attention.attention.entropy) / len(attention.attention.entropy)
+    assert entropy >= 0.5 * attention.attention.max_entropy
+
+
+def test_mamba_softplus_step_size_is_not_saturation() -> None:
+    report = api.check_module(_hf_model("MambaForCausalLM"), ProbeOptions())
+    assert loud(report) == []
+    softplus = [r for r in report.layers if r.fn == "softplus"]
+    # Measured and shown: most of the step-size softplus sits on its flat side by design.
+    assert softplus and all(r.saturation is not None and r.saturation.fraction > 0.5 for r in softplus)
