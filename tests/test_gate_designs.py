@@ -253,3 +253,53 @@ def test_mamba_softplus_step_size_is_not_saturation() -> None:
     softplus = [r for r in report.layers if r.fn == "softplus"]
     # Measured and shown: most of the step-size softplus sits on its flat side by design.
     assert softplus and all(r.saturation is not None and r.saturation.fraction > 0.5 for r in softplus)
+
+
+class Branchy(nn.Module):
+    """Blocks x + f(x) whose f is two layers at PyTorch's default init (1/6 of He each)."""
+
+    def __init__(self, skip: bool, blocks: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(IN_FEATURES, WIDTH)
+        nn.init.kaiming_normal_(self.stem.weight, nonlinearity="relu")
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(blocks)
+        )
+        self.skip = skip
+        self.head = nn.Linear(WIDTH, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        for branch in self.branches:
+            x = x + branch(x) if self.skip else branch(x)
+        return self.head(x)
+
+
+def test_small_layers_compound_only_where_the_signal_shrinks() -> None:
+    # Without skips the eight small layers shrink the signal layer after layer: GC301 on each.
+    plain = run(Branchy(skip=False))
+    assert {layer for code, layer in loud(plain) if code == "GC301"} == {
+        f"branches.{b}.{i}" for b in range(4) for i in (0, 2)
+    }
+    # With skips the same layers only scale what each branch adds: the signal keeps its size.
+    assert [code for code, _ in loud(run(Branchy(skip=True)))] == []
+
+
+def test_a_depthwise_conv_between_its_two_fans_is_a_compromise() -> None:
+    torch.manual_seed(0)
+    # PyTorch's default init on a depthwise 3x3 conv: variance 1/27, between He with fan_in (2/9)
+    # and with PyTorch's fan_out (2/(64*9)); a compromise like Glorot's average, not a fault.
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
+    )
+    nn.init.kaiming_normal_(model[0].weight, nonlinearity="relu")
+    report = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),), seed=0)))
+    scale = {r.name: r for r in report.layers}["2"].init
+    assert scale is not None and not 1 / 3 <= scale.ratio <= 3  # far from the closest single fan
+    assert [code for code, _ in loud(report)] == []

@@ -68,6 +68,9 @@ class InitJudgement:
 
     evidence: str
     mode: FanMode
+    # The variance lies between the fans' prescriptions (a compromise between forward and backward
+    # stability, as Glorot's average is): within the accepted family whatever its distance to each.
+    between: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,9 +276,9 @@ def with_init_scales(
         scale = _init_scale(modules, weight, layout, groups, following_activation(report.layers, index))
         if scale is None:
             continue
-        measured, mode = scale
+        measured, mode, between = scale
         rows[index] = replace(row, init=measured)
-        judged[row.name] = InitJudgement(evidence=verdict.evidence, mode=mode)
+        judged[row.name] = InitJudgement(evidence=verdict.evidence, mode=mode, between=between)
     return replace(report, layers=tuple(rows)), judged
 
 
@@ -335,7 +338,7 @@ def _init_scale(
     layout: WeightLayout,
     groups: int,
     activation: LayerStats | None,
-) -> tuple[InitScale, FanMode] | None:
+) -> tuple[InitScale, FanMode, bool] | None:
     import torch
 
     fan = fans(tuple(weight.shape), layout=layout, groups=groups)
@@ -349,6 +352,10 @@ def _init_scale(
     # closest to the measured variance is what the layer was initialised with.
     candidates = {mode: gain * gain / fan.pick(mode) for mode in FanMode}
     mode = min(candidates, key=lambda m: abs(math.log(measured / candidates[m])) if measured > 0 else 0.0)
+    # A depthwise conv's fans differ 64-fold or more (PyTorch counts fan_out as out_channels x kernel,
+    # and torchvision draws depthwise convs with it): a variance between the two is a compromise
+    # of the accepted prescriptions.
+    between = min(candidates.values()) <= measured <= max(candidates.values())
     return (
         InitScale(
             scheme=str(scheme),
@@ -359,6 +366,7 @@ def _init_scale(
             measured_var=measured,
         ),
         mode,
+        between,
     )
 
 

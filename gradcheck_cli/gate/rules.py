@@ -638,18 +638,28 @@ _SCHEME_ADVICE = {
 
 
 def _compounding_small(report: Report, k: float) -> set[str]:
-    """Rows judged smaller than prescribed that share an un-normalised run (the rows between two
-    normalisations) with another such row: there the shortfalls multiply. A single small layer
-    scales the signal once, and sets the next layers' input scale rather than shrinking it with
-    depth (WavLM's gated position bias, a state-space model's projection before its softplus);
-    before a saturating activation it is the unsaturated side."""
-    runs: list[list[str]] = [[]]
+    """Rows judged smaller than prescribed whose shortfalls compound: two or more of them in one
+    un-normalised run (the rows between two normalisations), across which the measured signal
+    does shrink (the last one's output variance is below 1/k of the first one's). A single small
+    layer scales the signal once and sets the next layers' input scale (WavLM's gated position
+    bias, a state-space model's projection before its softplus); small layers inside residual
+    branches (PyTorch's default init on GCViT's MBConv blocks) do not shrink the signal that the
+    skip connections carry past them. Before a saturating activation a small layer is the
+    unsaturated side."""
+    runs: list[list[LayerStats]] = [[]]
     for row in report.layers:
         if row.kind is RowKind.NORM:
             runs.append([])
         elif row.init is not None and math.isfinite(row.init.measured_var) and row.init.ratio < 1.0 / k:
-            runs[-1].append(row.name)
-    return {name for run in runs if len(run) > 1 for name in run}
+            runs[-1].append(row)
+    compounding: set[str] = set()
+    for run in runs:
+        if len(run) < 2:
+            continue
+        first, last = run[0].output.var, run[-1].output.var
+        if first is None or last is None or not first > 0 or last < first / k:
+            compounding.update(row.name for row in run)
+    return compounding
 
 
 def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
@@ -665,8 +675,10 @@ def _init_scale(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             continue
         if row.module in head or (ratio < 1.0 / k and row.name not in compounding):
             continue
-        after = f"followed by {init.activation}" if init.activation else "with no activation after it"
         judged = evidence.init.get(row.name)
+        if judged is not None and judged.between:
+            continue
+        after = f"followed by {init.activation}" if init.activation else "with no activation after it"
         mode = f" with {judged.mode}" if judged is not None else ""
         fan = f"fan_in={init.fan_in}, fan_out={init.fan_out}"
         why = f"; at init because {judged.evidence}" if judged is not None else ""
