@@ -45,6 +45,7 @@ for _path in (ROOT, ROOT / "bench"):  # the package, and the zoo's model sources
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from gradcheck_cli.errors import ProbeError  # noqa: E402
 from gradcheck_cli.gate.check import check_module, diagnose  # noqa: E402
 from gradcheck_cli.options import LossKind, ProbeOptions  # noqa: E402
 from gradcheck_cli.probe.batch import InputOptions  # noqa: E402
@@ -69,6 +70,9 @@ class Case:
     # Injects the fault into the built module and names the layer it chose (the generic faults
     # pick a layer by the architecture's own structure, known only once it is built).
     inject: Callable[[nn.Module], str] | None = None
+    # The probe at the model's configured size, for a model the small probe is too small for
+    # (Inception v3 needs 75 pixels; timm does not declare a minimum for it).
+    fallback: ProbeOptions | None = None
 
 
 @dataclass
@@ -190,16 +194,20 @@ def timm_cases(quick: bool, families: list[str] | None = None) -> list[Case]:
     names = ["resnet18", "convnext_atto", "vit_tiny_patch16_224"] if quick else families or timm_family_models()
     cases = []
     for name in names:
-        cases.append(Case(f"timm/{name}", "timm", _timm_builder(name), _timm_probe(name)))
+        cases.append(
+            Case(
+                f"timm/{name}", "timm", _timm_builder(name), _timm_probe(name), fallback=_timm_probe(name, small=False)
+            )
+        )
     return cases
 
 
-def _timm_probe(name: str) -> ProbeOptions:
+def _timm_probe(name: str, *, small: bool = True) -> ProbeOptions:
     import timm
 
     cfg = timm.get_pretrained_cfg(name)
     size: tuple[int, ...] = tuple(getattr(cfg, "input_size", None) or (3, 224, 224))
-    if cfg is not None and not getattr(cfg, "fixed_input_size", False):
+    if small and cfg is not None and not getattr(cfg, "fixed_input_size", False):
         # 64x64 where the model accepts any size: the same layers, a fraction of the time.
         smallest = getattr(cfg, "min_input_size", None) or (3, 64, 64)
         size = (size[0], max(64, smallest[1]), max(64, smallest[2]))
@@ -632,6 +640,7 @@ def architecture_fault_cases(healthy: list[Case]) -> list[Case]:
                 frozenset({"GC001", "GC002"}),
                 None,
                 inject,
+                case.fallback,
             )
         )
     return cases
@@ -706,7 +715,12 @@ def run_case(case: Case) -> Outcome:
             else:
                 if case.inject is not None:
                     injected_at = case.inject(built)
-                report = check_module(built, case.probe, name=case.name)
+                try:
+                    report = check_module(built, case.probe, name=case.name)
+                except ProbeError:
+                    if case.fallback is None:
+                        raise
+                    report = check_module(built, case.fallback, name=case.name)
         findings = [
             {
                 "code": f.code,

@@ -303,3 +303,33 @@ def test_a_depthwise_conv_between_its_two_fans_is_a_compromise() -> None:
     scale = {r.name: r for r in report.layers}["2"].init
     assert scale is not None and not 1 / 3 <= scale.ratio <= 3  # far from the closest single fan
     assert [code for code, _ in loud(report)] == []
+
+
+class ZeroLastWithExcitation(nn.Module):
+    """NF-ResNet's block: the branch's last conv starts at zero (zero_init_last), and a
+    squeeze-excitation block after it sees only zeros, so its ReLU outputs zeros by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        nn.init.zeros_(self.conv3.weight)
+        nn.init.zeros_(self.conv3.bias)
+        self.fc1, self.fc2 = nn.Conv2d(8, 32, 1), nn.Conv2d(32, 8, 1)
+        nn.init.zeros_(self.fc1.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.conv3(torch.relu(self.conv1(x)))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(branch.mean((2, 3), keepdim=True)))))
+        return x + branch * gate
+
+
+def test_units_silent_behind_a_zero_initialised_branch_are_by_design() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ZeroLastWithExcitation(), ZeroLastWithExcitation())
+    nn.init.kaiming_normal_(model[0].weight, nonlinearity="relu")
+    report = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((4, 3, 8, 8),), seed=0)))
+    silent = [r for r in report.layers if r.dead is not None and r.dead.total and r.dead.units == r.dead.total]
+    assert silent  # the excitation's ReLU: every unit at zero
+    assert loud(report) == []
+    assert any(f.code == "GC302" for f in report.findings)

@@ -71,7 +71,20 @@ def find_branches(
         gate = _nearest(candidates, small[name])
         behind.setdefault(gate.name, []).append(name)
     gates = tuple(c for c in candidates if c.name in behind)
-    return ZeroInitBranches(gates=gates, gated=frozenset(reopened), behind={k: tuple(v) for k, v in behind.items()})
+    # Activations fed only by a closed branch output zeros by design (a squeeze-excitation block
+    # at the end of an NF-ResNet branch whose last conv starts at 0): their units revive once the
+    # gates open, so their "dead" units are the gate's doing, not a fault.
+    dead_before = {r.name: r.dead.units for r in report.layers if r.dead is not None and r.dead.units}
+    revived = {
+        r.name
+        for r in opened.layers
+        if r.name in dead_before and r.dead is not None and r.dead.units <= dead_before[r.name] // 2
+    }
+    return ZeroInitBranches(
+        gates=gates,
+        gated=frozenset(reopened | (revived if gates else set())),
+        behind={k: tuple(v) for k, v in behind.items()},
+    )
 
 
 def _nearest(candidates: tuple[ZeroParameter, ...], module: str) -> ZeroParameter:
