@@ -333,3 +333,44 @@ def test_units_silent_behind_a_zero_initialised_branch_are_by_design() -> None:
     assert silent  # the excitation's ReLU: every unit at zero
     assert loud(report) == []
     assert any(f.code == "GC302" for f in report.findings)
+
+
+class ClippableLinear(nn.Module):
+    """Gemma 4's clippable linear layer: clamp bounds kept as buffers, infinite when open."""
+
+    def __init__(self, low: float = float("-inf"), high: float = float("inf")) -> None:
+        super().__init__()
+        self.linear = nn.Linear(IN_FEATURES, WIDTH)
+        self.register_buffer("input_min", torch.tensor(low))
+        self.register_buffer("input_max", torch.tensor(high))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.clamp(self.input_min, self.input_max))
+
+
+def _clippable(**bounds: float) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(ClippableLinear(**bounds), nn.ReLU(), nn.Linear(WIDTH, 10))
+    nn.init.kaiming_normal_(model[0].linear.weight, nonlinearity="relu")
+    return model
+
+
+def test_infinite_bounds_are_settings_but_nan_is_damage(tmp_path: Path) -> None:
+    assert [f.code for f in run(_clippable()).findings if f.code == "GC001"] == []
+    path = tmp_path / "clippable.pt2"
+    model = _clippable()
+    torch.export.save(torch.export.export(model, (torch.randn(2, IN_FEATURES),)), str(path))
+    assert api.inspect(path).layers  # loads: an open bound is not a damaged checkpoint
+    nan = run(_clippable(high=float("nan")))
+    assert ("GC001", "0.input_max") in [(f.code, f.layer) for f in nan.findings]
+
+
+def test_dead_units_on_pooled_inputs_need_four_sigmas() -> None:
+    from dataclasses import replace
+
+    from gradcheck_cli.gate.rules import _chance_margin
+
+    row = run(_clippable()).layers[0]
+    assert _chance_margin(replace(row, shape=(2, 8, 1, 1))) == 4.0  # one vector per sample
+    assert _chance_margin(replace(row, shape=(2, 8, 4, 4))) == 2.0
+    assert _chance_margin(replace(row, shape=(32, 64))) == 2.0

@@ -191,14 +191,19 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    from gradcheck_cli.torch_util import nonfinite_by_design
+
     nonfinite: list[NonFiniteTensor] = []
     batchnorms: list[BatchNormBuffers] = []
+    open_bounds = nonfinite_by_design(module)
     with torch.no_grad():
         # remove_duplicate=True (the default): a tied weight is reported once, under its first name.
         for owner_path, owner in module.named_modules():
             tensors = list(owner._parameters.items()) + list(owner._buffers.items())
             for leaf, tensor in tensors:
                 if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+                    continue
+                if (f"{owner_path}.{leaf}" if owner_path else leaf) in open_bounds:
                     continue
                 finite = torch.isfinite(tensor)
                 if bool(finite.all()):
