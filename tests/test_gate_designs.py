@@ -374,3 +374,29 @@ def test_dead_units_on_pooled_inputs_need_four_sigmas() -> None:
     assert _chance_margin(replace(row, shape=(2, 8, 1, 1))) == 4.0  # one vector per sample
     assert _chance_margin(replace(row, shape=(2, 8, 4, 4))) == 2.0
     assert _chance_margin(replace(row, shape=(32, 64))) == 2.0
+
+
+class OneChannelAttention(nn.Module):
+    """CSATv2's spatial attention: a LayerNorm over one channel (its output is its bias, 0 at
+    init) before a 1 -> 3 qkv projection, added back to the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(1)
+        self.qkv = nn.Linear(1, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, N, 1)
+        q, k, v = self.qkv(tokens).unbind(-1)
+        attended = (q.unsqueeze(-1) @ k.unsqueeze(-2)).softmax(-1) @ v.unsqueeze(-1)
+        return x + attended.transpose(1, 2).reshape(x.shape)
+
+
+def test_a_one_feature_layernorm_is_a_zero_initialised_gate() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), OneChannelAttention(), nn.Flatten(), nn.Linear(16, 10))
+    report = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 4, 4),), seed=0)))
+    qkv = {r.name: r for r in report.layers}["1.qkv"]
+    assert qkv.grad is not None and qkv.grad.norm == 0.0  # exactly: its input is the zero bias
+    assert loud(report) == []
+    assert [f.layer for f in report.findings if f.code == "GC302"] == ["1.norm.bias"]

@@ -7,6 +7,8 @@ tensor's own state_dict key. torch is imported inside the function; the records 
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +155,7 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
             for leaf, tensor in owner._parameters.items():
                 if tensor is None or not tensor.dtype.is_floating_point or not tensor.numel():
                     continue
-                if "bias" in leaf or leaf == "beta":
+                if ("bias" in leaf or leaf == "beta") and not _single_feature_norm(owner):
                     continue
                 if bool(tensor.any()) and not _tiny_constant(tensor):
                     continue
@@ -169,6 +171,14 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
                     kind = GateKind.ZERO_MATRIX if tensor.dim() >= 2 else GateKind.SCALE
                 found.append(ZeroParameter(name=name, module=owner_path, kind=kind, count=tensor.numel()))
     return tuple(found)
+
+
+def _single_feature_norm(owner: nn.Module) -> bool:
+    """A LayerNorm over one feature: it normalises every value to 0, so its output is its bias
+    alone, and a zero bias closes what follows as a zero gamma would (CSATv2's spatial
+    attention normalises a one-channel map this way)."""
+    shape = getattr(owner, "normalized_shape", None)
+    return _is_norm(owner) and isinstance(shape, tuple) and math.prod(shape) == 1
 
 
 # A LayerScale initialised at or below this constant gates its branch as a zero would.
