@@ -8,7 +8,6 @@ tensor's own state_dict key. torch is imported inside the function; the records 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
