@@ -125,10 +125,11 @@ def test_position_bias_tables_and_parameter_gates_are_off_the_signal_path() -> N
     rows = {r.name: r for r in report.layers}
     assert "no sample dimension" in rows["attn.0.bias_mlp.0"].reasons["init"]
     assert "normalisation" in rows["attn.0.qkv"].reasons["init"]
-    # With one sample the test cannot tell a table from the signal: the MLP is judged, and at std
-    # 0.02 it is far below He/Glorot.
+    # With one sample the test cannot tell a table from the signal: the MLP is judged (at std
+    # 0.02, far below He), though not a finding (its small output is added to the logits).
     single = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((1, 8, IN_FEATURES),), seed=0)))
-    assert ("GC301", "attn.0.bias_mlp.0") in loud(single)
+    judged = {r.name: r for r in single.layers}["attn.0.bias_mlp.0"]
+    assert judged.init is not None and judged.init.ratio < 1 / 3
 
 
 class MultiScaleBlock(nn.Module):

@@ -652,23 +652,33 @@ _SCHEME_ADVICE = {
 def _compounding_small(report: Report, k: float) -> set[str]:
     """Rows judged smaller than prescribed whose shortfalls compound: two or more of them in one
     un-normalised run (the rows between two normalisations), across which the measured signal
-    does shrink (the last one's output variance is below 1/k of the first one's). A single small
-    layer scales the signal once and sets the next layers' input scale (WavLM's gated position
-    bias, a state-space model's projection before its softplus); small layers inside residual
-    branches (PyTorch's default init on GCViT's MBConv blocks) do not shrink the signal that the
-    skip connections carry past them. Before a saturating activation a small layer is the
+    does shrink (the last one's output variance is below 1/k of the first one's) and reaches the
+    normalisation that closes the run that small (its input variance is not k times the last
+    one's output variance, as it is where a skip connection adds the branch to a larger signal).
+
+    A single small layer scales the signal once and sets the next layers' input scale (WavLM's
+    gated position bias, a state-space model's projection before its softplus). Small layers
+    inside a residual branch (PyTorch's default init on GCViT's MBConv blocks, the std-0.02
+    focal modulation of FocalNet) only shrink what the branch adds: the skip connection carries
+    the signal past them at its size. Before a saturating activation a small layer is the
     unsaturated side."""
-    runs: list[list[LayerStats]] = [[]]
+    runs: list[tuple[list[LayerStats], LayerStats | None]] = []
+    current: list[LayerStats] = []
     for row in report.layers:
         if row.kind is RowKind.NORM:
-            runs.append([])
+            runs.append((current, row))
+            current = []
         elif row.init is not None and math.isfinite(row.init.measured_var) and row.init.ratio < 1.0 / k:
-            runs[-1].append(row)
+            current.append(row)
+    runs.append((current, None))
     compounding: set[str] = set()
-    for run in runs:
+    for run, closing in runs:
         if len(run) < 2:
             continue
         first, last = run[0].output.var, run[-1].output.var
+        arriving = closing.input.var if closing is not None and closing.input is not None else None
+        if arriving is not None and last is not None and arriving > k * last:
+            continue  # added to a larger signal on the way to the norm: a residual branch
         if first is None or last is None or not first > 0 or last < first / k:
             compounding.update(row.name for row in run)
     return compounding
