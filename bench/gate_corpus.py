@@ -1,7 +1,7 @@
 """The gate's labelled corpus and scorecard (issue 16): does ``gradcheck check`` tell the truth?
 
 Healthy models (no finding at warning or above may fire): every torchvision classification
-model and one timm model per family at the libraries' default init, the transformers
+model and one timm model per family (the zoo sweep's families) at the libraries' default init, the transformers
 architectures of the zoo sweep (``bench/hf_sources.py``: directories written by
 ``save_pretrained`` and read back by ``from_pretrained``, as users have them), and the trained
 models that ship inside installable packages (MTCNN's PNet/RNet/ONet in facenet-pytorch; the
@@ -156,27 +156,15 @@ def _tv_builder(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-# The smallest variant of a family usually carries one of these tokens (most telling first).
-_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "_s", "18", "base")
-
-
 def timm_family_models() -> list[str]:
-    """One model per timm module (family): of the five variants whose names look smallest, the
-    one with the fewest parameters (counted on the meta device: no memory, no init)."""
-    import timm
+    """One model per timm family, the families of the zoo sweep (``bench/zoo.py``: the module
+    that defines a model and its name's leading word, over 150 of them), smallest first by
+    parameters counted on the meta device (no memory, no init), so that a run cut short by its
+    time budget leaves out the largest."""
+    from zoo import timm_jobs
 
-    chosen: list[tuple[float, str]] = []
-    for module in sorted(timm.list_modules()):
-        names = sorted(timm.list_models(module=module))
-        if not names:
-            continue
-        ranked = sorted(names, key=_smallness)
-        chosen.append(min((_meta_params(n), n) for n in ranked[:5]))
-    return [name for _, name in sorted(chosen)]  # smallest first, as for torchvision
-
-
-def _smallness(name: str) -> tuple[int, int, str]:
-    return next((i for i, t in enumerate(_SMALL) if t in name), len(_SMALL)), len(name), name
+    names = sorted({job.name for job in timm_jobs(quick=False)})
+    return [name for _, name in sorted((_meta_params(n), n) for n in names)]
 
 
 def _meta_params(name: str) -> float:
