@@ -401,3 +401,52 @@ def test_a_one_feature_layernorm_is_a_zero_initialised_gate() -> None:
     assert qkv.grad is not None and qkv.grad.norm == 0.0  # exactly: its input is the zero bias
     assert loud(report) == []
     assert [f.layer for f in report.findings if f.code == "GC302"] == ["1.norm.bias"]
+
+
+def test_batchnorm_affine_drawn_at_init_is_not_training() -> None:
+    # RepVGG (timm) draws every BatchNorm's gamma from N(0.1, 0.1) and beta from N(0, 0.1) at init.
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 16), (16, 16), (16, 16)):
+        conv, norm = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.normal_(norm.weight, 0.1, 0.1)
+        nn.init.normal_(norm.bias, 0.0, 0.1)
+        layers += [conv, norm, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    report = api.check_module(model, ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 16, 16),), seed=0)))
+    assert loud(report) == []
+    (never,) = [f for f in report.findings if f.code == "GC003"]
+    assert never.severity is Severity.INFO and "drawn at init" in never.message
+    assert report.probe.mode == "batch-stats"
+
+
+class Excite(nn.Module):
+    """A squeeze-excitation block whose reduction units are all off on the probe."""
+
+    def __init__(self, reduced: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")
+        self.fc1, self.fc2 = nn.Conv2d(16, reduced, 1), nn.Conv2d(reduced, 16, 1)
+        with torch.no_grad():
+            self.fc1.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def test_pooled_units_off_within_chance_leave_their_producer_alone() -> None:
+    probe = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 8, 8),), seed=0))
+
+    def net(reduced: int) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(Excite(reduced), nn.Flatten(), nn.Linear(16 * 64, 10))
+
+    # 8 units off: as likely as a coin flip per unit on two pooled samples (1 in 256): no finding.
+    assert loud(api.check_module(net(8), probe)) == []
+    # 64 units off is no coin flip: GC101 names the layer, and GC203 its producer's zero gradient.
+    many = loud(api.check_module(net(64), probe))
+    assert any(code == "GC101" for code, _ in many)
+    assert ("GC203", "0.fc1") in many

@@ -197,10 +197,14 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     """Statistics at their defaults are a bug only when the affine parameters were trained: a
     BatchNorm whose gamma, beta and statistics are all at their defaults belongs to a model that
     was never trained, which is information (once per model), not a fault."""
-    stale = [bn for bn in (evidence.scan.batchnorms if evidence.scan is not None else ()) if bn.never_updated]
-    fresh = [bn for bn in stale if bn.default_affine]
+    scan = evidence.scan
+    stale = [bn for bn in (scan.batchnorms if scan is not None else ()) if bn.never_updated]
+    # gamma/beta away from their defaults prove training only when the weights were trained too:
+    # RepVGG draws its BatchNorms' gamma and beta at random at init, beside init-draw weights.
+    drawn = scan is not None and scan.affine_drawn_at_init
+    fresh = [bn for bn in stale if bn.default_affine or drawn]
     for bn in stale:
-        if not bn.default_affine:
+        if not bn.default_affine and not drawn:
             yield _finding(
                 rule,
                 bn.module,
@@ -219,7 +223,16 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             float(len(fresh)),
             f"{len(fresh)} BatchNorm layer(s) ({names}) hold the defaults of a fresh module "
             "(gamma constant, beta 0, running mean 0, var 1, no batch tracked): the model has "
-            "not been trained yet",
+            "not been trained yet"
+            + (
+                f" (gamma/beta were drawn at init: {scan.init_draws[0]} of {scan.init_draws[1]} sampled "
+                "layers' weights pass the init-draw test)"
+                if drawn
+                and scan is not None
+                and scan.init_draws is not None
+                and any(not bn.default_affine for bn in fresh)
+                else ""
+            ),
             advice="nothing to fix before training; after training, save the state_dict with its running statistics",
             severity=Severity.INFO,
         )
@@ -553,14 +566,23 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     # information about the inputs, not a fault of the model).
     on_noise = _silent_on_noise(evidence) is not None
     silenced = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)} if on_noise else set()
+    # Units on pooled inputs all off within GC101's chance margin: the layer feeding them gets no
+    # gradient on this probe for the same coin flip, not because it cannot learn.
+    beyond_chance = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)}
+    chance_dead = {
+        r.name
+        for r in evidence.report.layers
+        if r.dead is not None and r.dead.units and _chance_margin(r) > 2.0 and r.name not in beyond_chance
+    }
     rows = evidence.report.layers
     index = {id(r): i for i, r in enumerate(rows)}
     for row in _param_rows(evidence):
         assert row.grad is not None and row.grad.norm is not None
-        if on_noise:
-            after = following_activation(rows, index[id(row)])
-            if (after is not None and after.name in silenced) or _in_saturated_gate(rows, index[id(row)]):
-                continue
+        after = following_activation(rows, index[id(row)])
+        if on_noise and ((after is not None and after.name in silenced) or _in_saturated_gate(rows, index[id(row)])):
+            continue
+        if after is not None and after.name in chance_dead:
+            continue  # its units are off by a coin flip on this probe (GC101's chance margin)
         if row.grad.norm < bound and row.name not in projections:
             yield _finding(
                 rule,

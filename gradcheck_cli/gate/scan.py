@@ -46,6 +46,9 @@ class BatchNormBuffers:
     # parameters at all: what a constructor (and timm/torchvision's zero-init) leaves. Trained
     # affine parameters are never all equal.
     default_affine: bool = True
+    # Mean of gamma (None without affine parameters): a gamma drawn at random at init (RepVGG:
+    # N(0.1, 0.1)) sits far from the 1 that training starts from.
+    gamma_mean: float | None = None
 
     @property
     def never_updated(self) -> bool:
@@ -90,6 +93,21 @@ class CheckpointScan:
     # Top-level keys of the checkpoint dict that only a training loop writes ('optimizer',
     # 'epoch', ...): evidence that the weights are trained, whatever their distribution.
     training_keys: tuple[str, ...] = ()
+    # (passed, tested): of a sample of the Linear/Conv weights, how many pass the init-draw test;
+    # measured only when a BatchNorm has default statistics but non-default gamma/beta, to tell
+    # an affine randomised at init (RepVGG) from one trained with the statistics frozen.
+    init_draws: tuple[int, int] | None = None
+
+    @property
+    def affine_drawn_at_init(self) -> bool:
+        """The BatchNorms' gamma/beta were drawn at random at init rather than trained: every
+        BatchNorm with default statistics but non-default gamma/beta has its gamma far from 1
+        (more than 0.5 away on average: training moves gamma from 1 a little at a time, and
+        moving it that far moves the weights too), and most sampled Linear/Conv weights are
+        still an init draw (see ``init_draws``)."""
+        drawn = self.init_draws is not None and self.init_draws[1] > 0 and 2 * self.init_draws[0] > self.init_draws[1]
+        odd = [bn for bn in self.batchnorms if bn.never_updated and not bn.default_affine]
+        return drawn and bool(odd) and all(bn.gamma_mean is not None and abs(bn.gamma_mean - 1.0) > 0.5 for bn in odd)
 
     @property
     def trained_batchnorm(self) -> BatchNormBuffers | None:
@@ -242,14 +260,38 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
                         num_batches_tracked=int(tracked) if tracked is not None else None,
                         default_stats=bool((mean == 0).all() and (var == 1).all()),
                         default_affine=_default_affine(owner.weight, owner.bias),
+                        gamma_mean=float(owner.weight.detach().double().mean()) if owner.weight is not None else None,
                     )
                 )
+    drawn = None
+    if any(bn.never_updated and not bn.default_affine for bn in batchnorms):
+        drawn = _init_draws(module)
     return CheckpointScan(
         nonfinite=tuple(nonfinite),
         batchnorms=tuple(batchnorms),
         zero_parameters=zero_parameters(module),
         training_keys=training_keys(checkpoint),
+        init_draws=drawn,
     )
+
+
+# Weights tested for ``init_draws``: evenly spaced over the model, enough for a majority.
+_DRAW_SAMPLE = 16
+
+
+def _init_draws(module: nn.Module) -> tuple[int, int]:
+    """(passed, tested): how many of up to 16 Linear/Conv weights, spread over the model, pass the
+    test every standard init draw passes (:func:`gradcheck_cli.gate.init_scale.weight_verdict`)."""
+    from torch import nn
+    from torch.nn.modules.conv import _ConvNd
+
+    from gradcheck_cli.gate.init_scale import weight_verdict
+
+    weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, _ConvNd)) and m.weight.dim() >= 2]
+    step = max(1, len(weights) // _DRAW_SAMPLE)
+    sample = [w for w in weights[::step] if w.numel() >= 64][:_DRAW_SAMPLE]
+    passed = sum(1 for w in sample if weight_verdict(w.detach(), out_dim=0).at_init)
+    return passed, len(sample)
 
 
 def _default_affine(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
