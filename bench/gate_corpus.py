@@ -97,7 +97,10 @@ class Outcome:
         if first is None:
             return False
         if self.injected_at is not None:
-            return _layer_key(first["layer"]) == self.injected_at
+            # At the layer, or at a part it owns (timm's BatchNormAct2d applies its activation
+            # inside the BatchNorm module: a NaN shows first at 'bn.act').
+            key = _layer_key(first["layer"])
+            return key == self.injected_at or key.startswith(self.injected_at + ".")
         return self.case.layers is None or _layer_key(first["layer"]) in self.case.layers
 
 

@@ -450,3 +450,31 @@ def test_pooled_units_off_within_chance_leave_their_producer_alone() -> None:
     many = loud(api.check_module(net(64), probe))
     assert any(code == "GC101" for code, _ in many)
     assert ("GC203", "0.fc1") in many
+
+
+class LayerScaled(nn.Module):
+    """BEiT's layout: a patch projection, blocks whose branches LayerScale closes (1e-6), a final
+    norm and a head initialised tiny (timm's head_init_scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(IN_FEATURES, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32), nn.GELU()) for _ in range(3))
+        self.gammas = nn.ParameterList(nn.Parameter(torch.full((32,), 1e-6)) for _ in range(3))
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.head.weight.mul_(1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block, gamma in zip(self.blocks, self.gammas, strict=True):
+            x = x + gamma * block(x)
+        return self.head(self.norm(x))
+
+
+def test_no_depth_ratio_when_every_block_is_gated() -> None:
+    report = run(LayerScaled())
+    assert loud(report) == []
+    assert any(f.code == "GC302" for f in report.findings)

@@ -486,9 +486,13 @@ def _gradient_ratio(evidence: Evidence) -> tuple[LayerStats, LayerStats, float] 
     # The last layer of the body, not the head: a head's weights are small by choice (std 0.01
     # classifiers, a language model's head tied to its std-0.02 embedding), which inflates its
     # relative gradient |dL/dW|/|W| by the same factor without the body's gradient vanishing.
+    # With fewer than two body layers outside the zero-initialised branches (BEiT's LayerScale
+    # gates every block), there is no depth to compare across: no ratio.
     head = _head(evidence.report)
     body = [r for r in rows if r.module not in head]
-    first, last = rows[0], (body[-1] if len(body) >= 2 else rows[-1])
+    if len(body) < 2:
+        return None
+    first, last = body[0], body[-1]
     assert first.grad is not None and last.grad is not None
     if first.grad.ratio is None or not last.grad.ratio:
         return None
