@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from gradcheck_cli.onnx.ort_stats import ValueType
     from gradcheck_cli.probe.batch import ProbeInputs
+    from gradcheck_cli.probe.loss import LossFunction
     from gradcheck_cli.probe.onnx_stats import ReducedPass, SaturationSpec
 
 Progress = Callable[[int, int], None]
@@ -485,19 +486,26 @@ def _sigmoid_output(model: onnx.ModelProto, options: ProbeOptions) -> bool:
     return any(node.op_type == "Sigmoid" and name in node.output for node in model.graph.node)
 
 
-def _reference_loss(
-    reference: list[dict[str, torch.Tensor]], options: ProbeOptions, inputs: ProbeInputs, model: onnx.ModelProto
-) -> tuple[float | None, str, str]:
-    """The probe loss on onnxruntime's outputs (the real graph), with the PyTorch probe's rules."""
-    from gradcheck_cli.probe.loss import LossFunction, select_output
+def _loss_function(model: onnx.ModelProto, options: ProbeOptions, inputs: ProbeInputs) -> LossFunction:
+    """The probe's loss for this graph: the same for onnxruntime's outputs and the lowering's."""
+    from gradcheck_cli.probe.loss import LossFunction
 
-    loss_fn = LossFunction(
+    return LossFunction(
         kind=options.loss,
         total=inputs.total,
         seed=options.inputs.seed,
         target_file=options.target,
         sigmoid_output=_sigmoid_output(model, options),
     )
+
+
+def _reference_loss(
+    reference: list[dict[str, torch.Tensor]], options: ProbeOptions, inputs: ProbeInputs, model: onnx.ModelProto
+) -> tuple[float | None, str, str]:
+    """The probe loss on onnxruntime's outputs (the real graph), with the PyTorch probe's rules."""
+    from gradcheck_cli.probe.loss import select_output
+
+    loss_fn = _loss_function(model, options, inputs)
     total = 0.0
     label = "output"
     for outputs in reference:
@@ -527,7 +535,7 @@ def _lowered_gradients(
     import torch
 
     from gradcheck_cli.onnx.lower import LoweredGraph, LoweringError, unsupported_ops
-    from gradcheck_cli.probe.loss import LossFunction, select_output
+    from gradcheck_cli.probe.loss import select_output
     from gradcheck_cli.probe.run import parameter_gradients
 
     missing = unsupported_ops(model, opset)
@@ -554,13 +562,7 @@ def _lowered_gradients(
 
     if missing:
         return failed(f"the lowering does not support {', '.join(missing)}")
-    loss_fn = LossFunction(
-        kind=options.loss,
-        total=inputs.total,
-        seed=options.inputs.seed,
-        target_file=options.target,
-        sigmoid_output=_sigmoid_output(model, options),
-    )
+    loss_fn = _loss_function(model, options, inputs)
     worst = (0.0, math.inf)  # (error, allowed) of the output closest to its tolerance
 
     def watch(name: str, value: torch.Tensor) -> None:
