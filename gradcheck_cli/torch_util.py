@@ -31,22 +31,17 @@ def set_training(module: nn.Module, training: bool) -> bool:
     return True
 
 
-def nonfinite_by_design(module: nn.Module) -> frozenset[str]:
-    """Names of the buffers whose infinities are a setting rather than damage: a buffer made only
-    of +inf or only of -inf is an open bound (Gemma 4's clippable linear layers keep
-    ``input_min = -inf`` and ``input_max = +inf`` when they do not clip). A normalisation's running
-    statistics never are, and NaN never is; parameters never are either."""
+def open_bound(owner: nn.Module, leaf: str) -> bool:
+    """Whether ``owner``'s buffer ``leaf``, found not finite, is a setting rather than damage: a
+    buffer made only of +inf or only of -inf is an open bound (Gemma 4's clippable linear layers
+    keep ``input_min = -inf`` and ``input_max = +inf`` when they do not clip). A normalisation's
+    running statistics never are, and NaN never is; parameters never are either. Asked only of
+    tensors that failed the finite check, so a healthy model pays nothing for it."""
     import torch
     from torch.nn.modules.batchnorm import _NormBase
 
-    found: set[str] = set()
+    buffer = owner._buffers.get(leaf)
+    if buffer is None or isinstance(owner, _NormBase) or not buffer.dtype.is_floating_point or not buffer.numel():
+        return False
     with torch.no_grad():
-        for owner_path, owner in module.named_modules():
-            if isinstance(owner, _NormBase):
-                continue
-            for leaf, buffer in owner._buffers.items():
-                if buffer is None or not buffer.dtype.is_floating_point or buffer.numel() == 0:
-                    continue
-                if bool(torch.isposinf(buffer).all()) or bool(torch.isneginf(buffer).all()):
-                    found.add(f"{owner_path}.{leaf}" if owner_path else leaf)
-    return frozenset(found)
+        return bool(torch.isposinf(buffer).all()) or bool(torch.isneginf(buffer).all())

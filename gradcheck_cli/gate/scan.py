@@ -218,11 +218,10 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from gradcheck_cli.torch_util import nonfinite_by_design
+    from gradcheck_cli.torch_util import open_bound
 
     nonfinite: list[NonFiniteTensor] = []
     batchnorms: list[BatchNormBuffers] = []
-    open_bounds = nonfinite_by_design(module)
     with torch.no_grad():
         # remove_duplicate=True (the default): a tied weight is reported once, under its first name.
         for owner_path, owner in module.named_modules():
@@ -230,10 +229,8 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
             for leaf, tensor in tensors:
                 if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
                     continue
-                if (f"{owner_path}.{leaf}" if owner_path else leaf) in open_bounds:
-                    continue
                 finite = torch.isfinite(tensor)
-                if bool(finite.all()):
+                if bool(finite.all()) or open_bound(owner, leaf):
                     continue
                 nan = int(torch.isnan(tensor).sum())
                 nonfinite.append(
