@@ -152,9 +152,7 @@ def _probe_for(scan: CheckpointScan, probe: ProbeOptions) -> tuple[ProbeOptions,
     Dropout and stochastic depth stay off: on a small probe batch they can drop a whole block."""
     from gradcheck_cli.options import Mode
 
-    fresh = scan.batchnorms and all(
-        bn.never_updated and (bn.default_affine or scan.affine_drawn_at_init) for bn in scan.batchnorms
-    )
+    fresh = scan.batchnorms and len(scan.never_trained) == len(scan.batchnorms)
     if probe.mode is not Mode.EVAL or not fresh:
         return probe, None
     return replace(probe, mode=Mode.BATCH_STATS), (

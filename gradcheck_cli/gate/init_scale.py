@@ -158,6 +158,12 @@ def following_activation(rows: tuple[LayerStats, ...], index: int) -> LayerStats
     return None
 
 
+def pooled(shape: tuple[int, ...]) -> bool:
+    """One value per channel and sample, (N, C, 1, ...): globally pooled features, as a
+    squeeze-excitation block computes its channel gate from."""
+    return len(shape) >= 3 and all(d == 1 for d in shape[2:])
+
+
 def carries_batch(shape: tuple[int, ...], batch: int) -> bool:
     """Whether a row's output has a sample dimension: batch-first (or windows x batch, as Swin
     splits images) or sequence-first. A row without one was computed from parameters and
@@ -207,8 +213,7 @@ _GATES = frozenset({"sigmoid", "hardsigmoid"})
 def _gate_branch(rows: tuple[LayerStats, ...], index: int) -> bool:
     """Row ``index`` is a squeeze-excitation (channel attention) layer: a conv on globally pooled
     features (1x1 output) whose path reaches a sigmoid gate within one more linear map."""
-    shape = rows[index].shape
-    if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+    if not pooled(rows[index].shape):
         return False
     maps = 0
     for row in rows[index + 1 :]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from gradcheck_cli.choice import Choice
 from gradcheck_cli.errors import ConfigError
-from gradcheck_cli.gate.init_scale import following_activation, following_norm, model_trained_evidence
+from gradcheck_cli.gate.init_scale import following_activation, following_norm, model_trained_evidence, pooled
 from gradcheck_cli.gate.scan import CheckpointScan, GateKind
 from gradcheck_cli.gate.zero_init import ZeroInitBranches
 from gradcheck_cli.options import RuleOverride, flag_of
@@ -198,13 +198,14 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     BatchNorm whose gamma, beta and statistics are all at their defaults belongs to a model that
     was never trained, which is information (once per model), not a fault."""
     scan = evidence.scan
-    stale = [bn for bn in (scan.batchnorms if scan is not None else ()) if bn.never_updated]
+    if scan is None:
+        return
     # gamma/beta away from their defaults prove training only when the weights were trained too:
     # RepVGG draws its BatchNorms' gamma and beta at random at init, beside init-draw weights.
-    drawn = scan is not None and scan.affine_drawn_at_init
-    fresh = [bn for bn in stale if bn.default_affine or drawn]
-    for bn in stale:
-        if not bn.default_affine and not drawn:
+    fresh = scan.never_trained
+    fresh_modules = {bn.module for bn in fresh}
+    for bn in scan.batchnorms:
+        if bn.never_updated and bn.module not in fresh_modules:
             yield _finding(
                 rule,
                 bn.module,
@@ -227,10 +228,7 @@ def _bn_never_updated(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
             + (
                 f" (gamma/beta were drawn at init: {scan.init_draws[0]} of {scan.init_draws[1]} sampled "
                 "layers' weights pass the init-draw test)"
-                if drawn
-                and scan is not None
-                and scan.init_draws is not None
-                and any(not bn.default_affine for bn in fresh)
+                if scan.init_draws is not None and any(not bn.default_affine for bn in fresh)
                 else ""
             ),
             advice="nothing to fix before training; after training, save the state_dict with its running statistics",
@@ -292,9 +290,7 @@ def _chance_margin(row: LayerStats) -> float:
     for every sample of a small probe, so each unit's sign is one coin flip for the whole probe; a
     model has dozens of such layers, and a 2-sigma bound would fire on one of them by chance in
     a third of the models (7 of 8 units of one of RegNetY-128GF's did)."""
-    shape = row.shape
-    pooled = len(shape) >= 3 and all(d == 1 for d in shape[2:])
-    return 4.0 if pooled else 2.0
+    return 4.0 if pooled(row.shape) else 2.0
 
 
 def _silent_on_noise(evidence: Evidence) -> str | None:
@@ -337,8 +333,7 @@ def _channel_gate(row: LayerStats) -> bool:
     multiplication, not through the gate's derivative, so a saturated gate (a channel fully on or
     off, as trained SE blocks often are) does not block it; only the gate's own layers stop
     learning."""
-    shape = row.shape
-    return row.fn in _GATE_FUNCTIONS and len(shape) >= 3 and shape[1] > 1 and all(d == 1 for d in shape[2:])
+    return row.fn in _GATE_FUNCTIONS and pooled(row.shape) and row.shape[1] > 1
 
 
 _GATE_FUNCTIONS = frozenset({"sigmoid", "hardsigmoid"})
@@ -348,7 +343,7 @@ def _in_saturated_gate(rows: tuple[LayerStats, ...], index: int) -> bool:
     """Row ``index`` is a layer of a channel gate's branch (pooled, one value per channel, up to
     the gate) and the gate is saturated for most of its outputs."""
     for row in rows[index:]:
-        if len(row.shape) < 3 or any(d != 1 for d in row.shape[2:]):
+        if not pooled(row.shape):
             return False
         if _channel_gate(row):
             return row.saturation is not None and row.saturation.fraction > _SATURATED_SHARE
@@ -569,10 +564,10 @@ def _small_gradient(evidence: Evidence, rule: Rule) -> Iterable[Finding]:
     # gate it holds fully open or shut there, no gradient arrives (GC101 says why that is
     # information about the inputs, not a fault of the model).
     on_noise = _silent_on_noise(evidence) is not None
-    silenced = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)} if on_noise else set()
+    beyond_chance = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)}
+    silenced = beyond_chance if on_noise else set()
     # Units on pooled inputs all off within GC101's chance margin: the layer feeding them gets no
     # gradient on this probe for the same coin flip, not because it cannot learn.
-    beyond_chance = {r.name for r in _dead_rows(evidence, _DEAD_SHARE)}
     chance_dead = {
         r.name
         for r in evidence.report.layers

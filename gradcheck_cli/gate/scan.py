@@ -99,6 +99,13 @@ class CheckpointScan:
     init_draws: tuple[int, int] | None = None
 
     @property
+    def never_trained(self) -> tuple[BatchNormBuffers, ...]:
+        """BatchNorms that belong to a model never trained: statistics never updated, and gamma/beta
+        at their defaults or drawn at init (:attr:`affine_drawn_at_init`)."""
+        drawn = self.affine_drawn_at_init
+        return tuple(bn for bn in self.batchnorms if bn.never_updated and (bn.default_affine or drawn))
+
+    @property
     def affine_drawn_at_init(self) -> bool:
         """The BatchNorms' gamma/beta were drawn at random at init rather than trained: every
         BatchNorm with default statistics but non-default gamma/beta has its gamma far from 1
