@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 from gradcheck_cli.choice import Choice
-from gradcheck_cli.errors import LoadError
+from gradcheck_cli.errors import LoadError, first_line
 
 # Largest safetensors header we accept before treating the file as something else.
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
@@ -104,7 +104,7 @@ def _classify_zip(path: Path) -> ModelFormat:
     # names), NotImplementedError (an unknown zip version), RuntimeError (encryption) ...
     except Exception as exc:
         raise LoadError(
-            f"{path}: looks like a zip-based torch file but the archive is damaged ({_one_line(exc)})",
+            f"{path}: looks like a zip-based torch file but the archive is damaged ({first_line(exc, 200)})",
             hint="the file is probably truncated; save or download it again",
         ) from exc
     stripped = {name.split("/", 1)[1] if "/" in name else name for name in names}
@@ -120,10 +120,6 @@ def _classify_zip(path: Path) -> ModelFormat:
     if "data.pkl" in stripped:
         return ModelFormat.TORCH_ZIP
     raise LoadError(f"{path}: a zip archive, but not one written by torch", hint=SUPPORTED_HINT)
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:

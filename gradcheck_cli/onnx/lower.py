@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gradcheck_cli.errors import first_line
 from gradcheck_cli.onnx.ops import OpCall, OpError, lookup
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ class LoweredGraph:
         except LoweringError:
             raise
         except (OpError, RuntimeError, ValueError, IndexError, TypeError) as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = first_line(exc, 200)
             raise LoweringError(node.op_type, label, text) from exc
         for name, value in zip(node.output, outputs, strict=False):
             if name and value is not None:

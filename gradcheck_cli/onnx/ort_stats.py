@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import ProbeError
+from gradcheck_cli.errors import ProbeError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -169,7 +169,7 @@ def session_for(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        text = first_line(exc)
         raise ProbeError(
             f"onnxruntime could not load the graph: {text}",
             hint="check the model with `python -m onnx.checker` or re-export it",
@@ -222,7 +222,7 @@ def statistics_pass(
                 ort_feed = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feed.items()}
                 outputs: list[Any] = list(session.run_with_ort_values(wanted, ort_feed))
             except Exception as exc:
-                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                text = first_line(exc)
                 raise ProbeError(
                     f"onnxruntime failed on the probe batch: {text}",
                     hint="check the probe inputs with `input_shape`/`input_dtype`",

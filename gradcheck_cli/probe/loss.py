@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError, first_line
 from gradcheck_cli.options import LossKind
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class LossFunction:
         try:
             return self._loss(kind, output, targets)
         except (RuntimeError, ValueError, IndexError) as exc:  # the user's targets do not fit
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = first_line(exc, 200)
             raise LoadError(
                 f"`target` {self.target_file} (shape {tuple(targets.shape)}, {targets.dtype}) does not "
                 f"fit the {kind.value} loss on outputs of shape {tuple(output.shape)}: {text}",

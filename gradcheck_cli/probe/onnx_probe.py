@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli import __version__
-from gradcheck_cli.errors import LoadError, ProbeError, UsageError
+from gradcheck_cli.errors import LoadError, ProbeError, UsageError, first_line
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
 from gradcheck_cli.options import Mode, ProbeOptions
 from gradcheck_cli.parameters import onnx_parameter_count
@@ -598,7 +598,7 @@ def _lowered_gradients(
                 recorder.end_batch()
                 step()
     except (RuntimeError, ProbeError) as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        text = first_line(exc, 200)
         return failed(f"the backward pass through the lowering failed: {text}")
     grads, counts = parameter_gradients(row_params)
     for tensors in row_params.values():

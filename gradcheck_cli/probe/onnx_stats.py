@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import ProbeError
+from gradcheck_cli.errors import ProbeError, first_line
 from gradcheck_cli.onnx.ort_stats import ValueType
 
 if TYPE_CHECKING:
@@ -470,7 +470,7 @@ def reduced_statistics_pass(
     try:
         session = ort.InferenceSession(data, session_options(ort), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        text = first_line(exc)
         raise ProbeError(
             f"onnxruntime could not load the graph: {text}",
             hint="check the model with `python -m onnx.checker` or re-export it",
@@ -484,7 +484,7 @@ def reduced_statistics_pass(
         try:
             arrays = dict(zip(output_names, session.run(output_names, feed), strict=True))
         except Exception as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            text = first_line(exc)
             raise ProbeError(
                 f"onnxruntime failed on the probe batch: {text}",
                 hint="check the probe inputs with `input_shape`/`input_dtype`",
@@ -532,7 +532,7 @@ def _centred_moments(
         )
         runs = [session.run(output_names, feed) for feed in feeds]
     except Exception as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        text = first_line(exc)
         raise ProbeError(f"onnxruntime failed on the centred statistics pass: {text}") from exc
     for batch, outputs in enumerate(runs):
         arrays = dict(zip(output_names, outputs, strict=True))
