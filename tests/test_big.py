@@ -413,3 +413,47 @@ def test_sums_of_squares_of_large_half_precision_tensors(dtype: torch.dtype) -> 
     odd = values[:, :4000]  # not contiguous: the plain path
     flat_odd = odd.reshape(-1).double()
     assert float(sum_of_squares(odd)) == pytest.approx(float(torch.dot(flat_odd, flat_odd)), rel=1e-3)
+
+
+def test_large_bf16_outputs_are_reduced_in_bf16_within_its_resolution() -> None:
+    """An output of 4M+ bfloat16 values on the CPU is reduced row by row in bfloat16, without a
+    float32 copy: its mean, variance, extremes and dead units against float64 statistics of the
+    very values the probe saw (captured by a hook of the test's own)."""
+    from gradcheck_cli.probe import recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 8)).to(torch.bfloat16)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+            seen[name] = output.detach().double()
+
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in model.named_children()]
+    try:
+        report = api.inspect_module(
+            model, ProbeOptions(inputs=InputOptions(input_shape=((1100, 32),)), loss=LossKind.SUM)
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert recorder._measured(torch.zeros(1100, 4096, dtype=torch.bfloat16)).dtype == torch.bfloat16  # no copy
+    rows = {row.name: row for row in report.layers}
+    for name in ("0", "1"):
+        values, output = seen[name], rows[name].output
+        assert output.count == values.numel() == 1100 * 4096
+        assert output.min == float(values.min()) and output.max == float(values.max())
+        std = float(values.std(unbiased=False))
+        # Each row of 4096 is summed in float32 and rounded to bfloat16 (2^-9 relative, unbiased):
+        # over 1100 rows the error is far below one bfloat16 step of the spread.
+        assert output.mean is not None and abs(output.mean - float(values.mean())) <= 2.0**-8 * std / 8
+        assert output.var == pytest.approx(float(values.var(unbiased=False)), rel=2.0**-8 / 4)
+    dead = int((seen["1"] == 0).all(dim=0).sum())
+    assert rows["1"].dead is not None and rows["1"].dead.units == dead
+    flat = seen["0"].reshape(-1)
+    as_bf16 = flat.to(torch.bfloat16).reshape(1100, 4096)
+    # Rounding 1100 row sums of ~64 std each to 2^-9 gives an error of a few std; summing in
+    # bfloat16 itself would be off by thousands.
+    assert float(recorder.sum_of_elements(as_bf16)) == pytest.approx(float(flat.sum()), abs=64 * std)

@@ -349,3 +349,24 @@ def test_trained_mtcnn_onet_is_not_judged_as_an_init() -> None:
     reasons = {r.name: r.reasons.get("init", "") for r in report.layers}
     for layer in ("conv2", "conv4", "dense5"):
         assert reasons[layer].startswith("not at init"), (layer, reasons[layer])
+
+
+def test_weight_moments_in_blocks_equal_the_whole_matrix_formulas() -> None:
+    """The i.i.d. test reads a weight in float64 row blocks (never a float64 copy of the whole):
+    its moments against the whole-matrix formulas, on a matrix of several blocks whose rows and
+    columns have different scales (so every moment differs from every other)."""
+    from gradcheck_cli.gate.init_scale import _weight_moments
+
+    generator = torch.Generator().manual_seed(3)
+    rows, cols = 1500, 700  # 1.05M values: 5 blocks
+    matrix = torch.randn(rows, cols, generator=generator) * torch.linspace(0.5, 1.5, rows)[:, None]
+    matrix = (matrix * torch.linspace(1.0, 2.0, cols)[None, :] + 0.1).to(torch.bfloat16)
+    whole = matrix.double()
+    centred = whole - whole.mean()
+    got = _weight_moments(matrix)
+    assert got.count == rows * cols
+    assert got.mean == pytest.approx(float(whole.mean()), rel=1e-12)
+    assert got.variance == pytest.approx(float((centred**2).mean()), rel=1e-12)
+    assert got.fourth == pytest.approx(float((centred**4).mean()), rel=1e-12)
+    assert got.unit_spread == pytest.approx(float(whole.var(dim=1).var()), rel=1e-10)
+    assert got.input_spread == pytest.approx(float(whole.T.var(dim=1).var()), rel=1e-10)

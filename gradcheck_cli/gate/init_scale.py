@@ -77,6 +77,49 @@ class InitJudgement:
 class WeightVerdict:
     at_init: bool
     evidence: str
+    variance: float = math.nan  # the weight's (population) variance, in float64
+
+
+@dataclass(frozen=True)
+class _WeightMoments:
+    """A weight matrix's moments, (out units, inputs), for the i.i.d. test."""
+
+    count: int
+    mean: float
+    variance: float  # population variance
+    fourth: float  # fourth central moment
+    unit_spread: float | None  # variance of the per-output-unit variances (each unbiased)
+    input_spread: float | None  # the same over inputs (the matrix's columns)
+
+
+def _weight_moments(matrix: torch.Tensor) -> _WeightMoments:
+    """Two passes over row blocks in float64 (the mean first, so the central moments do not
+    cancel): the same values as the whole-matrix formulas, without a float64 copy of a weight
+    that may be a 32000x4096 embedding-sized projection."""
+    import torch
+
+    from gradcheck_cli.torch_util import float64_row_blocks
+
+    rows, cols = matrix.shape
+    column_sums = torch.zeros(cols, dtype=torch.float64)
+    for block in float64_row_blocks(matrix):
+        column_sums += block.sum(dim=0)
+    count = rows * cols
+    mean = float(column_sums.sum()) / count
+    column_means = column_sums / rows
+    second = fourth = 0.0
+    unit_variances: list[torch.Tensor] = []
+    column_squares = torch.zeros(cols, dtype=torch.float64)
+    for block in float64_row_blocks(matrix):
+        squares = (block - mean).square_()
+        second += float(squares.sum())
+        fourth += float(squares.square_().sum())
+        if cols >= 2:
+            unit_variances.append(block.var(dim=1, unbiased=True))
+        column_squares += (block - column_means).square_().sum(dim=0)
+    unit_spread = float(torch.cat(unit_variances).var(unbiased=True)) if unit_variances and rows >= 2 else None
+    input_spread = float((column_squares / (rows - 1)).var(unbiased=True)) if rows >= 2 and cols >= 2 else None
+    return _WeightMoments(count, mean, second / count, fourth / count, unit_spread, input_spread)
 
 
 def weight_verdict(weight: torch.Tensor, *, out_dim: int = 0) -> WeightVerdict:
@@ -91,46 +134,50 @@ def weight_verdict(weight: torch.Tensor, *, out_dim: int = 0) -> WeightVerdict:
     import torch
 
     with torch.no_grad():
-        w = weight.detach().double()
+        w = weight.detach()
         matrix = w.movedim(out_dim, 0).reshape(w.shape[out_dim], -1)
-        flat = matrix.reshape(-1)
-        n = flat.numel()
-        centred = flat - flat.mean()
-        var = float((centred**2).mean())
-        if n < 16 or var <= 0:
-            return WeightVerdict(True, f"too few weights ({n}) to tell trained from init")
-        excess = float((centred**4).mean()) / (var * var) - 3.0
-        tol = max(0.25, _Z * math.sqrt(24.0 / n))
-        if not -1.2 - tol <= excess <= tol:
+        moments = _weight_moments(matrix)
+    n, var = moments.count, moments.variance
+    if n < 16 or var <= 0:
+        return WeightVerdict(True, f"too few weights ({n}) to tell trained from init", var)
+    excess = moments.fourth / (var * var) - 3.0
+    tol = max(0.25, _Z * math.sqrt(24.0 / n))
+    if not -1.2 - tol <= excess <= tol:
+        return WeightVerdict(
+            False, f"weights are not an init draw: excess kurtosis {excess:.2f} (an init family gives -1.2 to 0)", var
+        )
+    mean_z = moments.mean / math.sqrt(var / n)
+    if abs(mean_z) > _Z:
+        return WeightVerdict(
+            False, f"weights are not an init draw: their mean is {mean_z:.1f} standard errors from 0", var
+        )
+    rows, cols = matrix.shape
+    for label, observed, count, size in (
+        ("output unit", moments.unit_spread, rows, cols),
+        ("input", moments.input_spread, cols, rows),
+    ):
+        spread = _variance_spread(observed, count, size, var, excess)
+        if spread is not None and spread[0] > spread[1]:
             return WeightVerdict(
-                False, f"weights are not an init draw: excess kurtosis {excess:.2f} (an init family gives -1.2 to 0)"
+                False,
+                f"weights are not an init draw: per-{label} variances "
+                f"spread {spread[0]:.1f} times what an i.i.d. draw gives",
+                var,
             )
-        mean_z = float(flat.mean()) / math.sqrt(var / n)
-        if abs(mean_z) > _Z:
-            return WeightVerdict(
-                False, f"weights are not an init draw: their mean is {mean_z:.1f} standard errors from 0"
-            )
-        for label, rows in (("output unit", matrix), ("input", matrix.T)):
-            spread = _variance_spread(rows, var, excess)
-            if spread is not None and spread[0] > spread[1]:
-                return WeightVerdict(
-                    False,
-                    f"weights are not an init draw: per-{label} variances "
-                    f"spread {spread[0]:.1f} times what an i.i.d. draw gives",
-                )
-    return WeightVerdict(True, f"weights pass the i.i.d. init test (excess kurtosis {excess:.2f})")
+    return WeightVerdict(True, f"weights pass the i.i.d. init test (excess kurtosis {excess:.2f})", var)
 
 
-def _variance_spread(rows: torch.Tensor, var: float, excess: float) -> tuple[float, float] | None:
-    """Variance of the per-row variances over what i.i.d. entries give, and the bound for it."""
-    count, size = rows.shape
-    if count < 4 or size < 4:
+def _variance_spread(
+    observed: float | None, count: int, size: int, var: float, excess: float
+) -> tuple[float, float] | None:
+    """The variance of ``count`` per-row variances (rows of ``size`` entries) over what i.i.d.
+    entries give, and the bound for it."""
+    if observed is None or count < 4 or size < 4:
         return None
     # Var(s²) of a sample of `size` i.i.d. values: σ⁴·(κ - (size-3)/(size-1))/size.
     expected = var * var * (excess + 2.0 + 2.0 / (size - 1)) / size
     if expected <= 0:
         return None
-    observed = float(rows.var(dim=1, unbiased=True).var(unbiased=True))
     return observed / expected, 1.0 + _Z * math.sqrt(2.0 / (count - 1)) + 0.5
 
 
@@ -278,7 +325,9 @@ def with_init_scales(
             reason = f"not at init: {verdict.evidence if not verdict.at_init else trained}"
             rows[index] = replace(row, reasons={**row.reasons, "init": reason})
             continue
-        scale = _init_scale(modules, weight, layout, groups, following_activation(report.layers, index))
+        scale = _init_scale(
+            weight, verdict.variance, layout, groups, following_activation(report.layers, index), modules
+        )
         if scale is None:
             continue
         measured, mode, between = scale
@@ -311,9 +360,11 @@ def _structural_reason(
 
     if weight.dim() < 2:
         return "the weight has fewer than 2 dimensions"
-    if not bool(torch.isfinite(weight).all()):
+    # One pass gives both tests: NaN propagates through min and max, and zero extremes bound zeros.
+    low, high = (float(v) for v in torch.aminmax(weight.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
         return "the weight holds NaN/Inf (GC001 reports it)"
-    if not bool(weight.detach().any()):
+    if low == 0 and high == 0:
         return "the weight is all zero: a zero-initialised branch (GC302), not a scale"
     if id(weight) in embedded:
         return f"the weight is tied to the embedding '{embedded[id(weight)]}', whose init convention it follows"
@@ -338,21 +389,19 @@ def _structural_reason(
 
 
 def _init_scale(
-    modules: dict[str, nn.Module],
     weight: torch.Tensor,
+    measured: float,
     layout: WeightLayout,
     groups: int,
     activation: LayerStats | None,
+    modules: dict[str, nn.Module],
 ) -> tuple[InitScale, FanMode, bool] | None:
-    import torch
-
+    """``measured``: the weight's population variance (the i.i.d. test computed it)."""
     fan = fans(tuple(weight.shape), layout=layout, groups=groups)
     fn = activation.fn if activation is not None else None
     scheme, _why = auto_scheme(fn)  # He / LeCun (SELU) / Glorot, as reinit's 'auto' picks
     slope = _slope(modules, activation) if fn in _LEAKY else None
     gain = scheme_gain(scheme, fn, slope=slope)
-    with torch.no_grad():
-        measured = float(weight.detach().double().var(unbiased=False))
     # Every fan is a sound choice (fan_in: forward, fan_out: backward, average: Glorot): the one
     # closest to the measured variance is what the layer was initialised with.
     candidates = {mode: gain * gain / fan.pick(mode) for mode in FanMode}

@@ -225,7 +225,7 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from gradcheck_cli.torch_util import open_bound
+    from gradcheck_cli.torch_util import all_finite, open_bound
 
     nonfinite: list[NonFiniteTensor] = []
     batchnorms: list[BatchNormBuffers] = []
@@ -236,9 +236,9 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
             for leaf, tensor in tensors:
                 if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
                     continue
-                finite = torch.isfinite(tensor)
-                if bool(finite.all()) or open_bound(owner, leaf):
+                if all_finite(tensor) or open_bound(owner, leaf):
                     continue
+                finite = torch.isfinite(tensor)
                 nan = int(torch.isnan(tensor).sum())
                 nonfinite.append(
                     NonFiniteTensor(

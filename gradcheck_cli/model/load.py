@@ -35,16 +35,13 @@ def check_finite_weights(loaded: LoadedModel) -> None:
     """Refuse weights with NaN/Inf: every statistic downstream of them would be meaningless."""
     import torch
 
-    from gradcheck_cli.torch_util import open_bound
+    from gradcheck_cli.torch_util import all_finite, open_bound
 
     buffers = {name for name, _ in loaded.module.named_buffers()}
     for name, tensor in list(loaded.module.named_parameters()) + list(loaded.module.named_buffers()):
         if not tensor.dtype.is_floating_point or tensor.numel() == 0:
             continue
-        # NaN propagates through min/max, so finite extremes mean finite values: one vectorised
-        # pass (isfinite().all() took 36x as long on bfloat16 weights).
-        low, high = torch.aminmax(tensor.detach())
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        if not all_finite(tensor):
             owner_path, _, leaf = name.rpartition(".")
             if name in buffers and open_bound(loaded.module.get_submodule(owner_path), leaf):
                 continue

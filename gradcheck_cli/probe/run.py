@@ -155,7 +155,7 @@ def _run_probe(
                     # Activation checkpointing recomputes blocks during backward: those forwards
                     # are not the probe's and make no rows.
                     with instrument.paused():
-                        loss.backward()
+                        inputs_reached = _backward(loss, watched, module, recorder, sharded=ranks is not None)
                 except RuntimeError as exc:
                     raise ProbeError(
                         f"the backward pass failed: {first_line(exc)}", hint="pass `debug` for the traceback"
@@ -163,10 +163,10 @@ def _run_probe(
                 reducer.end_backward()
                 loss_total += float(loss.detach())
                 del loss
-                if watched and not _any_input_gradient(watched):
+                if watched and not inputs_reached:
                     notes.append(
-                        "the loss does not depend on the model's inputs: every gradient with respect to "
-                        "them is zero (a model that ignores its input, or an output cut off from it)"
+                        "the loss does not depend on the model's inputs: no path leads from them to it "
+                        "(a model that ignores its input, or an output cut off from it)"
                     )
                 recorder.end_batch()
             if progress is not None:
@@ -295,8 +295,26 @@ def _watch_inputs(batch: ProbeBatch) -> tuple[ProbeBatch, list[torch.Tensor]]:
     return watched, leaves
 
 
-def _any_input_gradient(tensors: list[torch.Tensor]) -> bool:
-    return any(t.grad is not None and bool(t.grad.ne(0).any()) for t in tensors)
+def _backward(
+    loss: torch.Tensor, watched: list[torch.Tensor], module: nn.Module, recorder: Recorder, *, sharded: bool
+) -> bool:
+    """Run the backward pass; whether the loss reached the watched inputs (True when none are
+    watched). The inputs' own gradient is pruned where nothing needs it (probe/reach.py); under
+    FSDP2 the graph's leaves are the unsharded parameters, not the module's, so nothing is pruned."""
+    import torch
+
+    from gradcheck_cli.probe.reach import graph_reach
+
+    if not watched:
+        loss.backward()
+        return True
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    reach = graph_reach(loss, watched, parameters, recorder.hooked_nodes)
+    if sharded or not reach.prunable or not parameters:
+        loss.backward()
+    else:
+        torch.autograd.backward(loss, inputs=parameters)
+    return reach.inputs_reached
 
 
 def _fit_memory(module: nn.Module, inputs: ProbeInputs, options: ProbeOptions) -> tuple[ProbeInputs, str | None]:
