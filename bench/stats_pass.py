@@ -11,8 +11,8 @@ captured by forward hooks at the given batch) is reduced two ways, in one proces
   squares, the minimum and the maximum of the flattened tensor, which inductor fuses into one loop.
 
 Reported: the median over repeats of each way's total for all the tensors (one micro-batch's
-forward statistics), and what compiling costs a fresh process: importing `torch._dynamo`, then the
-first call with an empty inductor cache (cold) and with the cache the cold run filled (warm), each
+forward statistics), and what compiling costs a fresh process beyond importing torch: importing `torch._dynamo`, then
+the first call with an empty inductor cache (cold) and with the cache the cold run filled (warm), each
 in its own subprocess. The break-even is the number of micro-batches after which the compiled pass
 has saved its own cost.
 """
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 _COMPILE_CHILD = """
 import sys, time
-start = time.perf_counter()
 import torch
+start = time.perf_counter()
 import torch._dynamo
 imported = time.perf_counter()
 def fused(flat):

@@ -67,6 +67,20 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def all_zero(tensor: torch.Tensor) -> bool:
+    """Whether every value of ``tensor`` is exactly 0 (NaN is not), from its extremes in one
+    ``aminmax`` pass: ``any()`` took four times as long on a 1B Llama's bfloat16 weights."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    values = tensor.detach()
+    if not values.dtype.is_floating_point:
+        return not bool(values.any())
+    low, high = torch.aminmax(values)
+    return bool((low == 0) & (high == 0))
+
+
 # Elements per block: a float64 block of 2 MB. Whole-tensor conversions allocate fresh pages that
 # the kernel must fault in and zero: converting 16M bfloat16 values to float64 took 42 ms at once
 # and 7 ms in blocks of this size, which the allocator reuses.

@@ -173,6 +173,8 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
     gates nothing."""
     import torch
 
+    from gradcheck_cli.torch_util import all_zero
+
     found: list[ZeroParameter] = []
     with torch.no_grad():
         for owner_path, owner in module.named_modules():
@@ -181,14 +183,14 @@ def zero_parameters(module: nn.Module) -> tuple[ZeroParameter, ...]:
                     continue
                 if ("bias" in leaf or leaf == "beta") and not _single_feature_norm(owner):
                     continue
-                if bool(tensor.any()) and not _tiny_constant(tensor):
+                if not all_zero(tensor) and not _tiny_constant(tensor):
                     continue
                 name = f"{owner_path}.{leaf}" if owner_path else leaf
                 if _is_norm(owner) and leaf == "weight":
                     kind = GateKind.NORM_SCALE
                 elif _is_linear_map(owner) and leaf == "weight":
                     bias = owner._parameters.get("bias")
-                    if bias is not None and bool(bias.any()):
+                    if bias is not None and not all_zero(bias):
                         continue  # a constant output, not a closed gate
                     kind = GateKind.ZERO_MATRIX
                 else:  # functional spellings: a raw alpha, or a raw LoRA B used with matmul

@@ -123,8 +123,7 @@ def sum_of_elements(values: torch.Tensor) -> torch.Tensor:
         if whole < flat.numel():
             total = total + flat[whole:].sum(dtype=torch.float32).to(torch.float64)
         return total
-    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
-    return values.sum(dtype=accumulate if values.dtype.itemsize < 4 else None).to(torch.float64)
+    return values.sum(dtype=torch.float32 if values.dtype.itemsize < 4 else None).to(torch.float64)
 
 
 def sum_of_squares(values: torch.Tensor) -> torch.Tensor:
