@@ -164,8 +164,49 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_MALLINFO2_FIELDS = [
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+]
+
+
+def _allocator_in_use() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out and not taken back (glibc's ``mallinfo2``: heap chunks
+    in use plus mmapped blocks), or None off glibc.
+
+    Peak RSS also counts freed memory the allocator keeps: glibc's heap holds on to freed chunks
+    below its (adaptive, up to 32 MB) mmap threshold, so the same step's RSS growth moved by
+    150 MB between runs here, while its bytes in use did not move at all. Both are reported.
+    """
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(field, ctypes.c_size_t) for field in _MALLINFO2_FIELDS]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return in_use
+
+
 def memory_child(name: str, which: str) -> None:
-    """Run in a subprocess: print the peak-RSS growth of one bare step or one probe.
+    """Run in a subprocess: print the peak-RSS growth of one bare step or one probe, and the growth
+    of the allocator's peak bytes in use.
 
     The process's lifetime peak (ru_maxrss) may come from building the model, so a thread samples
     the resident set every millisecond during the step instead.
@@ -173,14 +214,18 @@ def memory_child(name: str, which: str) -> None:
     import threading
 
     bare, probe, _, _ = step_functions(name)
+    in_use = _allocator_in_use()
     before = _rss_bytes()
     peak = before
+    used_before = used_peak = in_use() if in_use else 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, used_peak
         while not done.is_set():
             peak = max(peak, _rss_bytes())
+            if in_use:
+                used_peak = max(used_peak, in_use())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -193,6 +238,7 @@ def memory_child(name: str, which: str) -> None:
         json.dumps(
             {
                 "growth": peak - before,
+                "in_use_growth": used_peak - used_before if in_use else None,
                 "peak": peak,
                 "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
@@ -202,6 +248,7 @@ def memory_child(name: str, which: str) -> None:
 
 def peak_memory(name: str, repeats: int) -> dict[str, Any]:
     results: dict[str, list[int]] = {"bare": [], "probe": []}
+    in_use: dict[str, list[int]] = {"bare": [], "probe": []}
     for _ in range(repeats):
         for which in ("bare", "probe"):
             out = subprocess.run(
@@ -211,8 +258,12 @@ def peak_memory(name: str, repeats: int) -> dict[str, Any]:
                 check=True,
                 cwd=ROOT,
             )
-            results[which].append(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            results[which].append(child["growth"])
+            if child.get("in_use_growth") is not None:
+                in_use[which].append(child["in_use_growth"])
     bare, probe = statistics.median(results["bare"]), statistics.median(results["probe"])
+    used = {k: statistics.median(v) if v else None for k, v in in_use.items()}
     # Per-round ratios give the spread; a round whose bare step grew nothing has no ratio.
     ratios = [p / b for b, p in zip(results["bare"], results["probe"], strict=True) if b]
     return {
@@ -224,6 +275,9 @@ def peak_memory(name: str, repeats: int) -> dict[str, Any]:
         "probe_growth_range_mb": [min(results["probe"]) / 2**20, max(results["probe"]) / 2**20],
         "memory_ratio": probe / bare if bare else None,
         "memory_ratio_range": [min(ratios), max(ratios)] if ratios else None,
+        "bare_in_use_growth_mb": used["bare"] / 2**20 if used["bare"] is not None else None,
+        "probe_in_use_growth_mb": used["probe"] / 2**20 if used["probe"] is not None else None,
+        "in_use_ratio": used["probe"] / used["bare"] if used["bare"] and used["probe"] is not None else None,
     }
 
 
@@ -348,11 +402,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{row['probe_median_s']:.3f} s | {row['time_ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) |"
         )
     if results.get("memory"):
-        lines += ["", "| model | bare step peak-RSS growth | probe peak-RSS growth | ratio |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| model | bare step peak-RSS growth | probe peak-RSS growth | ratio (min-max) "
+            "| bare step peak bytes in use | probe peak bytes in use | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for row in results["memory"]:
             ratio = f"{row['memory_ratio']:.3f}" if row["memory_ratio"] else "—"
+            spread = row.get("memory_ratio_range")
+            if spread:
+                ratio += f" ({spread[0]:.3f}-{spread[1]:.3f})"
+            used = [row.get(k) for k in ("bare_in_use_growth_mb", "probe_in_use_growth_mb", "in_use_ratio")]
+            used_cells = f"{used[0]:.0f} MB | {used[1]:.0f} MB | {used[2]:.3f}" if None not in used else "— | — | —"
             lines.append(
-                f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | {row['probe_growth_mb']:.0f} MB | {ratio} |"
+                f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | {row['probe_growth_mb']:.0f} MB | {ratio} "
+                f"| {used_cells} |"
             )
     if results.get("cli"):
         lines += cli_markdown(results["cli"])
