@@ -478,3 +478,25 @@ def test_no_depth_ratio_when_every_block_is_gated() -> None:
     report = run(LayerScaled())
     assert loud(report) == []
     assert any(f.code == "GC302" for f in report.findings)
+
+
+def test_a_torchscript_archive_under_batch_stats_keeps_dropout_off(tmp_path: Path) -> None:
+    """TorchScript without BatchNorm: batch-stats is eval, dropout included (the whole script was
+    put in train mode before). With BatchNorm the converter cannot translate the training branch:
+    a one-line error that says to pass `mode` eval."""
+    from gradcheck_cli.errors import ProbeError
+
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.ReLU(), nn.Dropout(0.9), nn.Linear(WIDTH, 10)).eval()
+    torch.jit.script(dropout).save(str(tmp_path / "dropout.pt"))
+    inputs = InputOptions(input_shape=((8, IN_FEATURES),), seed=0)
+    stats = api.inspect(tmp_path / "dropout.pt", probe=ProbeOptions(inputs=inputs, mode=Mode.BATCH_STATS))
+    evaluated = api.inspect(tmp_path / "dropout.pt", probe=ProbeOptions(inputs=inputs, mode=Mode.EVAL))
+    assert [(r.name, r.output_grad_norm) for r in stats.layers] == [
+        (r.name, r.output_grad_norm) for r in evaluated.layers
+    ]
+    normed = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.Linear(WIDTH, 10)).eval()
+    torch.jit.script(normed).save(str(tmp_path / "normed.pt"))
+    with pytest.raises(ProbeError) as info:
+        api.inspect(tmp_path / "normed.pt", probe=ProbeOptions(inputs=inputs, mode=Mode.BATCH_STATS))
+    assert "mode` eval" in (info.value.hint or "")

@@ -411,15 +411,21 @@ def _torchscript_graph(loaded: LoadedModel, options: ProbeOptions, sample: Probe
 
     script = loaded.module
     assert isinstance(script, torch.jit.ScriptModule)
-    script.train(options.mode.batch_statistics)
+    _set_mode(script, options.mode)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = TS2EPConverter(script, sample.args, sample.kwargs or None).convert()
     except Exception as exc:
+        hint = "export the model with torch.export (.pt2) or save a state_dict and pass `arch`"
+        if options.mode is not Mode.EVAL:
+            # The converter takes modules in training mode through their `if self.training`
+            # branches, which it cannot translate for BatchNorm.
+            hint = f"pass `mode` eval (the converter fails on {options.mode} branches), or " + hint
         raise ProbeError(
-            f"the TorchScript archive could not be converted into a graph the probe can instrument: {first_line(exc)}",
-            hint="export the model with torch.export (.pt2) or save a state_dict and pass `arch`",
+            f"the TorchScript archive could not be converted into a graph the probe can instrument "
+            f"in `mode` {options.mode}: {first_line(exc)}",
+            hint=hint,
         ) from exc
     _restore_parameters(program_module := program.module(), {n for n, _ in script.named_parameters()})
     notes.append(
@@ -474,14 +480,20 @@ def _collector_paused() -> Iterator[None]:
 
 def _set_mode(module: nn.Module, mode: Mode) -> None:
     """Train or eval throughout; for batch-stats, eval except the BatchNorms (InstanceNorm with
-    running statistics too: the same base class), which normalise with the batch's statistics."""
+    running statistics too: the same base class), which normalise with the batch's statistics.
+    Scripted submodules are recognised by their original class name."""
     from torch.nn.modules.batchnorm import _NormBase
 
     module.train(mode is Mode.TRAIN)
     if mode is Mode.BATCH_STATS:
         for m in module.modules():
-            if isinstance(m, _NormBase):
+            if isinstance(m, _NormBase) or type_name(m) in _SCRIPTED_NORMS:
                 m.train(True)
+
+
+_SCRIPTED_NORMS = frozenset(
+    f"{kind}Norm{dims}d" for kind in ("Batch", "Instance", "LazyBatch", "LazyInstance") for dims in (1, 2, 3)
+) | {"SyncBatchNorm"}
 
 
 @contextlib.contextmanager
