@@ -88,3 +88,20 @@ def test_a_confident_detector_is_not_a_saturation_fault_on_torch_and_onnx(tmp_pa
     # Under mse the same model's gradient vanishes behind the saturated output.
     mse = api.check_module(model, ProbeOptions(inputs=probe.inputs, loss=LossKind.MSE))
     assert "GC102" in {code for code, _ in _findings(mse)}
+
+
+@pytest.mark.parametrize("kind", [LossKind.MSE, LossKind.BCE, LossKind.CROSS_ENTROPY])
+def test_targets_are_released_with_the_last_micro_batch_and_the_split_loss_is_the_whole(kind: LossKind) -> None:
+    """The probe's loss over two micro-batches adds up to the loss over the whole batch (the same
+    seeded targets), and the targets are dropped once the last micro-batch has taken its share, so
+    they do not outlive the loss through the backward pass."""
+    output = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    whole = LossFunction(kind=kind, total=6, seed=0)
+    expected = float(whole(output))
+    assert whole._targets is None
+    split = LossFunction(kind=kind, total=6, seed=0)
+    first = float(split(output[:4]))
+    assert split._targets is not None  # two samples still to come
+    second = float(split(output[4:]))
+    assert split._targets is None
+    assert first + second == pytest.approx(expected, rel=1e-6)

@@ -189,6 +189,10 @@ class LossFunction:
                 f"`target` holds {self._targets.shape[0]} samples, fewer than the probe's {self.total}",
                 hint="give one target per probe sample",
             )
+        if self._offset >= self._targets.shape[0]:
+            # The last micro-batch's targets: the loss's graph does not keep them, so they need not
+            # outlive it through the backward pass (the bare step's targets are a temporary too).
+            self._targets = None
         return chunk.to(output.device)
 
     def _load_or_draw(self, kind: LossKind, output: torch.Tensor) -> torch.Tensor:
