@@ -119,3 +119,36 @@ def test_graph_reach_sees_inputs_hooks_and_custom_functions() -> None:
     assert reach.inputs_reached and not reach.prunable
     scaled = Scale.apply(x @ weight)  # one that leads to a parameter is kept by the pruning itself
     assert graph_reach(scaled.sum(), [x], [weight], []).prunable
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_pruned_backward_gives_torchvision_models_the_full_backwards_rows(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On real architectures (residual blocks, squeeze-excitation, in-place activations) every
+    row's gradient norms are bitwise those of the full backward pass."""
+    import torchvision
+
+    from gradcheck_cli.probe import reach
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 64, 64),), seed=0))
+    decisions: list[bool] = []
+    real = reach.graph_reach
+
+    def spy(*args: Any) -> reach.Reach:
+        found = real(*args)
+        decisions.append(found.prunable)
+        return found
+
+    monkeypatch.setattr(reach, "graph_reach", spy)
+    pruned = api.inspect_module(model, options)
+    monkeypatch.setattr(reach, "graph_reach", lambda *args: reach.Reach(inputs_reached=True, prunable=False))
+    whole = api.inspect_module(model, options)
+    assert decisions == [True]
+
+    def norms(report: Report) -> list[tuple[str, float | None, float | None]]:
+        return [(r.name, r.output_grad_norm, r.grad.norm if r.grad else None) for r in report.layers]
+
+    assert norms(pruned) == norms(whole)
