@@ -11,7 +11,8 @@ Ratios are measured side by side in one process, interleaved (bare, probe, bare,
 reported as the median of the per-pair ratios, so drifting machine load hits both alike. Peak
 memory is measured in fresh subprocesses (one per measurement) as the growth of the peak resident
 set over the process's resident set just before the step, so the model's own weights and the
-Python/torch baseline cancel out.
+Python/torch baseline cancel out: once with glibc's defaults, and once with glibc handing freed
+memory back at once (RETURNED_HEAP), where the resident set follows the bytes each step holds.
 """
 
 from __future__ import annotations
@@ -246,7 +247,14 @@ def memory_child(name: str, which: str) -> None:
     )
 
 
-def peak_memory(name: str, repeats: int) -> dict[str, Any]:
+# glibc told to hand freed memory back at once: every allocation of 64 KB or more gets its own
+# mapping, unmapped when freed (a fixed threshold, not the adaptive one), and the heap's top is
+# trimmed on every free. The resident set then follows the bytes held, to the megabyte from one
+# process to the next, where by default the same bare step's growth moved by 150 MB.
+RETURNED_HEAP = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def peak_memory(name: str, repeats: int, heap: dict[str, str] | None = None) -> dict[str, Any]:
     results: dict[str, list[int]] = {"bare": [], "probe": []}
     in_use: dict[str, list[int]] = {"bare": [], "probe": []}
     for _ in range(repeats):
@@ -257,6 +265,7 @@ def peak_memory(name: str, repeats: int) -> dict[str, Any]:
                 text=True,
                 check=True,
                 cwd=ROOT,
+                env={**os.environ, **(heap or {})},
             )
             child = json.loads(out.stdout.strip().splitlines()[-1])
             results[which].append(child["growth"])
@@ -269,6 +278,7 @@ def peak_memory(name: str, repeats: int) -> dict[str, Any]:
     return {
         "model": name,
         "repeats": repeats,
+        "heap": "returned" if heap else "default",
         "bare_growth_mb": bare / 2**20,
         "probe_growth_mb": probe / 2**20,
         "bare_growth_range_mb": [min(results["bare"]) / 2**20, max(results["bare"]) / 2**20],
@@ -404,9 +414,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("memory"):
         lines += [
             "",
-            "| model | bare step peak-RSS growth | probe peak-RSS growth | ratio (min-max) "
+            "| model | glibc heap | bare step peak-RSS growth | probe peak-RSS growth | ratio (min-max) "
             "| bare step peak bytes in use | probe peak bytes in use | ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in results["memory"]:
             ratio = f"{row['memory_ratio']:.3f}" if row["memory_ratio"] else "—"
@@ -416,7 +426,8 @@ def markdown(results: dict[str, Any]) -> str:
             used = [row.get(k) for k in ("bare_in_use_growth_mb", "probe_in_use_growth_mb", "in_use_ratio")]
             used_cells = f"{used[0]:.0f} MB | {used[1]:.0f} MB | {used[2]:.3f}" if None not in used else "— | — | —"
             lines.append(
-                f"| {row['model']} | {row['bare_growth_mb']:.0f} MB | {row['probe_growth_mb']:.0f} MB | {ratio} "
+                f"| {row['model']} | {row.get('heap', 'default')} | {row['bare_growth_mb']:.0f} MB "
+                f"| {row['probe_growth_mb']:.0f} MB | {ratio} "
                 f"| {used_cells} |"
             )
     if results.get("cli"):
@@ -469,6 +480,7 @@ def main() -> None:
         if not args.no_memory:
             print(f"memory {name} ...", file=sys.stderr, flush=True)
             results["memory"].append(peak_memory(name, memory_repeats))
+            results["memory"].append(peak_memory(name, memory_repeats, RETURNED_HEAP))
     if not args.no_cli:
         samples = sample_commands()
         results["cli"] = cli_times(cli_repeats, samples[:1] if args.cli_samples == "first" else samples)

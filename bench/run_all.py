@@ -555,7 +555,7 @@ def linearity(k: float) -> str:
 def scaling_summary(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
     if not scaling or not scaling.get("time"):
         return None
-    memory = {row["model"]: row for row in scaling.get("memory") or []}
+    memory = {row["model"]: row for row in scaling.get("memory") or [] if row.get("heap", "default") == "default"}
     rows = []
     for t in scaling["time"]:
         spec = t["model"].split(":")

@@ -29,6 +29,7 @@ from gradcheck_cli.probe.activations import (
     function_name,
     module_parameters,
 )
+from gradcheck_cli.probe.attention import AttentionRows, attention_rows
 from gradcheck_cli.probe.layers import OP_TYPES, is_channel_first, is_norm, row_kind
 from gradcheck_cli.probe.recorder import Recorder, Row
 from gradcheck_cli.probe.recurrent import RECURRENT_TYPES, RecurrentUnroller
@@ -183,9 +184,9 @@ class EagerInstrument:
             return
         fn = activation_of_call(func, args, kwargs)
         if fn is None:
-            probs = attention_probabilities(func, args, kwargs or {}, result, self.stack)
-            if probs is not None:
-                self._record_attention(func, probs, result)
+            rows = attention_rows(func, args, kwargs or {}, result, inside_attention(self.stack))
+            if rows is not None:
+                self._record_attention(func, rows, result)
             return
         path, module = self.stack[-1] if self.stack else ("", self.model)
         if type_name(module) in MODULE_ACTIVATIONS:
@@ -208,7 +209,7 @@ class EagerInstrument:
         with self._recording():
             self.recorder.record_output(row, tensor)
 
-    def _record_attention(self, func: Any, probs: torch.Tensor, result: Any) -> None:
+    def _record_attention(self, func: Any, rows: AttentionRows, result: Any) -> None:
         path = self.stack[-1][0] if self.stack else ""
         tensor = first_tensor(result)
         if tensor is None:
@@ -219,7 +220,7 @@ class EagerInstrument:
         )
         with self._recording():
             self.recorder.record_output(row, tensor)
-            self.recorder.record_attention(row, probs)
+            self.recorder.record_attention(row, rows)
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
@@ -255,53 +256,9 @@ def is_block(module: nn.Module, parent: nn.Module | None) -> bool:
     return type_name(module).endswith(("Layer", "Block"))
 
 
-def attention_probabilities(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any, stack: Sequence[tuple[str, Any]]
-) -> torch.Tensor | None:
-    """Attention probabilities of a call, or None: a softmax over the keys inside an attention
-    module, or the probabilities a fused scaled_dot_product_attention computed and did not return."""
-    import math
-
-    import torch
-
-    name = function_name(func)
-    if name == "softmax":
-        inside_attention = any(
-            "att" in path.rsplit(".", 1)[-1].lower() or "att" in type_name(m).lower() for path, m in stack[-3:]
-        )
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if inside_attention and isinstance(result, torch.Tensor) and result.dim() == 4 and dim in (-1, 3):
-            return result
-        return None
-    if name != "scaled_dot_product_attention" or len(args) < 2:
-        return None
-    query, key = args[0], args[1]
-    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() < 3:
-        return None
-    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-    causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
-    scale = kwargs.get("scale")
-    with torch.no_grad():
-        q, k = query.detach(), key.detach()
-        if k.shape[-3] != q.shape[-3] and q.dim() == 4:  # grouped-query attention
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        # Scaling the queries (D per row) costs less than scaling the scores (K per row); the
-        # scores are a fresh tensor, so the masks and the softmax work in place.
-        q = q * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-        scores = (q @ k.transpose(-2, -1)).float()
-        if causal:
-            keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-            scores.masked_fill_(~keep, float("-inf"))
-        if isinstance(mask, torch.Tensor):
-            if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask, float("-inf"))
-            else:
-                scores += mask
-        # The fused softmax, not one in place in the scores' buffer: that was twice as slow on BERT's
-        # attention, and the probe's peak memory is in the backward pass, not here.
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        return probs.nan_to_num_(nan=0.0)  # a fully masked row (all -inf) attends to nothing
+def inside_attention(stack: Sequence[tuple[str, Any]]) -> bool:
+    """Whether the innermost modules of the call stack are an attention module (by path or type)."""
+    return any("att" in path.rsplit(".", 1)[-1].lower() or "att" in type_name(m).lower() for path, m in stack[-3:])
 
 
 def _activation_mode_class() -> type:

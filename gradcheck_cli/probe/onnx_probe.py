@@ -26,6 +26,7 @@ from gradcheck_cli.errors import LoadError, ProbeError, UsageError, first_line
 from gradcheck_cli.onnx.plan import GraphPlan, RowPlan, plan_rows
 from gradcheck_cli.options import Mode, ProbeOptions
 from gradcheck_cli.parameters import onnx_parameter_count
+from gradcheck_cli.probe.attention import rows_of_probabilities
 from gradcheck_cli.probe.recorder import Recorder, Row, uncomputed_note
 from gradcheck_cli.records import LoweringCheck, ModelInfo, ProbeInfo, Report, ToolInfo
 from gradcheck_cli.stats import histogram_edges
@@ -322,7 +323,7 @@ def run_onnx_probe(
         for row in by_value.get(name, []):
             recorder.record_output(row, tensor)
             if row.name in attention and tensor.dim() >= 3:
-                recorder.record_attention(row, tensor)
+                recorder.record_attention(row, rows_of_probabilities(tensor))
         for row in norm_inputs.get(name, []):
             recorder.record_input(row, tensor)
 

@@ -30,6 +30,8 @@ from gradcheck_cli.stats import Moments
 if TYPE_CHECKING:
     import torch
 
+    from gradcheck_cli.probe.attention import AttentionRows
+
     # A row's numbers for one micro-batch (see the layout below): Python floats when computed on
     # the CPU, a float64 tensor on an accelerator, fetched with the others at the batch's end.
     Statistics = torch.Tensor | list[float]
@@ -303,29 +305,21 @@ class Recorder:
         """Statistics of a norm layer's input (no gradient hook: that is the layer below's output)."""
         self.record_output(row.input_of(), value, gradient=False)
 
-    def record_attention(self, row: Row, probs: torch.Tensor) -> None:
-        """Attention probabilities (N, heads, queries, keys): per-head entropy and saturated rows."""
+    def record_attention(self, row: Row, rows: AttentionRows) -> None:
+        """Per-head entropy sums and near one-hot rows of one call's attention (probe/attention.py)."""
         import torch
 
         with torch.no_grad():
-            p = probs.detach().float()
-            heads = p.shape[1] if p.dim() == 4 else 1
-            p = p.reshape(p.shape[0], heads, -1, p.shape[-1])
-            # -p log p with 0 log 0 = 0: log, the -inf of zero probabilities set to 0, times p, all
-            # in one buffer (xlogy, which does this itself, took 2.4 times as long on BERT's attention).
-            terms = torch.log(p).nan_to_num_(neginf=0.0).mul_(p)
-            entropy = -terms.sum(dim=-1)  # (N, heads, queries)
-            del terms
-            top = p.amax(dim=-1)
             # A near one-hot row passes no gradient, as a saturated sigmoid: docs/theory.md#attention-entropy
+            top = rows.top
             saturated = (top * (1 - top) < self.saturation_cutoff * 0.25).sum()
-            per_head = entropy.sum(dim=(0, 2))
+            per_head = rows.entropy.sum(dim=(0, 2))
             row.attention_entropy = per_head if row.attention_entropy is None else row.attention_entropy + per_head
             row.attention_saturated = (
                 saturated if row.attention_saturated is None else row.attention_saturated + saturated
             )
-            row.attention_rows += int(entropy.numel())
-            row.attention_keys = int(p.shape[-1])
+            row.attention_rows += int(rows.entropy.numel())
+            row.attention_keys = rows.keys
 
     def record_output(self, row: Row, output: torch.Tensor, *, gradient: bool = True) -> None:
         """Reduce ``output`` to the row's statistics now; register the hook for its gradient."""
@@ -429,6 +423,16 @@ class Recorder:
         output.register_hook(self._grad_hook_for(rows))
         if output.grad_fn is not None:
             self.hooked_nodes.append(output.grad_fn)
+
+    def end_forward(self) -> list[object]:
+        """Call when the micro-batch's forward pass is done: returns the hooked autograd nodes and
+        forgets them, with the forward's per-tensor caches, before the backward pass. A node
+        referenced through the backward pass outlives its turn, and with it memory the pass
+        would have freed (3.5 MB at BERT-base's peak)."""
+        nodes, self.hooked_nodes = self.hooked_nodes, []
+        self._reduced.clear()
+        self._watched.clear()
+        return nodes
 
     def grad_hook(self, row: Row) -> object:
         return self._grad_hook_for([row])

@@ -305,11 +305,14 @@ def _backward(
 
     from gradcheck_cli.probe.reach import graph_reach
 
+    hooked = recorder.end_forward()
     if not watched:
+        del hooked
         loss.backward()
         return True
     parameters = [p for p in module.parameters() if p.requires_grad]
-    reach = graph_reach(loss, watched, parameters, recorder.hooked_nodes)
+    reach = graph_reach(loss, watched, parameters, hooked)
+    del hooked
     if sharded or not reach.prunable or not parameters:
         loss.backward()
     else:
