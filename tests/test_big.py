@@ -457,3 +457,31 @@ def test_large_bf16_outputs_are_reduced_in_bf16_within_its_resolution() -> None:
     # Rounding 1100 row sums of ~64 std each to 2^-9 gives an error of a few std; summing in
     # bfloat16 itself would be off by thousands.
     assert float(recorder.sum_of_elements(as_bf16)) == pytest.approx(float(flat.sum()), abs=64 * std)
+
+
+def test_inspect_reads_each_loaded_weight_for_nan_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inspect` loads with NaN/Inf weights refused, so the gate's scan that follows does not read
+    the same tensors again (a pass over 2.2 GB on a 1B bf16 checkpoint). With `allow_nonfinite`
+    (what `check` always loads with) the loader reads none and the scan reads them all, and still
+    names the corrupt tensor."""
+    from gradcheck_cli import torch_util
+    from gradcheck_cli.options import LoadOptions
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    path = tmp_path / "mlp.pt"
+    torch.save(model, path)
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dtype.is_floating_point]
+    reads: list[int] = []
+    counted = torch_util.all_finite
+    monkeypatch.setattr(torch_util, "all_finite", lambda t: reads.append(t.numel()) or counted(t))
+    probe = ProbeOptions(inputs=InputOptions(input_shape=((4, 8),)))
+    api.inspect(path, load=LoadOptions(trust_pickle=True), probe=probe)
+    assert sorted(reads) == sorted(t.numel() for t in tensors)
+
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    torch.save(model, path)
+    reads.clear()
+    report = api.check(path, load=LoadOptions(trust_pickle=True), probe=probe)
+    assert sorted(reads) == sorted(t.numel() for t in tensors)
+    assert any("2.weight" in finding.message for finding in report.findings)

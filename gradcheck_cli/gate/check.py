@@ -124,7 +124,7 @@ def _checked(loaded: LoadedModel, probe: ProbeOptions, rules: Iterable[Rule], pr
 
     active = tuple(rules)
     # Before the probe runs: the checkpoint as shipped.
-    scan = scan_module(loaded.module, checkpoint=loaded.checkpoint)
+    scan = scan_module(loaded.module, checkpoint=loaded.checkpoint, floating_finite=loaded.weights_finite)
     probe, note = _probe_for(scan, probe)
     report = inspect_loaded(loaded, probe, progress=progress)
     if note:

@@ -220,10 +220,15 @@ def _tiny_constant(tensor: torch.Tensor) -> bool:
     return 0 < abs(float(first)) <= TINY_SCALE and bool((tensor == first).all())
 
 
-def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = None) -> CheckpointScan:
+def scan_module(
+    module: nn.Module, *, checkpoint: Mapping[str, Any] | None = None, floating_finite: bool = False
+) -> CheckpointScan:
     """Every floating tensor of ``module`` checked for NaN/Inf, every BatchNorm's buffers and
     affine parameters, the zero parameters that may gate a branch, and the training keys of the
-    ``checkpoint`` dict the module was loaded from (None: a bare state_dict or a module)."""
+    ``checkpoint`` dict the module was loaded from (None: a bare state_dict or a module).
+
+    ``floating_finite``: the loader has already found every real floating tensor finite
+    (``LoadedModel.weights_finite``), so only complex ones are read for NaN/Inf here."""
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -238,7 +243,11 @@ def scan_module(module: nn.Module, *, checkpoint: Mapping[str, Any] | None = Non
             for leaf, tensor in tensors:
                 if tensor is None or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
                     continue
-                if all_finite(tensor) or open_bound(owner, leaf):
+                if (
+                    (floating_finite and tensor.dtype.is_floating_point)
+                    or all_finite(tensor)
+                    or open_bound(owner, leaf)
+                ):
                     continue
                 finite = torch.isfinite(tensor)
                 nan = int(torch.isnan(tensor).sum())

@@ -28,6 +28,7 @@ def load_model(path: Path, options: LoadOptions | None = None, *, device: str = 
     )
     if not options.allow_nonfinite:
         check_finite_weights(loaded)
+        loaded.weights_finite = True
     return loaded
 
 
