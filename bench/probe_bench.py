@@ -219,7 +219,7 @@ def memory_child(name: str, which: str) -> None:
     # for the modules the probe imports on first use or for the library code it touches first
     # (file-backed pages in the resident set): on BERT-base that was 3.2 MB of code and a few MB of
     # Python modules, which a second probe in the same process would not pay again.
-    _, warm_up, _, _ = step_functions(WARM_UP.get(name.split(":")[0], "mlp:16:2:4"))
+    _, warm_up, _, _ = step_functions(warm_up_model(name))
     warm_up()
     in_use = _allocator_in_use()
     before = _rss_bytes()
@@ -253,9 +253,14 @@ def memory_child(name: str, which: str) -> None:
     )
 
 
-# The tiny model each memory child probes before it measures (see memory_child).
-WARM_UP = {"bert": "bert-tiny:2:16", "bert-tiny": "bert-tiny:2:8", "mlp": "mlp:16:2:4"}
-WARM_UP.update({f"resnet{depth}": "resnet18:2:32" for depth in (18, 34, 50, 101, 152)})
+def warm_up_model(name: str) -> str:
+    """The tiny model of ``name``'s family (as :func:`build` tells them apart) that each memory
+    child probes before it measures (see memory_child)."""
+    if name.startswith("bert"):
+        return "bert-tiny:2:16"
+    if name.startswith("resnet"):
+        return "resnet18:2:32"
+    return "mlp:16:2:4"
 
 
 # glibc told to hand freed memory back at once: every allocation of 64 KB or more gets its own

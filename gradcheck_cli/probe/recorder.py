@@ -461,9 +461,7 @@ class Recorder:
         """Merge this micro-batch's numbers, moving those still on a device in one transfer."""
         import torch
 
-        self._reduced.clear()
-        self._watched.clear()
-        self.hooked_nodes.clear()
+        self.end_forward()  # a path that ran no backward pass (ONNX) has not forgotten them yet
         entries: list[tuple[Row, bool, Statistics | float]] = []  # (row, is a gradient, numbers)
         rows = list(self.rows.values())
         rows += [row.input_row for row in rows if row.input_row is not None]
