@@ -101,11 +101,16 @@ def make_input(name: str, spec: dict[str, Any]) -> Any:
     return torch.randn(spec["shape"], generator=generator)
 
 
+# The probe's `statistics_pass` (auto, compiled or eager), set by --statistics-pass; memory children
+# get it on their command line.
+STATISTICS_PASS = "auto"
+
+
 def step_functions(
     name: str,
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[Callable[[], None]], float], int]:
     from gradcheck_cli import api
-    from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions
+    from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions, StatisticsPass
 
     model, spec, loss_of = build(name)
     x = make_input(name, spec)
@@ -114,10 +119,12 @@ def step_functions(
         model.zero_grad(set_to_none=True)
         loss_of(model, x).backward()
 
+    statistics_pass = StatisticsPass(STATISTICS_PASS)
     if name.startswith("bert"):
-        options = ProbeOptions(inputs=InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"]), loss=LossKind.MSE)
+        inputs = InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"])
+        options = ProbeOptions(inputs=inputs, loss=LossKind.MSE, statistics_pass=statistics_pass)
     else:
-        options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)))
+        options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)), statistics_pass=statistics_pass)
 
     def probe() -> None:
         api.inspect_module(model, options)
@@ -276,7 +283,7 @@ def peak_memory(name: str, repeats: int, heap: dict[str, str] | None = None) -> 
     for _ in range(repeats):
         for which in ("bare", "probe"):
             out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, which],
+                [sys.executable, __file__, "--statistics-pass", STATISTICS_PASS, "--memory-child", name, which],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -416,7 +423,7 @@ def machine() -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Machine: {results['machine']}", ""]
+    lines = [f"Machine: {results['machine']}", f"Statistics pass: {results.get('statistics_pass', 'auto')}", ""]
     lines += [
         "| model | parameters | bare step (median) | probe (median) | time ratio (median, min-max) |",
         "|---|---:|---:|---:|---:|",
@@ -476,8 +483,16 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="probe_bench", help="file stem of the results: OUT/NAME.json, OUT/NAME.md")
+    parser.add_argument(
+        "--statistics-pass",
+        choices=("auto", "compiled", "eager"),
+        default="auto",
+        help="the probe's statistics_pass (compiled: its compiling happens in the warm-up step)",
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global STATISTICS_PASS
+    STATISTICS_PASS = args.statistics_pass
     if args.memory_child:
         memory_child(*args.memory_child)
         return
@@ -489,7 +504,7 @@ def main() -> None:
     cli_repeats = args.cli_repeats if args.cli_repeats is not None else 1 if args.quick else 5
     if min(repeats, memory_repeats, cli_repeats) < 1:
         parser.error("repeat counts must be at least 1 (--no-memory and --no-cli skip those parts)")
-    results: dict[str, Any] = {"machine": machine(), "time": [], "memory": []}
+    results: dict[str, Any] = {"machine": machine(), "statistics_pass": STATISTICS_PASS, "time": [], "memory": []}
     for name in models:
         print(f"timing {name} ...", file=sys.stderr, flush=True)
         results["time"].append(interleaved(name, repeats))

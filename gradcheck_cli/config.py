@@ -52,6 +52,7 @@ from gradcheck_cli.options import (
     ReportTarget,
     RuleOverride,
     Scheme,
+    StatisticsPass,
 )
 from gradcheck_cli.records import Severity
 
@@ -402,6 +403,7 @@ def _parsers(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "histograms": _bool,
         "memory_budget": _memory,
         "activation_checkpointing": _bool,
+        "statistics_pass": _choice_of(StatisticsPass),
         "fail_on": _choice_of(Severity),
         "select": _strings,
         "ignore": _strings,

@@ -106,6 +106,18 @@ class Mode(Choice):
         return self is not Mode.EVAL
 
 
+class StatisticsPass(Choice):
+    """How each large output is reduced to its statistics: three eager passes, or one pass of a
+    kernel compiled with torch.compile (seconds to compile, then faster on CPU outputs larger than
+    the cache; ReLU-family rows keep the eager passes). Auto compiles when the micro-batches left
+    are expected to win the compiling back, judged by the sizes of the first micro-batch's
+    outputs (probe/compiled.py)."""
+
+    AUTO = "auto"
+    COMPILED = "compiled"
+    EAGER = "eager"
+
+
 class ReportFormat(Choice):
     """What a command writes as its report: a closed set (docs/ci.md describes each). ``inspect``,
     ``fold-bn`` and ``reinit`` write table and json; ``check`` all five."""
@@ -186,6 +198,7 @@ class ProbeOptions:
     # transformers models: recompute each block's activations during backward (the model's own
     # gradient checkpointing) instead of keeping them, for long sequences.
     activation_checkpointing: bool = False
+    statistics_pass: StatisticsPass = StatisticsPass.AUTO
 
 
 @dataclass(frozen=True)

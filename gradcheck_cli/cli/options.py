@@ -28,6 +28,7 @@ from gradcheck_cli.options import (
     ReinitOptions,
     RuleOverride,
     Scheme,
+    StatisticsPass,
     WriteFormat,
     flag_of,
 )
@@ -290,6 +291,14 @@ PROBE = Group(
             bool,
             "transformers models: recompute each block's activations during "
             "backward (the model's own gradient checkpointing) instead of keeping them, for long sequences.",
+        ),
+        Flag(
+            "statistics_pass",
+            StatisticsPass,
+            "eager (three passes over each output), compiled (one torch.compile pass over each CPU "
+            "output of 1M elements or more, ReLU rows aside: seconds to compile, then faster) or auto "
+            "(compiled when enough micro-batches of large outputs are left to win the compiling back).",
+            record=ProbeOptions,
         ),
     ),
 )

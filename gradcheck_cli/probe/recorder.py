@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gradcheck_cli.probe import compiled as compiled_pass
 from gradcheck_cli.probe.activations import RELU_FAMILY, SATURATING, saturated_mask, unit_axis
 from gradcheck_cli.records import (
     AttentionStats,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from gradcheck_cli.probe.attention import AttentionRows
+    from gradcheck_cli.probe.compiled import CompiledStatistics
 
     # A row's numbers for one micro-batch (see the layout below): Python floats when computed on
     # the CPU, a float64 tensor on an accelerator, fetched with the others at the batch's end.
@@ -94,9 +96,10 @@ def _measured(output: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def cpu_moments(y: torch.Tensor) -> tuple[float, float]:
+def cpu_moments(y: torch.Tensor, total: torch.Tensor | None = None) -> tuple[float, float]:
     """(variance, mean) from a sum and a sum of squares: two vectorised passes instead of CPU
-    Welford's one slow pass (about 8x slower per element on this kind of machine).
+    Welford's one slow pass (about 8x slower per element on this kind of machine). ``total`` is
+    Σx where the caller already has it (a ReLU-family row's per-unit sums), saving a pass.
 
     E[x^2] - E[x]^2 loses digits when the mean dwarfs the spread; reading the result costs no
     synchronisation on the CPU, so such tensors (and overflowing ones) fall back to Welford.
@@ -104,7 +107,7 @@ def cpu_moments(y: torch.Tensor) -> tuple[float, float]:
     import torch
 
     count = y.numel()
-    mean = float(sum_of_elements(y)) / count
+    mean = float(sum_of_elements(y) if total is None else total) / count
     mean_square = float(sum_of_squares(y)) / count
     var = mean_square - mean * mean
     if not math.isfinite(var) or var < _CANCELLATION_GUARD * mean_square:
@@ -207,39 +210,65 @@ def _bfloat16_on_cpu(values: torch.Tensor) -> bool:
 _CANCELLATION_GUARD = 0.05
 
 
-def unit_extremes(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per unit along ``axis``: (minimum, maximum). A unit is alive when either is non-zero, and
-    the tensor's own min/max follow from them, so ReLU-family rows need no separate min/max pass.
-
-    Reduces the contiguous trailing block first, then the leading one: a reduction over
-    scattered dimensions (e.g. (0, 2, 3) of NCHW at once) is an order of magnitude slower on CPU.
-    """
+def _unit_blocks(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
+    """``y`` as (leading, units, trailing) around ``axis`` (a view), with the leading and trailing
+    sizes."""
     units = y.shape[axis]
     leading = 1
     for size in y.shape[:axis]:
         leading *= size
     trailing = y.numel() // max(leading * units, 1)
+    return y.reshape(leading, units, trailing), leading, trailing
+
+
+def unit_extremes(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit along ``axis``: (minimum, maximum).
+
+    Reduces the contiguous trailing block first, then the leading one: a reduction over
+    scattered dimensions (e.g. (0, 2, 3) of NCHW at once) is an order of magnitude slower on CPU.
+    """
+    blocks, leading, trailing = _unit_blocks(y, axis)
     if trailing == 1:  # units on the last axis (sequences, features): a column reduction, one pass
-        rows = y.reshape(leading, units)
+        rows = blocks[:, :, 0]
         return rows.amin(dim=0), rows.amax(dim=0)
-    blocks = y.reshape(leading, units, trailing)
     if leading == 1:
         return blocks[0].amin(dim=1), blocks[0].amax(dim=1)
     return blocks.amin(dim=2).amin(dim=0), blocks.amax(dim=2).amax(dim=0)
 
 
-def _extremes(
-    y: torch.Tensor, axis: int | None
-) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """(per-unit extremes keyed by ``axis``, minimum, maximum): for a ReLU-family row the tensor's
-    own extremes follow from the per-unit ones, with no separate min/max pass."""
+def unit_sums(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per unit along ``axis``: the sum of its elements, accumulated in float32 (trailing block
+    first, as :func:`unit_extremes`)."""
     import torch
 
-    if axis is None:
-        low, high = torch.aminmax(y)
-        return {}, low, high
-    lows, highs = unit_extremes(y, axis)
-    return {axis: (lows, highs)}, lows.min(), highs.max()
+    blocks, leading, trailing = _unit_blocks(y, axis)
+    accumulate = torch.float32 if y.dtype.itemsize < 4 else None
+    if trailing == 1:
+        return blocks[:, :, 0].sum(dim=0, dtype=accumulate)
+    if leading == 1:
+        return blocks[0].sum(dim=1, dtype=accumulate)
+    return blocks.sum(dim=2, dtype=accumulate).sum(dim=0)
+
+
+def units_alive(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per unit along ``axis``: whether any element is non-zero (NaN counts as non-zero), from
+    its minimum and maximum."""
+    low, high = unit_extremes(y, axis)
+    return (low != 0) | (high != 0)
+
+
+def _alive_from_sums(y: torch.Tensor, axis: int, sums: torch.Tensor, lowest: float) -> torch.Tensor:
+    """Per unit: whether any element is non-zero, from its sum where that settles it.
+
+    A unit whose sum is non-zero has a non-zero element. With no negative element (a ReLU's
+    output: ``lowest`` >= 0) a zero sum means every element is zero, since a sum of non-negative
+    floats is at least its largest term. Otherwise a zero sum may be cancellation, and the units
+    are tested by their extremes.
+    """
+    alive = sums != 0
+    if lowest >= 0 or bool(alive.all()):
+        return alive
+    return units_alive(y, axis)
 
 
 @dataclass
@@ -250,7 +279,7 @@ class _Reduced:
     version: int
     values: Statistics  # count, mean, M2, min, max, NaN count, Inf count
     n_nan: torch.Tensor | None  # None when known to be zero
-    per_unit: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    alive: dict[int, torch.Tensor] = field(default_factory=dict)  # axis -> per unit: any element non-zero
     histogram: torch.Tensor | None = None
 
     def with_saturation(self, saturated: torch.Tensor | None) -> Statistics:
@@ -278,6 +307,11 @@ class Recorder:
         self._watched: dict[int, tuple[weakref.ref[torch.Tensor], int, list[Row]]] = {}
         # The autograd nodes that carry this micro-batch's gradient hooks (probe/reach.py).
         self.hooked_nodes: list[object] = []
+        # The one-pass kernel for large outputs (probe/compiled.py), when the probe uses it.
+        self.compiled: CompiledStatistics | None = None
+        # Bytes of whole-tensor outputs large enough for it, in the last micro-batch's forward.
+        self.large_output_bytes = 0
+        self._large_bytes = 0
 
     def _histogram(self, flat: torch.Tensor, n_nan: torch.Tensor | None) -> torch.Tensor:
         """Counts per fixed bin (see stats.histogram_edges); NaN is counted apart, never binned."""
@@ -349,8 +383,7 @@ class Recorder:
                     reduced.histogram = self._histogram(y.reshape(-1), reduced.n_nan)
                 row.hist_output = reduced.histogram if row.hist_output is None else row.hist_output + reduced.histogram
             if axis is not None:
-                low, high = reduced.per_unit[axis]
-                nonzero = (low != 0) | (high != 0)
+                nonzero = reduced.alive[axis]
                 row.alive = nonzero if row.alive is None or row.alive.shape != nonzero.shape else row.alive | nonzero
         if gradient and output.requires_grad:
             row.wants_grad = True
@@ -368,49 +401,69 @@ class Recorder:
         if cached is None:
             cached = self._reduce(output, y, axis)
             self._reduced[id(output)] = cached
-        elif axis is not None and axis not in cached.per_unit:
-            cached.per_unit[axis] = unit_extremes(y, axis)
+        elif axis is not None and axis not in cached.alive:
+            cached.alive[axis] = units_alive(y, axis)
         return cached
 
     def _reduce(self, output: torch.Tensor, y: torch.Tensor, axis: int | None) -> _Reduced:
         import torch
 
+        if axis is None and y.numel() >= compiled_pass.MIN_ELEMENTS:
+            self._large_bytes += y.numel() * y.element_size()
         if y.device.type == "cpu":
             return self._reduce_on_cpu(output, y, axis)
         var, mean = torch.var_mean(y, correction=0)
-        per_unit, low, high = _extremes(y, axis)
+        alive: dict[int, torch.Tensor] = {}
+        if axis is None:
+            low, high = torch.aminmax(y)
+        else:  # a ReLU-family row's extremes follow from its units'
+            lows, highs = unit_extremes(y, axis)
+            alive[axis] = (lows != 0) | (highs != 0)
+            low, high = lows.min(), highs.max()
         # On an accelerator, counting costs two cheap passes but no synchronisation.
         n_nan = torch.isnan(y).sum()
         n_inf = torch.isinf(y).sum()
         counts = torch.stack([y.numel() - n_nan - n_inf, n_nan, n_inf]).to(torch.float64)
         moments = torch.stack([mean, var * y.numel(), low, high]).to(torch.float64)
         vector = torch.cat([counts[:1], moments, counts[1:]])
-        return _Reduced(
-            source=weakref.ref(output), version=output._version, values=vector, n_nan=n_nan, per_unit=per_unit
-        )
+        return _Reduced(source=weakref.ref(output), version=output._version, values=vector, n_nan=n_nan, alive=alive)
 
     def _reduce_on_cpu(self, output: torch.Tensor, y: torch.Tensor, axis: int | None) -> _Reduced:
         """The same numbers as Python floats: on the CPU reading a result costs no synchronisation,
-        so the extremes come first and decide what else runs, and no small tensors are stacked."""
+        so the extremes come first and decide what else runs, and no small tensors are stacked.
+
+        A ReLU-family row takes its sum from its units' sums, which also tell which units are
+        alive: three passes (extremes, unit sums, squares), where per-unit extremes took four.
+        """
         import torch
 
-        per_unit, low_tensor, high_tensor = _extremes(y, axis)
+        # A whole-tensor row's one compiled pass, where the probe uses it (probe/compiled.py).
+        one_pass = self.compiled.reduce(y) if self.compiled is not None and axis is None else None
+        if one_pass is not None:
+            return _Reduced(source=weakref.ref(output), version=output._version, values=one_pass, n_nan=None)
+        low_tensor, high_tensor = torch.aminmax(y)
         low, high = float(low_tensor), float(high_tensor)
         count = y.numel()
         n_nan: torch.Tensor | None = None
+        alive: dict[int, torch.Tensor] = {}
         if math.isfinite(low) and math.isfinite(high):
             # Finite extremes mean every element is finite (NaN propagates through min/max): no
             # NaN/Inf passes.
-            var, mean = cpu_moments(y)
+            total = None
+            if axis is not None:
+                sums = unit_sums(y, axis)
+                alive[axis] = _alive_from_sums(y, axis, sums, low)
+                total = sums.to(torch.float64).sum()
+            var, mean = cpu_moments(y, total)
             values = [float(count), mean, var * count, low, high, 0.0, 0.0]
         else:
             # The moments of a tensor with NaN/Inf are not reported: only the counts are needed.
+            if axis is not None:
+                alive[axis] = units_alive(y, axis)
             n_nan = torch.isnan(y).sum()
             nan, inf = int(n_nan), int(torch.isinf(y).sum())
             values = [float(count - nan - inf), math.nan, math.nan, low, high, float(nan), float(inf)]
-        return _Reduced(
-            source=weakref.ref(output), version=output._version, values=values, n_nan=n_nan, per_unit=per_unit
-        )
+        return _Reduced(source=weakref.ref(output), version=output._version, values=values, n_nan=n_nan, alive=alive)
 
     def _watch_gradient(self, row: Row, output: torch.Tensor) -> None:
         """One gradient hook per tensor, whichever rows share it: its norm is computed once."""
@@ -462,6 +515,7 @@ class Recorder:
         import torch
 
         self.end_forward()  # a path that ran no backward pass (ONNX) has not forgotten them yet
+        self.large_output_bytes, self._large_bytes = self._large_bytes, 0
         entries: list[tuple[Row, bool, Statistics | float]] = []  # (row, is a gradient, numbers)
         rows = list(self.rows.values())
         rows += [row.input_row for row in rows if row.input_row is not None]

@@ -17,9 +17,10 @@ from gradcheck_cli import __version__
 from gradcheck_cli.errors import GradcheckError, ProbeError, UsageError, first_line
 from gradcheck_cli.model.formats import ModelFormat
 from gradcheck_cli.model.torch_load import resolve_device
-from gradcheck_cli.options import LossKind, Mode, ProbeOptions
+from gradcheck_cli.options import LossKind, Mode, ProbeOptions, StatisticsPass
 from gradcheck_cli.parameters import module_parameter_count
 from gradcheck_cli.probe.batch import ProbeBatch, ProbeInputs, probe_inputs
+from gradcheck_cli.probe.compiled import CompiledStatistics, pays
 from gradcheck_cli.probe.distributed import (
     Ranks,
     check_shares,
@@ -113,6 +114,8 @@ def _run_probe(
             "micro-batch and the statistics were merged exactly"
         )
     recorder = Recorder(saturation_cutoff=options.saturation_cutoff, histograms=options.histograms)
+    if options.statistics_pass is StatisticsPass.COMPILED:
+        recorder.compiled = CompiledStatistics()
     instrument: EagerInstrument | GraphInstrument = (
         GraphInstrument(module, recorder) if instrument_kind == "graph" else EagerInstrument(module, recorder)
     )
@@ -169,6 +172,12 @@ def _run_probe(
                         "(a model that ignores its input, or an output cut off from it)"
                     )
                 recorder.end_batch()
+            if (
+                options.statistics_pass is StatisticsPass.AUTO
+                and recorder.compiled is None
+                and pays(recorder.large_output_bytes, len(inputs.batches) - index - 1)
+            ):
+                recorder.compiled = CompiledStatistics()
             if progress is not None:
                 progress(index + 1, len(inputs.batches))
         param_grads, param_counts = parameter_gradients(instrument.row_params, reducer, ranks)
@@ -179,6 +188,8 @@ def _run_probe(
         loss_total = float(sum_across(_float64(loss_total), ranks))
     traces = through_time_records(instrument.unrollers) if isinstance(instrument, EagerInstrument) else {}
 
+    if recorder.compiled is not None:
+        notes.append(recorder.compiled.note())
     layers = recorder.layer_stats(param_grads, param_counts, traces)
     if instrument_kind == "eager":
         layers = cell_loop_traces(layers, module)
