@@ -107,7 +107,7 @@ STATISTICS_PASS = "auto"
 
 
 def step_functions(
-    name: str,
+    name: str, statistics_pass: str | None = None
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[Callable[[], None]], float], int]:
     from gradcheck_cli import api
     from gradcheck_cli.options import InputOptions, LossKind, ProbeOptions, StatisticsPass
@@ -119,12 +119,12 @@ def step_functions(
         model.zero_grad(set_to_none=True)
         loss_of(model, x).backward()
 
-    statistics_pass = StatisticsPass(STATISTICS_PASS)
+    chosen = StatisticsPass(statistics_pass or STATISTICS_PASS)
     if name.startswith("bert"):
         inputs = InputOptions(batch_size=spec["shape"][0], seq_len=spec["seq"])
-        options = ProbeOptions(inputs=inputs, loss=LossKind.MSE, statistics_pass=statistics_pass)
+        options = ProbeOptions(inputs=inputs, loss=LossKind.MSE, statistics_pass=chosen)
     else:
-        options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)), statistics_pass=statistics_pass)
+        options = ProbeOptions(inputs=InputOptions(input_shape=(spec["shape"],)), statistics_pass=chosen)
 
     def probe() -> None:
         api.inspect_module(model, options)
@@ -145,16 +145,35 @@ def step_functions(
 # ---- measurements -----------------------------------------------------------------------------
 
 
-def interleaved(name: str, repeats: int) -> dict[str, Any]:
+def interleaved(name: str, repeats: int, compare_compiled: bool = False) -> dict[str, Any]:
+    """Bare steps and probes, alternated; with ``compare_compiled``, a probe with the compiled
+    statistics pass (on a second copy of the model, built from the same seed) after each pair,
+    so that all three see the same state of a shared machine."""
     bare, probe, timed, params = step_functions(name)
     bare()
     probe()  # warm-up: allocator, thread pools, lazy imports
-    bare_times, probe_times, ratios = [], [], []
+    compiled: tuple[Callable[[], None], Callable[[Callable[[], None]], float]] | None = None
+    if compare_compiled:
+        _, compiled_probe, compiled_timed, _ = step_functions(name, "compiled")
+        compiled_probe()  # compiles here, outside the timing
+        compiled = (compiled_probe, compiled_timed)
+    bare_times, probe_times, ratios, compiled_times, compiled_ratios = [], [], [], [], []
     for _ in range(repeats):
         bare_times.append(timed(bare))
         probe_times.append(timed(probe))
         ratios.append(probe_times[-1] / bare_times[-1])
+        if compiled is not None:
+            compiled_times.append(compiled[1](compiled[0]))
+            compiled_ratios.append(compiled_times[-1] / bare_times[-1])
+    extra: dict[str, Any] = {}
+    if compiled_times:
+        extra = {
+            "compiled_probe_median_s": statistics.median(compiled_times),
+            "compiled_time_ratio_median": statistics.median(compiled_ratios),
+            "compiled_time_ratio_range": [min(compiled_ratios), max(compiled_ratios)],
+        }
     return {
+        **extra,
         "model": name,
         "parameters": params,
         "repeats": repeats,
@@ -434,6 +453,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['model']} | {row['parameters']:,} | {row['bare_median_s']:.3f} s | "
             f"{row['probe_median_s']:.3f} s | {row['time_ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) |"
         )
+    compared = [row for row in results["time"] if "compiled_time_ratio_median" in row]
+    if compared:
+        lines += ["", "| model | probe, compiled pass (median) | time ratio (median, min-max) |", "|---|---:|---:|"]
+        for row in compared:
+            lo, hi = row["compiled_time_ratio_range"]
+            lines.append(
+                f"| {row['model']} | {row['compiled_probe_median_s']:.3f} s | "
+                f"{row['compiled_time_ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) |"
+            )
     if results.get("memory"):
         lines += [
             "",
@@ -489,6 +517,11 @@ def main() -> None:
         default="auto",
         help="the probe's statistics_pass (compiled: its compiling happens in the warm-up step)",
     )
+    parser.add_argument(
+        "--compare-compiled",
+        action="store_true",
+        help="also time a probe with the compiled statistics pass after each bare/probe pair",
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global STATISTICS_PASS
@@ -507,7 +540,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "statistics_pass": STATISTICS_PASS, "time": [], "memory": []}
     for name in models:
         print(f"timing {name} ...", file=sys.stderr, flush=True)
-        results["time"].append(interleaved(name, repeats))
+        results["time"].append(interleaved(name, repeats, args.compare_compiled))
         if not args.no_memory:
             print(f"memory {name} ...", file=sys.stderr, flush=True)
             results["memory"].append(peak_memory(name, memory_repeats))
