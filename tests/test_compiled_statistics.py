@@ -182,3 +182,10 @@ def test_auto_compiles_only_when_the_batches_left_pay(
     for name, layer in auto_rows.items():
         assert layer.output is not None and eager_rows[name].output is not None
         assert layer.output.var == pytest.approx(eager_rows[name].output.var, rel=1e-4)
+
+
+def test_a_compiled_probe_with_no_large_output_says_the_eager_passes_ran() -> None:
+    torch.manual_seed(0)
+    options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 12, 12),)), statistics_pass=StatisticsPass.COMPILED)
+    report = api.inspect_module(_Wide(), options)
+    assert any(note.startswith("no output took the compiled statistics pass") for note in report.notes)

@@ -149,8 +149,8 @@ class CompiledStatistics:
             return self.failure
         if not self.tensors:
             return (
-                f"no output had the {self.min_elements:,} float32 elements the compiled statistics pass "
-                "starts at; the eager passes ran"
+                f"no output took the compiled statistics pass (float32 CPU outputs of {self.min_elements:,} "
+                "elements or more, ReLU-family rows aside); the eager passes ran"
             )
         return f"large outputs reduced in one compiled pass each (torch.compile): {self.tensors}"
 
