@@ -11,6 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Below this ratio of M2 to the sum of squares (of the values, or of the values less a shift), moments
+# taken from sums have lost more than ~1.3 significant digits, and the value is measured again
+# centred (docs/theory.md#merging-statistics, "Cancellation"). One threshold for the torch path,
+# its compiled pass and the ONNX path.
+CANCELLATION_GUARD = 0.05
+
 
 @dataclass
 class Moments:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import first_line
+from gradcheck_cli.stats import CANCELLATION_GUARD
 
 if TYPE_CHECKING:
     import torch
@@ -55,18 +56,6 @@ def pays(large_bytes_per_batch: int, batches_left: int) -> bool:
     micro-batches. Decided on sizes alone, never on timings, so a seed gives the same path (and
     the same bits) on every run."""
     return large_bytes_per_batch * batches_left * SAVED_SECONDS_PER_BYTE > COMPILE_SECONDS
-
-
-@dataclass
-class Partials:
-    """A tensor's shift ``c`` (the mean of its first 4096 values), ``Σ(x-c)``, ``Σ(x-c)²``, minimum
-    and maximum, as float32 scalars."""
-
-    shift: torch.Tensor
-    shifted_sum: torch.Tensor
-    shifted_squares: torch.Tensor
-    low: torch.Tensor
-    high: torch.Tensor
 
 
 def _one_pass(x: Any) -> tuple[Any, ...]:
@@ -107,23 +96,19 @@ class CompiledStatistics:
         counts the kernel does not take), or its shifted sums cancelled."""
         if not self.eligible(y):
             return None
-        parts = self.partials(y)
-        summed = None if parts is None else _summed(parts, y.numel())
-        if summed is not None:
-            self.tensors += 1
-        return summed
-
-    def partials(self, y: torch.Tensor) -> Partials | None:
-        """``y``'s shift, shifted sums and extremes; None where compiling failed."""
         kernel = self._compiled()
         if kernel is None:
             return None
         try:
-            shift, shifted_sum, shifted_squares, low, high = kernel(y.reshape(-1))
+            partials = kernel(y.reshape(-1))
         except Exception as exc:  # the compiler's errors have no common base class
             self.failure = f"the compiled statistics pass failed ({first_line(exc)}); the eager passes ran instead"
             return None
-        return Partials(shift, shifted_sum, shifted_squares, low, high)
+        shift, shifted_sum, squares, low, high = (float(value) for value in partials)
+        summed = _summed(shift, shifted_sum, squares, low, high, y.numel())
+        if summed is not None:
+            self.tensors += 1
+        return summed
 
     def _compiled(self) -> _Timed | None:
         if self._kernel is not None:
@@ -175,11 +160,10 @@ class _Timed:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            with _without_function_modes():
-                return self.kernel(view)
+            self.called = True
+            return self(view)
         finally:
             quiet.setLevel(level)
-            self.called = True
             self.owner.compile_seconds += time.perf_counter() - started
 
 
@@ -198,19 +182,15 @@ def _without_function_modes() -> Iterator[None]:
         yield
 
 
-# Below this ratio of M2 to the sum of squared shifted values, Σ(x-c)² - (Σ(x-c))²/n has lost
-# more than ~1.3 digits: the shift sat far from the mean (the eager path's guard, recorder.py).
-_CANCELLATION_GUARD = 0.05
-
-
-def _summed(parts: Partials, count: int) -> list[float] | None:
-    """(count, mean, M2, min, max, NaN, Inf) from the partials, or None when they cannot answer
-    (non-finite values, cancelled sums): ``mean = c + S/n`` and ``M2 = Q - S²/n``."""
-    low, high = float(parts.low), float(parts.high)
-    shifted_sum, squares = float(parts.shifted_sum), float(parts.shifted_squares)
+def _summed(
+    shift: float, shifted_sum: float, squares: float, low: float, high: float, count: int
+) -> list[float] | None:
+    """(count, mean, M2, min, max, NaN, Inf) from the kernel's shift c, ``S = Σ(x-c)``,
+    ``Q = Σ(x-c)²`` and extremes, or None when they cannot answer (non-finite values, cancelled
+    sums): ``mean = c + S/n`` and ``M2 = Q - S²/n``."""
     if not all(math.isfinite(v) for v in (low, high, squares)):
         return None
     m2 = squares - shifted_sum * shifted_sum / count
-    if m2 < _CANCELLATION_GUARD * squares:
+    if m2 < CANCELLATION_GUARD * squares:
         return None  # the shift sat far from the mean
-    return [float(count), float(parts.shift) + shifted_sum / count, m2, low, high, 0.0, 0.0]
+    return [float(count), shift + shifted_sum / count, m2, low, high, 0.0, 0.0]

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import ProbeError, first_line
 from gradcheck_cli.onnx.ort_stats import ValueType
+from gradcheck_cli.stats import CANCELLATION_GUARD
 
 if TYPE_CHECKING:
     import numpy as np
@@ -427,11 +428,6 @@ def _moments(out: _Outputs, arrays: dict[str, np.ndarray], count: int) -> tuple[
     mean = float(means.mean())
     m2 = float(m2_rows.sum() + n_p * np.square(means - mean).sum())
     return mean, m2, out.shift is None and m2 < CANCELLATION_GUARD * float(squares.sum())
-
-
-# Below this ratio of M2 to the sum of squares, sum-of-squares moments have lost more than ~1.3
-# digits (the torch path's `_CANCELLATION_GUARD`); such values get the centred pass.
-CANCELLATION_GUARD = 0.05
 
 
 def session_options(ort: Any) -> Any:

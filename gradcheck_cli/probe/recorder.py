@@ -26,7 +26,7 @@ from gradcheck_cli.records import (
     Saturation,
     ThroughTime,
 )
-from gradcheck_cli.stats import Moments
+from gradcheck_cli.stats import CANCELLATION_GUARD, Moments
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ def cpu_moments(y: torch.Tensor, total: torch.Tensor | None = None) -> tuple[flo
     mean = float(sum_of_elements(y) if total is None else total) / count
     mean_square = float(sum_of_squares(y)) / count
     var = mean_square - mean * mean
-    if not math.isfinite(var) or var < _CANCELLATION_GUARD * mean_square:
+    if not math.isfinite(var) or var < CANCELLATION_GUARD * mean_square:
         exact_var, exact_mean = torch.var_mean(y.float() if y.dtype.itemsize < 4 else y, correction=0)
         return float(exact_var), float(exact_mean)
     return var, mean
@@ -204,10 +204,6 @@ def _bfloat16_on_cpu(values: torch.Tensor) -> bool:
     import torch
 
     return values.dtype == torch.bfloat16 and values.device.type == "cpu"
-
-
-# Below this ratio of variance to mean square, E[x^2] - E[x]^2 has lost more than ~1.3 digits.
-_CANCELLATION_GUARD = 0.05
 
 
 def _unit_blocks(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
