@@ -87,6 +87,53 @@ def test_lean_gradients_of_a_tied_weight_are_reduced_once(tmp_path: Path) -> Non
     assert rows["out"].grad is not None and rows["out"].grad.norm == pytest.approx(shared, rel=1e-5)
 
 
+class _Lookup(nn.Module):
+    """A large table, looked up with repeats and a padding token, then a small head."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5000, 24, padding_idx=0, dtype=dtype)
+        self.head = nn.Linear(24, 3, dtype=dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens)).float().mean(dim=1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "batch_size", "rel"),
+    [(torch.float32, None, 1e-5), (torch.float32, 3, 1e-5), (torch.bfloat16, None, 2e-2)],
+)
+def test_embedding_gradients_are_the_looked_up_rows_and_equal_the_dense_norm(
+    tmp_path: Path, dtype: torch.dtype, batch_size: int | None, rel: float
+) -> None:
+    """The table's gradient arrives sparse (no table-sized buffer), repeats and micro-batches summed
+    before squaring: its norm is the dense autograd one. The caller's layer keeps its flag."""
+    torch.manual_seed(4)
+    model = _Lookup(dtype)
+    tokens = torch.randint(0, 6, (9, 11), generator=torch.Generator().manual_seed(5))  # many repeats
+    tokens[:, -2:] = 0  # the padding row gets no gradient either way
+    torch.save(tokens, tmp_path / "t.pt")
+    model.zero_grad(set_to_none=True)
+    out = model(tokens)
+    (out.sum() / out.shape[0]).backward()
+    dense = model.embed.weight.grad
+    assert dense is not None and not dense.is_sparse
+    expected = float(dense.float().norm())
+    model.zero_grad(set_to_none=True)
+    seen: list[tuple[bool, int]] = []
+    handle = model.embed.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append((p.grad.is_sparse, p.grad._values().numel() if p.grad.is_sparse else p.grad.numel()))  # type: ignore[union-attr]
+    )
+    try:
+        report = _probe_file(model, tmp_path / "t.pt", None, batch_size=batch_size)
+    finally:
+        handle.remove()
+    assert seen and all(sparse and size <= tokens.numel() * 24 for sparse, size in seen)
+    row = next(r for r in report.layers if r.name == "embed")
+    assert row.grad is not None and row.grad.norm == pytest.approx(expected, rel=rel)
+    assert model.embed.sparse is False and model.embed.weight.grad is None
+
+
 def test_gradients_are_freed_as_they_are_reduced() -> None:
     """While backward runs, at most one parameter holds a gradient at a time."""
     model = Wide(width=64, depth=6)

