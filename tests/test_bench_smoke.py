@@ -180,3 +180,33 @@ def test_scaling_linearity_fit() -> None:
     assert "no worse than linear" in summary["statements"][0]
     assert summary["largest"] == {"model": "mlp:1000:2:64", "parameters": 10**8, "probe_s": 100.0}
     assert "| mlp:100:2:256 | 1,000,000 | 256 |" in "\n".join(run_all.scaling_markdown(summary))
+
+
+def test_overhead_parts_catches_every_part_it_names(tmp_path: Path) -> None:
+    """The wrappers reach the probe's functions (a renamed one would read 0 ms), and the parts and
+    the rest add up to the probe's extra time."""
+    out = tmp_path / "parts.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "overhead_parts.py"),
+            "--models",
+            "mlp:64:3:8",
+            "--repeats",
+            "3",
+            "--kernels",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (result,) = json.loads(out.read_text())["parts"]
+    parts = result["parts_median_ms"]
+    for part in ("output statistics", "activation-gradient hooks", "parameter gradients", "weight norms and the table"):
+        assert parts[part] > 0, part
+    assert parts["attention scores"] == 0  # an MLP has no attention
+    assert result["probe_median_s"] > 0 and result["bare_median_s"] > 0
+    speeds = json.loads(out.read_text())["kernels"]
+    assert len(speeds) == 14 and all(value > 0 for value in speeds.values())
