@@ -41,6 +41,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor  # type: ignore[no-any-return]
 
 
+# Devices where the sparse embedding backward and coalesce are tested (CUDA by torch's own suite;
+# the CPU here); elsewhere (MPS, XLA) the tables keep their dense gradients.
+SPARSE_DEVICES = ("cpu", "cuda")
+
+
 class GradientReducer:
     """Σg² per parameter, taken when the gradient of the probe batch is complete, then freed.
 
@@ -106,21 +111,25 @@ def looked_up_rows(grad: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def sparse_embedding_gradients(module: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
+def sparse_embedding_gradients(module: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     """``nn.Embedding`` layers (and subclasses that call its forward) give sparse gradients while
-    the probe runs; yields how many were switched. Off under FSDP2, whose sharded gradients are
-    dense, and for graph programs, which were traced with the flag as it was."""
+    the probe runs. Off under FSDP2, whose sharded gradients are dense, and for graph programs,
+    which were traced with the flag as it was."""
     from torch import nn
 
-    switched = (
-        [m for m in module.modules() if isinstance(m, nn.Embedding) and not m.sparse and m.weight.requires_grad]
+    switched = [
+        m
+        for m in module.modules()
         if enabled
-        else []
-    )
+        and isinstance(m, nn.Embedding)
+        and not m.sparse
+        and m.weight.requires_grad
+        and m.weight.device.type in SPARSE_DEVICES
+    ]
     try:
         for embedding in switched:
             embedding.sparse = True
-        yield len(switched)
+        yield
     finally:
         for embedding in switched:
             embedding.sparse = False
