@@ -183,8 +183,8 @@ def test_scaling_linearity_fit() -> None:
 
 
 def test_overhead_parts_catches_every_part_it_names(tmp_path: Path) -> None:
-    """The wrappers reach the probe's functions (a renamed one would read 0 ms), and the parts and
-    the rest add up to the probe's extra time."""
+    """The wrappers reach the probe's functions (a renamed one would read 0 ms; attention_rows
+    counts only the calls that are attention), and every kernel figure comes back."""
     out = tmp_path / "parts.json"
     subprocess.run(
         [

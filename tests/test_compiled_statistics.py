@@ -189,3 +189,21 @@ def test_a_compiled_probe_with_no_large_output_says_the_eager_passes_ran() -> No
     options = ProbeOptions(inputs=InputOptions(input_shape=((2, 3, 12, 12),)), statistics_pass=StatisticsPass.COMPILED)
     report = api.inspect_module(_Wide(), options)
     assert any(note.startswith("no output took the compiled statistics pass") for note in report.notes)
+
+
+@pytest.mark.parametrize(("layout", "compiles"), [(torch.channels_last, False), (torch.contiguous_format, True)])
+def test_auto_counts_only_the_outputs_the_compiled_pass_can_take(
+    kernels: CompiledStatistics, monkeypatch: pytest.MonkeyPatch, layout: torch.memory_format, compiles: bool
+) -> None:
+    """A channels-last convolution's output is large but not contiguous, so the compiled pass would
+    leave it to the eager one: `auto` does not compile for it, even when compiling is free, and the
+    report has no compiled-pass note. The same output in the default layout does compile."""
+    forward = nn.Conv2d.forward
+
+    def conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return forward(self, x).contiguous(memory_format=layout)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", conv_forward)
+    monkeypatch.setattr(compiled_module, "COMPILE_SECONDS", 0.0)
+    _rows, notes = _probe(StatisticsPass.AUTO, monkeypatch, batches=2)
+    assert any("compiled" in note for note in notes) is compiles, notes

@@ -58,6 +58,22 @@ def pays(large_bytes_per_batch: int, batches_left: int) -> bool:
     return large_bytes_per_batch * batches_left * SAVED_SECONDS_PER_BYTE > COMPILE_SECONDS
 
 
+def fits(y: torch.Tensor, min_elements: int | None = None) -> bool:
+    """Whether the compiled pass can reduce ``y``: a contiguous float32 CPU tensor of at least
+    ``min_elements`` (default :data:`MIN_ELEMENTS`). Large bfloat16 outputs are reduced in their
+    own dtype by the eager path (recorder._measured); on an accelerator the eager path counts
+    NaN/Inf without waiting for the device, which a fused pass would have to do in the kernel: not
+    built, as no accelerator was at hand to measure."""
+    import torch
+
+    return (
+        y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and y.numel() >= (MIN_ELEMENTS if min_elements is None else min_elements)
+        and y.is_contiguous()
+    )
+
+
 def _one_pass(x: Any) -> tuple[Any, ...]:
     """The function torch.compile fuses: a flat float32 tensor's shift, shifted sums and extremes."""
     shift = x[:4096].mean()
@@ -76,19 +92,9 @@ class CompiledStatistics:
     _kernel: _Timed | None = None
 
     def eligible(self, y: torch.Tensor) -> bool:
-        """Whether ``y`` takes the compiled pass: a large contiguous float32 tensor on the CPU.
-        (Half precision is reduced in its own dtype by the eager path, see recorder._measured; on an
-        accelerator the eager path counts NaN/Inf without waiting for the device, which a fused
-        pass would have to do in the kernel: not built, as no accelerator was at hand to measure.)"""
-        import torch
-
-        return (
-            self.failure is None
-            and y.device.type == "cpu"
-            and y.dtype == torch.float32
-            and y.numel() >= self.min_elements
-            and y.is_contiguous()
-        )
+        """Whether ``y`` takes this probe's compiled pass: one that :func:`fits`, while compiling
+        has not failed."""
+        return self.failure is None and fits(y, self.min_elements)
 
     def reduce(self, y: torch.Tensor) -> list[float] | None:
         """``y``'s (count, mean, M2, min, max, NaN, Inf) from one pass; None where the eager passes

@@ -305,7 +305,7 @@ class Recorder:
         self.hooked_nodes: list[object] = []
         # The one-pass kernel for large outputs (probe/compiled.py), when the probe uses it.
         self.compiled: CompiledStatistics | None = None
-        # Bytes of whole-tensor outputs large enough for it, in the last micro-batch's forward.
+        # Bytes of the whole-tensor outputs it could take (compiled.fits), in the last micro-batch's forward.
         self.large_output_bytes = 0
         self._large_bytes = 0
 
@@ -404,7 +404,7 @@ class Recorder:
     def _reduce(self, output: torch.Tensor, y: torch.Tensor, axis: int | None) -> _Reduced:
         import torch
 
-        if axis is None and y.numel() >= compiled_pass.MIN_ELEMENTS:
+        if axis is None and compiled_pass.fits(y):
             self._large_bytes += y.numel() * y.element_size()
         if y.device.type == "cpu":
             return self._reduce_on_cpu(output, y, axis)
